@@ -1,0 +1,68 @@
+"""`mtjax train --config configs/demo.py[:variant] --workdir DIR [--config.a.b=v ...]`
+
+A thin layer over the library: parse flags, call `mtjax.config.load` and `mtjax.train.run`.
+Exit codes: 0 success; 1 failure; 2 bad config or input (one line `error: ...`, no traceback);
+3 stopped by a preemption signal after saving (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mtjax.errors import BadInputError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, exit 2, like every other bad input
+    raise BadInputError("usage", f"{message} (see `mtjax {self.prog.split()[-1]} --help`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="mtjax", description="Multi-task training in JAX.")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  train = sub.add_parser("train", help="train a config in a workdir",
+                         epilog="Any number of --config.a.b=value overrides may follow.")
+  train.add_argument("--config", required=True, help="path/to/config.py[:variant]")
+  train.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
+  return parser
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  flags, overrides = [], []
+  for arg in argv:
+    (overrides if arg.startswith("--config.") else flags).append(arg)
+  return flags, overrides
+
+
+def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from mtjax import config as config_lib
+  from mtjax import train as train_lib
+
+  config = config_lib.load(args.config, overrides)
+  result = train_lib.run(config, args.workdir)
+  plots = ", ".join(str(p) for p in result.plots)
+  last = result.history[-1] if result.history else {}
+  print(f"done: {int(result.state.step)} steps, loss {last.get('train/loss', float('nan')):.4f}, "
+        f"compiles {result.compiles}; metrics {result.workdir / 'metrics.jsonl'}; plots: {plots}")
+  return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    flags, overrides = _split_overrides(argv)
+    args = _parser().parse_args(flags)
+    if args.command == "train":
+      return train(args, overrides)
+    raise BadInputError("command", f"unknown command {args.command!r}")
+  except BadInputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,411 @@
+"""Typed run configuration: load a `get_config()` file, apply overrides, validate once.
+
+Config files are Python (ml_collections), as in Flax examples and big_vision:
+
+    def get_config(arg=None) -> ml_collections.ConfigDict
+
+`load("configs/demo.py:tiny", ["--config.model.d_model=64"])` imports the file, calls
+`get_config("tiny")`, applies the dotted overrides, and validates everything into the frozen
+dataclasses below. Every problem is a `BadInputError` naming the field, raised here at start-up,
+never at step 5,000.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import pathlib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from mtjax.errors import BadInputError
+
+# An entropy coefficient is a constant, or (start, end) interpolated linearly over train.steps.
+EntropyCoef = float | tuple[float, float]
+
+
+def _frozen_mapping(d: Mapping[str, Any]) -> Mapping[str, Any]:
+  return types.MappingProxyType(dict(d))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  mlp_dim: int = 512
+  head_dim: int = 0  # 0: d_model // num_heads
+  vocab_size: int = 0  # 0: the tokenizer's, rounded up to a multiple of 128
+  dtype: str = "auto"  # compute dtype: auto (float32 on CPU, bfloat16 elsewhere) | float32 | bfloat16
+  remat: str = "none"  # none | full | dots (save matmul outputs)
+  attention: str = "reference"  # jax.nn.dot_product_attention with a segment-aware causal mask
+  tie_embeddings: bool = False
+  z_loss: float = 0.0
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = 1
+  fsdp: int = -1  # -1: the rest of the devices
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  tasks: tuple[str, ...] = ()
+  mixture: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  schedule: str = "constant"
+  batch_size: int = 32  # global, in packed rows
+  seq_len: int = 128
+  tokenizer: str = "byte"
+  prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 100
+  log_every: int = 10
+  loss_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)  # default 1.0
+  entropy_coefs: Mapping[str, EntropyCoef] = dataclasses.field(default_factory=dict)  # default 0
+  max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  lr: float = 3e-3
+  warmup_steps: int = 20
+  decay_steps: int = 0  # 0: train.steps
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  grad_accum: int = 1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 0  # 0: only at the end
+  keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every: int = 0  # 0: never during training
+  tasks: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int = 0
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.data.tasks)
+
+  def to_dict(self) -> dict[str, Any]:
+    return _to_plain(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  def replace(self, **dotted: Any) -> Config:
+    """A copy with dotted fields replaced, re-validated: `cfg.replace(**{"mesh.fsdp": 2})`."""
+    tree = self.to_dict()
+    for key, value in dotted.items():
+      *parents, leaf = key.split(".")
+      node = tree
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    return from_dict(tree)
+
+
+def _to_plain(x: Any) -> Any:
+  if dataclasses.is_dataclass(x):
+    return {f.name: _to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+  if isinstance(x, Mapping):
+    return {k: _to_plain(v) for k, v in x.items()}
+  if isinstance(x, tuple):
+    return [_to_plain(v) for v in x]
+  return x
+
+
+# ----------------------------------------------------------------------------- typed conversion
+
+
+def _type_name(t: Any) -> str:
+  return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(t, str(t))
+
+
+def _convert(value: Any, hint: Any, field: str) -> Any:
+  """Converts one raw config value to the annotated type, or raises BadInputError."""
+  origin = typing.get_origin(hint)
+  if hint is bool:
+    if isinstance(value, bool):
+      return value
+    raise BadInputError(field, f"expected true/false, got {value!r}")
+  if hint is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise BadInputError(field, f"expected an integer, got {value!r}")
+  if hint is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    raise BadInputError(field, f"expected a number, got {value!r}")
+  if hint is str:
+    if isinstance(value, str):
+      return value
+    raise BadInputError(field, f"expected a string, got {value!r}")
+  if origin is tuple:
+    args = typing.get_args(hint)
+    if isinstance(value, str) or not isinstance(value, Sequence):
+      raise BadInputError(field, f"expected a list, got {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_convert(v, args[0], f"{field}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+      raise BadInputError(field, f"expected {len(args)} values, got {value!r}")
+    return tuple(_convert(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+  if origin in (types.UnionType, typing.Union):
+    for option in typing.get_args(hint):
+      try:
+        return _convert(value, option, field)
+      except BadInputError:
+        pass
+    raise BadInputError(field, f"expected a number or a (start, end) pair, got {value!r}")
+  if origin in (Mapping, dict) or hint is Mapping:
+    _, value_type = typing.get_args(hint)
+    if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      raise BadInputError(field, f"expected a mapping of task name to value, got {value!r}")
+    items = value.items()
+    return _frozen_mapping({str(k): _convert(v, value_type, f"{field}.{k}") for k, v in items})
+  if dataclasses.is_dataclass(hint):
+    return _build(hint, value, field)
+  raise TypeError(f"unsupported config annotation {hint!r} at {field}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+  if not isinstance(raw, (Mapping, ml_collections.ConfigDict)):
+    raise BadInputError(prefix or "config", f"expected a group of settings, got {raw!r}")
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls)]
+  for key in raw.keys():
+    if key not in names:
+      where = f"{prefix}.{key}" if prefix else key
+      raise BadInputError(where, f"unknown key (known here: {', '.join(names)})")
+  kwargs = {}
+  for name in names:
+    if name in raw.keys():
+      kwargs[name] = _convert(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+  return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- semantic checks
+
+DTYPES = ("auto", "float32", "bfloat16")
+REMAT = ("none", "full", "dots")
+ATTENTION = ("reference",)
+SCHEDULES = ("constant",)
+
+
+def _check(config: Config) -> None:
+  from mtjax import tasks as task_registry  # registry import is cheap; avoids a cycle at import
+
+  m, d, t, o = config.model, config.data, config.train, config.optimizer
+  positive = {
+      "model.d_model": m.d_model, "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
+      "model.num_kv_heads": m.num_kv_heads, "model.mlp_dim": m.mlp_dim,
+      "data.batch_size": d.batch_size, "data.seq_len": d.seq_len, "train.steps": t.steps,
+      "train.log_every": t.log_every, "optimizer.grad_accum": o.grad_accum,
+      "checkpoint.keep": config.checkpoint.keep, "train.max_consecutive_skips": t.max_consecutive_skips,
+  }
+  for field, value in positive.items():
+    if value <= 0:
+      raise BadInputError(field, f"expected a positive integer, got {value}")
+  non_negative = {
+      "model.head_dim": m.head_dim, "model.vocab_size": m.vocab_size, "model.z_loss": m.z_loss,
+      "optimizer.lr": o.lr, "optimizer.warmup_steps": o.warmup_steps,
+      "optimizer.decay_steps": o.decay_steps, "optimizer.weight_decay": o.weight_decay,
+      "optimizer.clip_norm": o.clip_norm, "optimizer.min_lr_ratio": o.min_lr_ratio,
+      "checkpoint.every": config.checkpoint.every, "eval.every": config.eval.every,
+      "data.prefetch": d.prefetch,
+  }
+  for field, value in non_negative.items():
+    if value < 0:
+      raise BadInputError(field, f"expected a value >= 0, got {value}")
+  for field, value, allowed in (("model.dtype", m.dtype, DTYPES), ("model.remat", m.remat, REMAT),
+                                ("model.attention", m.attention, ATTENTION),
+                                ("data.schedule", d.schedule, SCHEDULES),
+                                ("data.tokenizer", d.tokenizer, ("byte",))):
+    if value not in allowed:
+      raise BadInputError(field, f"expected one of {', '.join(allowed)}, got {value!r}")
+  if m.num_heads % m.num_kv_heads:
+    raise BadInputError("model.num_kv_heads",
+                        f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise BadInputError("model.num_heads",
+                        f"must divide model.d_model={m.d_model} (or set model.head_dim)")
+  if (m.head_dim or m.d_model // m.num_heads) % 2:
+    raise BadInputError("model.head_dim", "RoPE needs an even head dimension")
+
+  for name in ("data", "fsdp", "tensor"):
+    size = getattr(config.mesh, name)
+    if size == 0 or size < -1:
+      raise BadInputError(f"mesh.{name}", f"expected a positive size or -1, got {size}")
+  if [config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) > 1:
+    raise BadInputError("mesh", "at most one axis may be -1 (the rest of the devices)")
+
+  if not d.tasks:
+    raise BadInputError("data.tasks", "expected at least one task name")
+  if len(set(d.tasks)) != len(d.tasks):
+    raise BadInputError("data.tasks", f"task names must be unique, got {list(d.tasks)}")
+  known = task_registry.names()
+  for name in d.tasks:
+    if "/" in name:
+      raise BadInputError("data.tasks", f"task names may not contain '/', got {name!r}")
+    if name not in known:
+      raise BadInputError("data.tasks", f"unknown task {name!r} (known: {', '.join(known)})")
+  for field, mapping in (("data.mixture", d.mixture), ("train.loss_weights", t.loss_weights),
+                         ("train.entropy_coefs", t.entropy_coefs)):
+    for name in mapping:
+      if name not in d.tasks:
+        raise BadInputError(f"{field}.{name}", f"not a task of this run (data.tasks: {list(d.tasks)})")
+  for name, w in d.mixture.items():
+    if w < 0 or not math.isfinite(w):
+      raise BadInputError(f"data.mixture.{name}", f"expected a finite weight >= 0, got {w}")
+  if d.mixture and sum(d.mixture.get(n, 0.0) for n in d.tasks) <= 0:
+    raise BadInputError("data.mixture", "all weights are zero: expected at least one positive")
+  for name, w in t.loss_weights.items():
+    if w < 0 or not math.isfinite(w):
+      raise BadInputError(f"train.loss_weights.{name}", f"expected a finite weight >= 0, got {w}")
+  if d.batch_size % o.grad_accum:
+    raise BadInputError("data.batch_size", f"must be divisible by optimizer.grad_accum={o.grad_accum}")
+  for name in config.eval.tasks:
+    if name not in d.tasks:
+      raise BadInputError("eval.tasks", f"{name!r} is not a task of this run")
+
+
+def from_dict(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
+  """Validates a raw (possibly nested) mapping into a frozen Config."""
+  config = _build(Config, raw, "")
+  # Mixture default: every task equally. Stored explicitly so config.json says what ran.
+  if not config.data.mixture:
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(
+            config.data, mixture=_frozen_mapping({n: 1.0 for n in config.data.tasks})))
+  _check(config)
+  return config
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_override(arg: str) -> tuple[str, str]:
+  """'--config.a.b=v' -> ('a.b', 'v')."""
+  body = arg[2:] if arg.startswith("--") else arg
+  if not body.startswith("config.") or "=" not in body:
+    raise BadInputError(arg, "expected an override of the form --config.a.b=value")
+  key, value = body[len("config."):].split("=", 1)
+  return key, value
+
+
+def _parse_value(text: str, current: Any) -> Any:
+  if isinstance(current, str):
+    return text
+  if isinstance(current, (tuple, list)) and not text.strip().startswith(("[", "(")):
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+  lowered = text.strip().lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  for arg in overrides:
+    key, text = parse_override(arg)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for i, p in enumerate(parents):
+      if p not in node:
+        raise BadInputError(".".join(parents[: i + 1]), "unknown key")
+      node = node[p]
+    # New keys are allowed only inside per-task mappings (their keys are task names).
+    per_task = parents and parents[-1] in ("mixture", "loss_weights", "entropy_coefs")
+    if leaf not in node and not per_task:
+      known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+      raise BadInputError(key, f"unknown key (known here: {known})")
+    current = node[leaf] if leaf in node else None
+    value = _parse_value(text, current)
+    try:
+      with node.unlocked() if per_task and leaf not in node else contextlib.nullcontext():
+        node[leaf] = value
+    except (TypeError, ValueError, KeyError) as e:
+      expected = type(current).__name__ if current is not None else "a value"
+      raise BadInputError(key, f"expected {expected}, got {text!r} ({e})") from None
+
+
+def load_raw(path: str) -> ml_collections.ConfigDict:
+  """Imports `path[:arg]` and returns `get_config(arg)` as a ConfigDict."""
+  file, _, arg = str(path).partition(":")
+  file_path = pathlib.Path(file)
+  if not file_path.is_file():
+    raise BadInputError("--config", f"config file not found: {file}")
+  spec = importlib.util.spec_from_file_location(f"mtjax_config_{file_path.stem}", file_path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # a user's file: report, do not dump a traceback
+    raise BadInputError(file, f"could not import config file ({type(e).__name__}: {e})") from None
+  if not hasattr(module, "get_config"):
+    raise BadInputError(file, "expected a function get_config()")
+  try:
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except (KeyError, ValueError, TypeError) as e:
+    raise BadInputError(path, f"get_config({arg!r}) failed: {e}") from None
+  if isinstance(cfg, Mapping):
+    cfg = ml_collections.ConfigDict(cfg)
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise BadInputError(file, "get_config() must return an ml_collections.ConfigDict")
+  return cfg
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> Config:
+  """Loads, overrides and validates a config: `load("configs/demo.py:tiny", ["--config.seed=1"])`."""
+  cfg = load_raw(path)
+  apply_overrides(cfg, overrides)
+  return from_dict(cfg)
+
+
+# ----------------------------------------------------------------------------- derived values
+
+
+def entropy_coef_at(coef: EntropyCoef, step: int, total_steps: int) -> float:
+  """A constant, or (start, end) interpolated linearly from step 0 to total_steps."""
+  if isinstance(coef, tuple):
+    start, end = coef
+    frac = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return start + (end - start) * frac
+  return coef

@@ -1,0 +1,1 @@
+"""Data: tokenizers, per-task Grain pipelines, the mixture, packing, and the loader's state."""

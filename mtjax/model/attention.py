@@ -1,0 +1,29 @@
+"""Attention behind one function, chosen by `model.attention`.
+
+"reference": `jax.nn.dot_product_attention` with a boolean mask that is causal AND restricted to
+the same packed segment, so packed examples never attend to each other (padding, segment 0,
+attends to nothing; its rows stay finite). Fast fused kernels (cuDNN segment API, TPU splash
+attention) go behind the same switch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
+  """[B, L] -> bool [B, 1, L, L]: query i may see key j iff j <= i, same segment, not padding."""
+  length = segment_ids.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  real = (segment_ids != 0)[:, :, None]
+  return (causal[None] & same & real)[:, None]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+           implementation: str = "reference") -> jax.Array:
+  """q [B, L, N, H], k/v [B, L, K, H] with N % K == 0 (GQA) -> [B, L, N, H]."""
+  if implementation == "reference":
+    return jax.nn.dot_product_attention(q, k, v, mask=segment_causal_mask(segment_ids))
+  raise ValueError(f"unknown attention implementation {implementation!r}")

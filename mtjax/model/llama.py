@@ -1,0 +1,164 @@
+"""A Llama-style decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+The model knows nothing of tasks or training. Every parameter carries `logical_axes` metadata and
+the main activations are constrained by logical name; parallel/sharding.py maps names to the mesh.
+Parameters are float32; compute runs in `dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtjax.config import ModelConfig
+from mtjax.model import attention as attention_lib
+from mtjax.parallel.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The model's shape, resolved from ModelConfig (vocab and head_dim filled in, dtype chosen)."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  dtype: str
+  remat: str
+  attention: str
+  tie_embeddings: bool
+  rope_theta: float
+  norm_eps: float
+
+  @classmethod
+  def from_config(cls, cfg: ModelConfig, tokenizer_vocab: int, platform: str) -> ModelSpec:
+    vocab = cfg.vocab_size or -(-tokenizer_vocab // 128) * 128
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+    return cls(vocab_size=vocab, d_model=cfg.d_model, num_layers=cfg.num_layers,
+               num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+               head_dim=cfg.head_dim or cfg.d_model // cfg.num_heads, mlp_dim=cfg.mlp_dim,
+               dtype=dtype, remat=cfg.remat, attention=cfg.attention,
+               tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta,
+               norm_eps=cfg.norm_eps)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, stddev: float) -> nnx.Param:
+  return nnx.Param(stddev * jax.random.normal(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half form). x: [B, L, N, H]; positions: [B, L]."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None].astype(jnp.float32) * freq  # [B, L, half]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    d, n, k, h = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    self.spec = spec
+    self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), 1 / math.sqrt(d))
+    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d))
+    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d))
+    out_std = 1 / math.sqrt(n * h) / math.sqrt(2 * spec.num_layers)
+    self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
+
+  def __call__(self, x, positions, segment_ids):
+    dt = x.dtype
+    q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
+    k = jnp.einsum("bld,dkh->blkh", x, self.k[...].astype(dt))
+    v = jnp.einsum("bld,dkh->blkh", x, self.v[...].astype(dt))
+    q = constrain(rope(q, positions, self.spec.rope_theta), ("batch", "length", "act_heads", None))
+    k = constrain(rope(k, positions, self.spec.rope_theta), ("batch", "length", "act_kv_heads", None))
+    v = constrain(v, ("batch", "length", "act_kv_heads", None))
+    y = attention_lib.attend(q, k, v, segment_ids, implementation=self.spec.attention)
+    return jnp.einsum("blnh,nhd->bld", y, self.o[...].astype(dt))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    d, f = spec.d_model, spec.mlp_dim
+    self.gate = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d))
+    self.up = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d))
+    self.down = _param(rngs, (f, d), ("mlp", "embed"), 1 / math.sqrt(f) / math.sqrt(2 * spec.num_layers))
+
+  def __call__(self, x):
+    dt = x.dtype
+    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    return h @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    self.attn = Attention(spec, rngs)
+    self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    self.mlp = MLP(spec, rngs)
+
+  def __call__(self, x, positions, segment_ids):
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, ("batch", "length", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Decoder(nnx.Module):
+  """tokens [B, L] (+ positions, segment_ids) -> logits [B, L, vocab] in float32."""
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    self.spec = spec
+    embed_std = 1 / math.sqrt(spec.d_model) if spec.tie_embeddings else 1.0
+    self.token_embed = _param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"), embed_std)
+    self.layers = nnx.List([Block(spec, rngs) for _ in range(spec.num_layers)])
+    self.final_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    if not spec.tie_embeddings:
+      self.lm_head = _param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"),
+                            1 / math.sqrt(spec.d_model))
+
+  def __call__(self, tokens, positions, segment_ids):
+    dt = jnp.dtype(self.spec.dtype)
+    x = jnp.take(self.token_embed[...], tokens, axis=0).astype(dt)
+    x = constrain(x, ("batch", "length", "act_embed"))
+    for layer in self.layers:
+      if self.spec.remat == "none":
+        x = layer(x, positions, segment_ids)
+      else:
+        x = nnx.remat(lambda blk, y, p, s: blk(y, p, s),
+                      policy=_REMAT_POLICIES[self.spec.remat])(layer, x, positions, segment_ids)
+    x = self.final_norm(x)
+    if self.spec.tie_embeddings:
+      logits = jnp.einsum("bld,vd->blv", x, self.token_embed[...].astype(dt))
+    else:
+      logits = x @ self.lm_head[...].astype(dt)
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))

@@ -1,0 +1,132 @@
+"""The training loop. Order of operations each step:
+
+  1. eval       (evaluation issue: per-task eval every eval.every steps)
+  2. checkpoint (checkpoint issue)
+  3. next batch (from the prefetching mixture loader; host -> global sharded arrays)
+  4. step       (THE compiled step; weights and coefficients are array inputs)
+  5. log        (every train.log_every steps: the only host sync)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from tqdm import tqdm
+
+from mtjax.config import Config, entropy_coef_at
+from mtjax.data import tokenizer as tokenizer_lib
+from mtjax.data.loader import MixtureLoader
+from mtjax.errors import BadInputError
+from mtjax.model import ModelSpec
+from mtjax.parallel import sharding as sharding_lib
+from mtjax.parallel.mesh import make_mesh
+from mtjax.train import metrics as metrics_lib
+from mtjax.train import optimizer, rundir
+from mtjax.train import step as step_lib
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive non-finite steps."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  state: step_lib.TrainState
+  history: list[dict[str, Any]]  # the metric rows logged by this call
+  workdir: epath.Path
+  plots: list[epath.Path]
+  compiles: int
+
+
+def check_divisibility(config: Config, mesh: jax.sharding.Mesh) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  per_micro = config.data.batch_size // config.optimizer.grad_accum
+  if per_micro % shards:
+    raise BadInputError("data.batch_size", f"{config.data.batch_size} rows / grad_accum "
+                        f"{config.optimizer.grad_accum} must be divisible by mesh data*fsdp = {shards}")
+
+
+def run(config: Config, workdir: str | epath.PathLike, *,
+        devices: Sequence[jax.Device] | None = None) -> RunResult:
+  """Trains `config` in `workdir`; returns the final state and the logged metric rows."""
+  workdir = epath.Path(workdir)
+  devices = list(devices) if devices is not None else jax.devices()
+  mesh = make_mesh(config.mesh, devices)
+  check_divisibility(config, mesh)
+  tokenizer = tokenizer_lib.get(config.data.tokenizer)
+  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform)
+  task_names = config.data.tasks
+  is_writer = jax.process_index() == 0
+
+  tx, schedule = optimizer.make_optimizer(config.optimizer, config.train.steps)
+  graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed)
+  if is_writer:
+    rundir.write_run_files(workdir, config, devices, {"mesh": dict(mesh.shape), "model": dataclasses.asdict(spec)})
+  step_fn = step_lib.jit_step(
+      step_lib.make_step_fn(graphdef, tx, schedule, num_tasks=len(task_names),
+                            grad_accum=config.optimizer.grad_accum, z_loss=config.model.z_loss),
+      mesh, shardings)
+  batch_sharding = sharding_lib.named(mesh, step_lib.BATCH_AXES)
+  loader = MixtureLoader(task_names, config.data.mixture, tokenizer=tokenizer, seed=config.seed,
+                         batch_size=config.data.batch_size, seq_len=config.data.seq_len,
+                         prefetch=config.data.prefetch, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
+  compiles = step_lib.CompileCounter()
+  loss_weights = np.array([config.train.loss_weights.get(n, 1.0) for n in task_names], np.float32)
+  history: list[dict[str, Any]] = []
+  total = config.train.steps
+  start = int(state.step)
+  bar = tqdm(total=total, initial=start, disable=not (config.train.progress and is_writer),
+             dynamic_ncols=True, desc="train")
+  window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start, total):
+        host_batch = next(loader)
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                 for k, v in host_batch.arrays.items()}
+        entropy_coefs = np.array([entropy_coef_at(config.train.entropy_coefs.get(n, 0.0), step, total)
+                                  for n in task_names], np.float32)
+        with compiles:
+          state, metrics = step_fn(state, batch, loss_weights, entropy_coefs)
+        window_tokens += int(np.count_nonzero(host_batch.arrays["segment_ids"])) * jax.process_count()
+        window_steps += 1
+        bar.update(1)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total:
+          host = jax.device_get(metrics)  # the one sync per log interval
+          elapsed = time.perf_counter() - window_start
+          row = metrics_lib.train_row(done, host, task_names, loss_weights, entropy_coefs)
+          for i, name in enumerate(task_names):
+            row[f"data/{name}/rate"] = float(loader.rates[i])
+            row[f"data/{name}/truncated"] = host_batch.state_after["truncated"][name]
+            row[f"data/{name}/skipped"] = host_batch.state_after["skipped"][name]
+          row["data/packing_efficiency"] = host_batch.packing_efficiency
+          row["perf/step_time_s"] = elapsed / window_steps
+          row["perf/tokens_per_s"] = window_tokens / elapsed
+          row["perf/compiles"] = compiles.count
+          writer.write(row)
+          history.append(row)
+          bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
+          window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+          if int(host["consecutive_skips"]) >= config.train.max_consecutive_skips:
+            raise TrainingDiverged(
+                f"{int(host['consecutive_skips'])} consecutive steps had a non-finite loss or "
+                f"gradient norm (train.max_consecutive_skips={config.train.max_consecutive_skips})")
+  finally:
+    bar.close()
+    loader.close()
+    writer.close()
+  plots = []
+  if is_writer:
+    plots = metrics_lib.plot_per_task(metrics_lib.read_rows(writer.path), task_names,
+                                      workdir / "plots")
+  return RunResult(state=state, history=history, workdir=workdir, plots=plots,
+                   compiles=compiles.count)

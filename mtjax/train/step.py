@@ -1,0 +1,193 @@
+"""THE train step: one pure function, jitted once here with explicit shardings and donated state.
+
+step(state, batch, task_weights[T], entropy_coefs[T]) -> (state, metrics)
+
+Everything that may change between steps (task weights, entropy coefficients, their schedules)
+is an array argument, so it never recompiles. A non-finite objective or gradient norm skips the
+update inside the step (no extra host sync) and is counted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.struct
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mtjax.model import Decoder, ModelSpec
+from mtjax.parallel import sharding as sharding_lib
+from mtjax.train import losses
+
+BATCH_AXES = ("batch", "length")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []
+  params: Any  # nested dict of float32 arrays
+  opt_state: Any
+  skipped_steps: jax.Array  # int32 [], total non-finite steps skipped
+  consecutive_skips: jax.Array  # int32 []
+
+
+def _logical_axes(abstract_state: nnx.State) -> Any:
+  """Nested dict of logical-axis tuples, same structure as the pure params dict."""
+  flat = {path: var.get_metadata()["logical_axes"] for path, var in nnx.to_flat_state(abstract_state)}
+  return traverse_util.unflatten_dict(flat)
+
+
+def param_shardings(mesh: jax.sharding.Mesh, spec: ModelSpec) -> tuple[Any, Any, Any]:
+  """(graphdef, abstract pure params, NamedSharding per param), checking divisibility."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0))))
+  axes = _logical_axes(abstract)
+  shapes = nnx.to_pure_dict(abstract)
+
+  def one(path, shape_leaf, names):
+    sh = sharding_lib.named(mesh, names)
+    for dim, (size, part) in enumerate(zip(shape_leaf.shape, sh.spec)):
+      parts = (part,) if isinstance(part, str) else (part or ())
+      n = 1
+      for p in parts:
+        n *= mesh.shape[p]
+      if size % n:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        from mtjax.errors import BadInputError
+        raise BadInputError("model", f"parameter {name} axis {names[dim]!r} of size {size} is not "
+                            f"divisible by mesh axes {parts} (size {n})")
+    return sh
+
+  shardings = jax.tree_util.tree_map_with_path(
+      one, shapes, axes, is_leaf=lambda x: isinstance(x, tuple) and all(
+          isinstance(n, (str, type(None))) for n in x))
+  return graphdef, shapes, shardings
+
+
+def state_shardings(mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
+                    abstract_params: Any, params_sh: Any) -> TrainState:
+  """Every state leaf gets a NamedSharding: optimizer moments follow their params, scalars replicate."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sh,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+  return TrainState(step=replicated, params=params_sh, opt_state=opt_sh,
+                    skipped_steps=replicated, consecutive_skips=replicated)
+
+
+def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTransformation,
+               seed: int) -> tuple[Any, TrainState, TrainState]:
+  """Initializes parameters and optimizer state directly into their shardings."""
+  graphdef, abstract_params, params_sh = param_shardings(mesh, spec)
+  shardings = state_shardings(mesh, tx, abstract_params, params_sh)
+
+  def init(key):
+    params = nnx.to_pure_dict(nnx.split(Decoder(spec, nnx.Rngs(key)))[1])
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params),
+                      skipped_steps=zero, consecutive_skips=zero)
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+  return graphdef, state, shardings
+
+
+def make_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                 num_tasks: int, grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
+  """The pure step. Gradient accumulation scans over microbatches, normalizing every microbatch
+  by the FULL batch's per-task token counts, so the result equals one big batch."""
+
+  def loss_fn(params, batch, task_weights, entropy_coefs, normalizer):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return losses.multitask_objective(logits, batch, task_weights, entropy_coefs,
+                                      z_loss=z_loss, normalizer=normalizer)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch: Mapping[str, jax.Array], task_weights: jax.Array,
+           entropy_coefs: jax.Array) -> tuple[TrainState, dict[str, Any]]:
+    counts = losses.token_counts(batch, num_tasks)
+    if grad_accum == 1:
+      (objective, per_task), grads = grad_fn(state.params, batch, task_weights, entropy_coefs,
+                                             counts)
+    else:
+      # Strided split keeps every microbatch evenly spread over the batch shards.
+      def split(x):
+        x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+        return x
+      micro = jax.tree.map(split, dict(batch))
+
+      def body(carry, mb):
+        mb = {k: sharding_lib.constrain(v, BATCH_AXES) for k, v in mb.items()}
+        (obj, pt), g = grad_fn(state.params, mb, task_weights, entropy_coefs, counts)
+        return jax.tree.map(jnp.add, carry, (obj, pt, g)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {k: counts for k in
+                                                            ("loss", "entropy", "accuracy", "tokens")},
+                                            state.params))
+      (objective, per_task, grads), _ = jax.lax.scan(body, zeros, micro)
+
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep_new = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    skipped = (~ok).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_new(new_params, state.params),
+        opt_state=keep_new(new_opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + skipped,
+        consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
+    )
+    metrics = {
+        "objective": objective, "per_task": per_task, "grad_norm": grad_norm,
+        "lr": schedule(state.step - state.skipped_steps),
+        "skipped_steps": new_state.skipped_steps,
+        "consecutive_skips": new_state.consecutive_skips,
+    }
+    return new_state, metrics
+
+  return step
+
+
+def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, shardings: TrainState) -> Callable:
+  """THE one place the step is jitted: explicit in/out shardings, state donated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sh = sharding_lib.named(mesh, BATCH_AXES)
+  return jax.jit(step_fn, in_shardings=(shardings, batch_sh, replicated, replicated),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+class CompileCounter:
+  """Counts XLA compilations that happen while inside `with counter:` (i.e. during step calls)."""
+
+  _local = threading.local()
+  _registered = False
+
+  def __init__(self):
+    self.count = 0
+    if not CompileCounter._registered:
+      jax.monitoring.register_event_duration_secs_listener(CompileCounter._on_event)
+      CompileCounter._registered = True
+
+  @staticmethod
+  def _on_event(event: str, duration: float, **kwargs) -> None:
+    active = getattr(CompileCounter._local, "active", None)
+    if active is not None and event == "/jax/core/compile/backend_compile_duration":
+      active.count += 1
+
+  def __enter__(self):
+    CompileCounter._local.active = self
+    return self
+
+  def __exit__(self, *exc):
+    CompileCounter._local.active = None
+    return False
