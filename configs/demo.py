@@ -24,9 +24,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   tasks = ("reverse", "addition", "grammar")
   c.data = ml_collections.ConfigDict(dict(
       tasks=tasks, mixture={t: 1.0 for t in tasks}, schedule="constant",
-      batch_size=32, seq_len=128, tokenizer="byte", prefetch=2))
+      batch_size=32, seq_len=96, tokenizer="byte", prefetch=2))
   c.train = ml_collections.ConfigDict(dict(
-      steps=600, log_every=10, loss_weights={t: 1.0 for t in tasks},
+      steps=400, log_every=10, loss_weights={t: 1.0 for t in tasks},
       entropy_coefs={t: 0.0 for t in tasks}, max_consecutive_skips=10, progress=True))
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=30, decay_steps=0, min_lr_ratio=0.1, weight_decay=0.1,

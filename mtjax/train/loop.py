@@ -66,8 +66,11 @@ def run(config: Config, workdir: str | epath.PathLike, *,
 
   tx, schedule = optimizer.make_optimizer(config.optimizer, config.train.steps)
   graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed)
+  start = int(state.step)
   if is_writer:
-    rundir.write_run_files(workdir, config, devices, {"mesh": dict(mesh.shape), "model": dataclasses.asdict(spec)})
+    rundir.write_run_files(workdir, config, devices,
+                           {"mesh": dict(mesh.shape), "model": dataclasses.asdict(spec)})
+    rundir.set_aside_metrics(workdir, after_step=start)
   step_fn = step_lib.jit_step(
       step_lib.make_step_fn(graphdef, tx, schedule, num_tasks=len(task_names),
                             grad_accum=config.optimizer.grad_accum, z_loss=config.model.z_loss),
@@ -82,7 +85,6 @@ def run(config: Config, workdir: str | epath.PathLike, *,
   loss_weights = np.array([config.train.loss_weights.get(n, 1.0) for n in task_names], np.float32)
   history: list[dict[str, Any]] = []
   total = config.train.steps
-  start = int(state.step)
   bar = tqdm(total=total, initial=start, disable=not (config.train.progress and is_writer),
              dynamic_ncols=True, desc="train")
   window_start, window_tokens, window_steps = time.perf_counter(), 0, 0

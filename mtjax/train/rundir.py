@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 import jax
 from etils import epath
@@ -35,6 +36,20 @@ def environment(devices) -> dict:
       "process_index": jax.process_index(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
+
+
+def set_aside_metrics(workdir: epath.Path, after_step: int) -> None:
+  """Keeps metrics.jsonl rows up to after_step; later rows move to a side file, never deleted."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return
+  lines = [l for l in path.read_text().splitlines() if l.strip()]
+  keep = [l for l in lines if json.loads(l).get("step", 0) <= after_step]
+  if len(keep) == len(lines):
+    return
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  (workdir / f"metrics.after-{after_step}.{stamp}.jsonl").write_text("\n".join(lines) + "\n")
+  path.write_text("".join(l + "\n" for l in keep))
 
 
 def write_run_files(workdir: epath.Path, config: Config, devices, extra: dict | None = None) -> None:

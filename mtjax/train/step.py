@@ -98,10 +98,14 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
   return graphdef, state, shardings
 
 
-def make_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                 num_tasks: int, grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
-  """The pure step. Gradient accumulation scans over microbatches, normalizing every microbatch
-  by the FULL batch's per-task token counts, so the result equals one big batch."""
+def make_grad_fn(graphdef: Any, *, num_tasks: int, grad_accum: int = 1,
+                 z_loss: float = 0.0) -> Callable:
+  """(params, batch, task_weights, entropy_coefs) -> (objective, per_task, grads).
+
+  Gradient accumulation scans over microbatches, normalizing every microbatch by the FULL
+  batch's per-task token counts: the objective is then linear in the microbatches and the summed
+  gradients equal those of one big batch.
+  """
 
   def loss_fn(params, batch, task_weights, entropy_coefs, normalizer):
     model = nnx.merge(graphdef, params)
@@ -109,32 +113,41 @@ def make_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: opta
     return losses.multitask_objective(logits, batch, task_weights, entropy_coefs,
                                       z_loss=z_loss, normalizer=normalizer)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grad_fn(params, batch, task_weights, entropy_coefs):
+    counts = losses.token_counts(batch, num_tasks)
+    if grad_accum == 1:
+      (objective, per_task), grads = value_and_grad(params, batch, task_weights, entropy_coefs,
+                                                    counts)
+      return objective, per_task, grads
+
+    def split(x):  # strided, so every microbatch stays evenly spread over the batch shards
+      return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+
+    def body(carry, micro):
+      micro = {k: sharding_lib.constrain(v, BATCH_AXES) for k, v in micro.items()}
+      (obj, per_task), grads = value_and_grad(params, micro, task_weights, entropy_coefs, counts)
+      return jax.tree.map(jnp.add, carry, (obj, per_task, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32),
+             {k: jnp.zeros_like(counts) for k in ("loss", "entropy", "accuracy", "tokens")},
+             jax.tree.map(jnp.zeros_like, params))
+    (objective, per_task, grads), _ = jax.lax.scan(body, zeros, jax.tree.map(split, dict(batch)))
+    return objective, per_task, grads
+
+  return grad_fn
+
+
+def make_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                 num_tasks: int, grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
+  """The pure step: gradients, a non-finite guard, the optimizer update."""
+  grad_fn = make_grad_fn(graphdef, num_tasks=num_tasks, grad_accum=grad_accum, z_loss=z_loss)
 
   def step(state: TrainState, batch: Mapping[str, jax.Array], task_weights: jax.Array,
            entropy_coefs: jax.Array) -> tuple[TrainState, dict[str, Any]]:
-    counts = losses.token_counts(batch, num_tasks)
-    if grad_accum == 1:
-      (objective, per_task), grads = grad_fn(state.params, batch, task_weights, entropy_coefs,
-                                             counts)
-    else:
-      # Strided split keeps every microbatch evenly spread over the batch shards.
-      def split(x):
-        x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
-        return x
-      micro = jax.tree.map(split, dict(batch))
-
-      def body(carry, mb):
-        mb = {k: sharding_lib.constrain(v, BATCH_AXES) for k, v in mb.items()}
-        (obj, pt), g = grad_fn(state.params, mb, task_weights, entropy_coefs, counts)
-        return jax.tree.map(jnp.add, carry, (obj, pt, g)), None
-
-      zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {k: counts for k in
-                                                            ("loss", "entropy", "accuracy", "tokens")},
-                                            state.params))
-      (objective, per_task, grads), _ = jax.lax.scan(body, zeros, micro)
-
-    grad_norm = optax.global_norm(grads)
+    objective, per_task, grads = grad_fn(state.params, batch, task_weights, entropy_coefs)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,93 @@
+"""Config loading, overrides, variants, and every bad-config case: exit 2, one line naming the field."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DEMO, REPO
+from mtjax import cli
+from mtjax import config as config_lib
+from mtjax.errors import BadInputError
+
+
+def test_load_variant_and_overrides():
+  cfg = config_lib.load(f"{DEMO}:tiny", ["--config.model.d_model=48", "--config.optimizer.lr=0.01",
+                                         "--config.data.tasks=reverse,grammar",
+                                         "--config.data.mixture={'reverse': 2.0, 'grammar': 1.0}",
+                                         "--config.train.loss_weights={'reverse': 1.0}",
+                                         "--config.train.entropy_coefs={}",
+                                         "--config.model.dtype=bfloat16"])
+  assert cfg.model.d_model == 48 and cfg.model.num_layers == 2  # tiny variant + override
+  assert cfg.optimizer.lr == 0.01 and cfg.model.dtype == "bfloat16"
+  assert cfg.data.tasks == ("reverse", "grammar") and cfg.data.mixture["reverse"] == 2.0
+  with pytest.raises(TypeError):
+    cfg.data.mixture["reverse"] = 3.0  # frozen
+  assert json.loads(cfg.to_json())["model"]["d_model"] == 48
+
+
+def _run_cli(capsys, *args):
+  code = cli.main(["train", "--config", f"{DEMO}:tiny", "--workdir", "/nonexistent/never-written",
+                   "--config.train.progress=false", *args])
+  err = capsys.readouterr().err.strip()
+  return code, err
+
+
+BAD = [
+    # (overrides, field named in the message)
+    (["--config.model.d_modle=64"], "model.d_modle"),
+    (["--config.model.d_model=wide"], "model.d_model"),
+    (["--config.model.d_model=1.5"], "model.d_model"),
+    (["--config.data.mixture.reverse=-1.0"], "data.mixture.reverse"),
+    (["--config.data.mixture={'reverse': 0.0, 'addition': 0.0, 'grammar': 0.0}"], "data.mixture"),
+    (["--config.mesh.data=3"], "mesh"),
+    (["--config.data.batch_size=6", "--config.mesh.fsdp=4", "--config.mesh.data=2"], "data.batch_size"),
+    (["--config.data.tasks=reverse,add/sub"], "data.tasks"),
+    (["--config.data.tasks=reverse,nosuchtask"], "data.tasks"),
+    (["--config.model.num_kv_heads=3"], "model.num_kv_heads"),
+    (["--config.optimizer.grad_accum=0"], "optimizer.grad_accum"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+def test_bad_config_exits_2_naming_field(capsys, overrides, field):
+  code, err = _run_cli(capsys, *overrides)
+  assert code == 2
+  assert err.startswith(f"error: {field}"), err
+  assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unknown_key_in_config_file(tmp_path, capsys):
+  bad = tmp_path / "bad.py"
+  bad.write_text((REPO / "configs" / "demo.py").read_text().replace(
+      "c.seed = 0", "c.seed = 0\n  c.train_steps = 5"))
+  code = cli.main(["train", "--config", str(bad), "--workdir", str(tmp_path / "w")])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.startswith("error: train_steps: unknown key"), err
+  assert not (tmp_path / "w").exists()  # nothing written for a bad config
+
+
+def test_missing_file_and_unknown_variant(capsys):
+  assert cli.main(["train", "--config", "nope.py", "--workdir", "/tmp/x"]) == 2
+  assert "config file not found" in capsys.readouterr().err
+  assert cli.main(["train", "--config", f"{DEMO}:huge", "--workdir", "/tmp/x"]) == 2
+  assert "unknown variant" in capsys.readouterr().err
+
+
+def test_entropy_coef_schedule_values():
+  assert config_lib.entropy_coef_at(0.3, 50, 100) == 0.3
+  assert config_lib.entropy_coef_at((0.0, 1.0), 25, 100) == pytest.approx(0.25)
+  assert config_lib.entropy_coef_at((1.0, 0.0), 200, 100) == 0.0
+  with pytest.raises(BadInputError, match="train.entropy_coefs.grammar"):
+    config_lib.load(DEMO, ["--config.train.entropy_coefs.grammar=(1.0, 2.0, 3.0)"])
+
+
+def test_real_process_exit_code_and_one_line(tmp_path):
+  """The installed entry point, as a user runs it: exit 2, one stderr line, no traceback."""
+  proc = subprocess.run([sys.executable, "-m", "mtjax", "train", "--config", DEMO, "--workdir",
+                         str(tmp_path), "--config.mesh.tensor=3"], capture_output=True, text=True,
+                        cwd=REPO, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+  assert proc.stderr.startswith("error: mesh"), proc.stderr
