@@ -45,9 +45,14 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   config = config_lib.load(args.config, overrides)
   result = train_lib.run(config, args.workdir)
   plots = ", ".join(str(p) for p in result.plots)
-  last = result.history[-1] if result.history else {}
-  print(f"done: {int(result.state.step)} steps, loss {last.get('train/loss', float('nan')):.4f}, "
-        f"compiles {result.compiles}; metrics {result.workdir / 'metrics.jsonl'}; plots: {plots}")
+  step = int(result.state.step)
+  if result.history:
+    print(f"done: step {step}, loss {result.history[-1]['train/loss']:.4f}, "
+          f"compiles {result.compiles}; metrics {result.workdir / 'metrics.jsonl'}")
+  else:
+    print(f"nothing to do: {result.workdir} is already at step {step} (train.steps={step}); "
+          "raise --config.train.steps to continue")
+  print(f"plots: {plots}")
   return EXIT_OK
 
 

@@ -1,7 +1,7 @@
 """The training loop. Order of operations each step:
 
   1. eval       (evaluation issue: per-task eval every eval.every steps)
-  2. checkpoint (checkpoint issue)
+  2. checkpoint (every checkpoint.every steps, async; and at the end)
   3. next batch (from the prefetching mixture loader; host -> global sharded arrays)
   4. step       (THE compiled step; weights and coefficients are array inputs)
   5. log        (every train.log_every steps: the only host sync)
@@ -27,6 +27,7 @@ from mtjax.model import ModelSpec
 from mtjax.parallel import sharding as sharding_lib
 from mtjax.parallel.mesh import make_mesh
 from mtjax.train import metrics as metrics_lib
+from mtjax.train import checkpoint as checkpoint_lib
 from mtjax.train import optimizer, rundir
 from mtjax.train import step as step_lib
 
@@ -66,6 +67,10 @@ def run(config: Config, workdir: str | epath.PathLike, *,
 
   tx, schedule = optimizer.make_optimizer(config.optimizer, config.train.steps)
   graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep)
+  loader_state = None
+  if (latest := checkpointer.latest_step()) is not None:
+    state, loader_state = checkpointer.restore(latest, state, config)
   start = int(state.step)
   if is_writer:
     rundir.write_run_files(workdir, config, devices,
@@ -79,7 +84,7 @@ def run(config: Config, workdir: str | epath.PathLike, *,
   loader = MixtureLoader(task_names, config.data.mixture, tokenizer=tokenizer, seed=config.seed,
                          batch_size=config.data.batch_size, seq_len=config.data.seq_len,
                          prefetch=config.data.prefetch, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+                         process_count=jax.process_count(), state=loader_state)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
   compiles = step_lib.CompileCounter()
   loss_weights = np.array([config.train.loss_weights.get(n, 1.0) for n in task_names], np.float32)
@@ -91,6 +96,8 @@ def run(config: Config, workdir: str | epath.PathLike, *,
   try:
     with jax.set_mesh(mesh):
       for step in range(start, total):
+        if checkpointer.should_save(step) and step > start:
+          checkpointer.save(step, state, loader.state, config)
         host_batch = next(loader)
         batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                  for k, v in host_batch.arrays.items()}
@@ -122,10 +129,12 @@ def run(config: Config, workdir: str | epath.PathLike, *,
             raise TrainingDiverged(
                 f"{int(host['consecutive_skips'])} consecutive steps had a non-finite loss or "
                 f"gradient norm (train.max_consecutive_skips={config.train.max_consecutive_skips})")
+    checkpointer.save(total, state, loader.state, config)  # skipped by Orbax if already there
   finally:
     bar.close()
     loader.close()
     writer.close()
+    checkpointer.close()  # waits for any save in flight
   plots = []
   if is_writer:
     plots = metrics_lib.plot_per_task(metrics_lib.read_rows(writer.path), task_names,
