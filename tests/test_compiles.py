@@ -28,9 +28,10 @@ def test_weights_and_coefs_change_every_step_one_compilation():
   assert len(set(objectives)) == 10  # the weights really reached the step
 
 
-def test_run_with_linear_entropy_schedule_logs_one_compile(tmp_path):
+def test_run_with_linear_entropy_schedule_logs_one_compile(tmp_path, monkeypatch):
   cfg = tiny_config(**{"train.entropy_coefs": {"grammar": (0.0, 0.5)}, "train.steps": 6})
-  result = train.run(cfg, tmp_path)
+  monkeypatch.chdir(tmp_path)  # a relative workdir, as `make demo` passes
+  result = train.run(cfg, "relative/run")
   coefs = [r["train/grammar/entropy_coef"] for r in result.history]
   assert coefs[0] == 0.0 and coefs[-1] > coefs[1] > 0
   assert [r["perf/compiles"] for r in result.history] == [1] * 6

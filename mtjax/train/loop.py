@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +58,8 @@ def run(config: Config, workdir: str | epath.PathLike, *,
         devices: Sequence[jax.Device] | None = None) -> RunResult:
   """Trains `config` in `workdir`; returns the final state and the logged metric rows."""
   workdir = epath.Path(workdir)
+  if "://" not in str(workdir):  # Orbax wants absolute local paths; gs:// etc. pass through
+    workdir = epath.Path(os.path.abspath(workdir))
   devices = list(devices) if devices is not None else jax.devices()
   mesh = make_mesh(config.mesh, devices)
   check_divisibility(config, mesh)
