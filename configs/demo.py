@@ -31,7 +31,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=30, decay_steps=0, min_lr_ratio=0.1, weight_decay=0.1,
       clip_norm=1.0, grad_accum=1, b1=0.9, b2=0.95, eps=1e-8))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=100, keep=3, best_metric="", best_mode="min", keep_best=1))
   c.eval = ml_collections.ConfigDict(dict(every=0, tasks=()))
 
   if variant == "tiny":  # seconds on a CPU: the shape tests and smoke runs use

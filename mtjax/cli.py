@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                          epilog="Any number of --config.a.b=value overrides may follow.")
   train.add_argument("--config", required=True, help="path/to/config.py[:variant]")
   train.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
+  train.add_argument("--resume_from", type=int, default=None, metavar="STEP",
+                     help="resume from this checkpoint; later ones are moved aside, not deleted")
   return parser
 
 
@@ -43,7 +45,13 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import train as train_lib
 
   config = config_lib.load(args.config, overrides)
-  result = train_lib.run(config, args.workdir)
+  try:
+    result = train_lib.run(config, args.workdir, resume_from=args.resume_from)
+  except train_lib.TrainingDiverged as e:
+    print(f"failed: {e}", file=sys.stderr)
+    return EXIT_FAILURE
+  if result.preempted:
+    return EXIT_PREEMPTED
   plots = ", ".join(str(p) for p in result.plots)
   step = int(result.state.step)
   if result.history:

@@ -99,7 +99,10 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every: int = 0  # 0: only at the end
-  keep: int = 3
+  keep: int = 3  # the latest K are kept ...
+  best_metric: str = ""  # ... and also the best by this logged metric (e.g. "train/loss")
+  best_mode: str = "min"  # min | max
+  keep_best: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +240,8 @@ def _check(config: Config) -> None:
       "model.num_kv_heads": m.num_kv_heads, "model.mlp_dim": m.mlp_dim,
       "data.batch_size": d.batch_size, "data.seq_len": d.seq_len, "train.steps": t.steps,
       "train.log_every": t.log_every, "optimizer.grad_accum": o.grad_accum,
-      "checkpoint.keep": config.checkpoint.keep, "train.max_consecutive_skips": t.max_consecutive_skips,
+      "checkpoint.keep": config.checkpoint.keep, "checkpoint.keep_best": config.checkpoint.keep_best,
+      "train.max_consecutive_skips": t.max_consecutive_skips,
   }
   for field, value in positive.items():
     if value <= 0:
@@ -256,7 +260,8 @@ def _check(config: Config) -> None:
   for field, value, allowed in (("model.dtype", m.dtype, DTYPES), ("model.remat", m.remat, REMAT),
                                 ("model.attention", m.attention, ATTENTION),
                                 ("data.schedule", d.schedule, SCHEDULES),
-                                ("data.tokenizer", d.tokenizer, ("byte",))):
+                                ("data.tokenizer", d.tokenizer, ("byte",)),
+                                ("checkpoint.best_mode", config.checkpoint.best_mode, ("min", "max"))):
     if value not in allowed:
       raise BadInputError(field, f"expected one of {', '.join(allowed)}, got {value!r}")
   if m.num_heads % m.num_kv_heads:

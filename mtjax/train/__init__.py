@@ -1,3 +1,3 @@
 """Training: losses, the step, the loop. `mtjax.train.run(config, workdir)` is the entry point."""
 
-from mtjax.train.loop import RunResult, run  # noqa: F401
+from mtjax.train.loop import RunResult, TrainingDiverged, run  # noqa: F401

@@ -1,72 +1,133 @@
-"""Orbax checkpoints: train state (params, optimizer, step, skip counters), loader state, config.
+"""Orbax checkpoints of a run: train state, loader state, resolved config, run facts.
 
-One CheckpointManager per run directory, saving asynchronously (training continues while a
-save is written). Orbax finalizes a step only once it is complete, so a killed save is never
-picked up by `latest_step`.
+One CheckpointManager per run directory, saving asynchronously: the loop blocks only while the
+arrays are copied off the devices; the write goes on in the background. Orbax writes into a
+temporary directory and renames it when complete, so a save killed half-way is never picked up.
+
+Retention keeps the latest `keep` AND the best `keep_best` by `best_metric` (both, through a
+preservation policy; plain `best_fn` would keep only the best).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mtjax.config import Config
+from mtjax.config import CheckpointConfig, Config
 from mtjax.errors import BadInputError
 
-# Config fields that must match to resume: they change the state's shapes or its meaning.
-_UNSAFE_ON_RESUME = ("model", "data.tasks", "seed")
+# Fields that must match to resume: they change the state's shapes or what the run is.
+UNSAFE_ON_RESUME = ("model", "data.tasks", "data.tokenizer", "seed")
 
 
-def _get(tree: dict, dotted: str) -> Any:
-  for key in dotted.split("."):
-    tree = tree[key]
-  return tree
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_changes(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
+  """Dotted field -> (saved, now) for every field that differs."""
+  a, b = _flatten(saved), _flatten(now)
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def set_aside_later_checkpoints(workdir: epath.Path, step: int) -> list[int]:
+  """Moves checkpoints after `step` into workdir/abandoned_checkpoints/<time>/ (never deletes)."""
+  directory = workdir / "checkpoints"
+  later = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and int(p.name) > step) \
+      if directory.exists() else []
+  if later:
+    target = workdir / "abandoned_checkpoints" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for s in later:
+      (directory / str(s)).rename(target / str(s))
+  return later
 
 
 class Checkpointer:
 
-  def __init__(self, workdir: epath.Path, every: int, keep: int):
+  def __init__(self, workdir: epath.Path, cfg: CheckpointConfig):
     self.directory = workdir / "checkpoints"
-    self.every = every
+    self.cfg = cfg
+    policies = [ocp.checkpoint_managers.LatestN(cfg.keep)]
+    if cfg.best_metric:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m[cfg.best_metric], reverse=cfg.best_mode == "min",
+          n=cfg.keep_best, keep_checkpoints_without_metrics=False))
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=True))
+        options=ocp.CheckpointManagerOptions(
+            create=True, enable_async_checkpointing=True,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies)))
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    return self.every > 0 and step > 0 and step % self.every == 0
+    return self.cfg.every > 0 and step > 0 and step % self.cfg.every == 0
 
-  def save(self, step: int, state: Any, loader_state: dict, config: Config) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
+  def save(self, step: int, state: Any, loader_state: dict, config: Config, run_facts: dict,
+           metrics: dict[str, float] | None = None) -> bool:
+    """Starts an async save; returns False if a checkpoint at or after `step` exists."""
+    if self.cfg.best_metric and not (metrics and self.cfg.best_metric in metrics):
+      metrics = None  # kept by LatestN only
+    return self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         loader=ocp.args.JsonSave(loader_state),
-        config=ocp.args.JsonSave(config.to_dict())))
+        config=ocp.args.JsonSave(config.to_dict()),
+        run=ocp.args.JsonSave(run_facts)))
 
-  def restore(self, step: int, like_state: Any, config: Config) -> tuple[Any, dict]:
-    """Restores into the shapes and shardings of `like_state` (may be another mesh)."""
-    saved_config = self._manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore())).config
-    now = json.loads(config.to_json())
-    for field in _UNSAFE_ON_RESUME:
-      if _get(saved_config, field) != _get(now, field):
-        raise BadInputError(field, f"differs from the checkpoint at step {step} in "
-                            f"{self.directory} (saved {_get(saved_config, field)!r}); use a new "
-                            "--workdir for a different model or task list")
+  def _restore_json(self, step: int, item: str) -> dict:
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+      return restored[item]
+    except Exception as e:  # a damaged checkpoint in any way: name it
+      raise self._damaged(step, e) from None
+
+  def _damaged(self, step: int, error: Exception) -> BadInputError:
+    earlier = [s for s in self.all_steps() if s < step]
+    hint = f"; resume from an earlier one with --resume_from {earlier[-1]}" if earlier else ""
+    return BadInputError(str(self.directory / str(step)),
+                         f"checkpoint is damaged or incomplete ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200] if str(error) else ''}){hint}")
+
+  def read_facts(self, step: int) -> tuple[dict, dict]:
+    """(the saved config as a dict, the saved run facts) of a checkpoint."""
+    return self._restore_json(step, "config"), self._restore_json(step, "run")
+
+  def check_compatible(self, step: int, config: Config) -> dict[str, tuple[Any, Any]]:
+    """Raises on unsafe config changes; returns the safe ones (to report)."""
+    saved, _ = self.read_facts(step)
+    changes = config_changes(saved, json.loads(config.to_json()))
+    for field in changes:
+      if any(field == u or field.startswith(u + ".") for u in UNSAFE_ON_RESUME):
+        was, now = changes[field]
+        raise BadInputError(field, f"is {now!r} but the checkpoint at step {step} in "
+                            f"{self.directory} has {was!r}; this cannot change on resume (use a "
+                            "new --workdir)")
+    return changes
+
+  def restore(self, step: int, like_state: Any) -> tuple[Any, dict]:
+    """Restores into the shapes and shardings of `like_state`: another mesh works (elastic)."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise BadInputError(str(self.directory / str(step)),
-                          f"checkpoint could not be restored ({type(e).__name__}: {e})") from None
+    except Exception as e:
+      raise self._damaged(step, e) from None
     return restored.state, restored.loader
 
   def wait(self) -> None:
