@@ -64,8 +64,13 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   tasks: tuple[str, ...] = ()
-  mixture: Mapping[str, float] = dataclasses.field(default_factory=dict)
-  schedule: str = "constant"
+  mixture: Mapping[str, float] = dataclasses.field(default_factory=dict)  # sampling weights
+  rates: str = "explicit"  # explicit (data.mixture) | examples_proportional
+  rate_temperature: float = 1.0  # examples_proportional: min(n * scale, cap) ** (1 / temperature)
+  rate_cap: int = 0  # 0: no cap
+  rate_scale: float = 1.0
+  schedule: str = "constant"  # constant | stages | linear (interpolates between stages)
+  stages: tuple[tuple[int, Mapping[str, float]], ...] = ()  # ((start_step, {task: weight}), ...)
   batch_size: int = 32  # global, in packed rows
   seq_len: int = 128
   tokenizer: str = "byte"
@@ -228,7 +233,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "full", "dots")
 ATTENTION = ("reference",)
-SCHEDULES = ("constant",)
+SCHEDULES = ("constant", "stages", "linear")
+RATES = ("explicit", "examples_proportional")
 
 
 def _check(config: Config) -> None:
@@ -260,6 +266,7 @@ def _check(config: Config) -> None:
   for field, value, allowed in (("model.dtype", m.dtype, DTYPES), ("model.remat", m.remat, REMAT),
                                 ("model.attention", m.attention, ATTENTION),
                                 ("data.schedule", d.schedule, SCHEDULES),
+                                ("data.rates", d.rates, RATES),
                                 ("data.tokenizer", d.tokenizer, ("byte",)),
                                 ("checkpoint.best_mode", config.checkpoint.best_mode, ("min", "max"))):
     if value not in allowed:
@@ -300,6 +307,28 @@ def _check(config: Config) -> None:
       raise BadInputError(f"data.mixture.{name}", f"expected a finite weight >= 0, got {w}")
   if d.mixture and sum(d.mixture.get(n, 0.0) for n in d.tasks) <= 0:
     raise BadInputError("data.mixture", "all weights are zero: expected at least one positive")
+  if d.schedule == "constant" and d.stages:
+    raise BadInputError("data.stages", "given, but data.schedule is 'constant' (use stages or linear)")
+  if d.schedule != "constant":
+    if not d.stages:
+      raise BadInputError("data.stages", f"data.schedule={d.schedule!r} needs at least one stage")
+    if d.rates != "explicit":
+      raise BadInputError("data.rates", "examples_proportional applies to a constant schedule only")
+    starts = [s for s, _ in d.stages]
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+      raise BadInputError("data.stages", f"start steps must begin at 0 and increase, got {starts}")
+    for i, (start, weights) in enumerate(d.stages):
+      for name, w in weights.items():
+        if name not in d.tasks:
+          raise BadInputError(f"data.stages[{i}].{name}", f"not a task of this run ({list(d.tasks)})")
+        if w < 0 or not math.isfinite(w):
+          raise BadInputError(f"data.stages[{i}].{name}", f"expected a finite weight >= 0, got {w}")
+      if sum(weights.values()) <= 0:
+        raise BadInputError(f"data.stages[{i}]", f"all weights are zero at step {start}")
+  if d.rate_temperature <= 0:
+    raise BadInputError("data.rate_temperature", f"expected > 0, got {d.rate_temperature}")
+  if d.rate_cap < 0 or d.rate_scale <= 0:
+    raise BadInputError("data.rate_cap", "expected rate_cap >= 0 and rate_scale > 0")
   for name, w in t.loss_weights.items():
     if w < 0 or not math.isfinite(w):
       raise BadInputError(f"train.loss_weights.{name}", f"expected a finite weight >= 0, got {w}")

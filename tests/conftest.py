@@ -46,7 +46,9 @@ def build_step(cfg, devices=None):
 
 
 def host_batch(cfg, start=0):
-  from mtjax.data import loader, pipeline, tokenizer
-  ds = pipeline.mixture_dataset(cfg.data.tasks, cfg.data.mixture, tokenizer.ByteTokenizer(), cfg.seed)
-  arrays, _, _ = loader.pack(ds, start, cfg.data.batch_size, cfg.data.seq_len, cfg.num_tasks)
-  return arrays
+  """The global batch of step `start` of cfg's loader (no prefetch)."""
+  from mtjax.data.loader import MixtureLoader
+  loader = MixtureLoader.from_config(cfg, prefetch=0)
+  for _ in range(start):
+    next(loader)
+  return next(loader).arrays

@@ -47,6 +47,11 @@ BAD = [
     (["--config.data.tasks=reverse,nosuchtask"], "data.tasks"),
     (["--config.model.num_kv_heads=3"], "model.num_kv_heads"),
     (["--config.optimizer.grad_accum=0"], "optimizer.grad_accum"),
+    (["--config.data.schedule=stages", "--config.data.stages=((5, {'reverse': 1.0}),)"], "data.stages"),
+    (["--config.data.schedule=stages",
+      "--config.data.stages=((0, {'reverse': 1.0}), (9, {'grammar': -1.0}))"], "data.stages[1].grammar"),
+    (["--config.data.schedule=linear"], "data.stages"),
+    (["--config.data.rates=proportional"], "data.rates"),
 ]
 
 

@@ -1,19 +1,27 @@
-"""Packing invariants, loss on targets only, mixture proportions, determinism and exact restore."""
+"""Packing invariants, loss on targets only, mixture rates and schedules, determinism, restore."""
+
+import json
 
 import numpy as np
+import pytest
 
 from conftest import tiny_config
-from mtjax.data import loader as loader_lib
-from mtjax.data import pipeline
+from mtjax.data import mixture
+from mtjax.data.loader import BATCH_KEYS, MixtureLoader
 from mtjax.data.tokenizer import ByteTokenizer
+from mtjax.tasks.synthetic import is_grammatical
 
 TASKS = ("reverse", "addition", "grammar")
 
 
-def _loader(**kw):
-  args = dict(tokenizer=ByteTokenizer(), seed=3, batch_size=8, seq_len=48, prefetch=2)
-  args.update(kw)
-  return loader_lib.MixtureLoader(TASKS, kw.pop("weights", {t: 1.0 for t in TASKS}), **args)
+def _config(**dotted):
+  base = {"data.batch_size": 8, "data.seq_len": 48, "seed": 3}
+  base.update(dotted)
+  return tiny_config(**base)
+
+
+def _loader(cfg=None, **kw):
+  return MixtureLoader.from_config(cfg or _config(), **kw)
 
 
 def test_batch_contract_and_packing_invariants():
@@ -21,7 +29,7 @@ def test_batch_contract_and_packing_invariants():
   ld = _loader()
   b = next(ld).arrays
   ld.close()
-  assert set(b) == set(loader_lib.BATCH_KEYS)
+  assert set(b) == set(BATCH_KEYS)
   assert b["loss_mask"].dtype == np.float32 and b["inputs"].dtype == np.int32
   pad = b["segment_ids"] == 0
   assert (b["task_ids"][pad] == -1).all() and (b["loss_mask"][pad] == 0).all()
@@ -41,10 +49,9 @@ def test_batch_contract_and_packing_invariants():
 
 
 def test_targets_decode_to_task_answers():
-  ds = pipeline.mixture_dataset(TASKS, {t: 1.0 for t in TASKS}, ByteTokenizer(), seed=0)
-  arrays, _, _ = loader_lib.pack(ds, 0, 4, 64, 3)
+  arrays = next(_loader(_config(**{"data.batch_size": 4, "data.seq_len": 64}), prefetch=0)).arrays
   tok = ByteTokenizer()
-  seen = 0
+  seen = set()
   for row in range(4):
     for seg in set(arrays["segment_ids"][row].tolist()) - {0}:
       idx = np.flatnonzero(arrays["segment_ids"][row] == seg)
@@ -58,55 +65,132 @@ def test_targets_decode_to_task_answers():
       elif task == "reverse":
         assert answer == prompt.removeprefix("reverse: ").rstrip("\n")[::-1]
       else:
-        from mtjax.tasks.synthetic import is_grammatical
         assert is_grammatical(answer)
-      seen += 1
-  assert seen > 4
+      seen.add(task)
+  assert seen == set(TASKS)
 
 
-def test_mixture_rates_follow_weights():
-  weights = {"reverse": 3.0, "addition": 1.0, "grammar": 0.0}
-  ds = pipeline.mixture_dataset(TASKS, weights, ByteTokenizer(), seed=0)
-  ids = np.array([ds[i]["task_id"] for i in range(4000)])
-  counts = np.bincount(ids, minlength=3) / len(ids)
-  np.testing.assert_allclose(counts, [0.75, 0.25, 0.0], atol=0.01)
-  np.testing.assert_allclose(pipeline.sampling_rates(TASKS, weights), [0.75, 0.25, 0.0])
+def _task_shares(batches):
+  counts = {}
+  for b in batches:
+    ids, segs = b.arrays["task_ids"], b.arrays["segment_ids"]
+    starts = (segs > 0) & (b.arrays["positions"] == 0)  # one per packed example
+    for t in ids[starts]:
+      counts[int(t)] = counts.get(int(t), 0) + 1
+  total = sum(counts.values())
+  return np.array([counts.get(i, 0) / total for i in range(3)])
 
 
-def test_deterministic_and_restores_exactly_from_state():
-  straight = _loader()
-  batches = [next(straight) for _ in range(5)]
+def test_shares_follow_weights_over_2000_steps():
+  cfg = _config(**{"data.mixture": {"reverse": 0.5, "addition": 0.3, "grammar": 0.2},
+                   "data.batch_size": 2})
+  ld = _loader(cfg, prefetch=0)
+  batches = [next(ld) for _ in range(2000)]
+  np.testing.assert_allclose(_task_shares(batches), [0.5, 0.3, 0.2], atol=0.01)
+  np.testing.assert_allclose(batches[-1].rates, [0.5, 0.3, 0.2])
+
+
+def test_stage_schedule_switches_at_boundary_and_zero_weight_task_waits():
+  stages = ((0, {"reverse": 1.0, "addition": 1.0, "grammar": 0.0}),
+            (40, {"reverse": 0.25, "addition": 0.25, "grammar": 0.5}))
+  ld = _loader(_config(**{"data.schedule": "stages", "data.stages": stages}), prefetch=2)
+  batches = [next(ld) for _ in range(80)]
+  ld.close()
+  first, second = _task_shares(batches[:40]), _task_shares(batches[40:])
+  assert first[2] == 0  # grammar never appears before its stage
+  assert (batches[40].arrays["task_ids"] == 2).any()  # and appears at once after
+  np.testing.assert_allclose(first, [0.5, 0.5, 0.0], atol=0.02)
+  np.testing.assert_allclose(second, [0.25, 0.25, 0.5], atol=0.02)
+  assert [b.step for b in batches] == list(range(80))
+
+
+def test_linear_schedule_interpolates():
+  sched = mixture.Schedule.stages(TASKS, ((0, {"reverse": 1.0}), (100, {"grammar": 1.0})),
+                                  linear=True)
+  np.testing.assert_allclose(sched.at(0), [1, 0, 0])
+  np.testing.assert_allclose(sched.at(25), [0.75, 0, 0.25])
+  np.testing.assert_allclose(sched.at(500), [0, 0, 1])
+
+
+def test_examples_proportional_matches_seqio_formula():
+  rates = mixture.examples_proportional([100, 1000, 10000], cap=5000, temperature=2.0)
+  ref = np.array([100, 1000, 5000]) ** 0.5
+  np.testing.assert_allclose(rates, ref / ref.sum())
+  cfg = _config(**{"data.rates": "examples_proportional"})
+  np.testing.assert_allclose(mixture.schedule_from_config(cfg).at(0), [1 / 3] * 3)  # equal sizes
+
+
+def test_restore_at_137_with_stage_change_and_feedback_matches_uninterrupted():
+  stages = ((0, {"reverse": 1.0, "addition": 1.0}), (150, {"grammar": 1.0, "reverse": 1.0}))
+  cfg = _config(**{"data.schedule": "stages", "data.stages": stages, "data.batch_size": 4})
+  feedback = {134: {"grammar": 1.0, "reverse": 1.0, "addition": 2.0},  # pending at the save
+              160: {"addition": 3.0, "grammar": 1.0}}  # after the restore, after the stage change
+  effective = {}
+
+  def drive(loader, steps, record_from=0):
+    out = []
+    for _ in range(steps):
+      b = next(loader)
+      if b.step in feedback:  # the trainer feeds back new rates (dynamic weighting)
+        effective[b.step] = loader.set_rates(feedback[b.step])
+      if b.step >= record_from:
+        out.append(b)
+    return out
+
+  straight = _loader(cfg)
+  reference = drive(straight, 187, record_from=137)
   straight.close()
-  again = _loader()
-  for b in batches[:2]:
-    nb = next(again)
-    for k in b.arrays:
-      np.testing.assert_array_equal(nb.arrays[k], b.arrays[k])
-  state = dict(again.state)
-  again.close()
-  import json
-  resumed = _loader(state=json.loads(json.dumps(state)))  # JSON round trip, as in a checkpoint
-  for b in batches[2:]:
-    nb = next(resumed)
-    for k in b.arrays:
-      np.testing.assert_array_equal(nb.arrays[k], b.arrays[k])
+  first = _loader(cfg)
+  drive(first, 137)
+  saved = json.loads(json.dumps(first.state))  # as stored in a checkpoint
+  first.close()
+  resumed = _loader(cfg, state=saved)
+  got = drive(resumed, 50)
   resumed.close()
-  assert batches[-1].state_after["batches"] == 5
+  assert [b.step for b in got] == [b.step for b in reference] == list(range(137, 187))
+  for a, b in zip(reference, got):
+    for k in a.arrays:
+      np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
+    np.testing.assert_array_equal(a.rates, b.rates)
+  lag = straight.feedback_lag
+  assert effective == {134: 135 + lag, 160: 161 + lag}
+  rates = {b.step: b.rates for b in reference}
+  assert rates[137][2] == 0 and rates[effective[134]][1] == pytest.approx(0.5)  # fed back
+  np.testing.assert_allclose(rates[150], [0.5, 0, 0.5])  # the stage change wins
+  np.testing.assert_allclose(rates[effective[160] - 1], [0.5, 0, 0.5])  # not before the lag
+  np.testing.assert_allclose(rates[effective[160]], [0, 0.75, 0.25])
 
 
-def test_process_slices_tile_the_global_batch():
-  full = _loader(prefetch=0)
-  parts = [_loader(prefetch=0, process_index=i, process_count=4) for i in range(4)]
-  for _ in range(2):
+def test_processes_tile_the_global_batch_and_state_moves_between_process_counts():
+  cfg = _config()
+  full = _loader(cfg, prefetch=0)
+  four = [_loader(cfg, prefetch=0, process_index=i, process_count=4) for i in range(4)]
+  for _ in range(3):
     g = next(full).arrays
-    locals_ = [next(p).arrays for p in parts]
+    parts = [next(p).arrays for p in four]
     for k in g:
-      np.testing.assert_array_equal(np.concatenate([l[k] for l in locals_]), g[k])
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), g[k])  # row for row
+  states = [json.dumps(p.state, sort_keys=True) for p in four]
+  assert len(set(states)) == 1  # the state is global, not per process
+  two = [_loader(cfg, prefetch=0, process_index=i, process_count=2, state=json.loads(states[0]))
+         for i in range(2)]
+  for _ in range(3):
+    g = next(full).arrays
+    parts = [next(p).arrays for p in two]
+    for k in g:
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), g[k])
 
 
 def test_truncation_is_counted():
-  ld = _loader(seq_len=12, batch_size=4, prefetch=0)  # every example is longer than 12
+  ld = _loader(_config(**{"data.seq_len": 12, "data.batch_size": 4}), prefetch=0)
   b = next(ld)
-  arrays = b.arrays
   assert sum(b.state_after["truncated"].values()) >= 4
-  assert (arrays["segment_ids"] > 0).all()  # truncated examples fill their rows exactly
+  assert (b.arrays["segment_ids"] > 0).all()  # truncated examples fill their rows exactly
+
+
+def test_same_seed_same_stream_other_seed_differs():
+  a = next(_loader(_config(), prefetch=0)).arrays["inputs"]
+  b = next(_loader(_config(), prefetch=0)).arrays["inputs"]
+  c = next(_loader(_config(seed=4), prefetch=0)).arrays["inputs"]
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)

@@ -1,10 +1,18 @@
-"""The mixture loader: packs the mixture into fixed [batch, seq_len] rows, with prefetching.
+"""The mixture loader: per-task Grain pipelines, the task sampler, packing into [batch, seq_len].
 
-Packing is greedy and sequential over the mixture's examples: an example goes into the current
-row if it fits, else the row is closed and the example starts the next one; every batch starts a
-fresh row. So the global batch at step s depends only on (seed, weights, the index of its first
-example), and the loader state is small and independent of the process count:
-`{"next_example": int, "batches": int, "truncated": {...}, "skipped": {...}}`.
+For each step the loader asks the schedule for that step's rates, draws each next example's task
+from the sampler, takes that task's next example (its own shuffled, repeated Grain pipeline,
+read by index), and packs greedily: an example goes into the current row if it fits, else the
+row is closed and the example starts the next one; every batch starts with fresh rows.
+
+So the GLOBAL batch at step s is a function of (seed, s, the rates used so far) only, and the
+loader state is small, JSON-serializable and independent of the process count:
+`{"step", "credits": [T], "cursors": {task: n}, "truncated", "skipped", "feedback"}`.
+Each process keeps the rows of its slice of the global batch.
+
+Rates fed back by the trainer (`set_rates`) take effect `feedback_lag` = prefetch + 1 steps after
+the last consumed step (batches already prefetched keep theirs) and hold until the schedule's
+next stage begins. They are recorded in the state, so a restored loader replays the same stream.
 
 Batch contract (../DESIGN.md): inputs, targets, loss_mask (float32, 1 on target tokens only),
 segment_ids (0 = padding), positions, task_ids (per token; padding = -1, never a real task).
@@ -12,6 +20,7 @@ segment_ids (0 = padding), positions, task_ids (per token; padding = -1, never a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import queue
 import threading
@@ -22,99 +31,148 @@ import grain
 import numpy as np
 
 from mtjax.data import pipeline
+from mtjax.data.mixture import Sampler, Schedule, normalized
 from mtjax.data.tokenizer import ByteTokenizer
 
 PAD_TASK_ID = -1
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids")
+FEEDBACK_LAG_EXTRA = 1  # the producer may hold one finished batch beyond the queue
 
 
 @dataclasses.dataclass
 class HostBatch:
   arrays: dict[str, np.ndarray]  # this process's rows
+  step: int  # the step this batch is for
+  rates: np.ndarray  # [T] the sampling rates used for it
   state_after: dict[str, Any]  # loader state once this batch is consumed
   packing_efficiency: float  # non-pad fraction of the global batch
 
 
-def pack(dataset: grain.MapDataset, start: int, batch_size: int, seq_len: int,
-         num_tasks: int) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
-  """Packs examples start, start+1, ... into a global batch.
+def pack(datasets: Sequence[grain.MapDataset], sampler: Sampler, cursors: list[int],
+         rates: np.ndarray, batch_size: int, seq_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Packs one global batch, advancing `sampler` and `cursors` in place.
 
-  Returns (arrays, index of the first unused example, truncated count per task).
-  An example of n tokens gives n-1 (input, target) pairs; longer than seq_len pairs is truncated.
+  Returns (arrays, truncated count per task). An example of n tokens gives n-1 (input, target)
+  pairs; one longer than seq_len pairs is truncated (and counted).
   """
+  num_tasks = len(datasets)
   shape = (batch_size, seq_len)
   out = {k: np.zeros(shape, np.int32) for k in BATCH_KEYS}
   out["loss_mask"] = np.zeros(shape, np.float32)
   out["task_ids"].fill(PAD_TASK_ID)
   truncated = np.zeros(num_tasks, np.int64)
-  index, row, fill, segment = start, 0, 0, 0
+  row, fill, segment = 0, 0, 0
   pending = None
   while row < batch_size:
     if pending is None:
-      pending = dataset[index]
-      index += 1
-    tokens, task_id = pending["tokens"], pending["task_id"]
+      before = sampler.state()
+      task = sampler.draw(rates)
+      pending = (task, datasets[task][cursors[task]], before)
+    task, example, _ = pending
+    tokens = example["tokens"]
     n = min(len(tokens) - 1, seq_len)
     if fill + n > seq_len:  # close the row; the example starts the next one
       row, fill, segment = row + 1, 0, 0
       continue
-    if len(tokens) - 1 > seq_len:
-      truncated[task_id] += 1
+    truncated[task] += len(tokens) - 1 > seq_len
     sl = slice(fill, fill + n)
     segment += 1
     out["inputs"][row, sl] = tokens[:n]
     out["targets"][row, sl] = tokens[1 : n + 1]
-    # Target token t (predicting tokens[t]) is in the loss when t >= target_start.
-    out["loss_mask"][row, sl] = (np.arange(1, n + 1) >= pending["target_start"]).astype(np.float32)
+    # Pair t predicts tokens[t + 1]: in the loss when that token belongs to the target.
+    out["loss_mask"][row, sl] = np.arange(1, n + 1) >= example["target_start"]
     out["segment_ids"][row, sl] = segment
     out["positions"][row, sl] = np.arange(n)
-    out["task_ids"][row, sl] = task_id
+    out["task_ids"][row, sl] = task
+    cursors[task] += 1
     fill += n
     pending = None
-  if pending is not None:  # drawn but not placed: the next batch starts with it
-    index -= 1
-  return out, index, truncated
+  if pending is not None:  # drawn but not placed: undo the draw; the next batch draws again
+    sampler.credits = np.asarray(pending[2])
+  return out, truncated
 
 
 class MixtureLoader:
-  """Iterator of HostBatch; `state` is where the NEXT batch starts (restorable exactly)."""
+  """Iterator of HostBatch. `state` is where the NEXT batch starts (restores exactly)."""
 
-  def __init__(self, task_names: Sequence[str], weights: Mapping[str, float], *,
-               tokenizer: ByteTokenizer, seed: int, batch_size: int, seq_len: int,
-               prefetch: int = 2, process_index: int = 0, process_count: int = 1,
+  def __init__(self, task_names: Sequence[str], schedule: Schedule, *, tokenizer: ByteTokenizer,
+               seed: int, batch_size: int, seq_len: int, prefetch: int = 2,
+               process_index: int = 0, process_count: int = 1,
                state: Mapping[str, Any] | None = None):
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} not divisible by {process_count} processes")
     self.task_names = tuple(task_names)
-    self.weights = dict(weights)
-    self.rates = pipeline.sampling_rates(self.task_names, self.weights)
+    self.schedule = schedule
     self.batch_size, self.seq_len = batch_size, seq_len
+    self.prefetch = prefetch
     self._rows = slice(process_index * batch_size // process_count,
                        (process_index + 1) * batch_size // process_count)
-    self._dataset = pipeline.mixture_dataset(self.task_names, self.weights, tokenizer, seed)
-    self.state = dict(state) if state else {
-        "next_example": 0, "batches": 0,
-        "truncated": {n: 0 for n in self.task_names}, "skipped": {n: 0 for n in self.task_names}}
+    self._datasets = [pipeline.task_dataset(name, i, tokenizer, seed)
+                      for i, name in enumerate(self.task_names)]
+    zeros = {n: 0 for n in self.task_names}
+    self.state = copy.deepcopy(dict(state)) if state else {
+        "step": 0, "credits": [0.0] * len(self.task_names), "cursors": dict(zeros),
+        "truncated": dict(zeros), "skipped": dict(zeros), "feedback": []}
+    self._lock = threading.Lock()
     self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
-    self._prefetch = prefetch
+
+  @classmethod
+  def from_config(cls, config, *, process_index: int = 0, process_count: int = 1,
+                  state: Mapping[str, Any] | None = None, prefetch: int | None = None) -> MixtureLoader:
+    from mtjax.data import mixture
+    from mtjax.data import tokenizer as tokenizer_lib
+    d = config.data
+    return cls(d.tasks, mixture.schedule_from_config(config), seed=config.seed,
+               tokenizer=tokenizer_lib.get(d.tokenizer), batch_size=d.batch_size,
+               seq_len=d.seq_len, prefetch=d.prefetch if prefetch is None else prefetch,
+               process_index=process_index, process_count=process_count, state=state)
+
+  # -- rates ---------------------------------------------------------------------------------
+
+  @property
+  def feedback_lag(self) -> int:
+    """Steps after the last consumed one at which fed-back rates take effect."""
+    return self.prefetch + FEEDBACK_LAG_EXTRA if self.prefetch else 0
+
+  def set_rates(self, rates: Mapping[str, float]) -> int:
+    """Feeds back new sampling rates; returns the step from which they apply."""
+    vector = normalized([float(rates.get(n, 0.0)) for n in self.task_names])
+    with self._lock:
+      effective = self.state["step"] + self.feedback_lag
+      self.state["feedback"].append([effective, vector.tolist()])
+    return effective
+
+  def rates_at(self, step: int, feedback: Sequence[Sequence[Any]]) -> np.ndarray:
+    """Fed-back rates win from their step until the schedule's next stage begins."""
+    stage_start = self.schedule.stage_start(step)
+    with self._lock:
+      latest = [w for s, w in feedback if stage_start <= s <= step]
+    return np.asarray(latest[-1]) if latest else self.schedule.at(step)
+
+  # -- production ----------------------------------------------------------------------------
 
   def _produce(self, state: dict[str, Any]) -> HostBatch:
-    arrays, next_example, truncated = pack(self._dataset, state["next_example"], self.batch_size,
-                                           self.seq_len, len(self.task_names))
-    efficiency = float((arrays["segment_ids"] > 0).mean())
+    step = state["step"]
+    rates = self.rates_at(step, self.state["feedback"])
+    sampler = Sampler(len(self.task_names), state["credits"])
+    cursors = [state["cursors"][n] for n in self.task_names]
+    arrays, truncated = pack(self._datasets, sampler, cursors, rates, self.batch_size,
+                             self.seq_len)
     after = {
-        "next_example": next_example, "batches": state["batches"] + 1,
+        "step": step + 1, "credits": sampler.state(),
+        "cursors": dict(zip(self.task_names, cursors)),
         "truncated": {n: state["truncated"][n] + int(truncated[i])
                       for i, n in enumerate(self.task_names)},
         "skipped": dict(state["skipped"]),
     }
+    efficiency = float((arrays["segment_ids"] > 0).mean())
     local = {k: v[self._rows] for k, v in arrays.items()}
-    return HostBatch(local, after, efficiency)
+    return HostBatch(local, step, rates, after, efficiency)
 
   def _worker(self) -> None:
-    state = self.state
+    state = copy.deepcopy(self.state)
     try:
       while not self._stop.is_set():
         batch = self._produce(state)
@@ -132,7 +190,7 @@ class MixtureLoader:
     return self
 
   def __next__(self) -> HostBatch:
-    if self._prefetch == 0:
+    if self.prefetch == 0:
       batch = self._produce(self.state)
     else:
       if self._thread is None:
@@ -141,7 +199,8 @@ class MixtureLoader:
       batch = self._queue.get()
       if isinstance(batch, BaseException):
         raise batch
-    self.state = batch.state_after
+    with self._lock:  # the feedback list is the loader's own, appended to by set_rates
+      self.state = dict(batch.state_after, feedback=self.state["feedback"])
     return batch
 
   def close(self) -> None:

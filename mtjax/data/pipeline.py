@@ -1,16 +1,13 @@
-"""Per-task Grain pipelines and the mixture over them.
+"""Per-task Grain pipelines: source -> shuffle -> repeat -> tokenize, read by index.
 
 Each task is shuffled and repeated on its own, with its own seed (derived from the run seed and
-the task name), then tokenized. The mixture is `grain.MapDataset.mix`, which interleaves tasks in
-exact proportions and keeps random access: example i of the mixture is a pure function of
-(seed, weights, i). That is what makes the loader state one integer.
+the task name). Random access keeps the loader state small: a task's next example is its
+cursor. Mixing across tasks (with rates that may change every step) is data/mixture.py's job.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
-
 import grain
 import numpy as np
 
@@ -46,27 +43,3 @@ def task_dataset(task_name: str, task_id: int, tokenizer: ByteTokenizer, seed: i
           .shuffle(seed=task_seed(seed, task_name))
           .repeat(None)
           .map(Tokenize(tokenizer, task_id)))
-
-
-def mixture_dataset(task_names: Sequence[str], weights: Mapping[str, float],
-                    tokenizer: ByteTokenizer, seed: int) -> grain.MapDataset:
-  """Infinite, random-access stream of tokenized examples from the tasks with positive weight.
-
-  Task ids are positions in `task_names` (the run's task list), whatever the weights.
-  """
-  parts, rates = [], []
-  for task_id, name in enumerate(task_names):
-    w = float(weights.get(name, 0.0))
-    if w > 0:
-      parts.append(task_dataset(name, task_id, tokenizer, seed))
-      rates.append(w)
-  if not parts:
-    raise ValueError("mixture has no task with positive weight")
-  if len(parts) == 1:
-    return parts[0]
-  return grain.MapDataset.mix(parts, rates)
-
-
-def sampling_rates(task_names: Sequence[str], weights: Mapping[str, float]) -> np.ndarray:
-  w = np.array([max(float(weights.get(n, 0.0)), 0.0) for n in task_names], dtype=np.float64)
-  return w / w.sum()

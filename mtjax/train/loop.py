@@ -111,10 +111,8 @@ def run(config: Config, workdir: str | epath.PathLike, *,
                             grad_accum=config.optimizer.grad_accum, z_loss=config.model.z_loss),
       mesh, shardings)
   batch_sharding = sharding_lib.named(mesh, step_lib.BATCH_AXES)
-  loader = MixtureLoader(task_names, config.data.mixture, tokenizer=tokenizer, seed=config.seed,
-                         batch_size=config.data.batch_size, seq_len=config.data.seq_len,
-                         prefetch=config.data.prefetch, process_index=jax.process_index(),
-                         process_count=jax.process_count(), state=loader_state)
+  loader = MixtureLoader.from_config(config, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), state=loader_state)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
   compiles = step_lib.CompileCounter()
   loss_weights = np.array([config.train.loss_weights.get(n, 1.0) for n in task_names], np.float32)
@@ -155,7 +153,7 @@ def run(config: Config, workdir: str | epath.PathLike, *,
           elapsed = time.perf_counter() - window_start
           row = metrics_lib.train_row(done, host, task_names, loss_weights, entropy_coefs)
           for i, name in enumerate(task_names):
-            row[f"data/{name}/rate"] = float(loader.rates[i])
+            row[f"data/{name}/rate"] = float(host_batch.rates[i])  # as used for this step
             row[f"data/{name}/truncated"] = host_batch.state_after["truncated"][name]
             row[f"data/{name}/skipped"] = host_batch.state_after["skipped"][name]
           row["data/packing_efficiency"] = host_batch.packing_efficiency
