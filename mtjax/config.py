@@ -75,6 +75,7 @@ class DataConfig:
   seq_len: int = 128
   tokenizer: str = "byte"
   prefetch: int = 2
+  on_bad_record: str = "stop"  # stop | skip (and count in data/<task>/skipped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +268,7 @@ def _check(config: Config) -> None:
                                 ("model.attention", m.attention, ATTENTION),
                                 ("data.schedule", d.schedule, SCHEDULES),
                                 ("data.rates", d.rates, RATES),
+                                ("data.on_bad_record", d.on_bad_record, ("stop", "skip")),
                                 ("data.tokenizer", d.tokenizer, ("byte",)),
                                 ("checkpoint.best_mode", config.checkpoint.best_mode, ("min", "max"))):
     if value not in allowed:

@@ -6,6 +6,9 @@ import pathlib
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Task suites build into a fresh directory per test session: offline, from a clean clone.
+import tempfile  # noqa: E402
+os.environ["MTJAX_DATA_DIR"] = tempfile.mkdtemp(prefix="mtjax-tfds-")
 
 import pytest  # noqa: E402
 

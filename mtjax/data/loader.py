@@ -98,7 +98,7 @@ class MixtureLoader:
   def __init__(self, task_names: Sequence[str], schedule: Schedule, *, tokenizer: ByteTokenizer,
                seed: int, batch_size: int, seq_len: int, prefetch: int = 2,
                process_index: int = 0, process_count: int = 1,
-               state: Mapping[str, Any] | None = None):
+               state: Mapping[str, Any] | None = None, on_bad_record: str = "stop"):
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} not divisible by {process_count} processes")
     self.task_names = tuple(task_names)
@@ -107,12 +107,14 @@ class MixtureLoader:
     self.prefetch = prefetch
     self._rows = slice(process_index * batch_size // process_count,
                        (process_index + 1) * batch_size // process_count)
-    self._datasets = [pipeline.task_dataset(name, i, tokenizer, seed)
-                      for i, name in enumerate(self.task_names)]
+    loaded = [pipeline.task_dataset(name, i, tokenizer, seed, on_bad_record=on_bad_record)
+              for i, name in enumerate(self.task_names)]
+    self._datasets = [d for d, _ in loaded]
     zeros = {n: 0 for n in self.task_names}
     self.state = copy.deepcopy(dict(state)) if state else {
         "step": 0, "credits": [0.0] * len(self.task_names), "cursors": dict(zeros),
-        "truncated": dict(zeros), "skipped": dict(zeros), "feedback": []}
+        "truncated": dict(zeros), "skipped": {n: k for n, (_, k) in zip(self.task_names, loaded)},
+        "feedback": []}
     self._lock = threading.Lock()
     self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
     self._stop = threading.Event()
@@ -127,7 +129,8 @@ class MixtureLoader:
     return cls(d.tasks, mixture.schedule_from_config(config), seed=config.seed,
                tokenizer=tokenizer_lib.get(d.tokenizer), batch_size=d.batch_size,
                seq_len=d.seq_len, prefetch=d.prefetch if prefetch is None else prefetch,
-               process_index=process_index, process_count=process_count, state=state)
+               process_index=process_index, process_count=process_count, state=state,
+               on_bad_record=d.on_bad_record)
 
   # -- rates ---------------------------------------------------------------------------------
 

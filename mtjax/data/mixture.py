@@ -104,7 +104,8 @@ def schedule_from_config(config) -> Schedule:
   if d.schedule in ("stages", "linear"):
     return Schedule.stages(d.tasks, d.stages, linear=d.schedule == "linear")
   if d.rates == "examples_proportional":
-    sizes = [len(task_registry.get(n).source("train", config.seed)) for n in d.tasks]
+    sizes = [len(task_registry.get(n).source.load("train", config.seed, d.on_bad_record).examples)
+             for n in d.tasks]
     rates = examples_proportional(sizes, cap=d.rate_cap, temperature=d.rate_temperature,
                                   scale=d.rate_scale)
     return Schedule.constant(d.tasks, rates)

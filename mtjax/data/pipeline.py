@@ -36,10 +36,12 @@ class Tokenize(grain.transforms.Map):
 
 
 def task_dataset(task_name: str, task_id: int, tokenizer: ByteTokenizer, seed: int,
-                 split: str = "train") -> grain.MapDataset:
+                 split: str = "train", on_bad_record: str = "stop") -> tuple[grain.MapDataset, int]:
+  """(infinite shuffled tokenized dataset of the task's split, number of bad records skipped)."""
   task = task_registry.get(task_name)
-  examples = task.source(split, seed)
-  return (grain.MapDataset.source(examples)
-          .shuffle(seed=task_seed(seed, task_name))
-          .repeat(None)
-          .map(Tokenize(tokenizer, task_id)))
+  loaded = task.source.load(split, seed, on_bad_record)
+  dataset = (grain.MapDataset.source(loaded.examples)
+             .shuffle(seed=task_seed(seed, task_name))
+             .repeat(None)
+             .map(Tokenize(tokenizer, task_id)))
+  return dataset, loaded.skipped

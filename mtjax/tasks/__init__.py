@@ -8,7 +8,9 @@ puts the loss on the target only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,13 +28,13 @@ class Example:
 class Task:
   """A named source of examples and how to judge an output.
 
-  source(split, seed) returns the examples of a split ("train" or "validation"), deterministic
-  in seed. is_correct(example, output) says whether an output is right: the target for tasks with
-  one right answer, a verifier for open-ended ones.
+  source.load(split, seed, on_bad_record) gives the examples of a split ("train" or
+  "validation"); see tasks/sources.py. is_correct(example, output) says whether an output is
+  right: the target for tasks with one right answer, a verifier for open-ended ones.
   """
 
   name: str
-  source: Callable[[str, int], Sequence[Example]]
+  source: Any  # a tasks.sources source
   is_correct: Callable[[Example, str], bool]
   open_ended: bool = False  # many right answers (entropy should stay up)
   metrics: tuple[str, ...] = ("exact_match",)
@@ -41,10 +43,11 @@ class Task:
 _REGISTRY: dict[str, Task] = {}
 
 
-def register(task: Task) -> Task:
+def register(task: Task, *, replace: bool = False) -> Task:
+  """Registers a task by name. Config files that define tasks pass replace=True (re-imports)."""
   if "/" in task.name:
     raise ValueError(f"task names may not contain '/': {task.name!r}")
-  if task.name in _REGISTRY:
+  if task.name in _REGISTRY and not replace:
     raise ValueError(f"task {task.name!r} is already registered")
   _REGISTRY[task.name] = task
   return task
@@ -61,4 +64,15 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-from mtjax.tasks import synthetic  # noqa: E402,F401  (registers the built-in tasks)
+def data_dir() -> str:
+  """Where TFDS task suites are built: $MTJAX_DATA_DIR, else ~/.cache/mtjax/tfds."""
+  return os.environ.get("MTJAX_DATA_DIR") or os.path.expanduser("~/.cache/mtjax/tfds")
+
+
+def exact_match(example: Example, output: str) -> bool:
+  return output.strip() == example.target.strip()
+
+
+# Registers the built-in tasks and suites.
+from mtjax.tasks import synthetic  # noqa: E402,F401
+from mtjax.tasks.suites import function_calling, open_ended, structured  # noqa: E402,F401

@@ -11,7 +11,8 @@ import zlib
 
 import numpy as np
 
-from mtjax.tasks import Example, Task, register
+from mtjax.tasks import Example, Task, exact_match, register
+from mtjax.tasks.sources import GeneratorSource
 
 TRAIN_SIZE = 20_000
 VALIDATION_SIZE = 500
@@ -92,16 +93,12 @@ def is_grammatical(text: str) -> bool:
   return noun_phrase(i + 1) == len(words)
 
 
-def _exact(example: Example, output: str) -> bool:
-  return output.strip() == example.target
+def _source(name: str, make, held_out: bool = True) -> GeneratorSource:
+  return GeneratorSource(lambda split, seed: _cached(name, make, split, seed, held_out))
 
 
-def _source(name: str, make, held_out: bool = True):
-  return lambda split, seed: _cached(name, make, split, seed, held_out)
-
-
-register(Task("reverse", _source("reverse", _make_reverse), _exact))
-register(Task("addition", _source("addition", _make_addition), _exact))
+register(Task("reverse", _source("reverse", _make_reverse), exact_match))
+register(Task("addition", _source("addition", _make_addition), exact_match))
 # One prompt for every example: held-out means fresh draws, judged by the grammar.
 register(Task("grammar", _source("grammar", _make_sentence, held_out=False),
               lambda ex, out: is_grammatical(out), open_ended=True, metrics=("valid", "distinct")))

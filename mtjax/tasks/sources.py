@@ -1,0 +1,151 @@
+"""Where a task's examples come from. Every source gives random access to a split's examples.
+
+- GeneratorSource: a Python function (split, seed) -> examples (in memory).
+- JsonlSource: a user's JSONL files (UTF-8), with configurable instruction/prompt/target fields.
+- ArrayRecordSource: ArrayRecord files whose records are JSON objects (read lazily).
+- TfdsSource: a TFDS dataset in array_record format through `tfds.data_source` (no TensorFlow),
+  built offline on first use by its builder.
+
+A record that cannot be parsed is reported with file and line (or record index): the run stops
+(`data.on_bad_record="stop"`, the default) or, for JSONL, skips it and counts it ("skip").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from etils import epath
+
+from mtjax.errors import BadInputError
+from mtjax.tasks import Example
+
+
+@dataclasses.dataclass
+class Loaded:
+  examples: Sequence[Example]  # random access: len() and [i]
+  skipped: int = 0  # bad records skipped (on_bad_record="skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fields:
+  """Which record fields make an Example. `instruction` is a literal used when the record has none."""
+
+  prompt: str = "input"
+  target: str = "target"
+  instruction_field: str = "instruction"
+  instruction: str = ""
+
+  def example(self, record: Any) -> Example:
+    if not isinstance(record, Mapping):
+      raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    values = {}
+    for key in (self.prompt, self.target):
+      if key not in record:
+        raise ValueError(f"missing field {key!r} (has {sorted(record)})")
+      value = record[key]
+      values[key] = value.decode("utf-8") if isinstance(value, bytes) else value
+      if not isinstance(values[key], str):
+        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    instruction = record.get(self.instruction_field, self.instruction)
+    if isinstance(instruction, bytes):
+      instruction = instruction.decode("utf-8")
+    return Example(str(instruction), values[self.prompt], values[self.target])
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorSource:
+  make: Callable[[str, int], Sequence[Example]]
+
+  def load(self, split: str, seed: int, on_bad_record: str = "stop") -> Loaded:
+    return Loaded(self.make(split, seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonlSource:
+  files: Mapping[str, Sequence[str]]  # split -> paths
+  fields: Fields = Fields()
+
+  def load(self, split: str, seed: int, on_bad_record: str = "stop") -> Loaded:
+    del seed  # order is the files' order; the pipeline shuffles
+    if split not in self.files:
+      raise BadInputError("data", f"JSONL task has no {split!r} split (has {sorted(self.files)})")
+    examples, skipped = [], 0
+    for path in self.files[split]:
+      p = epath.Path(path)
+      if not p.exists():
+        raise BadInputError(str(path), "file not found")
+      with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+          if not raw.strip():
+            continue
+          try:
+            examples.append(self.fields.example(json.loads(raw.decode("utf-8"))))
+          except (ValueError, UnicodeDecodeError) as e:
+            if on_bad_record == "skip":
+              skipped += 1
+              continue
+            raise BadInputError(f"{path}:{lineno}", f"bad record ({e}); set "
+                                "data.on_bad_record=skip to skip and count such lines") from None
+    if not examples:
+      raise BadInputError(str(self.files[split][0]), f"no usable records in the {split!r} split")
+    return Loaded(examples, skipped)
+
+
+class _Decoded(Sequence):
+  """Lazily decodes records of a random-access source into Examples."""
+
+  def __init__(self, records, fields: Fields, where: str, decode: Callable[[Any], Any]):
+    self._records, self._fields, self._where, self._decode = records, fields, where, decode
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> Example:
+    if not -len(self) <= i < len(self):
+      raise IndexError(i)
+    i %= len(self)
+    try:
+      return self._fields.example(self._decode(self._records[i]))
+    except (ValueError, UnicodeDecodeError) as e:
+      raise BadInputError(f"{self._where}#record {i}", f"bad record ({e})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayRecordSource:
+  files: Mapping[str, Sequence[str]]  # split -> paths; each record a UTF-8 JSON object
+  fields: Fields = Fields()
+
+  def load(self, split: str, seed: int, on_bad_record: str = "stop") -> Loaded:
+    import grain
+    paths = list(self.files[split])
+    for path in paths:
+      if not epath.Path(path).exists():
+        raise BadInputError(str(path), "file not found")
+    records = grain.sources.ArrayRecordDataSource(paths)
+    return Loaded(_Decoded(records, self.fields, ",".join(paths), lambda r: json.loads(r)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+  """A TFDS dataset (array_record), built into `data_dir` by `builder` on first use."""
+
+  name: str  # e.g. "mtjax_structured/copy"
+  builder: Callable[[str], Any]  # data_dir -> a tfds builder (its class registers the name)
+  fields: Fields = Fields()
+
+  def load(self, split: str, seed: int, on_bad_record: str = "stop") -> Loaded:
+    del seed  # the suite's content is fixed by its builder version; the pipeline shuffles
+    import tensorflow_datasets as tfds
+    from mtjax.tasks import data_dir
+    directory = data_dir()
+    builder = self.builder(directory)
+    if not builder.is_prepared():
+      import sys
+      print(f"building task suite {self.name} into {directory} (once)", file=sys.stderr)
+      tfds.display_progress_bar(False)
+      builder.download_and_prepare()
+    records = tfds.data_source(self.name, data_dir=directory, split=split)
+    return Loaded(_Decoded(records, self.fields, f"tfds:{self.name}[{split}]", lambda r: r))

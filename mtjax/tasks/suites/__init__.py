@@ -1,0 +1,76 @@
+"""Task suites as TFDS datasets (array_record), built offline on first use into `data_dir()`.
+
+Each suite is one `GeneratorBasedBuilder` with a BuilderConfig per task; records are
+{instruction, input, target} strings. Content is fixed by the builder's version and seed, so a
+suite built on two machines is identical. Tasks register as "<suite>.<task>" (e.g.
+"structured.copy"), read through `tfds.data_source` (random access, no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mtjax.tasks import Example, Task, register
+from mtjax.tasks.sources import TfdsSource
+
+SPLIT_SIZES = {"train": 5000, "validation": 500}
+SUITE_SEED = 20261128
+
+Generator = Callable[[np.random.Generator], Example]
+
+
+def split_examples(suite: str, task: str, make: Generator, held_out: bool = True) -> dict[str, list[Example]]:
+  """Train and validation examples; with held_out, validation prompts never occur in train."""
+  out, seen = {}, set()
+  for split, size in SPLIT_SIZES.items():
+    rng = np.random.default_rng([SUITE_SEED, zlib.crc32(f"{suite}/{task}/{split}".encode())])
+    examples, attempts = [], 0
+    while len(examples) < size:
+      ex = make(rng)
+      attempts += 1
+      if attempts > 50 * size:
+        raise RuntimeError(f"{suite}.{task}: cannot draw {size} distinct {split} examples")
+      if held_out and split == "validation" and ex.prompt in seen:
+        continue
+      examples.append(ex)
+    if split == "train":
+      seen = {e.prompt for e in examples}
+    out[split] = examples
+  return out
+
+
+class SuiteBuilder(tfds.core.GeneratorBasedBuilder):
+  """Base: subclasses set TASKS = {task: (generator, held_out)} and a BuilderConfig per task."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  TASKS: Mapping[str, tuple[Generator, bool]] = {}
+  SUITE = ""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "instruction": tfds.features.Text(), "input": tfds.features.Text(),
+        "target": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # generated, nothing to download
+    make, held_out = self.TASKS[self.builder_config.name]
+    splits = split_examples(self.SUITE, self.builder_config.name, make, held_out)
+    return {split: self._generate_examples(examples) for split, examples in splits.items()}
+
+  def _generate_examples(self, examples):
+    for i, ex in enumerate(examples):
+      yield i, {"instruction": ex.instruction, "input": ex.input, "target": ex.target}
+
+
+def register_suite(builder_cls: type[SuiteBuilder], scorers: Mapping[str, Callable[[Example, str], bool]],
+                   open_ended: bool = False) -> None:
+  for task in builder_cls.TASKS:
+    name = f"{builder_cls.SUITE}.{task}"
+    tfds_name = f"{builder_cls.name}/{task}"
+    source = TfdsSource(tfds_name, lambda data_dir, t=task: builder_cls(config=t, data_dir=data_dir,
+                                                                          file_format="array_record"))
+    register(Task(name, source, scorers[task], open_ended=open_ended))

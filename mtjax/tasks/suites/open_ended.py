@@ -1,0 +1,63 @@
+"""The `open_ended` suite: many right answers, each with a verifier (entropy and diversity)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mtjax.tasks import Example
+from mtjax.tasks.suites import SuiteBuilder, register_suite
+from mtjax.tasks.synthetic import _make_sentence, is_grammatical
+
+_ADJ = ("red", "small", "quick", "old", "green", "loud")
+_NOUN = ("cat", "dog", "bird", "fox", "tree", "river")
+_VERB = ("sees", "likes", "chases", "finds", "hears")
+_SLOTS = {"ADJ": _ADJ, "NOUN": _NOUN, "VERB": _VERB}
+
+
+def grammar(rng):
+  return _make_sentence(rng)
+
+
+def sum_pair(rng):
+  """Any a, b >= 0 with a + b = N."""
+  n = int(rng.integers(2, 200))
+  a = int(rng.integers(0, n + 1))
+  return Example("two numbers that sum to: ", f"{n}\n", f"{a}+{n - a}")
+
+
+def sum_pair_ok(example: Example, output: str) -> bool:
+  m = re.fullmatch(r"\s*(\d+)\s*\+\s*(\d+)\s*", output)
+  return bool(m) and int(m[1]) + int(m[2]) == int(example.input.strip())
+
+
+def template(rng):
+  """Fill the slots of a template with any word of the slot's kind."""
+  parts = ["the", "ADJ", "NOUN", "VERB", "a", "NOUN"]
+  keep = rng.random(len(parts)) < 0.5  # some slots are given, the rest are free
+  shown = [p if (p not in _SLOTS or not k) else str(rng.choice(_SLOTS[p])) for p, k in zip(parts, keep)]
+  filled = [str(rng.choice(_SLOTS[p])) if p in _SLOTS else p for p in shown]
+  return Example("fill: ", " ".join(shown) + "\n", " ".join(filled))
+
+
+def template_ok(example: Example, output: str) -> bool:
+  shown, words = example.input.split(), output.split()
+  if len(shown) != len(words):
+    return False
+  return all(w in _SLOTS[s] if s in _SLOTS else w == s for s, w in zip(shown, words))
+
+
+class MtjaxOpenEnded(SuiteBuilder):
+  """mtjax open-ended tasks: many right answers, each with a verifier."""
+
+  SUITE = "open_ended"
+  # One prompt for every grammar example: its held-out split is fresh draws.
+  TASKS = {"grammar": (grammar, False), "sum_pair": (sum_pair, False), "template": (template, False)}
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n) for n in TASKS]
+
+
+register_suite(MtjaxOpenEnded, {"grammar": lambda ex, out: is_grammatical(out),
+                                "sum_pair": sum_pair_ok, "template": template_ok},
+               open_ended=True)
