@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
   train.add_argument("--resume_from", type=int, default=None, metavar="STEP",
                      help="resume from this checkpoint; later ones are moved aside, not deleted")
+  data = sub.add_parser("data", help="inspect the data pipeline").add_subparsers(
+      dest="data_command", required=True, parser_class=_Parser)
+  prev = data.add_parser("preview", help="task shares, packing and decoded examples per step range")
+  prev.add_argument("--config", required=True, help="path/to/config.py[:variant]")
+  prev.add_argument("--steps", type=int, default=100, help="how many steps to look at")
+  prev.add_argument("--ranges", type=int, default=4, help="into how many step ranges to split them")
   return parser
 
 
@@ -64,6 +70,17 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return EXIT_OK
 
 
+def data_preview(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from mtjax import config as config_lib
+  from mtjax.data.preview import preview
+
+  if args.steps <= 0 or args.ranges <= 0:
+    raise BadInputError("--steps", "expected positive --steps and --ranges")
+  config = config_lib.load(args.config, overrides)
+  print(preview(config, args.steps, args.ranges), end="")
+  return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
@@ -71,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(flags)
     if args.command == "train":
       return train(args, overrides)
+    if args.command == "data" and args.data_command == "preview":
+      return data_preview(args, overrides)
     raise BadInputError("command", f"unknown command {args.command!r}")
   except BadInputError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -194,3 +194,97 @@ def test_same_seed_same_stream_other_seed_differs():
   c = next(_loader(_config(seed=4), prefetch=0)).arrays["inputs"]
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
+
+
+def test_data_preview_is_deterministic_and_seed_dependent(capsys):
+  from conftest import DEMO
+  from mtjax import cli
+  outs = []
+  for seed in (0, 0, 1):
+    assert cli.main(["data", "preview", "--config", DEMO, "--steps", "6", "--ranges", "2",
+                     f"--config.seed={seed}"]) == 0
+    outs.append(capsys.readouterr().out)
+  assert outs[0] == outs[1] and outs[0] != outs[2]
+  assert "steps 0-2" in outs[0] and "steps 3-5" in outs[0]
+  assert outs[0].count("[reverse] 'reverse: ") == 3  # three decoded examples per task
+
+
+def _write_jsonl(path, lines):
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _jsonl_config(tmp_path, lines, on_bad="stop"):
+  """A config file that registers a JSONL task, the way a researcher adds their own data."""
+  data = tmp_path / "qa.jsonl"
+  _write_jsonl(data, lines)
+  cfg = tmp_path / "qa.py"
+  cfg.write_text(f'''
+from mtjax import tasks
+from mtjax.tasks.sources import Fields, JsonlSource
+from configs_demo import get_config as demo
+
+tasks.register(tasks.Task("qa", JsonlSource({{"train": [{str(data)!r}]}},
+                                            Fields(prompt="question", target="answer",
+                                                   instruction="Q: ")),
+                          tasks.exact_match), replace=True)
+
+def get_config():
+  c = demo("tiny")
+  c.data.tasks = ("qa", "reverse")
+  c.data.mixture = {{"qa": 1.0, "reverse": 1.0}}
+  c.train.loss_weights = {{}}
+  c.train.entropy_coefs = {{}}
+  c.data.on_bad_record = {on_bad!r}
+  return c
+''')
+  return cfg
+
+
+GOOD = ['{"question": "capital of peru?", "answer": "lima"}',
+        '{"question": "2+2?", "answer": "4"}', '{"question": "ünïcode?", "answer": "ja"}']
+
+
+def test_jsonl_task_from_a_config_file_and_bad_line(tmp_path, capsys, monkeypatch):
+  from conftest import REPO
+  from mtjax import cli
+  monkeypatch.syspath_prepend(str(tmp_path))
+  (tmp_path / "configs_demo.py").write_text((REPO / "configs" / "demo.py").read_text())
+  cfg = _jsonl_config(tmp_path, GOOD)
+  assert cli.main(["data", "preview", "--config", str(cfg), "--steps", "2"]) == 0
+  out = capsys.readouterr().out
+  for line in ("[qa] 'Q: capital of peru?' -> 'lima'", "[qa] 'Q: 2+2?' -> '4'",
+               "[qa] 'Q: ünïcode?' -> 'ja'"):  # one shuffled epoch of the 3 records: all appear
+    assert line in out, out
+
+  bad = _jsonl_config(tmp_path, GOOD[:1] + ['{"question": "broken'] + GOOD[1:])
+  assert cli.main(["data", "preview", "--config", str(bad), "--steps", "2"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: {tmp_path / 'qa.jsonl'}:2: bad record"), err
+
+  missing = _jsonl_config(tmp_path, GOOD + ['{"question": "no answer"}'])
+  assert cli.main(["data", "preview", "--config", str(missing), "--steps", "2"]) == 2
+  assert f"qa.jsonl:4: bad record (missing field 'answer'" in capsys.readouterr().err
+
+  skip = _jsonl_config(tmp_path, GOOD[:1] + ["not json", '{"question": 3, "answer": "x"}'] + GOOD[1:],
+                       on_bad="skip")
+  from mtjax import config as config_lib
+  from mtjax.data.loader import MixtureLoader
+  loader = MixtureLoader.from_config(config_lib.load(str(skip)), prefetch=0)
+  assert loader.state["skipped"] == {"qa": 2, "reverse": 0}
+  assert next(loader).state_after["skipped"]["qa"] == 2  # carried into data/qa/skipped
+
+
+def test_array_record_source_reads_json_records(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from mtjax.tasks.sources import ArrayRecordSource, Fields
+  path = str(tmp_path / "qa.array_record")
+  writer = ArrayRecordWriter(path, "group_size:1")
+  for line in GOOD + ['{"question": 1}']:
+    writer.write(line.encode("utf-8"))
+  writer.close()
+  loaded = ArrayRecordSource({"train": [path]}, Fields(prompt="question", target="answer")).load("train", 0)
+  assert len(loaded.examples) == 4
+  assert loaded.examples[1].input == "2+2?" and loaded.examples[2].input == "ünïcode?"
+  from mtjax.errors import BadInputError
+  with pytest.raises(BadInputError, match="record 3: bad record"):
+    loaded.examples[3]
