@@ -269,7 +269,6 @@ def _check(config: Config) -> None:
                                 ("data.schedule", d.schedule, SCHEDULES),
                                 ("data.rates", d.rates, RATES),
                                 ("data.on_bad_record", d.on_bad_record, ("stop", "skip")),
-                                ("data.tokenizer", d.tokenizer, ("byte",)),
                                 ("checkpoint.best_mode", config.checkpoint.best_mode, ("min", "max"))):
     if value not in allowed:
       raise BadInputError(field, f"expected one of {', '.join(allowed)}, got {value!r}")
@@ -289,6 +288,8 @@ def _check(config: Config) -> None:
   if [config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) > 1:
     raise BadInputError("mesh", "at most one axis may be -1 (the rest of the devices)")
 
+  from mtjax.data import tokenizer as tokenizer_lib
+  tokenizer_lib.get(d.tokenizer)  # raises on a bad name or file
   if not d.tasks:
     raise BadInputError("data.tasks", "expected at least one task name")
   if len(set(d.tasks)) != len(d.tasks):
