@@ -71,3 +71,14 @@ def test_bad_tokenizer_names_the_field(tmp_path):
   junk.write_text("{}")
   with pytest.raises(BadInputError, match="cannot load"):
     tokenizer_lib.get(f"hf:{junk}")
+
+
+@pytest.mark.parametrize("kind", ["byte", "hf", "spm"])
+def test_planned_lengths_equal_token_counts(kind, hf_path, spm_path):
+  """The packing plan uses lengths without tokenizing: they must equal the real token counts."""
+  from mtjax.data import pipeline
+  name = {"byte": "byte", "hf": f"hf:{hf_path}", "spm": f"spm:{spm_path}"}[kind]
+  for task in ("reverse", "grammar"):
+    data = pipeline.task_dataset(task, 0, tokenizer_lib.get(name), seed=0)
+    for i in range(40):
+      assert data.lengths[i] == len(data.tokens[i]["tokens"])

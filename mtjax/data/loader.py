@@ -8,7 +8,8 @@ row is closed and the example starts the next one; every batch starts with fresh
 So the GLOBAL batch at step s is a function of (seed, s, the rates used so far) only, and the
 loader state is small, JSON-serializable and independent of the process count:
 `{"step", "credits": [T], "cursors": {task: n}, "truncated", "skipped", "feedback"}`.
-Each process keeps the rows of its slice of the global batch.
+Each process plans the whole global batch from example lengths (cheap) and tokenizes and
+materializes only its own rows.
 
 Rates fed back by the trainer (`set_rates`) take effect `feedback_lag` = prefetch + 1 steps after
 the last consumed step (batches already prefetched keep theirs) and hold until the schedule's
@@ -45,51 +46,57 @@ class HostBatch:
   step: int  # the step this batch is for
   rates: np.ndarray  # [T] the sampling rates used for it
   state_after: dict[str, Any]  # loader state once this batch is consumed
-  packing_efficiency: float  # non-pad fraction of the global batch
+  packing_efficiency: float  # non-pad fraction of the GLOBAL batch
 
 
-def pack(datasets: Sequence[grain.MapDataset], sampler: Sampler, cursors: list[int],
-         rates: np.ndarray, batch_size: int, seq_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def pack(tokens: Sequence[grain.MapDataset], lengths: Sequence[grain.MapDataset], sampler: Sampler,
+         cursors: list[int], rates: np.ndarray, batch_size: int, seq_len: int,
+         rows: slice = slice(None)) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
   """Packs one global batch, advancing `sampler` and `cursors` in place.
 
-  Returns (arrays, truncated count per task). An example of n tokens gives n-1 (input, target)
-  pairs; one longer than seq_len pairs is truncated (and counted).
+  The plan (which example goes where) is made for every row from example LENGTHS alone; only the
+  rows in `rows` (this process's) are materialized from tokens. Returns (arrays of those rows,
+  truncated count per task over the global batch, packing efficiency of the global batch).
+  An example of n tokens gives n-1 (input, target) pairs; one longer than seq_len pairs is
+  truncated (and counted).
   """
-  num_tasks = len(datasets)
-  shape = (batch_size, seq_len)
+  first, stop, _ = rows.indices(batch_size)
+  shape = (stop - first, seq_len)
   out = {k: np.zeros(shape, np.int32) for k in BATCH_KEYS}
   out["loss_mask"] = np.zeros(shape, np.float32)
   out["task_ids"].fill(PAD_TASK_ID)
-  truncated = np.zeros(num_tasks, np.int64)
-  row, fill, segment = 0, 0, 0
+  truncated = np.zeros(len(tokens), np.int64)
+  row, fill, segment, used = 0, 0, 0, 0
   pending = None
   while row < batch_size:
     if pending is None:
       before = sampler.state()
       task = sampler.draw(rates)
-      pending = (task, datasets[task][cursors[task]], before)
-    task, example, _ = pending
-    tokens = example["tokens"]
-    n = min(len(tokens) - 1, seq_len)
+      pending = (task, int(lengths[task][cursors[task]]), before)
+    task, length, _ = pending
+    n = min(length - 1, seq_len)
     if fill + n > seq_len:  # close the row; the example starts the next one
       row, fill, segment = row + 1, 0, 0
       continue
-    truncated[task] += len(tokens) - 1 > seq_len
-    sl = slice(fill, fill + n)
+    truncated[task] += length - 1 > seq_len
     segment += 1
-    out["inputs"][row, sl] = tokens[:n]
-    out["targets"][row, sl] = tokens[1 : n + 1]
-    # Pair t predicts tokens[t + 1]: in the loss when that token belongs to the target.
-    out["loss_mask"][row, sl] = np.arange(1, n + 1) >= example["target_start"]
-    out["segment_ids"][row, sl] = segment
-    out["positions"][row, sl] = np.arange(n)
-    out["task_ids"][row, sl] = task
+    if first <= row < stop:
+      example = tokens[task][cursors[task]]
+      ids, r, sl = example["tokens"], row - first, slice(fill, fill + n)
+      out["inputs"][r, sl] = ids[:n]
+      out["targets"][r, sl] = ids[1 : n + 1]
+      # Pair t predicts ids[t + 1]: in the loss when that token belongs to the target.
+      out["loss_mask"][r, sl] = np.arange(1, n + 1) >= example["target_start"]
+      out["segment_ids"][r, sl] = segment
+      out["positions"][r, sl] = np.arange(n)
+      out["task_ids"][r, sl] = task
     cursors[task] += 1
     fill += n
+    used += n
     pending = None
   if pending is not None:  # drawn but not placed: undo the draw; the next batch draws again
     sampler.credits = np.asarray(pending[2])
-  return out, truncated
+  return out, truncated, used / (batch_size * seq_len)
 
 
 class MixtureLoader:
@@ -109,11 +116,12 @@ class MixtureLoader:
                        (process_index + 1) * batch_size // process_count)
     loaded = [pipeline.task_dataset(name, i, tokenizer, seed, on_bad_record=on_bad_record)
               for i, name in enumerate(self.task_names)]
-    self._datasets = [d for d, _ in loaded]
+    self._tokens = [d.tokens for d in loaded]
+    self._lengths = [d.lengths for d in loaded]
     zeros = {n: 0 for n in self.task_names}
     self.state = copy.deepcopy(dict(state)) if state else {
         "step": 0, "credits": [0.0] * len(self.task_names), "cursors": dict(zeros),
-        "truncated": dict(zeros), "skipped": {n: k for n, (_, k) in zip(self.task_names, loaded)},
+        "truncated": dict(zeros), "skipped": {n: d.skipped for n, d in zip(self.task_names, loaded)},
         "feedback": []}
     self._lock = threading.Lock()
     self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
@@ -161,8 +169,8 @@ class MixtureLoader:
     rates = self.rates_at(step, self.state["feedback"])
     sampler = Sampler(len(self.task_names), state["credits"])
     cursors = [state["cursors"][n] for n in self.task_names]
-    arrays, truncated = pack(self._datasets, sampler, cursors, rates, self.batch_size,
-                             self.seq_len)
+    arrays, truncated, efficiency = pack(self._tokens, self._lengths, sampler, cursors, rates,
+                                         self.batch_size, self.seq_len, self._rows)
     after = {
         "step": step + 1, "credits": sampler.state(),
         "cursors": dict(zip(self.task_names, cursors)),
@@ -170,9 +178,7 @@ class MixtureLoader:
                       for i, n in enumerate(self.task_names)},
         "skipped": dict(state["skipped"]),
     }
-    efficiency = float((arrays["segment_ids"] > 0).mean())
-    local = {k: v[self._rows] for k, v in arrays.items()}
-    return HostBatch(local, step, rates, after, efficiency)
+    return HostBatch(arrays, step, rates, after, efficiency)
 
   def _worker(self) -> None:
     state = copy.deepcopy(self.state)

@@ -7,6 +7,7 @@ cursor. Mixing across tasks (with rates that may change every step) is data/mixt
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 import grain
 import numpy as np
@@ -35,13 +36,29 @@ class Tokenize(grain.transforms.Map):
     return {"tokens": tokens, "target_start": 1 + len(prompt), "task_id": self.task_id}
 
 
-def task_dataset(task_name: str, task_id: int, tokenizer: ByteTokenizer, seed: int,
-                 split: str = "train", on_bad_record: str = "stop") -> tuple[grain.MapDataset, int]:
-  """(infinite shuffled tokenized dataset of the task's split, number of bad records skipped)."""
+class Length(grain.transforms.Map):
+  """Example -> its token count as Tokenize would make it, without building the array."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def map(self, example: Example) -> int:
+    return 2 + self.tokenizer.count(example.prompt) + self.tokenizer.count(example.target)
+
+
+@dataclasses.dataclass
+class TaskData:
+  tokens: grain.MapDataset  # infinite, shuffled: {tokens, target_start, task_id}
+  lengths: grain.MapDataset  # the same order: token counts only (for planning the packing)
+  skipped: int  # bad records skipped when loading the source
+
+
+def task_dataset(task_name: str, task_id: int, tokenizer, seed: int, split: str = "train",
+                 on_bad_record: str = "stop") -> TaskData:
   task = task_registry.get(task_name)
   loaded = task.source.load(split, seed, on_bad_record)
-  dataset = (grain.MapDataset.source(loaded.examples)
+  ordered = (grain.MapDataset.source(loaded.examples)
              .shuffle(seed=task_seed(seed, task_name))
-             .repeat(None)
-             .map(Tokenize(tokenizer, task_id)))
-  return dataset, loaded.skipped
+             .repeat(None))
+  return TaskData(ordered.map(Tokenize(tokenizer, task_id)), ordered.map(Length(tokenizer)),
+                  loaded.skipped)

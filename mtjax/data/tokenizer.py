@@ -30,6 +30,9 @@ class ByteTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + self.offset
 
+  def count(self, text: str) -> int:
+    return len(text.encode("utf-8"))
+
   def decode(self, ids) -> str:
     ids = [int(i) for i in ids]
     if self.eos_id in ids:
@@ -68,6 +71,9 @@ class HfTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
+  def count(self, text: str) -> int:
+    return len(self.encode(text))
+
   def decode(self, ids) -> str:
     ids = [int(i) for i in ids]
     if self.eos_id in ids:
@@ -90,6 +96,9 @@ class SentencePieceTokenizer:
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._sp.encode(text), np.int32)
+
+  def count(self, text: str) -> int:
+    return len(self._sp.encode(text))
 
   def decode(self, ids) -> str:
     ids = [int(i) for i in ids]
