@@ -23,7 +23,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   tasks = ("reverse", "addition", "grammar")
   c.data = ml_collections.ConfigDict(dict(
-      tasks=tasks, mixture={t: 1.0 for t in tasks}, rates="explicit", rate_temperature=1.0,
+      mixture_name="", tasks=tasks, mixture={t: 1.0 for t in tasks}, rates="explicit", rate_temperature=1.0,
       rate_cap=0, rate_scale=1.0, schedule="constant", stages=(),
       batch_size=32, seq_len=96, tokenizer="byte", prefetch=2, on_bad_record="stop"))
   c.train = ml_collections.ConfigDict(dict(

@@ -63,6 +63,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+  mixture_name: str = ""  # a registered Mixture: fills data.tasks and data.mixture when given
   tasks: tuple[str, ...] = ()
   mixture: Mapping[str, float] = dataclasses.field(default_factory=dict)  # sampling weights
   rates: str = "explicit"  # explicit (data.mixture) | examples_proportional
@@ -345,6 +346,15 @@ def _check(config: Config) -> None:
 def from_dict(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
   """Validates a raw (possibly nested) mapping into a frozen Config."""
   config = _build(Config, raw, "")
+  if config.data.mixture_name:
+    from mtjax import tasks as task_registry
+    try:
+      mixture = task_registry.get_mixture(config.data.mixture_name)
+    except KeyError as e:
+      raise BadInputError("data.mixture_name", str(e.args[0])) from None
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, tasks=config.data.tasks or tuple(mixture.rates),
+        mixture=config.data.mixture or _frozen_mapping(mixture.rates)))
   # Mixture default: every task equally. Stored explicitly so config.json says what ran.
   if not config.data.mixture:
     config = dataclasses.replace(

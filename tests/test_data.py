@@ -288,3 +288,16 @@ def test_array_record_source_reads_json_records(tmp_path):
   from mtjax.errors import BadInputError
   with pytest.raises(BadInputError, match="record 3: bad record"):
     loaded.examples[3]
+
+
+def test_task_preprocess_can_blank_the_instruction():
+  import dataclasses as dc
+  from mtjax import tasks
+  base = tasks.get("reverse")
+  tasks.register(dc.replace(base, name="reverse_blank",
+                            preprocess=lambda ex: dc.replace(ex, instruction="")), replace=True)
+  cfg = _config(**{"data.tasks": ("reverse_blank",), "data.mixture": {"reverse_blank": 1.0},
+                   "train.loss_weights": {}, "train.entropy_coefs": {}})
+  arrays = next(_loader(cfg, prefetch=0)).arrays
+  text = ByteTokenizer().decode(arrays["inputs"][0])
+  assert "reverse:" not in text and len(text) > 3

@@ -60,5 +60,7 @@ def task_dataset(task_name: str, task_id: int, tokenizer, seed: int, split: str 
   ordered = (grain.MapDataset.source(loaded.examples)
              .shuffle(seed=task_seed(seed, task_name))
              .repeat(None))
+  if task.preprocess is not None:
+    ordered = ordered.map(task.preprocess)
   return TaskData(ordered.map(Tokenize(tokenizer, task_id)), ordered.map(Length(tokenizer)),
                   loaded.skipped)

@@ -38,6 +38,15 @@ class Task:
   is_correct: Callable[[Example, str], bool]
   open_ended: bool = False  # many right answers (entropy should stay up)
   metrics: tuple[str, ...] = ("exact_match",)
+  preprocess: Callable[[Example], Example] | None = None  # e.g. blank or swap the instruction
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+  """A named set of tasks with sampling rates; `data.mixture_name` in a config expands to it."""
+
+  name: str
+  rates: dict[str, float]
 
 
 _REGISTRY: dict[str, Task] = {}
@@ -51,6 +60,30 @@ def register(task: Task, *, replace: bool = False) -> Task:
     raise ValueError(f"task {task.name!r} is already registered")
   _REGISTRY[task.name] = task
   return task
+
+
+_MIXTURES: dict[str, Mixture] = {}
+
+
+def register_mixture(mixture: Mixture, *, replace: bool = False) -> Mixture:
+  if mixture.name in _MIXTURES and not replace:
+    raise ValueError(f"mixture {mixture.name!r} is already registered")
+  unknown = [t for t in mixture.rates if t not in _REGISTRY]
+  if unknown:
+    raise ValueError(f"mixture {mixture.name!r} names unknown tasks {unknown}")
+  _MIXTURES[mixture.name] = mixture
+  return mixture
+
+
+def get_mixture(name: str) -> Mixture:
+  try:
+    return _MIXTURES[name]
+  except KeyError:
+    raise KeyError(f"unknown mixture {name!r} (known: {', '.join(sorted(_MIXTURES))})") from None
+
+
+def mixture_names() -> list[str]:
+  return sorted(_MIXTURES)
 
 
 def get(name: str) -> Task:
@@ -76,3 +109,10 @@ def exact_match(example: Example, output: str) -> bool:
 # Registers the built-in tasks and suites.
 from mtjax.tasks import synthetic  # noqa: E402,F401
 from mtjax.tasks.suites import function_calling, open_ended, structured  # noqa: E402,F401
+
+register_mixture(Mixture("synthetic", {"reverse": 1.0, "addition": 1.0, "grammar": 1.0}))
+register_mixture(Mixture("structured", {f"structured.{t}": 1.0 for t in structured.MtjaxStructured.TASKS}))
+register_mixture(Mixture("open_ended", {f"open_ended.{t}": 1.0 for t in open_ended.MtjaxOpenEnded.TASKS}))
+# Granite's decomposition: the seven granular subtasks plus the umbrella task, and the umbrella alone.
+register_mixture(Mixture("fc_granite", {f"fc.{t}": 1.0 for t in function_calling.SUBTASKS + ("umbrella",)}))
+register_mixture(Mixture("fc_umbrella", {"fc.umbrella": 1.0}))
