@@ -1,3 +1,3 @@
 """The decoder-only transformer (Flax NNX) and its attention implementations."""
 
-from mtjax.model.llama import Decoder, ModelSpec  # noqa: F401
+from mtjax.model.llama import Decoder, ModelSpec, init_cache  # noqa: F401

@@ -27,3 +27,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
   if implementation == "reference":
     return jax.nn.dot_product_attention(q, k, v, mask=segment_causal_mask(segment_ids))
   raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                  cache: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Attention for decoding: writes this call's T keys/values at cache["index"], then attends
+  over every cached slot that holds a real token and is not in the future.
+
+  q [B, T, N, H]; k, v [B, T, K, H]; segment_ids [B, T] (0 = left padding, never attended to).
+  """
+  index = cache["index"]
+  ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+  cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+  valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], segment_ids != 0, index, axis=1)
+  t, s = q.shape[1], ck.shape[1]
+  query_at = index + jnp.arange(t)
+  causal = jnp.arange(s)[None, :] <= query_at[:, None]  # [T, S]
+  mask = causal[None, None] & valid[:, None, None, :]  # [B, 1, T, S]
+  y = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask)
+  return y, {"k": ck, "v": cv, "valid": valid, "index": index + t}

@@ -86,7 +86,7 @@ class Attention(nnx.Module):
     out_std = 1 / math.sqrt(n * h) / math.sqrt(2 * spec.num_layers)
     self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
 
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids, cache=None):
     dt = x.dtype
     q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
     k = jnp.einsum("bld,dkh->blkh", x, self.k[...].astype(dt))
@@ -94,8 +94,12 @@ class Attention(nnx.Module):
     q = constrain(rope(q, positions, self.spec.rope_theta), ("batch", "length", "act_heads", None))
     k = constrain(rope(k, positions, self.spec.rope_theta), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
-    y = attention_lib.attend(q, k, v, segment_ids, implementation=self.spec.attention)
-    return jnp.einsum("blnh,nhd->bld", y, self.o[...].astype(dt))
+    if cache is None:
+      y = attention_lib.attend(q, k, v, segment_ids, implementation=self.spec.attention)
+    else:
+      y, cache = attention_lib.attend_cached(q, k, v, segment_ids, cache)
+    out = jnp.einsum("blnh,nhd->bld", y, self.o[...].astype(dt))
+    return out if cache is None else (out, cache)
 
 
 class MLP(nnx.Module):
@@ -121,10 +125,14 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps)
     self.mlp = MLP(spec, rngs)
 
-  def __call__(self, x, positions, segment_ids):
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+  def __call__(self, x, positions, segment_ids, cache=None):
+    attn = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+    if cache is not None:
+      attn, cache = attn
+    x = x + attn
     x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, ("batch", "length", "act_embed"))
+    x = constrain(x, ("batch", "length", "act_embed"))
+    return x if cache is None else (x, cache)
 
 
 _REMAT_POLICIES = {
@@ -146,12 +154,17 @@ class Decoder(nnx.Module):
       self.lm_head = _param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"),
                             1 / math.sqrt(spec.d_model))
 
-  def __call__(self, tokens, positions, segment_ids):
+  def __call__(self, tokens, positions, segment_ids, cache=None):
+    """With `cache` (see init_cache), also returns the updated cache: (logits, cache)."""
     dt = jnp.dtype(self.spec.dtype)
     x = jnp.take(self.token_embed[...], tokens, axis=0).astype(dt)
     x = constrain(x, ("batch", "length", "act_embed"))
-    for layer in self.layers:
-      if self.spec.remat == "none":
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      if cache is not None:
+        x, layer_cache = layer(x, positions, segment_ids, cache[i])
+        new_cache.append(layer_cache)
+      elif self.spec.remat == "none":
         x = layer(x, positions, segment_ids)
       else:
         x = nnx.remat(lambda blk, y, p, s: blk(y, p, s),
@@ -161,4 +174,15 @@ class Decoder(nnx.Module):
       logits = jnp.einsum("bld,vd->blv", x, self.token_embed[...].astype(dt))
     else:
       logits = x @ self.lm_head[...].astype(dt)
-    return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(spec: ModelSpec, batch: int, length: int) -> list[dict[str, jax.Array]]:
+  """An empty KV cache: per layer k, v [B, S, K, H], which slots hold a real token, and the next
+  write index (shared by all rows: prompts are left-padded to a common length)."""
+  shape = (batch, length, spec.num_kv_heads, spec.head_dim)
+  dt = jnp.dtype(spec.dtype)
+  return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+           "valid": jnp.zeros((batch, length), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
+          for _ in range(spec.num_layers)]

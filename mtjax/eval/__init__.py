@@ -1,0 +1,1 @@
+"""Evaluation: teacher-forced per-task metrics, KV-cache generation, scorers, `mtjax eval`."""
