@@ -34,7 +34,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       clip_norm=1.0, grad_accum=1, b1=0.9, b2=0.95, eps=1e-8))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=100, keep=3, best_metric="", best_mode="min", keep_best=1))
-  c.eval = ml_collections.ConfigDict(dict(every=0, tasks=()))
+  c.eval = ml_collections.ConfigDict(dict(
+      every=0, tasks=(), num_examples=64, num_generate=32, sample_prompts=8, num_samples=4,
+      temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=32, batch_size=16))
 
   if variant == "tiny":  # seconds on a CPU: the shape tests and smoke runs use
     c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)

@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
   train.add_argument("--resume_from", type=int, default=None, metavar="STEP",
                      help="resume from this checkpoint; later ones are moved aside, not deleted")
+  ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the held-out splits")
+  ev.add_argument("--workdir", required=True)
+  ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  ev.add_argument("--tasks", default="", help="comma-separated subset of the run's tasks")
   data = sub.add_parser("data", help="inspect the data pipeline").add_subparsers(
       dest="data_command", required=True, parser_class=_Parser)
   prev = data.add_parser("preview", help="task shares, packing and decoded examples per step range")
@@ -60,13 +64,25 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return EXIT_PREEMPTED
   plots = ", ".join(str(p) for p in result.plots)
   step = int(result.state.step)
-  if result.history:
-    print(f"done: step {step}, loss {result.history[-1]['train/loss']:.4f}, "
+  train_rows = [r for r in result.history if "train/loss" in r]
+  if train_rows:
+    print(f"done: step {step}, loss {train_rows[-1]['train/loss']:.4f}, "
           f"compiles {result.compiles}; metrics {result.workdir / 'metrics.jsonl'}")
   else:
     print(f"nothing to do: {result.workdir} is already at step {step} (train.steps={step}); "
           "raise --config.train.steps to continue")
   print(f"plots: {plots}")
+  return EXIT_OK
+
+
+def evaluate(args: argparse.Namespace) -> int:
+  from mtjax.eval.evaluate import evaluate_checkpoint, table
+
+  tasks = [t for t in args.tasks.split(",") if t]
+  row = evaluate_checkpoint(args.workdir, args.step, tasks)
+  print(table(row))
+  print(f"step {row['step']}: eval {row['perf/eval_time_s']:.1f}s, eval step compiled "
+        f"{row['perf/eval_compiles']}x, generation {row['perf/generate_compiles']}x; {row['_path']}")
   return EXIT_OK
 
 
@@ -88,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(flags)
     if args.command == "train":
       return train(args, overrides)
+    if args.command == "eval":
+      return evaluate(args)
     if args.command == "data" and args.data_command == "preview":
       return data_preview(args, overrides)
     raise BadInputError("command", f"unknown command {args.command!r}")

@@ -114,8 +114,17 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  every: int = 0  # 0: never during training
-  tasks: tuple[str, ...] = ()
+  every: int = 0  # 0: never during training (mtjax eval still works on checkpoints)
+  tasks: tuple[str, ...] = ()  # default: every task of the run
+  num_examples: int = 64  # held-out examples per task for teacher-forced loss/entropy/accuracy
+  num_generate: int = 32  # held-out prompts per task decoded greedily (accuracy by its scorer)
+  sample_prompts: int = 8  # prompts per task sampled num_samples times (pass@k, distinct, entropy)
+  num_samples: int = 4  # 0: no sampling metrics
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 32
+  batch_size: int = 16  # rows per eval/generation batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +350,17 @@ def _check(config: Config) -> None:
   for name in config.eval.tasks:
     if name not in d.tasks:
       raise BadInputError("eval.tasks", f"{name!r} is not a task of this run")
+  e = config.eval
+  for field, value in (("eval.num_examples", e.num_examples), ("eval.num_generate", e.num_generate),
+                       ("eval.sample_prompts", e.sample_prompts), ("eval.num_samples", e.num_samples),
+                       ("eval.top_k", e.top_k), ("eval.temperature", e.temperature)):
+    if value < 0:
+      raise BadInputError(field, f"expected a value >= 0, got {value}")
+  for field, value in (("eval.max_new_tokens", e.max_new_tokens), ("eval.batch_size", e.batch_size)):
+    if value <= 0:
+      raise BadInputError(field, f"expected a positive integer, got {value}")
+  if not 0 < e.top_p <= 1:
+    raise BadInputError("eval.top_p", f"expected 0 < top_p <= 1, got {e.top_p}")
 
 
 def from_dict(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:

@@ -102,7 +102,7 @@ def test_mixture_name_expands_to_tasks_and_rates():
   cfg = config_lib.load(DEMO, ["--config.data.mixture_name=fc_granite", "--config.data.tasks=",
                                "--config.data.mixture={}", "--config.train.loss_weights={}",
                                "--config.train.entropy_coefs={}"])
-  assert len(cfg.data.tasks) == 8 and "fc.umbrella" in cfg.data.tasks
-  assert cfg.data.mixture["fc.nested"] == 1.0
+  assert len(cfg.data.tasks) == 8 and "fc_umbrella" in cfg.data.tasks
+  assert cfg.data.mixture["fc_nested"] == 1.0
   with pytest.raises(BadInputError, match="data.mixture_name: unknown mixture 'nope'"):
     config_lib.load(DEMO, ["--config.data.mixture_name=nope"])

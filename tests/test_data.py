@@ -263,7 +263,7 @@ def test_jsonl_task_from_a_config_file_and_bad_line(tmp_path, capsys, monkeypatc
 
   missing = _jsonl_config(tmp_path, GOOD + ['{"question": "no answer"}'])
   assert cli.main(["data", "preview", "--config", str(missing), "--steps", "2"]) == 2
-  assert f"qa.jsonl:4: bad record (missing field 'answer'" in capsys.readouterr().err
+  assert "qa.jsonl:4: bad record (missing field 'answer'" in capsys.readouterr().err
 
   skip = _jsonl_config(tmp_path, GOOD[:1] + ["not json", '{"question": 3, "answer": "x"}'] + GOOD[1:],
                        on_bad="skip")

@@ -91,3 +91,41 @@ def test_pass_at_k_matches_closed_form_and_distinct_k():
   assert scorers.distinct_k(outs, valid, 6) == 3  # {"a b", "c d", "e f"}; "x" is invalid
   assert scorers.distinct_k(outs, valid, 2) == 1
   assert scorers.sequence_entropy([-1.0, -3.0]) == pytest.approx(2.0)
+
+
+def test_eval_during_training_compiles_once_and_cli_eval(tmp_path, capsys):
+  import json
+  from conftest import tiny_config
+  from mtjax import cli, train
+  from mtjax.data.tokenizer import ByteTokenizer
+  from mtjax.eval.decode import DEFAULT_BUCKETS
+  from mtjax import tasks
+  cfg = tiny_config(**{"eval.every": 5, "eval.num_examples": 12, "eval.num_generate": 6,
+                       "eval.sample_prompts": 3, "eval.num_samples": 3, "eval.max_new_tokens": 12,
+                       "checkpoint.every": 5})
+  result = train.run(cfg, tmp_path)
+  evals = [r for r in result.history if "eval/reverse/loss" in r]
+  assert [r["step"] for r in evals] == [0, 5, 10]
+  assert all(r["perf/eval_compiles"] == 1 for r in evals)  # 3 tasks, 3 evals: one compilation
+  tok = ByteTokenizer()
+  lengths = [1 + len(tok.encode(e.prompt)) for t in cfg.data.tasks
+             for e in list(tasks.get(t).source.load("validation", 0).examples)[:6]]
+  buckets = {min(b for b in DEFAULT_BUCKETS if b >= n) for n in lengths}
+  assert evals[-1]["perf/generate_compiles"] == len(buckets)  # once per length bucket
+  for t in cfg.data.tasks:
+    for m in ("loss", "entropy", "token_accuracy", "accuracy", "pass@1", "pass@3", "distinct@3",
+              "seq_entropy"):
+      assert f"eval/{t}/{m}" in evals[-1]
+  assert evals[0]["eval/reverse/loss"] > evals[-1]["eval/reverse/loss"]  # it learns
+  assert "perf/eval_time_s" in evals[-1]
+
+  # mtjax eval on the checkpoints: the same teacher-forced numbers as during training.
+  assert cli.main(["eval", "--workdir", str(tmp_path), "--step", "5", "--tasks", "reverse"]) == 0
+  out = capsys.readouterr().out
+  assert "reverse" in out and "token_accuracy" in out
+  saved = json.loads((tmp_path / "eval" / "step_5.json").read_text())
+  assert saved["eval/reverse/loss"] == pytest.approx(evals[1]["eval/reverse/loss"], rel=1e-5)
+  assert "eval/grammar/loss" not in saved
+  assert cli.main(["eval", "--workdir", str(tmp_path), "--tasks", "nosuch"]) == 2
+  assert "--tasks: 'nosuch' is not a task" in capsys.readouterr().err
+  assert cli.main(["eval", "--workdir", str(tmp_path), "--step", "7"]) == 2

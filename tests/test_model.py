@@ -1,6 +1,5 @@
 """The model: packed examples never see each other; GQA attention matches a numpy reference."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -14,8 +14,8 @@ def _load(name, split="validation"):
   return tasks.get(name).source.load(split, 0).examples
 
 
-@pytest.mark.parametrize("name", ["structured.copy", "structured.reverse", "structured.sort",
-                                  "structured.addition", "structured.modular"])
+@pytest.mark.parametrize("name", ["structured_copy", "structured_reverse", "structured_sort",
+                                  "structured_addition", "structured_modular"])
 def test_structured_targets_are_right_and_held_out(name):
   val, train = _load(name), _load(name, "train")
   assert len(val) == 500 and len(train) == 5000
@@ -23,10 +23,10 @@ def test_structured_targets_are_right_and_held_out(name):
   task = tasks.get(name)
   for ex in list(val)[:50]:
     body = ex.input.strip()
-    expected = {"structured.copy": lambda: body, "structured.reverse": lambda: body[::-1],
-                "structured.sort": lambda: "".join(sorted(body)),
-                "structured.addition": lambda: str(sum(int(x) for x in body.rstrip("=").split("+"))),
-                "structured.modular": lambda: _modular(body)}[name]()
+    expected = {"structured_copy": lambda: body, "structured_reverse": lambda: body[::-1],
+                "structured_sort": lambda: "".join(sorted(body)),
+                "structured_addition": lambda: str(sum(int(x) for x in body.rstrip("=").split("+"))),
+                "structured_modular": lambda: _modular(body)}[name]()
     assert ex.target == expected
     assert task.is_correct(ex, ex.target) and not task.is_correct(ex, ex.target + "x")
 
@@ -45,7 +45,7 @@ def test_open_ended_verifiers_accept_many_and_reject_wrong():
   assert open_ended.template_ok(t, "the old cat hears a fox")
   assert not open_ended.template_ok(t, "the old dog hears a fox")  # a given word changed
   assert not open_ended.template_ok(t, "the cat cat hears a fox")  # wrong kind in a slot
-  for name in ("open_ended.grammar", "open_ended.sum_pair", "open_ended.template"):
+  for name in ("open_ended_grammar", "open_ended_sum_pair", "open_ended_template"):
     task = tasks.get(name)
     assert task.open_ended
     examples = list(_load(name))[:100]
@@ -62,9 +62,9 @@ def test_catalogue_and_held_out_apis():
   assert len(held) >= 50 and not {a.name for a in held} & {a.name for a in train_apis}
   held_names = {a.name for a in held}
   for kind in fc.TASKS:
-    train_text = "".join(e.prompt + e.target for e in list(_load(f"fc.{kind}", "train"))[:300])
+    train_text = "".join(e.prompt + e.target for e in list(_load(f"fc_{kind}", "train"))[:300])
     assert not any(n + "(" in train_text for n in held_names), kind  # never seen in training
-    val = list(_load(f"fc.{kind}"))[:50]
+    val = list(_load(f"fc_{kind}"))[:50]
     assert all(any(n in e.prompt for n in held_names) for e in val), kind
 
 
@@ -92,9 +92,9 @@ def _variants(kind, target):
 
 @pytest.mark.parametrize("kind", fc.TASKS)
 def test_function_calling_generator_and_scorer(kind):
-  task = tasks.get(f"fc.{kind}")
-  examples = list(_load(f"fc.{kind}"))[:20]
-  assert len(_load(f"fc.{kind}")) == 500
+  task = tasks.get(f"fc_{kind}")
+  examples = list(_load(f"fc_{kind}"))[:20]
+  assert len(_load(f"fc_{kind}")) == 500
   for ex in examples:
     right, wrong = _variants(kind, ex.target)
     assert task.is_correct(ex, ex.target)
@@ -112,7 +112,7 @@ def test_function_calling_generator_and_scorer(kind):
 
 
 def test_suites_build_deterministically(tmp_path, monkeypatch):
-  first = [e.target for e in list(_load("fc.umbrella"))[:20]]
+  first = [e.target for e in list(_load("fc_umbrella"))[:20]]
   monkeypatch.setenv("MTJAX_DATA_DIR", str(tmp_path))  # a second, fresh build
-  assert [e.target for e in list(_load("fc.umbrella"))[:20]] == first
+  assert [e.target for e in list(_load("fc_umbrella"))[:20]] == first
   assert (tmp_path / "mtjax_function_calling" / "umbrella").is_dir()

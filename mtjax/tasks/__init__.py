@@ -111,8 +111,8 @@ from mtjax.tasks import synthetic  # noqa: E402,F401
 from mtjax.tasks.suites import function_calling, open_ended, structured  # noqa: E402,F401
 
 register_mixture(Mixture("synthetic", {"reverse": 1.0, "addition": 1.0, "grammar": 1.0}))
-register_mixture(Mixture("structured", {f"structured.{t}": 1.0 for t in structured.MtjaxStructured.TASKS}))
-register_mixture(Mixture("open_ended", {f"open_ended.{t}": 1.0 for t in open_ended.MtjaxOpenEnded.TASKS}))
+register_mixture(Mixture("structured", {f"structured_{t}": 1.0 for t in structured.MtjaxStructured.TASKS}))
+register_mixture(Mixture("open_ended", {f"open_ended_{t}": 1.0 for t in open_ended.MtjaxOpenEnded.TASKS}))
 # Granite's decomposition: the seven granular subtasks plus the umbrella task, and the umbrella alone.
-register_mixture(Mixture("fc_granite", {f"fc.{t}": 1.0 for t in function_calling.SUBTASKS + ("umbrella",)}))
-register_mixture(Mixture("fc_umbrella", {"fc.umbrella": 1.0}))
+register_mixture(Mixture("fc_granite", {f"fc_{t}": 1.0 for t in function_calling.SUBTASKS + ("umbrella",)}))
+register_mixture(Mixture("fc_umbrella", {"fc_umbrella": 1.0}))

@@ -1,6 +1,6 @@
 """The training loop. Order of operations each step:
 
-  1. eval       (evaluation issue: per-task eval every eval.every steps)
+  1. eval       (held-out, per task, every eval.every steps and at the end; eval/<task>/*)
   2. checkpoint (every checkpoint.every steps, async; and at the end or on preemption)
   3. next batch (from the prefetching mixture loader; host -> global sharded arrays)
   4. step       (THE compiled step; weights and coefficients are array inputs)
@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -66,9 +65,7 @@ def _say(message: str) -> None:
 def run(config: Config, workdir: str | epath.PathLike, *,
         devices: Sequence[jax.Device] | None = None, resume_from: int | None = None) -> RunResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint (or `resume_from`)."""
-  workdir = epath.Path(workdir)
-  if "://" not in str(workdir):  # Orbax wants absolute local paths; gs:// etc. pass through
-    workdir = epath.Path(os.path.abspath(workdir))
+  workdir = rundir.resolve(workdir)
   devices = list(devices) if devices is not None else jax.devices()
   mesh = make_mesh(config.mesh, devices)
   check_divisibility(config, mesh)
@@ -128,6 +125,18 @@ def run(config: Config, workdir: str | epath.PathLike, *,
     checkpointer.save(at_step, state, loader.state, config, run_facts, metrics)
     save_block_s.append(time.perf_counter() - t0)
 
+  evaluator = None
+
+  def evaluate(at_step: int) -> None:
+    nonlocal evaluator
+    if evaluator is None:
+      from mtjax.eval.evaluate import Evaluator
+      evaluator = Evaluator(config, graphdef, spec, mesh, tokenizer)
+    row = evaluator(state.params, at_step)
+    writer.write(row)
+    history.append(row)
+    last_row.update(row)  # eval metrics can pick the best checkpoint
+
   bar = tqdm(total=total, initial=start, disable=not (config.train.progress and is_writer),
              dynamic_ncols=True, desc="train")
   window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
@@ -135,6 +144,8 @@ def run(config: Config, workdir: str | epath.PathLike, *,
   try:
     with jax.set_mesh(mesh), PreemptionGuard() as guard:
       for step in range(start, total):
+        if config.eval.every and step % config.eval.every == 0 and (step > start or step == 0):
+          evaluate(step)
         if checkpointer.should_save(step) and step > start:
           save(step)
         host_batch = next(loader)
@@ -165,7 +176,7 @@ def run(config: Config, workdir: str | epath.PathLike, *,
             save_block_s.clear()
           writer.write(row)
           history.append(row)
-          last_row = row
+          last_row.update(row)
           bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
           window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
           if int(host["consecutive_skips"]) >= config.train.max_consecutive_skips:
@@ -182,6 +193,8 @@ def run(config: Config, workdir: str | epath.PathLike, *,
                "again to resume")
           break
       else:
+        if config.eval.every and total > start:
+          evaluate(total)
         if checkpointer.latest_step() != total:
           save(total)
   finally:

@@ -18,6 +18,12 @@ _PACKAGES = ("mtjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "gra
              "tensorflow-datasets", "ml-collections", "numpy")
 
 
+def resolve(workdir) -> epath.Path:
+  """Local paths become absolute (Orbax needs them); gs:// and other URLs pass through."""
+  workdir = epath.Path(workdir)
+  return workdir if "://" in str(workdir) else epath.Path(os.path.abspath(workdir))
+
+
 def environment(devices) -> dict:
   versions = {}
   for name in _PACKAGES:

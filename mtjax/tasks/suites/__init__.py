@@ -2,8 +2,8 @@
 
 Each suite is one `GeneratorBasedBuilder` with a BuilderConfig per task; records are
 {instruction, input, target} strings. Content is fixed by the builder's version and seed, so a
-suite built on two machines is identical. Tasks register as "<suite>.<task>" (e.g.
-"structured.copy"), read through `tfds.data_source` (random access, no TensorFlow).
+suite built on two machines is identical. Tasks register as "<suite>_<task>" (e.g.
+"structured_copy"; no dots: ml_collections keys cannot hold them), read through `tfds.data_source` (random access, no TensorFlow).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class SuiteBuilder(tfds.core.GeneratorBasedBuilder):
 def register_suite(builder_cls: type[SuiteBuilder], scorers: Mapping[str, Callable[[Example, str], bool]],
                    open_ended: bool = False) -> None:
   for task in builder_cls.TASKS:
-    name = f"{builder_cls.SUITE}.{task}"
+    name = f"{builder_cls.SUITE}_{task}"
     tfds_name = f"{builder_cls.name}/{task}"
     source = TfdsSource(tfds_name, lambda data_dir, t=task: builder_cls(config=t, data_dir=data_dir,
                                                                           file_format="array_record"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from mtjax.tasks import Example
