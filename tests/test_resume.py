@@ -170,3 +170,15 @@ def test_safe_change_on_resume_is_reported(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "resumed from step 2" in err and "train.log_every 1 -> 3" in err, err
   assert int(result.state.step) == 3
+
+
+def test_lr_schedule_length_is_fixed_at_first_start(tmp_path):
+  cfg = tiny_config(**{"train.steps": 4, "optimizer.warmup_steps": 1, "optimizer.lr": 0.01,
+                       "optimizer.min_lr_ratio": 0.1})
+  first = train.run(cfg, tmp_path)
+  longer = train.run(cfg.replace(**{"train.steps": 7}), tmp_path)
+  from mtjax.train import optimizer
+  schedule = optimizer.lr_schedule(cfg.optimizer, 4)  # the length of the FIRST start
+  lrs = [r["train/lr"] for r in first.history + longer.history]
+  np.testing.assert_allclose(lrs, [float(schedule(s)) for s in range(7)], rtol=1e-6)
+  assert lrs[-1] == pytest.approx(0.001)  # stays at the end value: the schedule was not stretched
