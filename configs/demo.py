@@ -46,3 +46,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: tiny)")
   return c
+
+
+def get_sweep(variant: str = "") -> list[dict]:
+  """`mtjax sweep --config configs/demo.py --workdir runs/demo_sweep`: grammar's sampling weight
+  1 vs 3, two seeds each (results.md: mean ± std over seeds)."""
+  del variant
+  return [{"seed": seed, "data.mixture.grammar": weight} for weight in (1.0, 3.0) for seed in (0, 1)]

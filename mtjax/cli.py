@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--workdir", required=True)
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   ev.add_argument("--tasks", default="", help="comma-separated subset of the run's tasks")
+  sw = sub.add_parser("sweep", help="run a config's get_sweep() variants one after another")
+  sw.add_argument("--config", required=True, help="path/to/config.py[:variant] with get_sweep()")
+  sw.add_argument("--workdir", required=True, help="one subdirectory per variant goes here")
+  sw.add_argument("--print", dest="print_only", action="store_true",
+                  help="print one launch command per variant instead of running them")
   data = sub.add_parser("data", help="inspect the data pipeline").add_subparsers(
       dest="data_command", required=True, parser_class=_Parser)
   prev = data.add_parser("preview", help="task shares, packing and decoded examples per step range")
@@ -86,6 +91,18 @@ def evaluate(args: argparse.Namespace) -> int:
   return EXIT_OK
 
 
+def sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from mtjax.experiments import sweep as sweep_lib
+
+  if args.print_only:
+    print("\n".join(sweep_lib.launch_commands(args.config, args.workdir, overrides)))
+    return EXIT_OK
+  result = sweep_lib.run_sweep(args.config, args.workdir, overrides)
+  print(f"sweep: ran {len(result['ran'])}, skipped {len(result['skipped'])} already complete; "
+        f"results {result['table']} and results.md")
+  return EXIT_OK
+
+
 def data_preview(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import config as config_lib
   from mtjax.data.preview import preview
@@ -104,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(flags)
     if args.command == "train":
       return train(args, overrides)
+    if args.command == "sweep":
+      return sweep(args, overrides)
     if args.command == "eval":
       return evaluate(args)
     if args.command == "data" and args.data_command == "preview":

@@ -434,8 +434,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
       raise BadInputError(key, f"expected {expected}, got {text!r} ({e})") from None
 
 
-def load_raw(path: str) -> ml_collections.ConfigDict:
-  """Imports `path[:arg]` and returns `get_config(arg)` as a ConfigDict."""
+def import_config_module(path: str) -> tuple[types.ModuleType, str]:
+  """Imports the file of `path[:arg]`; returns (module, arg)."""
   file, _, arg = str(path).partition(":")
   file_path = pathlib.Path(file)
   if not file_path.is_file():
@@ -446,6 +446,13 @@ def load_raw(path: str) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
   except Exception as e:  # a user's file: report, do not dump a traceback
     raise BadInputError(file, f"could not import config file ({type(e).__name__}: {e})") from None
+  return module, arg
+
+
+def load_raw(path: str) -> ml_collections.ConfigDict:
+  """Imports `path[:arg]` and returns `get_config(arg)` as a ConfigDict."""
+  module, arg = import_config_module(path)
+  file = str(path).partition(":")[0]
   if not hasattr(module, "get_config"):
     raise BadInputError(file, "expected a function get_config()")
   try:

@@ -1,0 +1,1 @@
+"""Studies built on the trainer: sweeps, transfer metrics, (later) efficiency and order studies."""

@@ -1,0 +1,39 @@
+"""Transfer metrics against a hand-computed accuracy matrix."""
+
+import numpy as np
+import pytest
+
+from mtjax.experiments import transfer
+
+# Rows: after stage 0, 1, 2; columns: tasks 0, 1, 2.
+R = np.array([[0.8, 0.3, 0.1],
+              [0.6, 0.9, 0.2],
+              [0.5, 0.7, 0.95]])
+BASE = [0.1, 0.1, 0.1]
+
+
+def test_metrics_by_hand():
+  m = transfer.metrics(R, BASE)
+  assert m["acc"] == pytest.approx((0.5 + 0.7 + 0.95) / 3)
+  assert m["bwt"] == pytest.approx(((0.5 - 0.8) + (0.7 - 0.9)) / 2)  # -0.25
+  assert m["fwt"] == pytest.approx(((0.3 - 0.1) + (0.2 - 0.1)) / 2)  # 0.15
+  assert m["forgetting"] == pytest.approx(((0.8 - 0.5) + (0.9 - 0.7)) / 2)  # 0.25
+
+
+def test_normalize_per_task():
+  n = transfer.normalize(R, [0.8, 0.9, 1.0])
+  assert n[0, 0] == pytest.approx(1.0) and n[1, 1] == pytest.approx(1.0)
+  assert n[2, 0] == pytest.approx(0.5 / 0.8)
+  with pytest.raises(ValueError):
+    transfer.normalize(R, [0.0, 1.0, 1.0])
+
+
+def test_greedy_order_by_hand():
+  M = np.array([[1.0, 0.2, 0.9, 0.1],   # training 0 helps 2
+                [0.5, 1.0, 0.6, 0.7],   # training 1 helps everyone a bit: mean(0.5,0.6,0.7)=0.6
+                [0.1, 0.3, 1.0, 0.2],
+                [0.9, 0.1, 0.1, 1.0]])
+  # Step 1 means over the other three: 0: (0.2+0.9+0.1)/3=0.4, 1: 0.6, 2: 0.2, 3: 0.367 -> 1.
+  # Step 2 among {0,2,3}: 0: (0.9+0.1)/2=0.5, 2: (0.1+0.2)/2=0.15, 3: (0.9+0.1)/2=0.5 -> tie -> 0.
+  # Step 3 among {2,3}: 2: 0.2, 3: 0.1 -> 2; then 3.
+  assert transfer.greedy_order(M) == [1, 0, 2, 3]
