@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
   sw.add_argument("--workdir", required=True, help="one subdirectory per variant goes here")
   sw.add_argument("--print", dest="print_only", action="store_true",
                   help="print one launch command per variant instead of running them")
+  exp = sub.add_parser("experiment", help="run a study").add_subparsers(
+      dest="study", required=True, parser_class=_Parser)
+  eff = exp.add_parser("efficiency", help="multi-task vs task-specific at equal compute")
+  eff.add_argument("--config", required=True)
+  eff.add_argument("--workdir", required=True)
+  rep = sub.add_parser("report", help="rebuild a study's report.md and plots from its metrics")
+  rep.add_argument("workdir")
   data = sub.add_parser("data", help="inspect the data pipeline").add_subparsers(
       dest="data_command", required=True, parser_class=_Parser)
   prev = data.add_parser("preview", help="task shares, packing and decoded examples per step range")
@@ -103,6 +110,27 @@ def sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return EXIT_OK
 
 
+def experiment(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from mtjax import config as config_lib
+  from mtjax.experiments import efficiency
+
+  config = config_lib.load(args.config, overrides)
+  st = config.study
+  summary = efficiency.run(config, args.workdir, steps_per_task=st.steps_per_task, seeds=st.seeds,
+                           eval_every=st.eval_every, target=st.target, metric=st.metric)
+  report_path = f"{args.workdir}/report.md"
+  with open(report_path) as f:
+    print(f.read())
+  print(f"verdict: {summary['verdict']}; report and plots: {report_path}")
+  return EXIT_OK
+
+
+def report(args: argparse.Namespace) -> int:
+  from mtjax.experiments import report as report_lib
+  print(f"rebuilt {report_lib.rebuild(args.workdir)}")
+  return EXIT_OK
+
+
 def data_preview(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import config as config_lib
   from mtjax.data.preview import preview
@@ -121,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(flags)
     if args.command == "train":
       return train(args, overrides)
+    if args.command == "experiment":
+      return experiment(args, overrides)
+    if args.command == "report":
+      return report(args)
     if args.command == "sweep":
       return sweep(args, overrides)
     if args.command == "eval":

@@ -128,6 +128,17 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """Settings of `mtjax experiment ...` studies."""
+
+  steps_per_task: int = 100  # efficiency: each single-task run; the joint run gets K times this
+  seeds: tuple[int, ...] = (0, 1, 2)
+  eval_every: int = 25
+  target: float = 0.5  # the score each task must reach (eval metric below)
+  metric: str = "accuracy"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int = 0
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -137,6 +148,7 @@ class Config:
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
 
   @property
   def num_tasks(self) -> int:

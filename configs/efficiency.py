@@ -1,0 +1,43 @@
+"""Efficiency study: the structured + open-ended suites, single-task vs multi-task at equal compute.
+
+  mtjax experiment efficiency --config configs/efficiency.py --workdir runs/efficiency
+  mtjax experiment efficiency --config configs/efficiency.py:tiny --workdir /tmp/eff   # tests
+  mtjax report runs/efficiency                                                          # rebuild
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+TASKS = ("structured_copy", "structured_reverse", "structured_sort", "structured_addition",
+         "structured_modular", "open_ended_grammar", "open_ended_sum_pair", "open_ended_template")
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("demo", pathlib.Path(__file__).with_name("demo.py"))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  c = demo.get_config()
+  c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=256)
+  c.data.tasks = TASKS
+  c.data.mixture = {t: 1.0 for t in TASKS}
+  c.data.update(batch_size=16, seq_len=64)
+  c.train.loss_weights = {}
+  c.train.entropy_coefs = {}
+  c.train.log_every = 25
+  c.optimizer.update(lr=3e-3, warmup_steps=20)
+  c.eval.update(num_examples=32, num_generate=16, num_samples=0, max_new_tokens=16, batch_size=16)
+  c.study = ml_collections.ConfigDict(dict(steps_per_task=150, seeds=(0, 1, 2), eval_every=50,
+                                           target=0.5, metric="accuracy"))
+  if variant == "tiny":
+    c.data.tasks = TASKS[:2]
+    c.data.mixture = {t: 1.0 for t in TASKS[:2]}
+    c.model.update(d_model=32, mlp_dim=64)
+    c.data.update(batch_size=8)
+    c.train.log_every = 2
+    c.eval.update(num_examples=8, num_generate=4, max_new_tokens=8)
+    c.study.update(steps_per_task=4, seeds=(0, 1), eval_every=2, target=0.0)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} (known: tiny)")
+  return c
