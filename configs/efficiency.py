@@ -27,9 +27,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.train.entropy_coefs = {}
   c.train.log_every = 25
   c.optimizer.update(lr=3e-3, warmup_steps=20)
-  c.eval.update(num_examples=32, num_generate=16, num_samples=0, max_new_tokens=16, batch_size=16)
-  c.study = ml_collections.ConfigDict(dict(steps_per_task=150, seeds=(0, 1, 2), eval_every=50,
-                                           target=0.5, metric="accuracy"))
+  # Teacher-forced held-out token accuracy: a smooth score every task moves on in minutes of CPU.
+  c.eval.update(num_examples=32, num_generate=0, num_samples=0, max_new_tokens=16, batch_size=16)
+  c.study = ml_collections.ConfigDict(dict(
+      steps_per_task=150, seeds=(0, 1, 2), eval_every=25, target=0.8, metric="token_accuracy",
+      targets={"structured_addition": 0.6, "structured_modular": 0.4}))
   if variant == "tiny":
     c.data.tasks = TASKS[:2]
     c.data.mixture = {t: 1.0 for t in TASKS[:2]}
@@ -37,7 +39,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.update(batch_size=8)
     c.train.log_every = 2
     c.eval.update(num_examples=8, num_generate=4, max_new_tokens=8)
-    c.study.update(steps_per_task=4, seeds=(0, 1), eval_every=2, target=0.0)
+    c.study.update(steps_per_task=4, seeds=(0, 1), eval_every=2, target=0.0, targets={})
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: tiny)")
   return c

@@ -117,7 +117,8 @@ def experiment(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   config = config_lib.load(args.config, overrides)
   st = config.study
   summary = efficiency.run(config, args.workdir, steps_per_task=st.steps_per_task, seeds=st.seeds,
-                           eval_every=st.eval_every, target=st.target, metric=st.metric)
+                           eval_every=st.eval_every, target=st.target, metric=st.metric,
+                           targets=dict(st.targets))
   report_path = f"{args.workdir}/report.md"
   with open(report_path) as f:
     print(f.read())

@@ -134,7 +134,8 @@ class StudyConfig:
   steps_per_task: int = 100  # efficiency: each single-task run; the joint run gets K times this
   seeds: tuple[int, ...] = (0, 1, 2)
   eval_every: int = 25
-  target: float = 0.5  # the score each task must reach (eval metric below)
+  target: float = 0.5  # the score each task must reach (eval metric below) ...
+  targets: Mapping[str, float] = dataclasses.field(default_factory=dict)  # ... or per task
   metric: str = "accuracy"
 
 

@@ -80,7 +80,8 @@ def verdict(ratios: Sequence[float]) -> str:
 
 
 def run(base: Config, workdir: str, *, steps_per_task: int, seeds: Sequence[int], eval_every: int,
-        target: float, metric: str = "accuracy", train_fn=None) -> dict[str, Any]:
+        target: float, metric: str = "accuracy", targets: dict[str, float] | None = None,
+        train_fn=None) -> dict[str, Any]:
   """Trains both arms for every seed (skipping finished runs), writes summary.json and report.md."""
   from mtjax import train
   from mtjax.experiments import report
@@ -89,9 +90,11 @@ def run(base: Config, workdir: str, *, steps_per_task: int, seeds: Sequence[int]
   root.mkdir(parents=True, exist_ok=True)
   (root / "study.json").write_text(json.dumps({
       "study": "efficiency", "config": base.to_dict(), "steps_per_task": steps_per_task,
-      "seeds": list(seeds), "eval_every": eval_every, "target": target, "metric": metric},
+      "seeds": list(seeds), "eval_every": eval_every, "target": target, "metric": metric,
+      "targets": dict(targets or {})},
       indent=2) + "\n")
   tasks = list(base.data.tasks)
+  goal = {t: float((targets or {}).get(t, target)) for t in tasks}
   per_seed = []
   for seed in seeds:
     arms = {f"single_{t}": arm_config(base, [t], steps_per_task, seed, eval_every) for t in tasks}
@@ -105,8 +108,8 @@ def run(base: Config, workdir: str, *, steps_per_task: int, seeds: Sequence[int]
     tps = tokens_per_step(base)
     single_curves = {t: curves(root / f"seed{seed}" / f"single_{t}", metric)[t] for t in tasks}
     multi_curves = curves(root / f"seed{seed}" / "multi", metric)
-    single_steps = {t: first_reach(single_curves[t], target) for t in tasks}
-    multi_steps = {t: first_reach(multi_curves[t], target) for t in tasks}
+    single_steps = {t: first_reach(single_curves[t], goal[t]) for t in tasks}
+    multi_steps = {t: first_reach(multi_curves[t], goal[t]) for t in tasks}
     all_reached = None if any(s is None for s in multi_steps.values()) else max(multi_steps.values())
     per_seed.append({
         "seed": seed,
@@ -120,7 +123,7 @@ def run(base: Config, workdir: str, *, steps_per_task: int, seeds: Sequence[int]
         "multi_curves": {t: [(s * tps, v) for s, v in c] for t, c in multi_curves.items()},
     })
   summary = {
-      "tasks": tasks, "seeds": list(seeds), "metric": metric, "target": target,
+      "tasks": tasks, "seeds": list(seeds), "metric": metric, "target": target, "targets": goal,
       "steps_per_task": steps_per_task, "tokens_per_step": tokens_per_step(base),
       "per_seed": per_seed, "ratios": [s["ratio"] for s in per_seed],
       "verdict": verdict([math.nan if s["ratio"] is None else s["ratio"] for s in per_seed]),

@@ -78,7 +78,7 @@ def _plot_efficiency(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
           xs, ys = zip(*pts)
           ax.plot(xs, ys, style, color="C0" if arm == "single" else "C1", alpha=0.8,
                   label=arm if run is summary["per_seed"][0] else None)
-    ax.axhline(summary["target"], color="gray", linewidth=0.8)
+    ax.axhline(summary["targets"][task], color="gray", linewidth=0.8)
     ax.set_title(task, fontsize=9)
     ax.set_xlabel("tokens")
     ax.set_ylabel(summary["metric"])
@@ -112,5 +112,5 @@ def rebuild(workdir: str) -> epath.Path:
   efficiency.run(config_lib.from_dict(study["config"]), str(root),
                  steps_per_task=study["steps_per_task"], seeds=study["seeds"],
                  eval_every=study["eval_every"], target=study["target"], metric=study["metric"],
-                 train_fn=no_training)
+                 targets=study.get("targets"), train_fn=no_training)
   return root / "report.md"
