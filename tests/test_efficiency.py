@@ -30,7 +30,7 @@ def test_tiny_study_runs_and_report_rebuilds(tmp_path, capsys):
   out = tmp_path / "eff"
   assert cli.main(["experiment", "efficiency", "--config", f"{CONFIG}:tiny", "--workdir", str(out)]) == 0
   printed = capsys.readouterr().out
-  assert "verdict: inconclusive" in printed and "| task | single: tokens to target |" in printed
+  assert "verdict: inconclusive" in printed and "| task | target | single: tokens to target |" in printed
   summary = json.loads((out / "summary.json").read_text())
   assert summary["seeds"] == [0, 1] and len(summary["per_seed"]) == 2
   tps = summary["tokens_per_step"]
