@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
   train.add_argument("--resume_from", type=int, default=None, metavar="STEP",
                      help="resume from this checkpoint; later ones are moved aside, not deleted")
+  train.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process)")
+  train.add_argument("--num_processes", type=int, default=None)
+  train.add_argument("--process_id", type=int, default=None)
   ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the held-out splits")
   ev.add_argument("--workdir", required=True)
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -66,7 +69,10 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import config as config_lib
   from mtjax import train as train_lib
 
+  from mtjax.parallel import distributed
+
   config = config_lib.load(args.config, overrides)
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   try:
     result = train_lib.run(config, args.workdir, resume_from=args.resume_from)
   except train_lib.TrainingDiverged as e:
@@ -74,6 +80,9 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return EXIT_FAILURE
   if result.preempted:
     return EXIT_PREEMPTED
+  import jax
+  if jax.process_index() != 0:  # process 0 reports for everyone
+    return EXIT_OK
   plots = ", ".join(str(p) for p in result.plots)
   step = int(result.state.step)
   train_rows = [r for r in result.history if "train/loss" in r]
