@@ -49,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
   eff.add_argument("--workdir", required=True)
   rep = sub.add_parser("report", help="rebuild a study's report.md and plots from its metrics")
   rep.add_argument("workdir")
+  js = sub.add_parser("jobset", help="render a Kubernetes JobSet that runs mtjax train on GKE",
+                      epilog="Arguments after -- are passed to `mtjax train`.")
+  js.add_argument("--name", required=True)
+  js.add_argument("--image", required=True)
+  js.add_argument("--accelerator", required=True, help="e.g. tpu-v5-lite-podslice, nvidia-h100-80gb")
+  js.add_argument("--topology", default="", help="TPU topology, e.g. 4x4")
+  js.add_argument("--hosts", type=int, required=True)
+  js.add_argument("--chips_per_host", type=int, required=True)
   data = sub.add_parser("data", help="inspect the data pipeline").add_subparsers(
       dest="data_command", required=True, parser_class=_Parser)
   prev = data.add_parser("preview", help="task shares, packing and decoded examples per step range")
@@ -141,6 +149,15 @@ def report(args: argparse.Namespace) -> int:
   return EXIT_OK
 
 
+def jobset(args: argparse.Namespace, train_args: Sequence[str]) -> int:
+  from mtjax import jobset as jobset_lib
+
+  print(jobset_lib.to_yaml(jobset_lib.render(
+      name=args.name, image=args.image, accelerator=args.accelerator, topology=args.topology,
+      hosts=args.hosts, chips_per_host=args.chips_per_host, train_args=train_args)), end="")
+  return EXIT_OK
+
+
 def data_preview(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import config as config_lib
   from mtjax.data.preview import preview
@@ -155,8 +172,14 @@ def data_preview(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
+    passthrough = []
+    if "--" in argv:  # `mtjax jobset ... -- <mtjax train args>`
+      cut = argv.index("--")
+      argv, passthrough = argv[:cut], argv[cut + 1:]
     flags, overrides = _split_overrides(argv)
     args = _parser().parse_args(flags)
+    if args.command == "jobset":
+      return jobset(args, [*passthrough, *overrides])
     if args.command == "train":
       return train(args, overrides)
     if args.command == "experiment":
