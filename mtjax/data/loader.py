@@ -49,6 +49,27 @@ class HostBatch:
   packing_efficiency: float  # non-pad fraction of the GLOBAL batch
 
 
+def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+  """An all-padding batch of the contract's arrays."""
+  out = {k: np.zeros((rows, seq_len), np.int32) for k in BATCH_KEYS}
+  out["loss_mask"] = np.zeros((rows, seq_len), np.float32)
+  out["task_ids"].fill(PAD_TASK_ID)
+  return out
+
+
+def place(out: dict[str, np.ndarray], row: int, start: int, n: int, example: dict, task: int,
+          segment: int) -> None:
+  """Writes the first n (input, target) pairs of a tokenized example at out[row, start:]."""
+  ids, sl = example["tokens"], slice(start, start + n)
+  out["inputs"][row, sl] = ids[:n]
+  out["targets"][row, sl] = ids[1 : n + 1]
+  # Pair t predicts ids[t + 1]: in the loss when that token belongs to the target.
+  out["loss_mask"][row, sl] = np.arange(1, n + 1) >= example["target_start"]
+  out["segment_ids"][row, sl] = segment
+  out["positions"][row, sl] = np.arange(n)
+  out["task_ids"][row, sl] = task
+
+
 def pack(tokens: Sequence[grain.MapDataset], lengths: Sequence[grain.MapDataset], sampler: Sampler,
          cursors: list[int], rates: np.ndarray, batch_size: int, seq_len: int,
          rows: slice = slice(None)) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
@@ -61,10 +82,7 @@ def pack(tokens: Sequence[grain.MapDataset], lengths: Sequence[grain.MapDataset]
   truncated (and counted).
   """
   first, stop, _ = rows.indices(batch_size)
-  shape = (stop - first, seq_len)
-  out = {k: np.zeros(shape, np.int32) for k in BATCH_KEYS}
-  out["loss_mask"] = np.zeros(shape, np.float32)
-  out["task_ids"].fill(PAD_TASK_ID)
+  out = empty_batch(stop - first, seq_len)
   truncated = np.zeros(len(tokens), np.int64)
   row, fill, segment, used = 0, 0, 0, 0
   pending = None
@@ -81,15 +99,7 @@ def pack(tokens: Sequence[grain.MapDataset], lengths: Sequence[grain.MapDataset]
     truncated[task] += length - 1 > seq_len
     segment += 1
     if first <= row < stop:
-      example = tokens[task][cursors[task]]
-      ids, r, sl = example["tokens"], row - first, slice(fill, fill + n)
-      out["inputs"][r, sl] = ids[:n]
-      out["targets"][r, sl] = ids[1 : n + 1]
-      # Pair t predicts ids[t + 1]: in the loss when that token belongs to the target.
-      out["loss_mask"][r, sl] = np.arange(1, n + 1) >= example["target_start"]
-      out["segment_ids"][r, sl] = segment
-      out["positions"][r, sl] = np.arange(n)
-      out["task_ids"][r, sl] = task
+      place(out, row - first, fill, n, tokens[task][cursors[task]], task, segment)
     cursors[task] += 1
     fill += n
     used += n

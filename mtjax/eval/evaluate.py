@@ -21,7 +21,7 @@ from flax import nnx
 
 from mtjax import tasks as task_registry
 from mtjax.config import Config
-from mtjax.data.loader import BATCH_KEYS, PAD_TASK_ID
+from mtjax.data.loader import empty_batch, place
 from mtjax.data.pipeline import Tokenize
 from mtjax.eval import scorers
 from mtjax.eval.decode import Generator
@@ -33,34 +33,19 @@ from mtjax.train.step import BATCH_AXES, CompileCounter
 
 def pack_in_order(examples: Sequence[dict], batch_size: int, seq_len: int) -> list[dict[str, np.ndarray]]:
   """Packs tokenized examples in order, each once, into fixed [batch_size, seq_len] batches."""
-  batches, current, row, fill, segment = [], None, 0, 0, 0
-
-  def new_batch():
-    out = {k: np.zeros((batch_size, seq_len), np.int32) for k in BATCH_KEYS}
-    out["loss_mask"] = np.zeros((batch_size, seq_len), np.float32)
-    out["task_ids"].fill(PAD_TASK_ID)
-    return out
-
+  batches, row, fill, segment = [], 0, 0, 0
   for ex in examples:
     n = min(len(ex["tokens"]) - 1, seq_len)
-    if current is None:
-      current = new_batch()
+    if not batches:
+      batches.append(empty_batch(batch_size, seq_len))
     if fill + n > seq_len:
       row, fill, segment = row + 1, 0, 0
       if row == batch_size:
-        batches.append(current)
-        current, row = new_batch(), 0
-    sl = slice(fill, fill + n)
+        batches.append(empty_batch(batch_size, seq_len))
+        row = 0
     segment += 1
-    current["inputs"][row, sl] = ex["tokens"][:n]
-    current["targets"][row, sl] = ex["tokens"][1 : n + 1]
-    current["loss_mask"][row, sl] = np.arange(1, n + 1) >= ex["target_start"]
-    current["segment_ids"][row, sl] = segment
-    current["positions"][row, sl] = np.arange(n)
-    current["task_ids"][row, sl] = ex["task_id"]
+    place(batches[-1], row, fill, n, ex, ex["task_id"], segment)
     fill += n
-  if current is not None:
-    batches.append(current)
   return batches
 
 
