@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process)")
   train.add_argument("--num_processes", type=int, default=None)
   train.add_argument("--process_id", type=int, default=None)
+  train.add_argument("--profile", default=None, metavar="START:STOP",
+                     help="write a JAX profiler trace of steps [START, STOP) to WORKDIR/profile")
   ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the held-out splits")
   ev.add_argument("--workdir", required=True)
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -47,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
   eff = exp.add_parser("efficiency", help="multi-task vs task-specific at equal compute")
   eff.add_argument("--config", required=True)
   eff.add_argument("--workdir", required=True)
+  bench = sub.add_parser("bench", help="step overhead, loader headroom, compiles, MFU (JSON)")
+  bench.add_argument("--out", required=True, help="where to write the JSON")
+  bench.add_argument("--config", default="configs/bench.py", help="model and batch to time")
+  bench.add_argument("--rounds", type=int, default=5, help="interleaved trainer/bare rounds")
+  bench.add_argument("--steps", type=int, default=10, help="timed steps per round and arm")
+  bench.add_argument("--loader_seconds", type=float, default=2.0)
+  bench.add_argument("--torch_steps", type=int, default=5, help="PyTorch arm steps (0: skip)")
   rep = sub.add_parser("report", help="rebuild a study's report.md and plots from its metrics")
   rep.add_argument("workdir")
   js = sub.add_parser("jobset", help="render a Kubernetes JobSet that runs mtjax train on GKE",
@@ -80,9 +89,10 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax.parallel import distributed
 
   config = config_lib.load(args.config, overrides)
+  profile = _profile_range(args.profile)
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   try:
-    result = train_lib.run(config, args.workdir, resume_from=args.resume_from)
+    result = train_lib.run(config, args.workdir, resume_from=args.resume_from, profile=profile)
   except train_lib.TrainingDiverged as e:
     print(f"failed: {e}", file=sys.stderr)
     return EXIT_FAILURE
@@ -101,6 +111,33 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     print(f"nothing to do: {result.workdir} is already at step {step} (train.steps={step}); "
           "raise --config.train.steps to continue")
   print(f"plots: {plots}")
+  return EXIT_OK
+
+
+def _profile_range(text: str | None) -> tuple[int, int] | None:
+  if text is None:
+    return None
+  try:
+    start, stop = (int(x) for x in text.split(":"))
+  except ValueError:
+    start = stop = -1
+  if not 0 <= start < stop:
+    raise BadInputError("--profile", f"expected START:STOP with 0 <= START < STOP, got {text!r}")
+  return start, stop
+
+
+def bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from mtjax import bench as bench_lib
+  from mtjax import config as config_lib
+
+  if args.rounds <= 0 or args.steps <= 0:
+    raise BadInputError("--rounds", "expected positive --rounds and --steps")
+  config = config_lib.load(args.config, overrides)
+  result = bench_lib.run(config, rounds=args.rounds, steps=args.steps,
+                         loader_seconds=args.loader_seconds, torch_steps=args.torch_steps)
+  bench_lib.write(result, args.out)
+  print(bench_lib.table(result))
+  print(f"wrote {args.out}")
   return EXIT_OK
 
 
@@ -184,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return train(args, overrides)
     if args.command == "experiment":
       return experiment(args, overrides)
+    if args.command == "bench":
+      return bench(args, overrides)
     if args.command == "report":
       return report(args)
     if args.command == "sweep":

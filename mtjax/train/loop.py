@@ -63,8 +63,12 @@ def _say(message: str) -> None:
 
 
 def run(config: Config, workdir: str | epath.PathLike, *,
-        devices: Sequence[jax.Device] | None = None, resume_from: int | None = None) -> RunResult:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint (or `resume_from`)."""
+        devices: Sequence[jax.Device] | None = None, resume_from: int | None = None,
+        profile: tuple[int, int] | None = None) -> RunResult:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint (or `resume_from`).
+
+  profile=(start, stop): a JAX profiler trace of steps [start, stop) in workdir/profile.
+  """
   workdir = rundir.resolve(workdir)
   devices = list(devices) if devices is not None else jax.devices()
   mesh = make_mesh(config.mesh, devices)
@@ -141,6 +145,7 @@ def run(config: Config, workdir: str | epath.PathLike, *,
              dynamic_ncols=True, desc="train")
   window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
   preempted = False
+  profiling = False
   try:
     with jax.set_mesh(mesh), PreemptionGuard() as guard:
       for step in range(start, total):
@@ -148,6 +153,9 @@ def run(config: Config, workdir: str | epath.PathLike, *,
           evaluate(step)
         if checkpointer.should_save(step) and step > start:
           save(step)
+        if profile and step == profile[0]:
+          jax.profiler.start_trace(str(workdir / "profile"))
+          profiling = True
         host_batch = next(loader)
         batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                  for k, v in host_batch.arrays.items()}
@@ -159,6 +167,11 @@ def run(config: Config, workdir: str | epath.PathLike, *,
         window_steps += 1
         bar.update(1)
         done = step + 1
+        if profiling and (done == profile[1] or done == total):
+          jax.block_until_ready(metrics)
+          jax.profiler.stop_trace()
+          profiling = False
+          _say(f"profile of steps {profile[0]}..{done - 1}: {workdir / 'profile'}")
         if done % config.train.log_every == 0 or done == total:
           host = jax.device_get(metrics)  # the one sync per log interval
           elapsed = time.perf_counter() - window_start
@@ -198,6 +211,8 @@ def run(config: Config, workdir: str | epath.PathLike, *,
         if checkpointer.latest_step() != total:
           save(total)
   finally:
+    if profiling:
+      jax.profiler.stop_trace()
     bar.close()
     loader.close()
     writer.close()

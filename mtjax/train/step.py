@@ -187,6 +187,7 @@ class CompileCounter:
 
   def __init__(self):
     self.count = 0
+    self.seconds = 0.0  # backend compile time of those compilations
     if not CompileCounter._registered:
       jax.monitoring.register_event_duration_secs_listener(CompileCounter._on_event)
       CompileCounter._registered = True
@@ -196,6 +197,7 @@ class CompileCounter:
     active = getattr(CompileCounter._local, "active", None)
     if active is not None and event == "/jax/core/compile/backend_compile_duration":
       active.count += 1
+      active.seconds += duration
 
   def __enter__(self):
     CompileCounter._local.active = self

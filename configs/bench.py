@@ -1,0 +1,28 @@
+"""The throughput benchmark's model and batch (`mtjax bench`).
+
+  mtjax bench --config configs/bench.py --out bench/results/bench.json          # CPU: the demo model
+  mtjax bench --config configs/bench.py:gpu --out bench/results/bench_gpu.json  # one GPU, bf16
+  mtjax bench --config configs/bench.py:tiny --out /tmp/bench.json              # seconds; tests
+"""
+
+import importlib.util
+import pathlib
+
+
+def get_config(variant: str = ""):
+  spec = importlib.util.spec_from_file_location("demo", pathlib.Path(__file__).with_name("demo.py"))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  c = demo.get_config()
+  c.eval.update(num_examples=32, batch_size=16)
+  if variant == "gpu":  # ~150M parameters, bf16, 64 x 1024 tokens per step: fills an H100/H200
+    c.model.update(d_model=1024, num_layers=12, num_heads=16, num_kv_heads=8, mlp_dim=4096,
+                   attention="reference")
+    c.data.update(batch_size=64, seq_len=1024, prefetch=4)
+  elif variant == "tiny":
+    c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+    c.data.update(batch_size=8, seq_len=64)
+    c.eval.update(num_examples=8, batch_size=8)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} (known: gpu, tiny)")
+  return c

@@ -1,0 +1,280 @@
+"""`mtjax bench --out FILE`: the trainer's speed, as ratios measured side by side in one run.
+
+- step_overhead: the trainer's steady-state step time (the real `mtjax.train.run` loop: Grain
+  mixture loader, host->device transfer, the sharded step, logging) over a bare jitted step of the
+  same model, batch, optimizer and loss terms written with plain JAX + optax on a batch already on
+  the device. Rounds interleave the two arms; the ratio is the median over rounds, with min/max.
+- loader_headroom[n]: batches/s the mixture loader produces with n tasks, times the trainer's
+  step time (= examples produced per example consumed), for n = 1, 4, 64.
+- compile: count and backend compile time of the train step and of the eval step.
+- mfu: model FLOPs per step (6N + attention, per computed token) / step time, over the device's
+  matmul peak measured in the same run.
+- torch_eager_cpu: the same model, batch and loss terms in PyTorch eager on CPU (if installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mtjax.config import Config
+
+
+def register_copies(n: int) -> list[str]:
+  """n tasks: copies of the in-memory synthetic tasks under new names (independent streams)."""
+  from mtjax import tasks
+  base = ["reverse", "addition", "grammar"]
+  names = []
+  for i in range(n):
+    src = tasks.get(base[i % 3])
+    name = f"bench{i}_{src.name}"
+    tasks.register(tasks.Task(name, src.source, src.is_correct), replace=True)
+    names.append(name)
+  return names
+
+
+def with_tasks(cfg: Config, names: Sequence[str]) -> Config:
+  return cfg.replace(**{"data.mixture_name": "", "data.tasks": tuple(names),
+                        "data.mixture": {t: 1.0 for t in names}, "train.loss_weights": {},
+                        "train.entropy_coefs": {t: 0.01 for t in names}, "eval.tasks": ()})
+
+
+# ---------------------------------------------------------------- the bare JAX + optax arm
+
+def make_bare_step(graphdef, tx: optax.GradientTransformation, num_tasks: int, z_loss: float):
+  """The same model, optimizer and loss terms as the trainer, with none of the trainer."""
+
+  def objective(params, batch, w, c):
+    logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    ce = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    onehot = jax.nn.one_hot(batch["task_ids"], num_tasks) * batch["loss_mask"][..., None]
+    count = jnp.maximum(onehot.sum((0, 1)), 1.0)
+    loss_t = jnp.einsum("bl,blt->t", ce, onehot) / count
+    entropy_t = jnp.einsum("bl,blt->t", entropy, onehot) / count
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    z = z_loss * jnp.sum(lse ** 2 * batch["loss_mask"]) / jnp.maximum(batch["loss_mask"].sum(), 1)
+    return jnp.sum(w * loss_t) - jnp.sum(c * entropy_t) + z
+
+  def step(params, opt_state, batch, w, c):
+    loss, grads = jax.value_and_grad(objective)(params, batch, w, c)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+# ---------------------------------------------------------------- pieces
+
+def _trainer_round(cfg: Config, steps: int) -> dict[str, Any]:
+  """One real training run of 2 x steps; the second logging window is the steady state."""
+  from mtjax import train
+  cfg = cfg.replace(**{"train.steps": 2 * steps, "train.log_every": steps, "eval.every": 0,
+                       "checkpoint.every": 0, "train.progress": False})
+  with tempfile.TemporaryDirectory() as workdir:
+    result = train.run(cfg, workdir)
+  rows = [r for r in result.history if "train/loss" in r]
+  return {"step_time_s": rows[-1]["perf/step_time_s"], "compiles": result.compiles}
+
+
+def matmul_peak_flops(dtype: str, n: int, repeats: int = 5) -> float:
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+  b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+def model_flops_per_step(spec, params, batch_size: int, seq_len: int) -> float:
+  """6N per token for the matmuls (forward + backward; the embedding lookup excluded) plus
+  12 * layers * heads * head_dim * seq_len per token for attention scores and values (PaLM)."""
+  n = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if "token_embed" not in names:
+      n += int(np.prod(leaf.shape))
+  per_token = 6 * n + 12 * spec.num_layers * spec.num_heads * spec.head_dim * seq_len
+  return float(per_token * batch_size * seq_len)
+
+
+def loader_batches_per_s(cfg: Config, seconds: float) -> float:
+  from mtjax.data.loader import MixtureLoader
+  loader = MixtureLoader.from_config(cfg, prefetch=0)
+  try:
+    next(loader)  # warm caches
+    batches, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+      next(loader)
+      batches += 1
+    return batches / (time.perf_counter() - t0)
+  finally:
+    loader.close()
+
+
+def eval_compile(cfg: Config, graphdef, spec, mesh, params) -> dict[str, float]:
+  from mtjax.data import tokenizer as tokenizer_lib
+  from mtjax.eval.evaluate import Evaluator
+  cfg = cfg.replace(**{"eval.num_generate": 0, "eval.num_samples": 0})
+  evaluator = Evaluator(cfg, graphdef, spec, mesh, tokenizer_lib.get(cfg.data.tokenizer))
+  evaluator.teacher_forced(params)
+  evaluator.teacher_forced(params)  # a second pass must not compile again
+  return {"count": evaluator.eval_compiles.count, "seconds": evaluator.eval_compiles.seconds}
+
+
+def torch_eager_step_time(spec, batch: dict[str, np.ndarray], num_tasks: int, steps: int) -> float | None:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return None
+  from mtjax import torch_reference
+  return torch_reference.step_time(spec, batch, num_tasks, steps)
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def run(cfg: Config, *, rounds: int = 5, steps: int = 10, loader_seconds: float = 2.0,
+        matmul_n: int | None = None, torch_steps: int = 5, progress=print) -> dict[str, Any]:
+  from mtjax.data import tokenizer as tokenizer_lib
+  from mtjax.data.loader import MixtureLoader
+  from mtjax.model import ModelSpec
+  from mtjax.parallel import sharding as sharding_lib
+  from mtjax.parallel.mesh import make_mesh
+  from mtjax.train import optimizer
+  from mtjax.train import step as step_lib
+
+  devices = jax.devices()
+  cfg = with_tasks(cfg, register_copies(len(cfg.data.tasks)))
+  mesh = make_mesh(cfg.mesh, devices)
+  spec = ModelSpec.from_config(cfg.model, tokenizer_lib.get(cfg.data.tokenizer).vocab_size,
+                               devices[0].platform)
+  T = cfg.num_tasks
+  tx, schedule = optimizer.make_optimizer(cfg.optimizer, 2 * steps)
+
+  # Train-step compile count and time (the real jitted step; lowered and compiled once).
+  graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, cfg.seed)
+  step_fn = step_lib.jit_step(step_lib.make_step_fn(graphdef, tx, schedule, num_tasks=T,
+                                                    z_loss=cfg.model.z_loss), mesh, shardings)
+  loader = MixtureLoader.from_config(cfg, prefetch=0)
+  host_batch = next(loader).arrays
+  loader.close()
+  batch_sharding = sharding_lib.named(mesh, step_lib.BATCH_AXES)
+  w, c = np.ones(T, np.float32), np.full(T, 0.01, np.float32)
+  counter = step_lib.CompileCounter()
+  with jax.set_mesh(mesh):
+    batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
+    with counter:
+      for _ in range(3):
+        state, m = step_fn(state, batch, w, c)
+      jax.block_until_ready(m)
+  train_compile = {"count": counter.count, "seconds": counter.seconds}
+  progress(f"bench: train step compiled {counter.count}x in {counter.seconds:.2f}s")
+  evaluation = eval_compile(cfg, graphdef, spec, mesh, state.params)
+  progress(f"bench: eval step compiled {evaluation['count']}x in {evaluation['seconds']:.2f}s")
+
+  # Bare arm: same model and optimizer; params on device, batch on device, nothing else.
+  bare = make_bare_step(graphdef, tx, T, cfg.model.z_loss)
+  params = jax.tree.map(jnp.copy, state.params)
+  opt_state = tx.init(params)
+  dev_batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
+  del state
+  for _ in range(2):  # the second call sees the first's output placement: compile both now
+    params, opt_state, loss = bare(params, opt_state, dev_batch, w, c)
+  loss.block_until_ready()
+
+  def bare_round() -> float:
+    nonlocal params, opt_state
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      params, opt_state, loss = bare(params, opt_state, dev_batch, w, c)
+    loss.block_until_ready()
+    return (time.perf_counter() - t0) / steps
+
+  trainer_times, bare_times = [], []
+  for r in range(rounds):  # interleaved: noise on a shared machine hits both arms alike
+    trainer_times.append(_trainer_round(cfg, steps)["step_time_s"])
+    bare_times.append(bare_round())
+    progress(f"bench: round {r + 1}/{rounds}: trainer {trainer_times[-1] * 1e3:.1f} ms/step, "
+             f"bare {bare_times[-1] * 1e3:.1f} ms/step")
+  ratios = [t / b for t, b in zip(trainer_times, bare_times)]
+  step_time = statistics.median(trainer_times)
+
+  headroom, batches_per_s = {}, {}
+  for n in (1, 4, 64):
+    batches_per_s[str(n)] = loader_batches_per_s(with_tasks(cfg, register_copies(n)), loader_seconds)
+    headroom[str(n)] = batches_per_s[str(n)] * step_time
+  progress("bench: loader headroom " + ", ".join(f"{k} tasks {v:.1f}x" for k, v in headroom.items()))
+
+  dtype = "float32" if spec.dtype == "float32" else spec.dtype
+  n = matmul_n or (2048 if devices[0].platform == "cpu" else 8192)
+  peak = matmul_peak_flops(dtype, n)
+  flops = model_flops_per_step(spec, params, cfg.data.batch_size, cfg.data.seq_len)
+  achieved = flops / step_time
+  torch_time = torch_eager_step_time(spec, host_batch, T, torch_steps) if torch_steps else None
+  torch_note = ("skipped: --torch_steps 0" if not torch_steps else "skipped: torch is not installed")
+  bare_step_time = statistics.median(bare_times)
+  return {
+      "benchmark": "mtjax",
+      "machine": {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+                  "devices": len(devices), "host": platform.processor() or platform.machine(),
+                  "jax": jax.__version__},
+      "model": dataclasses.asdict(spec),
+      "batch": {"batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "tasks": T},
+      "step_overhead": statistics.median(ratios),
+      "step_overhead_spread": {"min": min(ratios), "max": max(ratios), "rounds": ratios},
+      "trainer_step_time_s": step_time, "bare_step_time_s": bare_step_time,
+      "trainer_step_times_s": trainer_times, "bare_step_times_s": bare_times,
+      "loader_headroom": headroom, "loader_batches_per_s": batches_per_s,
+      "loader_cost_per_batch_64_over_1": batches_per_s["1"] / batches_per_s["64"],
+      "compile": {"train_step": train_compile, "eval_step": evaluation},
+      "mfu": achieved / peak,
+      "model_flops_per_step": flops, "achieved_flops_per_s": achieved,
+      "matmul_peak_flops_per_s": peak, "matmul_peak": {"n": n, "dtype": dtype},
+      "torch_eager_cpu": ({"note": torch_note} if torch_time is None else
+                          {"step_time_s": torch_time, "over_trainer": torch_time / step_time}),
+  }
+
+
+def write(result: dict[str, Any], out: str) -> None:
+  from etils import epath
+  path = epath.Path(out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def table(result: dict[str, Any]) -> str:
+  m = result["machine"]
+  spread = result["step_overhead_spread"]
+  lines = [
+      f"machine: {m['device_kind']} x{m['devices']} ({m['platform']}), jax {m['jax']}",
+      f"step_overhead     {result['step_overhead']:.3f}  (min {spread['min']:.3f}, max {spread['max']:.3f}; "
+      f"trainer {result['trainer_step_time_s'] * 1e3:.1f} ms, bare {result['bare_step_time_s'] * 1e3:.1f} ms)",
+      "loader_headroom   " + ", ".join(f"{k} tasks: {v:.1f}x" for k, v in result["loader_headroom"].items()),
+      f"compile           train {result['compile']['train_step']['count']}x "
+      f"{result['compile']['train_step']['seconds']:.2f}s, eval {result['compile']['eval_step']['count']}x "
+      f"{result['compile']['eval_step']['seconds']:.2f}s",
+      f"mfu               {result['mfu']:.3f}  ({result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s of "
+      f"{result['matmul_peak_flops_per_s'] / 1e9:.1f} measured matmul peak)",
+  ]
+  t = result["torch_eager_cpu"]
+  lines.append("torch eager cpu   " + (t["note"] if "note" in t else
+                                     f"{t['step_time_s'] * 1e3:.1f} ms/step = {t['over_trainer']:.2f}x the trainer"))
+  return "\n".join(lines)
+
