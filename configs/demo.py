@@ -25,7 +25,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       mixture_name="", tasks=tasks, mixture={t: 1.0 for t in tasks}, rates="explicit", rate_temperature=1.0,
       rate_cap=0, rate_scale=1.0, schedule="constant", stages=(),
-      batch_size=32, seq_len=96, tokenizer="byte", prefetch=2, on_bad_record="stop"))
+      batch_size=32, seq_len=96, tokenizer="byte", prefetch=2, on_bad_record="stop",
+      instructions={}))  # instruction ablation per task: keep | empty | wrong
   c.train = ml_collections.ConfigDict(dict(
       steps=400, log_every=10, loss_weights={t: 1.0 for t in tasks},
       entropy_coefs={t: 0.0 for t in tasks}, max_consecutive_skips=10, progress=True))

@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
   eff = exp.add_parser("efficiency", help="multi-task vs task-specific at equal compute")
   eff.add_argument("--config", required=True)
   eff.add_argument("--workdir", required=True)
+  for name, text in (("transfer", "sequential stages: R matrix, ACC/BWT/FWT, BWT-guided order, orders"),
+                     ("entropy", "entropy and distinct-k of open-ended tasks: joint, regularized, ordered"),
+                     ("decomposition", "function calling: umbrella alone vs granular subtasks"),
+                     ("instructions", "instruction ablation: original vs empty vs wrong")):
+    study = exp.add_parser(name, help=text)
+    study.add_argument("--config", required=True)
+    study.add_argument("--workdir", required=True)
   bench = sub.add_parser("bench", help="step overhead, loader headroom, compiles, MFU (JSON)")
   bench.add_argument("--out", required=True, help="where to write the JSON")
   bench.add_argument("--config", default="configs/bench.py", help="model and batch to time")
@@ -166,17 +173,24 @@ def sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def experiment(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import config as config_lib
-  from mtjax.experiments import efficiency
+  from mtjax.experiments import decomposition, efficiency, entropy, instructions, transfer
 
   config = config_lib.load(args.config, overrides)
   st = config.study
-  summary = efficiency.run(config, args.workdir, steps_per_task=st.steps_per_task, seeds=st.seeds,
-                           eval_every=st.eval_every, target=st.target, metric=st.metric,
-                           targets=dict(st.targets))
+  if args.study == "efficiency":
+    summary = efficiency.run(config, args.workdir, steps_per_task=st.steps_per_task, seeds=st.seeds,
+                             eval_every=st.eval_every, target=st.target, metric=st.metric,
+                             targets=dict(st.targets))
+  else:
+    module = {"transfer": transfer, "entropy": entropy, "decomposition": decomposition,
+              "instructions": instructions}[args.study]
+    summary = module.run(config, args.workdir)
   report_path = f"{args.workdir}/report.md"
   with open(report_path) as f:
     print(f.read())
-  print(f"verdict: {summary['verdict']}; report and plots: {report_path}")
+  if "verdict" in summary:
+    print(f"verdict: {summary['verdict']}")
+  print(f"report and plots: {report_path}")
   return EXIT_OK
 
 

@@ -77,6 +77,8 @@ class DataConfig:
   tokenizer: str = "byte"
   prefetch: int = 2
   on_bad_record: str = "stop"  # stop | skip (and count in data/<task>/skipped)
+  # Instruction ablation, per task: keep | empty | wrong (another task's instruction); train and eval.
+  instructions: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +139,7 @@ class StudyConfig:
   target: float = 0.5  # the score each task must reach (eval metric below) ...
   targets: Mapping[str, float] = dataclasses.field(default_factory=dict)  # ... or per task
   metric: str = "accuracy"
+  entropy_coef: float = 0.05  # entropy study: the coefficient of its regularized arm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +331,12 @@ def _check(config: Config) -> None:
     for name in mapping:
       if name not in d.tasks:
         raise BadInputError(f"{field}.{name}", f"not a task of this run (data.tasks: {list(d.tasks)})")
+  from mtjax.tasks import INSTRUCTION_MODES
+  for name, mode in d.instructions.items():
+    if name not in d.tasks:
+      raise BadInputError(f"data.instructions.{name}", f"not a task of this run ({list(d.tasks)})")
+    if mode not in INSTRUCTION_MODES:
+      raise BadInputError(f"data.instructions.{name}", f"expected one of {INSTRUCTION_MODES}, got {mode!r}")
   for name, w in d.mixture.items():
     if w < 0 or not math.isfinite(w):
       raise BadInputError(f"data.mixture.{name}", f"expected a finite weight >= 0, got {w}")
@@ -433,7 +442,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         raise BadInputError(".".join(parents[: i + 1]), "unknown key")
       node = node[p]
     # New keys are allowed only inside per-task mappings (their keys are task names).
-    per_task = parents and parents[-1] in ("mixture", "loss_weights", "entropy_coefs")
+    per_task = parents and parents[-1] in ("mixture", "loss_weights", "entropy_coefs", "instructions")
     if leaf not in node and not per_task:
       known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
       raise BadInputError(key, f"unknown key (known here: {known})")

@@ -115,7 +115,8 @@ class MixtureLoader:
   def __init__(self, task_names: Sequence[str], schedule: Schedule, *, tokenizer: ByteTokenizer,
                seed: int, batch_size: int, seq_len: int, prefetch: int = 2,
                process_index: int = 0, process_count: int = 1,
-               state: Mapping[str, Any] | None = None, on_bad_record: str = "stop"):
+               state: Mapping[str, Any] | None = None, on_bad_record: str = "stop",
+               instructions: Mapping[str, str] | None = None):
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} not divisible by {process_count} processes")
     self.task_names = tuple(task_names)
@@ -124,7 +125,11 @@ class MixtureLoader:
     self.prefetch = prefetch
     self._rows = slice(process_index * batch_size // process_count,
                        (process_index + 1) * batch_size // process_count)
-    loaded = [pipeline.task_dataset(name, i, tokenizer, seed, on_bad_record=on_bad_record)
+    from mtjax.tasks import instruction_rewrite
+    rewrites = {n: instruction_rewrite(n, (instructions or {}).get(n, "keep"), self.task_names, seed)
+                for n in self.task_names}
+    loaded = [pipeline.task_dataset(name, i, tokenizer, seed, on_bad_record=on_bad_record,
+                                    rewrite=rewrites[name])
               for i, name in enumerate(self.task_names)]
     self._tokens = [d.tokens for d in loaded]
     self._lengths = [d.lengths for d in loaded]
@@ -148,7 +153,7 @@ class MixtureLoader:
                tokenizer=tokenizer_lib.get(d.tokenizer), batch_size=d.batch_size,
                seq_len=d.seq_len, prefetch=d.prefetch if prefetch is None else prefetch,
                process_index=process_index, process_count=process_count, state=state,
-               on_bad_record=d.on_bad_record)
+               on_bad_record=d.on_bad_record, instructions=d.instructions)
 
   # -- rates ---------------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ class TaskData:
 
 
 def task_dataset(task_name: str, task_id: int, tokenizer, seed: int, split: str = "train",
-                 on_bad_record: str = "stop") -> TaskData:
+                 on_bad_record: str = "stop", rewrite=None) -> TaskData:
   task = task_registry.get(task_name)
   loaded = task.source.load(split, seed, on_bad_record)
   ordered = (grain.MapDataset.source(loaded.examples)
@@ -62,5 +62,7 @@ def task_dataset(task_name: str, task_id: int, tokenizer, seed: int, split: str 
              .repeat(None))
   if task.preprocess is not None:
     ordered = ordered.map(task.preprocess)
+  if rewrite is not None:  # the instruction ablation (data.instructions)
+    ordered = ordered.map(rewrite)
   return TaskData(ordered.map(Tokenize(tokenizer, task_id)), ordered.map(Length(tokenizer)),
                   loaded.skipped)

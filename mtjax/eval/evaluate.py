@@ -67,6 +67,10 @@ class Evaluator:
       examples = task_registry.get(name).source.load("validation", config.seed).examples
       self.examples[name] = [examples[i] for i in range(min(len(examples), max(
           e.num_examples, e.num_generate, e.sample_prompts)))]
+      rewrite = task_registry.instruction_rewrite(  # the same ablation as in training
+          name, config.data.instructions.get(name, "keep"), config.data.tasks, config.seed)
+      if rewrite is not None:
+        self.examples[name] = [rewrite(ex) for ex in self.examples[name]]
       tok = Tokenize(tokenizer, task_id)
       tokenized += [tok.map(ex) for ex in self.examples[name][: e.num_examples]]
     self.batches = pack_in_order(tokenized, self.batch_size, config.data.seq_len)

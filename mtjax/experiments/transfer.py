@@ -12,6 +12,8 @@ Definitions follow GEM (Lopez-Paz & Ranzato, 2017) and, for forgetting, Chaudhry
 
 from __future__ import annotations
 
+import json
+import pprint
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,3 +56,95 @@ def greedy_order(M: np.ndarray) -> list[int]:
     order.append(best)
     remaining.remove(best)
   return order
+
+
+# ---------------------------------------------------------------- the study
+
+def study_orders(tasks: Sequence[str], open_ended: Sequence[bool], greedy: Sequence[int]) -> dict[str, tuple[str, ...]]:
+  """The orders compared at equal tokens (one stage of steps_per_task per task)."""
+  structured = [t for t, o in zip(tasks, open_ended) if not o]
+  free = [t for t, o in zip(tasks, open_ended) if o]
+  return {"structured_first": tuple(structured + free), "open_ended_first": tuple(free + structured),
+          "bwt_guided": tuple(tasks[i] for i in greedy)}
+
+
+def run(base, workdir: str, *, train_fn=None) -> dict:
+  """Transfer matrix, sequential R matrix and its metrics, greedy order, order comparison."""
+  from etils import epath
+
+  from mtjax import tasks as task_registry
+  from mtjax import train
+  from mtjax.experiments import arms, report
+  train_fn = train_fn or train.run
+  st = base.study
+  root = epath.Path(workdir)
+  arms.write_study_json(root, "transfer", base)
+  tasks = list(base.data.tasks)
+  T, S, metric = len(tasks), st.steps_per_task, st.metric
+  open_ended = [task_registry.get(t).open_ended for t in tasks]
+  per_seed = []
+  for seed in st.seeds:
+    seed_dir = root / f"seed{seed}"
+    # 1. Transfer matrix: train on task a alone (S steps), score every task.
+    M = np.zeros((T, T))
+    for a, task in enumerate(tasks):
+      d = arms.run(seed_dir, f"only_{task}", arms.configure(
+          base, seed=seed, steps=S, eval_every=S, mixture={task: 1.0}), train_fn)
+      M[a] = arms.eval_at(d, S, tasks, metric)
+    reference = np.maximum(np.diag(M), 1e-6)  # each task's own single-task score
+    Mn = normalize(M, reference)
+    greedy = greedy_order(Mn)
+    # 2. Sequential stages in the config's order: R[i, j] after stage i; row 0 of evals = init.
+    seq = arms.run(seed_dir, "sequential", arms.configure(
+        base, seed=seed, steps=T * S, eval_every=S, stages=arms.sequential_stages(tasks, S)), train_fn)
+    R = np.array([arms.eval_at(seq, (i + 1) * S, tasks, metric) for i in range(T)])
+    init = np.array(arms.eval_at(seq, 0, tasks, metric))
+    Rn = normalize(R, reference)
+    # 3. Orders compared at equal tokens (T x S steps); identical orders share one run.
+    orders = study_orders(tasks, open_ended, greedy)
+    compare = {"joint": arms.final_eval(arms.run(seed_dir, "joint", arms.configure(
+        base, seed=seed, steps=T * S, eval_every=S, mixture={t: 1.0 for t in tasks}), train_fn),
+        tasks, metric)}
+    for name, order in orders.items():
+      run_name = "sequential" if list(order) == tasks else "order_" + "-".join(
+          str(tasks.index(t)) for t in order)
+      compare[name] = arms.final_eval(arms.run(seed_dir, run_name, arms.configure(
+          base, seed=seed, steps=T * S, eval_every=S, stages=arms.sequential_stages(order, S)),
+          train_fn), tasks, metric)
+    per_seed.append({
+        "seed": seed, "M": M.tolist(), "reference": reference.tolist(), "M_normalized": Mn.tolist(),
+        "greedy_order": [tasks[i] for i in greedy], "R": R.tolist(), "R_normalized": Rn.tolist(),
+        "init": init.tolist(), "metrics": metrics(Rn, init / reference),
+        "orders": {k: list(v) for k, v in orders.items()},
+        "compare": compare,
+        "compare_mean_normalized": {k: float(np.mean([v[t] / reference[j] for j, t in enumerate(tasks)]))
+                                    for k, v in compare.items()},
+    })
+  # The greedy order from the seed-averaged normalized transfer matrix, written as a runnable config.
+  mean_Mn = np.mean([s["M_normalized"] for s in per_seed], axis=0)
+  derived = [tasks[i] for i in greedy_order(mean_Mn)]
+  config_path = write_schedule_config(root / "bwt_guided_schedule.py", base, derived, S)
+  summary = {"tasks": tasks, "open_ended": open_ended, "seeds": list(st.seeds), "metric": metric,
+             "steps_per_task": S, "per_seed": per_seed, "derived_order": derived,
+             "derived_config": config_path.name}
+  (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  report.write_transfer_report(root, summary)
+  return summary
+
+
+def write_schedule_config(path, base, order: Sequence[str], steps_per_task: int):
+  """A config file others can run: the base config with the derived order as stages."""
+  from mtjax.experiments import arms
+  cfg = arms.configure(base, seed=base.seed, steps=steps_per_task * len(order),
+                       eval_every=base.eval.every, stages=arms.sequential_stages(order, steps_per_task))
+  cfg = cfg.replace(**{"train.progress": True, "checkpoint.every": base.checkpoint.every})
+  path.write_text(
+      '"""The backward-transfer-guided order derived by `mtjax experiment transfer`:\n'
+      f'{" -> ".join(order)}, {steps_per_task} steps per stage.\n\n'
+      f'  mtjax train --config {path.name} --workdir runs/bwt_guided\n"""\n\n'
+      "import ml_collections\n\n"
+      f"CONFIG = {pprint.pformat(cfg.to_dict(), indent=1, width=100)}\n\n\n"
+      "def get_config(variant: str = '') -> ml_collections.ConfigDict:\n"
+      "  del variant\n"
+      "  return ml_collections.ConfigDict(CONFIG)\n")
+  return path

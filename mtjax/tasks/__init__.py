@@ -102,6 +102,31 @@ def data_dir() -> str:
   return os.environ.get("MTJAX_DATA_DIR") or os.path.expanduser("~/.cache/mtjax/tfds")
 
 
+INSTRUCTION_MODES = ("keep", "empty", "wrong")
+# For "wrong" when the run has no other task with a different instruction.
+UNRELATED_INSTRUCTION = "Translate the following text into French:\n"
+
+
+def instruction_rewrite(task_name: str, mode: str, run_tasks: tuple[str, ...],
+                        seed: int) -> Callable[[Example], Example] | None:
+  """The instruction ablation (Kung & Peng, 2023) as a map over examples: "empty" blanks the
+  instruction; "wrong" gives every example the instruction of the next task of the run (its first
+  training example's), or an unrelated one. The input and target are untouched."""
+  if mode == "keep":
+    return None
+  if mode == "empty":
+    return lambda ex: dataclasses.replace(ex, instruction="")
+  own = {e.instruction for e in get(task_name).source.load("train", seed).examples[:50]}
+  i = run_tasks.index(task_name)
+  text = UNRELATED_INSTRUCTION
+  for other in run_tasks[i + 1:] + run_tasks[:i]:
+    candidate = get(other).source.load("train", seed).examples[0].instruction
+    if candidate and candidate not in own:
+      text = candidate
+      break
+  return lambda ex: dataclasses.replace(ex, instruction=text)
+
+
 def exact_match(example: Example, output: str) -> bool:
   return output.strip() == example.target.strip()
 

@@ -91,7 +91,8 @@ def plot_per_task(rows: Sequence[Mapping[str, Any]], task_names: Sequence[str],
     ax.set_ylabel(f"{metric} (per target token)" if metric != "accuracy" else "next-token accuracy")
     ax.set_title(f"{prefix} {metric} per task")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
     if metric == "loss":
       ax.set_yscale("log")
     fig.tight_layout()
