@@ -1,4 +1,5 @@
-# make demo: set up .venv (if missing) and train the demo mixture on CPU.
+# make demo: set up .venv (if missing) and run the efficiency study at demo scale on CPU
+#            (single-task vs multi-task, 4 tasks x 3 seeds; report.md and plots in runs/demo).
 # make test: set up .venv (if missing) and run the test suite (8 fake CPU devices).
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/mtjax train --config configs/demo.py --workdir $(DEMO_DIR)
+	$(VENV)/bin/mtjax experiment efficiency --config configs/efficiency.py:demo --workdir $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -19,7 +19,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=512, head_dim=0,
       vocab_size=0, dtype="auto", remat="none", attention="reference", tie_embeddings=False,
       z_loss=1e-4, rope_theta=10_000.0, norm_eps=1e-6))
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(dcn=1, data=1, fsdp=-1, tensor=1))  # dcn: TPU slices
 
   tasks = ("reverse", "addition", "grammar")
   c.data = ml_collections.ConfigDict(dict(

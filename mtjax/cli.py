@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 failure; 2 bad config or input (one line `error: ...`, 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -190,7 +191,8 @@ def experiment(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     print(f.read())
   if "verdict" in summary:
     print(f"verdict: {summary['verdict']}")
-  print(f"report and plots: {report_path}")
+  plots = sorted(str(p) for p in pathlib.Path(args.workdir).glob("*.png"))
+  print(f"report and plots: {report_path}" + (f", {', '.join(plots)}" if plots else ""))
   return EXIT_OK
 
 

@@ -56,6 +56,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+  dcn: int = 1  # slices (multi-slice TPU pods): the outer data-parallel axis over the DCN network
   data: int = 1
   fsdp: int = -1  # -1: the rest of the devices
   tensor: int = 1
@@ -307,6 +308,8 @@ def _check(config: Config) -> None:
   if (m.head_dim or m.d_model // m.num_heads) % 2:
     raise BadInputError("model.head_dim", "RoPE needs an even head dimension")
 
+  if config.mesh.dcn < 1:
+    raise BadInputError("mesh.dcn", f"expected the number of slices (>= 1), got {config.mesh.dcn}")
   for name in ("data", "fsdp", "tensor"):
     size = getattr(config.mesh, name)
     if size == 0 or size < -1:

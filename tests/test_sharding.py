@@ -35,3 +35,33 @@ def test_sharded_matches_single_device_and_params_are_sharded(tmp_path):
   assert mu.sharding == gate.sharding
   # Single-device run: everything on one device, full shapes.
   assert {s.data.shape for s in single.state.params["token_embed"].addressable_shards} == {(384, 64)}
+
+
+def test_multislice_dcn_axis_matches_single_device(tmp_path):
+  """Two 'slices' of 4 devices (mesh.dcn=2, fsdp=4 inside each): data-parallel across slices,
+  FSDP within; losses equal a 1-device run, parameters are replicated across slices only."""
+  from mtjax.parallel.mesh import make_mesh
+  cfg = tiny_config(**{"train.steps": 4, "model.d_model": 64, "model.mlp_dim": 128})
+  multi_cfg = cfg.replace(**{"mesh.dcn": 2, "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1})
+  mesh = make_mesh(multi_cfg.mesh)
+  assert dict(mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1}
+  first_slice = set(mesh.devices[0].flat)
+  assert first_slice == set(jax.devices()[:4])  # one slice = one contiguous group of devices
+  multi = train.run(multi_cfg, tmp_path / "multi")
+  single = train.run(cfg.replace(**{"mesh.fsdp": 1}), tmp_path / "single", devices=jax.devices()[:1])
+  np.testing.assert_allclose([r["train/loss"] for r in multi.history],
+                             [r["train/loss"] for r in single.history], rtol=1e-4)
+  gate = multi.state.params["layers"][0]["mlp"]["gate"]  # [64, 128]: embed over fsdp (4)
+  shards = {s.device: s.data for s in gate.addressable_shards}
+  assert {x.shape for x in shards.values()} == {(16, 128)}
+  # The same shard index on slice 0 and slice 1 holds the same values (replicated over dcn).
+  for a, b in zip(mesh.devices[0].flat, mesh.devices[1].flat):
+    np.testing.assert_array_equal(shards[a], shards[b])
+
+
+def test_bad_dcn_exits_2(tmp_path, capsys):
+  from conftest import REPO
+  from mtjax import cli
+  assert cli.main(["train", "--config", f"{REPO}/configs/demo.py:tiny", "--workdir", str(tmp_path / "r"),
+                   "--config.mesh.dcn=3"]) == 2
+  assert "mesh.dcn" in capsys.readouterr().err

@@ -58,7 +58,7 @@ class Evaluator:
     e = config.eval
     self.task_names = tuple(tasks or e.tasks or config.data.tasks)
     self.num_tasks = len(config.data.tasks)  # task ids are positions in the run's task list
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = mesh.shape["dcn"] * mesh.shape["data"] * mesh.shape["fsdp"]
     self.batch_size = -(-e.batch_size // shards) * shards
     self.examples = {}
     tokenized = []

@@ -2,7 +2,8 @@
 
 Modules name only logical axes (`embed`, `mlp`, `heads`, ...); this table decides the physical
 layout: FSDP shards parameters' `embed` axis over `fsdp`, Megatron-style tensor parallelism
-shards heads, MLP and vocab over `tensor`, and batches go over (`data`, `fsdp`).
+shards heads, MLP and vocab over `tensor`, and batches go over (`dcn`, `data`, `fsdp`). `dcn` is
+the outer data-parallel axis across TPU slices (multi-slice): only gradients cross it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
@@ -24,7 +25,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("norm", None),
     # activations
-    ("batch", ("data", "fsdp")),
+    ("batch", ("dcn", "data", "fsdp")),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),

@@ -50,11 +50,11 @@ class RunResult:
 
 
 def check_divisibility(config: Config, mesh: jax.sharding.Mesh) -> None:
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = mesh.shape["dcn"] * mesh.shape["data"] * mesh.shape["fsdp"]
   per_micro = config.data.batch_size // config.optimizer.grad_accum
   if per_micro % shards:
     raise BadInputError("data.batch_size", f"{config.data.batch_size} rows / grad_accum "
-                        f"{config.optimizer.grad_accum} must be divisible by mesh data*fsdp = {shards}")
+                        f"{config.optimizer.grad_accum} must be divisible by mesh dcn*data*fsdp = {shards}")
 
 
 def _say(message: str) -> None:
