@@ -3,9 +3,9 @@
 Tasks: `reverse` and `addition` have one right answer; `grammar` (any sentence of a small
 grammar) has many, so its entropy should stay up while the others sharpen.
 
-  mtjax train --config configs/demo.py --workdir runs/demo
+  mtjax train --config configs/demo.py --workdir runs/train_demo
   mtjax train --config configs/demo.py:tiny --workdir /tmp/tiny     # seconds; what tests use
-  mtjax train --config configs/demo.py --workdir runs/demo --config.train.steps=50
+  mtjax train --config configs/demo.py --workdir runs/train_demo --config.train.steps=50
 """
 
 import ml_collections
