@@ -7,6 +7,8 @@
 #   TPU_NAME=mt ZONE=us-central2-b launch/tpu_pod.sh run --config configs/demo.py --workdir gs://bucket/runs/x
 #   TPU_NAME=mt ZONE=us-central2-b launch/tpu_pod.sh delete
 #   DRY_RUN=1 ... prints the gcloud commands instead of running them.
+# Several slices (multi-slice over DCN): create them as a queued resource with --node-count N,
+# and pass --config.mesh.dcn=N so the outer data-parallel axis spans the slices.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR=${ACCELERATOR:-v4-8}
