@@ -71,6 +71,18 @@ def test_instruction_switch_rewrites_training_and_eval_examples():
   assert all(ex.instruction == "reverse: " for ex in evaluator.examples["reverse"])
 
 
+def test_wrong_instruction_on_tfds_tasks_comes_from_the_next_task():
+  from mtjax import tasks
+  run = ("structured_copy", "structured_reverse")
+  copy_ex = tasks.get("structured_copy").source.load("validation", 0).examples[0]
+  reverse_ex = tasks.get("structured_reverse").source.load("train", 0).examples[0]
+  assert copy_ex.instruction != reverse_ex.instruction
+  wrong = tasks.instruction_rewrite("structured_copy", "wrong", run, 0)(copy_ex)
+  assert wrong.instruction == reverse_ex.instruction
+  assert (wrong.input, wrong.target) == (copy_ex.input, copy_ex.target)
+  assert tasks.instruction_rewrite("structured_copy", "keep", run, 0) is None
+
+
 def test_bad_instruction_mode_exits_2(tmp_path, capsys):
   assert cli.main(["train", "--config", f"{REPO}/configs/demo.py:tiny", "--workdir", str(tmp_path / "r"),
                    "--config.data.instructions.reverse=shuffled"]) == 2

@@ -116,7 +116,8 @@ def instruction_rewrite(task_name: str, mode: str, run_tasks: tuple[str, ...],
     return None
   if mode == "empty":
     return lambda ex: dataclasses.replace(ex, instruction="")
-  own = {e.instruction for e in get(task_name).source.load("train", seed).examples[:50]}
+  examples = get(task_name).source.load("train", seed).examples  # a list or a random-access source
+  own = {examples[i].instruction for i in range(min(50, len(examples)))}
   i = run_tasks.index(task_name)
   text = UNRELATED_INSTRUCTION
   for other in run_tasks[i + 1:] + run_tasks[:i]:
