@@ -222,7 +222,7 @@ def run(cfg: Config, *, rounds: int = 5, steps: int = 10, loader_seconds: float 
     headroom[str(n)] = batches_per_s[str(n)] * step_time
   progress("bench: loader headroom " + ", ".join(f"{k} tasks {v:.1f}x" for k, v in headroom.items()))
 
-  dtype = "float32" if spec.dtype == "float32" else spec.dtype
+  dtype = spec.dtype  # the peak in the precision the model computes in
   n = matmul_n or (2048 if devices[0].platform == "cpu" else 8192)
   peak = matmul_peak_flops(dtype, n)
   flops = model_flops_per_step(spec, params, cfg.data.batch_size, cfg.data.seq_len)

@@ -21,8 +21,6 @@ from etils import epath
 
 from mtjax.config import Config
 
-DONE = "DONE"
-
 
 def arm_config(base: Config, tasks: Sequence[str], steps: int, seed: int, eval_every: int) -> Config:
   keep = lambda m: {k: v for k, v in m.items() if k in tasks}
@@ -84,6 +82,7 @@ def run(base: Config, workdir: str, *, steps_per_task: int, seeds: Sequence[int]
         train_fn=None) -> dict[str, Any]:
   """Trains both arms for every seed (skipping finished runs), writes summary.json and report.md."""
   from mtjax import train
+  from mtjax.experiments import arms as arms_lib
   from mtjax.experiments import report
   train_fn = train_fn or train.run
   root = epath.Path(workdir)
@@ -100,11 +99,7 @@ def run(base: Config, workdir: str, *, steps_per_task: int, seeds: Sequence[int]
     arms = {f"single_{t}": arm_config(base, [t], steps_per_task, seed, eval_every) for t in tasks}
     arms["multi"] = arm_config(base, tasks, steps_per_task * len(tasks), seed, eval_every)
     for name, cfg in arms.items():
-      arm_dir = root / f"seed{seed}" / name
-      if not (arm_dir / DONE).exists():
-        print(f"efficiency: seed {seed}, {name} ({cfg.train.steps} steps)", flush=True)
-        train_fn(cfg, arm_dir)
-        (arm_dir / DONE).write_text("")
+      arms_lib.run(root / f"seed{seed}", name, cfg, train_fn)
     tps = tokens_per_step(base)
     single_curves = {t: curves(root / f"seed{seed}" / f"single_{t}", metric)[t] for t in tasks}
     multi_curves = curves(root / f"seed{seed}" / "multi", metric)
