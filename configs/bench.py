@@ -5,15 +5,11 @@
   mtjax bench --config configs/bench.py:tiny --out /tmp/bench.json              # seconds; tests
 """
 
-import importlib.util
-import pathlib
+from mtjax.config import sibling_config
 
 
 def get_config(variant: str = ""):
-  spec = importlib.util.spec_from_file_location("demo", pathlib.Path(__file__).with_name("demo.py"))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  c = demo.get_config()
+  c = sibling_config(__file__, "demo.py")
   c.eval.update(num_examples=32, batch_size=16)
   if variant == "gpu":  # ~150M parameters, bf16, 64 x 1024 tokens per step: fills an H100/H200
     c.model.update(d_model=1024, num_layers=12, num_heads=16, num_kv_heads=8, mlp_dim=4096,

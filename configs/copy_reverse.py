@@ -6,17 +6,12 @@
 
 import ml_collections
 
+from mtjax.config import sibling_config
 from mtjax.tasks import get_mixture  # noqa: F401  (the suites register on import)
 
 
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  import importlib.util
-  import pathlib
-  spec = importlib.util.spec_from_file_location("demo", pathlib.Path(__file__).with_name("demo.py"))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  c = demo.get_config()
+  c = sibling_config(__file__, "demo.py")
   tasks = ("structured_copy", "structured_reverse")
   c.data.tasks = tasks
   c.data.mixture = {t: 1.0 for t in tasks}

@@ -6,20 +6,16 @@ granular subtasks plus the umbrella, at equal tokens; scored on held-out APIs pe
   mtjax report runs/decomposition
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
+
+from mtjax.config import sibling_config
 
 TASKS = tuple(f"fc_{t}" for t in ("name_detection", "parameter_detection", "next_best", "parallel",
                                   "chaining", "nested", "response", "umbrella"))
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("demo", pathlib.Path(__file__).with_name("demo.py"))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  c = demo.get_config()
+  c = sibling_config(__file__, "demo.py")
   c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=256)
   c.data.tasks = TASKS
   c.data.mixture = {t: 1.0 for t in TASKS}

@@ -6,10 +6,9 @@
   mtjax report runs/efficiency                                                          # rebuild
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
+
+from mtjax.config import sibling_config
 
 TASKS = ("structured_copy", "structured_reverse", "structured_sort", "structured_addition",
          "structured_modular", "open_ended_grammar", "open_ended_sum_pair", "open_ended_template")
@@ -19,10 +18,7 @@ DEMO_TASKS = ("structured_copy", "structured_reverse", "open_ended_grammar", "op
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("demo", pathlib.Path(__file__).with_name("demo.py"))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  c = demo.get_config()
+  c = sibling_config(__file__, "demo.py")
   c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=256)
   c.data.tasks = TASKS
   c.data.mixture = {t: 1.0 for t in TASKS}

@@ -6,19 +6,15 @@ training, with an entropy term on the open-ended ones, and with structured tasks
   mtjax report runs/entropy                                                      # rebuild
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
+
+from mtjax.config import sibling_config
 
 TASKS = ("structured_copy", "structured_reverse", "open_ended_grammar", "open_ended_template")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("efficiency", pathlib.Path(__file__).with_name("efficiency.py"))
-  efficiency = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(efficiency)
-  c = efficiency.get_config()
+  c = sibling_config(__file__, "efficiency.py")
   c.data.tasks = TASKS
   c.data.mixture = {t: 1.0 for t in TASKS}
   # Sampled completions give distinct@k and pass@1; teacher-forced eval gives the entropy.

@@ -5,19 +5,15 @@
   mtjax report runs/instructions
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
+
+from mtjax.config import sibling_config
 
 TASKS = ("structured_copy", "structured_reverse", "structured_sort", "structured_addition")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("efficiency", pathlib.Path(__file__).with_name("efficiency.py"))
-  efficiency = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(efficiency)
-  c = efficiency.get_config()
+  c = sibling_config(__file__, "efficiency.py")
   c.data.tasks = TASKS
   c.data.mixture = {t: 1.0 for t in TASKS}
   c.study = ml_collections.ConfigDict(dict(

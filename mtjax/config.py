@@ -474,6 +474,13 @@ def import_config_module(path: str) -> tuple[types.ModuleType, str]:
   return module, arg
 
 
+def sibling_config(here: str, name: str, variant: str = "") -> ml_collections.ConfigDict:
+  """get_config(variant) of the config file `name` beside `here`: configs build on each other
+  (`c = sibling_config(__file__, "demo.py")`)."""
+  module, _ = import_config_module(str(pathlib.Path(here).with_name(name)))
+  return module.get_config(variant)
+
+
 def load_raw(path: str) -> ml_collections.ConfigDict:
   """Imports `path[:arg]` and returns `get_config(arg)` as a ConfigDict."""
   module, arg = import_config_module(path)

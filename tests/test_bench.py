@@ -12,15 +12,23 @@ from mtjax import bench, cli
 from mtjax.train import losses
 
 
-def test_bare_step_objective_equals_the_trainers():
-  cfg = tiny_config(**{"model.z_loss": 1e-3})
-  mesh, graphdef, state, _, _ = build_step(cfg, jax.devices()[:1])
-  batch = {k: np.asarray(v) for k, v in host_batch(cfg).items()}
-  w = np.array([1.0, 0.5, 2.0], np.float32)
-  c = np.array([0.1, 0.0, 0.3], np.float32)
+W = np.array([1.0, 0.5, 2.0], np.float32)  # per-task loss weights and entropy coefficients
+C = np.array([0.1, 0.0, 0.3], np.float32)
+
+
+def _trainers_objective(cfg):
+  """(graphdef, state, batch, the trainer's objective on it with W, C and z_loss 1e-3)."""
   from flax import nnx
+  _, graphdef, state, _, _ = build_step(cfg, jax.devices()[:1])
+  batch = {k: np.asarray(v) for k, v in host_batch(cfg).items()}
   logits = nnx.merge(graphdef, state.params)(batch["inputs"], batch["positions"], batch["segment_ids"])
-  expected, _ = losses.multitask_objective(logits, batch, w, c, z_loss=1e-3)
+  expected, _ = losses.multitask_objective(logits, batch, W, C, z_loss=1e-3)
+  return graphdef, state, batch, expected
+
+
+def test_bare_step_objective_equals_the_trainers():
+  graphdef, state, batch, expected = _trainers_objective(tiny_config(**{"model.z_loss": 1e-3}))
+  w, c = W, C
   import optax
   tx = optax.sgd(0.0)
   step = bench.make_bare_step(graphdef, tx, 3, 1e-3)
@@ -74,17 +82,12 @@ def test_bad_profile_range_exits_2(tmp_path, capsys):
 
 def test_torch_reference_objective_equals_the_trainers():
   torch = pytest.importorskip("torch")
-  from flax import nnx
   from mtjax import torch_reference
   from mtjax.model import ModelSpec
   cfg = tiny_config()
   spec = ModelSpec.from_config(cfg.model, 259, "cpu")
-  _, graphdef, state, _, _ = build_step(cfg, jax.devices()[:1])
-  batch = {k: np.asarray(v) for k, v in host_batch(cfg).items()}
-  w = np.array([1.0, 0.5, 2.0], np.float32)
-  c = np.array([0.1, 0.0, 0.3], np.float32)
-  logits = nnx.merge(graphdef, state.params)(batch["inputs"], batch["positions"], batch["segment_ids"])
-  expected, _ = losses.multitask_objective(logits, batch, w, c, z_loss=1e-3)
+  _, state, batch, expected = _trainers_objective(cfg)
+  w, c = W, C
   P = torch_reference.params_from_jax(state.params)
   got = torch_reference.objective(spec, P, torch_reference.to_torch(batch), torch.tensor(w),
                                   torch.tensor(c), 3, 1e-3)
