@@ -152,34 +152,25 @@ def torch_eager_step_time(spec, batch: dict[str, np.ndarray], num_tasks: int, st
 
 def run(cfg: Config, *, rounds: int = 5, steps: int = 10, loader_seconds: float = 2.0,
         matmul_n: int | None = None, torch_steps: int = 5, progress=print) -> dict[str, Any]:
-  from mtjax.data import tokenizer as tokenizer_lib
   from mtjax.data.loader import MixtureLoader
-  from mtjax.model import ModelSpec
-  from mtjax.parallel import sharding as sharding_lib
-  from mtjax.parallel.mesh import make_mesh
-  from mtjax.train import optimizer
-  from mtjax.train import step as step_lib
+  from mtjax.monitoring import CompileCounter
+  from mtjax.train import setup as setup_lib
 
-  devices = jax.devices()
   cfg = with_tasks(cfg, register_copies(len(cfg.data.tasks)))
-  mesh = make_mesh(cfg.mesh, devices)
-  spec = ModelSpec.from_config(cfg.model, tokenizer_lib.get(cfg.data.tokenizer).vocab_size,
-                               devices[0].platform)
+  run = setup_lib.build(cfg, decay_steps=2 * steps)
+  cfg, devices, mesh, spec, tx = run.config, run.devices, run.mesh, run.spec, run.tx
   T = cfg.num_tasks
-  tx, schedule = optimizer.make_optimizer(cfg.optimizer, 2 * steps)
 
   # Train-step compile count and time (the real jitted step; lowered and compiled once).
-  graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, cfg.seed)
-  step_fn = step_lib.jit_step(step_lib.make_step_fn(graphdef, tx, schedule, num_tasks=T,
-                                                    z_loss=cfg.model.z_loss), mesh, shardings)
+  graphdef, state = run.graphdef, run.state
+  step_fn = run.jit_step()
   loader = MixtureLoader.from_config(cfg, prefetch=0)
   host_batch = next(loader).arrays
   loader.close()
-  batch_sharding = sharding_lib.named(mesh, step_lib.BATCH_AXES)
   w, c = np.ones(T, np.float32), np.full(T, 0.01, np.float32)
-  counter = step_lib.CompileCounter()
+  counter = CompileCounter()
   with jax.set_mesh(mesh):
-    batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
+    batch = {k: jax.device_put(v, run.batch_sharding) for k, v in host_batch.items()}
     with counter:
       for _ in range(3):
         state, m = step_fn(state, batch, w, c)

@@ -5,9 +5,12 @@ Config files are Python (ml_collections), as in Flax examples and big_vision:
     def get_config(arg=None) -> ml_collections.ConfigDict
 
 `load("configs/demo.py:tiny", ["--config.model.d_model=64"])` imports the file, calls
-`get_config("tiny")`, applies the dotted overrides, and validates everything into the frozen
-dataclasses below. Every problem is a `BadInputError` naming the field, raised here at start-up,
-never at step 5,000.
+`get_config("tiny")`, writes it over the defaults (a file sets only what differs), applies the
+dotted overrides, and validates types and values into the frozen dataclasses below. Every problem
+is a `BadInputError` naming the field, raised at start-up, never at step 5,000.
+
+This module is a leaf: checks that need the task registry or files (task names, tokenizer files,
+mixtures) run once at run start in `mtjax.resolve.resolve(config)`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -78,6 +82,9 @@ class DataConfig:
   tokenizer: str = "byte"
   prefetch: int = 2
   on_bad_record: str = "stop"  # stop | skip (and count in data/<task>/skipped)
+  # Rates and weights a hook decides once s steps are done apply from step s + feedback_lag, so
+  # prefetched batches never disagree with them and a resumed run replays the same stream.
+  feedback_lag: int = 3
   # Instruction ablation, per task: keep | empty | wrong (another task's instruction); train and eval.
   instructions: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -95,8 +102,10 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   lr: float = 3e-3
+  schedule: str = "cosine"  # after linear warmup: cosine | constant | wsd (warmup-stable-decay)
   warmup_steps: int = 20
-  decay_steps: int = 0  # 0: train.steps
+  decay_steps: int = 0  # 0: train.steps (the schedule's length, fixed at a run's first start)
+  decay_fraction: float = 0.1  # wsd: the last fraction of decay_steps decays linearly to min_lr
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.1
   clip_norm: float = 1.0
@@ -104,6 +113,10 @@ class OptimizerConfig:
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
+  # Parameter groups: regex on the parameter path ("layers/0/attn/wq") -> LR multiplier; the first
+  # match wins, unmatched parameters use 1.0, and 0.0 freezes (no optimizer state is kept).
+  param_groups: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  ema: float = 0.0  # decay of an exponential moving average of the weights (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +220,8 @@ def _convert(value: Any, hint: Any, field: str) -> Any:
     raise BadInputError(field, f"expected an integer, got {value!r}")
   if hint is float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+      if not math.isfinite(value):
+        raise BadInputError(field, f"expected a finite number, got {value!r}")
       return float(value)
     raise BadInputError(field, f"expected a number, got {value!r}")
   if hint is str:
@@ -256,18 +271,19 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
   return cls(**kwargs)
 
 
-# ----------------------------------------------------------------------------- semantic checks
+# ----------------------------------------------------------------------------- schema checks
+# Only what the values alone decide. Checks that need the task registry or files (task names,
+# tokenizer files, mixtures) run once at run start: mtjax.resolve.resolve(config).
 
 DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "full", "dots")
 ATTENTION = ("reference",)
 SCHEDULES = ("constant", "stages", "linear")
 RATES = ("explicit", "examples_proportional")
+LR_SCHEDULES = ("cosine", "constant", "wsd")
 
 
 def _check(config: Config) -> None:
-  from mtjax import tasks as task_registry  # registry import is cheap; avoids a cycle at import
-
   m, d, t, o = config.model, config.data, config.train, config.optimizer
   positive = {
       "model.d_model": m.d_model, "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
@@ -296,6 +312,7 @@ def _check(config: Config) -> None:
                                 ("data.schedule", d.schedule, SCHEDULES),
                                 ("data.rates", d.rates, RATES),
                                 ("data.on_bad_record", d.on_bad_record, ("stop", "skip")),
+                                ("optimizer.schedule", o.schedule, LR_SCHEDULES),
                                 ("checkpoint.best_mode", config.checkpoint.best_mode, ("min", "max"))):
     if value not in allowed:
       raise BadInputError(field, f"expected one of {', '.join(allowed)}, got {value!r}")
@@ -317,34 +334,14 @@ def _check(config: Config) -> None:
   if [config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) > 1:
     raise BadInputError("mesh", "at most one axis may be -1 (the rest of the devices)")
 
-  from mtjax.data import tokenizer as tokenizer_lib
-  tokenizer_lib.get(d.tokenizer)  # raises on a bad name or file
-  if not d.tasks:
-    raise BadInputError("data.tasks", "expected at least one task name")
   if len(set(d.tasks)) != len(d.tasks):
     raise BadInputError("data.tasks", f"task names must be unique, got {list(d.tasks)}")
-  known = task_registry.names()
   for name in d.tasks:
     if "/" in name:
       raise BadInputError("data.tasks", f"task names may not contain '/', got {name!r}")
-    if name not in known:
-      raise BadInputError("data.tasks", f"unknown task {name!r} (known: {', '.join(known)})")
-  for field, mapping in (("data.mixture", d.mixture), ("train.loss_weights", t.loss_weights),
-                         ("train.entropy_coefs", t.entropy_coefs)):
-    for name in mapping:
-      if name not in d.tasks:
-        raise BadInputError(f"{field}.{name}", f"not a task of this run (data.tasks: {list(d.tasks)})")
-  from mtjax.tasks import INSTRUCTION_MODES
-  for name, mode in d.instructions.items():
-    if name not in d.tasks:
-      raise BadInputError(f"data.instructions.{name}", f"not a task of this run ({list(d.tasks)})")
-    if mode not in INSTRUCTION_MODES:
-      raise BadInputError(f"data.instructions.{name}", f"expected one of {INSTRUCTION_MODES}, got {mode!r}")
   for name, w in d.mixture.items():
-    if w < 0 or not math.isfinite(w):
+    if w < 0:
       raise BadInputError(f"data.mixture.{name}", f"expected a finite weight >= 0, got {w}")
-  if d.mixture and sum(d.mixture.get(n, 0.0) for n in d.tasks) <= 0:
-    raise BadInputError("data.mixture", "all weights are zero: expected at least one positive")
   if d.schedule == "constant" and d.stages:
     raise BadInputError("data.stages", "given, but data.schedule is 'constant' (use stages or linear)")
   if d.schedule != "constant":
@@ -357,9 +354,7 @@ def _check(config: Config) -> None:
       raise BadInputError("data.stages", f"start steps must begin at 0 and increase, got {starts}")
     for i, (start, weights) in enumerate(d.stages):
       for name, w in weights.items():
-        if name not in d.tasks:
-          raise BadInputError(f"data.stages[{i}].{name}", f"not a task of this run ({list(d.tasks)})")
-        if w < 0 or not math.isfinite(w):
+        if w < 0:
           raise BadInputError(f"data.stages[{i}].{name}", f"expected a finite weight >= 0, got {w}")
       if sum(weights.values()) <= 0:
         raise BadInputError(f"data.stages[{i}]", f"all weights are zero at step {start}")
@@ -367,14 +362,27 @@ def _check(config: Config) -> None:
     raise BadInputError("data.rate_temperature", f"expected > 0, got {d.rate_temperature}")
   if d.rate_cap < 0 or d.rate_scale <= 0:
     raise BadInputError("data.rate_cap", "expected rate_cap >= 0 and rate_scale > 0")
+  min_lag = d.prefetch + 1 if d.prefetch else 0
+  if d.feedback_lag < min_lag:
+    raise BadInputError("data.feedback_lag", f"expected >= {min_lag} (data.prefetch + 1: batches "
+                        f"already prefetched keep their rates), got {d.feedback_lag}")
   for name, w in t.loss_weights.items():
-    if w < 0 or not math.isfinite(w):
+    if w < 0:
       raise BadInputError(f"train.loss_weights.{name}", f"expected a finite weight >= 0, got {w}")
   if d.batch_size % o.grad_accum:
     raise BadInputError("data.batch_size", f"must be divisible by optimizer.grad_accum={o.grad_accum}")
-  for name in config.eval.tasks:
-    if name not in d.tasks:
-      raise BadInputError("eval.tasks", f"{name!r} is not a task of this run")
+  if not 0 < o.decay_fraction <= 1:
+    raise BadInputError("optimizer.decay_fraction", f"expected 0 < value <= 1, got {o.decay_fraction}")
+  if not 0 <= o.ema < 1:
+    raise BadInputError("optimizer.ema", f"expected a decay in [0, 1) (0: no EMA), got {o.ema}")
+  for pattern, scale in o.param_groups.items():
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise BadInputError(f"optimizer.param_groups.{pattern}", f"not a regular expression ({e})") from None
+    if scale < 0:
+      raise BadInputError(f"optimizer.param_groups.{pattern}",
+                          f"expected an LR multiplier >= 0 (0 freezes), got {scale}")
   e = config.eval
   for field, value in (("eval.num_examples", e.num_examples), ("eval.num_generate", e.num_generate),
                        ("eval.sample_prompts", e.sample_prompts), ("eval.num_samples", e.num_samples),
@@ -389,27 +397,17 @@ def _check(config: Config) -> None:
 
 
 def from_dict(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
-  """Validates a raw (possibly nested) mapping into a frozen Config."""
+  """Validates a raw (possibly nested) mapping into a frozen Config (schema and values only)."""
   config = _build(Config, raw, "")
-  if config.data.mixture_name:
-    from mtjax import tasks as task_registry
-    try:
-      mixture = task_registry.get_mixture(config.data.mixture_name)
-    except KeyError as e:
-      raise BadInputError("data.mixture_name", str(e.args[0])) from None
-    config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, tasks=config.data.tasks or tuple(mixture.rates),
-        mixture=config.data.mixture or _frozen_mapping(mixture.rates)))
-  # Mixture default: every task equally. Stored explicitly so config.json says what ran.
-  if not config.data.mixture:
-    config = dataclasses.replace(
-        config, data=dataclasses.replace(
-            config.data, mixture=_frozen_mapping({n: 1.0 for n in config.data.tasks})))
   _check(config)
   return config
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+_MAPPING_FIELDS = ("mixture", "loss_weights", "entropy_coefs", "instructions", "param_groups",
+                   "targets")
 
 
 def parse_override(arg: str) -> tuple[str, str]:
@@ -445,7 +443,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         raise BadInputError(".".join(parents[: i + 1]), "unknown key")
       node = node[p]
     # New keys are allowed only inside per-task mappings (their keys are task names).
-    per_task = parents and parents[-1] in ("mixture", "loss_weights", "entropy_coefs", "instructions")
+    per_task = parents and parents[-1] in _MAPPING_FIELDS
     if leaf not in node and not per_task:
       known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
       raise BadInputError(key, f"unknown key (known here: {known})")
@@ -481,8 +479,25 @@ def sibling_config(here: str, name: str, variant: str = "") -> ml_collections.Co
   return module.get_config(variant)
 
 
+def defaults() -> ml_collections.ConfigDict:
+  """Every setting at its default, as a ConfigDict: a config file may start from it and set only
+  what differs (`c = mtjax.config.defaults(); c.train.steps = 400`)."""
+  return ml_collections.ConfigDict(Config().to_dict())
+
+
+def _merge(into: dict[str, Any], raw: Mapping[str, Any], cls: type) -> None:
+  """Writes `raw` over the defaults `into`, group by group; mappings and lists replace whole."""
+  hints = typing.get_type_hints(cls)
+  for key, value in raw.items():
+    hint = hints.get(key)
+    if hint is not None and dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+      _merge(into[key], value, hint)
+    else:
+      into[key] = value  # an unknown key stays, so from_dict names it
+
+
 def load_raw(path: str) -> ml_collections.ConfigDict:
-  """Imports `path[:arg]` and returns `get_config(arg)` as a ConfigDict."""
+  """Imports `path[:arg]` and returns `get_config(arg)` over the defaults, as a ConfigDict."""
   module, arg = import_config_module(path)
   file = str(path).partition(":")[0]
   if not hasattr(module, "get_config"):
@@ -495,7 +510,9 @@ def load_raw(path: str) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(cfg)
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise BadInputError(file, "get_config() must return an ml_collections.ConfigDict")
-  return cfg
+  merged = Config().to_dict()
+  _merge(merged, cfg.to_dict(), Config)
+  return ml_collections.ConfigDict(merged)
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> Config:
@@ -503,15 +520,3 @@ def load(path: str, overrides: Sequence[str] = ()) -> Config:
   cfg = load_raw(path)
   apply_overrides(cfg, overrides)
   return from_dict(cfg)
-
-
-# ----------------------------------------------------------------------------- derived values
-
-
-def entropy_coef_at(coef: EntropyCoef, step: int, total_steps: int) -> float:
-  """A constant, or (start, end) interpolated linearly from step 0 to total_steps."""
-  if isinstance(coef, tuple):
-    start, end = coef
-    frac = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    return start + (end - start) * frac
-  return coef

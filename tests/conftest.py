@@ -30,22 +30,10 @@ def tiny():
 
 
 def build_step(cfg, devices=None):
-  """(mesh, state, jitted step, grad_fn factory args) for a config, as the loop builds them."""
-  import jax
-  from mtjax.model import ModelSpec
-  from mtjax.parallel.mesh import make_mesh
-  from mtjax.train import optimizer
-  from mtjax.train import step as step_lib
-  devices = devices or jax.devices()
-  mesh = make_mesh(cfg.mesh, devices)
-  spec = ModelSpec.from_config(cfg.model, 259, "cpu")
-  tx, schedule = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
-  graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, cfg.seed)
-  step = step_lib.jit_step(
-      step_lib.make_step_fn(graphdef, tx, schedule, num_tasks=cfg.num_tasks,
-                            grad_accum=cfg.optimizer.grad_accum, z_loss=cfg.model.z_loss),
-      mesh, shardings)
-  return mesh, graphdef, state, step, schedule
+  """(mesh, graphdef, state, jitted step, LR schedule) for a config, through the one setup path."""
+  from mtjax.train import setup as setup_lib
+  run = setup_lib.build(cfg, devices=devices)
+  return run.mesh, run.graphdef, run.state, run.jit_step(), run.schedule
 
 
 def host_batch(cfg, start=0):

@@ -65,8 +65,9 @@ def test_bad_config_exits_2_naming_field(capsys, overrides, field):
 
 def test_unknown_key_in_config_file(tmp_path, capsys):
   bad = tmp_path / "bad.py"
-  bad.write_text((REPO / "configs" / "demo.py").read_text().replace(
-      "c.seed = 0", "c.seed = 0\n  c.train_steps = 5"))
+  demo = (REPO / "configs" / "demo.py").read_text()
+  assert "  c.train.steps = 400\n" in demo
+  bad.write_text(demo.replace("  c.train.steps = 400\n", "  c.train_steps = 5\n"))
   code = cli.main(["train", "--config", str(bad), "--workdir", str(tmp_path / "w")])
   err = capsys.readouterr().err.strip()
   assert code == 2 and err.startswith("error: train_steps: unknown key"), err
@@ -81,9 +82,10 @@ def test_missing_file_and_unknown_variant(capsys):
 
 
 def test_entropy_coef_schedule_values():
-  assert config_lib.entropy_coef_at(0.3, 50, 100) == 0.3
-  assert config_lib.entropy_coef_at((0.0, 1.0), 25, 100) == pytest.approx(0.25)
-  assert config_lib.entropy_coef_at((1.0, 0.0), 200, 100) == 0.0
+  from mtjax.train.controls import entropy_coef_at
+  assert entropy_coef_at(0.3, 50, 100) == 0.3
+  assert entropy_coef_at((0.0, 1.0), 25, 100) == pytest.approx(0.25)
+  assert entropy_coef_at((1.0, 0.0), 200, 100) == 0.0
   with pytest.raises(BadInputError, match="train.entropy_coefs.grammar"):
     config_lib.load(DEMO, ["--config.train.entropy_coefs.grammar=(1.0, 2.0, 3.0)"])
 
@@ -99,10 +101,53 @@ def test_real_process_exit_code_and_one_line(tmp_path):
 
 
 def test_mixture_name_expands_to_tasks_and_rates():
+  from mtjax.resolve import resolve
   cfg = config_lib.load(DEMO, ["--config.data.mixture_name=fc_granite", "--config.data.tasks=",
-                               "--config.data.mixture={}", "--config.train.loss_weights={}",
-                               "--config.train.entropy_coefs={}"])
+                               "--config.data.mixture={}"])
+  assert cfg.data.tasks == ()  # the leaf config knows no registry: resolve expands the name
+  cfg = resolve(cfg)
   assert len(cfg.data.tasks) == 8 and "fc_umbrella" in cfg.data.tasks
   assert cfg.data.mixture["fc_nested"] == 1.0
+  assert resolve(cfg) == cfg  # idempotent
   with pytest.raises(BadInputError, match="data.mixture_name: unknown mixture 'nope'"):
-    config_lib.load(DEMO, ["--config.data.mixture_name=nope"])
+    resolve(config_lib.load(DEMO, ["--config.data.mixture_name=nope"]))
+
+
+def test_config_file_sets_only_what_differs(tmp_path):
+  """A partial get_config() is written over the defaults; an empty mixture means every task."""
+  from mtjax.resolve import resolve
+  part = tmp_path / "part.py"
+  part.write_text("import ml_collections\n\n\ndef get_config():\n"
+                  "  c = ml_collections.ConfigDict()\n"
+                  "  c.data = ml_collections.ConfigDict({'tasks': ('reverse', 'grammar')})\n"
+                  "  c.optimizer = ml_collections.ConfigDict({'lr': 1e-3})\n  return c\n")
+  cfg = config_lib.load(str(part), ["--config.model.d_model=64"])
+  defaults = config_lib.Config()
+  assert cfg.optimizer.lr == 1e-3 and cfg.model.d_model == 64
+  assert cfg.optimizer.warmup_steps == defaults.optimizer.warmup_steps
+  assert cfg.model.num_layers == defaults.model.num_layers and cfg.data.mixture == {}
+  assert dict(resolve(cfg).data.mixture) == {"reverse": 1.0, "grammar": 1.0}
+
+
+def test_importing_config_loads_no_task_registry_or_tfds():
+  code = ("import sys, mtjax.config as c; c.load(sys.argv[1]); "
+          "bad = [m for m in sys.modules if m.startswith(('tensorflow_datasets', 'mtjax.tasks', "
+          "'mtjax.data', 'jax'))]; print(bad); sys.exit(1 if bad else 0)")
+  proc = subprocess.run([sys.executable, "-c", code, f"{DEMO}:tiny"], capture_output=True,
+                        text=True, cwd=REPO, timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.optimizer.lr=float('nan')", "optimizer.lr"),
+    ("--config.optimizer.lr=1e999", "optimizer.lr"),
+    ("--config.optimizer.schedule=linear", "optimizer.schedule"),
+    ("--config.optimizer.ema=1.0", "optimizer.ema"),
+    ("--config.optimizer.decay_fraction=0.0", "optimizer.decay_fraction"),
+    ("--config.optimizer.param_groups.embed=-1.0", "optimizer.param_groups.embed"),
+    ("--config.data.feedback_lag=2", "data.feedback_lag"),
+])
+def test_bad_values_named_at_load(override, field):
+  with pytest.raises(BadInputError) as e:
+    config_lib.load(f"{DEMO}:tiny", [override])
+  assert e.value.field == field, str(e.value)

@@ -26,9 +26,10 @@ from mtjax.data.pipeline import Tokenize
 from mtjax.eval import scorers
 from mtjax.eval.decode import Generator
 from mtjax.model import ModelSpec
+from mtjax.monitoring import CompileCounter
 from mtjax.parallel import sharding as sharding_lib
+from mtjax.parallel.sharding import BATCH_AXES
 from mtjax.train import losses
-from mtjax.train.step import BATCH_AXES, CompileCounter
 
 
 def pack_in_order(examples: Sequence[dict], batch_size: int, seq_len: int) -> list[dict[str, np.ndarray]]:
@@ -153,44 +154,34 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, tasks: Sequence[s
                         devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """`mtjax eval`: restore a run's checkpoint, evaluate, write workdir/eval/step_<S>.json."""
   from mtjax import config as config_lib
-  from mtjax.data import tokenizer as tokenizer_lib
   from mtjax.errors import BadInputError
-  from mtjax.parallel.mesh import make_mesh
   from mtjax.train import checkpoint as checkpoint_lib
-  from mtjax.train import optimizer
-  from mtjax.train import step as step_lib
-
   from mtjax.train import rundir
+  from mtjax.train import setup as setup_lib
+
   workdir = rundir.resolve(workdir)
   if not (workdir / "config.json").exists():
     raise BadInputError(str(workdir), "not a run directory (no config.json)")
   config = config_lib.from_dict(json.loads((workdir / "config.json").read_text()))
-  devices = list(devices) if devices is not None else jax.devices()
-  try:
-    mesh = make_mesh(config.mesh, devices)
-  except BadInputError:  # evaluating on other hardware than the run: all devices on fsdp
-    mesh = make_mesh(config.mesh.__class__(data=1, fsdp=-1, tensor=1), devices)
   for name in tasks:
     if name not in config.data.tasks:
       raise BadInputError("--tasks", f"{name!r} is not a task of this run ({list(config.data.tasks)})")
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   try:
     available = checkpointer.all_steps()
-    if not available:
-      raise BadInputError(str(workdir / "checkpoints"), "no checkpoint to evaluate")
-    step = available[-1] if step is None else step
-    if step not in available:
-      raise BadInputError("--step", f"no checkpoint at step {step} (available: {available})")
-    tokenizer = tokenizer_lib.get(config.data.tokenizer)
-    spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform)
-    run_facts = checkpointer.read_facts(step)[1]
-    tx, _ = optimizer.make_optimizer(config.optimizer, run_facts["decay_steps"])
-    graphdef, like, _ = step_lib.init_state(mesh, spec, tx, config.seed)
-    state, _ = checkpointer.restore(step, like)
   finally:
     checkpointer.close()
-  evaluator = Evaluator(config, graphdef, spec, mesh, tokenizer, tasks or None)
-  row = evaluator(state.params, step)
+  if not available:
+    raise BadInputError(str(workdir / "checkpoints"), "no checkpoint to evaluate")
+  step = available[-1] if step is None else step
+  if step not in available:
+    raise BadInputError("--step", f"no checkpoint at step {step} (available: {available})")
+  # Evaluating on other hardware than the run's is fine: any_mesh puts every device on fsdp.
+  run = setup_lib.build(config, devices=devices, workdir=workdir, restore_step=step, any_mesh=True)
+  assert run.checkpointer is not None
+  run.checkpointer.close()
+  evaluator = Evaluator(run.config, run.graphdef, run.spec, run.mesh, run.tokenizer, tasks or None)
+  row = evaluator(run.state.params, step)
   out = workdir / "eval" / f"step_{step}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")

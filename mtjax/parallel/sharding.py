@@ -14,6 +14,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+BATCH_AXES = ("batch", "length")  # every [B, L] batch array: rows over the data-parallel axes
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters

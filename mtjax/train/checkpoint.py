@@ -1,4 +1,7 @@
-"""Orbax checkpoints of a run: train state, loader state, resolved config, run facts.
+"""Orbax checkpoints of a run: train state, loader state, controls, resolved config, run facts.
+
+The run facts record the state's `format_version` (mtjax.train.step.FORMAT_VERSION); restoring an
+older layout migrates it (version 1 had no TrainState.extra), a newer one is refused by name.
 
 One CheckpointManager per run directory, saving asynchronously: the loop blocks only while the
 arrays are copied off the devices; the write goes on in the background. Orbax writes into a
@@ -79,15 +82,17 @@ class Checkpointer:
     return self.cfg.every > 0 and step > 0 and step % self.cfg.every == 0
 
   def save(self, step: int, state: Any, loader_state: dict, config: Config, run_facts: dict,
-           metrics: dict[str, float] | None = None) -> bool:
+           metrics: dict[str, float] | None = None, controls: dict | None = None) -> bool:
     """Starts an async save; returns False if a checkpoint at or after `step` exists."""
+    from mtjax.train.step import FORMAT_VERSION
     if self.cfg.best_metric and not (metrics and self.cfg.best_metric in metrics):
       metrics = None  # kept by LatestN only
     return self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         loader=ocp.args.JsonSave(loader_state),
+        controls=ocp.args.JsonSave(controls or {"feedback": []}),
         config=ocp.args.JsonSave(config.to_dict()),
-        run=ocp.args.JsonSave(run_facts)))
+        run=ocp.args.JsonSave(dict(run_facts, format_version=FORMAT_VERSION))))
 
   def _restore_json(self, step: int, item: str) -> dict:
     try:
@@ -119,16 +124,40 @@ class Checkpointer:
                             "new --workdir)")
     return changes
 
+  def format_version(self, step: int) -> int:
+    from mtjax.train.step import FORMAT_VERSION
+    version = int(self.read_facts(step)[1].get("format_version", 1))
+    if version > FORMAT_VERSION:
+      raise BadInputError(str(self.directory / str(step)),
+                          f"written in checkpoint format {version} by a newer mtjax; this one reads "
+                          f"formats 1-{FORMAT_VERSION} (upgrade mtjax)")
+    return version
+
   def restore(self, step: int, like_state: Any) -> tuple[Any, dict]:
     """Restores into the shapes and shardings of `like_state`: another mesh works (elastic)."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state)
+    version = self.format_version(step)
+    if version == 1:  # before TrainState.extra: restore the fields it had, start extra anew
+      target: Any = {f: getattr(abstract, f) for f in
+                     ("step", "params", "opt_state", "skipped_steps", "consecutive_skips")}
+    else:
+      target = abstract
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()))
     except Exception as e:
       raise self._damaged(step, e) from None
-    return restored.state, restored.loader
+    state = restored.state
+    if version == 1:
+      state = like_state.replace(**state)
+    return state, restored.loader
+
+  def restore_controls(self, step: int) -> dict | None:
+    """The pending fed-back weights and coefficients (None for checkpoints without them)."""
+    if not (self.directory / str(step) / "controls").exists():
+      return None
+    return self._restore_json(step, "controls")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -1,36 +1,117 @@
-"""AdamW with linear warmup + cosine decay, global-norm clipping, and a weight-decay mask.
+"""AdamW with a warmup schedule, global-norm clipping, a weight-decay mask, parameter groups, EMA.
 
-No weight decay on norms (1-D) and on the token embedding (decaying a lookup table pulls rare
-tokens to zero); every other matrix, the output head included, decays.
+LR schedules (linear warmup from 0, then): `cosine` decay to lr * min_lr_ratio at decay_steps;
+`constant`; `wsd` (warmup-stable-decay: constant, then a linear decay over the last
+decay_fraction of decay_steps, as in MiniCPM and DeepSeek). No weight decay on norms (1-D) and
+on the token embedding (decaying a lookup table pulls rare tokens to zero); every other matrix,
+the output head included, decays.
+
+Parameter groups (`optimizer.param_groups`: regex on the parameter path -> LR multiplier) run
+one AdamW per group through optax.multi_transform; a multiplier of 0 freezes the group: its
+gradients are zeroed before clipping and no optimizer state is kept for it. `optimizer.ema` keeps
+an exponential moving average of the weights inside the optimizer state (`ema_params`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import optax
 
 from mtjax.config import OptimizerConfig
 
+FROZEN = "frozen"
+
+
+def param_path(path: tuple) -> str:
+  """'layers/0/attn/wq' from a jax key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
 
 def decay_mask(params: Any) -> Any:
   def keep(path, leaf) -> bool:
-    names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
-    return leaf.ndim >= 2 and "token_embed" not in names
+    return leaf.ndim >= 2 and "token_embed" not in param_path(path).split("/")
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   decay_steps = max(cfg.decay_steps or total_steps, cfg.warmup_steps + 1)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-      decay_steps=decay_steps, end_value=cfg.lr * cfg.min_lr_ratio)
+  end = cfg.lr * cfg.min_lr_ratio
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=decay_steps, end_value=end)
+  warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+  if cfg.schedule == "constant":
+    return optax.join_schedules([warmup, optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
+  if cfg.schedule == "wsd":
+    decay_len = max(1, round(cfg.decay_fraction * decay_steps))
+    stable_end = max(cfg.warmup_steps, decay_steps - decay_len)
+    return optax.join_schedules(
+        [warmup, optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, end, decay_steps - stable_end)],
+        [cfg.warmup_steps, stable_end])
+  raise ValueError(f"unknown optimizer.schedule {cfg.schedule!r}")
+
+
+def group_labels(params: Any, groups: Mapping[str, float]) -> Any:
+  """Per parameter: the first matching pattern of `groups` (re.search on its path), FROZEN for
+  a multiplier of 0, or "default"."""
+  def label(path, _):
+    name = param_path(path)
+    for pattern, scale in groups.items():
+      if re.search(pattern, name):
+        return FROZEN if scale == 0 else pattern
+    return "default"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+class EmaState(NamedTuple):
+  ema: Any  # params-shaped
+
+
+def ema_of_params(decay: float) -> optax.GradientTransformation:
+  """Last in the chain: ema <- decay * ema + (1 - decay) * (params + updates); updates unchanged."""
+
+  def init(params):
+    return EmaState(ema=jax.tree.map(lambda p: p, params))
+
+  def update(updates, state, params=None):
+    new = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new)
+    return updates, EmaState(ema=ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state: Any) -> Any | None:
+  """The EMA of the weights kept in `opt_state`, or None when optimizer.ema is 0."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
+           if isinstance(s, EmaState)]
+  return found[0].ema if found else None
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = lr_schedule(cfg, total_steps)
+
+  def adamw(scale: float) -> optax.GradientTransformation:
+    lr = schedule if scale == 1.0 else (lambda step: scale * schedule(step))
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       mask=decay_mask)
+
   clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
-  tx = optax.chain(clip, optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                     weight_decay=cfg.weight_decay, mask=decay_mask))
-  return tx, schedule
+  if not cfg.param_groups:
+    parts = [clip, adamw(1.0)]
+  else:
+    labels = lambda params: group_labels(params, cfg.param_groups)
+    frozen = lambda params: jax.tree.map(lambda label: label == FROZEN, labels(params))
+    transforms = {p: adamw(s) for p, s in cfg.param_groups.items() if s != 0}
+    transforms["default"] = adamw(1.0)
+    transforms[FROZEN] = optax.set_to_zero()
+    parts = [optax.masked(optax.set_to_zero(), frozen), clip,
+             optax.multi_transform(transforms, labels)]
+  if cfg.ema:
+    parts.append(ema_of_params(cfg.ema))
+  return optax.chain(*parts), schedule

@@ -9,7 +9,6 @@ update inside the step (no extra host sync) and is counted.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,9 +22,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mtjax.model import Decoder, ModelSpec
 from mtjax.parallel import sharding as sharding_lib
+from mtjax.parallel.sharding import BATCH_AXES
 from mtjax.train import losses
 
-BATCH_AXES = ("batch", "length")
+# The layout of a saved TrainState; checkpoint.py migrates older ones (1: no `extra`).
+FORMAT_VERSION = 2
 
 
 @flax.struct.dataclass
@@ -35,6 +36,9 @@ class TrainState:
   opt_state: Any
   skipped_steps: jax.Array  # int32 [], total non-finite steps skipped
   consecutive_skips: jax.Array  # int32 []
+  # Method state beside params and optimizer (weighting statistics, adapters, RL): a dict of
+  # arrays, checkpointed with the rest; {} for plain supervised training.
+  extra: Any = flax.struct.field(default_factory=dict)
 
 
 def _logical_axes(abstract_state: nnx.State) -> Any:
@@ -71,14 +75,27 @@ def param_shardings(mesh: jax.sharding.Mesh, spec: ModelSpec) -> tuple[Any, Any,
 
 def state_shardings(mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
                     abstract_params: Any, params_sh: Any) -> TrainState:
-  """Every state leaf gets a NamedSharding: optimizer moments follow their params, scalars replicate."""
+  """Every state leaf gets a NamedSharding: optimizer leaves that hold a copy of a parameter
+  (moments, EMA; also inside masked and multi_transform states) follow that parameter, matched
+  by the end of their path and their shape; everything else (counts, scalars) replicates."""
+  from mtjax.train.optimizer import param_path
   replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sh,
-                                 transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+  by_path = {}
+  for (path, shape), (_, sh) in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                    jax.tree_util.tree_flatten_with_path(params_sh)[0]):
+    by_path[tuple(param_path(path).split("/"))] = (shape.shape, sh)
+
+  def follow(path, leaf):
+    keys = tuple(param_path(path).split("/"))
+    for k in range(len(keys)):
+      shape_sh = by_path.get(keys[k:])
+      if shape_sh is not None and shape_sh[0] == leaf.shape:
+        return shape_sh[1]
+    return replicated
+
+  opt_sh = jax.tree_util.tree_map_with_path(follow, jax.eval_shape(tx.init, abstract_params))
   return TrainState(step=replicated, params=params_sh, opt_state=opt_sh,
-                    skipped_steps=replicated, consecutive_skips=replicated)
+                    skipped_steps=replicated, consecutive_skips=replicated, extra={})
 
 
 def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTransformation,
@@ -91,7 +108,7 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
     params = nnx.to_pure_dict(nnx.split(Decoder(spec, nnx.Rngs(key)))[1])
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                      skipped_steps=zero, consecutive_skips=zero)
+                      skipped_steps=zero, consecutive_skips=zero, extra={})
 
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
@@ -159,6 +176,7 @@ def make_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: opta
         opt_state=keep_new(new_opt_state, state.opt_state),
         skipped_steps=state.skipped_steps + skipped,
         consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
+        extra=state.extra,
     )
     metrics = {
         "objective": objective, "per_task": per_task, "grad_norm": grad_norm,
@@ -177,32 +195,3 @@ def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, shardings: TrainState) 
   batch_sh = sharding_lib.named(mesh, BATCH_AXES)
   return jax.jit(step_fn, in_shardings=(shardings, batch_sh, replicated, replicated),
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
-
-
-class CompileCounter:
-  """Counts XLA compilations that happen while inside `with counter:` (i.e. during step calls)."""
-
-  _local = threading.local()
-  _registered = False
-
-  def __init__(self):
-    self.count = 0
-    self.seconds = 0.0  # backend compile time of those compilations
-    if not CompileCounter._registered:
-      jax.monitoring.register_event_duration_secs_listener(CompileCounter._on_event)
-      CompileCounter._registered = True
-
-  @staticmethod
-  def _on_event(event: str, duration: float, **kwargs) -> None:
-    active = getattr(CompileCounter._local, "active", None)
-    if active is not None and event == "/jax/core/compile/backend_compile_duration":
-      active.count += 1
-      active.seconds += duration
-
-  def __enter__(self):
-    CompileCounter._local.active = self
-    return self
-
-  def __exit__(self, *exc):
-    CompileCounter._local.active = None
-    return False

@@ -1,0 +1,62 @@
+"""The one resolve step at run start: what the config alone cannot decide.
+
+`mtjax.config` checks types and values; this step checks the config against the task registry and
+the files it names (tokenizer), and fills what they imply: `data.mixture_name` expands to its
+tasks and rates, and an empty `data.mixture` becomes every task at weight 1 (stored explicitly, so
+config.json says what ran). Idempotent: resolving a resolved config returns it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+from mtjax.config import Config
+from mtjax.errors import BadInputError
+
+
+def resolve(config: Config) -> Config:
+  from mtjax import tasks as task_registry
+  from mtjax.data import tokenizer as tokenizer_lib
+
+  d = config.data
+  if d.mixture_name:
+    try:
+      mixture = task_registry.get_mixture(d.mixture_name)
+    except KeyError as e:
+      raise BadInputError("data.mixture_name", str(e.args[0])) from None
+    d = dataclasses.replace(d, tasks=d.tasks or tuple(mixture.rates),
+                            mixture=d.mixture or types.MappingProxyType(dict(mixture.rates)))
+  if not d.mixture:
+    d = dataclasses.replace(d, mixture=types.MappingProxyType({n: 1.0 for n in d.tasks}))
+  config = dataclasses.replace(config, data=d)
+
+  tokenizer_lib.get(d.tokenizer)  # raises on a bad name or file
+  if not d.tasks:
+    raise BadInputError("data.tasks", "expected at least one task name")
+  known = task_registry.names()
+  for name in d.tasks:
+    if name not in known:
+      raise BadInputError("data.tasks", f"unknown task {name!r} (known: {', '.join(known)})")
+  t = config.train
+  for field, mapping in (("data.mixture", d.mixture), ("train.loss_weights", t.loss_weights),
+                         ("train.entropy_coefs", t.entropy_coefs)):
+    for name in mapping:
+      if name not in d.tasks:
+        raise BadInputError(f"{field}.{name}", f"not a task of this run (data.tasks: {list(d.tasks)})")
+  for name, mode in d.instructions.items():
+    if name not in d.tasks:
+      raise BadInputError(f"data.instructions.{name}", f"not a task of this run ({list(d.tasks)})")
+    if mode not in task_registry.INSTRUCTION_MODES:
+      raise BadInputError(f"data.instructions.{name}",
+                          f"expected one of {task_registry.INSTRUCTION_MODES}, got {mode!r}")
+  if sum(d.mixture.get(n, 0.0) for n in d.tasks) <= 0:
+    raise BadInputError("data.mixture", "all weights are zero: expected at least one positive")
+  for i, (_, weights) in enumerate(d.stages):
+    for name in weights:
+      if name not in d.tasks:
+        raise BadInputError(f"data.stages[{i}].{name}", f"not a task of this run ({list(d.tasks)})")
+  for name in config.eval.tasks:
+    if name not in d.tasks:
+      raise BadInputError("eval.tasks", f"{name!r} is not a task of this run")
+  return config

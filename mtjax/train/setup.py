@@ -1,0 +1,144 @@
+"""Everything a run needs, built once, in one place: train, eval, bench and the tests call `build`.
+
+config (+ devices, + workdir) -> the resolved config, mesh, tokenizer, model spec, optimizer and
+LR schedule, shardings, and the initial state: random init, or restored from the workdir's latest
+checkpoint (`resume_from` picks an earlier one and moves later ones aside; `restore_step`
+restores one without touching the others, as eval does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from etils import epath
+
+from mtjax.config import Config, MeshConfig
+from mtjax.data.loader import MixtureLoader
+from mtjax.data.tokenizer import Tokenizer
+from mtjax.errors import BadInputError
+from mtjax.model import ModelSpec
+from mtjax.parallel import sharding as sharding_lib
+from mtjax.parallel.mesh import make_mesh
+from mtjax.resolve import resolve
+from mtjax.train import checkpoint as checkpoint_lib
+from mtjax.train import optimizer
+from mtjax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Setup:
+  config: Config  # resolved
+  devices: list[jax.Device]
+  mesh: jax.sharding.Mesh
+  tokenizer: Tokenizer
+  spec: ModelSpec
+  tx: Any  # optax.GradientTransformation
+  schedule: Callable[[Any], Any]  # the LR schedule
+  graphdef: Any
+  state: step_lib.TrainState
+  shardings: step_lib.TrainState
+  run_facts: dict[str, Any]  # {"decay_steps"}: fixed at a run's first start
+  checkpointer: checkpoint_lib.Checkpointer | None = None  # open; the caller closes it
+  restored_step: int | None = None
+  loader_state: dict[str, Any] | None = None  # of the restored checkpoint
+  controls_state: dict[str, Any] | None = None
+  changes: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # safe changes
+
+  @property
+  def batch_sharding(self) -> jax.sharding.NamedSharding:
+    return sharding_lib.named(self.mesh, sharding_lib.BATCH_AXES)
+
+  def jit_step(self) -> Callable:
+    """THE train step of this run, jitted once with its shardings (state donated)."""
+    c = self.config
+    fn = step_lib.make_step_fn(self.graphdef, self.tx, self.schedule, num_tasks=c.num_tasks,
+                               grad_accum=c.optimizer.grad_accum, z_loss=c.model.z_loss)
+    return step_lib.jit_step(fn, self.mesh, self.shardings)
+
+  def loader(self, prefetch: int | None = None) -> MixtureLoader:
+    """This process's mixture loader, continuing from the restored loader state if any."""
+    return MixtureLoader.from_config(self.config, process_index=jax.process_index(),
+                                     process_count=jax.process_count(), state=self.loader_state,
+                                     prefetch=prefetch)
+
+
+def check_divisibility(config: Config, mesh: jax.sharding.Mesh) -> None:
+  shards = mesh.shape["dcn"] * mesh.shape["data"] * mesh.shape["fsdp"]
+  per_micro = config.data.batch_size // config.optimizer.grad_accum
+  if per_micro % shards:
+    raise BadInputError("data.batch_size", f"{config.data.batch_size} rows / grad_accum "
+                        f"{config.optimizer.grad_accum} must be divisible by mesh dcn*data*fsdp = {shards}")
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build(config: Config, *, devices: Sequence[jax.Device] | None = None,
+          workdir: epath.Path | None = None, resume_from: int | None = None,
+          restore_step: int | None = None, any_mesh: bool = False,
+          decay_steps: int | None = None) -> Setup:
+  """The one setup path.
+
+  workdir: restore its latest checkpoint, if any (train's resume; the checkpointer stays open).
+  resume_from: restore this step instead; later checkpoints are moved aside, never deleted.
+  restore_step: restore exactly this step, no compatibility check (eval of a finished run).
+  any_mesh: if the config's mesh does not fit `devices`, put every device on fsdp (eval on other
+    hardware than the run's). decay_steps: the LR schedule's length without a workdir (bench).
+  """
+  config = resolve(config)
+  devices = list(devices) if devices is not None else jax.devices()
+  try:
+    mesh = make_mesh(config.mesh, devices)
+  except BadInputError:
+    if not any_mesh:
+      raise
+    mesh = make_mesh(MeshConfig(dcn=1, data=1, fsdp=-1, tensor=1), devices)
+  if not any_mesh:
+    check_divisibility(config, mesh)
+  from mtjax.data import tokenizer as tokenizer_lib
+  tokenizer = tokenizer_lib.get(config.data.tokenizer)
+  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform)
+
+  checkpointer, restore_at, changes = None, None, {}
+  run_facts = {"decay_steps": decay_steps or config.optimizer.decay_steps or config.train.steps}
+  if workdir is not None:
+    if resume_from is not None:
+      _resume_target_exists(workdir, resume_from)
+      if jax.process_index() == 0:
+        moved = checkpoint_lib.set_aside_later_checkpoints(workdir, resume_from)
+        if moved:
+          _say(f"resume_from {resume_from}: moved checkpoints {moved} to "
+               f"{workdir / 'abandoned_checkpoints'}")
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+    restore_at = checkpointer.latest_step() if restore_step is None else restore_step
+    if restore_at is not None:
+      if restore_step is None:
+        changes = checkpointer.check_compatible(restore_at, config)
+      run_facts = checkpointer.read_facts(restore_at)[1]  # the LR schedule is fixed at the first start
+      run_facts = {"decay_steps": run_facts["decay_steps"]}
+
+  tx, schedule = optimizer.make_optimizer(config.optimizer, run_facts["decay_steps"])
+  graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed)
+  setup = Setup(config=config, devices=devices, mesh=mesh, tokenizer=tokenizer, spec=spec, tx=tx,
+                schedule=schedule, graphdef=graphdef, state=state, shardings=shardings,
+                run_facts=run_facts, checkpointer=checkpointer, changes=changes)
+  if checkpointer is not None and restore_at is not None:
+    setup.state, setup.loader_state = checkpointer.restore(restore_at, state)
+    setup.controls_state = checkpointer.restore_controls(restore_at)
+    setup.restored_step = restore_at
+  return setup
+
+
+def _resume_target_exists(workdir: epath.Path, step: int) -> None:
+  directory = workdir / "checkpoints"
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
+      if directory.exists() else []
+  if step not in steps:
+    raise BadInputError("--resume_from", f"no checkpoint at step {step} in {directory} "
+                        f"(available: {steps or 'none'})")
