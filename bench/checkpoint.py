@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
   parser.add_argument("--config", default=str(REPO / "configs" / "demo.py"))
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--every", type=int, default=10)
@@ -27,6 +27,7 @@ def main() -> int:
   args = parser.parse_args()
 
   import jax
+  from etils import epath
   from mtjax import config as config_lib
   from mtjax import train
   from mtjax.train.checkpoint import Checkpointer
@@ -39,7 +40,7 @@ def main() -> int:
     rows = result.history[2:]  # past compilation
     step_s = statistics.median(r["perf/step_time_s"] for r in rows if "perf/checkpoint_block_s" not in r)
     block_s = [r["perf/checkpoint_block_s"] for r in rows if "perf/checkpoint_block_s" in r]
-    ck = Checkpointer(pathlib.Path(tmp) / "sync", cfg.checkpoint)
+    ck = Checkpointer(epath.Path(tmp) / "sync", cfg.checkpoint)
     t0 = time.perf_counter()
     ck.save(1, result.state, {"next_example": 0}, cfg, {"decay_steps": args.steps})
     ck.wait()

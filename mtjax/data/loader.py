@@ -11,9 +11,9 @@ loader state is small, JSON-serializable and independent of the process count:
 Each process plans the whole global batch from example lengths (cheap) and tokenizes and
 materializes only its own rows.
 
-Rates fed back by the trainer (`set_rates`) take effect `feedback_lag` = prefetch + 1 steps after
-the last consumed step (batches already prefetched keep theirs) and hold until the schedule's
-next stage begins. They are recorded in the state, so a restored loader replays the same stream.
+Rates fed back by the trainer (`set_rates`) take effect `feedback_lag` (data.feedback_lag, at
+least prefetch + 1) steps after the last consumed step (batches already prefetched keep theirs)
+and hold until the schedule's next stage begins. They are recorded in the state, so a restored loader replays the same stream.
 
 Batch contract (../DESIGN.md): inputs, targets, loss_mask (float32, 1 on target tokens only),
 segment_ids (0 = padding), positions, task_ids (per token; padding = -1, never a real task).
@@ -26,18 +26,21 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grain
 import numpy as np
 
+from mtjax.config import Config
 from mtjax.data import pipeline
 from mtjax.data.mixture import Sampler, Schedule, normalized
-from mtjax.data.tokenizer import ByteTokenizer
+from mtjax.data.tokenizer import Tokenizer
 
 PAD_TASK_ID = -1
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids")
 FEEDBACK_LAG_EXTRA = 1  # the producer may hold one finished batch beyond the queue
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -51,14 +54,14 @@ class HostBatch:
 
 def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
   """An all-padding batch of the contract's arrays."""
-  out = {k: np.zeros((rows, seq_len), np.int32) for k in BATCH_KEYS}
+  out: dict[str, np.ndarray] = {k: np.zeros((rows, seq_len), np.int32) for k in BATCH_KEYS}
   out["loss_mask"] = np.zeros((rows, seq_len), np.float32)
   out["task_ids"].fill(PAD_TASK_ID)
   return out
 
 
-def place(out: dict[str, np.ndarray], row: int, start: int, n: int, example: dict, task: int,
-          segment: int) -> None:
+def place(out: dict[str, np.ndarray], row: int, start: int, n: int, example: dict[str, Any],
+          task: int, segment: int) -> None:
   """Writes the first n (input, target) pairs of a tokenized example at out[row, start:]."""
   ids, sl = example["tokens"], slice(start, start + n)
   out["inputs"][row, sl] = ids[:n]
@@ -70,7 +73,16 @@ def place(out: dict[str, np.ndarray], row: int, start: int, n: int, example: dic
   out["task_ids"][row, sl] = task
 
 
-def pack(tokens: Sequence[grain.MapDataset], lengths: Sequence[grain.MapDataset], sampler: Sampler,
+def _item(dataset: grain.MapDataset[T], index: int) -> T:
+  """dataset[index]. Grain types it Optional (an element dropped by a filter); these datasets
+  have no filter, so None never comes."""
+  item = dataset[index]
+  assert item is not None
+  return item
+
+
+def pack(tokens: Sequence[grain.MapDataset[dict[str, Any]]],
+         lengths: Sequence[grain.MapDataset[int]], sampler: Sampler,
          cursors: list[int], rates: np.ndarray, batch_size: int, seq_len: int,
          rows: slice = slice(None)) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
   """Packs one global batch, advancing `sampler` and `cursors` in place.
@@ -90,7 +102,7 @@ def pack(tokens: Sequence[grain.MapDataset], lengths: Sequence[grain.MapDataset]
     if pending is None:
       before = sampler.state()
       task = sampler.draw(rates)
-      pending = (task, int(lengths[task][cursors[task]]), before)
+      pending = (task, int(_item(lengths[task], cursors[task])), before)
     task, length, _ = pending
     n = min(length - 1, seq_len)
     if fill + n > seq_len:  # close the row; the example starts the next one
@@ -99,7 +111,7 @@ def pack(tokens: Sequence[grain.MapDataset], lengths: Sequence[grain.MapDataset]
     truncated[task] += length - 1 > seq_len
     segment += 1
     if first <= row < stop:
-      place(out, row - first, fill, n, tokens[task][cursors[task]], task, segment)
+      place(out, row - first, fill, n, _item(tokens[task], cursors[task]), task, segment)
     cursors[task] += 1
     fill += n
     used += n
@@ -112,17 +124,21 @@ def pack(tokens: Sequence[grain.MapDataset], lengths: Sequence[grain.MapDataset]
 class MixtureLoader:
   """Iterator of HostBatch. `state` is where the NEXT batch starts (restores exactly)."""
 
-  def __init__(self, task_names: Sequence[str], schedule: Schedule, *, tokenizer: ByteTokenizer,
+  def __init__(self, task_names: Sequence[str], schedule: Schedule, *, tokenizer: Tokenizer,
                seed: int, batch_size: int, seq_len: int, prefetch: int = 2,
                process_index: int = 0, process_count: int = 1,
                state: Mapping[str, Any] | None = None, on_bad_record: str = "stop",
-               instructions: Mapping[str, str] | None = None):
+               instructions: Mapping[str, str] | None = None, feedback_lag: int | None = None):
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} not divisible by {process_count} processes")
     self.task_names = tuple(task_names)
     self.schedule = schedule
     self.batch_size, self.seq_len = batch_size, seq_len
     self.prefetch = prefetch
+    min_lag = prefetch + FEEDBACK_LAG_EXTRA if prefetch else 0
+    self.feedback_lag = min_lag if feedback_lag is None else feedback_lag
+    if self.feedback_lag < min_lag:
+      raise ValueError(f"feedback_lag {feedback_lag} < prefetch + {FEEDBACK_LAG_EXTRA} = {min_lag}")
     self._rows = slice(process_index * batch_size // process_count,
                        (process_index + 1) * batch_size // process_count)
     from mtjax.tasks import instruction_rewrite
@@ -144,23 +160,23 @@ class MixtureLoader:
     self._thread: threading.Thread | None = None
 
   @classmethod
-  def from_config(cls, config, *, process_index: int = 0, process_count: int = 1,
+  def from_config(cls, config: Config, *, process_index: int = 0, process_count: int = 1,
                   state: Mapping[str, Any] | None = None, prefetch: int | None = None) -> MixtureLoader:
     from mtjax.data import mixture
     from mtjax.data import tokenizer as tokenizer_lib
+    from mtjax.resolve import resolve
+    config = resolve(config)
     d = config.data
+    prefetch = d.prefetch if prefetch is None else prefetch
+    # max(): a caller that asks for more prefetch than the config still gets a valid lag.
     return cls(d.tasks, mixture.schedule_from_config(config), seed=config.seed,
                tokenizer=tokenizer_lib.get(d.tokenizer), batch_size=d.batch_size,
-               seq_len=d.seq_len, prefetch=d.prefetch if prefetch is None else prefetch,
+               seq_len=d.seq_len, prefetch=prefetch,
                process_index=process_index, process_count=process_count, state=state,
-               on_bad_record=d.on_bad_record, instructions=d.instructions)
+               on_bad_record=d.on_bad_record, instructions=d.instructions,
+               feedback_lag=max(d.feedback_lag, prefetch + FEEDBACK_LAG_EXTRA if prefetch else 0))
 
   # -- rates ---------------------------------------------------------------------------------
-
-  @property
-  def feedback_lag(self) -> int:
-    """Steps after the last consumed one at which fed-back rates take effect."""
-    return self.prefetch + FEEDBACK_LAG_EXTRA if self.prefetch else 0
 
   def set_rates(self, rates: Mapping[str, float]) -> int:
     """Feeds back new sampling rates; returns the step from which they apply."""

@@ -20,6 +20,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
+
+from mtjax.config import Config
 
 
 def examples_proportional(sizes: Sequence[int], *, cap: int = 0, temperature: float = 1.0,
@@ -32,7 +35,7 @@ def examples_proportional(sizes: Sequence[int], *, cap: int = 0, temperature: fl
   return r / r.sum()
 
 
-def normalized(weights: np.ndarray) -> np.ndarray:
+def normalized(weights: npt.ArrayLike) -> np.ndarray:
   w = np.maximum(np.asarray(weights, np.float64), 0.0)
   total = w.sum()
   if total <= 0:
@@ -49,7 +52,8 @@ class Schedule:
   kind: str = "constant"  # constant | stages | linear
 
   @classmethod
-  def constant(cls, task_names: Sequence[str], weights: Mapping[str, float] | Sequence[float]) -> Schedule:
+  def constant(cls, task_names: Sequence[str],
+               weights: Mapping[str, float] | Sequence[float] | np.ndarray) -> Schedule:
     return cls(tuple(task_names), ((0, _vector(task_names, weights)),), "constant")
 
   @classmethod
@@ -74,7 +78,8 @@ class Schedule:
     return normalized(w)
 
 
-def _vector(task_names: Sequence[str], weights) -> tuple[float, ...]:
+def _vector(task_names: Sequence[str],
+            weights: Mapping[str, float] | Sequence[float] | np.ndarray) -> tuple[float, ...]:
   if isinstance(weights, Mapping):
     return tuple(float(weights.get(n, 0.0)) for n in task_names)
   return tuple(float(w) for w in weights)
@@ -97,7 +102,7 @@ class Sampler:
     return [float(c) for c in self.credits]
 
 
-def schedule_from_config(config) -> Schedule:
+def schedule_from_config(config: Config) -> Schedule:
   """The run's sampling-rate schedule from `data.{mixture, rates, schedule, stages}`."""
   from mtjax import tasks as task_registry
   d = config.data

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Callable
+from typing import Any
+
 import grain
 import numpy as np
 
 from mtjax import tasks as task_registry
-from mtjax.data.tokenizer import ByteTokenizer
+from mtjax.data.tokenizer import Tokenizer
 from mtjax.tasks import Example
 
 
@@ -24,11 +27,11 @@ def task_seed(seed: int, task_name: str) -> int:
 class Tokenize(grain.transforms.Map):
   """Example -> {tokens: [BOS] prompt target [EOS], target_start, task_id}."""
 
-  def __init__(self, tokenizer: ByteTokenizer, task_id: int):
+  def __init__(self, tokenizer: Tokenizer, task_id: int):
     self.tokenizer = tokenizer
     self.task_id = task_id
 
-  def map(self, example: Example) -> dict:
+  def map(self, example: Example) -> dict[str, Any]:
     tok = self.tokenizer
     prompt = tok.encode(example.prompt)
     target = tok.encode(example.target)
@@ -39,7 +42,7 @@ class Tokenize(grain.transforms.Map):
 class Length(grain.transforms.Map):
   """Example -> its token count as Tokenize would make it, without building the array."""
 
-  def __init__(self, tokenizer):
+  def __init__(self, tokenizer: Tokenizer):
     self.tokenizer = tokenizer
 
   def map(self, example: Example) -> int:
@@ -48,13 +51,14 @@ class Length(grain.transforms.Map):
 
 @dataclasses.dataclass
 class TaskData:
-  tokens: grain.MapDataset  # infinite, shuffled: {tokens, target_start, task_id}
-  lengths: grain.MapDataset  # the same order: token counts only (for planning the packing)
+  tokens: grain.MapDataset[dict[str, Any]]  # infinite, shuffled: {tokens, target_start, task_id}
+  lengths: grain.MapDataset[int]  # the same order: token counts only (for planning the packing)
   skipped: int  # bad records skipped when loading the source
 
 
-def task_dataset(task_name: str, task_id: int, tokenizer, seed: int, split: str = "train",
-                 on_bad_record: str = "stop", rewrite=None) -> TaskData:
+def task_dataset(task_name: str, task_id: int, tokenizer: Tokenizer, seed: int,
+                 split: str = "train", on_bad_record: str = "stop",
+                 rewrite: Callable[[Example], Example] | None = None) -> TaskData:
   task = task_registry.get(task_name)
   loaded = task.source.load(split, seed, on_bad_record)
   ordered = (grain.MapDataset.source(loaded.examples)

@@ -14,9 +14,12 @@ import numpy as np
 from mtjax.config import Config
 from mtjax.data import tokenizer as tokenizer_lib
 from mtjax.data.loader import MixtureLoader
+from mtjax.data.tokenizer import Tokenizer
 
 
 def preview(config: Config, steps: int, ranges: int = 4, examples_per_task: int = 3) -> str:
+  from mtjax.resolve import resolve
+  config = resolve(config)
   tok = tokenizer_lib.get(config.data.tokenizer)
   loader = MixtureLoader.from_config(config, prefetch=0)
   names = config.data.tasks
@@ -55,7 +58,8 @@ def preview(config: Config, steps: int, ranges: int = 4, examples_per_task: int 
   return out.getvalue()
 
 
-def _collect(arrays, tok, samples, limit) -> None:
+def _collect(arrays: dict[str, np.ndarray], tok: Tokenizer, samples: dict[int, list[str]],
+             limit: int) -> None:
   for row in range(arrays["inputs"].shape[0]):
     for seg in np.unique(arrays["segment_ids"][row]):
       if seg == 0:

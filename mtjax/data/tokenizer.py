@@ -1,17 +1,37 @@
 """Tokenizers: byte-level (default, no download), a local HuggingFace tokenizer.json, or a local
 SentencePiece model. `data.tokenizer` is "byte", "hf:<path/to/tokenizer.json>" or
 "spm:<path/to/model>". Every tokenizer exposes the same special tokens (pad/bos/eos ids): the
-loader adds BOS and EOS itself, so `encode` never adds them.
+loader adds BOS and EOS itself, so `encode` never adds them. `Tokenizer` is the interface the
+loader, evaluation and CLI use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from mtjax.errors import BadInputError
+
+
+class Tokenizer(Protocol):
+  """What every tokenizer exposes. `encode` adds no special tokens; `decode` stops at the first
+  EOS and drops special tokens; `count(text)` is `len(encode(text))`, possibly cheaper."""
+
+  @property
+  def vocab_size(self) -> int: ...
+  @property
+  def pad_id(self) -> int: ...
+  @property
+  def bos_id(self) -> int: ...
+  @property
+  def eos_id(self) -> int: ...
+  def encode(self, text: str) -> np.ndarray: ...
+  def count(self, text: str) -> int: ...
+  def decode(self, ids: Iterable[int]) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +53,7 @@ class ByteTokenizer:
   def count(self, text: str) -> int:
     return len(text.encode("utf-8"))
 
-  def decode(self, ids) -> str:
+  def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in ids]
     if self.eos_id in ids:
       ids = ids[: ids.index(self.eos_id)]
@@ -54,19 +74,21 @@ class HfTokenizer:
     self._tok = Tokenizer.from_file(path)
     vocab = self._tok.get_vocab(with_added_tokens=True)
 
-    def find(names, what):
-      for n in names:
-        if n in vocab:
-          return vocab[n]
-      if what == "pad":
-        return None
-      raise BadInputError("data.tokenizer", f"{path} has no {what.upper()} token (looked for "
-                          f"{', '.join(names)})")
+    def find(names: Sequence[str]) -> int | None:
+      return next((vocab[n] for n in names if n in vocab), None)
 
-    self.bos_id, self.eos_id = find(_BOS, "bos"), find(_EOS, "eos")
-    pad = find(_PAD, "pad")
-    self.pad_id = self.eos_id if pad is None else pad
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    def require(names: Sequence[str], what: str) -> int:
+      found = find(names)
+      if found is None:
+        raise BadInputError("data.tokenizer", f"{path} has no {what.upper()} token (looked for "
+                            f"{', '.join(names)})")
+      return found
+
+    self.bos_id: int = require(_BOS, "bos")
+    self.eos_id: int = require(_EOS, "eos")
+    pad = find(_PAD)
+    self.pad_id: int = self.eos_id if pad is None else pad
+    self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
@@ -74,7 +96,7 @@ class HfTokenizer:
   def count(self, text: str) -> int:
     return len(self.encode(text))
 
-  def decode(self, ids) -> str:
+  def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in ids]
     if self.eos_id in ids:
       ids = ids[: ids.index(self.eos_id)]
@@ -87,12 +109,13 @@ class SentencePieceTokenizer:
   def __init__(self, path: str):
     import sentencepiece as spm
     self._sp = spm.SentencePieceProcessor(model_file=path)
-    self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+    self.bos_id: int = self._sp.bos_id()
+    self.eos_id: int = self._sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
       raise BadInputError("data.tokenizer", f"{path} defines no BOS/EOS pieces (train it with "
                           "bos_id and eos_id >= 0)")
-    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
-    self.vocab_size = self._sp.get_piece_size()
+    self.pad_id: int = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+    self.vocab_size: int = self._sp.get_piece_size()
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._sp.encode(text), np.int32)
@@ -100,14 +123,14 @@ class SentencePieceTokenizer:
   def count(self, text: str) -> int:
     return len(self._sp.encode(text))
 
-  def decode(self, ids) -> str:
+  def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in ids]
     if self.eos_id in ids:
       ids = ids[: ids.index(self.eos_id)]
     return self._sp.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
 
 
-def get(name: str):
+def get(name: str) -> Tokenizer:
   """"byte" | "hf:<tokenizer.json>" | "spm:<model>"; a bad name or file is a BadInputError."""
   if name == "byte":
     return ByteTokenizer()

@@ -111,7 +111,7 @@ class Generator:
                seed: int = 0, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0) -> list[list[Sample]]:
     """For each prompt (token ids, BOS included), num_samples Samples."""
-    from mtjax.train.step import CompileCounter
+    from mtjax.monitoring import CompileCounter
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(num_samples)]
     results: list[list[Sample]] = [[] for _ in prompts]
     by_bucket: dict[int, list] = {}

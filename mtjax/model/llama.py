@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,9 @@ from flax import nnx
 from mtjax.config import ModelConfig
 from mtjax.model import attention as attention_lib
 from mtjax.parallel.sharding import constrain
+
+# One layer's KV cache (see init_cache): k, v [B, S, K, H], valid [B, S], index [].
+LayerCache = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +90,13 @@ class Attention(nnx.Module):
     out_std = 1 / math.sqrt(n * h) / math.sqrt(2 * spec.num_layers)
     self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
 
+  @overload
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: None = None) -> jax.Array: ...
+  @overload
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: LayerCache) -> tuple[jax.Array, LayerCache]: ...
+
   def __call__(self, x, positions, segment_ids, cache=None):
     dt = x.dtype
     q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
@@ -125,6 +136,13 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps)
     self.mlp = MLP(spec, rngs)
 
+  @overload
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: None = None) -> jax.Array: ...
+  @overload
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: LayerCache) -> tuple[jax.Array, LayerCache]: ...
+
   def __call__(self, x, positions, segment_ids, cache=None):
     attn = self.attn(self.attn_norm(x), positions, segment_ids, cache)
     if cache is not None:
@@ -154,6 +172,13 @@ class Decoder(nnx.Module):
       self.lm_head = _param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"),
                             1 / math.sqrt(spec.d_model))
 
+  @overload
+  def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: None = None) -> jax.Array: ...
+  @overload
+  def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: list[LayerCache]) -> tuple[jax.Array, list[LayerCache]]: ...
+
   def __call__(self, tokens, positions, segment_ids, cache=None):
     """With `cache` (see init_cache), also returns the updated cache: (logits, cache)."""
     dt = jnp.dtype(self.spec.dtype)
@@ -178,7 +203,7 @@ class Decoder(nnx.Module):
     return logits if cache is None else (logits, new_cache)
 
 
-def init_cache(spec: ModelSpec, batch: int, length: int) -> list[dict[str, jax.Array]]:
+def init_cache(spec: ModelSpec, batch: int, length: int) -> list[LayerCache]:
   """An empty KV cache: per layer k, v [B, S, K, H], which slots hold a real token, and the next
   write index (shared by all rows: prompts are left-padded to a common length)."""
   shape = (batch, length, spec.num_kv_heads, spec.head_dim)

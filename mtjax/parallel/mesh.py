@@ -8,6 +8,7 @@ slice, (data, fsdp, tensor) are laid out over the fast interconnect.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import jax
 import numpy as np
@@ -17,13 +18,20 @@ from mtjax.config import MeshConfig
 from mtjax.errors import BadInputError
 from mtjax.parallel.sharding import MESH_AXES
 
+if TYPE_CHECKING:
+  # jax.Device is assigned from jaxlib's compiled module, which ships no type stub, so a type
+  # checker cannot use it in annotations. Annotate devices with this alias instead.
+  Device: TypeAlias = Any
+else:
+  Device = jax.Device
+
 
 def resolve_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
   """(dcn, data, fsdp, tensor); data*fsdp*tensor fill one slice of num_devices / dcn devices."""
   if num_devices % mesh.dcn:
     raise BadInputError("mesh.dcn", f"{num_devices} devices cannot form {mesh.dcn} equal slices")
   per_slice = num_devices // mesh.dcn
-  sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+  sizes: list[int] = [mesh.data, mesh.fsdp, mesh.tensor]
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if per_slice % known:
@@ -34,13 +42,14 @@ def resolve_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int, in
     raise BadInputError("mesh", f"data*fsdp*tensor = {int(np.prod(sizes))} must equal the devices "
                         f"per slice {per_slice} ({num_devices} devices / dcn {mesh.dcn}; use -1 "
                         "for 'the rest')")
-  return (mesh.dcn, *sizes)
+  data, fsdp, tensor = sizes
+  return mesh.dcn, data, fsdp, tensor
 
 
-def _slices(devices: Sequence[jax.Device], dcn: int) -> list[list[jax.Device]]:
+def _slices(devices: Sequence[Device], dcn: int) -> list[list[Device]]:
   """Devices grouped by slice (TPU slice_index), else by process, else in order."""
   for key in ("slice_index", "process_index"):
-    groups: dict[int, list[jax.Device]] = {}
+    groups: dict[int, list[Device]] = {}
     for d in devices:
       groups.setdefault(getattr(d, key, 0), []).append(d)
     if len(groups) == dcn:
@@ -49,7 +58,7 @@ def _slices(devices: Sequence[jax.Device], dcn: int) -> list[list[jax.Device]]:
   return [list(devices[i * per:(i + 1) * per]) for i in range(dcn)]
 
 
-def make_mesh(mesh: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(mesh: MeshConfig, devices: Sequence[Device] | None = None) -> jax.sharding.Mesh:
   devices = list(devices) if devices is not None else jax.devices()
   shape = resolve_shape(mesh, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

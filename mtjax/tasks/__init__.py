@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # sources.py imports Example from here
+  from mtjax.tasks.sources import Source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Task:
   """
 
   name: str
-  source: Any  # a tasks.sources source
+  source: Source  # see tasks/sources.py
   is_correct: Callable[[Example, str], bool]
   open_ended: bool = False  # many right answers (entropy should stay up)
   metrics: tuple[str, ...] = ("exact_match",)

@@ -1,4 +1,5 @@
-"""Where a task's examples come from. Every source gives random access to a split's examples.
+"""Where a task's examples come from. Every source gives random access to a split's examples
+(`Source`: load(split, seed, on_bad_record) -> Loaded).
 
 - GeneratorSource: a Python function (split, seed) -> examples (in memory).
 - JsonlSource: a user's JSONL files (UTF-8), with configurable instruction/prompt/target fields.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 from etils import epath
 
@@ -27,6 +28,16 @@ from mtjax.tasks import Example
 class Loaded:
   examples: Sequence[Example]  # random access: len() and [i]
   skipped: int = 0  # bad records skipped (on_bad_record="skip")
+
+
+class Source(Protocol):
+  """What every source shares: a split's examples, loaded (or opened lazily) with random access.
+
+  `seed` is for sources that generate their examples; the others ignore it (the pipeline
+  shuffles). `on_bad_record` is "stop" (raise a BadInputError) or "skip" (count in `skipped`).
+  """
+
+  def load(self, split: str, seed: int, on_bad_record: str = "stop") -> Loaded: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +105,18 @@ class JsonlSource:
     return Loaded(examples, skipped)
 
 
-class _Decoded(Sequence):
+class Records(Protocol):
+  """Random-access records (grain's and TFDS's array_record data sources)."""
+
+  def __len__(self) -> int: ...
+  def __getitem__(self, index: int, /) -> Any: ...
+
+
+class _Decoded(Sequence[Example]):
   """Lazily decodes records of a random-access source into Examples."""
 
-  def __init__(self, records, fields: Fields, where: str, decode: Callable[[Any], Any]):
+  def __init__(self, records: Records, fields: Fields, where: str,
+               decode: Callable[[Any], Any]):
     self._records, self._fields, self._where, self._decode = records, fields, where, decode
 
   def __len__(self) -> int:
@@ -124,7 +143,9 @@ class ArrayRecordSource:
     for path in paths:
       if not epath.Path(path).exists():
         raise BadInputError(str(path), "file not found")
-    records = grain.sources.ArrayRecordDataSource(paths)
+    # grain declares its base class under a platform.system() test pyright cannot evaluate, so the
+    # type it sees is the Windows placeholder (no __len__/__getitem__).
+    records = cast(Records, grain.sources.ArrayRecordDataSource(paths))
     return Loaded(_Decoded(records, self.fields, ",".join(paths), lambda r: json.loads(r)))
 
 
@@ -147,5 +168,6 @@ class TfdsSource:
       print(f"building task suite {self.name} into {directory} (once)", file=sys.stderr)
       tfds.display_progress_bar(False)
       builder.download_and_prepare()
-    records = tfds.data_source(self.name, data_dir=directory, split=split)
+    # Typed for every form of `split` (a list or None give a list or dict); one name gives one.
+    records = cast(Records, tfds.data_source(self.name, data_dir=directory, split=split))
     return Loaded(_Decoded(records, self.fields, f"tfds:{self.name}[{split}]", lambda r: r))

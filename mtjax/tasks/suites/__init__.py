@@ -47,7 +47,8 @@ class SuiteBuilder(tfds.core.GeneratorBasedBuilder):
   """Base: subclasses set TASKS = {task: (generator, held_out)} and a BuilderConfig per task."""
 
   VERSION = tfds.core.Version("1.0.0")
-  TASKS: Mapping[str, tuple[Generator, bool]] = {}
+  # A suite that overrides _split_generators may leave the generator None.
+  TASKS: Mapping[str, tuple[Generator | None, bool]] = {}
   SUITE = ""
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -55,10 +56,19 @@ class SuiteBuilder(tfds.core.GeneratorBasedBuilder):
         "instruction": tfds.features.Text(), "input": tfds.features.Text(),
         "target": tfds.features.Text()}))
 
+  @property
+  def task(self) -> str:
+    """The task this builder makes: its BuilderConfig's name (every suite builder has one)."""
+    config = self.builder_config
+    assert config is not None, f"{type(self).__name__} needs config=<task>"
+    return config.name
+
   def _split_generators(self, dl_manager):
     del dl_manager  # generated, nothing to download
-    make, held_out = self.TASKS[self.builder_config.name]
-    splits = split_examples(self.SUITE, self.builder_config.name, make, held_out)
+    make, held_out = self.TASKS[self.task]
+    if make is None:
+      raise NotImplementedError(f"{type(self).__name__}: task {self.task!r} has no generator")
+    splits = split_examples(self.SUITE, self.task, make, held_out)
     return {split: self._generate_examples(examples) for split, examples in splits.items()}
 
   def _generate_examples(self, examples):

@@ -276,7 +276,7 @@ class MtjaxFunctionCalling(SuiteBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     train_apis, held_apis = api_split()
-    kind = self.builder_config.name
+    kind = self.task
     out = {}
     for split, apis, size in (("train", train_apis, 5000), ("validation", held_apis, 500)):
       rng = np.random.default_rng([_SEED, zlib.crc32(f"{kind}/{split}".encode())])
