@@ -1,13 +1,14 @@
 # make demo: set up .venv (if missing) and run the efficiency study at demo scale on CPU
 #            (single-task vs multi-task, 4 tasks x 3 seeds; report.md and plots in runs/demo).
 # make test: set up .venv (if missing) and run the test suite (8 fake CPU devices).
+# make lint: ruff and pyright.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mtjax-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint setup clean
 
 setup: $(STAMP)
 
@@ -22,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Lint and types (CI runs this before the tests): ruff, then pyright (configs in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pyright
 
 clean:
 	rm -rf runs .pytest_cache

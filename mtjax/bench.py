@@ -141,7 +141,7 @@ def eval_compile(cfg: Config, graphdef, spec, mesh, params) -> dict[str, float]:
 
 def torch_eager_step_time(spec, batch: dict[str, np.ndarray], num_tasks: int, steps: int) -> float | None:
   try:
-    import torch  # noqa: F401
+    import torch  # noqa: F401  # pyright: ignore[reportMissingImports]
   except ImportError:
     return None
   from mtjax import torch_reference

@@ -250,7 +250,7 @@ def _convert(value: Any, hint: Any, field: str) -> Any:
       raise BadInputError(field, f"expected a mapping of task name to value, got {value!r}")
     items = value.items()
     return _frozen_mapping({str(k): _convert(v, value_type, f"{field}.{k}") for k, v in items})
-  if dataclasses.is_dataclass(hint):
+  if isinstance(hint, type) and dataclasses.is_dataclass(hint):
     return _build(hint, value, field)
   raise TypeError(f"unsupported config annotation {hint!r} at {field}")
 
@@ -464,6 +464,8 @@ def import_config_module(path: str) -> tuple[types.ModuleType, str]:
   if not file_path.is_file():
     raise BadInputError("--config", f"config file not found: {file}")
   spec = importlib.util.spec_from_file_location(f"mtjax_config_{file_path.stem}", file_path)
+  if spec is None or spec.loader is None:
+    raise BadInputError(file, "cannot be imported as a Python file")
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
@@ -490,7 +492,7 @@ def _merge(into: dict[str, Any], raw: Mapping[str, Any], cls: type) -> None:
   hints = typing.get_type_hints(cls)
   for key, value in raw.items():
     hint = hints.get(key)
-    if hint is not None and dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
       _merge(into[key], value, hint)
     else:
       into[key] = value  # an unknown key stays, so from_dict names it

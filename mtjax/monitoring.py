@@ -21,12 +21,12 @@ class CompileCounter:
       CompileCounter._registered = True
 
   @staticmethod
-  def _on_event(event: str, duration: float, **kwargs) -> None:
+  def _on_event(event: str, duration_secs: float, **kwargs) -> None:
     del kwargs
     active = getattr(CompileCounter._local, "active", None)
     if active is not None and event == "/jax/core/compile/backend_compile_duration":
       active.count += 1
-      active.seconds += duration
+      active.seconds += duration_secs
 
   def __enter__(self):
     CompileCounter._local.active = self

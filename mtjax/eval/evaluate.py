@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mtjax import tasks as task_registry
@@ -28,6 +29,7 @@ from mtjax.eval.decode import Generator
 from mtjax.model import ModelSpec
 from mtjax.monitoring import CompileCounter
 from mtjax.parallel import sharding as sharding_lib
+from mtjax.parallel.mesh import Device
 from mtjax.parallel.sharding import BATCH_AXES
 from mtjax.train import losses
 
@@ -95,14 +97,14 @@ class Evaluator:
     return np.concatenate([[self.tokenizer.bos_id], self.tokenizer.encode(example.prompt)]).astype(np.int32)
 
   def teacher_forced(self, params) -> dict[str, np.ndarray]:
-    totals = None
+    totals: dict[str, np.ndarray] = {}
     with jax.set_mesh(self.mesh):
       for batch in self.batches:
         device_batch = {k: jax.device_put(v, self._batch_sharding) for k, v in batch.items()}
         with self.eval_compiles:
           sums = self._eval_step(params, device_batch)
         sums = jax.device_get(sums)
-        totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+        totals = {k: totals[k] + sums[k] if k in totals else sums[k] for k in sums}
     return totals
 
   def __call__(self, params, step: int) -> dict[str, Any]:
@@ -150,8 +152,9 @@ class Evaluator:
     return row
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, tasks: Sequence[str] = (),
-                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
+                        tasks: Sequence[str] = (),
+                        devices: Sequence[Device] | None = None) -> dict[str, Any]:
   """`mtjax eval`: restore a run's checkpoint, evaluate, write workdir/eval/step_<S>.json."""
   from mtjax import config as config_lib
   from mtjax.errors import BadInputError
@@ -159,30 +162,30 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, tasks: Sequence[s
   from mtjax.train import rundir
   from mtjax.train import setup as setup_lib
 
-  workdir = rundir.resolve(workdir)
-  if not (workdir / "config.json").exists():
-    raise BadInputError(str(workdir), "not a run directory (no config.json)")
-  config = config_lib.from_dict(json.loads((workdir / "config.json").read_text()))
+  path = rundir.resolve(workdir)
+  if not (path / "config.json").exists():
+    raise BadInputError(str(path), "not a run directory (no config.json)")
+  config = config_lib.from_dict(json.loads((path / "config.json").read_text()))
   for name in tasks:
     if name not in config.data.tasks:
       raise BadInputError("--tasks", f"{name!r} is not a task of this run ({list(config.data.tasks)})")
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+  checkpointer = checkpoint_lib.Checkpointer(path, config.checkpoint)
   try:
     available = checkpointer.all_steps()
   finally:
     checkpointer.close()
   if not available:
-    raise BadInputError(str(workdir / "checkpoints"), "no checkpoint to evaluate")
+    raise BadInputError(str(path / "checkpoints"), "no checkpoint to evaluate")
   step = available[-1] if step is None else step
   if step not in available:
     raise BadInputError("--step", f"no checkpoint at step {step} (available: {available})")
   # Evaluating on other hardware than the run's is fine: any_mesh puts every device on fsdp.
-  run = setup_lib.build(config, devices=devices, workdir=workdir, restore_step=step, any_mesh=True)
+  run = setup_lib.build(config, devices=devices, workdir=path, restore_step=step, any_mesh=True)
   assert run.checkpointer is not None
   run.checkpointer.close()
   evaluator = Evaluator(run.config, run.graphdef, run.spec, run.mesh, run.tokenizer, tasks or None)
   row = evaluator(run.state.params, step)
-  out = workdir / "eval" / f"step_{step}.json"
+  out = path / "eval" / f"step_{step}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
   row["_path"] = str(out)

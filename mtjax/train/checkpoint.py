@@ -61,7 +61,7 @@ class Checkpointer:
   def __init__(self, workdir: epath.Path, cfg: CheckpointConfig):
     self.directory = workdir / "checkpoints"
     self.cfg = cfg
-    policies = [ocp.checkpoint_managers.LatestN(cfg.keep)]
+    policies: list[Any] = [ocp.checkpoint_managers.LatestN(cfg.keep)]
     if cfg.best_metric:
       policies.append(ocp.checkpoint_managers.BestN(
           get_metric_fn=lambda m: m[cfg.best_metric], reverse=cfg.best_mode == "min",
@@ -148,10 +148,10 @@ class Checkpointer:
           state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()))
     except Exception as e:
       raise self._damaged(step, e) from None
-    state = restored.state
+    state = restored["state"]
     if version == 1:
       state = like_state.replace(**state)
-    return state, restored.loader
+    return state, restored["loader"]
 
   def restore_controls(self, step: int) -> dict | None:
     """The pending fed-back weights and coefficients (None for checkpoints without them)."""

@@ -24,6 +24,7 @@ from etils import epath
 from mtjax.config import Config
 from mtjax.data.loader import HostBatch, MixtureLoader
 from mtjax.monitoring import CompileCounter
+from mtjax.parallel.mesh import Device
 from mtjax.train import checkpoint as checkpoint_lib
 from mtjax.train import hooks as hooks_lib
 from mtjax.train import metrics as metrics_lib
@@ -178,7 +179,7 @@ def default_hooks(config: Config, make_evaluator: Callable | None,
 
 
 def run(config: Config, workdir: str | epath.PathLike, *,
-        devices: Sequence[jax.Device] | None = None, resume_from: int | None = None,
+        devices: Sequence[Device] | None = None, resume_from: int | None = None,
         profile: tuple[int, int] | None = None, evaluator: Callable | None = None,
         extra_hooks: Sequence[hooks_lib.Hook] = ()) -> RunResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint (or `resume_from`).

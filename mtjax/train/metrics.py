@@ -49,7 +49,7 @@ class MetricsWriter:
       self._file = self.path.open("a")
 
   def write(self, row: Mapping[str, Any]) -> None:
-    if not self.enabled:
+    if self._tb is None:  # not process 0
       return
     self._file.write(json.dumps(row, sort_keys=True) + "\n")
     self._file.flush()
@@ -59,7 +59,7 @@ class MetricsWriter:
         self._tb.add_scalar(key, value, step)
 
   def close(self) -> None:
-    if self.enabled:
+    if self._tb is not None:
       self._file.close()
       self._tb.close()
 

@@ -79,6 +79,7 @@ def ema_of_params(decay: float) -> optax.GradientTransformation:
     return EmaState(ema=jax.tree.map(lambda p: p, params))
 
   def update(updates, state, params=None):
+    assert params is not None, "ema_of_params needs the params"
     new = optax.apply_updates(params, updates)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new)
     return updates, EmaState(ema=ema)
@@ -107,7 +108,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
   else:
     labels = lambda params: group_labels(params, cfg.param_groups)
     frozen = lambda params: jax.tree.map(lambda label: label == FROZEN, labels(params))
-    transforms = {p: adamw(s) for p, s in cfg.param_groups.items() if s != 0}
+    transforms: dict[Any, optax.GradientTransformation] = {p: adamw(s) for p, s in cfg.param_groups.items() if s != 0}
     transforms["default"] = adamw(1.0)
     transforms[FROZEN] = optax.set_to_zero()
     parts = [optax.masked(optax.set_to_zero(), frozen), clip,

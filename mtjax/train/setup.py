@@ -22,7 +22,7 @@ from mtjax.data.tokenizer import Tokenizer
 from mtjax.errors import BadInputError
 from mtjax.model import ModelSpec
 from mtjax.parallel import sharding as sharding_lib
-from mtjax.parallel.mesh import make_mesh
+from mtjax.parallel.mesh import Device, make_mesh
 from mtjax.resolve import resolve
 from mtjax.train import checkpoint as checkpoint_lib
 from mtjax.train import optimizer
@@ -32,7 +32,7 @@ from mtjax.train import step as step_lib
 @dataclasses.dataclass
 class Setup:
   config: Config  # resolved
-  devices: list[jax.Device]
+  devices: list[Device]
   mesh: jax.sharding.Mesh
   tokenizer: Tokenizer
   spec: ModelSpec
@@ -79,7 +79,7 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build(config: Config, *, devices: Sequence[jax.Device] | None = None,
+def build(config: Config, *, devices: Sequence[Device] | None = None,
           workdir: epath.Path | None = None, resume_from: int | None = None,
           restore_step: int | None = None, any_mesh: bool = False,
           decay_steps: int | None = None) -> Setup:

@@ -31,11 +31,12 @@ FORMAT_VERSION = 2
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # int32 []
+  # Leaves are jax.Arrays; the same class holds their NamedShardings (`shardings`), hence Any.
+  step: Any  # int32 []
   params: Any  # nested dict of float32 arrays
   opt_state: Any
-  skipped_steps: jax.Array  # int32 [], total non-finite steps skipped
-  consecutive_skips: jax.Array  # int32 []
+  skipped_steps: Any  # int32 [], total non-finite steps skipped
+  consecutive_skips: Any  # int32 []
   # Method state beside params and optimizer (weighting statistics, adapters, RL): a dict of
   # arrays, checkpointed with the rest; {} for plain supervised training.
   extra: Any = flax.struct.field(default_factory=dict)
