@@ -14,7 +14,7 @@ def get_config(variant: str = ""):
   if variant == "gpu":  # ~150M parameters, bf16, 64 x 1024 tokens per step: fills an H100/H200
     c.model.update(d_model=1024, num_layers=12, num_heads=16, num_kv_heads=8, mlp_dim=4096,
                    attention="reference")
-    c.data.update(batch_size=64, seq_len=1024, prefetch=4)
+    c.data.update(batch_size=64, seq_len=1024, prefetch=4, feedback_lag=5)
   elif variant == "tiny":
     c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
     c.data.update(batch_size=8, seq_len=64)

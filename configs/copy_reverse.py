@@ -16,8 +16,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.tasks = tasks
   c.data.mixture = {t: 1.0 for t in tasks}
   c.data.seq_len = 64
-  c.train.loss_weights = {}
-  c.train.entropy_coefs = {}
   c.train.steps = 500
   c.checkpoint.every = 250
   c.eval.update(every=250, num_examples=64, num_generate=200, sample_prompts=8, num_samples=4,

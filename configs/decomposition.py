@@ -22,8 +22,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Function-calling examples are 270-1330 bytes (prompt with a 4-API library, and target):
   # rows of 1536 byte tokens hold the longest whole, so no target is ever cut off.
   c.data.update(batch_size=8, seq_len=1536)
-  c.train.loss_weights = {}
-  c.train.entropy_coefs = {}
   c.train.log_every = 25
   c.optimizer.update(lr=3e-3, warmup_steps=30)
   # accuracy = structural match of the greedy completion on held-out APIs
