@@ -37,16 +37,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.mixture = {t: 1.0 for t in DEMO_TASKS}
     # Targets each single-task run reaches within its 100 steps (copy and reverse climb slowly
     # at this size), so tokens-to-target is measured for every task in both arms.
-    c.study.update(steps_per_task=100, seeds=(0, 1, 2), eval_every=20,
-                   targets={"structured_copy": 0.12, "structured_reverse": 0.12})
+    c.study.update(steps_per_task=100, seeds=(0, 1, 2), eval_every=20)
+    # Assigned, not updated: update() would merge these into the full study's per-task targets.
+    c.study.targets = {"structured_copy": 0.12, "structured_reverse": 0.12}
   elif variant == "tiny":
     c.data.tasks = TASKS[:2]
     c.data.mixture = {t: 1.0 for t in TASKS[:2]}
     c.model.update(d_model=32, mlp_dim=64)
     c.data.update(batch_size=8)
     c.train.log_every = 2
-    c.eval.update(num_examples=8, num_generate=4, max_new_tokens=8)
-    c.study.update(steps_per_task=4, seeds=(0, 1), eval_every=2, target=0.0, targets={})
+    c.optimizer.update(lr=1e-2, warmup_steps=2)
+    c.eval.update(num_examples=8, num_generate=0, max_new_tokens=8)
+    # A target both arms reach within a few steps (held-out token accuracy climbs from 0 to ~0.1
+    # once the tiny model learns the target alphabet), so the ratio is a real measurement.
+    c.study.update(steps_per_task=16, seeds=(0, 1), eval_every=4, target=0.08)
+    c.study.targets = {}
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: demo, tiny)")
   return c

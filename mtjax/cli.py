@@ -45,18 +45,14 @@ def _parser() -> argparse.ArgumentParser:
   sw.add_argument("--workdir", required=True, help="one subdirectory per variant goes here")
   sw.add_argument("--print", dest="print_only", action="store_true",
                   help="print one launch command per variant instead of running them")
+  from mtjax.experiments.registry import STUDIES
   exp = sub.add_parser("experiment", help="run a study").add_subparsers(
       dest="study", required=True, parser_class=_Parser)
-  eff = exp.add_parser("efficiency", help="multi-task vs task-specific at equal compute")
-  eff.add_argument("--config", required=True)
-  eff.add_argument("--workdir", required=True)
-  for name, text in (("transfer", "sequential stages: R matrix, ACC/BWT/FWT, BWT-guided order, orders"),
-                     ("entropy", "entropy and distinct-k of open-ended tasks: joint, regularized, ordered"),
-                     ("decomposition", "function calling: umbrella alone vs granular subtasks"),
-                     ("instructions", "instruction ablation: original vs empty vs wrong")):
-    study = exp.add_parser(name, help=text)
-    study.add_argument("--config", required=True)
-    study.add_argument("--workdir", required=True)
+  for study in STUDIES.values():
+    one = exp.add_parser(study.name, help=study.help,
+                         epilog="Any number of --config.a.b=value overrides may follow.")
+    one.add_argument("--config", required=True, help="path/to/config.py[:variant] (study.* settings)")
+    one.add_argument("--workdir", required=True, help="study dir: seed<S>/<arm> runs, report.md")
   bench = sub.add_parser("bench", help="step overhead, loader headroom, compiles, MFU (JSON)")
   bench.add_argument("--out", required=True, help="where to write the JSON")
   bench.add_argument("--config", default="configs/bench.py", help="model and batch to time")
@@ -93,10 +89,10 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import config as config_lib
   from mtjax import train as train_lib
-
   from mtjax.parallel import distributed
+  from mtjax.resolve import resolve
 
-  config = config_lib.load(args.config, overrides)
+  config = resolve(config_lib.load(args.config, overrides))  # bad input fails before any setup
   profile = _profile_range(args.profile)
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   try:
@@ -161,12 +157,16 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from mtjax.experiments import runs
   from mtjax.experiments import sweep as sweep_lib
 
   if args.print_only:
     print("\n".join(sweep_lib.launch_commands(args.config, args.workdir, overrides)))
     return EXIT_OK
-  result = sweep_lib.run_sweep(args.config, args.workdir, overrides)
+  try:
+    result = sweep_lib.run_sweep(args.config, args.workdir, overrides)
+  except runs.Preempted:  # run_once said which variant; finished ones stay DONE
+    return EXIT_PREEMPTED
   print(f"sweep: ran {len(result['ran'])}, skipped {len(result['skipped'])} already complete; "
         f"results {result['table']} and results.md")
   return EXIT_OK
@@ -174,18 +174,14 @@ def sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def experiment(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import config as config_lib
-  from mtjax.experiments import decomposition, efficiency, entropy, instructions, transfer
+  from mtjax.experiments import runs
+  from mtjax.experiments.registry import STUDIES
 
   config = config_lib.load(args.config, overrides)
-  st = config.study
-  if args.study == "efficiency":
-    summary = efficiency.run(config, args.workdir, steps_per_task=st.steps_per_task, seeds=st.seeds,
-                             eval_every=st.eval_every, target=st.target, metric=st.metric,
-                             targets=dict(st.targets))
-  else:
-    module = {"transfer": transfer, "entropy": entropy, "decomposition": decomposition,
-              "instructions": instructions}[args.study]
-    summary = module.run(config, args.workdir)
+  try:
+    summary = STUDIES[args.study].run(config, args.workdir)
+  except runs.Preempted:  # run_once said which arm; finished arms stay DONE
+    return EXIT_PREEMPTED
   report_path = f"{args.workdir}/report.md"
   with open(report_path) as f:
     print(f.read())
@@ -197,8 +193,8 @@ def experiment(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-  from mtjax.experiments import report as report_lib
-  print(f"rebuilt {report_lib.rebuild(args.workdir)}")
+  from mtjax.experiments import registry
+  print(f"rebuilt {registry.rebuild(args.workdir)}")
   return EXIT_OK
 
 

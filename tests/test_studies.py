@@ -1,8 +1,11 @@
-"""The transfer, entropy, decomposition and instruction studies: their tiny variants run through
-the CLI, their summaries agree with the arms' stored metrics, their reports rebuild identically;
-and the instruction switch rewrites what training and evaluation see."""
+"""The study registry and what every study shares (settings checked before training, arms marked
+DONE only when finished, a preempted arm stops the study with exit code 3); the transfer,
+entropy, decomposition and instruction studies: their tiny variants run through the CLI, their
+summaries agree with the arms' stored metrics, their reports rebuild identically; and the
+instruction switch rewrites what training and evaluation see."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -10,7 +13,9 @@ import pytest
 from conftest import REPO, tiny_config
 from mtjax import cli
 from mtjax import config as config_lib
-from mtjax.experiments import arms, transfer
+from mtjax.errors import BadInputError
+from mtjax.experiments import arms, runs, transfer
+from mtjax.experiments.registry import STUDIES
 
 
 def _rows(path):
@@ -27,10 +32,116 @@ def _run_study(name, tmp_path, capsys):
 
 
 def _rebuilds_identically(out):
-  report = (out / "report.md").read_text()
+  report, summary = (out / "report.md").read_text(), (out / "summary.json").read_text()
   (out / "report.md").unlink()
+  (out / "summary.json").unlink()
   assert cli.main(["report", str(out)]) == 0
   assert (out / "report.md").read_text() == report
+  assert (out / "summary.json").read_text() == summary
+
+
+# ------------------------------------------------------------------ the registry
+
+def test_every_registered_study_is_an_experiment_subcommand():
+  assert list(STUDIES) == ["efficiency", "transfer", "entropy", "decomposition", "instructions"]
+  for name, study in STUDIES.items():
+    assert study.name == name and study.help
+    args = cli._parser().parse_args(["experiment", name, "--config", "c.py", "--workdir", "w"])
+    assert (args.command, args.study, args.config, args.workdir) == (
+        "experiment", name, "c.py", "w")
+  with pytest.raises(BadInputError, match="invalid choice"):
+    cli._parser().parse_args(["experiment", "nonexistent", "--config", "c.py", "--workdir", "w"])
+
+
+def _no_training(cfg, workdir):
+  raise AssertionError(f"trained {workdir} despite bad study settings")
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_study_settings_are_checked_before_training(name, tmp_path, capsys, monkeypatch):
+  from mtjax import train
+  monkeypatch.setattr(train, "run", _no_training)
+  out = tmp_path / name
+  assert cli.main(["experiment", name, "--config", f"{REPO}/configs/{name}.py:tiny", "--workdir",
+                   str(out), "--config.study.steps_per_task=0"]) == 2
+  assert capsys.readouterr().err.startswith("error: study.steps_per_task: expected a positive")
+  assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("dotted, field", [
+    ({"study.steps_per_task": -1}, "study.steps_per_task"),
+    ({"study.eval_every": 0}, "study.eval_every"),
+    ({"study.seeds": ()}, "study.seeds"),
+    ({"study.seeds": (0, 1, 0)}, "study.seeds"),
+    ({"study.targets": {"reverse": 0.5, "sorting": 0.5}}, "study.targets.sorting"),
+    ({"study.metric": ""}, "study.metric"),
+])
+def test_bad_study_settings_name_the_field(dotted, field):
+  base = tiny_config()
+  arms.validate_study_config(base)  # the defaults are fine
+  arms.validate_study_config(base.replace(**{"study.targets": {"reverse": 0.5}}))
+  with pytest.raises(BadInputError) as e:
+    arms.validate_study_config(base.replace(**dotted))
+  assert e.value.field == field
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_preempted_arm_is_not_done_and_stops_the_study(name, tmp_path, capsys, monkeypatch):
+  from mtjax import train
+  trained = []
+
+  def preempted(cfg, workdir):
+    trained.append(workdir)
+    workdir.mkdir(parents=True)
+    return types.SimpleNamespace(preempted=True)  # as RunResult after a SIGTERM
+
+  monkeypatch.setattr(train, "run", preempted)
+  out = tmp_path / name
+  assert cli.main(["experiment", name, "--config", f"{REPO}/configs/{name}.py:tiny",
+                   "--workdir", str(out)]) == cli.EXIT_PREEMPTED
+  assert len(trained) == 1  # the study stopped at its first arm
+  assert not runs.is_done(trained[0]) and trained[0].parent.parent == out
+  assert "interrupted by a preemption signal" in capsys.readouterr().err
+  assert not (out / "summary.json").exists() and not (out / "report.md").exists()
+
+
+def test_run_once_marks_done_only_after_a_finished_run(tmp_path):
+  cfg = tiny_config()
+  calls = []
+  finished = lambda c, w: calls.append(w)  # None: finished (a fake train_fn)
+  assert runs.run_once(tmp_path / "a", cfg, finished, payload="x") is True
+  assert runs.is_done(tmp_path / "a") and (tmp_path / "a" / runs.DONE).read_text() == "x"
+  assert runs.run_once(tmp_path / "a", cfg, finished) is False and len(calls) == 1  # skipped
+  with pytest.raises(runs.Preempted):
+    runs.run_once(tmp_path / "b", cfg, lambda c, w: types.SimpleNamespace(preempted=True))
+  assert not runs.is_done(tmp_path / "b")
+  assert runs.run_once(tmp_path / "b", cfg, lambda c, w: types.SimpleNamespace(preempted=False))
+  assert runs.is_done(tmp_path / "b")
+
+
+def test_stored_metrics_readers_skip_blank_lines(tmp_path):
+  arm = tmp_path / "arm"
+  arm.mkdir()
+  (arm / "metrics.jsonl").write_text(
+      '{"step": 0, "eval/a/token_accuracy": 0.1, "eval/b/token_accuracy": 0.0}\n\n'
+      '{"step": 2, "train/a/entropy": 1.5}\n'
+      '{"step": 4, "eval/a/token_accuracy": 0.3, "eval/b/token_accuracy": 0.2}\n  \n')
+  assert arms.eval_curves(arm, "token_accuracy") == {"a": [(0, 0.1), (4, 0.3)],
+                                                     "b": [(0, 0.0), (4, 0.2)]}
+  assert arms.eval_series(arm, "b", "token_accuracy") == [(0, 0.0), (4, 0.2)]
+  assert arms.train_series(arm, "a", "entropy") == [(2, 1.5)]
+  assert arms.final_eval(arm, ["a", "b"], "token_accuracy") == {"a": 0.3, "b": 0.2}
+  assert arms.eval_at(arm, 0, ["b", "a"], "token_accuracy") == [0.0, 0.1]
+  with pytest.raises(BadInputError, match="missing"):
+    arms.eval_curves(tmp_path / "never_ran", "token_accuracy")
+
+
+def test_report_of_a_directory_that_is_no_study_exits_2(tmp_path, capsys):
+  assert cli.main(["report", str(tmp_path)]) == 2
+  assert "not a study directory" in capsys.readouterr().err
+  (tmp_path / "study.json").write_text(json.dumps({"study": "nonexistent", "config": {}}))
+  assert cli.main(["report", str(tmp_path)]) == 2
+  assert "unknown study 'nonexistent'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ instruction switch
@@ -77,7 +188,9 @@ def test_wrong_instruction_on_tfds_tasks_comes_from_the_next_task():
   copy_ex = tasks.get("structured_copy").source.load("validation", 0).examples[0]
   reverse_ex = tasks.get("structured_reverse").source.load("train", 0).examples[0]
   assert copy_ex.instruction != reverse_ex.instruction
-  wrong = tasks.instruction_rewrite("structured_copy", "wrong", run, 0)(copy_ex)
+  rewrite = tasks.instruction_rewrite("structured_copy", "wrong", run, 0)
+  assert rewrite is not None
+  wrong = rewrite(copy_ex)
   assert wrong.instruction == reverse_ex.instruction
   assert (wrong.input, wrong.target) == (copy_ex.input, copy_ex.target)
   assert tasks.instruction_rewrite("structured_copy", "keep", run, 0) is None
@@ -103,6 +216,23 @@ def test_arm_configure_stages_and_mixture():
   assert only.data.tasks == base.data.tasks  # every task stays evaluated
 
 
+def test_arm_configure_narrows_tasks():
+  base = tiny_config(**{"data.mixture": {"reverse": 2.0, "addition": 1.0, "grammar": 3.0},
+                        "train.loss_weights": {"reverse": 0.5, "grammar": 2.0},
+                        "train.entropy_coefs": {"addition": 0.1}})
+  single = arms.configure(base, tasks=["grammar"], seed=1, steps=4, eval_every=2)
+  assert single.data.tasks == ("grammar",) and dict(single.data.mixture) == {"grammar": 3.0}
+  assert dict(single.train.loss_weights) == {"grammar": 2.0} and not single.train.entropy_coefs
+  assert (single.seed, single.train.steps, single.eval.every) == (1, 4, 2)
+  assert single.checkpoint.every == 0 and not single.train.progress
+  pair = arms.configure(base, tasks=["addition", "reverse"], seed=1, steps=8, eval_every=2)
+  assert pair.data.tasks == ("addition", "reverse")
+  assert dict(pair.data.mixture) == {"addition": 1.0, "reverse": 2.0}
+  assert dict(pair.train.loss_weights) == {"reverse": 0.5}
+  assert dict(pair.train.entropy_coefs) == {"addition": 0.1}
+  assert pair.data.schedule == "constant" and pair.data.stages == ()
+
+
 # ------------------------------------------------------------------ the studies
 
 @pytest.mark.slow
@@ -126,7 +256,7 @@ def test_transfer_study_tiny(tmp_path, capsys):
     assert heading in report
   derived = config_lib.load(str(out / "bwt_guided_schedule.py"))  # a config others can run
   assert derived.data.schedule == "stages"
-  assert [max(w, key=w.get) for _, w in derived.data.stages] == s["derived_order"]
+  assert [max(w, key=lambda t: w[t]) for _, w in derived.data.stages] == s["derived_order"]
   _rebuilds_identically(out)
 
 
@@ -181,3 +311,39 @@ def test_instruction_study_tiny(tmp_path, capsys):
   delta = run["empty"]["addition"] - run["original"]["addition"]
   assert f"{delta:.3f} ± 0.000" in report.split("| addition |")[1].split("\n")[0]
   _rebuilds_identically(out)
+
+
+def test_experiments_import_graph_is_acyclic():
+  """registry -> study modules -> shared helpers, never back (function-level imports included)."""
+  import ast
+  pkg = REPO / "mtjax" / "experiments"
+  modules = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+  graph = {}
+  for name in modules:
+    deps = set()
+    for node in ast.walk(ast.parse((pkg / f"{name}.py").read_text())):
+      module = getattr(node, "module", None) or ""
+      if isinstance(node, ast.ImportFrom) and module == "mtjax.experiments":
+        deps |= {a.name for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and module.startswith("mtjax.experiments."):
+        deps.add(module.split(".")[2])
+      elif isinstance(node, ast.Import):
+        deps |= {a.name.split(".")[2] for a in node.names
+                 if a.name.startswith("mtjax.experiments.")}
+    graph[name] = deps & modules
+  order, visiting = [], set()
+
+  def visit(name, path):
+    assert name not in visiting, f"import cycle: {' -> '.join(path + [name])}"
+    if name in order:
+      return
+    visiting.add(name)
+    for dep in sorted(graph[name]):
+      visit(dep, path + [name])
+    visiting.discard(name)
+    order.append(name)
+
+  for name in sorted(modules):
+    visit(name, [])
+  assert graph["registry"] >= {"efficiency", "transfer", "entropy", "decomposition", "instructions"}
+  assert not any("registry" in deps for deps in graph.values())

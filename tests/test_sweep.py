@@ -1,6 +1,7 @@
 """Sweeps: variants run in order, an interrupted sweep resumes without redoing finished ones."""
 
 import shlex
+import types
 
 import pytest
 
@@ -60,3 +61,33 @@ def test_print_mode_gives_one_command_per_variant(sweep_config, tmp_path):
   args = shlex.split(commands[2])
   assert args[:3] == ["mtjax", "train", "--config"]
   assert "--config.seed=0" in args and "--config.data.mixture.grammar=3.0" in args
+
+
+def test_preempted_variant_is_not_done_and_stops_the_sweep(sweep_config, tmp_path, capsys,
+                                                           monkeypatch):
+  from mtjax import cli
+  calls = []
+
+  def preempted_second(cfg, workdir):
+    calls.append(workdir.name)
+    workdir.mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text('{"step": 2, "train/loss": 1.5}\n\n')  # a blank line
+    return types.SimpleNamespace(preempted=len(calls) == 2)  # a SIGTERM during the second
+
+  monkeypatch.setattr(train, "run", preempted_second)
+  out = tmp_path / "sweep"
+  assert cli.main(["sweep", "--config", sweep_config, "--workdir", str(out)]) == cli.EXIT_PREEMPTED
+  assert calls == ["000_seed=0_grammar=1.0", "001_seed=1_grammar=1.0"]  # the third never started
+  assert (out / calls[0] / "DONE").exists() and not (out / calls[1] / "DONE").exists()
+  assert "interrupted by a preemption signal" in capsys.readouterr().err
+  again = []
+  monkeypatch.setattr(train, "run", lambda c, w: again.append(w.name))  # finishes (None)
+  for name in ("001_seed=1_grammar=1.0", "002_seed=0_grammar=3.0"):
+    (out / name).mkdir(exist_ok=True)
+    (out / name / "metrics.jsonl").write_text('{"step": 2, "train/loss": 0.5}\n')
+  result = sweep.run_sweep(sweep_config, str(out))
+  assert again == ["001_seed=1_grammar=1.0", "002_seed=0_grammar=3.0"]
+  assert result["skipped"] == ["000_seed=0_grammar=1.0"]
+  assert '"seed": 1' in (out / again[0] / "DONE").read_text()  # the DONE marker holds the variant
+  csv_text = (out / "results.csv").read_text().splitlines()
+  assert csv_text[1].startswith("000_seed=0_grammar=1.0,1.0,0,1.5")  # read past the blank line

@@ -1,1 +1,2 @@
-"""Studies built on the trainer: sweeps, transfer metrics, (later) efficiency and order studies."""
+"""Studies built on the trainer (the registry in experiments.registry: efficiency, transfer and
+order, entropy, decomposition, instructions) and config sweeps (experiments.sweep)."""

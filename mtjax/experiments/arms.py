@@ -1,39 +1,158 @@
-"""What every study shares: arm configs, runs that are skipped once DONE, reading stored metrics.
+"""What every study shares: the Study record, study-config checks, arm configs, trained-once arms,
+reading an arm's stored metrics.
 
 An arm is one training run of a study, in `<study workdir>/seed<S>/<arm name>`; it is marked DONE
-only after it finished, so an interrupted study reruns just the unfinished arms.
+only after it finished (experiments.runs), so an interrupted study reruns just the unfinished arms.
+A study's workdir also holds study.json (which study, with which config), summary.json and
+report.md with its plots; `mtjax report DIR` rebuilds the last three from the arms' metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from etils import epath
 
 from mtjax.config import Config
 from mtjax.errors import BadInputError
+from mtjax.experiments import runs
 
-DONE = "DONE"
+TrainFn = Callable[[Config, epath.Path], Any]
 
+
+# ---------------------------------------------------------------- the study record
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """One study of the registry: `mtjax experiment <name>` and `mtjax report DIR`.
+
+  Attributes:
+    name: the subcommand and study.json's "study".
+    help: one line for `mtjax experiment --help`.
+    summarize: `summarize(config, root, train_fn) -> summary`: trains the arms not yet DONE
+      through `train_fn` and computes the JSON summary from their stored metrics.
+    report: `report(root, summary) -> path`: writes report.md (and its plots) from a summary.
+    check: `check(config)` raises BadInputError for what else this study needs of a config.
+    record: extra study.json entries for a config (the settings a study once took as arguments).
+  """
+
+  name: str
+  help: str
+  summarize: Callable[[Config, epath.Path, TrainFn], dict[str, Any]]
+  report: Callable[[epath.Path, dict[str, Any]], epath.Path]
+  check: Callable[[Config], None] = lambda config: None
+  record: Callable[[Config], Mapping[str, Any]] = lambda config: {}
+
+  def run(self, config: Config, workdir: str, *, train_fn: TrainFn | None = None) -> dict[str, Any]:
+    """Checks the config, trains every arm not yet DONE, writes summary.json and report.md.
+
+    Raises BadInputError (before any training) for bad settings, runs.Preempted when an arm was
+    stopped by a preemption signal (that arm is not marked DONE; rerun to resume).
+    """
+    from mtjax import train
+    validate_study_config(config)
+    self.check(config)
+    root = epath.Path(workdir)
+    write_study_json(root, self.name, config, **self.record(config))
+    return self._finish(root, self.summarize(config, root, train_fn or train.run))
+
+  def rebuild(self, root: epath.Path, config: Config) -> epath.Path:
+    """summary.json, report.md and plots again from the arms' stored metrics (no training)."""
+
+    def stored_only(cfg, arm_dir):
+      del cfg
+      raise BadInputError(str(arm_dir), "this run is not finished; run the study to complete it")
+
+    self._finish(root, self.summarize(config, root, stored_only))
+    return root / "report.md"
+
+  def _finish(self, root: epath.Path, summary: dict[str, Any]) -> dict[str, Any]:
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    self.report(root, summary)
+    return summary
+
+
+def validate_study_config(config: Config) -> None:
+  """The `study` group makes sense for this run; raises BadInputError naming the field."""
+  st = config.study
+  for field in ("steps_per_task", "eval_every"):
+    value = getattr(st, field)
+    if value <= 0:
+      raise BadInputError(f"study.{field}", f"expected a positive integer, got {value}")
+  seeds = list(st.seeds)
+  if not seeds:
+    raise BadInputError("study.seeds", "expected at least one seed, got none")
+  if len(set(seeds)) != len(seeds):
+    raise BadInputError("study.seeds", f"expected distinct seeds, got {seeds}")
+  for name in st.targets:
+    if name not in config.data.tasks:
+      raise BadInputError(f"study.targets.{name}",
+                          f"not a task of this run (data.tasks: {list(config.data.tasks)})")
+  if not st.metric.strip():
+    raise BadInputError("study.metric",
+                        f"expected an eval metric name (e.g. token_accuracy), got {st.metric!r}")
+
+
+def write_study_json(root: epath.Path, study: str, base: Config, **extra: Any) -> None:
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "study.json").write_text(
+      json.dumps({"study": study, "config": base.to_dict(), **extra}, indent=2) + "\n")
+
+
+def read_study_json(root: epath.Path) -> tuple[str, Config]:
+  """(study name, config) of a study workdir; top-level study.json entries besides "study" and
+  "config" are study settings (as `Study.record` wrote them) and win over config.study."""
+  from mtjax import config as config_lib
+  path = root / "study.json"
+  if not path.exists():
+    raise BadInputError(str(root), "not a study directory (no study.json)")
+  stored = json.loads(path.read_text())
+  config = config_lib.from_dict(stored["config"])
+  settings = {f"study.{k}": v for k, v in stored.items() if k not in ("study", "config")}
+  return stored.get("study"), config.replace(**settings) if settings else config
+
+
+# ---------------------------------------------------------------- arms
 
 def configure(base: Config, *, seed: int, steps: int, eval_every: int,
+              tasks: Sequence[str] | None = None,
               mixture: Mapping[str, float] | None = None,
               stages: Sequence[tuple[int, Mapping[str, float]]] | None = None,
               **dotted: Any) -> Config:
-  """The base config as one arm: all base tasks stay in data.tasks (so every task is evaluated),
-  trained on `mixture` (constant) or on `stages`; no checkpoints but the last, no progress bar."""
-  tasks = base.data.tasks
+  """The base config as one arm, trained on `mixture` (constant) or on `stages`; no checkpoints
+  but the last, no progress bar.
+
+  Args:
+    base: the study's config.
+    seed, steps, eval_every: the arm's seed, train.steps and eval.every.
+    tasks: narrow the run to these tasks (only their data.mixture, train.loss_weights and
+      train.entropy_coefs entries are kept; default mixture: the base's entries, or equal). By
+      default every base task stays in data.tasks, so every task is evaluated, and the default
+      mixture is the base's (1.0 where it has none).
+    mixture: the constant sampling weights (missing tasks: 0).
+    stages: ((start step, {task: weight}), ...) instead of a mixture (missing tasks: 0).
+    **dotted: any further dotted config fields.
+  """
   changes = {"data.mixture_name": "", "seed": seed, "train.steps": steps, "eval.every": eval_every,
              "eval.tasks": (), "checkpoint.every": 0, "train.progress": False}
+  if tasks is None:
+    tasks = base.data.tasks
+    default_mixture = {t: base.data.mixture.get(t, 1.0) for t in tasks}
+  else:
+    tasks = tuple(tasks)
+    keep = lambda m: {k: v for k, v in m.items() if k in tasks}
+    changes.update({"data.tasks": tasks, "train.loss_weights": keep(base.train.loss_weights),
+                    "train.entropy_coefs": keep(base.train.entropy_coefs)})
+    default_mixture = keep(base.data.mixture) or {t: 1.0 for t in tasks}
   if stages is not None:
     changes.update({"data.schedule": "stages", "data.mixture": {},
                     "data.stages": tuple((int(s), {t: float(w.get(t, 0.0)) for t in tasks})
                                          for s, w in stages)})
   else:
-    mixture = mixture or {t: base.data.mixture.get(t, 1.0) for t in tasks}
+    mixture = mixture or default_mixture
     changes.update({"data.schedule": "constant", "data.stages": (),
                     "data.mixture": {t: float(mixture.get(t, 0.0)) for t in tasks}})
   changes.update(dotted)
@@ -44,67 +163,44 @@ def sequential_stages(order: Sequence[str], steps_per_task: int) -> list[tuple[i
   return [(i * steps_per_task, {t: 1.0}) for i, t in enumerate(order)]
 
 
-def run(root: epath.Path, name: str, cfg: Config, train_fn: Callable) -> epath.Path:
-  """Trains one arm unless it is already DONE; returns its workdir."""
+def run(root: epath.Path, name: str, cfg: Config, train_fn: TrainFn) -> epath.Path:
+  """Trains one arm unless it is already DONE; returns its workdir (raises runs.Preempted)."""
   arm_dir = root / name
-  if not (arm_dir / DONE).exists():
-    print(f"study: {root.name}/{name} ({cfg.train.steps} steps)", flush=True)
-    train_fn(cfg, arm_dir)
-    (arm_dir / DONE).write_text("")
+  runs.run_once(arm_dir, cfg, train_fn,
+                announce=f"study: {root.name}/{name} ({cfg.train.steps} steps)")
   return arm_dir
 
 
-def rows(arm_dir: epath.Path) -> list[dict[str, Any]]:
-  path = arm_dir / "metrics.jsonl"
-  if not path.exists():
-    raise BadInputError(str(path), "missing: this arm never ran")
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
+# ---------------------------------------------------------------- stored metrics
 
 def eval_series(arm_dir: epath.Path, task: str, metric: str) -> list[tuple[int, float]]:
   key = f"eval/{task}/{metric}"
-  return [(r["step"], float(r[key])) for r in rows(arm_dir) if key in r]
+  return [(r["step"], float(r[key])) for r in runs.rows(arm_dir) if key in r]
 
 
 def train_series(arm_dir: epath.Path, task: str, metric: str) -> list[tuple[int, float]]:
   key = f"train/{task}/{metric}"
-  return [(r["step"], float(r[key])) for r in rows(arm_dir) if key in r]
+  return [(r["step"], float(r[key])) for r in runs.rows(arm_dir) if key in r]
+
+
+def eval_curves(arm_dir: epath.Path, metric: str) -> dict[str, list[tuple[int, float]]]:
+  """task -> [(step, value)] of every eval/<task>/<metric> row."""
+  out: dict[str, list[tuple[int, float]]] = {}
+  for row in runs.rows(arm_dir):
+    for key, value in row.items():
+      if key.startswith("eval/") and key.endswith(f"/{metric}"):
+        out.setdefault(key.split("/")[1], []).append((row["step"], float(value)))
+  return out
 
 
 def eval_at(arm_dir: epath.Path, step: int, tasks: Sequence[str], metric: str) -> list[float]:
   """Scores of `tasks` at the eval row of `step`."""
-  for r in rows(arm_dir):
+  for r in runs.rows(arm_dir):
     if r.get("step") == step and f"eval/{tasks[0]}/{metric}" in r:
       return [float(r[f"eval/{t}/{metric}"]) for t in tasks]
   raise BadInputError(str(arm_dir / "metrics.jsonl"), f"no eval row at step {step}")
 
 
 def final_eval(arm_dir: epath.Path, tasks: Sequence[str], metric: str) -> dict[str, float]:
-  last = [r for r in rows(arm_dir) if f"eval/{tasks[0]}/{metric}" in r][-1]
+  last = [r for r in runs.rows(arm_dir) if f"eval/{tasks[0]}/{metric}" in r][-1]
   return {t: float(last[f"eval/{t}/{metric}"]) for t in tasks}
-
-
-def write_study_json(root: epath.Path, study: str, base: Config) -> None:
-  root.mkdir(parents=True, exist_ok=True)
-  (root / "study.json").write_text(json.dumps({"study": study, "config": base.to_dict()}, indent=2) + "\n")
-
-
-def mean_std(values: Sequence[float], digits: int = 3) -> str:
-  v = np.asarray(values, np.float64)
-  return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
-
-
-def save_figure(fig, path: epath.Path) -> epath.Path:
-  import matplotlib.pyplot as plt
-  fig.tight_layout()
-  with path.open("wb") as f:
-    fig.savefig(f, format="png")
-  plt.close(fig)
-  return path
-
-
-def pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt

@@ -1,8 +1,9 @@
 """Sweeps: a config's `get_sweep()` returns dotted-key override dicts (big_vision style).
 
 `mtjax sweep --config X --workdir DIR` trains the variants one after another into DIR/<variant>,
-skipping variants already complete (a DONE marker written after a variant finishes; an
-interrupted variant resumes from its own checkpoints), then aggregates DIR/results.{csv,md}:
+skipping variants already complete (a DONE marker holding the variant, written after it finished:
+experiments.runs; an interrupted variant resumes from its own checkpoints; a preempted one stops
+the sweep, exit code 3), then aggregates DIR/results.{csv,md}:
 final metrics per variant, and mean and spread over seeds for variants that differ only in seed.
 `--print` prints one `mtjax train` command per variant instead, for a cluster.
 """
@@ -22,8 +23,7 @@ from etils import epath
 
 from mtjax import config as config_lib
 from mtjax.errors import BadInputError
-
-DONE = "DONE"
+from mtjax.experiments import runs
 
 
 def load_sweep(path: str) -> list[dict[str, Any]]:
@@ -60,31 +60,29 @@ def launch_commands(path: str, workdir: str, overrides: Sequence[str] = ()) -> l
 
 
 def run_sweep(path: str, workdir: str, overrides: Sequence[str] = (), train_fn=None) -> dict[str, Any]:
-  """Runs every variant not yet complete; returns {"ran": [...], "skipped": [...], "table": path}."""
+  """Runs every variant not yet complete; returns {"ran": [...], "skipped": [...], "table": path}.
+
+  Raises runs.Preempted when a variant was stopped by a preemption signal (not marked DONE).
+  """
   from mtjax import train
   train_fn = train_fn or train.run
-  workdir = epath.Path(workdir)
+  root = epath.Path(workdir)
   base = config_lib.load(path, overrides)
   variants = load_sweep(path)
   configs = [_config_for(base, i, v) for i, v in enumerate(variants)]  # validate all first
   ran, skipped = [], []
   for i, (variant, cfg) in enumerate(zip(variants, configs)):
-    vdir = workdir / variant_name(i, variant)
-    if (vdir / DONE).exists():
-      skipped.append(vdir.name)
-      continue
-    print(f"sweep variant {i + 1}/{len(variants)}: {vdir.name}", flush=True)
-    train_fn(cfg, vdir)
-    (vdir / DONE).write_text(json.dumps(variant, sort_keys=True) + "\n")
-    ran.append(vdir.name)
-  csv_path = aggregate(workdir, variants)
+    vdir = root / variant_name(i, variant)
+    trained = runs.run_once(vdir, cfg, train_fn, payload=json.dumps(variant, sort_keys=True) + "\n",
+                            announce=f"sweep variant {i + 1}/{len(variants)}: {vdir.name}")
+    (ran if trained else skipped).append(vdir.name)
+  csv_path = aggregate(root, variants)
   return {"ran": ran, "skipped": skipped, "table": str(csv_path)}
 
 
 def _final_metrics(vdir: epath.Path) -> dict[str, float]:
   out: dict[str, float] = {}
-  for line in (vdir / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
+  for row in runs.rows(vdir):
     for k, v in row.items():
       if (k.startswith("eval/") or k == "train/loss" or
           (k.startswith("train/") and k.endswith("/loss"))) and isinstance(v, (int, float)):
@@ -97,14 +95,14 @@ def aggregate(workdir: epath.Path, variants: Sequence[dict[str, Any]]) -> epath.
   rows = []
   for i, variant in enumerate(variants):
     vdir = workdir / variant_name(i, variant)
-    if (vdir / DONE).exists():
+    if runs.is_done(vdir):
       rows.append((variant, _final_metrics(vdir)))
   keys = sorted({k for _, m in rows for k in m})
   settings = sorted({k for v, _ in rows for k in v})
   buf = io.StringIO()
   writer = csv.writer(buf)
   writer.writerow(["variant", *settings, *keys])
-  for i, (variant, metrics) in enumerate(rows):
+  for variant, metrics in rows:
     writer.writerow([variant_name(variants.index(variant), variant),
                      *[variant.get(s, "") for s in settings], *[metrics.get(k, "") for k in keys]])
   csv_path = workdir / "results.csv"

@@ -12,21 +12,26 @@ Definitions follow GEM (Lopez-Paz & Ranzato, 2017) and, for forgetting, Chaudhry
 
 from __future__ import annotations
 
-import json
 import pprint
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from etils import epath
+
+from mtjax.config import Config
+from mtjax.experiments import arms, report
 
 
-def normalize(R: np.ndarray, reference: Sequence[float]) -> np.ndarray:
+def normalize(R: np.ndarray, reference: Sequence[float] | np.ndarray) -> np.ndarray:
   ref = np.asarray(reference, np.float64)
   if np.any(ref <= 0):
     raise ValueError(f"reference scores must be positive, got {ref.tolist()}")
   return np.asarray(R, np.float64) / ref[None, :]
 
 
-def metrics(R: np.ndarray, baseline: Sequence[float] | None = None) -> dict[str, float]:
+def metrics(R: np.ndarray,
+            baseline: Sequence[float] | np.ndarray | None = None) -> dict[str, float]:
   R = np.asarray(R, np.float64)
   T = R.shape[0]
   if R.shape != (T, T):
@@ -68,17 +73,10 @@ def study_orders(tasks: Sequence[str], open_ended: Sequence[bool], greedy: Seque
           "bwt_guided": tuple(tasks[i] for i in greedy)}
 
 
-def run(base, workdir: str, *, train_fn=None) -> dict:
+def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[str, Any]:
   """Transfer matrix, sequential R matrix and its metrics, greedy order, order comparison."""
-  from etils import epath
-
   from mtjax import tasks as task_registry
-  from mtjax import train
-  from mtjax.experiments import arms, report
-  train_fn = train_fn or train.run
   st = base.study
-  root = epath.Path(workdir)
-  arms.write_study_json(root, "transfer", base)
   tasks = list(base.data.tasks)
   T, S, metric = len(tasks), st.steps_per_task, st.metric
   open_ended = [task_registry.get(t).open_ended for t in tasks]
@@ -124,17 +122,14 @@ def run(base, workdir: str, *, train_fn=None) -> dict:
   mean_Mn = np.mean([s["M_normalized"] for s in per_seed], axis=0)
   derived = [tasks[i] for i in greedy_order(mean_Mn)]
   config_path = write_schedule_config(root / "bwt_guided_schedule.py", base, derived, S)
-  summary = {"tasks": tasks, "open_ended": open_ended, "seeds": list(st.seeds), "metric": metric,
-             "steps_per_task": S, "per_seed": per_seed, "derived_order": derived,
-             "derived_config": config_path.name}
-  (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  report.write_transfer_report(root, summary)
-  return summary
+  return {"tasks": tasks, "open_ended": open_ended, "seeds": list(st.seeds), "metric": metric,
+          "steps_per_task": S, "per_seed": per_seed, "derived_order": derived,
+          "derived_config": config_path.name}
 
 
-def write_schedule_config(path, base, order: Sequence[str], steps_per_task: int):
+def write_schedule_config(path: epath.Path, base: Config, order: Sequence[str],
+                          steps_per_task: int) -> epath.Path:
   """A config file others can run: the base config with the derived order as stages."""
-  from mtjax.experiments import arms
   cfg = arms.configure(base, seed=base.seed, steps=steps_per_task * len(order),
                        eval_every=base.eval.every, stages=arms.sequential_stages(order, steps_per_task))
   cfg = cfg.replace(**{"train.progress": True, "checkpoint.every": base.checkpoint.every})
@@ -148,3 +143,96 @@ def write_schedule_config(path, base, order: Sequence[str], steps_per_task: int)
       "  del variant\n"
       "  return ml_collections.ConfigDict(CONFIG)\n")
   return path
+
+
+# ---------------------------------------------------------------- the report
+
+def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+  tasks, runs = summary["tasks"], summary["per_seed"]
+  short = [t.replace("structured_", "s:").replace("open_ended_", "o:") for t in tasks]
+  R = np.mean([r["R_normalized"] for r in runs], axis=0)
+  M = np.mean([r["M_normalized"] for r in runs], axis=0)
+  plot = _plot(root, summary, R, M, short)
+  lines = [
+      "# Transfer and order study",
+      "",
+      f"Tasks: {', '.join(tasks)} (open-ended: {', '.join(t for t, o in zip(tasks, summary['open_ended']) if o) or 'none'}). "
+      f"Seeds: {summary['seeds']}. One stage = {summary['steps_per_task']} steps. Score: held-out "
+      f"`{summary['metric']}`, normalized per task by its single-task score (the diagonal of the "
+      "transfer matrix). Mean over seeds.",
+      "",
+      "## Transfer matrix (row: trained alone on; column: normalized score on)",
+      "",
+      *report.md_table(["trained on"] + short,
+                       [[short[i]] + [f"{v:.2f}" for v in M[i]] for i in range(len(tasks))]),
+      "",
+      "## Sequential training in the config's order: R[i, j] after stage i",
+      "",
+      *report.md_table(["after stage"] + short,
+                       [[f"{i + 1}: {short[i]}"] + [f"{v:.2f}" for v in R[i]] for i in range(len(tasks))]),
+      "",
+      *report.md_table(["metric", "mean ± std over seeds"],
+                       [[k.upper(), report.mean_std([r["metrics"][k] for r in runs])]
+                        for k in ("acc", "bwt", "fwt", "forgetting") if k in runs[0]["metrics"]]),
+      "",
+      "ACC = mean final score; BWT = mean(R[T-1, j] - R[j, j]); FWT = mean(R[j-1, j] - init[j]); "
+      "forgetting = mean(max earlier R[l, j] - R[T-1, j]) (GEM; Chaudhry et al.).",
+      "",
+      "## Orders at equal tokens (mean normalized final score over tasks)",
+      "",
+  ]
+  names = list(runs[0]["compare_mean_normalized"])
+  rows = []
+  for name in names:
+    order = "mixed" if name == "joint" else " → ".join(
+        short[tasks.index(t)] for t in runs[0]["orders"][name])
+    rows.append([name, order, report.mean_std([r["compare_mean_normalized"][name] for r in runs])]
+                + [report.mean_std([r["compare"][name][t] for r in runs], 2) for t in tasks])
+  lines += report.md_table(
+      ["arm", "order (seed " + str(runs[0]["seed"]) + ")", "mean normalized"] + short, rows)
+  best = max(names, key=lambda n: np.mean([r["compare_mean_normalized"][n] for r in runs]))
+  lines += [
+      "",
+      f"Best arm by mean normalized score: **{best}**. BWT-guided order derived from the "
+      f"seed-averaged transfer matrix: {' → '.join(summary['derived_order'])}; runnable config: "
+      f"`{summary['derived_config']}` (`mtjax train --config {root / summary['derived_config']} --workdir DIR`).",
+      "",
+      f"![transfer]({plot.name})",
+      "",
+  ]
+  path = root / "report.md"
+  path.write_text("\n".join(lines))
+  return path
+
+
+def _plot(root: epath.Path, summary: dict[str, Any], R: np.ndarray, M: np.ndarray,
+          short: Sequence[str]) -> epath.Path:
+  plt = report.pyplot()
+  runs = summary["per_seed"]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
+  for ax, mat, title, ylabel in ((axes[0], M, "transfer: trained alone on (row)", "trained on"),
+                                 (axes[1], R, "sequential: after stage (row)", "after stage")):
+    im = ax.imshow(mat, cmap="viridis", vmin=0)
+    ax.set_xticks(range(len(short)), short, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(short)), short, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+  names = list(runs[0]["compare_mean_normalized"])
+  means = [np.mean([r["compare_mean_normalized"][n] for r in runs]) for n in names]
+  stds = [np.std([r["compare_mean_normalized"][n] for r in runs]) for n in names]
+  axes[2].bar(range(len(names)), means, yerr=stds, color=[f"C{i}" for i in range(len(names))])
+  axes[2].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+  axes[2].set_ylabel("mean normalized score")
+  axes[2].set_title("orders at equal tokens", fontsize=9)
+  return report.save_figure(fig, root / "transfer.png")
+
+
+STUDY = arms.Study(
+    name="transfer", help="sequential stages: R matrix, ACC/BWT/FWT, BWT-guided order, orders",
+    summarize=summarize, report=write_report)
+
+
+def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:
+  """Runs the study (settings in config.study); writes summary.json and report.md in workdir."""
+  return STUDY.run(config, workdir, train_fn=train_fn)
