@@ -23,8 +23,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.tasks = TASKS
   c.data.mixture = {t: 1.0 for t in TASKS}
   c.data.update(batch_size=16, seq_len=64)
-  c.train.loss_weights = {}
-  c.train.entropy_coefs = {}
   c.train.log_every = 25
   c.optimizer.update(lr=3e-3, warmup_steps=20)
   # Teacher-forced held-out token accuracy: a smooth score every task moves on in minutes of CPU.
