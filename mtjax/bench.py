@@ -104,12 +104,13 @@ def matmul_peak_flops(dtype: str, n: int, repeats: int = 5) -> float:
 
 
 def model_flops_per_step(spec, params, batch_size: int, seq_len: int) -> float:
-  """6N per token for the matmuls (forward + backward; the embedding lookup excluded) plus
-  12 * layers * heads * head_dim * seq_len per token for attention scores and values (PaLM)."""
+  """6N per token for the matmuls (forward + backward; the embedding lookup excluded, unless the
+  embedding is tied and so is also the output head) plus 12 * layers * heads * head_dim * seq_len
+  per token for attention scores and values (PaLM)."""
   n = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    if "token_embed" not in names:
+    if "token_embed" not in names or spec.tie_embeddings:
       n += int(np.prod(leaf.shape))
   per_token = 6 * n + 12 * spec.num_layers * spec.num_heads * spec.head_dim * seq_len
   return float(per_token * batch_size * seq_len)

@@ -9,6 +9,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Task suites build into a fresh directory per test session: offline, from a clean clone.
 import tempfile  # noqa: E402
 os.environ["MTJAX_DATA_DIR"] = tempfile.mkdtemp(prefix="mtjax-tfds-")
+# JAX's persistent compilation cache, shared by this session's processes (xdist workers and the
+# subprocesses tests launch): the tiny model's programs compile once, not once per test. Cache
+# keys cover the program, flags, devices and versions, so a hit runs the same executable.
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"mtjax-jax-cache-{_run}") if _run else tempfile.mkdtemp(prefix="mtjax-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -27,6 +35,15 @@ def tiny_config(**dotted):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _restore_task_registry():
+  """Tests that register tasks or mixtures (config files, bench copies) leave the global
+  registries as they found them."""
+  from registry_guard import registry_snapshot
+  with registry_snapshot():
+    yield
 
 
 def build_step(cfg, devices=None):

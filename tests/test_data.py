@@ -10,6 +10,7 @@ from mtjax.data import mixture
 from mtjax.data.loader import BATCH_KEYS, MixtureLoader
 from mtjax.data.tokenizer import ByteTokenizer
 from mtjax.tasks.synthetic import is_grammatical
+from registry_guard import registry_snapshot
 
 TASKS = ("reverse", "addition", "grammar")
 
@@ -301,3 +302,16 @@ def test_task_preprocess_can_blank_the_instruction():
   arrays = next(_loader(cfg, prefetch=0)).arrays
   text = ByteTokenizer().decode(arrays["inputs"][0])
   assert "reverse:" not in text and len(text) > 3
+
+
+def test_registry_snapshot_restores_tasks_and_mixtures():
+  import dataclasses as dc
+  from mtjax import tasks
+  reverse, names, mixtures = tasks.get("reverse"), tasks.names(), tasks.mixture_names()
+  with registry_snapshot():
+    tasks.register(dc.replace(reverse, name="reverse_copy"))
+    tasks.register(dc.replace(reverse, open_ended=True), replace=True)
+    tasks.register_mixture(tasks.Mixture("copies", {"reverse_copy": 1.0}))
+    assert "reverse_copy" in tasks.names() and tasks.get("reverse").open_ended
+  assert tasks.names() == names and tasks.mixture_names() == mixtures
+  assert tasks.get("reverse") is reverse

@@ -9,18 +9,20 @@ import pytest
 from flax import nnx
 
 from mtjax.config import MeshConfig, ModelConfig
+from mtjax.data import tokenizer as tokenizer_lib
 from mtjax.eval import scorers
 from mtjax.eval.decode import Generator
 from mtjax.model import Decoder, ModelSpec
 from mtjax.parallel.mesh import make_mesh
 
-EOS = 2
+TOK = tokenizer_lib.get("byte")  # the vocabulary and special ids the models below use
+EOS = TOK.eos_id
 
 
 @pytest.fixture(scope="module")
 def model():
   spec = ModelSpec.from_config(ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                           mlp_dim=64), 259, "cpu")
+                                           mlp_dim=64), TOK.vocab_size, "cpu")
   graphdef, state = nnx.split(Decoder(spec, nnx.Rngs(3)))
   return spec, graphdef, nnx.to_pure_dict(state)
 
@@ -51,7 +53,8 @@ def test_kv_cache_greedy_equals_full_recompute(model):
   gen = Generator(graphdef, spec, mesh, max_new_tokens=12, eos_id=EOS, batch_size=8,
                   buckets=(8, 32, 64))
   rng = np.random.default_rng(0)
-  prompts = [np.concatenate([[1], rng.integers(3, 259, size=n - 1)]).astype(np.int32)
+  byte_ids = lambda n: rng.integers(TOK.offset, TOK.vocab_size, size=n)
+  prompts = [np.concatenate([[TOK.bos_id], byte_ids(n - 1)]).astype(np.int32)
              for n in (5, 17, 40)]  # three lengths, three buckets
   got = gen(params, prompts)
   for prompt, samples in zip(prompts, got):

@@ -13,6 +13,7 @@ from conftest import tiny_config
 from mtjax import train
 from mtjax.errors import BadInputError
 from mtjax.train import hooks as hooks_lib
+from mtjax.train.batches import Batch
 from mtjax.train import loop as loop_lib
 from mtjax.train import setup as setup_lib
 
@@ -26,7 +27,7 @@ class FakeSource:
   def next(self, state):
     self.events.append(("batch", int(state.step)))
     self.state = {"step": self.state["step"] + 1}
-    return loop_lib.Batch(arrays={}, tokens=7, info={"data/packing_efficiency": 1.0})
+    return Batch(arrays={}, tokens=7, info={"data/packing_efficiency": 1.0})
 
   def set_rates(self, rates):
     return 0

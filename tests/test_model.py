@@ -5,12 +5,14 @@ import numpy as np
 from flax import nnx
 
 from mtjax.config import ModelConfig
+from mtjax.data import tokenizer as tokenizer_lib
 from mtjax.model import Decoder, ModelSpec, attention
 
 
 def _model(**kw):
   cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, **kw)
-  return Decoder(ModelSpec.from_config(cfg, 259, "cpu"), nnx.Rngs(0))
+  vocab = tokenizer_lib.get("byte").vocab_size
+  return Decoder(ModelSpec.from_config(cfg, vocab, "cpu"), nnx.Rngs(0))
 
 
 def test_packed_examples_do_not_attend_to_each_other():

@@ -107,7 +107,9 @@ def test_elastic_restore_from_8_devices_onto_4(tmp_path):
   from mtjax.train.checkpoint import Checkpointer
   mesh4 = make_mesh(cfg4.mesh, jax.devices()[:4])
   tx, _ = optimizer.make_optimizer(cfg4.optimizer, 4)
-  _, like, _ = step_lib.init_state(mesh4, ModelSpec.from_config(cfg4.model, 259, "cpu"), tx, 0)
+  from mtjax.data import tokenizer as tokenizer_lib
+  vocab = tokenizer_lib.get(cfg4.data.tokenizer).vocab_size
+  _, like, _ = step_lib.init_state(mesh4, ModelSpec.from_config(cfg4.model, vocab, "cpu"), tx, 0)
   ck = Checkpointer(tmp_path / "elastic", cfg4.checkpoint)
   restored, _ = ck.restore(3, like)
   ck.close()

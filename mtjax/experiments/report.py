@@ -22,19 +22,25 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
   return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
 
 
-def pyplot():
-  """matplotlib.pyplot on the Agg backend (no display needed)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
+class _Figures:
+  """pyplot's `subplots` on bare Figures: the global backend stays as it was (a notebook keeps its
+  inline plots), no display is needed, and nothing has to be closed."""
+
+  @staticmethod
+  def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, dpi=None, squeeze: bool = True,
+               **kwargs):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze, **kwargs)
+
+
+def pyplot() -> type[_Figures]:
+  return _Figures
 
 
 def save_figure(fig, path: epath.Path) -> epath.Path:
-  """Writes `fig` as a PNG (local path or gs://) and closes it."""
-  plt = pyplot()
+  """Writes `fig` as a PNG (local path or gs://)."""
   fig.tight_layout()
   with path.open("wb") as f:
     fig.savefig(f, format="png")
-  plt.close(fig)
   return path

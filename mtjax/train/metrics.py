@@ -73,14 +73,15 @@ def read_rows(path: epath.Path) -> list[dict[str, Any]]:
 def plot_per_task(rows: Sequence[Mapping[str, Any]], task_names: Sequence[str],
                   out_dir: epath.Path, prefix: str = "train") -> list[epath.Path]:
   """One PNG per metric (loss, entropy, accuracy) with a curve per task against step."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A bare Figure, not pyplot: the global backend stays as it was (a notebook keeps its inline
+  # plots) and no display is needed.
+  from matplotlib.figure import Figure
 
   out_dir.mkdir(parents=True, exist_ok=True)
   written = []
   for metric in ("loss", "entropy", "accuracy"):
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig = Figure(figsize=(6.4, 4.0), dpi=110)
+    ax = fig.subplots()
     for name in task_names:
       key = f"{prefix}/{name}/{metric}"
       pts = [(r["step"], r[key]) for r in rows if key in r and r.get(f"{prefix}/{name}/tokens", 1)]
@@ -99,6 +100,5 @@ def plot_per_task(rows: Sequence[Mapping[str, Any]], task_names: Sequence[str],
     path = out_dir / f"{prefix}_{metric}.png"
     with path.open("wb") as f:
       fig.savefig(f, format="png")
-    plt.close(fig)
     written.append(path)
   return written
