@@ -151,8 +151,34 @@ def torch_eager_step_time(spec, batch: dict[str, np.ndarray], num_tasks: int, st
 
 # ---------------------------------------------------------------- the benchmark
 
+def check_args(*, rounds: int, steps: int, loader_seconds: float, torch_steps: int,
+               out: str | None = None) -> None:
+  """The benchmark's arguments, checked before it runs (a BadInputError naming the flag)."""
+  import math
+  import os
+
+  from mtjax.errors import BadInputError
+  for flag, value in (("--rounds", rounds), ("--steps", steps)):
+    if value <= 0:
+      raise BadInputError(flag, f"expected a positive integer, got {value}")
+  if not (math.isfinite(loader_seconds) and loader_seconds > 0):
+    raise BadInputError("--loader_seconds", f"expected a number of seconds > 0, got {loader_seconds}")
+  if torch_steps < 0:
+    raise BadInputError("--torch_steps", f"expected a count >= 0 (0: skip), got {torch_steps}")
+  if out is None or "://" in out:
+    return
+  if os.path.isdir(out):
+    raise BadInputError("--out", f"{out} is a directory, expected the path of a JSON file")
+  parent = os.path.dirname(os.path.abspath(out))
+  while not os.path.lexists(parent) and parent != os.path.dirname(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise BadInputError("--out", f"cannot write {out}: {parent} is not a writable directory")
+
+
 def run(cfg: Config, *, rounds: int = 5, steps: int = 10, loader_seconds: float = 2.0,
         matmul_n: int | None = None, torch_steps: int = 5, progress=print) -> dict[str, Any]:
+  check_args(rounds=rounds, steps=steps, loader_seconds=loader_seconds, torch_steps=torch_steps)
   from mtjax.data.loader import MixtureLoader
   from mtjax.monitoring import CompileCounter
   from mtjax.train import setup as setup_lib

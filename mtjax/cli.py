@@ -12,6 +12,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from mtjax.check import check_workdir
 from mtjax.errors import BadInputError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 3
@@ -19,7 +20,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 3
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):  # one line, exit 2, like every other bad input
-    raise BadInputError("usage", f"{message} (see `mtjax {self.prog.split()[-1]} --help`)")
+    # self.prog is the whole command: "mtjax", "mtjax train", "mtjax experiment efficiency".
+    raise BadInputError("usage", f"{message} (see `{self.prog} --help`)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,9 +30,14 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train a config in a workdir",
                          epilog="Any number of --config.a.b=value overrides may follow.")
   train.add_argument("--config", required=True, help="path/to/config.py[:variant]")
-  train.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
+  train.add_argument("--workdir", default=None,
+                     help="run directory (local path or gs://); required unless --check")
+  train.add_argument("--check", action="store_true", help="validate the config, tasks, data, "
+                     "tokenizer and mesh, print `valid: CONFIG` and exit; builds and writes nothing")
   train.add_argument("--resume_from", type=int, default=None, metavar="STEP",
                      help="resume from this checkpoint; later ones are moved aside, not deleted")
+  train.add_argument("--force_unlock", action="store_true",
+                     help="take over the workdir's lock even if another run seems to hold it")
   train.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process)")
   train.add_argument("--num_processes", type=int, default=None)
   train.add_argument("--process_id", type=int, default=None)
@@ -91,15 +98,24 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import train as train_lib
   from mtjax.parallel import distributed
   from mtjax.resolve import resolve
+  from mtjax.train import metrics as metrics_lib
 
   config = resolve(config_lib.load(args.config, overrides))  # bad input fails before any setup
+  if args.check:  # validate only (mtjax.check): nothing is built or written
+    return check(args, config)
+  check_workdir(args.workdir)
   profile = _profile_range(args.profile)
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   try:
-    result = train_lib.run(config, args.workdir, resume_from=args.resume_from, profile=profile)
+    result = train_lib.run(config, args.workdir, resume_from=args.resume_from, profile=profile,
+                           force_unlock=args.force_unlock)
   except train_lib.TrainingDiverged as e:
     print(f"failed: {e}", file=sys.stderr)
     return EXIT_FAILURE
+  except KeyboardInterrupt:  # SIGINT outside the loop's guard: no save was cut (saves are atomic)
+    print("stopped: interrupted (SIGINT) outside the training loop; the workdir holds its last "
+          "committed checkpoint: run the same command again to resume", file=sys.stderr)
+    return EXIT_PREEMPTED
   if result.preempted:
     return EXIT_PREEMPTED
   import jax
@@ -110,11 +126,24 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   train_rows = [r for r in result.history if "train/loss" in r]
   if train_rows:
     print(f"done: step {step}, loss {train_rows[-1]['train/loss']:.4f}, "
-          f"compiles {result.compiles}; metrics {result.workdir / 'metrics.jsonl'}")
+          f"compiles {result.compiles}; metrics {metrics_lib.log_path(result.workdir)}")
   else:
     print(f"nothing to do: {result.workdir} is already at step {step} (train.steps={step}); "
           "raise --config.train.steps to continue")
   print(f"plots: {plots}")
+  return EXIT_OK
+
+
+def check(args: argparse.Namespace, config) -> int:
+  """`mtjax train --check`: what mtjax.check finds, then `valid: CONFIG`; builds and writes nothing."""
+  from mtjax.check import check_config
+
+  if args.workdir is not None:
+    check_workdir(args.workdir)
+  _profile_range(args.profile)
+  for fact in check_config(config):
+    print(f"  {fact}")
+  print(f"valid: {args.config}")
   return EXIT_OK
 
 
@@ -134,8 +163,8 @@ def bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import bench as bench_lib
   from mtjax import config as config_lib
 
-  if args.rounds <= 0 or args.steps <= 0:
-    raise BadInputError("--rounds", "expected positive --rounds and --steps")
+  bench_lib.check_args(rounds=args.rounds, steps=args.steps, loader_seconds=args.loader_seconds,
+                       torch_steps=args.torch_steps, out=args.out)  # before minutes of timing
   config = config_lib.load(args.config, overrides)
   result = bench_lib.run(config, rounds=args.rounds, steps=args.steps,
                          loader_seconds=args.loader_seconds, torch_steps=args.torch_steps)
@@ -163,8 +192,10 @@ def sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   if args.print_only:
     print("\n".join(sweep_lib.launch_commands(args.config, args.workdir, overrides)))
     return EXIT_OK
-  try:
-    result = sweep_lib.run_sweep(args.config, args.workdir, overrides)
+  from mtjax.train import preemption
+  try:  # one guard for the whole sweep: a signal between two variants stops the next one
+    with preemption.guard():
+      result = sweep_lib.run_sweep(args.config, args.workdir, overrides)
   except runs.Preempted:  # run_once said which variant; finished ones stay DONE
     return EXIT_PREEMPTED
   print(f"sweep: ran {len(result['ran'])}, skipped {len(result['skipped'])} already complete; "
@@ -178,8 +209,10 @@ def experiment(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax.experiments.registry import STUDIES
 
   config = config_lib.load(args.config, overrides)
-  try:
-    summary = STUDIES[args.study].run(config, args.workdir)
+  from mtjax.train import preemption
+  try:  # one guard for the whole study: a signal between two arms stops the next one
+    with preemption.guard():
+      summary = STUDIES[args.study].run(config, args.workdir)
   except runs.Preempted:  # run_once said which arm; finished arms stay DONE
     return EXIT_PREEMPTED
   report_path = f"{args.workdir}/report.md"
@@ -226,7 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       cut = argv.index("--")
       argv, passthrough = argv[:cut], argv[cut + 1:]
     flags, overrides = _split_overrides(argv)
-    args = _parser().parse_args(flags)
+    args, unknown = _parser().parse_known_args(flags)
+    if unknown:  # name the (sub)command they were given to, not the top-level parser
+      command = " ".join(str(c) for c in (args.command, getattr(args, "study", None),
+                                          getattr(args, "data_command", None)) if c)
+      raise BadInputError("usage", f"unrecognized arguments: {' '.join(unknown)} "
+                          f"(see `mtjax {command} --help`)")
     if args.command == "jobset":
       return jobset(args, [*passthrough, *overrides])
     if args.command == "train":
@@ -245,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return data_preview(args, overrides)
     raise BadInputError("command", f"unknown command {args.command!r}")
   except BadInputError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # one line, whatever it quotes
     return EXIT_BAD_INPUT
 
 

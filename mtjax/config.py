@@ -32,6 +32,8 @@ import ml_collections
 
 from mtjax.errors import BadInputError
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 # An entropy coefficient is a constant, or (start, end) interpolated linearly over train.steps.
 EntropyCoef = float | tuple[float, float]
 
@@ -216,12 +218,16 @@ def _convert(value: Any, hint: Any, field: str) -> Any:
     raise BadInputError(field, f"expected true/false, got {value!r}")
   if hint is int:
     if isinstance(value, int) and not isinstance(value, bool):
+      if not -2**63 <= value < 2**63:  # values reach numpy and JAX as int64 at most
+        raise BadInputError(field, f"expected an integer that fits in 64 bits, got {value}")
       return value
     raise BadInputError(field, f"expected an integer, got {value!r}")
   if hint is float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       if not math.isfinite(value):
         raise BadInputError(field, f"expected a finite number, got {value!r}")
+      if abs(value) > FLOAT32_MAX:  # the step computes in float32 (or bfloat16): it would overflow
+        raise BadInputError(field, f"expected a number within float32 range (|x| <= 3.4e38), got {value!r}")
       return float(value)
     raise BadInputError(field, f"expected a number, got {value!r}")
   if hint is str:
@@ -285,6 +291,8 @@ LR_SCHEDULES = ("cosine", "constant", "wsd")
 
 def _check(config: Config) -> None:
   m, d, t, o = config.model, config.data, config.train, config.optimizer
+  if not 0 <= config.seed < 2**31:
+    raise BadInputError("seed", f"expected an integer in [0, 2**31), got {config.seed}")
   positive = {
       "model.d_model": m.d_model, "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
       "model.num_kv_heads": m.num_kv_heads, "model.mlp_dim": m.mlp_dim,
@@ -373,6 +381,14 @@ def _check(config: Config) -> None:
     raise BadInputError("data.batch_size", f"must be divisible by optimizer.grad_accum={o.grad_accum}")
   if not 0 < o.decay_fraction <= 1:
     raise BadInputError("optimizer.decay_fraction", f"expected 0 < value <= 1, got {o.decay_fraction}")
+  for field, value in (("optimizer.b1", o.b1), ("optimizer.b2", o.b2)):
+    if not 0 <= value < 1:
+      raise BadInputError(field, f"expected a decay rate in [0, 1), got {value}")
+  if o.eps < 0:
+    raise BadInputError("optimizer.eps", f"expected a value >= 0, got {o.eps}")
+  for field, value in (("model.norm_eps", m.norm_eps), ("model.rope_theta", m.rope_theta)):
+    if value <= 0:
+      raise BadInputError(field, f"expected a value > 0, got {value}")
   if not 0 <= o.ema < 1:
     raise BadInputError("optimizer.ema", f"expected a decay in [0, 1) (0: no EMA), got {o.ema}")
   for pattern, scale in o.param_groups.items():
@@ -416,6 +432,9 @@ def parse_override(arg: str) -> tuple[str, str]:
   if not body.startswith("config.") or "=" not in body:
     raise BadInputError(arg, "expected an override of the form --config.a.b=value")
   key, value = body[len("config."):].split("=", 1)
+  if not all(part.strip() for part in key.split(".")):
+    raise BadInputError(arg, "expected an override of the form --config.a.b=value (a dotted "
+                        "name without empty parts)")
   return key, value
 
 
@@ -427,10 +446,16 @@ def _parse_value(text: str, current: Any) -> Any:
   lowered = text.strip().lower()
   if lowered in ("true", "false"):
     return lowered == "true"
+  if isinstance(current, float) and not isinstance(current, bool):
+    with contextlib.suppress(ValueError):
+      return float(text)  # also nan, inf, -inf: the schema then names them as not finite
   try:
     return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    pass
+  if current is None and lowered in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+    return float(lowered)  # a new per-task entry: the schema then names it as not finite
+  return text
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -439,9 +464,13 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     *parents, leaf = key.split(".")
     node = cfg
     for i, p in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict):  # --config.seed.x=1: below a value
+        raise BadInputError(key, f"{'.'.join(parents[:i])} is a value, not a group of settings")
       if p not in node:
         raise BadInputError(".".join(parents[: i + 1]), "unknown key")
       node = node[p]
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise BadInputError(key, f"{'.'.join(parents)} is a value, not a group of settings")
     # New keys are allowed only inside per-task mappings (their keys are task names).
     per_task = parents and parents[-1] in _MAPPING_FIELDS
     if leaf not in node and not per_task:
@@ -452,15 +481,29 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     try:
       with node.unlocked() if per_task and leaf not in node else contextlib.nullcontext():
         node[leaf] = value
-    except (TypeError, ValueError, KeyError) as e:
-      expected = type(current).__name__ if current is not None else "a value"
-      raise BadInputError(key, f"expected {expected}, got {text!r} ({e})") from None
+    except (TypeError, ValueError, KeyError):
+      expected = ("a mapping of task name to value ({'name': value, ...})"
+                  if leaf in _MAPPING_FIELDS else _describe(current))
+      raise BadInputError(key, f"expected {expected}, got {text!r}") from None
+
+
+def _describe(current: Any) -> str:
+  """What an override must give to replace `current` (for the error message)."""
+  if isinstance(current, ml_collections.ConfigDict):
+    return f"a group of settings ({', '.join(sorted(current.keys()))}), not one value"
+  if isinstance(current, (tuple, list)):
+    return "a list (a,b,c or [...])"
+  if isinstance(current, bool):
+    return "true/false"
+  return _type_name(type(current)) if current is not None else "a value"
 
 
 def import_config_module(path: str) -> tuple[types.ModuleType, str]:
   """Imports the file of `path[:arg]`; returns (module, arg)."""
   file, _, arg = str(path).partition(":")
   file_path = pathlib.Path(file)
+  if file_path.is_dir():
+    raise BadInputError("--config", f"{file} is a directory, expected a Python config file")
   if not file_path.is_file():
     raise BadInputError("--config", f"config file not found: {file}")
   spec = importlib.util.spec_from_file_location(f"mtjax_config_{file_path.stem}", file_path)
@@ -506,15 +549,22 @@ def load_raw(path: str) -> ml_collections.ConfigDict:
     raise BadInputError(file, "expected a function get_config()")
   try:
     cfg = module.get_config(arg) if arg else module.get_config()
-  except (KeyError, ValueError, TypeError) as e:
-    raise BadInputError(path, f"get_config({arg!r}) failed: {e}") from None
-  if isinstance(cfg, Mapping):
-    cfg = ml_collections.ConfigDict(cfg)
-  if not isinstance(cfg, ml_collections.ConfigDict):
-    raise BadInputError(file, "get_config() must return an ml_collections.ConfigDict")
-  merged = Config().to_dict()
-  _merge(merged, cfg.to_dict(), Config)
-  return ml_collections.ConfigDict(merged)
+  except Exception as e:  # a user's function: report it in one line, whatever it raised
+    raise BadInputError(path, f"get_config({arg!r}) failed ({type(e).__name__}: {e})") from None
+  try:
+    if isinstance(cfg, Mapping):
+      cfg = ml_collections.ConfigDict(cfg)
+    if not isinstance(cfg, ml_collections.ConfigDict):
+      raise BadInputError(file, "get_config() must return an ml_collections.ConfigDict, got "
+                          f"{type(cfg).__name__}")
+    merged = Config().to_dict()
+    _merge(merged, cfg.to_dict(), Config)
+    return ml_collections.ConfigDict(merged)
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    if isinstance(e, BadInputError):
+      raise
+    raise BadInputError(file, f"get_config() returned settings that are not a config tree "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> Config:

@@ -31,7 +31,11 @@ def resolve(config: Config) -> Config:
     d = dataclasses.replace(d, mixture=types.MappingProxyType({n: 1.0 for n in d.tasks}))
   config = dataclasses.replace(config, data=d)
 
-  tokenizer_lib.get(d.tokenizer)  # raises on a bad name or file
+  vocab = tokenizer_lib.get(d.tokenizer).vocab_size  # raises on a bad name or file
+  if config.model.vocab_size and config.model.vocab_size < vocab:
+    raise BadInputError("model.vocab_size", f"{config.model.vocab_size} is smaller than the "
+                        f"tokenizer's {vocab} tokens ({d.tokenizer}); use 0 (the tokenizer's, rounded "
+                        "up to a multiple of 128) or at least that")
   if not d.tasks:
     raise BadInputError("data.tasks", "expected at least one task name")
   known = task_registry.names()

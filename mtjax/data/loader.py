@@ -121,6 +121,50 @@ def pack(tokens: Sequence[grain.MapDataset[dict[str, Any]]],
   return out, truncated, used / (batch_size * seq_len)
 
 
+STATE_ITEM = "checkpoint item 'loader'"  # where a restored loader state comes from
+
+
+def validate_state(state: Any, task_names: Sequence[str]) -> dict[str, Any]:
+  """A deep copy of a restored loader state, checked key by key against the run's tasks; a state
+  of another shape (a damaged or hand-edited checkpoint) is a BadInputError naming the item."""
+  from mtjax.errors import BadInputError
+
+  def bad(what: str) -> BadInputError:
+    return BadInputError(STATE_ITEM, f"{what} (expected {{'step', 'credits', 'cursors', "
+                         "'truncated', 'skipped', 'feedback'} as this mtjax writes it)")
+
+  def count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+  def rates(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == len(task_names) and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                for v in value))
+
+  if not isinstance(state, Mapping):
+    raise bad(f"is a {type(state).__name__}, not a mapping")
+  missing = [k for k in ("step", "credits", "cursors", "truncated", "skipped", "feedback")
+             if k not in state]
+  if missing:
+    raise bad(f"has no {', '.join(repr(k) for k in missing)}")
+  if not count(state["step"]):
+    raise bad(f"'step' is {state['step']!r}, not a step number")
+  if not rates(state["credits"]):
+    raise bad(f"'credits' is not a list of {len(task_names)} numbers (one per task)")
+  for key in ("cursors", "truncated", "skipped"):
+    value = state[key]
+    if not isinstance(value, Mapping) or sorted(value) != sorted(task_names) or \
+        not all(count(v) for v in value.values()):
+      raise bad(f"{key!r} is not a count per task of this run ({list(task_names)})")
+  feedback = state["feedback"]
+  if not isinstance(feedback, (list, tuple)) or not all(
+      isinstance(f, (list, tuple)) and len(f) == 2 and count(f[0]) and rates(f[1]) for f in feedback):
+    raise bad("'feedback' is not a list of [step, rates per task]")
+  return {"step": state["step"], "credits": list(state["credits"]),
+          **{k: dict(state[k]) for k in ("cursors", "truncated", "skipped")},
+          "feedback": [[s, list(r)] for s, r in feedback]}
+
+
 class MixtureLoader:
   """Iterator of HostBatch. `state` is where the NEXT batch starts (restores exactly)."""
 
@@ -150,7 +194,7 @@ class MixtureLoader:
     self._tokens = [d.tokens for d in loaded]
     self._lengths = [d.lengths for d in loaded]
     zeros = {n: 0 for n in self.task_names}
-    self.state = copy.deepcopy(dict(state)) if state else {
+    self.state = validate_state(state, self.task_names) if state else {
         "step": 0, "credits": [0.0] * len(self.task_names), "cursors": dict(zeros),
         "truncated": dict(zeros), "skipped": {n: d.skipped for n, d in zip(self.task_names, loaded)},
         "feedback": []}

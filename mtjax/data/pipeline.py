@@ -49,6 +49,57 @@ class Length(grain.transforms.Map):
     return 2 + self.tokenizer.count(example.prompt) + self.tokenizer.count(example.target)
 
 
+def loss_tokens(length: int, target_start: int, seq_len: int) -> int:
+  """Loss-carrying (input, target) pairs of an example of `length` tokens whose target starts at
+  token `target_start`, once the loader cuts it to seq_len pairs (loader.place: pair t predicts
+  token t + 1 and counts when that token belongs to the target)."""
+  pairs = min(length - 1, seq_len)
+  return max(0, pairs - (target_start - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSample:
+  """Token counts of the first examples of a task's split, tokenized as the loader does."""
+
+  task: str
+  prompt: tuple[int, ...]  # prompt tokens per example (instruction + input; BOS not counted)
+  target: tuple[int, ...]  # target tokens per example (EOS not counted)
+  loss: tuple[int, ...]  # loss tokens per example at seq_len
+
+  @property
+  def min_seq_len(self) -> int:
+    """The smallest seq_len at which some sampled example keeps a loss token (BOS + prompt + 1)."""
+    return min(self.prompt) + 1
+
+  @property
+  def full_seq_len(self) -> int:
+    """The seq_len at which every sampled example fits whole (BOS + prompt + target + EOS - 1)."""
+    return max(p + t + 1 for p, t in zip(self.prompt, self.target))
+
+
+def token_sample(task_name: str, tokenizer: Tokenizer, seed: int, seq_len: int, count: int = 64,
+                 split: str = "train", on_bad_record: str = "stop",
+                 rewrite: Callable[[Example], Example] | None = None) -> TokenSample:
+  """The first `count` examples of a task's split (source order, preprocessed, rewritten and
+  tokenized as the loader does): their prompt, target and loss token counts at seq_len."""
+  task = task_registry.get(task_name)
+  examples = task.source.load(split, seed, on_bad_record).examples
+  tokenize = Tokenize(tokenizer, 0)
+  prompt, target, loss = [], [], []
+  for i in range(min(count, len(examples))):
+    example = examples[i]
+    if task.preprocess is not None:
+      example = task.preprocess(example)
+    if rewrite is not None:
+      example = rewrite(example)
+    item = tokenize.map(example)
+    length, start = len(item["tokens"]), item["target_start"]
+    prompt.append(start - 1)
+    target.append(length - start - 1)
+    loss.append(loss_tokens(length, start, seq_len))
+  return TokenSample(task_name, tuple(prompt), tuple(target), tuple(loss))
+
+
 @dataclasses.dataclass
 class TaskData:
   tokens: grain.MapDataset[dict[str, Any]]  # infinite, shuffled: {tokens, target_start, task_id}

@@ -169,17 +169,20 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
   for name in tasks:
     if name not in config.data.tasks:
       raise BadInputError("--tasks", f"{name!r} is not a task of this run ({list(config.data.tasks)})")
-  checkpointer = checkpoint_lib.Checkpointer(path, config.checkpoint)
-  try:
-    available = checkpointer.all_steps()
-  finally:
-    checkpointer.close()
+  available = []
+  if (path / "checkpoints").exists():  # read-only: eval never creates or changes anything there
+    checkpointer = checkpoint_lib.Checkpointer(path, config.checkpoint, read_only=True)
+    try:
+      available = checkpointer.all_steps()
+    finally:
+      checkpointer.close()
   if not available:
     raise BadInputError(str(path / "checkpoints"), "no checkpoint to evaluate")
   step = available[-1] if step is None else step
   if step not in available:
     raise BadInputError("--step", f"no checkpoint at step {step} (available: {available})")
   # Evaluating on other hardware than the run's is fine: any_mesh puts every device on fsdp.
+  # restore_step opens the checkpoints read-only.
   run = setup_lib.build(config, devices=devices, workdir=path, restore_step=step, any_mesh=True)
   assert run.checkpointer is not None
   run.checkpointer.close()

@@ -55,9 +55,9 @@ def run_once(run_dir: epath.Path, config: Config, train_fn: Callable[[Config, ep
 
 
 def rows(run_dir: epath.Path) -> list[dict[str, Any]]:
-  """The run's metrics.jsonl rows (blank lines skipped); a missing file is an error."""
+  """The run's metric rows (metrics.jsonl, or its shards on object stores; blank lines skipped);
+  no metrics at all is an error."""
   from mtjax.train import metrics  # lazy: importing mtjax.train loads JAX
-  path = run_dir / "metrics.jsonl"
-  if not path.exists():
-    raise BadInputError(str(path), "missing: this run never ran")
-  return metrics.read_rows(path)
+  if not metrics.log_files(run_dir):
+    raise BadInputError(str(metrics.log_path(run_dir)), "missing: this run never ran")
+  return metrics.read_rows(run_dir)

@@ -15,7 +15,7 @@ import io
 import json
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,12 +27,26 @@ from mtjax.experiments import runs
 
 
 def load_sweep(path: str) -> list[dict[str, Any]]:
+  """The variants of get_sweep(): any iterable (a list, a generator) of dicts of dotted overrides."""
   module, arg = config_lib.import_config_module(path)
+  file = str(path).partition(":")[0]
   if not hasattr(module, "get_sweep"):
-    raise BadInputError(str(path).partition(":")[0], "expected a function get_sweep() for a sweep")
-  variants = module.get_sweep(arg) if arg else module.get_sweep()
-  if not variants or not all(isinstance(v, dict) for v in variants):
-    raise BadInputError("get_sweep", "expected a non-empty list of dicts of dotted overrides")
+    raise BadInputError(file, "expected a function get_sweep() for a sweep")
+  expected = "expected a non-empty list of dicts of dotted overrides ({'a.b': value, ...})"
+  try:
+    returned = module.get_sweep(arg) if arg else module.get_sweep()
+    if isinstance(returned, (str, bytes, Mapping)) or not isinstance(returned, Iterable):
+      raise BadInputError("get_sweep()", f"{expected}, got {type(returned).__name__}")
+    variants = list(returned)  # a generator or tuple is listed once
+  except BadInputError:
+    raise
+  except Exception as e:  # a user's function: report it in one line, whatever it raised
+    raise BadInputError(path, f"get_sweep({arg!r}) failed ({type(e).__name__}: {e})") from None
+  if not variants:
+    raise BadInputError("get_sweep()", f"{expected}, got none")
+  for i, v in enumerate(variants):
+    if not isinstance(v, Mapping) or not all(isinstance(k, str) and k for k in v):
+      raise BadInputError(f"get_sweep()[{i}]", f"{expected}, got {v!r}")
   return [dict(v) for v in variants]
 
 
@@ -45,7 +59,9 @@ def variant_name(index: int, overrides: dict[str, Any]) -> str:
 def _config_for(base: config_lib.Config, index: int, overrides: dict[str, Any]) -> config_lib.Config:
   try:
     return base.replace(**overrides)
-  except (KeyError, TypeError) as e:
+  except BadInputError as e:
+    raise BadInputError(f"get_sweep()[{index}]", str(e)) from None
+  except (KeyError, TypeError, AttributeError) as e:
     raise BadInputError(f"get_sweep()[{index}]", f"override {e} does not name a config field") from None
 
 

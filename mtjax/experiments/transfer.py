@@ -127,16 +127,29 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
           "derived_config": config_path.name}
 
 
+def _docstring(text: str) -> str:
+  """`text` as a triple-quoted Python literal whose value is exactly `text`: backslashes, quotes
+  and characters that are not printable (but newlines) are escaped, so any task name is safe."""
+  def escape(c: str) -> str:
+    if c in '\\"':
+      return "\\" + c
+    if c == "\n" or c.isprintable():
+      return c
+    return c.encode("unicode_escape").decode("ascii")
+  return '"""' + "".join(escape(c) for c in text) + '"""'
+
+
 def write_schedule_config(path: epath.Path, base: Config, order: Sequence[str],
                           steps_per_task: int) -> epath.Path:
   """A config file others can run: the base config with the derived order as stages."""
   cfg = arms.configure(base, seed=base.seed, steps=steps_per_task * len(order),
                        eval_every=base.eval.every, stages=arms.sequential_stages(order, steps_per_task))
   cfg = cfg.replace(**{"train.progress": True, "checkpoint.every": base.checkpoint.every})
+  doc = ("The backward-transfer-guided order derived by `mtjax experiment transfer`:\n"
+         f"{' -> '.join(order)}, {steps_per_task} steps per stage.\n\n"
+         f"  mtjax train --config {path.name} --workdir runs/bwt_guided\n")
   path.write_text(
-      '"""The backward-transfer-guided order derived by `mtjax experiment transfer`:\n'
-      f'{" -> ".join(order)}, {steps_per_task} steps per stage.\n\n'
-      f'  mtjax train --config {path.name} --workdir runs/bwt_guided\n"""\n\n'
+      f"{_docstring(doc)}\n\n"
       "import ml_collections\n\n"
       f"CONFIG = {pprint.pformat(cfg.to_dict(), indent=1, width=100)}\n\n\n"
       "def get_config(variant: str = '') -> ml_collections.ConfigDict:\n"

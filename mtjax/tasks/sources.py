@@ -85,24 +85,41 @@ class JsonlSource:
       raise BadInputError("data", f"JSONL task has no {split!r} split (has {sorted(self.files)})")
     examples, skipped = [], 0
     for path in self.files[split]:
-      p = epath.Path(path)
-      if not p.exists():
-        raise BadInputError(str(path), "file not found")
-      with p.open("rb") as f:
+      p = _readable_file(path, "a JSONL file")
+      try:
+        f = p.open("rb")
+      except OSError as e:
+        raise BadInputError(str(path), f"cannot be read ({e.strerror or e})") from None
+      with f:
         for lineno, raw in enumerate(f, 1):
           if not raw.strip():
             continue
           try:
             examples.append(self.fields.example(json.loads(raw.decode("utf-8"))))
-          except (ValueError, UnicodeDecodeError) as e:
+          except (ValueError, UnicodeDecodeError, RecursionError) as e:
             if on_bad_record == "skip":
               skipped += 1
               continue
-            raise BadInputError(f"{path}:{lineno}", f"bad record ({e}); set "
+            raise BadInputError(f"{path}:{lineno}", f"bad record ({_one_line(e)}); set "
                                 "data.on_bad_record=skip to skip and count such lines") from None
     if not examples:
       raise BadInputError(str(self.files[split][0]), f"no usable records in the {split!r} split")
     return Loaded(examples, skipped)
+
+
+def _readable_file(path: str, what: str) -> epath.Path:
+  """The path of a data file that exists and is a file (not a directory), or a BadInputError."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise BadInputError(str(path), "file not found")
+  if p.is_dir():
+    raise BadInputError(str(path), f"is a directory, expected {what}")
+  return p
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return text[:300] + ("..." if len(text) > 300 else "")
 
 
 class Records(Protocol):
@@ -139,13 +156,18 @@ class ArrayRecordSource:
 
   def load(self, split: str, seed: int, on_bad_record: str = "stop") -> Loaded:
     import grain
+    if split not in self.files:
+      raise BadInputError("data", f"ArrayRecord task has no {split!r} split (has {sorted(self.files)})")
     paths = list(self.files[split])
     for path in paths:
-      if not epath.Path(path).exists():
-        raise BadInputError(str(path), "file not found")
+      _readable_file(path, "an ArrayRecord file")
     # grain declares its base class under a platform.system() test pyright cannot evaluate, so the
     # type it sees is the Windows placeholder (no __len__/__getitem__).
-    records = cast(Records, grain.sources.ArrayRecordDataSource(paths))
+    try:
+      records = cast(Records, grain.sources.ArrayRecordDataSource(paths))
+    except Exception as e:  # not ArrayRecord files, unreadable, ...: name them, no traceback
+      raise BadInputError(",".join(paths), f"cannot be read as ArrayRecord files "
+                          f"({type(e).__name__}: {_one_line(e)})") from None
     return Loaded(_Decoded(records, self.fields, ",".join(paths), lambda r: json.loads(r)))
 
 

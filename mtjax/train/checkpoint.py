@@ -5,7 +5,8 @@ older layout migrates it (version 1 had no TrainState.extra), a newer one is ref
 
 One CheckpointManager per run directory, saving asynchronously: the loop blocks only while the
 arrays are copied off the devices; the write goes on in the background. Orbax writes into a
-temporary directory and renames it when complete, so a save killed half-way is never picked up.
+temporary directory and renames it when complete, so a save killed half-way is never picked up
+(the run that next holds the workdir's lock removes such directories). Eval opens it read-only.
 
 Retention keeps the latest `keep` AND the best `keep_best` by `best_metric` (both, through a
 preservation policy; plain `best_fn` would keep only the best).
@@ -13,7 +14,10 @@ preservation policy; plain `best_fn` would keep only the best).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import re
 import time
 from typing import Any
 
@@ -56,11 +60,48 @@ def set_aside_later_checkpoints(workdir: epath.Path, step: int) -> list[int]:
   return later
 
 
-class Checkpointer:
+_TMP_STEP = re.compile(r"^\d+\.orbax-checkpoint-tmp")  # Orbax's name for a save in progress
 
-  def __init__(self, workdir: epath.Path, cfg: CheckpointConfig):
+
+def remove_stale_temporaries(workdir: epath.Path) -> list[str]:
+  """Removes `<step>.orbax-checkpoint-tmp*` directories (saves a crash left half-written).
+
+  Only the holder of the workdir's lock may call this: another run's save in flight looks the
+  same. Returns the names removed.
+  """
+  directory = workdir / "checkpoints"
+  if not directory.exists():
+    return []
+  stale = sorted(p for p in directory.iterdir() if _TMP_STEP.match(p.name))
+  for path in stale:
+    path.rmtree()
+  return [p.name for p in stale]
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """Orbax warns "Given directory is read only" on every read-only manager: not news here."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+class Checkpointer:
+  """read_only: list and restore only (eval): never creates checkpoints/, saves or deletes."""
+
+  def __init__(self, workdir: epath.Path, cfg: CheckpointConfig, *, read_only: bool = False):
     self.directory = workdir / "checkpoints"
     self.cfg = cfg
+    self.read_only = read_only
+    if read_only:
+      with _quiet_absl():
+        self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False))
+      return
     policies: list[Any] = [ocp.checkpoint_managers.LatestN(cfg.keep)]
     if cfg.best_metric:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -84,6 +125,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, loader_state: dict, config: Config, run_facts: dict,
            metrics: dict[str, float] | None = None, controls: dict | None = None) -> bool:
     """Starts an async save; returns False if a checkpoint at or after `step` exists."""
+    if self.read_only:
+      raise RuntimeError(f"{self.directory}: this Checkpointer is read-only")
     from mtjax.train.step import FORMAT_VERSION
     if self.cfg.best_metric and not (metrics and self.cfg.best_metric in metrics):
       metrics = None  # kept by LatestN only

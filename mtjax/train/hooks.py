@@ -61,14 +61,18 @@ class LogHook(Hook):
   """metrics.jsonl / TensorBoard rows every train.log_every steps and at the last step.
 
   Step s's metrics are fetched after step s + 1 was dispatched, so reading them never stalls the
-  device; the non-finite guard (train.max_consecutive_skips) is checked on the rows read.
+  device; the non-finite guard (train.max_consecutive_skips) is checked on the rows read. A task
+  sampled at a rate > 0 whose loss tokens are 0 in `no_tokens_rows` logged rows in a row gets a
+  warning (one stderr line) and `warn/<task>/no_tokens` = 1 in each such row from then on.
   """
 
-  def __init__(self, every: int, max_consecutive_skips: int):
+  def __init__(self, every: int, max_consecutive_skips: int, no_tokens_rows: int = 3):
     self.every, self.max_consecutive_skips = every, max_consecutive_skips
+    self.no_tokens_rows = no_tokens_rows
     self._pending: StepOutput | None = None
     self._window_start, self._tokens, self._steps = time.perf_counter(), 0, 0
     self._save_block_s: list[float] = []
+    self._no_tokens: dict[str, int] = {}  # task -> logged rows in a row without loss tokens
 
   def record_save(self, seconds: float) -> None:
     self._save_block_s.append(seconds)
@@ -94,18 +98,72 @@ class LogHook(Hook):
     if self._save_block_s:
       row["perf/checkpoint_block_s"] = float(np.mean(self._save_block_s))
       self._save_block_s.clear()
+    self._warn_no_tokens(loop, row)
     loop.write(row)
     self._window_start, self._tokens, self._steps = time.perf_counter(), 0, 0
     skips = int(host["consecutive_skips"])
     if skips >= self.max_consecutive_skips:
-      good = loop.checkpointer.latest_step()
       raise TrainingDiverged(
-          f"step {out.done}: {skips} consecutive steps had a non-finite loss or gradient norm "
-          f"(train.max_consecutive_skips={self.max_consecutive_skips}); last good checkpoint: "
-          + (f"step {good} in {loop.checkpointer.directory}" if good is not None else "none"))
+          f"step {out.done}: {skips} consecutive steps had a non-finite loss, gradient norm, "
+          f"update or new parameters (train.max_consecutive_skips={self.max_consecutive_skips}); "
+          f"last good checkpoint: {last_finite_checkpoint(loop.checkpointer)}")
+
+  def _warn_no_tokens(self, loop: Loop, row: dict[str, Any]) -> None:
+    for name in loop.task_names:
+      rate = row.get(f"data/{name}/rate")  # unknown for sources without rates: warn as if > 0
+      if row.get(f"train/{name}/tokens") != 0 or (rate is not None and rate <= 0):
+        self._no_tokens[name] = 0
+        continue
+      n = self._no_tokens[name] = self._no_tokens.get(name, 0) + 1
+      if n >= self.no_tokens_rows:
+        row[f"warn/{name}/no_tokens"] = 1
+      if n == self.no_tokens_rows:
+        say(f"warning: task {name!r} had no loss tokens in {n} logged steps in a row (up to step "
+            f"{row['step']}) although it is sampled" + (f" at rate {rate:.3g}" if rate else "")
+            + f": see data/{name}/skipped and data/{name}/truncated (a target cut off by "
+            "data.seq_len has no loss tokens) or raise its data.mixture weight")
 
   def at_end(self, loop: Loop) -> None:
     self.flush(loop)
+
+
+def _params_finite(state_dir: Any) -> bool:
+  """Whether every parameter saved in an Orbax `state` item is finite (read one array at a time,
+  on the host, so the check never needs another copy of the model on the devices)."""
+  import orbax.checkpoint as ocp
+  reader = ocp.PyTreeCheckpointer()
+  meta: Any = reader.metadata(state_dir)
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)  # orbax 0.12: StepMetadata
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree["params"])[0]:
+    item: Any = 0
+    for key in reversed(path):
+      item = {getattr(key, "key", getattr(key, "idx", key)): item}
+    restored = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": item}, partial_restore=True,
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                  {"params": item})))
+    if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored)):
+      return False
+  return True
+
+
+def last_finite_checkpoint(checkpointer: Any) -> str:
+  """'step S in DIR' for the latest committed checkpoint whose parameters are all finite (saves in
+  flight are waited for), naming later non-finite ones; 'none' if there is none."""
+  checkpointer.wait()
+  bad = []
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    try:
+      finite = _params_finite(checkpointer.directory / str(step) / "state")
+    except Exception as e:  # unreadable: not a good checkpoint either
+      say(f"note: could not read checkpoint {step} to check it is finite: {type(e).__name__}: {e}")
+      finite = False
+    if finite:
+      return f"step {step} in {checkpointer.directory}" + (
+          f" (later: step {', '.join(map(str, bad))} not finite or unreadable)" if bad else "")
+    bad.append(step)
+  return "none" + (f" (step {', '.join(map(str, bad))} in {checkpointer.directory}: not finite "
+                   "or unreadable)" if bad else "")
 
 
 class ProgressHook(Hook):
@@ -179,7 +237,8 @@ class CheckpointHook(Hook):
 
 
 class PreemptionHook(Hook):
-  """SIGTERM/SIGINT (all processes agree on the step): save at the step reached, stop; exit 3."""
+  """SIGTERM/SIGINT (all processes agree on the step): save at the step reached, stop; exit 3.
+  A signal during the last step stops nothing: the run completes (final save at the end)."""
 
   def __init__(self, checkpoint: CheckpointHook):
     self._checkpoint = checkpoint
@@ -187,8 +246,8 @@ class PreemptionHook(Hook):
   def after_step(self, loop: Loop, out: StepOutput) -> None:
     if loop.guard.should_stop(out.done) and out.done < loop.total:
       self._checkpoint.save(loop, out.done)
-      loop.stop(preempted=True)
-      say(f"preempted by signal {loop.guard.received}: saved step {out.done}; run the same "
+      loop.stop(preempted=True)  # the loop's close waits until the save is committed
+      say(f"preempted by {loop.guard.name or 'a signal'}: saved step {out.done}; run the same "
           "command again to resume")
 
 

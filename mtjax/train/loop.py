@@ -8,6 +8,10 @@
                      on the step's critical path), progress, profile, feedback, preemption (save
                      at the step reached and stop: exit code 3)
 At the end: flush the log, eval, save the last step; then close everything and draw the plots.
+Signals (preemption.py): the guard is in place from the start of `Loop.run` (or earlier, when the
+run entered it before setup) until the last save is committed; a signal before the first step
+stops the loop after 2. with nothing new to save (exit 3), one during the last step or after it
+lets the run complete (exit 0), and repeated signals are logged and ignored.
 The loop is generic over the step function and the batch source; hooks do the rest (hooks.py).
 """
 
@@ -26,7 +30,9 @@ from mtjax.monitoring import CompileCounter
 from mtjax.parallel.mesh import Device
 from mtjax.train import checkpoint as checkpoint_lib
 from mtjax.train import hooks as hooks_lib
+from mtjax.train import lock as lock_lib
 from mtjax.train import metrics as metrics_lib
+from mtjax.train import preemption
 from mtjax.train import rundir
 from mtjax.train import setup as setup_lib
 from mtjax.train.batches import Batch, BatchSource, LoaderSource
@@ -71,7 +77,8 @@ class Loop:
     self.history: list[dict[str, Any]] = []
     self.last_row: dict[str, Any] = {}  # the latest value of every key (best-checkpoint metric)
     self.last_train_row: dict[str, Any] = {}
-    self.guard = PreemptionGuard()
+    # The guard a run entered before its setup (signals during setup count), else a new one.
+    self.guard: PreemptionGuard = preemption.guard()
     self.preempted = self._stopping = False
 
   def write(self, row: dict[str, Any]) -> None:
@@ -95,29 +102,51 @@ class Loop:
     self._stopping, self.preempted = True, preempted
 
   def run(self) -> None:
-    try:
-      with jax.set_mesh(self.setup.mesh), self.guard:
-        for step in range(self.start, self.total):
-          for hook in self.hooks:
-            hook.before_step(self, step)
-          batch = self.source.next(self.state)
-          weights, coefs = self.controls.at(step)
-          with self.compiles:
-            self.state, metrics = self.step_fn(self.state, batch.arrays, weights, coefs)
-          out = StepOutput(step + 1, metrics, batch, weights, coefs)
-          for hook in self.hooks:
-            hook.after_step(self, out)
-          if self._stopping:
-            break
-        else:
-          for hook in self.hooks:
-            hook.at_end(self)
-    finally:
-      for hook in reversed(self.hooks):
-        hook.close(self)
-      self.source.close()
-      self.writer.close()
-      self.checkpointer.close()  # waits for any save in flight
+    # The guard stays installed until the last save is committed (checkpointer.close() waits for
+    # it): a second signal meanwhile is logged and ignored, never cutting the save short.
+    with self.guard:
+      try:
+        with jax.set_mesh(self.setup.mesh):
+          self._run_steps()
+      finally:
+        for hook in reversed(self.hooks):
+          hook.close(self)
+        self.source.close()
+        self.writer.close()
+        self.checkpointer.close()  # waits for any save in flight
+
+  def _run_steps(self) -> None:
+    for step in range(self.start, self.total):
+      # Once the last step is under way the run completes: a signal no longer stops it.
+      self.guard.finishing = step == self.total - 1 and step > self.start
+      for hook in self.hooks:
+        hook.before_step(self, step)
+      batch = self.source.next(self.state)
+      if step == self.start:
+        if self.guard.should_stop(step):  # a signal during setup (or eval at step 0, or the batch)
+          self._stop_before_first_step()
+          return
+        self.guard.finishing = step == self.total - 1
+      weights, coefs = self.controls.at(step)
+      with self.compiles:
+        self.state, metrics = self.step_fn(self.state, batch.arrays, weights, coefs)
+      out = StepOutput(step + 1, metrics, batch, weights, coefs)
+      for hook in self.hooks:
+        hook.after_step(self, out)
+      if self._stopping:
+        return
+    self.guard.finishing = True
+    for hook in self.hooks:
+      hook.at_end(self)
+
+  def _stop_before_first_step(self) -> None:
+    """A signal came before any step ran here: nothing new to save; the workdir stays as it was."""
+    self.stop(preempted=True)
+    latest = self.checkpointer.latest_step()
+    hooks_lib.say(f"preempted by {self.guard.name or 'a signal'} before the first step: nothing new "
+                  "to save (" + (f"the latest checkpoint is step {latest}" if latest is not None
+                                 else "no checkpoint yet") +
+                  "); run the same command again to resume")
 
 
 def default_hooks(config: Config, make_evaluator: Callable | None,
@@ -135,25 +164,44 @@ def default_hooks(config: Config, make_evaluator: Callable | None,
 def run(config: Config, workdir: str | epath.PathLike, *,
         devices: Sequence[Device] | None = None, resume_from: int | None = None,
         profile: tuple[int, int] | None = None, evaluator: Callable | None = None,
-        extra_hooks: Sequence[hooks_lib.Hook] = ()) -> RunResult:
+        extra_hooks: Sequence[hooks_lib.Hook] = (), force_unlock: bool = False) -> RunResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint (or `resume_from`).
 
+  The workdir's lock (mtjax.train.lock) is held throughout: a second run on the same workdir
+  gets BadInputError naming the holder; force_unlock takes the lock over regardless.
   profile=(start, stop): a JAX profiler trace of steps [start, stop) in workdir/profile.
   evaluator: (config, graphdef, spec, mesh, tokenizer) -> callable(params, step) -> eval row,
     for the eval hook (`mtjax.train.run` passes mtjax.eval's held-out Evaluator).
   extra_hooks run after the default ones (e.g. a feedback hook that sets rates or weights).
   """
+  from mtjax.check import require_loss_tokens
+  require_loss_tokens(config)  # every task keeps loss tokens at data.seq_len, else exit 2 naming it
   workdir = rundir.resolve(workdir)
+  # The signal guard first: a signal while waiting for the lock, in setup or in the plots counts.
+  with preemption.guard(), lock_lib.hold(workdir, force=force_unlock) as lock:  # before anything is read or moved
+    if lock is not None:
+      removed = checkpoint_lib.remove_stale_temporaries(workdir)
+      if removed:
+        hooks_lib.say(f"note: removed {len(removed)} unfinished checkpoint save(s) in "
+                      f"{workdir / 'checkpoints'}: {', '.join(removed)}")
+    return _run_locked(config, workdir, devices=devices, resume_from=resume_from,
+                       profile=profile, evaluator=evaluator, extra_hooks=extra_hooks)
+
+
+def _run_locked(config: Config, workdir: epath.Path, *, devices: Sequence[Device] | None,
+                resume_from: int | None, profile: tuple[int, int] | None,
+                evaluator: Callable | None, extra_hooks: Sequence[hooks_lib.Hook]) -> RunResult:
+  """`run` once the workdir is locked: setup (every check), then the run files, then the loop."""
   setup = setup_lib.build(config, devices=devices, workdir=workdir, resume_from=resume_from)
   config = setup.config
   if setup.restored_step is not None:
     hooks_lib.say(f"resumed from step {setup.restored_step} in {workdir / 'checkpoints'}" + (
         "; changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in setup.changes.items())
         if setup.changes else ""))
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # metrics first: a bad metrics file stops before config.json changes
+    rundir.set_aside_metrics(workdir, after_step=int(setup.state.step))
     rundir.write_run_files(workdir, config, setup.devices,
                            {"mesh": dict(setup.mesh.shape), "model": dataclasses.asdict(setup.spec)})
-    rundir.set_aside_metrics(workdir, after_step=int(setup.state.step))
 
   def make_evaluator():
     assert evaluator is not None

@@ -1,19 +1,53 @@
-"""Metric rows and their writers: metrics.jsonl (always), TensorBoard events, PNG plots.
+"""Metric rows and their writers: the metrics log (always), TensorBoard events, PNG plots.
 
 Only process 0 writes. Keys follow ../DESIGN.md: train/<task>/{loss,entropy,accuracy,tokens,weight},
 data/<task>/{rate,truncated,skipped}, data/packing_efficiency, perf/*, train/skipped_steps.
+
+The metrics log, one JSON object a line, in one of two layouts:
+
+- Local workdirs: `metrics.jsonl`, appended and flushed row by row.
+- Object stores (a workdir containing "://", e.g. gs://; needs `pip install 'mtjax[gcs]'`), which
+  cannot append (gcsfs's append mode silently overwrites the object): numbered shards
+  `metrics/000000.jsonl`, `metrics/000001.jsonl`, ..., which read as their concatenation in
+  numeric order. Each writer (each start or resume of a run) begins a new shard after the last one
+  and re-uploads its current shard whole after every row, so a row is in the bucket as soon as it
+  is written and an upload never loses earlier rows; an object upload is atomic, so a shard is
+  never torn. After ROWS_PER_SHARD rows the writer moves on to the next number, which keeps each
+  upload small. A local workdir that already has shards (e.g. copied down from a bucket) goes on
+  with them.
+
+`read_rows(workdir or file)` reads either layout (both, if a workdir has both: metrics.jsonl
+first); `mtjax.train.rundir.set_aside_metrics` trims them before a resume.
+
+A torn last line (a crash or a full disk during a write) is not an error: `read_rows` skips it
+with one warning on stderr (it never changes the log: a live run may still be writing that line),
+and the next run in the workdir moves it to `metrics.torn.<time>.jsonl` (never deleted). An
+undecodable line anywhere else is bad input: BadInputError naming the file and line number.
+
+TensorBoard events go to `tensorboard/` through tensorboardX, which writes gs:// itself when
+google-cloud-storage is installed (the gcs extra) and s3:// with boto3. For other object stores,
+or without those packages, the run skips TensorBoard with one note on stderr.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
 
+from mtjax.errors import BadInputError
+
 PER_TASK_TRAIN = ("loss", "entropy", "accuracy", "tokens")
+LOG_NAME = "metrics.jsonl"  # the local layout
+SHARD_DIR = "metrics"  # the object-store layout: metrics/NNNNNN.jsonl
+ROWS_PER_SHARD = 100
+_SHARD = re.compile(r"^\d+\.jsonl$")
 
 
 def train_row(step: int, metrics: Mapping[str, Any], task_names: Sequence[str],
@@ -36,38 +70,183 @@ def train_row(step: int, metrics: Mapping[str, Any], task_names: Sequence[str],
   return row
 
 
-class MetricsWriter:
-  """Appends rows to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
+def is_object_store(workdir: epath.PathLike) -> bool:
+  return "://" in str(workdir)
 
-  def __init__(self, workdir: epath.Path, enabled: bool = True):
+
+def uses_shards(workdir: epath.PathLike) -> bool:
+  """Whether new rows in `workdir` go to metrics/ shards (else: appended to metrics.jsonl)."""
+  workdir = epath.Path(workdir)
+  return is_object_store(workdir) or bool(_shards(workdir / SHARD_DIR))
+
+
+def log_path(workdir: epath.PathLike) -> epath.Path:
+  """Where `workdir`'s new rows go: metrics.jsonl, or the metrics/ shard directory."""
+  workdir = epath.Path(workdir)
+  return workdir / (SHARD_DIR if uses_shards(workdir) else LOG_NAME)
+
+
+def _shards(directory: epath.Path) -> list[epath.Path]:
+  if not directory.exists():
+    return []
+  return sorted((p for p in directory.iterdir() if _SHARD.match(p.name)), key=_shard_number)
+
+
+def _shard_number(path: epath.Path) -> int:
+  return int(path.name.split(".")[0])
+
+
+def log_files(path: epath.PathLike) -> list[epath.Path]:
+  """The files holding the rows of `path`, in reading order (empty: no rows yet).
+
+  `path`: a workdir (metrics.jsonl, then metrics/ shards), one `.jsonl` file, or a metrics/
+  shard directory (`MetricsWriter.path` of an object-store workdir).
+  """
+  path = epath.Path(path)
+  if path.name.endswith(".jsonl"):
+    return [path] if path.exists() else []
+  files = [path / LOG_NAME] if (path / LOG_NAME).exists() else []
+  files += _shards(path / SHARD_DIR)
+  if not files and path.name == SHARD_DIR:
+    files = _shards(path)
+  return files
+
+
+@dataclasses.dataclass
+class LogFile:
+  path: epath.Path
+  lines: list[bytes]  # the decodable lines, without their newline
+  rows: list[dict[str, Any]]  # the same, decoded
+
+
+@dataclasses.dataclass
+class TornLine:
+  path: epath.Path
+  number: int  # 1-based line number in `path`
+  text: bytes
+
+
+def load(files: Sequence[epath.Path]) -> tuple[list[LogFile], TornLine | None]:
+  """Reads and decodes `files` (from `log_files`). An undecodable last line of the last file with
+  rows is returned as the TornLine; one anywhere else raises BadInputError naming file and line."""
+  raw = []
+  for path in files:
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+      lines.pop()
+    raw.append((path, [(n, l) for n, l in enumerate(lines, 1) if l.strip()]))
+  last = max((i for i, (_, entries) in enumerate(raw) if entries), default=-1)
+  out, torn = [], None
+  for i, (path, entries) in enumerate(raw):
+    log = LogFile(path, [], [])
+    for k, (number, line) in enumerate(entries):
+      try:
+        row = json.loads(line)
+        if not isinstance(row, dict):
+          raise ValueError(f"a JSON {type(row).__name__}")
+      except ValueError as e:  # JSONDecodeError and UnicodeDecodeError included
+        if i == last and k == len(entries) - 1:
+          torn = TornLine(path, number, line)
+          break
+        raise BadInputError(f"{path}:{number}", f"not a JSON object ({str(e)[:120]}); every line "
+                            "of a metrics log is one JSON object: fix or remove this line") from None
+      log.lines.append(line)
+      log.rows.append(row)
+    out.append(log)
+  return out, torn
+
+
+def read_rows(path: epath.PathLike) -> list[dict[str, Any]]:
+  """Every row of a workdir's metrics log (either layout), or of one `.jsonl` file, in order.
+
+  A torn last line is skipped with one warning on stderr; the log itself is left as it is.
+  """
+  logs, torn = load(log_files(path))
+  if torn is not None:
+    print(f"warning: {torn.path}:{torn.number}: the last line is not complete JSON (cut off by a "
+          "crash or a full disk, or still being written); ignored", file=sys.stderr, flush=True)
+  return [row for log in logs for row in log.rows]
+
+
+class MetricsWriter:
+  """Writes rows to the metrics log and TensorBoard; a no-op on processes other than 0.
+
+  `path`: metrics.jsonl (appended) or, on object stores, the metrics/ shard directory.
+  sharded: force a layout (default: `uses_shards(workdir)`).
+  """
+
+  def __init__(self, workdir: epath.PathLike, enabled: bool = True, sharded: bool | None = None):
+    workdir = epath.Path(workdir)
     self.enabled = enabled
-    self.path = workdir / "metrics.jsonl"
-    self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # needs no TensorFlow
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+    self.sharded = uses_shards(workdir) if sharded is None else sharded
+    self.path = workdir / (SHARD_DIR if self.sharded else LOG_NAME)
+    self._tb: Any = None
+    self._file: Any = None
+    self._shard, self._shard_rows = 0, []  # the current shard's number and rows
+    if not enabled:
+      return
+    if not is_object_store(workdir):
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      if self.sharded:
+        self.path.mkdir(exist_ok=True)
+    if self.sharded:
+      existing = _shards(self.path)
+      self._shard = _shard_number(existing[-1]) + 1 if existing else 0
+    else:
+      unterminated = False
+      if self.path.exists():
+        with self.path.open("rb") as f:
+          if f.seek(0, 2) > 0:
+            f.seek(-1, 2)
+            unterminated = f.read(1) != b"\n"
       self._file = self.path.open("a")
+      if unterminated:  # a complete last row whose newline a crash cut off: keep rows apart
+        self._file.write("\n")
+    self._tb = _tensorboard(workdir / "tensorboard")
 
   def write(self, row: Mapping[str, Any]) -> None:
-    if self._tb is None:  # not process 0
+    if not self.enabled:
       return
-    self._file.write(json.dumps(row, sort_keys=True) + "\n")
-    self._file.flush()
-    step = int(row["step"])
-    for key, value in row.items():
-      if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        self._tb.add_scalar(key, value, step)
+    line = json.dumps(row, sort_keys=True) + "\n"
+    if self.sharded:
+      self._shard_rows.append(line)
+      (self.path / f"{self._shard:06d}.jsonl").write_text("".join(self._shard_rows))
+      if len(self._shard_rows) >= ROWS_PER_SHARD:
+        self._shard, self._shard_rows = self._shard + 1, []
+    else:
+      self._file.write(line)
+      self._file.flush()
+    if self._tb is not None:
+      step = int(row["step"])
+      for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(key, value, step)
 
   def close(self) -> None:
-    if self._tb is not None:
+    if self._file is not None:
       self._file.close()
+      self._file = None
+    if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
-def read_rows(path: epath.Path) -> list[dict[str, Any]]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _tensorboard(logdir: epath.PathLike) -> Any:
+  """A tensorboardX SummaryWriter for `logdir`, or None (one note) where it cannot write."""
+  url = str(logdir)
+  if is_object_store(url):
+    from tensorboardX import record_writer
+    scheme = url.split("://", 1)[0]
+    why = {"gs": "it needs google-cloud-storage (pip install 'mtjax[gcs]')",
+           "s3": "it needs boto3"}.get(scheme, f"tensorboardX cannot write {scheme}://")
+    ready = {"gs": record_writer.GCS_ENABLED, "s3": record_writer.S3_ENABLED}.get(scheme, False)
+    if not ready:
+      print(f"note: no TensorBoard events in {url}: {why}; the metrics log has the same scalars",
+            file=sys.stderr, flush=True)
+      return None
+  from tensorboardX import SummaryWriter  # needs no TensorFlow
+  return SummaryWriter(url)
 
 
 def plot_per_task(rows: Sequence[Mapping[str, Any]], task_names: Sequence[str],

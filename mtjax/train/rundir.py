@@ -1,8 +1,12 @@
-"""What a run directory records besides metrics: the resolved config and the environment."""
+"""What a run directory records besides metrics: the resolved config and the environment.
+
+Also the workdir's path (`resolve`) and the trimming of its metrics log before a resume.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -13,13 +17,20 @@ import jax
 from etils import epath
 
 from mtjax.config import Config
+from mtjax.errors import BadInputError
+from mtjax.train import metrics as metrics_lib
 
 _PACKAGES = ("mtjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
              "tensorflow-datasets", "ml-collections", "numpy")
 
 
 def resolve(workdir) -> epath.Path:
-  """Local paths become absolute (Orbax needs them); gs:// and other URLs pass through."""
+  """Local paths become absolute (Orbax needs them); gs:// and other URLs pass through.
+
+  A gs:// workdir needs gcsfs (`pip install 'mtjax[gcs]'`): without it, BadInputError.
+  """
+  if str(workdir).startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+    raise BadInputError(str(workdir), "gs:// workdirs need gcsfs: pip install 'mtjax[gcs]'")
   workdir = epath.Path(workdir)
   return workdir if "://" in str(workdir) else epath.Path(os.path.abspath(workdir))
 
@@ -45,17 +56,48 @@ def environment(devices) -> dict:
 
 
 def set_aside_metrics(workdir: epath.Path, after_step: int) -> None:
-  """Keeps metrics.jsonl rows up to after_step; later rows move to a side file, never deleted."""
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return
-  lines = [l for l in path.read_text().splitlines() if l.strip()]
-  keep = [l for l in lines if json.loads(l).get("step", 0) <= after_step]
-  if len(keep) == len(lines):
-    return
+  """Trims the metrics log (either layout, see mtjax.train.metrics) to rows with step <= after_step.
+
+  Nothing is deleted: if later rows exist, the whole log as it was goes to
+  `metrics.after-<after_step>.<time>.jsonl` first; a torn last line (a crash or a full disk during
+  a write) goes to `metrics.torn.<time>.jsonl`, with one warning on stderr. An undecodable line
+  anywhere else raises BadInputError naming the file and line. Call it only while holding the
+  workdir's lock (it rewrites the log).
+  """
+  logs, torn = metrics_lib.load(metrics_lib.log_files(workdir))
   stamp = time.strftime("%Y%m%d-%H%M%S")
-  (workdir / f"metrics.after-{after_step}.{stamp}.jsonl").write_text("\n".join(lines) + "\n")
-  path.write_text("".join(l + "\n" for l in keep))
+  if torn is not None:
+    side = _side_file(workdir, "metrics.torn", stamp)
+    side.write_bytes(torn.text + b"\n")
+    print(f"warning: {torn.path}:{torn.number}: the last line was cut off (a crash or a full disk "
+          f"during a write); moved to {side}", file=sys.stderr, flush=True)
+  if any(row.get("step", 0) > after_step for log in logs for row in log.rows):
+    everything = b"".join(line + b"\n" for log in logs for line in log.lines)
+    _side_file(workdir, f"metrics.after-{after_step}", stamp).write_bytes(everything)
+  for log in logs:
+    keep = [line for line, row in zip(log.lines, log.rows) if row.get("step", 0) <= after_step]
+    if len(keep) < len(log.lines) or (torn is not None and torn.path == log.path):
+      _replace(log.path, b"".join(line + b"\n" for line in keep))
+
+
+def _side_file(workdir: epath.Path, prefix: str, stamp: str) -> epath.Path:
+  """workdir/<prefix>.<stamp>.jsonl, or with -1, -2, ... after the stamp if that exists."""
+  path, n = workdir / f"{prefix}.{stamp}.jsonl", 0
+  while path.exists():
+    n += 1
+    path = workdir / f"{prefix}.{stamp}-{n}.jsonl"
+  return path
+
+
+def _replace(path: epath.Path, data: bytes) -> None:
+  """Local files: write a temporary file and rename it over (atomic); object stores: one upload
+  (atomic already; a rename there is a copy and a delete)."""
+  if metrics_lib.is_object_store(path):
+    path.write_bytes(data)
+    return
+  tmp = path.parent / f".{path.name}.tmp"
+  tmp.write_bytes(data)
+  tmp.replace(path)
 
 
 def write_run_files(workdir: epath.Path, config: Config, devices, extra: dict | None = None) -> None:

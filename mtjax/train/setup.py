@@ -2,8 +2,8 @@
 
 config (+ devices, + workdir) -> the resolved config, mesh, tokenizer, model spec, optimizer and
 LR schedule, shardings, and the initial state: random init, or restored from the workdir's latest
-checkpoint (`resume_from` picks an earlier one and moves later ones aside; `restore_step`
-restores one without touching the others, as eval does).
+checkpoint (`resume_from` picks an earlier one and, once every check passed, moves later ones
+aside; `restore_step` restores one read-only, touching nothing, as eval does).
 """
 
 from __future__ import annotations
@@ -86,8 +86,10 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   """The one setup path.
 
   workdir: restore its latest checkpoint, if any (train's resume; the checkpointer stays open).
-  resume_from: restore this step instead; later checkpoints are moved aside, never deleted.
-  restore_step: restore exactly this step, no compatibility check (eval of a finished run).
+  resume_from: restore this step instead; later checkpoints are moved aside (never deleted) after
+    every check passed and the state was restored, so a refused resume leaves them all in place.
+  restore_step: restore exactly this step, no compatibility check, read-only: nothing in the
+    workdir is created or changed (eval of a finished run; the checkpointer is read-only).
   any_mesh: if the config's mesh does not fit `devices`, put every device on fsdp (eval on other
     hardware than the run's). decay_steps: the LR schedule's length without a workdir (bench).
   """
@@ -108,18 +110,18 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   checkpointer, restore_at, changes = None, None, {}
   run_facts = {"decay_steps": decay_steps or config.optimizer.decay_steps or config.train.steps}
   if workdir is not None:
+    # Every check of a resume (the target exists, the config may resume it, its format is
+    # readable, its arrays restore) comes before resume_from moves later checkpoints aside.
     if resume_from is not None:
       _resume_target_exists(workdir, resume_from)
-      if jax.process_index() == 0:
-        moved = checkpoint_lib.set_aside_later_checkpoints(workdir, resume_from)
-        if moved:
-          _say(f"resume_from {resume_from}: moved checkpoints {moved} to "
-               f"{workdir / 'abandoned_checkpoints'}")
-    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-    restore_at = checkpointer.latest_step() if restore_step is None else restore_step
+    checkpointer = checkpoint_lib.Checkpointer(
+        workdir, config.checkpoint, read_only=restore_step is not None or resume_from is not None)
+    restore_at = (resume_from if resume_from is not None else
+                  checkpointer.latest_step() if restore_step is None else restore_step)
     if restore_at is not None:
       if restore_step is None:
         changes = checkpointer.check_compatible(restore_at, config)
+      checkpointer.format_version(restore_at)  # a newer format is refused here, by name
       run_facts = checkpointer.read_facts(restore_at)[1]  # the LR schedule is fixed at the first start
       run_facts = {"decay_steps": run_facts["decay_steps"]}
 
@@ -132,6 +134,18 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
     setup.state, setup.loader_state = checkpointer.restore(restore_at, state)
     setup.controls_state = checkpointer.restore_controls(restore_at)
     setup.restored_step = restore_at
+  if workdir is not None and resume_from is not None:  # all checked: now move later ones aside
+    assert checkpointer is not None
+    checkpointer.close()
+    if jax.process_index() == 0:
+      moved = checkpoint_lib.set_aside_later_checkpoints(workdir, resume_from)
+      if moved:
+        _say(f"resume_from {resume_from}: moved checkpoints {moved} to "
+             f"{workdir / 'abandoned_checkpoints'}")
+    if jax.process_count() > 1:  # the others list the checkpoints only once they are moved
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("mtjax.setup.resume_from")
+    setup.checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   return setup
 
 

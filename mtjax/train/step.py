@@ -3,8 +3,9 @@
 step(state, batch, task_weights[T], entropy_coefs[T]) -> (state, metrics)
 
 Everything that may change between steps (task weights, entropy coefficients, their schedules)
-is an array argument, so it never recompiles. A non-finite objective or gradient norm skips the
-update inside the step (no extra host sync) and is counted.
+is an array argument, so it never recompiles. A non-finite objective, gradient norm, update, new
+parameter or new optimizer-state value skips the update inside the step (no extra host sync) and
+is counted: no non-finite number ever reaches the state, hence a checkpoint.
 """
 
 from __future__ import annotations
@@ -157,18 +158,31 @@ def make_grad_fn(graphdef: Any, *, num_tasks: int, grad_accum: int = 1,
   return grad_fn
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """A scalar bool: every floating-point leaf of `tree` is finite (True for a tree without any)."""
+  ok = jnp.array(True)
+  for leaf in jax.tree.leaves(tree):
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      ok = ok & jnp.isfinite(leaf).all()
+  return ok
+
+
 def make_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                  num_tasks: int, grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
-  """The pure step: gradients, a non-finite guard, the optimizer update."""
+  """The pure step: gradients, the optimizer update, a non-finite guard (the update is kept
+  only if the objective, the gradient norm, the update and the new params and optimizer state are
+  all finite; an update can overflow even from finite gradients, e.g. with a huge learning rate)."""
   grad_fn = make_grad_fn(graphdef, num_tasks=num_tasks, grad_accum=grad_accum, z_loss=z_loss)
 
   def step(state: TrainState, batch: Mapping[str, jax.Array], task_weights: jax.Array,
            entropy_coefs: jax.Array) -> tuple[TrainState, dict[str, Any]]:
     objective, per_task, grads = grad_fn(state.params, batch, task_weights, entropy_coefs)
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    # A non-finite update makes its parameter non-finite: checking the new params covers it.
+    ok = (jnp.isfinite(objective) & jnp.isfinite(grad_norm) & all_finite(new_params)
+          & all_finite(new_opt_state))
     keep_new = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     skipped = (~ok).astype(jnp.int32)
     new_state = TrainState(

@@ -1,0 +1,162 @@
+"""Validate-only: everything a run needs, checked without building the model or writing anything.
+
+`mtjax train --check --config X [--config.a.b=v ...]` (and a Colab cell) calls
+
+    check_config(config) -> facts        # one line each, or a BadInputError naming field or file
+
+on a config `mtjax.config.load` has already typed and value-checked. It runs, in order: the
+resolve step (task registry, tokenizer file, mixture, `model.vocab_size`), every task's train
+split (readable, non-empty) and the token pre-check below, the validation split of each evaluated
+task when `eval.every` > 0, then the mesh on the available devices
+(`mtjax.parallel.mesh.make_mesh`), the batch's divisibility over it
+(`mtjax.train.setup.check_divisibility`) and every parameter axis's divisibility over its mesh
+axes (abstract shapes from `nnx.eval_shape`: no parameter is allocated, nothing is compiled).
+
+The token pre-check, `require_loss_tokens(config)`, also runs at the start of every training
+run: the loader cuts each example to `data.seq_len` (input, target) pairs and target tokens past
+the cut carry no loss, so a task whose sampled examples all have prompts of seq_len tokens or more
+would train on nothing. It stops with the task, the token lengths it saw and the seq_len to use.
+
+`check_workdir(path)` says, before anything runs, whether a run directory can be used: a
+directory (or one that can be created) that is writable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import statistics
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from mtjax.errors import BadInputError
+
+if TYPE_CHECKING:  # the CLI imports this module: keep it light (no config, JAX or registry)
+  from mtjax.config import Config
+
+SAMPLE = 64  # examples per task the token pre-check tokenizes (the first of the train split)
+
+
+def check_workdir(path: str | None) -> None:
+  """Raises a BadInputError unless `path` is a writable directory or can be created as one.
+
+  Remote paths (gs://...) are left to the first write.
+  """
+  if not path:
+    raise BadInputError("--workdir", "required (only `mtjax train --check` runs without one)")
+  if "://" in path:
+    return
+  target = pathlib.Path(path)
+  probe = target
+  while not os.path.lexists(probe) and probe != probe.parent:
+    probe = probe.parent
+  if probe == target:
+    if not target.is_dir():
+      kind = "a broken link" if not target.exists() else "a file"
+      raise BadInputError("--workdir", f"{path} is {kind}, expected a run directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+      raise BadInputError("--workdir", f"{path} is not writable")
+    return
+  if not probe.is_dir():
+    raise BadInputError("--workdir", f"cannot create {path}: {probe} is not a directory")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise BadInputError("--workdir", f"cannot create {path}: {probe} is not writable")
+
+
+def _spread(values: Sequence[int]) -> str:
+  """min/median/max of token counts (a median between two counts ends in .5)."""
+  median = statistics.median(values)
+  return f"{min(values)}/{int(median) if median == int(median) else median}/{max(values)}"
+
+
+def require_loss_tokens(config: Config, sample: int = SAMPLE) -> list[Any]:
+  """Every task of the run keeps loss tokens at data.seq_len over its first `sample` training
+  examples, or a BadInputError names the task, the token lengths seen and the seq_len to use.
+
+  Returns the mtjax.data.pipeline.TokenSample of each task (in data.tasks order).
+  """
+  from mtjax import tasks as task_registry
+  from mtjax.data import pipeline
+  from mtjax.data import tokenizer as tokenizer_lib
+  from mtjax.resolve import resolve
+
+  config = resolve(config)
+  d = config.data
+  tokenizer = tokenizer_lib.get(d.tokenizer)
+  samples = []
+  for name in d.tasks:
+    rewrite = task_registry.instruction_rewrite(name, d.instructions.get(name, "keep"), d.tasks,
+                                                config.seed)
+    s = pipeline.token_sample(name, tokenizer, config.seed, d.seq_len, sample,
+                              on_bad_record=d.on_bad_record, rewrite=rewrite)
+    if not s.loss:
+      raise BadInputError(f"task {name!r}", "its train split has no examples")
+    if not any(s.loss):
+      raise BadInputError(
+          f"task {name!r}", f"no loss tokens at data.seq_len={d.seq_len}: its first {len(s.loss)} "
+          f"training examples have prompts of {_spread(s.prompt)} tokens and targets of "
+          f"{_spread(s.target)} (min/median/max), and the loader cuts every example at seq_len, "
+          f"so no target token is left; raise data.seq_len to at least {s.min_seq_len} "
+          f"({s.full_seq_len} fits every sampled example whole)")
+    samples.append(s)
+  return samples
+
+
+@functools.lru_cache(maxsize=16)
+def _param_count(mesh: Any, spec: Any) -> int:
+  """Parameters of the model on `mesh`; raises a BadInputError if an axis does not divide."""
+  import math
+
+  import jax
+
+  from mtjax.train import step as step_lib
+  _, shapes, _ = step_lib.param_shardings(mesh, spec)  # abstract: nothing is allocated
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> list[str]:
+  """Validates what a run of `config` needs (see the module docstring) without building the model
+  or writing anything. Returns what it found, one line per fact; raises BadInputError."""
+  from mtjax import tasks as task_registry
+  from mtjax.data import tokenizer as tokenizer_lib
+  from mtjax.resolve import resolve
+
+  config = resolve(config)  # task registry, tokenizer file, mixture
+  d = config.data
+  tokenizer = tokenizer_lib.get(d.tokenizer)
+  facts = [f"tokenizer: {d.tokenizer} ({tokenizer.vocab_size} tokens)"]
+  for s in require_loss_tokens(config):
+    cut = sum(1 for loss, p, t in zip(s.loss, s.prompt, s.target) if p + t + 1 > d.seq_len)
+    empty = sum(1 for loss in s.loss if not loss)
+    facts.append(f"task {s.task}: weight {d.mixture.get(s.task, 0.0):g}; first {len(s.loss)} "
+                 f"examples: prompt {_spread(s.prompt)}, target {_spread(s.target)} tokens "
+                 f"(min/median/max); {cut} cut at seq_len {d.seq_len}, {empty} without loss tokens")
+  e = config.eval
+  if e.every:
+    for name in e.tasks or d.tasks:
+      try:
+        n = len(task_registry.get(name).source.load("validation", config.seed).examples)
+      except BadInputError as err:
+        raise BadInputError(err.field, f"{err.expected} (eval.every={e.every} evaluates task "
+                            f"{name!r} on its validation split)") from None
+      if not n:
+        raise BadInputError(f"task {name!r}", f"its validation split has no examples (eval.every="
+                            f"{e.every} evaluates on it)")
+      facts.append(f"eval {name}: {n} validation examples")
+
+  import jax
+
+  from mtjax.model import ModelSpec
+  from mtjax.parallel.mesh import make_mesh
+  from mtjax.train.setup import check_divisibility
+  devices = list(devices) if devices is not None else jax.devices()
+  mesh = make_mesh(config.mesh, devices)
+  check_divisibility(config, mesh)
+  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform)
+  params = _param_count(mesh, spec)
+  shape = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
+  facts.append(f"mesh: {shape} on {len(devices)} {devices[0].platform} device(s) of this process")
+  facts.append(f"model: {params:,} parameters, {spec.dtype}, vocab {spec.vocab_size}; batch "
+               f"{d.batch_size} x {d.seq_len} in {config.optimizer.grad_accum} micro-batch(es)")
+  return facts
