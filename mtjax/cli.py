@@ -71,12 +71,22 @@ def _parser() -> argparse.ArgumentParser:
   rep.add_argument("workdir")
   js = sub.add_parser("jobset", help="render a Kubernetes JobSet that runs mtjax train on GKE",
                       epilog="Arguments after -- are passed to `mtjax train`.")
-  js.add_argument("--name", required=True)
-  js.add_argument("--image", required=True)
+  js.add_argument("--name", required=True, help="JobSet name (a lowercase DNS label)")
+  js.add_argument("--image", required=True, help="an image built from launch/Dockerfile")
   js.add_argument("--accelerator", required=True, help="e.g. tpu-v5-lite-podslice, nvidia-h100-80gb")
-  js.add_argument("--topology", default="", help="TPU topology, e.g. 4x4")
-  js.add_argument("--hosts", type=int, required=True)
+  js.add_argument("--topology", default="", help="TPU topology of one slice, e.g. 4x4 (16 chips "
+                  "= --hosts x --chips_per_host)")
+  js.add_argument("--hosts", type=int, required=True, help="hosts (pods) per slice")
   js.add_argument("--chips_per_host", type=int, required=True)
+  js.add_argument("--slices", type=int, default=1, help="TPU slices (multi-slice over DCN): "
+                  "replicas of the job, host network, --config.mesh.dcn=SLICES")
+  js.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                  help="container environment, repeatable (e.g. XLA_FLAGS, LIBTPU_INIT_ARGS)")
+  js.add_argument("--grace_period", type=int, default=None, metavar="SECONDS",
+                  help="terminationGracePeriodSeconds: time to save a checkpoint after SIGTERM "
+                  "(default 120)")
+  js.add_argument("--service_account", default="", metavar="NAME",
+                  help="Kubernetes service account (Workload Identity for gs:// workdirs)")
   data = sub.add_parser("data", help="inspect the data pipeline").add_subparsers(
       dest="data_command", required=True, parser_class=_Parser)
   prev = data.add_parser("preview", help="task shares, packing and decoded examples per step range")
@@ -234,9 +244,12 @@ def report(args: argparse.Namespace) -> int:
 def jobset(args: argparse.Namespace, train_args: Sequence[str]) -> int:
   from mtjax import jobset as jobset_lib
 
+  grace = jobset_lib.DEFAULT_GRACE_PERIOD if args.grace_period is None else args.grace_period
   print(jobset_lib.to_yaml(jobset_lib.render(
       name=args.name, image=args.image, accelerator=args.accelerator, topology=args.topology,
-      hosts=args.hosts, chips_per_host=args.chips_per_host, train_args=train_args)), end="")
+      hosts=args.hosts, chips_per_host=args.chips_per_host, train_args=train_args,
+      slices=args.slices, env=jobset_lib.parse_env(args.env), grace_period=grace,
+      service_account=args.service_account)), end="")
   return EXIT_OK
 
 

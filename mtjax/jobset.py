@@ -1,64 +1,170 @@
 """Renders a Kubernetes JobSet (jobset.x-k8s.io/v1alpha2) that runs `mtjax train` on GKE TPU or
-GPU node pools: one pod per host, indexed completions, JAX's cluster detection (TPU) or the
-MTJAX_* variables (GPU) start jax.distributed.
+GPU node pools: one pod per host, one indexed Job per TPU slice (`--slices N`: N replicas of the
+replicated job `workers`, on the host network for the DCN traffic between slices).
 
+  docker build -f launch/Dockerfile --build-arg ACCELERATOR=tpu -t IMAGE . && docker push IMAGE
   mtjax jobset --name run1 --image IMAGE --accelerator tpu-v5-lite-podslice --topology 4x4 \\
-      --hosts 4 --chips_per_host 4 -- --config configs/demo.py --workdir gs://bucket/runs/run1 \\
-      > jobset.yaml && kubectl apply -f jobset.yaml
+      --hosts 4 --chips_per_host 4 --slices 2 --service_account mtjax-ksa \\
+      -- --config configs/demo.py --workdir gs://bucket/runs/run1 > jobset.yaml
+  kubectl apply -f jobset.yaml
+
+JobSet does not set JOBSET_NAME (that is XPK's own downward-API variable). It labels and annotates
+every pod with jobset.sigs.k8s.io/{jobset-name, replicatedjob-name, job-index, ...}, Kubernetes
+annotates it with batch.kubernetes.io/job-completion-index, and with `network.enableDNSHostnames`
+pod `<name>-workers-<slice>-<host>` resolves as `<name>-workers-<slice>-<host>.<name>`. So every pod
+gets mtjax's distributed variables explicitly: MTJAX_COORDINATOR (the first pod's DNS name),
+MTJAX_NUM_PROCESSES (slices x hosts), MTJAX_SLICE_INDEX and MTJAX_HOST_INDEX (from those
+annotations, through the downward API) and MTJAX_HOSTS_PER_SLICE; the container's shell computes
+MTJAX_PROCESS_ID = slice index x hosts per slice + host index and `exec`s `mtjax train`, so the
+trainer is the container's main process and gets the SIGTERM that makes it save before the grace
+period ends. On multi-slice TPU, GKE's TPU webhook still sets TPU_WORKER_* and MEGASCALE_* for
+libtpu; the slice count reaches the mesh as `--config.mesh.dcn=N`.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from mtjax.errors import BadInputError
 
 COORDINATOR_PORT = 1234
+REPLICATED_JOB = "workers"
+DEFAULT_GRACE_PERIOD = 120  # seconds between SIGTERM and SIGKILL: enough for a checkpoint save
+_DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TOPOLOGY = re.compile(r"[1-9][0-9]*(x[1-9][0-9]*){1,2}")
+_DCN = "--config.mesh.dcn="
+# The pod's index within its Job and its Job's index within the replicated job (= its slice).
+_HOST_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+_SLICE_INDEX = "metadata.annotations['jobset.sigs.k8s.io/job-index']"
+# `sh -c SCRIPT mtjax-train ARGS...`: ARGS reach mtjax as "$@", never re-split or re-quoted; exec
+# makes mtjax the container's main process (it gets the SIGTERM).
+# An empty index (an annotation missing) stops the pod with a message instead of a clashing id.
+_ENTRYPOINT = (': "${MTJAX_SLICE_INDEX:?}" "${MTJAX_HOST_INDEX:?}"; '
+               'export MTJAX_PROCESS_ID=$((MTJAX_SLICE_INDEX * MTJAX_HOSTS_PER_SLICE'
+               ' + MTJAX_HOST_INDEX)); exec mtjax train "$@"')
+
+
+def topology_chips(topology: str) -> int:
+  """Chips in a TPU topology: 4x4 -> 16, 2x2x4 -> 16."""
+  if not _TOPOLOGY.fullmatch(topology):
+    raise BadInputError("--topology", f"expected a TPU topology like 4x4 or 2x2x4, got {topology!r}")
+  return math.prod(int(d) for d in topology.split("x"))
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+  """`--env K=V` flags -> {K: V}; names mtjax sets itself and repeated names are bad input."""
+  env: dict[str, str] = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not _ENV_NAME.fullmatch(key):
+      raise BadInputError("--env", f"expected NAME=VALUE with NAME like XLA_FLAGS, got {item!r}")
+    if key.startswith("MTJAX_"):
+      raise BadInputError("--env", f"{key} is set by mtjax jobset itself (distributed start-up)")
+    if key in env:
+      raise BadInputError("--env", f"{key} is given twice")
+    env[key] = value
+  return env
+
+
+def _check(*, name: str, accelerator: str, hosts: int, chips_per_host: int, topology: str,
+           slices: int, grace_period: int, service_account: str) -> None:
+  if hosts <= 0 or chips_per_host <= 0:
+    raise BadInputError("--hosts", "expected positive --hosts and --chips_per_host")
+  if slices <= 0:
+    raise BadInputError("--slices", f"expected the number of slices (>= 1), got {slices}")
+  if not _DNS_LABEL.fullmatch(name):
+    raise BadInputError("--name", f"expected a lowercase DNS label (a-z, 0-9, -), got {name!r}")
+  last_pod = f"{name}-{REPLICATED_JOB}-{slices - 1}-{hosts - 1}"
+  if len(last_pod) > 63:  # pod hostnames are DNS labels
+    raise BadInputError("--name", f"too long: pod hostname {last_pod!r} exceeds 63 characters")
+  if grace_period < 0:
+    raise BadInputError("--grace_period", f"expected seconds >= 0, got {grace_period}")
+  if service_account and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", service_account):
+    raise BadInputError("--service_account",
+                        f"expected a Kubernetes service account name, got {service_account!r}")
+  if not accelerator.startswith("tpu"):
+    if topology:
+      raise BadInputError("--topology", f"only TPU node pools have a topology, not {accelerator}")
+    if slices > 1:
+      raise BadInputError("--slices", "multi-slice is for TPU node pools; on GPUs raise --hosts")
+    return
+  if not topology:
+    raise BadInputError("--topology", "TPU node pools need a topology, e.g. 4x4")
+  chips = topology_chips(topology)
+  if hosts * chips_per_host != chips:
+    expected = (f"expected --hosts {chips // chips_per_host}" if chips % chips_per_host == 0
+                else f"{chips} is not a multiple of --chips_per_host {chips_per_host}")
+    raise BadInputError("--topology", f"{topology} has {chips} chips per slice but --hosts {hosts} "
+                        f"x --chips_per_host {chips_per_host} = {hosts * chips_per_host}: {expected}")
+
+
+def _train_args(train_args: Sequence[str], slices: int) -> list[str]:
+  """The trainer's arguments, with --config.mesh.dcn=SLICES unless they already say it."""
+  args = list(train_args)
+  if slices == 1:
+    return args
+  given = [a[len(_DCN):] for a in args if a.startswith(_DCN)]
+  if any(value != str(slices) for value in given):
+    raise BadInputError("--slices", f"{slices} slices but the train arguments set "
+                        f"{_DCN}{given[-1]}; drop it (mtjax jobset sets it)")
+  return args if given else [*args, f"{_DCN}{slices}"]
 
 
 def render(*, name: str, image: str, accelerator: str, hosts: int, chips_per_host: int,
-           train_args: Sequence[str], topology: str = "", max_restarts: int = 3) -> dict[str, Any]:
-  if hosts <= 0 or chips_per_host <= 0:
-    raise BadInputError("--hosts", "expected positive --hosts and --chips_per_host")
-  if not name or not name.replace("-", "").isalnum() or name != name.lower():
-    raise BadInputError("--name", f"expected a lowercase DNS label, got {name!r}")
+           train_args: Sequence[str], topology: str = "", slices: int = 1,
+           env: dict[str, str] | None = None, grace_period: int = DEFAULT_GRACE_PERIOD,
+           service_account: str = "", max_restarts: int = 3) -> dict[str, Any]:
+  _check(name=name, accelerator=accelerator, hosts=hosts, chips_per_host=chips_per_host,
+         topology=topology, slices=slices, grace_period=grace_period,
+         service_account=service_account)
   tpu = accelerator.startswith("tpu")
-  if tpu and not topology:
-    raise BadInputError("--topology", "TPU node pools need a topology, e.g. 4x4")
   selector = ({"cloud.google.com/gke-tpu-accelerator": accelerator,
                "cloud.google.com/gke-tpu-topology": topology} if tpu
               else {"cloud.google.com/gke-accelerator": accelerator})
   resource = "google.com/tpu" if tpu else "nvidia.com/gpu"
-  env = [] if tpu else [
-      {"name": "MTJAX_COORDINATOR",
-       "value": f"{name}-workers-0-0.{name}:{COORDINATOR_PORT}"},
-      {"name": "MTJAX_NUM_PROCESSES", "value": str(hosts)},
-      {"name": "MTJAX_PROCESS_ID", "valueFrom": {"fieldRef": {
-          "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+  field = lambda path: {"fieldRef": {"fieldPath": path}}
+  container_env = [
+      {"name": "MTJAX_COORDINATOR",  # pod 0 of slice 0, through the JobSet's headless service
+       "value": f"{name}-{REPLICATED_JOB}-0-0.{name}:{COORDINATOR_PORT}"},
+      {"name": "MTJAX_NUM_PROCESSES", "value": str(slices * hosts)},
+      {"name": "MTJAX_HOSTS_PER_SLICE", "value": str(hosts)},
+      {"name": "MTJAX_SLICE_INDEX", "valueFrom": field(_SLICE_INDEX)},
+      {"name": "MTJAX_HOST_INDEX", "valueFrom": field(_HOST_INDEX)},
+      *({"name": k, "value": v} for k, v in (env or {}).items()),
   ]
   container = {
       "name": "mtjax", "image": image,
-      "command": ["mtjax", "train", *train_args],
+      "command": ["/bin/sh", "-c", _ENTRYPOINT, "mtjax-train"],
+      "args": _train_args(train_args, slices),
       "ports": [{"containerPort": COORDINATOR_PORT}],
       "resources": {"limits": {resource: chips_per_host}},
-      "env": env,
+      "env": container_env,
   }
+  pod: dict[str, Any] = {"nodeSelector": selector, "restartPolicy": "Never",
+                         "terminationGracePeriodSeconds": grace_period}
+  if slices > 1:  # DCN traffic between slices goes over the host network; keep cluster DNS
+    pod.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
+  if service_account:  # Workload Identity: the KSA bound to a GCP service account reaches gs://
+    pod["serviceAccountName"] = service_account
+  pod["containers"] = [container]
   return {
       "apiVersion": "jobset.x-k8s.io/v1alpha2",
       "kind": "JobSet",
-      "metadata": {"name": name, "annotations": {
+      "metadata": {"name": name, "annotations": {  # one Job (slice) per node pool
           "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}},
       "spec": {
           "failurePolicy": {"maxRestarts": max_restarts},
           "network": {"enableDNSHostnames": True},
           "replicatedJobs": [{
-              "name": "workers", "replicas": 1,
+              "name": REPLICATED_JOB, "replicas": slices,
               "template": {"spec": {
                   "parallelism": hosts, "completions": hosts, "completionMode": "Indexed",
                   "backoffLimit": 0,
-                  "template": {"spec": {"nodeSelector": selector, "restartPolicy": "Never",
-                                        "containers": [container]}}}},
+                  "template": {"spec": pod}}},
           }],
       },
   }
@@ -66,4 +172,7 @@ def render(*, name: str, image: str, accelerator: str, hosts: int, chips_per_hos
 
 def to_yaml(jobset: dict[str, Any]) -> str:
   import yaml
-  return yaml.safe_dump(jobset, sort_keys=False)
+  header = ("# Rendered by `mtjax jobset`; apply with `kubectl apply -f FILE` (needs the JobSet\n"
+            "# controller). The image is built from launch/Dockerfile:\n"
+            "#   docker build -f launch/Dockerfile --build-arg ACCELERATOR=tpu|cuda -t IMAGE .\n")
+  return header + yaml.safe_dump(jobset, sort_keys=False)

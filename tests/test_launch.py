@@ -1,55 +1,39 @@
-"""Launchers: the JobSet renderer's structure and values; shell launchers' dry runs."""
+"""Launchers: the shell launchers' dry runs (the JobSet renderer: tests/test_jobset.py)."""
 
 import os
+import pathlib
+import shlex
+import signal
+import socket
 import subprocess
+import sys
+import time
+import uuid
 
 import pytest
-import yaml
 
 from conftest import REPO
-from mtjax import cli
-from mtjax import jobset
 
 
-def test_tpu_jobset_structure_and_values(capsys):
-  assert cli.main(["jobset", "--name", "run1", "--image", "gcr.io/p/mtjax:1", "--accelerator",
-                   "tpu-v5-lite-podslice", "--topology", "4x4", "--hosts", "4", "--chips_per_host",
-                   "4", "--", "--config", "configs/demo.py", "--workdir", "gs://b/r",
-                   "--config.seed=3"]) == 0
-  doc = yaml.safe_load(capsys.readouterr().out)
-  assert doc["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and doc["kind"] == "JobSet"
-  assert doc["metadata"]["name"] == "run1"
-  job = doc["spec"]["replicatedJobs"][0]["template"]["spec"]
-  assert job["parallelism"] == job["completions"] == 4 and job["completionMode"] == "Indexed"
-  pod = job["template"]["spec"]
-  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
-                                 "cloud.google.com/gke-tpu-topology": "4x4"}
-  (container,) = pod["containers"]
-  assert container["image"] == "gcr.io/p/mtjax:1"
-  assert container["command"] == ["mtjax", "train", "--config", "configs/demo.py", "--workdir",
-                                  "gs://b/r", "--config.seed=3"]
-  assert container["resources"]["limits"] == {"google.com/tpu": 4}
-  assert container["env"] == []  # TPU VMs: JAX finds the cluster itself
+LAUNCH = REPO / "launch"
 
 
-def test_gpu_jobset_sets_the_distributed_variables():
-  doc = jobset.render(name="g1", image="img", accelerator="nvidia-h100-80gb", hosts=2,
-                      chips_per_host=8, train_args=["--config", "c.py", "--workdir", "gs://b"])
-  container = doc["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
-  env = {e["name"]: e for e in container["env"]}
-  assert env["MTJAX_COORDINATOR"]["value"] == "g1-workers-0-0.g1:1234"
-  assert env["MTJAX_NUM_PROCESSES"]["value"] == "2"
-  assert "job-completion-index" in env["MTJAX_PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
-  assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
+def _dry_run(script, *args, env=None, check=True):
+  """Runs a launcher with DRY_RUN=1; returns (argv of every printed command, the process)."""
+  proc = subprocess.run(["bash", str(LAUNCH / script), *args],
+                        env=dict(os.environ, DRY_RUN="1", **(env or {})), capture_output=True,
+                        text=True, check=check)
+  return [shlex.split(line) for line in proc.stdout.splitlines() if not line.startswith("#")], proc
 
 
-def test_bad_jobset_input_exits_2(capsys):
-  assert cli.main(["jobset", "--name", "Bad_Name", "--image", "i", "--accelerator", "tpu-v4-podslice",
-                   "--topology", "2x2x2", "--hosts", "2", "--chips_per_host", "4"]) == 2
-  assert "error: --name" in capsys.readouterr().err
-  assert cli.main(["jobset", "--name", "ok", "--image", "i", "--accelerator", "tpu-v4-podslice",
-                   "--hosts", "2", "--chips_per_host", "4"]) == 2
-  assert "error: --topology" in capsys.readouterr().err
+def _remote(argv):
+  """The --command that a gcloud ssh line runs on the workers."""
+  return argv[argv.index("--command") + 1]
+
+
+@pytest.mark.parametrize("script", ["local.sh", "slurm_gpu.sbatch", "tpu_pod.sh"])
+def test_launchers_parse(script):
+  subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
 
 
 @pytest.mark.parametrize("script,env,expect", [
@@ -59,7 +43,207 @@ def test_bad_jobset_input_exits_2(capsys):
 ])
 def test_shell_launchers_dry_run(script, env, expect):
   args = ["run", "--config", "c.py"] if script == "tpu_pod.sh" else ["--config", "c.py"]
-  out = subprocess.run(["bash", str(REPO / "launch" / script), *args],
+  out = subprocess.run(["bash", str(LAUNCH / script), *args],
                        env=dict(os.environ, DRY_RUN="1", **env), capture_output=True, text=True,
                        check=True).stdout
   assert expect in out and "c.py" in out
+
+
+# --- SLURM ---------------------------------------------------------------------------------------
+
+def _sbatch_directives():
+  return [line.split(None, 1)[1] for line in (LAUNCH / "slurm_gpu.sbatch").read_text().splitlines()
+          if line.startswith("#SBATCH")]
+
+
+def test_slurm_one_task_per_gpu_each_seeing_all_gpus():
+  directives = _sbatch_directives()
+  assert "--ntasks-per-node=8" in directives and "--gpus-per-node=8" in directives
+  assert not any(d.startswith("--gpus-per-task") for d in directives)  # it pins one GPU per task
+  assert "--signal=TERM@120" in directives and "--requeue" in directives
+  (cmd,), proc = _dry_run("slurm_gpu.sbatch", "--config", "c.py", "--workdir", "/runs/a b",
+                          env={"SLURM_CPUS_PER_TASK": "12", "SLURM_JOB_ID": "77"})
+  srun = cmd[cmd.index("srun"):]
+  assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=12", "--gpu-bind=none"]
+  assert srun[4:] == ["mtjax", "train", "--config", "c.py", "--workdir", "/runs/a b"]
+  assert "# on exit 3: scontrol requeue 77" in proc.stdout
+  # 8 tasks per node but 4 GPUs: refused before anything starts.
+  _, proc = _dry_run("slurm_gpu.sbatch", env={"SLURM_NTASKS_PER_NODE": "8",
+                                              "SLURM_GPUS_ON_NODE": "4"}, check=False)
+  assert proc.returncode == 2 and "--ntasks-per-node=8 must equal" in proc.stderr
+
+
+def test_slurm_binding_is_what_jax_cluster_detection_expects(monkeypatch):
+  """JAX's own SLURM detection, fed the variables srun sets for task i of this binding."""
+  from jax._src import clusters
+  from jax._src.clusters import cluster
+  monkeypatch.setattr(cluster, "running_in_cloud_tpu_vm", False)  # a GPU node, wherever this runs
+  for local_id in range(8):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[003-004]")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_PROCID", str(8 + local_id))
+    monkeypatch.setenv("SLURM_LOCALID", str(local_id))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")  # --gpu-bind=none: all GPUs
+    coordinator, n, pid, local_ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, None, "slurm", None)
+    assert (coordinator.split(":")[0], n, pid) == ("gpu003", 16, 8 + local_id)
+    # JAX drives CUDA ordinal SLURM_LOCALID: it exists only if the task sees all 8 GPUs.
+    assert local_ids == [local_id]
+    assert local_id < len(os.environ["CUDA_VISIBLE_DEVICES"].split(","))
+
+
+def test_slurm_xla_flag_preset_overridable_and_known_to_xla():
+  (cmd,), _ = _dry_run("slurm_gpu.sbatch", env={"XLA_FLAGS": "--xla_dump_to=/tmp/d"})
+  assert cmd[0] == "env" and cmd[1].startswith("XLA_FLAGS=")
+  flags = cmd[1].removeprefix("XLA_FLAGS=").split()
+  for flag in ["--xla_gpu_enable_latency_hiding_scheduler=true",
+               "--xla_gpu_enable_pipelined_all_gather=true",
+               "--xla_gpu_enable_pipelined_reduce_scatter=true",
+               "--xla_gpu_enable_while_loop_double_buffering=true",
+               "--xla_gpu_enable_triton_gemm=false"]:
+    assert flag in flags
+  assert flags[-1] == "--xla_dump_to=/tmp/d"  # the user's XLA_FLAGS come last and win
+  (cmd,), _ = _dry_run("slurm_gpu.sbatch", env={"GPU_XLA_FLAGS": "--xla_gpu_autotune_level=0",
+                                                "XLA_FLAGS": ""})
+  assert cmd[1] == "XLA_FLAGS=--xla_gpu_autotune_level=0"
+  # XLA aborts on an unknown flag in XLA_FLAGS (every rank would die at start): the pinned
+  # jaxlib parses all of its flags, GPU ones included, even on CPU.
+  (cmd,), _ = _dry_run("slurm_gpu.sbatch", env={"XLA_FLAGS": ""})
+  proc = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                        text=True, env=dict(os.environ, XLA_FLAGS=cmd[1].removeprefix("XLA_FLAGS="),
+                                            JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --- TPU VMs -------------------------------------------------------------------------------------
+
+TPU = {"TPU_NAME": "mt", "ZONE": "us-z1"}
+
+
+@pytest.mark.parametrize("accelerator,image", [
+    ("v2-8", "tpu-ubuntu2204-base"), ("v3-32", "tpu-ubuntu2204-base"),
+    ("v4-16", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5e-8", "v2-alpha-tpuv5-lite"), ("v5p-32", "v2-alpha-tpuv5"), ("v6e-64", "v2-alpha-tpuv6e"),
+])
+def test_tpu_runtime_image_follows_the_accelerator(accelerator, image):
+  (cmd,), _ = _dry_run("tpu_pod.sh", "create", env=dict(TPU, ACCELERATOR=accelerator))
+  assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "mt"]
+  assert cmd[cmd.index("--accelerator-type") + 1] == accelerator
+  assert cmd[cmd.index("--version") + 1] == image
+
+
+def test_tpu_unknown_accelerator_and_version_override():
+  _, proc = _dry_run("tpu_pod.sh", "create", env=dict(TPU, ACCELERATOR="v9x-8"), check=False)
+  assert proc.returncode == 2 and "error: ACCELERATOR=v9x-8" in proc.stderr and not proc.stdout
+  (cmd,), _ = _dry_run("tpu_pod.sh", "create", env=dict(TPU, ACCELERATOR="v9x-8", VERSION="img"))
+  assert cmd[cmd.index("--version") + 1] == "img"
+
+
+def test_tpu_install_bootstraps_python_311_with_uv():
+  (cmd,), _ = _dry_run("tpu_pod.sh", "install", env=dict(TPU, REPO_URL="https://g/x.git"))
+  assert cmd[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in cmd
+  remote = _remote(cmd)
+  assert "https://astral.sh/uv/install.sh" in remote
+  assert "uv venv --python 3.11 .venv" in remote
+  assert "uv pip install --python .venv/bin/python -e '.[tpu]'" in remote
+  assert "git clone https://g/x.git mtjax" in remote
+  subprocess.run(["bash", "-n", "-c", remote], check=True)
+
+
+def test_tpu_run_logs_stop_commands():
+  (run,), _ = _dry_run("tpu_pod.sh", "run", "--config", "c.py", "--workdir", "gs://b/r", env=TPU)
+  remote = _remote(run)
+  assert "pkill -TERM -f 'mtjax/[.]venv/bin/mtjax train'" in remote  # a previous run, stopped
+  assert "rm -f /tmp/libtpu_lockfile" in remote                     # and its stale lock removed
+  assert ("trainer=$HOME/mtjax/.venv/bin/mtjax; "
+          "setsid nohup $trainer train --config c.py --workdir gs://b/r "
+          "> ~/mtjax-logs/train-$(hostname).log 2>&1 < /dev/null &") in remote
+  (logs,), _ = _dry_run("tpu_pod.sh", "logs", env=dict(TPU, LINES="7"))
+  assert "tail -n 7 ~/mtjax-logs/train-$(hostname).log" in _remote(logs)
+  (stop,), _ = _dry_run("tpu_pod.sh", "stop", env=TPU)
+  assert "pkill -TERM -f" in _remote(stop) and "libtpu_lockfile" in _remote(stop)
+  for argv in (run, logs, stop):
+    assert "--worker=all" in argv
+    subprocess.run(["bash", "-n", "-c", _remote(argv)], check=True)
+  _, proc = _dry_run("tpu_pod.sh", "bogus", env=TPU, check=False)
+  assert proc.returncode == 2 and "logs|stop" in proc.stderr
+
+
+def test_tpu_multislice_uses_queued_resources():
+  env = dict(TPU, SLICES="2", ACCELERATOR="v5p-16", PROJECT="proj")
+  (create,), _ = _dry_run("tpu_pod.sh", "create", env=env)
+  assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "mt"]
+  assert create[create.index("--node-count") + 1] == "2"
+  assert create[create.index("--node-prefix") + 1] == "mt"
+  assert create[create.index("--runtime-version") + 1] == "v2-alpha-tpuv5"
+  assert create[create.index("--project") + 1] == "proj"
+  (run,), _ = _dry_run("tpu_pod.sh", "run", "--config", "c.py", env=env)
+  assert run[:5] == ["gcloud", "compute", "tpus", "queued-resources", "ssh"]
+  assert "--node=all" in run and "--worker=all" in run
+  assert "train --config c.py --config.mesh.dcn=2 >" in _remote(run)
+  (run,), _ = _dry_run("tpu_pod.sh", "run", "--config.mesh.dcn=2", env=env)
+  assert _remote(run).count("--config.mesh.dcn") == 1
+  (delete,), _ = _dry_run("tpu_pod.sh", "delete", env=env)
+  assert delete[:5] == ["gcloud", "compute", "tpus", "queued-resources", "delete"]
+  assert "--force" in delete
+  (single,), _ = _dry_run("tpu_pod.sh", "create", env=dict(TPU, QUEUED="1"))
+  assert "queued-resources" in single and single[single.index("--node-id") + 1] == "mt"
+  _, proc = _dry_run("tpu_pod.sh", "create", env=dict(env, QUEUED="0"), check=False)
+  assert proc.returncode == 2 and "queued resource" in proc.stderr
+
+
+def test_tpu_remote_commands_on_a_fake_worker(tmp_path):
+  """run / logs / stop executed by a local shell, as a worker's would, with a stand-in trainer."""
+  home = tmp_path / "home"
+  remote_dir = f"mtjax-launch-test-{uuid.uuid4().hex[:8]}"  # pkill matches only these processes
+  fake = home / remote_dir / ".venv" / "bin" / "mtjax"
+  fake.parent.mkdir(parents=True)
+  fake.write_text("#!/usr/bin/env bash\necho \"$$\" >> \"$HOME/pids\"; echo \"args: $*\"\n"
+                  "trap 'echo \"SIGTERM: saved\"; exit 3' TERM\n"
+                  "while true; do sleep 0.1; done\n")
+  fake.chmod(0o755)
+  lock = tmp_path / "libtpu_lockfile"
+  env = dict(TPU, REMOTE_DIR=remote_dir, LIBTPU_LOCKFILE=str(lock), STOP_TIMEOUT="20")
+  worker_env = dict(os.environ, HOME=str(home))
+  log = home / "mtjax-logs" / f"train-{socket.gethostname()}.log"
+
+  def on_worker(action, *args):
+    (argv,), _ = _dry_run("tpu_pod.sh", action, *args, env=env)
+    return subprocess.run(["bash", "-c", _remote(argv)], cwd=home, env=worker_env,
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+
+  def alive(pid):
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return False
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+  def wait_for(predicate):
+    deadline = time.monotonic() + 20
+    while not predicate():
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+
+  pids = lambda: [int(p) for p in (home / "pids").read_text().split()] if (home / "pids").exists() else []  # noqa: E731
+  try:
+    lock.write_text("")
+    assert "mtjax started" in on_worker("run", "--config", "c.py", "--workdir", "/r/a b")
+    wait_for(lambda: len(pids()) == 1 and "args:" in log.read_text())
+    assert not lock.exists()                      # the stale lock went before the start
+    assert "args: train --config c.py --workdir /r/a b" in log.read_text()
+    assert alive(pids()[0])                       # it outlives the ssh shell
+    assert "args:" in on_worker("logs")
+    lock.write_text("")
+    on_worker("run", "--config", "c.py")           # a second run replaces the first
+    wait_for(lambda: len(pids()) == 2)
+    first, second = pids()
+    assert not alive(first) and alive(second) and not lock.exists()
+    assert "stopped" in on_worker("stop")
+    wait_for(lambda: not alive(second))
+    assert "SIGTERM: saved" in log.read_text()    # stopped with SIGTERM: mtjax saves, exits 3
+  finally:
+    for pid in pids():
+      if alive(pid):
+        os.kill(pid, signal.SIGKILL)

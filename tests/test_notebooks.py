@@ -2,9 +2,13 @@
 text says it shows: the numbers it prints agree with what the run wrote to its workdir."""
 
 import ast
+import importlib.util
 import json
 import math
 import re
+import subprocess
+import sys
+import tomllib
 
 import nbformat
 import pytest
@@ -12,6 +16,7 @@ from nbclient import NotebookClient
 
 import run_contract
 from conftest import REPO
+from mtjax import colab
 
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 VERDICTS = ("more efficient", "less efficient", "inconclusive")
@@ -50,10 +55,12 @@ def _check_quickstart(notebook, work):
   last = [r for r in rows if "train/loss" in r][-1]
   assert last["step"] == 10
   plot = _cell(notebook, "plt.show()")
-  printed = ast.literal_eval(_stdout(plot).strip().splitlines()[-1])  # the final per-task losses
+  printed = ast.literal_eval(_stdout(plot).strip().splitlines()[-1])  # final per-task loss, accuracy
   assert set(printed) == {"reverse", "addition", "grammar"}
-  for task, loss in printed.items():
-    assert math.isfinite(loss) and loss == round(last[f"train/{task}/loss"], 3), task
+  for task, final in printed.items():
+    assert set(final) == {"loss", "accuracy"}, task
+    assert math.isfinite(final["loss"]) and final["loss"] == round(last[f"train/{task}/loss"], 3), task
+    assert 0 <= final["accuracy"] <= 1 and final["accuracy"] == round(last[f"train/{task}/accuracy"], 3), task
   assert _data(plot, "image/png")  # the per-task curves are shown inline
 
 
@@ -128,3 +135,107 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
   setup = _stdout(notebook.cells[1])
   assert re.fullmatch(r"1 cpu device\(s\); smoke=True\n", setup), setup  # the setup cell saw the flags
   CHECKS[path.stem](notebook, tmp_path)
+
+
+# The setup cell: a Colab form field for the source, an install with the runtime's extra, and a
+# platform check that stops a notebook JAX would otherwise run on the CPU of a GPU/TPU runtime.
+
+@pytest.mark.parametrize("env, paths, expected", [
+    ({"COLAB_GPU": "1"}, [], "gpu"),
+    ({}, ["/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm"], "gpu"),
+    ({}, ["/dev/nvidiactl", "/dev/nvidia-uvm"], "cpu"),  # driver nodes without a GPU
+    ({"COLAB_TPU_ADDR": "10.0.0.2:8470"}, [], "tpu"),
+    ({"TPU_ACCELERATOR_TYPE": "v5litepod-1"}, [], "tpu"),
+    ({"TPU_WORKER_ID": ""}, [], "cpu"),  # an empty variable says nothing
+    ({}, ["/dev/accel0"], "tpu"),
+    ({"COLAB_GPU": "0"}, [], "cpu"),
+    ({}, [], "cpu"),
+    ({"JAX_PLATFORMS": "cpu"}, ["/dev/nvidia0"], "cpu"),  # the user's choice wins
+    ({"JAX_PLATFORMS": "cuda,cpu"}, [], "gpu"),
+    ({"JAX_PLATFORMS": "tpu"}, [], "tpu"),
+], ids=["colab_gpu", "nvidia0", "nvidiactl_only", "colab_tpu_addr", "tpu_env", "empty_tpu_env",
+        "accel", "colab_gpu_0", "nothing", "jax_platforms_cpu", "jax_platforms_cuda", "jax_platforms_tpu"])
+def test_detect_runtime(env, paths, expected):
+  assert colab.detect_runtime(env=env, paths=paths) == expected
+
+
+def test_pip_target_names_extras_that_exist():
+  extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+  assert colab.pip_target("/content/mtjax", "gpu") == "/content/mtjax[cuda]"
+  assert colab.pip_target("/content/mtjax", "tpu") == "/content/mtjax[tpu]"
+  assert colab.pip_target("/content/mtjax", "cpu") == "/content/mtjax"
+  assert {e for e in colab.EXTRAS.values() if e} <= set(extras)
+  with pytest.raises(ValueError, match="runtime must be one of"):
+    colab.pip_target("/content/mtjax", "cuda")
+  readme = (REPO / "README.md").read_text()  # every extra the README names exists
+  named = set(re.findall(r'"\.?\[([\w,]+)\]"', readme)) | set(re.findall(r"mtjax\[(\w+)\]", readme))
+  assert named and {x for n in named for x in n.split(",")} <= set(extras), named
+
+
+@pytest.mark.parametrize("expected, extra", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_check_platform_stops_on_a_mismatch(expected, extra):
+  with pytest.raises(colab.PlatformMismatch) as raised:
+    colab.check_platform(expected, actual="cpu")
+  message = str(raised.value)
+  assert f"this runtime has a {expected.upper()} but JAX computes on 'cpu'" in message
+  assert f"pip install -e '<mtjax source>[{extra}]'" in message
+  assert "Restart session" in message and "%env JAX_PLATFORMS=cpu" in message
+  assert "jax " in message  # the installed versions, so a plugin/jaxlib mismatch is visible
+
+
+def test_check_platform_accepts_a_match():
+  assert colab.check_platform("gpu", actual="gpu") == "gpu"
+  assert colab.check_platform("tpu", actual="tpu") == "tpu"
+  assert colab.check_platform("cpu", actual="gpu") == "gpu"  # JAX found more than detection did
+  assert colab.check_platform("cpu") == "cpu"  # the real jax.devices() of this test process
+  with pytest.raises(ValueError, match="expected must be one of"):
+    colab.check_platform("cuda", actual="gpu")
+
+
+def test_colab_module_imports_only_the_standard_library():
+  """The setup cell loads mtjax/colab.py by path before mtjax's dependencies are installed."""
+  code = ("import importlib.util, sys\n"
+          f"spec = importlib.util.spec_from_file_location('c', {str(REPO / 'mtjax' / 'colab.py')!r})\n"
+          "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+          "print(sorted(n for n in ('jax', 'numpy', 'mtjax') if n in sys.modules))")
+  out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+def _setup_source(path):
+  return nbformat.read(path, as_version=4).cells[1].source
+
+
+def test_setup_cell_is_one_form_shared_by_all_notebooks():
+  sources = {p.stem: _setup_source(p) for p in NOTEBOOKS}
+  assert len(set(sources.values())) == 1, "the three setup cells differ"
+  source = sources["quickstart"]
+  assert re.search(r'^MTJAX_SOURCE = "[^"]+"  # @param \{type:"string"\}$', source, re.M)
+  assert source.startswith("# @title ")
+
+
+@pytest.mark.parametrize("jax_platforms, extra, stops", [("cpu", "", False), ("cuda", "[cuda]", True),
+                                                         ("tpu", "[tpu]", True)])
+def test_setup_cell_installs_the_runtimes_extra_and_checks_the_platform(
+    jax_platforms, extra, stops, tmp_path, monkeypatch):
+  """The install branch of the setup cell on a "fresh runtime" (mtjax not found), MTJAX_SOURCE a
+  folder: pip gets the folder with the detected runtime's extra; then, JAX being on the CPU here,
+  a GPU or TPU runtime stops the cell with PlatformMismatch."""
+  source = re.sub(r"^MTJAX_SOURCE = .*$", f"MTJAX_SOURCE = {str(REPO)!r}", _setup_source(NOTEBOOKS[0]),
+                  flags=re.M)
+  calls = []
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "mtjax" else find_spec(name, *a))
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  monkeypatch.setenv("JAX_PLATFORMS", jax_platforms)  # jax here is already on the CPU
+  monkeypatch.setenv("MTJAX_NOTEBOOK_DIR", str(tmp_path))
+  namespace = {}
+  if stops:
+    with pytest.raises(colab.PlatformMismatch, match="but JAX computes on 'cpu'"):
+      exec(compile(source, "setup", "exec"), namespace)
+  else:
+    exec(compile(source, "setup", "exec"), namespace)
+    assert namespace["PLATFORM"] == "cpu" and not namespace["ACCELERATOR"]
+  assert calls == [[sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO}{extra}"]]

@@ -1,8 +1,24 @@
 """The device mesh with axes (dcn, data, fsdp, tensor), sizes from config (-1: the rest).
 
-`dcn` is the number of slices of a multi-slice TPU pod (or of granules, e.g. hosts, elsewhere):
-the outer data-parallel axis whose collectives cross the slower data-center network. Inside a
-slice, (data, fsdp, tensor) are laid out over the fast interconnect.
+`dcn` is the number of slices of a multi-slice TPU pod: the outer data-parallel axis whose
+collectives cross the slower data-center network. Inside a slice, (data, fsdp, tensor) are laid
+out over the fast interconnect. With mesh.dcn > 1 the mesh is built the way JAX's
+`mesh_utils.create_hybrid_device_mesh` builds it (and MaxText with num_slices > 1):
+
+- Devices that carry `slice_index` (TPU; GPU, where XLA numbers the slices) are grouped by it, in
+  slice order, and the number of slices must equal mesh.dcn (else exit 2 naming both).
+- Devices without it (CPU) are grouped by `process_index` when there are mesh.dcn processes.
+  One CPU process is the one exception, for testing only: its devices (e.g. 8 fake ones from
+  `--xla_force_host_platform_device_count`) split into mesh.dcn contiguous groups in the order
+  given. Any other process count is an error.
+- Inside each slice, `mesh_utils.create_device_mesh(..., allow_split_physical_axes=True)` lays
+  out the ICI shape (1, data, fsdp, tensor) over the physical topology; if it cannot, that is an
+  error, not a silent fall back to device-id order (on CPU, which has no physical topology, the
+  given order is the layout).
+
+So the device order equals `create_hybrid_device_mesh((1, data, fsdp, tensor), (dcn, 1, 1, 1),
+devices, allow_split_physical_axes=True)` (`process_is_granule=True` for devices without
+slice_index). With mesh.dcn = 1, devices that span several slices are an error too (set mesh.dcn).
 """
 
 from __future__ import annotations
@@ -46,33 +62,69 @@ def resolve_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int, in
   return mesh.dcn, data, fsdp, tensor
 
 
-def _slices(devices: Sequence[Device], dcn: int) -> list[list[Device]]:
-  """Devices grouped by slice (TPU slice_index), else by process, else in order."""
-  for key in ("slice_index", "process_index"):
-    groups: dict[int, list[Device]] = {}
-    for d in devices:
-      groups.setdefault(getattr(d, key, 0), []).append(d)
-    if len(groups) == dcn:
-      return [groups[k] for k in sorted(groups)]
-  per = len(devices) // dcn
-  return [list(devices[i * per:(i + 1) * per]) for i in range(dcn)]
+def _group(devices: Sequence[Device], key: str) -> list[list[Device]]:
+  """Devices grouped by an attribute, groups sorted by it, the given order kept inside each."""
+  groups: dict[int, list[Device]] = {}
+  for d in devices:
+    groups.setdefault(getattr(d, key), []).append(d)
+  return [groups[k] for k in sorted(groups)]
+
+
+def slices(devices: Sequence[Device], dcn: int) -> list[list[Device]]:
+  """The devices of each of the dcn slices, in slice order (JAX's granules; see the module doc)."""
+  n, platform = len(devices), devices[0].platform
+  if hasattr(devices[0], "slice_index"):
+    groups = _group(devices, "slice_index")
+    if len(groups) != dcn:
+      raise BadInputError("mesh.dcn", f"the {n} {platform} devices form {len(groups)} slice(s) "
+                          f"(by slice_index) but mesh.dcn={dcn}: set mesh.dcn={len(groups)}, the "
+                          "number of slices")
+  elif dcn == 1:
+    groups = [list(devices)]
+  else:
+    groups = _group(devices, "process_index")
+    if len(groups) == 1 and platform == "cpu":
+      # Testing only: one CPU process stands in for dcn slices of contiguous devices.
+      per = n // dcn
+      groups = [list(devices[i * per:(i + 1) * per]) for i in range(dcn)]
+    elif len(groups) != dcn:
+      raise BadInputError("mesh.dcn", f"the {n} {platform} devices carry no slice_index, so each "
+                          f"process is a slice: they come from {len(groups)} processes but "
+                          f"mesh.dcn={dcn}: set mesh.dcn={len(groups)} or run {dcn} processes")
+  sizes = [len(g) for g in groups]
+  if len(set(sizes)) > 1:
+    raise BadInputError("mesh.dcn", f"the slices have unequal device counts {sizes}; every slice "
+                        "must have the same number of devices")
+  return groups
+
+
+def hybrid_devices(shape: Sequence[int], devices: Sequence[Device]) -> np.ndarray:
+  """The [dcn, data, fsdp, tensor] device array: each slice laid out over its own topology."""
+  dcn, *ici = shape
+  blocks = []
+  for k, group in enumerate(slices(devices, dcn)):
+    try:
+      block = mesh_utils.create_device_mesh((1, *ici), group, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      if group[-1].platform != "cpu":  # CPU has no physical topology: the given order is right
+        why = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise BadInputError("mesh", f"cannot lay out data={ici[0]} fsdp={ici[1]} tensor={ici[2]} "
+                            f"over the {len(group)} {group[-1].device_kind} devices of slice {k} "
+                            f"(mesh_utils.create_device_mesh: {why}); choose axis sizes that fit "
+                            "the slice's topology") from None
+      block = np.array(group, dtype=object).reshape(1, *ici)
+    blocks.append(block)
+  return np.concatenate(blocks)
 
 
 def make_mesh(mesh: MeshConfig, devices: Sequence[Device] | None = None) -> jax.sharding.Mesh:
   devices = list(devices) if devices is not None else jax.devices()
   shape = resolve_shape(mesh, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  everything = len(devices) == len(jax.devices())
-  if shape[0] == 1 and everything:
+  if shape[0] > 1:  # multi-slice: each slice gets the topology-aware layout of its own devices
+    return jax.sharding.Mesh(hybrid_devices(shape, devices), MESH_AXES, axis_types=auto)
+  slices(devices, 1)  # devices spanning several slices need mesh.dcn
+  if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-  if shape[0] == 1:
-    # A subset of devices (tests compare 1 device against 8 in one process): lay them out as given.
-    return jax.sharding.Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=auto)
-  # Multi-slice: each slice gets the topology-aware layout of its own devices.
-  slices = []
-  for group in _slices(devices, shape[0]):
-    try:
-      slices.append(mesh_utils.create_device_mesh(shape[1:], devices=group))
-    except (ValueError, NotImplementedError, AssertionError):
-      slices.append(np.array(group).reshape(shape[1:]))
-  return jax.sharding.Mesh(np.stack(slices), MESH_AXES, axis_types=auto)
+  # A subset of devices (tests compare 1 device against 8 in one process): lay them out as given.
+  return jax.sharding.Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=auto)
