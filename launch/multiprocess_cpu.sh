@@ -3,6 +3,8 @@
 # testing. Each process gets 8/N fake CPU devices unless DEVICES_PER_PROCESS is set.
 #   launch/multiprocess_cpu.sh 2 --config configs/demo.py:tiny --workdir /tmp/mp
 #   DRY_RUN=1 launch/multiprocess_cpu.sh 2 ...    # print the commands only
+# SIGTERM/SIGINT to this script go to every process; it exits 0 if all did, else with the first
+# nonzero code (3: preempted and saved), naming each process that failed on stderr.
 set -euo pipefail
 n=${1:?usage: multiprocess_cpu.sh N [mtjax train args...]}
 shift
@@ -17,6 +19,23 @@ for ((i = 0; i < n; i++)); do
   "${cmd[@]}" &
   pids+=($!)
 done
+# Signals to this script go to every process (each stops at the same step, saves, exits 3).
+forward() { interrupted=1; kill -s "$1" "${pids[@]}" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for i in "${!pids[@]}"; do
+  rc=
+  while :; do  # a trapped signal cuts `wait` short (code > 128): wait again for the real code
+    interrupted=0 code=0
+    wait "${pids[$i]}" || code=$?
+    [[ $code == 127 && -n $rc ]] && break  # collected already (a signal came right after)
+    rc=$code
+    (( interrupted )) || break
+  done
+  if (( rc != 0 )); then
+    echo "multiprocess_cpu.sh: process $i (pid ${pids[$i]}) exited with code $rc" >&2
+    (( status != 0 )) || status=$rc
+  fi
+done
 exit $status

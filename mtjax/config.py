@@ -98,6 +98,9 @@ class TrainConfig:
   loss_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)  # default 1.0
   entropy_coefs: Mapping[str, EntropyCoef] = dataclasses.field(default_factory=dict)  # default 0
   max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
+  # Multi-process runs agree on a stop signal every this many steps (an all-gather of the flags,
+  # which waits for the step in flight; JAX's preemption sync point is asked every step).
+  preemption_every: int = 10
   progress: bool = True
 
 
@@ -300,6 +303,7 @@ def _check(config: Config) -> None:
       "train.log_every": t.log_every, "optimizer.grad_accum": o.grad_accum,
       "checkpoint.keep": config.checkpoint.keep, "checkpoint.keep_best": config.checkpoint.keep_best,
       "train.max_consecutive_skips": t.max_consecutive_skips,
+      "train.preemption_every": t.preemption_every,
   }
   for field, value in positive.items():
     if value <= 0:

@@ -240,11 +240,11 @@ class PreemptionHook(Hook):
   """SIGTERM/SIGINT (all processes agree on the step): save at the step reached, stop; exit 3.
   A signal during the last step stops nothing: the run completes (final save at the end)."""
 
-  def __init__(self, checkpoint: CheckpointHook):
-    self._checkpoint = checkpoint
+  def __init__(self, checkpoint: CheckpointHook, every: int = 1):
+    self._checkpoint, self.every = checkpoint, every  # every: multi-process agreement cadence
 
   def after_step(self, loop: Loop, out: StepOutput) -> None:
-    if loop.guard.should_stop(out.done) and out.done < loop.total:
+    if loop.guard.should_stop(out.done, self.every) and out.done < loop.total:
       self._checkpoint.save(loop, out.done)
       loop.stop(preempted=True)  # the loop's close waits until the save is committed
       say(f"preempted by {loop.guard.name or 'a signal'}: saved step {out.done}; run the same "

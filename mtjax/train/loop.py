@@ -158,7 +158,7 @@ def default_hooks(config: Config, make_evaluator: Callable | None,
     hooks.append(hooks_lib.ProfileHook(*profile))
   if make_evaluator is not None:
     hooks.append(hooks_lib.EvalHook(config.eval.every, make_evaluator))
-  return hooks + [checkpoint, hooks_lib.PreemptionHook(checkpoint)]
+  return hooks + [checkpoint, hooks_lib.PreemptionHook(checkpoint, config.train.preemption_every)]
 
 
 def run(config: Config, workdir: str | epath.PathLike, *,

@@ -1,9 +1,16 @@
 """Stop cleanly on SIGTERM / SIGINT: finish the current step, save, exit with code 3.
 
 Single process: a signal handler sets a flag that the loop reads after each step (and once before
-the first step). Several processes must agree on the step to stop at: JAX's preemption sync point
-when the distributed runtime has its preemption service, else an all-gather of the flags after
-every step (one small collective a step, paid only in multi-process runs).
+the first step). Several processes must all stop at the SAME step (Orbax's save is collective), so
+they decide together, before the first step and after every step, from two sources:
+  - an all-gather of every process's own flag (one tiny collective; paid only in multi-process
+    runs): a signal to any one process stops all of them at the step where the gather saw it;
+  - JAX's preemption sync point, when jax.distributed started its preemption service: that
+    service catches SIGTERM itself (a C++ handler) until the guard installs its Python handler
+    over it, and also takes notices that come another way, so it still counts; it agrees on a
+    step by itself.
+Both are agreed values, so their OR is too. (Before, the sync point alone was read whenever the
+service existed: the Python handler had replaced the service's, and nothing ever stopped.)
 
 The guard is installed from the start of the loop (or earlier: `with guard():` around a run's
 setup) until the last checkpoint is committed, so no signal can cut a save short: the first one
@@ -96,14 +103,22 @@ class PreemptionGuard:
         _active = None
     return False
 
-  def should_stop(self, step: int) -> bool:
-    """True on every process at the same step once any process got a signal."""
+  def should_stop(self, step: int, every: int = 1) -> bool:
+    """True on every process at the same step once any process got a signal.
+
+    In a multi-process run this is a collective: every process calls it at the same steps. The
+    flags are gathered only at steps divisible by `every` (the gather waits for the step in
+    flight, so the host stops running ahead); JAX's preemption sync point is asked every step.
+    """
     if jax.process_count() == 1:
       return self.received is not None
+    import numpy as np
     from jax.experimental import multihost_utils
-    try:
-      return multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:  # no preemption service in this runtime: agree by a collective
-      import numpy as np
-      flags = multihost_utils.process_allgather(np.array(self.received is not None))
-      return bool(np.any(flags))
+    try:  # JAX's own notice (its handler, before ours was installed, or the cluster's notice)
+      notified = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # no preemption service in this runtime
+      notified = False
+    if every > 1 and step % every:
+      return bool(notified)
+    flags = multihost_utils.process_allgather(np.array(self.received is not None, np.int32))
+    return bool(notified or np.any(flags))
