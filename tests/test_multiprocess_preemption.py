@@ -6,7 +6,6 @@ losses are bitwise those of an uninterrupted run launched the same way. Three la
 each on 2 cores (the uninterrupted one runs beside the first, mostly sleeping, one).
 Also: on a TPU VM `mtjax train` starts jax.distributed with no arguments (JAX reads the slice)."""
 
-import json
 import os
 import pathlib
 import signal
@@ -19,6 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import DEMO, REPO
+from run_files import checkpoints as _checkpoints
+from run_files import rows as _rows
 
 DRIVER = str(REPO / "tests" / "fault_driver.py")
 LAUNCHER = str(REPO / "launch" / "multiprocess_cpu.sh")
@@ -48,18 +49,6 @@ def _finish(proc, timeout=120):
 def _completed(proc):
   _, err = _finish(proc)
   assert proc.returncode == 0, err[-3000:]
-
-
-def _rows(workdir):
-  path = workdir / "metrics.jsonl"
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-
-
-def _checkpoints(workdir):
-  """(committed steps, names of anything else: unfinished saves) in workdir/checkpoints."""
-  directory = workdir / "checkpoints"
-  names = [p.name for p in directory.iterdir()] if directory.exists() else []
-  return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if not n.isdigit())
 
 
 def _processes(launcher):

@@ -1,7 +1,6 @@
 """A sweep preempted during a variant stops with exit 3, marks nothing finished, and a rerun
 continues that variant (issue: a preempted variant used to be marked DONE and the sweep went on)."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -10,15 +9,11 @@ import time
 import pytest
 
 from conftest import REPO
+from run_files import rows as _rows
 
 pytestmark = pytest.mark.slow
 
 DRIVER = str(REPO / "tests" / "fault_driver.py")
-
-
-def _rows(workdir):
-  path = workdir / "metrics.jsonl"
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 
 def test_sigterm_during_a_variant_stops_the_sweep_with_exit_3_and_rerun_continues(tmp_path):

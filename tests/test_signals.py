@@ -3,7 +3,6 @@ before the first step exits 3 with the workdir as it was, one after the last ste
 finish (exit 0, plots drawn). Every arm is a subprocess launched the same way, so bitwise
 comparisons between them are fair (tests/test_faults.py does the same for kills)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,8 @@ import time
 import pytest
 
 from conftest import DEMO, REPO
+from run_files import checkpoints as _checkpoints
+from run_files import rows as _rows
 
 DRIVER = str(REPO / "tests" / "fault_driver.py")
 STEPS = 12
@@ -22,18 +23,6 @@ ARGS = ["--config", f"{DEMO}:tiny", f"--config.train.steps={STEPS}", "--config.t
 
 def _cmd(workdir, *hooks):
   return [sys.executable, DRIVER, *hooks, "--", "train", *ARGS, "--workdir", str(workdir)]
-
-
-def _rows(workdir):
-  path = workdir / "metrics.jsonl"
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-
-
-def _checkpoints(workdir):
-  """(committed steps, names of anything else: unfinished saves) in workdir/checkpoints."""
-  directory = workdir / "checkpoints"
-  names = [p.name for p in directory.iterdir()] if directory.exists() else []
-  return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if not n.isdigit())
 
 
 def _saving(workdir):
