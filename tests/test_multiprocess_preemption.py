@@ -117,6 +117,11 @@ def test_sigterm_to_one_process_then_to_both_stops_all_at_one_step_and_resumes(t
   rows, reference = _rows(workdir), _rows(tmp_path / "straight")
   assert [r["step"] for r in rows] == list(range(1, second + 1))
   assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in reference[:second]]
+  # (c) The same command once more completes the run: the whole trajectory is the straight one.
+  _completed(_launch(workdir))
+  rows = _rows(workdir)
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in reference]
 
 
 # distributed.initialize on TPU VMs (in-process; jax.distributed.initialize itself is replaced).
