@@ -85,9 +85,7 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       f"![decomposition]({plot.name})",
       "",
   ]
-  path = root / "report.md"
-  path.write_text("\n".join(lines))
-  return path
+  return report.write_markdown(root, lines)
 
 
 STUDY = arms.Study(

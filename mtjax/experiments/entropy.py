@@ -126,9 +126,7 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
   if not free:
     lines.append("- no open-ended task in this run")
   lines += ["", f"![entropy]({plot.name})", ""]
-  path = root / "report.md"
-  path.write_text("\n".join(lines))
-  return path
+  return report.write_markdown(root, lines)
 
 
 def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:

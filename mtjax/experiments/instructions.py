@@ -57,9 +57,7 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       *report.md_table(["task", "original", "empty", "Δ empty", "wrong", "Δ wrong"], rows),
       "",
   ]
-  path = root / "report.md"
-  path.write_text("\n".join(lines))
-  return path
+  return report.write_markdown(root, lines)
 
 
 STUDY = arms.Study(name="instructions", help="instruction ablation: original vs empty vs wrong",

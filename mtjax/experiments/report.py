@@ -17,6 +17,13 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
       "| " + " | ".join(r) + " |" for r in rows]
 
 
+def write_markdown(root: epath.Path, lines: Sequence[str]) -> epath.Path:
+  """Writes a study's report.md from its lines; returns its path."""
+  path = root / "report.md"
+  path.write_text("\n".join(lines))
+  return path
+
+
 def mean_std(values: Sequence[float], digits: int = 3) -> str:
   v = np.asarray(values, np.float64)
   return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"

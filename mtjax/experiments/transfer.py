@@ -213,9 +213,7 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       f"![transfer]({plot.name})",
       "",
   ]
-  path = root / "report.md"
-  path.write_text("\n".join(lines))
-  return path
+  return report.write_markdown(root, lines)
 
 
 def _plot(root: epath.Path, summary: dict[str, Any], R: np.ndarray, M: np.ndarray,
