@@ -47,6 +47,25 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--workdir", required=True)
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   ev.add_argument("--tasks", default="", help="comma-separated subset of the run's tasks")
+  ex = sub.add_parser("export", help="write a run's checkpoint as an HF directory (transformers, vLLM)")
+  ex.add_argument("--workdir", required=True)
+  ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  ex.add_argument("--out", required=True, help="a new directory (local path or gs://)")
+  ex.add_argument("--max_shard_gb", type=float, default=5.0,
+                  help="largest safetensors file; more weights go into shards with an index")
+  gen = sub.add_parser("generate", help="decode from a run's checkpoint or an HF directory")
+  source = gen.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="a run directory (its latest checkpoint, or --step)")
+  source.add_argument("--model", help="an HF directory (pretrained or an mtjax export)")
+  gen.add_argument("--step", type=int, default=None)
+  gen.add_argument("--prompt", action="append", required=True,
+                   help="the text to continue (repeatable: one completion each)")
+  gen.add_argument("--max_new_tokens", type=int, default=64)
+  gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  gen.add_argument("--top_k", type=int, default=0, help="0: off")
+  gen.add_argument("--top_p", type=float, default=1.0, help="1: off")
+  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--no_bos", action="store_true", help="do not put BOS before the prompt")
   sw = sub.add_parser("sweep", help="run a config's get_sweep() variants one after another")
   sw.add_argument("--config", required=True, help="path/to/config.py[:variant] with get_sweep()")
   sw.add_argument("--workdir", required=True, help="one subdirectory per variant goes here")
@@ -195,6 +214,39 @@ def evaluate(args: argparse.Namespace) -> int:
   return EXIT_OK
 
 
+def export(args: argparse.Namespace) -> int:
+  from mtjax.loading import export_run
+
+  if args.max_shard_gb <= 0:
+    raise BadInputError("--max_shard_gb", f"expected a positive size, got {args.max_shard_gb}")
+  files = export_run(args.workdir, args.out, args.step,
+                     max_shard_bytes=int(args.max_shard_gb * 1e9))
+  if files:
+    note = "" if "tokenizer.json" in files else (
+        " (no tokenizer files: the run's tokenizer is not an HF tokenizer.json)")
+    print(f"exported {args.workdir} to {args.out}: {', '.join(files)}{note}")
+  return EXIT_OK
+
+
+def generate(args: argparse.Namespace) -> int:
+  from mtjax.loading import load
+
+  if args.max_new_tokens < 1:
+    raise BadInputError("--max_new_tokens", f"expected at least 1, got {args.max_new_tokens}")
+  if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    raise BadInputError("--temperature/--top_k/--top_p", "expected temperature >= 0, top_k >= 0 "
+                        "and 0 < top_p <= 1")
+  model = load(args.workdir or args.model, args.step)
+  outputs = model.generate(args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, bos=not args.no_bos)
+  for prompt, output in zip(args.prompt, outputs):
+    print(f"{prompt}{output}")
+  print(f"({model.source}, {'greedy' if args.temperature == 0 else f'temperature {args.temperature}'})",
+        file=sys.stderr)
+  return EXIT_OK
+
+
 def sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax.experiments import runs
   from mtjax.experiments import sweep as sweep_lib
@@ -292,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       return sweep(args, overrides)
     if args.command == "eval":
       return evaluate(args)
+    if args.command == "export":
+      return export(args)
+    if args.command == "generate":
+      return generate(args)
     if args.command == "data" and args.data_command == "preview":
       return data_preview(args, overrides)
     raise BadInputError("command", f"unknown command {args.command!r}")

@@ -57,7 +57,21 @@ class ModelConfig:
   tie_embeddings: bool = False
   z_loss: float = 0.0
   rope_theta: float = 10_000.0
+  rope_type: str = "default"  # default | linear | llama3 (Llama 3.1+ long-context scaling)
+  rope_scaling: Mapping[str, float] = dataclasses.field(default_factory=dict)  # its parameters
   norm_eps: float = 1e-6
+  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+  out_bias: bool = False  # a bias on the attention output projection (Llama attention_bias)
+  qk_norm: bool = False  # RMSNorm of every query and key head before RoPE (Qwen3)
+  sliding_window: int = 0  # 0: full causal attention; W: a token sees the last W tokens (Mistral)
+  param_dtype: str = "float32"  # float32 | bfloat16: how parameters are stored and updated
+  # An HF directory (local or gs://): config.json, *.safetensors, tokenizer files. The fields
+  # above then come from its config.json, the initial weights from its safetensors and, unless
+  # data.tokenizer is given on the command line, the tokenizer from its tokenizer.json.
+  pretrained: str = ""
+  # Dotted keys given on the command line (filled by config.load): with model.pretrained, these
+  # may not differ from the directory's values (a conflict is exit 2 naming both).
+  pinned: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +301,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "full", "dots")
 ATTENTION = ("reference",)
+PARAM_DTYPES = ("float32", "bfloat16")
+ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                "original_max_position_embeddings")}
 SCHEDULES = ("constant", "stages", "linear")
 RATES = ("explicit", "examples_proportional")
 LR_SCHEDULES = ("cosine", "constant", "wsd")
@@ -321,6 +339,8 @@ def _check(config: Config) -> None:
       raise BadInputError(field, f"expected a value >= 0, got {value}")
   for field, value, allowed in (("model.dtype", m.dtype, DTYPES), ("model.remat", m.remat, REMAT),
                                 ("model.attention", m.attention, ATTENTION),
+                                ("model.param_dtype", m.param_dtype, PARAM_DTYPES),
+                                ("model.rope_type", m.rope_type, tuple(ROPE_SCALING_KEYS)),
                                 ("data.schedule", d.schedule, SCHEDULES),
                                 ("data.rates", d.rates, RATES),
                                 ("data.on_bad_record", d.on_bad_record, ("stop", "skip")),
@@ -328,6 +348,13 @@ def _check(config: Config) -> None:
                                 ("checkpoint.best_mode", config.checkpoint.best_mode, ("min", "max"))):
     if value not in allowed:
       raise BadInputError(field, f"expected one of {', '.join(allowed)}, got {value!r}")
+  needed = ROPE_SCALING_KEYS[m.rope_type]
+  if sorted(m.rope_scaling) != sorted(needed):
+    raise BadInputError("model.rope_scaling", f"rope_type {m.rope_type!r} takes "
+                        f"{list(needed) or 'no parameters'}, got {dict(m.rope_scaling)}")
+  if m.sliding_window < 0:
+    raise BadInputError("model.sliding_window", f"expected 0 (off) or a window >= 1, got "
+                        f"{m.sliding_window}")
   if m.num_heads % m.num_kv_heads:
     raise BadInputError("model.num_kv_heads",
                         f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
@@ -426,7 +453,7 @@ def from_dict(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
 # ----------------------------------------------------------------------------- loading
 
 
-_MAPPING_FIELDS = ("mixture", "loss_weights", "entropy_coefs", "instructions", "param_groups",
+_MAPPING_FIELDS = ("rope_scaling", "mixture", "loss_weights", "entropy_coefs", "instructions", "param_groups",
                    "targets")
 
 
@@ -575,4 +602,6 @@ def load(path: str, overrides: Sequence[str] = ()) -> Config:
   """Loads, overrides and validates a config: `load("configs/demo.py:tiny", ["--config.seed=1"])`."""
   cfg = load_raw(path)
   apply_overrides(cfg, overrides)
+  keys = tuple(dict.fromkeys(parse_override(a)[0] for a in overrides))
+  cfg.model.pinned = tuple(k for k in keys if k.startswith("model.") or k == "data.tokenizer")
   return from_dict(cfg)

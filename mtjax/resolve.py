@@ -19,6 +19,9 @@ def resolve(config: Config) -> Config:
   from mtjax import tasks as task_registry
   from mtjax.data import tokenizer as tokenizer_lib
 
+  if config.model.pretrained:  # the shape and tokenizer come from the HF directory
+    from mtjax.model import pretrained
+    config = pretrained.apply_to_config(config)
   d = config.data
   if d.mixture_name:
     try:
@@ -32,6 +35,9 @@ def resolve(config: Config) -> Config:
   config = dataclasses.replace(config, data=d)
 
   vocab = tokenizer_lib.get(d.tokenizer).vocab_size  # raises on a bad name or file
+  if config.model.pretrained and config.model.vocab_size < vocab:
+    raise BadInputError(d.tokenizer, f"the tokenizer has {vocab} tokens, more than the "
+                        f"{config.model.vocab_size} rows of {config.model.pretrained}'s embedding")
   if config.model.vocab_size and config.model.vocab_size < vocab:
     raise BadInputError("model.vocab_size", f"{config.model.vocab_size} is smaller than the "
                         f"tokenizer's {vocab} tokens ({d.tokenizer}); use 0 (the tokenizer's, rounded "

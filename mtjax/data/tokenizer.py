@@ -8,11 +8,13 @@ loader, evaluation and CLI use.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
+from etils import epath
 
 from mtjax.errors import BadInputError
 
@@ -29,6 +31,8 @@ class Tokenizer(Protocol):
   def bos_id(self) -> int: ...
   @property
   def eos_id(self) -> int: ...
+  @property
+  def stop_ids(self) -> tuple[int, ...]: ...  # generation ends at any of these (eos_id first)
   def encode(self, text: str) -> np.ndarray: ...
   def count(self, text: str) -> int: ...
   def decode(self, ids: Iterable[int]) -> str: ...
@@ -46,6 +50,10 @@ class ByteTokenizer:
   @property
   def vocab_size(self) -> int:
     return 256 + self.offset
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return (self.eos_id,)
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + self.offset
@@ -66,28 +74,81 @@ _EOS = ("</s>", "<eos>", "[EOS]", "<|end_of_text|>", "<|endoftext|>", "<|eot_id|
 _PAD = ("<pad>", "[PAD]", "<|pad|>")
 
 
+def _token_name(value: object) -> str | None:
+  """tokenizer_config.json writes a special token as a string or {"content": ...}."""
+  if isinstance(value, dict):
+    value = value.get("content")
+  return value if isinstance(value, str) else None
+
+
+def _ids(value: object) -> list[int]:
+  if isinstance(value, bool) or value is None:
+    return []
+  if isinstance(value, int):
+    return [value]
+  return [int(v) for v in value] if isinstance(value, list) else []
+
+
 class HfTokenizer:
-  """A local HuggingFace `tokenizer.json` (the `tokenizers` package; nothing is downloaded)."""
+  """A local (or gs://) HuggingFace `tokenizer.json` (the `tokenizers` package; nothing is
+  downloaded). `path` may be the file or an HF model directory holding it. BOS, EOS and PAD come
+  from the directory's tokenizer_config.json, generation_config.json and config.json when they
+  name them, else from the usual token names; generation stops at any of the EOS ids they give
+  (`stop_ids`: e.g. Llama 3 instruct's <|eot_id|> beside <|end_of_text|>)."""
 
   def __init__(self, path: str):
     from tokenizers import Tokenizer
-    self._tok = Tokenizer.from_file(path)
+    given = epath.Path(path)
+    file = given / "tokenizer.json" if given.is_dir() else given
+    if not file.exists():
+      raise BadInputError("data.tokenizer", f"file not found: {file}")
+    self._tok = Tokenizer.from_str(file.read_text())
     vocab = self._tok.get_vocab(with_added_tokens=True)
+    configs = {}
+    for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
+      sibling = file.parent / name
+      if sibling.exists():
+        try:
+          configs[name] = json.loads(sibling.read_text())
+        except ValueError as e:
+          raise BadInputError(str(sibling), f"not valid JSON ({e})") from None
+    tok_cfg = configs.get("tokenizer_config.json", {})
+    id_cfgs = [configs.get("generation_config.json", {}), configs.get("config.json", {})]
 
-    def find(names: Sequence[str]) -> int | None:
+    def named(key: str) -> int | None:
+      name = _token_name(tok_cfg.get(f"{key}_token"))
+      if name is not None and name not in vocab:
+        raise BadInputError(str(file.parent / "tokenizer_config.json"),
+                            f"{key}_token {name!r} is not in the vocabulary of {file}")
+      return vocab[name] if name is not None else None
+
+    def configured(key: str) -> list[int]:
+      for cfg in id_cfgs:
+        ids = _ids(cfg.get(f"{key}_token_id"))
+        if ids:
+          return ids
+      return []
+
+    def by_names(names: Sequence[str]) -> int | None:
       return next((vocab[n] for n in names if n in vocab), None)
 
-    def require(names: Sequence[str], what: str) -> int:
-      found = find(names)
-      if found is None:
-        raise BadInputError("data.tokenizer", f"{path} has no {what.upper()} token (looked for "
-                            f"{', '.join(names)})")
-      return found
+    def pick(key: str, names: Sequence[str]) -> int | None:
+      for found in (named(key), next(iter(configured(key)), None), by_names(names)):
+        if found is not None:
+          return found
+      return None
 
-    self.bos_id: int = require(_BOS, "bos")
-    self.eos_id: int = require(_EOS, "eos")
-    pad = find(_PAD)
+    bos, eos = pick("bos", _BOS), pick("eos", _EOS)
+    for key, found, names in (("bos", bos, _BOS), ("eos", eos, _EOS)):
+      if found is None:
+        raise BadInputError("data.tokenizer", f"{file} has no {key.upper()} token (looked in "
+                            f"its configs and for {', '.join(names)})")
+    assert bos is not None and eos is not None
+    self.bos_id: int = bos
+    self.eos_id: int = eos
+    pad = pick("pad", _PAD)
     self.pad_id: int = self.eos_id if pad is None else pad
+    self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys([self.eos_id, *configured("eos")]))
     self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
 
   def encode(self, text: str) -> np.ndarray:
@@ -97,10 +158,15 @@ class HfTokenizer:
     return len(self.encode(text))
 
   def decode(self, ids: Iterable[int]) -> str:
-    ids = [int(i) for i in ids]
-    if self.eos_id in ids:
-      ids = ids[: ids.index(self.eos_id)]
+    ids = _until_stop([int(i) for i in ids], self.stop_ids)
     return self._tok.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
+
+
+def _until_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
+  for i, token in enumerate(ids):
+    if token in stop_ids:
+      return ids[:i]
+  return ids
 
 
 class SentencePieceTokenizer:
@@ -115,6 +181,7 @@ class SentencePieceTokenizer:
       raise BadInputError("data.tokenizer", f"{path} defines no BOS/EOS pieces (train it with "
                           "bos_id and eos_id >= 0)")
     self.pad_id: int = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+    self.stop_ids: tuple[int, ...] = (self.eos_id,)
     self.vocab_size: int = self._sp.get_piece_size()
 
   def encode(self, text: str) -> np.ndarray:
@@ -131,14 +198,17 @@ class SentencePieceTokenizer:
 
 
 def get(name: str) -> Tokenizer:
-  """"byte" | "hf:<tokenizer.json>" | "spm:<model>"; a bad name or file is a BadInputError."""
+  """"byte" | "hf:<tokenizer.json or an HF directory>" | "spm:<model>"; a bad name or file is a
+  BadInputError."""
   if name == "byte":
     return ByteTokenizer()
   kind, _, path = name.partition(":")
   if kind not in ("hf", "spm") or not path:
     raise BadInputError("data.tokenizer", f"expected byte, hf:<path> or spm:<path>, got {name!r}")
-  if not os.path.isfile(path):
+  if kind == "spm" and not os.path.isfile(path):
     raise BadInputError("data.tokenizer", f"file not found: {path}")
+  if kind == "hf" and not epath.Path(path).exists():
+    raise BadInputError("data.tokenizer", f"not found: {path}")
   try:
     return HfTokenizer(path) if kind == "hf" else SentencePieceTokenizer(path)
   except BadInputError:
@@ -146,3 +216,30 @@ def get(name: str) -> Tokenizer:
   except Exception as e:  # a file that is not a tokenizer of that kind
     raise BadInputError("data.tokenizer", f"cannot load {path} as {kind} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | os.PathLike) -> str:
+  """Trains a byte-level-free BPE tokenizer on `texts` and writes an HF tokenizer directory
+  (tokenizer.json, tokenizer_config.json) with <pad>=0, <s>=1, </s>=2, <unk>=3; every character
+  of `texts` is in the vocabulary. Returns the directory (use it as data.tokenizer=hf:DIR)."""
+  from tokenizers import Tokenizer as HfTokenizerModel
+  from tokenizers import decoders, models, trainers
+
+  specials = ["<pad>", "<s>", "</s>", "<unk>"]
+  texts = list(texts)
+  alphabet = sorted({c for t in texts for c in t})
+  if vocab_size < len(specials) + len(alphabet):
+    raise BadInputError("vocab_size", f"{vocab_size} is less than the {len(specials)} special "
+                        f"tokens plus the {len(alphabet)} characters of the texts")
+  tok = HfTokenizerModel(models.BPE(unk_token="<unk>"))
+  tok.decoder = decoders.Fuse()  # type: ignore[attr-defined]
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                initial_alphabet=alphabet, show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  out = epath.Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "tokenizer.json").write_text(tok.to_str())
+  (out / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+       "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000}, indent=2))
+  return str(out)

@@ -43,9 +43,12 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_
   return jnp.where(temperature > 0, sampled, greedy)
 
 
-def make_generate_fn(graphdef: Any, spec: ModelSpec, max_new_tokens: int, eos_id: int):
+def make_generate_fn(graphdef: Any, spec: ModelSpec, max_new_tokens: int, eos_id: int,
+                     stop_ids: Sequence[int] = ()):
   """(params, tokens [B, P], valid [B, P], key, temperature, top_k, top_p)
-  -> (new tokens [B, N], their log-probs [B, N], lengths [B]). Left-padded prompts."""
+  -> (new tokens [B, N], their log-probs [B, N], lengths [B]). Left-padded prompts. A row ends at
+  eos_id or any of stop_ids (the stop token is kept in the output; the rest is eos_id)."""
+  stops = jnp.asarray(sorted({eos_id, *stop_ids}), jnp.int32)
 
   def generate(params, tokens, valid, key, temperature, top_k, top_p):
     batch, prompt_len = tokens.shape
@@ -70,8 +73,9 @@ def make_generate_fn(graphdef: Any, spec: ModelSpec, max_new_tokens: int, eos_id
       out = jax.lax.dynamic_update_slice_in_dim(s["out"], token[:, None], s["t"], axis=1)
       logps = jax.lax.dynamic_update_slice_in_dim(
           s["logp"], jnp.where(s["done"], 0.0, logp)[:, None], s["t"], axis=1)
-      length = s["length"] + (~s["done"] & (token != eos_id))
-      done = s["done"] | (token == eos_id)
+      stop = jnp.isin(token, stops)
+      length = s["length"] + (~s["done"] & ~stop)
+      done = s["done"] | stop
       logits, cache = nnx.merge(graphdef, params)(
           token[:, None], s["pos"][:, None], jnp.ones((batch, 1), jnp.int32), s["cache"])
       return {"t": s["t"] + 1, "cache": cache, "logits": logits[:, 0], "pos": s["pos"] + 1,
@@ -94,10 +98,10 @@ class Generator:
 
   def __init__(self, graphdef: Any, spec: ModelSpec, mesh: jax.sharding.Mesh, *,
                max_new_tokens: int, eos_id: int, pad_id: int = 0, batch_size: int = 8,
-               buckets: Sequence[int] = DEFAULT_BUCKETS):
+               buckets: Sequence[int] = DEFAULT_BUCKETS, stop_ids: Sequence[int] = ()):
     self.mesh, self.batch_size, self.buckets = mesh, batch_size, tuple(sorted(buckets))
     self.eos_id, self.pad_id = eos_id, pad_id
-    self._fn = make_generate_fn(graphdef, spec, max_new_tokens, eos_id)
+    self._fn = make_generate_fn(graphdef, spec, max_new_tokens, eos_id, stop_ids)
     self._row_sharding = sharding_lib.named(mesh, ("batch", "length"))
     self.compiles: dict[int, int] = {}
 

@@ -25,6 +25,7 @@ from mtjax.config import Config
 from mtjax.data.loader import empty_batch, place
 from mtjax.data.pipeline import Tokenize
 from mtjax.eval import scorers
+from mtjax.errors import BadInputError
 from mtjax.eval.decode import Generator
 from mtjax.model import ModelSpec
 from mtjax.monitoring import CompileCounter
@@ -91,6 +92,7 @@ class Evaluator:
     self.eval_compiles = CompileCounter()
     self.generator = Generator(graphdef, spec, mesh, max_new_tokens=e.max_new_tokens,
                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                               stop_ids=tokenizer.stop_ids,
                                batch_size=self.batch_size)
 
   def _prompt(self, example) -> np.ndarray:
@@ -156,36 +158,15 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
                         tasks: Sequence[str] = (),
                         devices: Sequence[Device] | None = None) -> dict[str, Any]:
   """`mtjax eval`: restore a run's checkpoint, evaluate, write workdir/eval/step_<S>.json."""
-  from mtjax import config as config_lib
-  from mtjax.errors import BadInputError
-  from mtjax.train import checkpoint as checkpoint_lib
-  from mtjax.train import rundir
   from mtjax.train import setup as setup_lib
 
-  path = rundir.resolve(workdir)
-  if not (path / "config.json").exists():
-    raise BadInputError(str(path), "not a run directory (no config.json)")
-  config = config_lib.from_dict(json.loads((path / "config.json").read_text()))
   for name in tasks:
+    config = setup_lib.workdir_config(workdir)
     if name not in config.data.tasks:
       raise BadInputError("--tasks", f"{name!r} is not a task of this run ({list(config.data.tasks)})")
-  available = []
-  if (path / "checkpoints").exists():  # read-only: eval never creates or changes anything there
-    checkpointer = checkpoint_lib.Checkpointer(path, config.checkpoint, read_only=True)
-    try:
-      available = checkpointer.all_steps()
-    finally:
-      checkpointer.close()
-  if not available:
-    raise BadInputError(str(path / "checkpoints"), "no checkpoint to evaluate")
-  step = available[-1] if step is None else step
-  if step not in available:
-    raise BadInputError("--step", f"no checkpoint at step {step} (available: {available})")
-  # Evaluating on other hardware than the run's is fine: any_mesh puts every device on fsdp.
-  # restore_step opens the checkpoints read-only.
-  run = setup_lib.build(config, devices=devices, workdir=path, restore_step=step, any_mesh=True)
-  assert run.checkpointer is not None
-  run.checkpointer.close()
+  run = setup_lib.from_workdir(workdir, step, devices=devices)
+  path, step = run.workdir, run.restored_step
+  assert path is not None and step is not None
   evaluator = Evaluator(run.config, run.graphdef, run.spec, run.mesh, run.tokenizer, tasks or None)
   row = evaluator(run.state.params, step)
   out = path / "eval" / f"step_{step}.json"

@@ -2,7 +2,12 @@
 
 The model knows nothing of tasks or training. Every parameter carries `logical_axes` metadata and
 the main activations are constrained by logical name; parallel/sharding.py maps names to the mesh.
-Parameters are float32; compute runs in `dtype`.
+Parameters are stored in `param_dtype` (float32 by default); compute runs in `dtype`.
+
+One implementation covers the Llama family and its relatives through switches in ModelSpec (never
+a class per family): tied embeddings (Llama 3.2 1B), Llama 3 RoPE scaling, a sliding window
+(Mistral), q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3). mtjax.model.pretrained maps HF
+checkpoints of those families onto these parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtjax.config import ModelConfig
@@ -40,6 +46,13 @@ class ModelSpec:
   tie_embeddings: bool
   rope_theta: float
   norm_eps: float
+  rope_type: str = "default"
+  rope_scaling: tuple[tuple[str, float], ...] = ()  # sorted (name, value) pairs: hashable
+  qkv_bias: bool = False
+  out_bias: bool = False
+  qk_norm: bool = False
+  sliding_window: int = 0
+  param_dtype: str = "float32"
 
   @classmethod
   def from_config(cls, cfg: ModelConfig, tokenizer_vocab: int, platform: str) -> ModelSpec:
@@ -50,17 +63,41 @@ class ModelSpec:
                head_dim=cfg.head_dim or cfg.d_model // cfg.num_heads, mlp_dim=cfg.mlp_dim,
                dtype=dtype, remat=cfg.remat, attention=cfg.attention,
                tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta,
-               norm_eps=cfg.norm_eps)
+               norm_eps=cfg.norm_eps, rope_type=cfg.rope_type,
+               rope_scaling=tuple(sorted(cfg.rope_scaling.items())), qkv_bias=cfg.qkv_bias,
+               out_bias=cfg.out_bias, qk_norm=cfg.qk_norm, sliding_window=cfg.sliding_window,
+               param_dtype=cfg.param_dtype)
+
+  def inv_freq(self) -> np.ndarray:
+    """RoPE's inverse frequencies [head_dim / 2] (float32, computed as transformers does)."""
+    dim = self.head_dim
+    inv = (1.0 / (np.float32(self.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / dim)))
+    inv = inv.astype(np.float32)
+    p = dict(self.rope_scaling)
+    if self.rope_type == "linear":
+      inv = inv / np.float32(p["factor"])
+    elif self.rope_type == "llama3":
+      factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+      old_len = p["original_max_position_embeddings"]
+      low_wavelen, high_wavelen = old_len / low, old_len / high
+      wavelen = 2 * math.pi / inv
+      scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+      smooth = (old_len / wavelen - low) / (high - low)
+      smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+      medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+      inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
 
 
-def _param(rngs: nnx.Rngs, shape, axes, stddev: float) -> nnx.Param:
-  return nnx.Param(stddev * jax.random.normal(rngs.params(), shape, jnp.float32), logical_axes=axes)
+def _param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype: str) -> nnx.Param:
+  value = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
 class RMSNorm(nnx.Module):
 
-  def __init__(self, dim: int, eps: float):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
+  def __init__(self, dim: int, eps: float, dtype: str = "float32"):
+    self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -69,11 +106,9 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotary embedding (rotate-half form). x: [B, L, N, H]; positions: [B, L]."""
-  half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions[..., None].astype(jnp.float32) * freq  # [B, L, half]
+  angle = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, L, H / 2]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -83,12 +118,22 @@ class Attention(nnx.Module):
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     d, n, k, h = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    pd = spec.param_dtype
     self.spec = spec
-    self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), 1 / math.sqrt(d))
-    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d))
-    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d))
+    self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), 1 / math.sqrt(d), pd)
+    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d), pd)
+    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d), pd)
     out_std = 1 / math.sqrt(n * h) / math.sqrt(2 * spec.num_layers)
-    self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
+    self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pd)
+    if spec.qkv_bias:
+      self.q_bias = nnx.Param(jnp.zeros((n, h), pd), logical_axes=("heads", "head_dim"))
+      self.k_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=("kv_heads", "head_dim"))
+      self.v_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=("kv_heads", "head_dim"))
+    if spec.out_bias:
+      self.o_bias = nnx.Param(jnp.zeros((d,), pd), logical_axes=("norm",))
+    if spec.qk_norm:
+      self.q_norm = RMSNorm(h, spec.norm_eps, pd)
+      self.k_norm = RMSNorm(h, spec.norm_eps, pd)
 
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -102,24 +147,35 @@ class Attention(nnx.Module):
     q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
     k = jnp.einsum("bld,dkh->blkh", x, self.k[...].astype(dt))
     v = jnp.einsum("bld,dkh->blkh", x, self.v[...].astype(dt))
-    q = constrain(rope(q, positions, self.spec.rope_theta), ("batch", "length", "act_heads", None))
-    k = constrain(rope(k, positions, self.spec.rope_theta), ("batch", "length", "act_kv_heads", None))
+    if self.spec.qkv_bias:
+      q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
+                 v + self.v_bias[...].astype(dt))
+    if self.spec.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = self.spec.inv_freq()  # a trace-time constant
+    q = constrain(rope(q, positions, inv_freq), ("batch", "length", "act_heads", None))
+    k = constrain(rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
+    window = self.spec.sliding_window
     if cache is None:
-      y = attention_lib.attend(q, k, v, segment_ids, implementation=self.spec.attention)
+      y = attention_lib.attend(q, k, v, segment_ids, implementation=self.spec.attention,
+                               window=window)
     else:
-      y, cache = attention_lib.attend_cached(q, k, v, segment_ids, cache)
+      y, cache = attention_lib.attend_cached(q, k, v, segment_ids, cache, window=window)
     out = jnp.einsum("blnh,nhd->bld", y, self.o[...].astype(dt))
+    if self.spec.out_bias:
+      out = out + self.o_bias[...].astype(dt)
     return out if cache is None else (out, cache)
 
 
 class MLP(nnx.Module):
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
-    d, f = spec.d_model, spec.mlp_dim
-    self.gate = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d))
-    self.up = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d))
-    self.down = _param(rngs, (f, d), ("mlp", "embed"), 1 / math.sqrt(f) / math.sqrt(2 * spec.num_layers))
+    d, f, pd = spec.d_model, spec.mlp_dim, spec.param_dtype
+    self.gate = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d), pd)
+    self.up = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d), pd)
+    self.down = _param(rngs, (f, d), ("mlp", "embed"),
+                       1 / math.sqrt(f) / math.sqrt(2 * spec.num_layers), pd)
 
   def __call__(self, x):
     dt = x.dtype
@@ -131,9 +187,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    self.attn_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype)
     self.attn = Attention(spec, rngs)
-    self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype)
     self.mlp = MLP(spec, rngs)
 
   @overload
@@ -165,12 +221,14 @@ class Decoder(nnx.Module):
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     self.spec = spec
     embed_std = 1 / math.sqrt(spec.d_model) if spec.tie_embeddings else 1.0
-    self.token_embed = _param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"), embed_std)
+    pd = spec.param_dtype
+    self.token_embed = _param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"),
+                              embed_std, pd)
     self.layers = nnx.List([Block(spec, rngs) for _ in range(spec.num_layers)])
-    self.final_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    self.final_norm = RMSNorm(spec.d_model, spec.norm_eps, pd)
     if not spec.tie_embeddings:
       self.lm_head = _param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"),
-                            1 / math.sqrt(spec.d_model))
+                            1 / math.sqrt(spec.d_model), pd)
 
   @overload
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,

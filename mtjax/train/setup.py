@@ -47,6 +47,7 @@ class Setup:
   loader_state: dict[str, Any] | None = None  # of the restored checkpoint
   controls_state: dict[str, Any] | None = None
   changes: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # safe changes
+  workdir: epath.Path | None = None
 
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:
@@ -126,10 +127,14 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
       run_facts = {"decay_steps": run_facts["decay_steps"]}
 
   tx, schedule = optimizer.make_optimizer(config.optimizer, run_facts["decay_steps"])
-  graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed)
+  load_params = None
+  if config.model.pretrained and restore_at is None:  # a checkpoint, once there, wins
+    from mtjax.model import pretrained
+    load_params = pretrained.loader_for(config.model.pretrained, spec)
+  graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed, load_params)
   setup = Setup(config=config, devices=devices, mesh=mesh, tokenizer=tokenizer, spec=spec, tx=tx,
                 schedule=schedule, graphdef=graphdef, state=state, shardings=shardings,
-                run_facts=run_facts, checkpointer=checkpointer, changes=changes)
+                run_facts=run_facts, checkpointer=checkpointer, changes=changes, workdir=workdir)
   if checkpointer is not None and restore_at is not None:
     setup.state, setup.loader_state = checkpointer.restore(restore_at, state)
     setup.controls_state = checkpointer.restore_controls(restore_at)
@@ -156,3 +161,45 @@ def _resume_target_exists(workdir: epath.Path, step: int) -> None:
   if step not in steps:
     raise BadInputError("--resume_from", f"no checkpoint at step {step} in {directory} "
                         f"(available: {steps or 'none'})")
+
+
+def workdir_config(workdir: str | epath.PathLike) -> Config:
+  """The resolved config a run recorded in its workdir (exit 2 if it is not a run directory)."""
+  import json
+
+  from mtjax import config as config_lib
+  from mtjax.train import rundir
+  path = rundir.resolve(workdir)
+  if not (path / "config.json").exists():
+    raise BadInputError(str(path), "not a run directory (no config.json)")
+  return config_lib.from_dict(json.loads((path / "config.json").read_text()))
+
+
+def from_workdir(workdir: str | epath.PathLike, step: int | None = None, *,
+                 devices: Sequence[Device] | None = None) -> Setup:
+  """A finished (or running) run's checkpoint, read-only: eval, export, generate and mtjax.load.
+
+  step: the checkpoint (default: the latest). Any hardware: if the run's mesh does not fit
+  `devices`, every device goes on fsdp. Nothing in the workdir is created or changed; the
+  checkpointer is closed.
+  """
+  from mtjax.train import rundir
+  path = rundir.resolve(workdir)
+  config = workdir_config(path)
+  available = []
+  if (path / "checkpoints").exists():
+    checkpointer = checkpoint_lib.Checkpointer(path, config.checkpoint, read_only=True)
+    try:
+      available = checkpointer.all_steps()
+    finally:
+      checkpointer.close()
+  if not available:
+    raise BadInputError(str(path / "checkpoints"), "no checkpoint to read")
+  step = available[-1] if step is None else step
+  if step not in available:
+    raise BadInputError("--step", f"no checkpoint at step {step} (available: {available})")
+  run = build(config, devices=devices, workdir=path, restore_step=step, any_mesh=True)
+  assert run.checkpointer is not None
+  run.checkpointer.close()
+  run.checkpointer = None
+  return run

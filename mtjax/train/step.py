@@ -101,10 +101,26 @@ def state_shardings(mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
 
 
 def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTransformation,
-               seed: int) -> tuple[Any, TrainState, TrainState]:
-  """Initializes parameters and optimizer state directly into their shardings."""
+               seed: int, load_params: Callable[[Any, Any], Any] | None = None
+               ) -> tuple[Any, TrainState, TrainState]:
+  """Initializes parameters and optimizer state directly into their shardings.
+
+  load_params(abstract params, their shardings) -> params: start from these (a pretrained
+  checkpoint streamed into the shardings) instead of a random init.
+  """
   graphdef, abstract_params, params_sh = param_shardings(mesh, spec)
   shardings = state_shardings(mesh, tx, abstract_params, params_sh)
+  if load_params is not None:
+    params = load_params(abstract_params, params_sh)
+
+    def init_from(params):
+      zero = jnp.zeros((), jnp.int32)
+      return TrainState(step=zero, params=params, opt_state=tx.init(params),
+                        skipped_steps=zero, consecutive_skips=zero, extra={})
+
+    with jax.set_mesh(mesh):
+      state = jax.jit(init_from, out_shardings=shardings, donate_argnums=0)(params)
+    return graphdef, state, shardings
 
   def init(key):
     params = nnx.to_pure_dict(nnx.split(Decoder(spec, nnx.Rngs(key)))[1])

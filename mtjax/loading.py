@@ -1,0 +1,168 @@
+"""A model outside the train loop: load a run's checkpoint or an HF directory, generate, export.
+
+    model = mtjax.load("runs/demo")            # a workdir (latest checkpoint) or an HF directory
+    model.generate(["copy: abc ->"], max_new_tokens=16)
+    model.logits([[1, 70, 71]])                 # numpy [B, L, vocab] float32
+
+`mtjax generate` and `mtjax export` are thin layers over `load(...).generate` and `export_run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from mtjax.data.tokenizer import Tokenizer
+from mtjax.errors import BadInputError
+from mtjax.model import ModelSpec
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """Parameters on a mesh, the model's graph and spec, and its tokenizer."""
+
+  graphdef: Any
+  params: Any
+  spec: ModelSpec
+  tokenizer: Tokenizer
+  mesh: jax.sharding.Mesh
+  source: str  # "WORKDIR@step" or the HF directory
+  config: Any = None  # the run's resolved Config, for a workdir
+
+  @property
+  def model(self) -> Any:
+    """The Flax NNX Decoder with these parameters: model(tokens, positions, segment_ids)."""
+    from flax import nnx
+    return nnx.merge(self.graphdef, self.params)
+
+  def logits(self, tokens: Any) -> np.ndarray:
+    """Logits [B, L, vocab] float32 for token ids [B, L] (each row one sequence from position 0)."""
+    from flax import nnx
+    tokens = np.asarray(tokens, np.int32)
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    apply = jax.jit(lambda params, t, p: nnx.merge(self.graphdef, params)(t, p, jnp.ones_like(t)))
+    with jax.set_mesh(self.mesh):
+      return np.asarray(apply(self.params, tokens, positions), np.float32)
+
+  def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               bos: bool = True) -> list[str]:
+    """Completions of text prompts: greedy at temperature 0, else sampled (top-k, top-p).
+    Generation stops at the tokenizer's EOS ids (the HF directory's generation_config)."""
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    ids = [self.encode(p, bos=bos) for p in prompts]
+    return [self.tokenizer.decode(t) for t in self.generate_ids(
+        ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed)]
+
+  def encode(self, prompt: str, *, bos: bool = True) -> np.ndarray:
+    body = self.tokenizer.encode(prompt)
+    return np.concatenate([[self.tokenizer.bos_id], body] if bos else [body]).astype(np.int32)
+
+  def generate_ids(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int = 64,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   seed: int = 0) -> list[np.ndarray]:
+    """Generated token ids for prompts of token ids (stop token excluded)."""
+    from mtjax.eval.decode import DEFAULT_BUCKETS, Generator
+    longest = max((len(p) for p in prompts), default=1)
+    buckets = tuple(b for b in DEFAULT_BUCKETS if b < longest) + (
+        next((b for b in DEFAULT_BUCKETS if b >= longest), longest),)
+    rows = -(-len(prompts) // _batch_shards(self.mesh)) * _batch_shards(self.mesh)
+    generator = Generator(self.graphdef, self.spec, self.mesh, max_new_tokens=max_new_tokens,
+                          eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                          stop_ids=self.tokenizer.stop_ids, batch_size=max(rows, 1),
+                          buckets=buckets)
+    samples = generator(self.params, list(prompts), seed=seed, temperature=temperature,
+                        top_k=top_k, top_p=top_p)
+    return [s[0].tokens for s in samples]
+
+
+def _batch_shards(mesh: jax.sharding.Mesh) -> int:
+  return mesh.shape["dcn"] * mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _is_hf_directory(path: epath.Path) -> bool:
+  return (path / "config.json").exists() and not (path / "checkpoints").exists()
+
+
+def load(path: str | epath.PathLike, step: int | None = None, *,
+         devices: Sequence[Any] | None = None, param_dtype: str = "float32") -> LoadedModel:
+  """A run's checkpoint (a workdir; `step`, default the latest) or an HF directory (config.json,
+  safetensors, tokenizer files: a pretrained model or an `mtjax export`), on all devices."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise BadInputError(str(p), "not found: expected a run directory or an HF model directory")
+  if _is_hf_directory(p):
+    if step is not None:
+      raise BadInputError("--step", f"{p} is an HF directory, not a run: it has no steps")
+    return _load_hf(p, devices, param_dtype)
+  from mtjax.train import setup as setup_lib
+  run = setup_lib.from_workdir(p, step, devices=devices)
+  return LoadedModel(graphdef=run.graphdef, params=run.state.params, spec=run.spec,
+                     tokenizer=run.tokenizer, mesh=run.mesh, source=f"{p}@{run.restored_step}",
+                     config=run.config)
+
+
+def _load_hf(directory: epath.Path, devices: Sequence[Any] | None, param_dtype: str) -> LoadedModel:
+  from flax import nnx
+
+  from mtjax.config import MeshConfig
+  from mtjax.data import tokenizer as tokenizer_lib
+  from mtjax.model import Decoder, pretrained
+  from mtjax.parallel.mesh import make_mesh
+  from mtjax.train.step import param_shardings
+
+  devices = list(devices) if devices is not None else jax.devices()
+  platform = devices[0].platform
+  spec = pretrained.spec_for(directory, dtype="float32" if platform == "cpu" else "bfloat16",
+                             param_dtype=param_dtype)
+  tokenizer = tokenizer_lib.get(f"hf:{directory}")
+  mesh = make_mesh(MeshConfig(fsdp=-1), devices)
+  _, abstract, shardings = param_shardings(mesh, spec)
+  params = pretrained.load_params(directory, spec, abstract, shardings)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0))))
+  return LoadedModel(graphdef=graphdef, params=params, spec=spec, tokenizer=tokenizer, mesh=mesh,
+                     source=str(directory))
+
+
+def export_run(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | None = None,
+               *, max_shard_bytes: int = 5 * 10**9, devices: Sequence[Any] | None = None
+               ) -> list[str]:
+  """`mtjax export`: a run's checkpoint as an HF directory (config.json, safetensors shards of at
+  most max_shard_bytes with an index, the tokenizer files) that transformers and vLLM load.
+  Returns the files written."""
+  from mtjax.model import pretrained
+  from mtjax.train import setup as setup_lib
+
+  out = epath.Path(out)
+  if out.exists() and any(out.iterdir()):
+    raise BadInputError(str(out), "exists and is not empty: export writes into a new directory")
+  run = setup_lib.from_workdir(workdir, step, devices=devices)
+  config = run.config
+  tokenizer = run.tokenizer
+  base = None
+  if config.model.pretrained:
+    base = pretrained.read_config(config.model.pretrained)
+  hf = pretrained.hf_config(run.spec, base=base, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                            pad_id=tokenizer.pad_id, max_length=config.data.seq_len)
+  tokenizer_dir = None
+  kind, _, where = config.data.tokenizer.partition(":")
+  if kind == "hf":
+    where_path = epath.Path(where)
+    tokenizer_dir = where_path if where_path.is_dir() else where_path.parent
+  files = pretrained.export(run.state.params, run.spec, out, config=hf,
+                            tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
+  if jax.process_index() == 0 and not (out / "generation_config.json").exists():
+    import json
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids),
+         "pad_token_id": tokenizer.pad_id}, indent=2))
+    files.append("generation_config.json")
+  return files

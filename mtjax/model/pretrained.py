@@ -1,0 +1,516 @@
+"""HF checkpoints in and out: read an HF directory directly (no conversion step), write one back.
+
+An HF directory holds config.json, model.safetensors (or shards with model.safetensors.index.json)
+and the tokenizer files. Supported: Llama 2/3.x (incl. llama3 RoPE scaling and tied embeddings),
+Mistral (sliding window), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k RMSNorm): one Decoder with
+switches in ModelSpec (model/llama.py).
+
+- `model_fields(directory)`: the ModelConfig fields a directory's config.json implies (rope settings
+  read both as the legacy `rope_theta` + `rope_scaling` keys and as transformers 5's
+  `rope_parameters`).
+- `load_params(directory, spec, abstract, shardings)`: streams tensor by tensor from safetensors
+  into the mesh's shardings; each process reads only the rows of the HF tensor that its devices
+  hold, so the whole model is never in one host's memory.
+- `export(params, spec, out, ...)`: writes an HF directory that transformers'
+  AutoModelForCausalLM and vLLM read (shards of at most 5 GB with an index).
+- `forward(path, tokens)`: logits of an HF directory (or an mtjax export) for token ids: the helper
+  for checking an import by hand.
+
+Parameter layouts. HF stores nn.Linear weights as [out, in]; mtjax keeps [in, out] with heads
+split out: q [d, n, h] from q_proj.weight [n*h, d], o [n, h, d] from o_proj.weight [d, n*h],
+gate/up [d, f] and down [f, d] transposed, lm_head [d, V] from lm_head.weight [V, d].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from mtjax.errors import BadInputError
+from mtjax.model import tensorfile
+from mtjax.model.llama import ModelSpec
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "tokenizer.model")
+
+# How an HF tensor maps onto an mtjax parameter (see the module docstring).
+SAME, TRANSPOSE, HEADS_IN, HEADS_OUT, HEADS_BIAS = "same", "transpose", "heads_in", "heads_out", "heads_bias"
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def read_config(directory: epath.PathLike) -> dict[str, Any]:
+  path = epath.Path(directory) / "config.json"
+  if not path.exists():
+    raise BadInputError(str(path), "missing: model.pretrained must be an HF directory with "
+                        "config.json, *.safetensors and tokenizer files")
+  try:
+    config = json.loads(path.read_text())
+  except ValueError as e:
+    raise BadInputError(str(path), f"not valid JSON ({e})") from None
+  if not isinstance(config, dict):
+    raise BadInputError(str(path), "expected a JSON object")
+  return config
+
+
+def architecture(hf: Mapping[str, Any], where: str) -> str:
+  """The family ('llama', 'mistral', 'qwen2', 'qwen3') of an HF config, or exit 2 naming it."""
+  names = hf.get("architectures") or []
+  name = names[0] if names else hf.get("model_type", "<none>")
+  family = ARCHITECTURES.get(name) or {f: f for f in ARCHITECTURES.values()}.get(name)
+  if family is None:
+    raise BadInputError(where, f"architecture {name!r} is not supported (supported: "
+                        f"{', '.join(ARCHITECTURES)})")
+  return family
+
+
+def _rope(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+  from mtjax.config import ROPE_SCALING_KEYS
+  params = hf.get("rope_parameters")  # transformers 5
+  if isinstance(params, Mapping) and "full_attention" in params:  # per layer type
+    params = params["full_attention"]
+  if isinstance(params, Mapping):
+    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    scaling: Mapping[str, Any] = params
+  else:  # the legacy keys
+    theta = hf.get("rope_theta", 10_000.0)
+    scaling = hf.get("rope_scaling") or {}
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type not in ROPE_SCALING_KEYS:
+    raise BadInputError(where, f"rope type {rope_type!r} is not supported (supported: "
+                        f"{', '.join(ROPE_SCALING_KEYS)})")
+  missing = [k for k in ROPE_SCALING_KEYS[rope_type] if k not in scaling]
+  if missing:
+    raise BadInputError(where, f"rope type {rope_type!r} needs {missing}")
+  return {"rope_theta": float(theta), "rope_type": rope_type,
+          "rope_scaling": {k: float(scaling[k]) for k in ROPE_SCALING_KEYS[rope_type]}}
+
+
+def _sliding_window(hf: Mapping[str, Any], family: str, num_layers: int, where: str) -> int:
+  window = hf.get("sliding_window") or 0
+  layer_types = hf.get("layer_types")
+  if layer_types:
+    kinds = set(layer_types)
+    if kinds == {"full_attention"}:
+      return 0
+    if kinds == {"sliding_attention"} and window:
+      return int(window)
+    raise BadInputError(where, f"layer_types {sorted(kinds)} (a per-layer mix of sliding and full "
+                        "attention) is not supported")
+  if family == "mistral":
+    return int(window)
+  if family in ("qwen2", "qwen3") and hf.get("use_sliding_window") and window:
+    first = hf.get("max_window_layers", num_layers)
+    if first >= num_layers:
+      return 0
+    if first == 0:
+      return int(window)
+    raise BadInputError(where, f"use_sliding_window with max_window_layers={first} of {num_layers} "
+                        "(a per-layer mix of sliding and full attention) is not supported")
+  return 0
+
+
+def model_fields(directory: epath.PathLike) -> dict[str, Any]:
+  """The ModelConfig fields that an HF directory's config.json sets."""
+  where = str(epath.Path(directory) / "config.json")
+  hf = read_config(directory)
+  family = architecture(hf, where)
+  try:
+    d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    layers = int(hf["num_hidden_layers"])
+    fields: dict[str, Any] = {
+        "d_model": d, "num_layers": layers, "num_heads": heads,
+        "num_kv_heads": int(hf.get("num_key_value_heads") or heads),
+        "mlp_dim": int(hf["intermediate_size"]),
+        "head_dim": int(hf.get("head_dim") or d // heads),
+        "vocab_size": int(hf["vocab_size"]),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+    }
+  except KeyError as e:
+    raise BadInputError(where, f"missing key {e.args[0]!r}") from None
+  except (TypeError, ValueError) as e:
+    raise BadInputError(where, f"a shape value is not a number ({e})") from None
+  if hf.get("hidden_act", "silu") != "silu":
+    raise BadInputError(where, f"hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+  if hf.get("mlp_bias"):
+    raise BadInputError(where, "mlp_bias=true is not supported")
+  attention_bias = bool(hf.get("attention_bias", False))
+  fields.update(_rope(hf, where))
+  fields["qkv_bias"] = family == "qwen2" or attention_bias
+  fields["out_bias"] = family != "qwen2" and attention_bias
+  fields["qk_norm"] = family == "qwen3"
+  fields["sliding_window"] = _sliding_window(hf, family, layers, where)
+  return fields
+
+
+# HF config keys for the ModelConfig fields: used in conflict messages and in export.
+HF_KEYS = {"d_model": "hidden_size", "num_layers": "num_hidden_layers",
+           "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+           "mlp_dim": "intermediate_size", "head_dim": "head_dim", "vocab_size": "vocab_size",
+           "tie_embeddings": "tie_word_embeddings", "norm_eps": "rms_norm_eps",
+           "rope_theta": "rope_theta", "rope_type": "rope_type", "rope_scaling": "rope_scaling",
+           "qkv_bias": "attention_bias", "out_bias": "attention_bias", "qk_norm": "q_norm",
+           "sliding_window": "sliding_window"}
+
+
+def apply_to_config(config: Any) -> Any:
+  """config (mtjax.config.Config) with model.pretrained set -> its model fields (and, unless given
+  on the command line, data.tokenizer) taken from the directory. A field given on the command
+  line that differs from the directory's is exit 2 naming both values."""
+  m = config.model
+  directory = m.pretrained
+  fields = model_fields(directory)
+  changed = {}
+  for key, value in fields.items():
+    current = getattr(m, key)
+    same = dict(current) == value if isinstance(value, dict) else current == value
+    if same:
+      continue
+    if f"model.{key}" in m.pinned:
+      raise BadInputError(f"model.{key}", f"--config.model.{key}={current} conflicts with "
+                          f"{directory}/config.json ({HF_KEYS[key]} gives {value})")
+    changed[key] = value
+  config = config.replace(**{f"model.{k}": v for k, v in changed.items()})
+  tokenizer = f"hf:{directory}"
+  if "data.tokenizer" not in m.pinned and config.data.tokenizer != tokenizer:
+    config = config.replace(**{"data.tokenizer": tokenizer})
+  return config
+
+
+def spec_for(directory: epath.PathLike, *, dtype: str = "float32",
+             param_dtype: str = "float32") -> ModelSpec:
+  """The ModelSpec of an HF directory alone (no mtjax config): forward() and export checks."""
+  from mtjax.config import ModelConfig
+  fields = model_fields(directory)
+  cfg = dataclasses.replace(ModelConfig(), **fields, dtype=dtype, param_dtype=param_dtype)
+  return ModelSpec.from_config(cfg, fields["vocab_size"], "cpu")
+
+
+# ----------------------------------------------------------------------------- tensor layouts
+
+
+def layout(spec: ModelSpec) -> dict[str, tuple[str, str]]:
+  """mtjax parameter path -> (HF tensor name, how it maps), for every parameter of `spec`."""
+  out = {"token_embed": ("model.embed_tokens.weight", SAME),
+         "final_norm/scale": ("model.norm.weight", SAME)}
+  if not spec.tie_embeddings:
+    out["lm_head"] = ("lm_head.weight", TRANSPOSE)
+  for i in range(spec.num_layers):
+    p, h = f"layers/{i}/", f"model.layers.{i}."
+    out[p + "attn_norm/scale"] = (h + "input_layernorm.weight", SAME)
+    out[p + "mlp_norm/scale"] = (h + "post_attention_layernorm.weight", SAME)
+    for x in "qkv":
+      out[p + f"attn/{x}"] = (h + f"self_attn.{x}_proj.weight", HEADS_IN)
+      if spec.qkv_bias:
+        out[p + f"attn/{x}_bias"] = (h + f"self_attn.{x}_proj.bias", HEADS_BIAS)
+    out[p + "attn/o"] = (h + "self_attn.o_proj.weight", HEADS_OUT)
+    if spec.out_bias:
+      out[p + "attn/o_bias"] = (h + "self_attn.o_proj.bias", SAME)
+    if spec.qk_norm:
+      out[p + "attn/q_norm/scale"] = (h + "self_attn.q_norm.weight", SAME)
+      out[p + "attn/k_norm/scale"] = (h + "self_attn.k_norm.weight", SAME)
+    for x in ("gate", "up", "down"):
+      out[p + f"mlp/{x}"] = (h + f"mlp.{x}_proj.weight", TRANSPOSE)
+  return out
+
+
+def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The HF tensor's shape for an mtjax parameter of `shape`."""
+  if kind == SAME:
+    return shape
+  if kind == TRANSPOSE:
+    return shape[::-1]
+  if kind == HEADS_IN:  # [d, n, h] <- [n*h, d]
+    return (shape[1] * shape[2], shape[0])
+  if kind == HEADS_OUT:  # [n, h, d] <- [d, n*h]
+    return (shape[2], shape[0] * shape[1])
+  assert kind == HEADS_BIAS  # [n, h] <- [n*h]
+  return (shape[0] * shape[1],)
+
+
+def to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+  """An mtjax parameter (whole) in the HF tensor's layout."""
+  if kind == SAME:
+    return x
+  if kind == TRANSPOSE:
+    return x.T
+  if kind == HEADS_IN:
+    return x.reshape(x.shape[0], -1).T
+  if kind == HEADS_OUT:
+    return x.reshape(-1, x.shape[-1]).T
+  return x.reshape(-1)
+
+
+def _hf_rows(kind: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, int]:
+  """The range of the HF tensor's first axis that an mtjax index (one device's shard) needs."""
+  def bounds(dim: int, scale: int = 1) -> tuple[int, int]:
+    s = index[dim]
+    start = 0 if s.start is None else s.start
+    stop = shape[dim] if s.stop is None else s.stop
+    return start * scale, stop * scale
+  if kind == SAME:
+    return bounds(0)
+  if kind == TRANSPOSE:
+    return bounds(1)
+  if kind == HEADS_IN:
+    return bounds(1, shape[2])
+  if kind == HEADS_OUT:
+    return bounds(2)
+  return bounds(0, shape[1])
+
+
+def _from_hf_rows(kind: str, shape: tuple[int, ...], block: np.ndarray,
+                  start: int) -> tuple[np.ndarray, tuple[int, ...]]:
+  """HF rows [start, start + len(block)) -> (that block in mtjax layout, its offset per axis)."""
+  offset = [0] * len(shape)
+  if kind == SAME:
+    offset[0] = start
+    return block, tuple(offset)
+  if kind == TRANSPOSE:
+    offset[1] = start
+    return block.T, tuple(offset)
+  if kind == HEADS_IN:
+    h = shape[2]
+    offset[1] = start // h
+    return block.reshape(-1, h, shape[0]).transpose(2, 0, 1), tuple(offset)
+  if kind == HEADS_OUT:
+    offset[2] = start
+    return block.reshape(-1, shape[0], shape[1]).transpose(1, 2, 0), tuple(offset)
+  offset[0] = start // shape[1]
+  return block.reshape(-1, shape[1]), tuple(offset)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  from mtjax.train.optimizer import param_path
+  return {param_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat(like: Any, flat: Mapping[str, Any]) -> Any:
+  from mtjax.train.optimizer import param_path
+  return jax.tree_util.tree_map_with_path(lambda p, _: flat[param_path(p)], like)
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def load_params(directory: epath.PathLike, spec: ModelSpec, abstract: Any, shardings: Any, *,
+                progress: bool = True) -> Any:
+  """The parameters of an HF directory, streamed into `shardings` (a tree like `abstract`, the
+  pure params dict of `spec`'s Decoder), in spec.param_dtype.
+
+  Per tensor, this process reads the rows of the HF tensor that its devices' shards need (one
+  read), converts them to the mtjax layout and dtype and places each device's shard; at most one
+  tensor's rows are in host memory at a time.
+  """
+  directory = epath.Path(directory)
+  index = tensorfile.TensorIndex(directory)
+  names = layout(spec)
+  shapes, targets = _flat(abstract), _flat(shardings)
+  unknown = sorted(set(shapes) - set(names))
+  assert not unknown, f"parameters without an HF mapping: {unknown}"
+  dtype = np.dtype(spec.param_dtype)
+  loaded: dict[str, jax.Array] = {}
+  from tqdm import tqdm
+  items = tqdm(shapes.items(), desc=f"loading {directory.name}", unit="tensor",
+               disable=not progress or jax.process_index() != 0 or None, leave=False)
+  for path, leaf in items:
+    hf_name, kind = names[path]
+    shape = tuple(leaf.shape)
+    tf = index.file(hf_name) if hf_name in index else None
+    if tf is None:
+      raise BadInputError(str(directory), f"missing tensor {hf_name} (for mtjax {path}, "
+                          f"{spec_summary(spec)})")
+    expected = hf_shape(kind, shape)
+    if tf.shape(hf_name) != expected:
+      raise BadInputError(str(tf.path), f"tensor {hf_name} has shape {list(tf.shape(hf_name))}, "
+                          f"expected {list(expected)} (config.json: {spec_summary(spec)})")
+    sharding = targets[path]
+    device_indices = sharding.addressable_devices_indices_map(shape)
+    ranges = [_hf_rows(kind, shape, idx) for idx in device_indices.values()]
+    start, stop = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    block, offset = _from_hf_rows(kind, shape, tf.read(hf_name, (start, stop)), start)
+
+    def shard(idx, block=block, offset=offset, shape=shape):
+      local = tuple(slice((s.start or 0) - o, (shape[d] if s.stop is None else s.stop) - o)
+                    for d, (s, o) in enumerate(zip(idx, offset)))
+      return np.ascontiguousarray(block[local], dtype=dtype)
+
+    loaded[path] = jax.make_array_from_callback(shape, sharding, shard)
+    del block
+  extra = sorted(set(index.where) - {n for n, _ in names.values()})
+  extra = [n for n in extra if not n.endswith("rotary_emb.inv_freq")]
+  if extra and not (spec.tie_embeddings and extra == ["lm_head.weight"]):
+    _say(f"warning: {len(extra)} tensors of {directory} are not used (e.g. {extra[:3]})")
+  return _unflat(abstract, loaded)
+
+
+def spec_summary(spec: ModelSpec) -> str:
+  return (f"d_model {spec.d_model}, {spec.num_layers} layers, {spec.num_heads} heads "
+          f"({spec.num_kv_heads} kv) of {spec.head_dim}, mlp {spec.mlp_dim}, vocab {spec.vocab_size}")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def hf_config(spec: ModelSpec, *, base: Mapping[str, Any] | None = None, bos_id: int | None = None,
+              eos_id: int | None = None, pad_id: int | None = None,
+              max_length: int = 2048) -> dict[str, Any]:
+  """config.json for `spec`: the pretrained directory's (base) updated with the shape, or a new
+  one of the family whose switches the spec uses."""
+  if spec.qk_norm:
+    arch, model_type = "Qwen3ForCausalLM", "qwen3"
+  elif spec.qkv_bias and not spec.out_bias:
+    arch, model_type = "Qwen2ForCausalLM", "qwen2"
+  elif spec.sliding_window:
+    arch, model_type = "MistralForCausalLM", "mistral"
+  else:
+    arch, model_type = "LlamaForCausalLM", "llama"
+  if spec.qkv_bias != spec.out_bias and model_type != "qwen2":
+    raise ValueError("q/k/v biases without an output bias exist only as Qwen2")
+  config: dict[str, Any] = dict(base or {})
+  config.setdefault("architectures", [arch])
+  config.setdefault("model_type", model_type)
+  config.setdefault("max_position_embeddings", max_length)
+  config.setdefault("hidden_act", "silu")
+  config.update({
+      "hidden_size": spec.d_model, "num_hidden_layers": spec.num_layers,
+      "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+      "intermediate_size": spec.mlp_dim, "head_dim": spec.head_dim,
+      "vocab_size": spec.vocab_size, "tie_word_embeddings": spec.tie_embeddings,
+      "rms_norm_eps": spec.norm_eps,
+      "torch_dtype": spec.param_dtype, "dtype": spec.param_dtype,
+  })
+  if model_type != "qwen2":
+    config["attention_bias"] = spec.out_bias
+  if model_type == "mistral" or spec.sliding_window:
+    config["sliding_window"] = spec.sliding_window or None
+  rope = {"rope_type": spec.rope_type, **dict(spec.rope_scaling)}
+  # Both forms: transformers 5 reads rope_parameters, 4.x and vLLM read the legacy keys.
+  config["rope_theta"] = spec.rope_theta
+  config["rope_scaling"] = None if spec.rope_type == "default" else rope
+  config["rope_parameters"] = {"rope_theta": spec.rope_theta, **rope}
+  for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id)):
+    if value is not None and key not in (base or {}):
+      config[key] = value
+  return config
+
+
+def export(params: Any, spec: ModelSpec, out: epath.PathLike, *, config: Mapping[str, Any],
+           tokenizer_dir: epath.PathLike | None = None, max_shard_bytes: int = 5 * 10**9,
+           progress: bool = True) -> list[str]:
+  """Writes `params` (the pure params dict, possibly sharded over processes) as an HF directory.
+
+  Every process takes part in gathering each tensor (multi-process runs); process 0 writes,
+  one tensor at a time. Returns the files written (process 0; [] elsewhere).
+  """
+  out = epath.Path(out)
+  flat = _flat(params)
+  names = layout(spec)
+  order = sorted(names, key=lambda p: _hf_order(names[p][0]))
+  dtype = np.dtype(spec.param_dtype)
+  tensors = [(names[p][0], hf_shape(names[p][1], tuple(flat[p].shape)), dtype) for p in order]
+  by_hf = {names[p][0]: p for p in order}
+
+  def fetch(hf_name: str) -> np.ndarray:
+    path = by_hf[hf_name]
+    x = flat[path]
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      host = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    else:
+      host = np.asarray(jax.device_get(x))
+    return to_hf(names[path][1], host.astype(dtype))
+
+  if jax.process_index() != 0:
+    for name, _, _ in tensors:  # the gathers are collective: every process takes part
+      fetch(name)
+    return []
+  out.mkdir(parents=True, exist_ok=True)
+  from tqdm import tqdm
+  bar = tqdm(total=len(tensors), desc=f"exporting to {out.name}", unit="tensor",
+             disable=not progress or None, leave=False)
+
+  def fetch_counted(name: str) -> np.ndarray:
+    bar.update(1)
+    return fetch(name)
+
+  files = tensorfile.write(out, tensors, fetch_counted, max_shard_bytes=max_shard_bytes)
+  bar.close()
+  (out / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+  files.append("config.json")
+  if tokenizer_dir is not None:
+    source = epath.Path(tokenizer_dir)
+    for name in TOKENIZER_FILES:
+      if (source / name).exists() and not (name == "generation_config.json" and
+                                           (out / name).exists()):
+        (out / name).write_bytes((source / name).read_bytes())
+        files.append(name)
+  return files
+
+
+def _hf_order(name: str) -> tuple:
+  """embed, layers in numeric order, norm, lm_head: the order transformers writes."""
+  parts = name.split(".")
+  if parts[:2] == ["model", "layers"]:
+    return (1, int(parts[2]), name)
+  return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(name, 3), 0, name)
+
+
+# ----------------------------------------------------------------------------- checking by hand
+
+
+def forward(path: epath.PathLike, tokens: Any) -> np.ndarray:
+  """Logits [B, L, vocab] (numpy float32) of an HF directory or an mtjax export for token ids
+  `tokens` (int array [B, L], every row one sequence from position 0), computed in float32 with
+  mtjax's Decoder: compare them with transformers' to check an import by hand.
+
+      >>> from mtjax.model.pretrained import forward
+      >>> logits = forward("path/to/Llama-3.2-1B", [[128000, 791, 6864, 315]])
+  """
+  from flax import nnx
+
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.ndim != 2:
+    raise BadInputError("tokens", f"expected an int array [batch, length], got shape {tokens.shape}")
+  spec = spec_for(path)
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= spec.vocab_size):
+    raise BadInputError("tokens", f"ids must lie in [0, {spec.vocab_size})")
+  params, graphdef = load_replicated(path, spec)
+  positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+  apply = jax.jit(lambda params, t, p: nnx.merge(graphdef, params)(t, p, jnp.ones_like(t)))
+  return np.asarray(apply(params, tokens, positions), np.float32)
+
+
+def load_replicated(path: epath.PathLike, spec: ModelSpec,
+                    device: Any = None) -> tuple[Any, Any]:
+  """(params, graphdef) of an HF directory on one device (the first by default)."""
+  from flax import nnx
+
+  from mtjax.model.llama import Decoder
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0))))
+  abstract = nnx.to_pure_dict(abstract)
+  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+  shardings = jax.tree_util.tree_map(lambda _: sharding, abstract)
+  return load_params(path, spec, abstract, shardings, progress=False), graphdef
+
+
+def loader_for(directory: epath.PathLike, spec: ModelSpec) -> Callable[[Any, Any], Any]:
+  """A `load_params(abstract, shardings)` callable for train.step.init_state."""
+  return lambda abstract, shardings: load_params(directory, spec, abstract, shardings)

@@ -1,0 +1,175 @@
+"""Safetensors files read by slices and written by streaming, on local disks and gs://.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length, a
+JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the
+raw little-endian, C-ordered tensor bytes. Reading only a range of a tensor's first axis is a
+seek and one read, so a process fetches just the rows its devices hold and the whole model is
+never in one host's memory; writing goes tensor by tensor, so export never holds a whole shard.
+The `safetensors` package needs a local path and (to write) every tensor of a file at once,
+which is why this small module exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from etils import epath
+
+from mtjax.errors import BadInputError
+
+DTYPES: dict[str, Any] = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+MAX_HEADER = 100_000_000  # the format's own limit
+
+
+class TensorFile:
+  """One .safetensors file: its header, and reads of whole tensors or row ranges."""
+
+  def __init__(self, path: epath.PathLike):
+    self.path = epath.Path(path)
+    try:
+      with self.path.open("rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+          raise ValueError("shorter than its 8-byte header length")
+        (size,) = struct.unpack("<Q", head)
+        if size > MAX_HEADER:
+          raise ValueError(f"header length {size} is beyond the format's limit")
+        header = json.loads(f.read(size))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+      raise BadInputError(str(self.path), f"not a readable safetensors file ({e})") from None
+    self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+    self._data_start = 8 + size
+    self.entries: dict[str, dict[str, Any]] = header
+    for name, entry in header.items():
+      if entry.get("dtype") not in DTYPES:
+        raise BadInputError(str(self.path), f"tensor {name}: unsupported dtype "
+                            f"{entry.get('dtype')!r} (supported: {', '.join(DTYPES)})")
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.entries[name]["shape"])
+
+  def dtype(self, name: str) -> np.dtype:
+    return np.dtype(DTYPES[self.entries[name]["dtype"]])
+
+  def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """The tensor, or rows [start, stop) of its first axis, as a numpy array (its own dtype)."""
+    entry, dtype = self.entries[name], self.dtype(name)
+    shape = tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
+    if not shape:
+      rows = None
+    row_bytes = dtype.itemsize * math.prod(shape[1:]) if shape else dtype.itemsize
+    start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
+    offset = self._data_start + begin + start * row_bytes
+    count = (stop - start) * row_bytes
+    if offset + count > self._data_start + end:
+      raise BadInputError(str(self.path), f"tensor {name}: rows {start}:{stop} run past its data")
+    with self.path.open("rb") as f:
+      f.seek(offset)
+      data = f.read(count)
+    if len(data) != count:
+      raise BadInputError(str(self.path), f"tensor {name}: file truncated ({len(data)} of "
+                          f"{count} bytes)")
+    array = np.frombuffer(data, dtype=dtype)
+    return array.reshape(((stop - start),) + shape[1:] if shape else ())
+
+
+class TensorIndex:
+  """Every tensor of a checkpoint directory: model.safetensors, or the shards named by
+  model.safetensors.index.json (or any *.safetensors files, when there is no index)."""
+
+  def __init__(self, directory: epath.PathLike):
+    directory = epath.Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files: list[epath.Path]
+    if index.exists():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise BadInputError(str(index), f"expected JSON with a weight_map ({e})") from None
+      files = [directory / f for f in sorted(set(weight_map.values()))]
+    else:
+      files = sorted(directory.glob("*.safetensors"))
+    if not files:
+      raise BadInputError(str(directory), "no weights: expected model.safetensors, "
+                          "model.safetensors.index.json or *.safetensors")
+    self.files = {f.name: TensorFile(f) for f in files}
+    self.where: dict[str, TensorFile] = {}
+    for tf in self.files.values():
+      for name in tf.entries:
+        self.where[name] = tf
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.where
+
+  def file(self, name: str) -> TensorFile:
+    try:
+      return self.where[name]
+    except KeyError:
+      raise BadInputError(name, "missing tensor: not in any safetensors file of the "
+                          "checkpoint") from None
+
+
+def write(directory: epath.PathLike, tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+          fetch: Callable[[str], np.ndarray], *, max_shard_bytes: int = 5 * 10**9,
+          metadata: Mapping[str, str] | None = None) -> list[str]:
+  """Writes tensors (name, shape, dtype), fetching each one's array only when its turn comes.
+
+  One file `model.safetensors` when everything fits in max_shard_bytes, else
+  `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json` (transformers'
+  layout). Returns the file names written.
+  """
+  directory = epath.Path(directory)
+  shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+  size = 0
+  for name, shape, dtype in tensors:
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append((name, shape, dtype))
+    size += nbytes
+  n = len(shards)
+  names = (["model.safetensors"] if n == 1 else
+           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+  total = 0
+  weight_map: dict[str, str] = {}
+  for file_name, shard in zip(names, shards):
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype in shard:
+      nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+      header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape),
+                      "data_offsets": [offset, offset + nbytes]}
+      offset += nbytes
+      weight_map[name] = file_name
+    total += offset
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # aligns the data, as the reference writer does
+    with (directory / file_name).open("wb") as f:
+      f.write(struct.pack("<Q", len(encoded)))
+      f.write(encoded)
+      for name, shape, dtype in shard:
+        array = np.ascontiguousarray(fetch(name), dtype=dtype)
+        if array.shape != tuple(shape):
+          raise ValueError(f"{name}: fetched shape {array.shape}, declared {shape}")
+        f.write(array.tobytes())
+  if n > 1:
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  return names
+
+
+def tensor_names(directory: epath.PathLike) -> Iterable[str]:
+  return TensorIndex(directory).where.keys()
