@@ -208,7 +208,7 @@ def get(name: str) -> Tokenizer:
   if kind == "spm" and not os.path.isfile(path):
     raise BadInputError("data.tokenizer", f"file not found: {path}")
   if kind == "hf" and not epath.Path(path).exists():
-    raise BadInputError("data.tokenizer", f"not found: {path}")
+    raise BadInputError("data.tokenizer", f"file not found: {path}")
   try:
     return HfTokenizer(path) if kind == "hf" else SentencePieceTokenizer(path)
   except BadInputError:

@@ -168,6 +168,7 @@ def write(directory: epath.PathLike, tensors: Sequence[tuple[str, tuple[int, ...
   if n > 1:
     (directory / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    names.append("model.safetensors.index.json")
   return names
 
 

@@ -42,8 +42,11 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
-  """Dotted field -> (saved, now) for every field that differs."""
-  a, b = _flatten(saved), _flatten(now)
+  """Dotted field -> (saved, now) for every field that differs. A field the saved config lacks
+  (written before the field existed) counts as its default."""
+  from mtjax.config import Config
+  a = {**_flatten(json.loads(Config().to_json())), **_flatten(saved)}
+  b = _flatten(now)
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -159,6 +162,7 @@ class Checkpointer:
     """Raises on unsafe config changes; returns the safe ones (to report)."""
     saved, _ = self.read_facts(step)
     changes = config_changes(saved, json.loads(config.to_json()))
+    changes.pop("model.pinned", None)  # which flags were typed, not what the model is
     for field in changes:
       if any(field == u or field.startswith(u + ".") for u in UNSAFE_ON_RESUME):
         was, now = changes[field]
