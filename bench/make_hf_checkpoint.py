@@ -59,7 +59,7 @@ def write(out: str, preset: str, *, seed: int = 0, max_shard_bytes: int = 5 * 10
   rng = np.random.default_rng(seed)
   dtype = np.dtype(ml_dtypes.bfloat16) if spec.param_dtype == "bfloat16" else np.dtype(np.float32)
   names = pretrained.layout(spec)
-  shapes = _mtjax_shapes(spec)
+  shapes = pretrained._abstract_shapes(spec)
   tensors = [(names[p][0], pretrained.hf_shape(names[p][1], shapes[p]), dtype)
              for p in sorted(names, key=lambda p: pretrained._hf_order(names[p][0]))]
 
@@ -76,15 +76,6 @@ def write(out: str, preset: str, *, seed: int = 0, max_shard_bytes: int = 5 * 10
       {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2))
   n = sum(int(np.prod(s)) for _, s, _ in tensors)
   return {"parameters": n, "bytes": n * dtype.itemsize, "seconds": time.perf_counter() - start}
-
-
-def _mtjax_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-  from flax import nnx
-
-  from mtjax.model import Decoder
-  from mtjax.model.pretrained import _flat
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0)))))
-  return {k: tuple(v.shape) for k, v in _flat(abstract).items()}
 
 
 def main(argv: list[str] | None = None) -> int:

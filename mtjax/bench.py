@@ -7,8 +7,9 @@
 - loader_headroom[n]: batches/s the mixture loader produces with n tasks, times the trainer's
   step time (= examples produced per example consumed), for n = 1, 4, 64.
 - compile: count and backend compile time of the train step and of the eval step.
-- mfu: model FLOPs per step (6N + attention, per computed token) / step time, over the device's
-  matmul peak measured in the same run.
+- mfu: model FLOPs per step (mtjax.perf: 6N + attention, causal attention at half, as MaxText
+  counts) / step time, over the device's dense spec peak (mtjax.perf.SPEC_PEAK_FLOPS; null on
+  CPU) and, as mfu_measured_peak, over the matmul peak measured in the same run.
 - torch_eager_cpu: the same model, batch and loss terms in PyTorch eager on CPU (if installed).
 """
 
@@ -103,17 +104,15 @@ def matmul_peak_flops(dtype: str, n: int, repeats: int = 5) -> float:
   return 2 * n ** 3 / best
 
 
-def model_flops_per_step(spec, params, batch_size: int, seq_len: int) -> float:
-  """6N per token for the matmuls (forward + backward; the embedding lookup excluded, unless the
-  embedding is tied and so is also the output head) plus 12 * layers * heads * head_dim * seq_len
-  per token for attention scores and values (PaLM)."""
-  n = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    if "token_embed" not in names or spec.tie_embeddings:
-      n += int(np.prod(leaf.shape))
-  per_token = 6 * n + 12 * spec.num_layers * spec.num_heads * spec.head_dim * seq_len
-  return float(per_token * batch_size * seq_len)
+def model_flops_per_step(spec, params, batch_size: int, seq_len: int, *,
+                         causal: bool = False) -> float:
+  """Model FLOPs per step (mtjax.perf): 6N per token for the matmuls (forward + backward; the
+  embedding lookup excluded unless tied) plus 12 * layers * heads * head_dim * seq_len per token
+  for attention (PaLM); causal=True halves attention (MaxText's convention, used for MFU).
+  causal=False counts what the reference kernel computes (the full score matrix)."""
+  del params  # the count comes from the spec's abstract parameters
+  from mtjax import perf
+  return perf.model_flops_per_token(spec, seq_len, causal=causal) * batch_size * seq_len
 
 
 def loader_batches_per_s(cfg: Config, seconds: float) -> float:
@@ -243,7 +242,9 @@ def run(cfg: Config, *, rounds: int = 5, steps: int = 10, loader_seconds: float 
   dtype = spec.dtype  # the peak in the precision the model computes in
   n = matmul_n or (2048 if devices[0].platform == "cpu" else 8192)
   peak = matmul_peak_flops(dtype, n)
-  flops = model_flops_per_step(spec, params, cfg.data.batch_size, cfg.data.seq_len)
+  from mtjax import perf
+  spec_peak = perf.spec_peak_flops(devices[0].device_kind, dtype)
+  flops = model_flops_per_step(spec, params, cfg.data.batch_size, cfg.data.seq_len, causal=True)
   achieved = flops / step_time
   torch_time = torch_eager_step_time(spec, host_batch, T, torch_steps) if torch_steps else None
   torch_note = ("skipped: --torch_steps 0" if not torch_steps else "skipped: torch is not installed")
@@ -262,7 +263,10 @@ def run(cfg: Config, *, rounds: int = 5, steps: int = 10, loader_seconds: float 
       "loader_headroom": headroom, "loader_batches_per_s": batches_per_s,
       "loader_cost_per_batch_64_over_1": batches_per_s["1"] / batches_per_s["64"],
       "compile": {"train_step": train_compile, "eval_step": evaluation},
-      "mfu": achieved / peak,
+      # MFU with causal attention counted at half: against the device's dense spec peak (null
+      # where the table has none, e.g. CPU) and against the matmul peak measured in this run.
+      "mfu": perf.mfu(achieved, spec_peak), "mfu_measured_peak": achieved / peak,
+      "spec_peak_flops_per_s": spec_peak,
       "model_flops_per_step": flops, "achieved_flops_per_s": achieved,
       "matmul_peak_flops_per_s": peak, "matmul_peak": {"n": n, "dtype": dtype},
       "torch_eager_cpu": ({"note": torch_note} if torch_time is None else
@@ -277,6 +281,10 @@ def write(result: dict[str, Any], out: str) -> None:
   path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _fmt(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.3f}"
+
+
 def table(result: dict[str, Any]) -> str:
   m = result["machine"]
   spread = result["step_overhead_spread"]
@@ -288,8 +296,10 @@ def table(result: dict[str, Any]) -> str:
       f"compile           train {result['compile']['train_step']['count']}x "
       f"{result['compile']['train_step']['seconds']:.2f}s, eval {result['compile']['eval_step']['count']}x "
       f"{result['compile']['eval_step']['seconds']:.2f}s",
-      f"mfu               {result['mfu']:.3f}  ({result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s of "
-      f"{result['matmul_peak_flops_per_s'] / 1e9:.1f} measured matmul peak)",
+      f"mfu               {_fmt(result['mfu'])} of the spec peak, "
+      f"{result['mfu_measured_peak']:.3f} of the measured matmul peak "
+      f"({result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s of "
+      f"{result['matmul_peak_flops_per_s'] / 1e9:.1f}; causal attention counted at half)",
   ]
   t = result["torch_eager_cpu"]
   lines.append("torch eager cpu   " + (t["note"] if "note" in t else

@@ -155,6 +155,11 @@ def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> lis
   check_divisibility(config, mesh)
   spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform)
   params = _param_count(mesh, spec)
+  if config.model.pretrained:  # names and shapes from the safetensors headers; nothing loaded
+    from mtjax.model import pretrained
+    index = pretrained.check_tensors(config.model.pretrained, spec)
+    facts.append(f"pretrained: {config.model.pretrained} ({len(index.files)} safetensors "
+                 f"file(s), every tensor present with the shape config.json implies)")
   shape = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
   facts.append(f"mesh: {shape} on {len(devices)} {devices[0].platform} device(s) of this process")
   facts.append(f"model: {params:,} parameters, {spec.dtype}, vocab {spec.vocab_size}; batch "

@@ -220,6 +220,33 @@ def test_greedy_generation_matches_transformers(family_models, family):
       assert got == ref
 
 
+def test_greedy_generation_stops_where_transformers_does(family_models, hf_root):
+  """An extra EOS id in generation_config.json (as Llama 3 instruct has): both stop at it."""
+  import torch
+
+  import mtjax
+  source, model = family_models("llama")
+  prompt = np.random.RandomState(3).randint(3, hf_models.VOCAB, 6)
+  kwargs = dict(attention_mask=torch.ones((1, len(prompt)), dtype=torch.long), do_sample=False,
+                max_new_tokens=20, pad_token_id=0)
+  with torch.no_grad():
+    free = model.generate(torch.as_tensor(prompt[None]), **kwargs)[0, len(prompt):].tolist()
+  stop = next(t for t in free[3:] if t not in free[:3])  # a token it reaches only after 3 steps
+  directory = hf_root / "llama-stop"
+  shutil.copytree(source, directory)
+  generation = json.loads((directory / "generation_config.json").read_text())
+  generation["eos_token_id"] = [2, stop]
+  (directory / "generation_config.json").write_text(json.dumps(generation))
+  with torch.no_grad():
+    ref = model.generate(torch.as_tensor(prompt[None]), eos_token_id=[2, stop],
+                         **kwargs)[0, len(prompt):].tolist()
+  assert ref == free[:free.index(stop) + 1]
+  loaded = mtjax.load(directory)
+  assert set(loaded.tokenizer.stop_ids) == {2, stop}
+  got = loaded.generate_ids([prompt], max_new_tokens=20, temperature=0)[0].tolist()
+  assert got + [stop] == ref  # mtjax leaves the stop token out
+
+
 # ----------------------------------------------------------------------------- 3. round trip
 
 
@@ -330,12 +357,20 @@ def test_streaming_load_bfloat16(family_models):
 # ----------------------------------------------------------------------------- 5. bad input
 
 
+@pytest.fixture(scope="module")
+def bench_tiny(tmp_path_factory):
+  """bench/make_hf_checkpoint.py's tiny checkpoint (no torch), once per module."""
+  directory = tmp_path_factory.mktemp("bench") / "tiny-llama"
+  _make_hf_checkpoint().write(str(directory), "tiny")
+  return directory
+
+
 @pytest.fixture
-def bad_dir(tmp_path):
+def bad_dir(tmp_path, bench_tiny):
   """A copy of bench's tiny checkpoint to break, and an existing workdir whose files must survive."""
-  def make(source):
+  def make():
     directory = tmp_path / "model"
-    shutil.copytree(source, directory)
+    shutil.copytree(bench_tiny, directory)
     return directory
   workdir = tmp_path / "work"
   workdir.mkdir()
@@ -370,26 +405,27 @@ def _one_error(rc, err) -> str:
   return lines[0]
 
 
-def test_bad_input_missing_config_json(trained, bad_dir, capsys):
+def test_bad_input_missing_config_json(bad_dir, capsys):
   make, workdir = bad_dir
-  directory = make(trained[0])
+  directory = make()
   (directory / "config.json").unlink()
   line = _one_error(*_train(capsys, directory, workdir))
   assert "config.json" in line and "missing" in line
 
 
-def test_bad_input_missing_weights(trained, bad_dir, capsys):
+@pytest.mark.parametrize("check", [True, False], ids=["check", "train"])
+def test_bad_input_missing_weights(bad_dir, capsys, check):
   make, workdir = bad_dir
-  directory = make(trained[0])
+  directory = make()
   (directory / "model.safetensors").unlink()
-  line = _one_error(*_train(capsys, directory, workdir, check=False))
+  line = _one_error(*_train(capsys, directory, workdir, check=check))
   assert "no weights" in line and "safetensors" in line
 
 
-def test_bad_input_unknown_architecture(trained, bad_dir, capsys):
+def test_bad_input_unknown_architecture(bad_dir, capsys):
   from mtjax.model.pretrained import ARCHITECTURES
   make, workdir = bad_dir
-  directory = make(trained[0])
+  directory = make()
   config = json.loads((directory / "config.json").read_text())
   config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
   (directory / "config.json").write_text(json.dumps(config))
@@ -398,9 +434,9 @@ def test_bad_input_unknown_architecture(trained, bad_dir, capsys):
   assert all(name in line for name in ARCHITECTURES)
 
 
-def test_bad_input_conflicting_shape(trained, bad_dir, capsys):
+def test_bad_input_conflicting_shape(bad_dir, capsys):
   make, workdir = bad_dir
-  directory = make(trained[0])
+  directory = make()
   assert json.loads((directory / "config.json").read_text())["hidden_size"] == 32
   line = _one_error(*_train(capsys, directory, workdir, "--config.model.d_model=64"))
   assert "d_model" in line and "64" in line and "hidden_size" in line and "32" in line
@@ -419,28 +455,30 @@ def _rewrite_weights(directory, change):
                    arrays.__getitem__)
 
 
-def test_bad_input_missing_tensor(trained, bad_dir, capsys):
+@pytest.mark.parametrize("check", [True, False], ids=["check", "train"])
+def test_bad_input_missing_tensor(bad_dir, capsys, check):
   make, workdir = bad_dir
-  directory = make(trained[0])
+  directory = make()
   gone = "model.layers.1.mlp.up_proj.weight"
   _rewrite_weights(directory, lambda n, a: None if n == gone else a)
-  line = _one_error(*_train(capsys, directory, workdir, check=False))
+  line = _one_error(*_train(capsys, directory, workdir, check=check))
   assert gone in line and "missing" in line
 
 
-def test_bad_input_misshaped_tensor(trained, bad_dir, capsys):
+@pytest.mark.parametrize("check", [True, False], ids=["check", "train"])
+def test_bad_input_misshaped_tensor(bad_dir, capsys, check):
   make, workdir = bad_dir
-  directory = make(trained[0])
+  directory = make()
   name = "model.layers.0.self_attn.k_proj.weight"  # [kv_heads * head_dim, d] = [16, 32]
   _rewrite_weights(directory, lambda n, a: a[:8] if n == name else a)
-  line = _one_error(*_train(capsys, directory, workdir, check=False))
+  line = _one_error(*_train(capsys, directory, workdir, check=check))
   assert name in line and "[8, 32]" in line and "[16, 32]" in line
 
 
-def test_bad_input_tokenizer_larger_than_embedding(trained, bad_dir, capsys):
+def test_bad_input_tokenizer_larger_than_embedding(bad_dir, capsys):
   from mtjax.data import tokenizer as tokenizer_lib
   make, workdir = bad_dir
-  directory = make(trained[0])
+  directory = make()
   vocab = tokenizer_lib.get(f"hf:{directory}").vocab_size
   config = json.loads((directory / "config.json").read_text())
   config["vocab_size"] = vocab - 8

@@ -320,7 +320,7 @@ def load_params(directory: epath.PathLike, spec: ModelSpec, abstract: Any, shard
   tensor's rows are in host memory at a time.
   """
   directory = epath.Path(directory)
-  index = tensorfile.TensorIndex(directory)
+  index = check_tensors(directory, spec)  # every name and shape, before anything is read
   names = layout(spec)
   shapes, targets = _flat(abstract), _flat(shardings)
   unknown = sorted(set(shapes) - set(names))
@@ -333,14 +333,7 @@ def load_params(directory: epath.PathLike, spec: ModelSpec, abstract: Any, shard
   for path, leaf in items:
     hf_name, kind = names[path]
     shape = tuple(leaf.shape)
-    tf = index.file(hf_name) if hf_name in index else None
-    if tf is None:
-      raise BadInputError(str(directory), f"missing tensor {hf_name} (for mtjax {path}, "
-                          f"{spec_summary(spec)})")
-    expected = hf_shape(kind, shape)
-    if tf.shape(hf_name) != expected:
-      raise BadInputError(str(tf.path), f"tensor {hf_name} has shape {list(tf.shape(hf_name))}, "
-                          f"expected {list(expected)} (config.json: {spec_summary(spec)})")
+    tf = index.file(hf_name)
     sharding = targets[path]
     device_indices = sharding.addressable_devices_indices_map(shape)
     ranges = [_hf_rows(kind, shape, idx) for idx in device_indices.values()]
@@ -359,6 +352,33 @@ def load_params(directory: epath.PathLike, spec: ModelSpec, abstract: Any, shard
   if extra and not (spec.tie_embeddings and extra == ["lm_head.weight"]):
     _say(f"warning: {len(extra)} tensors of {directory} are not used (e.g. {extra[:3]})")
   return _unflat(abstract, loaded)
+
+
+def check_tensors(directory: epath.PathLike, spec: ModelSpec) -> tensorfile.TensorIndex:
+  """Reads only the safetensors headers: every tensor `spec` needs is there, with the shape its
+  config.json implies (exit 2 naming the tensor and file otherwise). Returns the index."""
+  directory = epath.Path(directory)
+  index = tensorfile.TensorIndex(directory)
+  shapes = _abstract_shapes(spec)
+  for path, (hf_name, kind) in layout(spec).items():
+    if hf_name not in index:
+      raise BadInputError(str(directory), f"missing tensor {hf_name} (for mtjax {path}; "
+                          f"config.json: {spec_summary(spec)})")
+    expected = hf_shape(kind, shapes[path])
+    got = index.file(hf_name).shape(hf_name)
+    if got != expected:
+      raise BadInputError(str(index.file(hf_name).path), f"tensor {hf_name} has shape "
+                          f"{list(got)}, expected {list(expected)} (config.json: "
+                          f"{spec_summary(spec)})")
+  return index
+
+
+def _abstract_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+  from flax import nnx
+
+  from mtjax.model.llama import Decoder
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0)))))
+  return {k: tuple(v.shape) for k, v in _flat(abstract).items()}
 
 
 def spec_summary(spec: ModelSpec) -> str:

@@ -74,6 +74,21 @@ class LogHook(Hook):
     self._save_block_s: list[float] = []
     self._no_tokens: dict[str, int] = {}  # task -> logged rows in a row without loss tokens
 
+  def _mfu(self, loop: Loop, step_time: float) -> dict[str, float]:
+    """perf/model_flops_per_s and, where the device's spec peak is known, perf/mfu (mtjax.perf:
+    causal attention at half, over the spec peak of every device of the run)."""
+    from mtjax import perf
+    if not hasattr(self, "_flops_per_step"):
+      setup, d = loop.setup, loop.config.data
+      self._flops_per_step = perf.model_flops_per_token(setup.spec, d.seq_len) * d.batch_size * d.seq_len
+      peak = perf.spec_peak_flops(setup.devices[0].device_kind, setup.spec.dtype)
+      self._peak = None if peak is None else peak * jax.device_count()
+    flops = self._flops_per_step / max(step_time, 1e-12)
+    row = {"perf/model_flops_per_s": flops}
+    if self._peak:
+      row["perf/mfu"] = flops / self._peak
+    return row
+
   def record_save(self, seconds: float) -> None:
     self._save_block_s.append(seconds)
 
@@ -95,6 +110,7 @@ class LogHook(Hook):
     row["perf/step_time_s"] = elapsed / max(self._steps, 1)
     row["perf/tokens_per_s"] = self._tokens / elapsed
     row["perf/compiles"] = loop.compiles.count
+    row.update(self._mfu(loop, row["perf/step_time_s"]))
     if self._save_block_s:
       row["perf/checkpoint_block_s"] = float(np.mean(self._save_block_s))
       self._save_block_s.clear()
