@@ -58,10 +58,7 @@ def write(out: str, preset: str, *, seed: int = 0, max_shard_bytes: int = 5 * 10
   train_bpe(CORPUS, min(spec.vocab_size, 128), out_path)
   rng = np.random.default_rng(seed)
   dtype = np.dtype(ml_dtypes.bfloat16) if spec.param_dtype == "bfloat16" else np.dtype(np.float32)
-  names = pretrained.layout(spec)
-  shapes = pretrained._abstract_shapes(spec)
-  tensors = [(names[p][0], pretrained.hf_shape(names[p][1], shapes[p]), dtype)
-             for p in sorted(names, key=lambda p: pretrained._hf_order(names[p][0]))]
+  tensors = [(t.name, t.shape, dtype) for t in pretrained.hf_tensors(spec)]
 
   def fetch(name: str) -> np.ndarray:
     shape = next(s for n, s, _ in tensors if n == name)

@@ -109,21 +109,26 @@ def child(directory: str, preset: str, result: str) -> int:
   names = pretrained.layout(spec)
   dtype = np.dtype(spec.param_dtype)
 
-  def compare(path: str, rows: tuple[int, int]) -> int:
+  def compare(path: str, layer: int | None, rows: tuple[int, int]) -> int:
     hf_name, kind = names[path]
+    hf_name = hf_name.format(i=layer)
     x = flat[path]
-    block, offset = pretrained._from_hf_rows(kind, tuple(x.shape),
-                                             index.file(hf_name).read(hf_name, rows), rows[0])
+    shape = tuple(x.shape[1:]) if layer is not None else tuple(x.shape)
+    block, offset = pretrained._from_hf_rows(kind, shape, index.file(hf_name).read(hf_name, rows),
+                                             rows[0])
     block = np.asarray(block, dtype)
     checked = 0
     for s in x.addressable_shards:
-      lo = [max(i.start or 0, o) for i, o in zip(s.index, offset)]
+      data, where = np.asarray(s.data), s.index
+      if layer is not None:  # stacked layers: the layer axis is whole on every device
+        data, where = data[layer], where[1:]
+      lo = [max(i.start or 0, o) for i, o in zip(where, offset)]
       hi = [min(n if i.stop is None else i.stop, o + b)
-            for i, o, b, n in zip(s.index, offset, block.shape, x.shape)]
+            for i, o, b, n in zip(where, offset, block.shape, shape)]
       if any(h <= lo_ for lo_, h in zip(lo, hi)):
         continue
-      got = np.asarray(s.data)[tuple(slice(a - (i.start or 0), b - (i.start or 0))
-                                     for a, b, i in zip(lo, hi, s.index))]
+      got = data[tuple(slice(a - (i.start or 0), b - (i.start or 0))
+                       for a, b, i in zip(lo, hi, where))]
       want = block[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))]
       assert got.shape == want.shape and got.tobytes() == want.tobytes(), (path, rows, s.device)
       checked += got.size
@@ -131,13 +136,15 @@ def child(directory: str, preset: str, result: str) -> int:
     return checked
 
   last = spec.num_layers - 1
-  checks = [("token_embed", (0, 8)), ("token_embed", (spec.vocab_size - 8, spec.vocab_size)),
-            ("layers/0/attn/q", (0, 2 * spec.head_dim)),
-            (f"layers/{last}/attn/k", (spec.head_dim, 2 * spec.head_dim)),
-            (f"layers/{last}/attn/o", (0, 16)), ("layers/0/mlp/down", (0, 16)),
-            ("layers/0/mlp/gate", (spec.mlp_dim - 16, spec.mlp_dim)),
-            ("final_norm/scale", (0, spec.d_model))]
-  checked = {f"{p}[{a}:{b}]": compare(p, (a, b)) for p, (a, b) in checks}
+  checks = [("token_embed", None, (0, 8)),
+            ("token_embed", None, (spec.vocab_size - 8, spec.vocab_size)),
+            ("layers/attn/q", 0, (0, 2 * spec.head_dim)),
+            ("layers/attn/k", last, (spec.head_dim, 2 * spec.head_dim)),
+            ("layers/attn/o", last, (0, 16)), ("layers/mlp/down", 0, (0, 16)),
+            ("layers/mlp/gate", 0, (spec.mlp_dim - 16, spec.mlp_dim)),
+            ("final_norm/scale", None, (0, spec.d_model))]
+  checked = {f"{p}{'' if i is None else f'[layer {i}]'}[{a}:{b}]": compare(p, i, (a, b))
+             for p, i, (a, b) in checks}
 
   largest = max((int(np.prod(e["shape"])) * tf.dtype(n).itemsize, n)
                 for tf in index.files.values() for n, e in tf.entries.items())

@@ -54,11 +54,21 @@ def with_tasks(cfg: Config, names: Sequence[str]) -> Config:
 
 # ---------------------------------------------------------------- the bare JAX + optax arm
 
-def make_bare_step(graphdef, tx: optax.GradientTransformation, num_tasks: int, z_loss: float):
-  """The same model, optimizer and loss terms as the trainer, with none of the trainer."""
+def make_bare_step(graphdef, tx: optax.GradientTransformation, num_tasks: int, z_loss: float,
+                   loss_chunk: int = 0):
+  """The same model, optimizer and loss terms as the trainer, with none of the trainer.
+  loss_chunk > 0: the loss over token chunks as the trainer computes it (train.loss_chunk; the
+  chunked loss is part of the model's computation, not trainer overhead)."""
 
   def objective(params, batch, w, c):
-    logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+    model = nnx.merge(graphdef, params)
+    if loss_chunk:
+      from mtjax.train import losses
+      hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+      head, tied = model.head()
+      return losses.multitask_objective_chunked(hidden, head.astype(hidden.dtype), batch, w, c,
+                                                tied=tied, z_loss=z_loss, chunk=loss_chunk)[0]
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     ce = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
@@ -207,7 +217,7 @@ def run(cfg: Config, *, rounds: int = 5, steps: int = 10, loader_seconds: float 
   progress(f"bench: eval step compiled {evaluation['count']}x in {evaluation['seconds']:.2f}s")
 
   # Bare arm: same model and optimizer; params on device, batch on device, nothing else.
-  bare = make_bare_step(graphdef, tx, T, cfg.model.z_loss)
+  bare = make_bare_step(graphdef, tx, T, cfg.model.z_loss, cfg.train.loss_chunk)
   params = jax.tree.map(jnp.copy, state.params)
   opt_state = tx.init(params)
   dev_batch = {k: jnp.asarray(v) for k, v in host_batch.items()}

@@ -52,8 +52,12 @@ class ModelConfig:
   head_dim: int = 0  # 0: d_model // num_heads
   vocab_size: int = 0  # 0: the tokenizer's, rounded up to a multiple of 128
   dtype: str = "auto"  # compute dtype: auto (float32 on CPU, bfloat16 elsewhere) | float32 | bfloat16
-  remat: str = "none"  # none | full | dots (save matmul outputs)
-  attention: str = "reference"  # jax.nn.dot_product_attention with a segment-aware causal mask
+  # Rematerialization of the scanned layer body: none | full (save nothing) | dots (save the
+  # projections' outputs) | minimal (save every matmul's output, recompute only elementwise work)
+  remat: str = "none"
+  # reference (jax.nn.dot_product_attention, segment-aware causal mask) | splash (TPU) |
+  # cudnn | triton (NVIDIA GPU) | auto (the platform's kernel; reference where none fits)
+  attention: str = "reference"
   tie_embeddings: bool = False
   z_loss: float = 0.0
   rope_theta: float = 10_000.0
@@ -97,6 +101,9 @@ class DataConfig:
   seq_len: int = 128
   tokenizer: str = "byte"
   prefetch: int = 2
+  # Processes that materialize the rows the main process planned (0: in the main process);
+  # batches and the loader state are the same for any count.
+  workers: int = 0
   on_bad_record: str = "stop"  # stop | skip (and count in data/<task>/skipped)
   # Rates and weights a hook decides once s steps are done apply from step s + feedback_lag, so
   # prefetched batches never disagree with them and a resumed run replays the same stream.
@@ -116,6 +123,9 @@ class TrainConfig:
   # which waits for the step in flight; JAX's preemption sync point is asked every step).
   preemption_every: int = 10
   progress: bool = True
+  # The loss is computed over chunks of this many tokens (of the whole batch) against the output
+  # head, so [batch, length, vocab] float32 logits never exist at once; 0: all at once (dense).
+  loss_chunk: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,8 +309,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 # tokenizer files, mixtures) run once at run start: mtjax.resolve.resolve(config).
 
 DTYPES = ("auto", "float32", "bfloat16")
-REMAT = ("none", "full", "dots")
-ATTENTION = ("reference",)
+REMAT = ("none", "full", "dots", "minimal")
+ATTENTION = ("auto", "reference", "cudnn", "splash", "triton")
 PARAM_DTYPES = ("float32", "bfloat16")
 ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor",
@@ -332,7 +342,7 @@ def _check(config: Config) -> None:
       "optimizer.decay_steps": o.decay_steps, "optimizer.weight_decay": o.weight_decay,
       "optimizer.clip_norm": o.clip_norm, "optimizer.min_lr_ratio": o.min_lr_ratio,
       "checkpoint.every": config.checkpoint.every, "eval.every": config.eval.every,
-      "data.prefetch": d.prefetch,
+      "data.prefetch": d.prefetch, "data.workers": d.workers, "train.loss_chunk": t.loss_chunk,
   }
   for field, value in non_negative.items():
     if value < 0:

@@ -104,7 +104,7 @@ def load(path: str | epath.PathLike, step: int | None = None, *,
       raise BadInputError("--step", f"{p} is an HF directory, not a run: it has no steps")
     return _load_hf(p, devices, param_dtype)
   from mtjax.train import setup as setup_lib
-  run = setup_lib.from_workdir(p, step, devices=devices)
+  run = setup_lib.from_workdir(p, step, devices=devices, purpose="load")
   return LoadedModel(graphdef=run.graphdef, params=run.state.params, spec=run.spec,
                      tokenizer=run.tokenizer, mesh=run.mesh, source=f"{p}@{run.restored_step}",
                      config=run.config)
@@ -144,7 +144,7 @@ def export_run(workdir: str | epath.PathLike, out: str | epath.PathLike, step: i
   out = epath.Path(out)
   if out.exists() and any(out.iterdir()):
     raise BadInputError(str(out), "exists and is not empty: export writes into a new directory")
-  run = setup_lib.from_workdir(workdir, step, devices=devices)
+  run = setup_lib.from_workdir(workdir, step, devices=devices, purpose="export")
   config = run.config
   tokenizer = run.tokenizer
   base = None

@@ -35,7 +35,12 @@ def params_from_jax(params: Any) -> dict[str, torch.Tensor]:
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
     names = [n for n in names if n != "value"]
-    out[".".join(names)] = torch.tensor(np.asarray(leaf, np.float32), requires_grad=True)
+    array = np.asarray(leaf, np.float32)
+    if names[0] == "layers":  # scanned layers: one stacked array -> one tensor per layer
+      for i, layer in enumerate(array):
+        out[".".join(["layers", str(i), *names[1:]])] = torch.tensor(layer, requires_grad=True)
+    else:
+      out[".".join(names)] = torch.tensor(array, requires_grad=True)
   return out
 
 

@@ -51,12 +51,14 @@ SCHEDULES = sorted(REFERENCE_LR)  # every schedule make_optimizer knows, against
 
 # A params tree named like the model's; True where AdamW's decoupled weight decay applies (matrices),
 # False on 1-D parameters (norm scales, biases) and on the token embedding (a lookup table).
+# Scanned layers stack their parameters on a leading layer axis: a [layers, d] norm is still a
+# vector per layer, and biases are never decayed.
 DECAYED = {"token_embed": False, "final_norm": {"scale": False}, "lm_head": True,
-           "layers": [{"attn_norm": {"scale": False}, "attn": {"q": True, "bias": False},
-                       "mlp": {"gate": True}}]}
+           "layers": {"attn_norm": {"scale": False}, "attn": {"q": True, "q_bias": False},
+                      "mlp": {"gate": True}}}
 SHAPES = {"token_embed": (11, 4), "final_norm": {"scale": (4,)}, "lm_head": (4, 11),
-          "layers": [{"attn_norm": {"scale": (4,)}, "attn": {"q": (4, 2, 3), "bias": (6,)},
-                      "mlp": {"gate": (4, 5)}}]}
+          "layers": {"attn_norm": {"scale": (2, 4)}, "attn": {"q": (2, 4, 2, 3), "q_bias": (2, 2, 3)},
+                     "mlp": {"gate": (2, 4, 5)}}}
 GRAD_NORMS = (5.0, 0.2, 1.0, 3.0, 0.5, 2.0, 0.1, 0.7)  # clip_norm 1: clipped on some steps only
 
 
@@ -155,8 +157,8 @@ def test_sharded_step_with_grad_accum_is_one_adamw_update_of_the_big_batch_gradi
     state, metrics = step(state, batch, w, c)
   assert int(state.step) == 1 and int(metrics["skipped_steps"]) == 0
   np.testing.assert_allclose(float(metrics["objective"]), float(objective), rtol=1e-5)
-  decayed = [leaf.ndim >= 2 and path[0].key != "token_embed"
-             for path, leaf in jax.tree_util.tree_leaves_with_path(before)]
+  decayed = [leaf.ndim - (path[0].key == "layers") >= 2 and path[0].key != "token_embed"
+             for path, leaf in jax.tree_util.tree_leaves_with_path(before)]  # layers: stacked
   assert sum(decayed) and not all(decayed)
   (expected,) = adamw_by_hand(cfg.optimizer, cfg.train.steps, before, [grads],
                               REFERENCE_LR[cfg.optimizer.schedule], decayed)
@@ -184,9 +186,9 @@ def test_no_weight_decay_on_norms_and_embeddings():
   assert factor < 0.96
   np.testing.assert_array_equal(after["token_embed"], before["token_embed"])
   np.testing.assert_array_equal(after["final_norm"]["scale"], before["final_norm"]["scale"])
-  np.testing.assert_array_equal(after["layers"][0]["attn_norm"]["scale"],
-                                before["layers"][0]["attn_norm"]["scale"])
-  for path in (("layers", 0, "attn", "q"), ("layers", 1, "mlp", "down"), ("lm_head",)):
+  np.testing.assert_array_equal(after["layers"]["attn_norm"]["scale"],  # [layers, d]: a norm
+                                before["layers"]["attn_norm"]["scale"])
+  for path in (("layers", "attn", "q"), ("layers", "mlp", "down"), ("lm_head",)):
     b, a = before, after
     for k in path:
       b, a = b[k], a[k]

@@ -330,7 +330,7 @@ def test_streaming_load_into_fsdp_tensor_mesh(family_models, family):
                                     err_msg=path)
     np.testing.assert_array_equal(np.asarray(x), expected[path], err_msg=path)
   assert split >= len(params) // 2, "most parameters should be split over the mesh"
-  for path in ("token_embed", "layers/0/attn/q", "layers/0/attn/k", "layers/0/mlp/down"):
+  for path in ("token_embed", "layers/attn/q", "layers/attn/k", "layers/mlp/down"):
     assert not params[path].sharding.is_fully_replicated, path
 
 

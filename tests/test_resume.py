@@ -113,8 +113,8 @@ def test_elastic_restore_from_8_devices_onto_4(tmp_path):
   ck = Checkpointer(tmp_path / "elastic", cfg4.checkpoint)
   restored, _ = ck.restore(3, like)
   ck.close()
-  gate = restored.params["layers"][0]["mlp"]["gate"]
-  assert len(gate.sharding.device_set) == 4 and gate.sharding.spec[0] == "fsdp"
+  gate = restored.params["layers"]["mlp"]["gate"]  # [layers, embed, mlp]
+  assert len(gate.sharding.device_set) == 4 and gate.sharding.spec[1] == "fsdp"
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(jax.device_get(restored.params))):
     np.testing.assert_array_equal(a, b)
   # And the next step, on the 4-device mesh, matches the 8-device run's step 4.
@@ -184,3 +184,38 @@ def test_lr_schedule_length_is_fixed_at_first_start(tmp_path):
   lrs = [r["train/lr"] for r in first.history + longer.history]
   np.testing.assert_allclose(lrs, [float(schedule(s)) for s in range(7)], rtol=1e-6)
   assert lrs[-1] == pytest.approx(0.001)  # stays at the end value: the schedule was not stretched
+
+
+def test_format2_per_layer_checkpoint_migrates_to_stacked_layers(tmp_path):
+  # tests/data/format2_run was written by mtjax before the layers were stacked (format 2: one
+  # subtree per layer; see tests/data/README.md). Today's restore stacks them: every layer's
+  # parameters and Adam moments equal the saved per-layer arrays (read raw by Orbax here), and
+  # the run resumes from there with one compile.
+  import shutil
+  import orbax.checkpoint as ocp
+  from pathlib import Path
+  from mtjax import config as config_lib
+  from mtjax.train import setup as setup_lib
+  from mtjax.train.optimizer import param_path
+  work = tmp_path / "run"
+  shutil.copytree(Path(__file__).parent / "data" / "format2_run", work)
+  raw = ocp.CheckpointManager(work / "checkpoints", item_names=("state",)).restore(
+      2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  saved = {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(raw)[0]}
+  assert "params/layers/1/attn/q" in saved and "params/layers/attn/q" not in saved
+  cfg = config_lib.from_dict(json.loads((work / "config.json").read_text()))
+  run = setup_lib.from_workdir(work, 2)
+  state = run.state
+  stacked = {param_path(p): np.asarray(x)
+             for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+  layer_keys = [k for k in stacked if "/layers/" in f"/{k}"]
+  assert any(k.startswith("opt_state") for k in layer_keys) and "params/layers/attn/q" in layer_keys
+  for key in layer_keys:
+    head, _, tail = key.partition("layers/")
+    for i in range(cfg.model.num_layers):
+      np.testing.assert_array_equal(stacked[key][i], saved[f"{head}layers/{i}/{tail}"])
+  np.testing.assert_array_equal(stacked["params/token_embed"], saved["params/token_embed"])
+  assert int(state.step) == 2
+  resumed = train.run(cfg.replace(**{"train.steps": 4}), work)
+  assert int(resumed.state.step) == 4 and resumed.compiles == 1
+  assert [r["step"] for r in resumed.history] == [3, 4]

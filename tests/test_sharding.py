@@ -26,12 +26,13 @@ def test_sharded_matches_single_device_and_params_are_sharded(tmp_path):
   embed = params["token_embed"]
   assert embed.shape == (384, 64)
   assert {s.data.shape for s in embed.addressable_shards} == {(192, 32)}
-  q = params["layers"][0]["attn"]["q"]  # [embed, heads, head_dim] = [64, 4, 16]
-  assert {s.data.shape for s in q.addressable_shards} == {(32, 2, 16)}
-  gate = params["layers"][0]["mlp"]["gate"]  # [embed, mlp] = [64, 128]
-  assert {s.data.shape for s in gate.addressable_shards} == {(32, 64)}
+  layers = sharded_cfg.model.num_layers
+  q = params["layers"]["attn"]["q"]  # [layers, embed, heads, head_dim] = [L, 64, 4, 16]
+  assert {s.data.shape for s in q.addressable_shards} == {(layers, 32, 2, 16)}
+  gate = params["layers"]["mlp"]["gate"]  # [layers, embed, mlp] = [L, 64, 128]
+  assert {s.data.shape for s in gate.addressable_shards} == {(layers, 32, 64)}
   # Optimizer moments follow their parameters.
-  mu = sharded.state.opt_state[1][0].mu["layers"][0]["mlp"]["gate"]
+  mu = sharded.state.opt_state[1][0].mu["layers"]["mlp"]["gate"]
   assert mu.sharding == gate.sharding
   # Single-device run: everything on one device, full shapes.
   assert {s.data.shape for s in single.state.params["token_embed"].addressable_shards} == {(384, 64)}
@@ -51,9 +52,9 @@ def test_multislice_dcn_axis_matches_single_device(tmp_path):
   single = train.run(cfg.replace(**{"mesh.fsdp": 1}), tmp_path / "single", devices=jax.devices()[:1])
   np.testing.assert_allclose([r["train/loss"] for r in multi.history],
                              [r["train/loss"] for r in single.history], rtol=1e-4)
-  gate = multi.state.params["layers"][0]["mlp"]["gate"]  # [64, 128]: embed over fsdp (4)
+  gate = multi.state.params["layers"]["mlp"]["gate"]  # [L, 64, 128]: embed over fsdp (4)
   shards = {s.device: s.data for s in gate.addressable_shards}
-  assert {x.shape for x in shards.values()} == {(16, 128)}
+  assert {x.shape for x in shards.values()} == {(cfg.model.num_layers, 16, 128)}
   # The same shard index on slice 0 and slice 1 holds the same values (replicated over dcn).
   for a, b in zip(mesh.devices[0].flat, mesh.devices[1].flat):
     np.testing.assert_array_equal(shards[a], shards[b])

@@ -21,26 +21,28 @@ segment_ids (0 = padding), positions, task_ids (per token; padding = -1, never a
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
-import grain
 import numpy as np
 
 from mtjax.config import Config
 from mtjax.data import pipeline
+from mtjax.data import rows as rows_lib
 from mtjax.data.mixture import Sampler, Schedule, normalized
 from mtjax.data.tokenizer import Tokenizer
 
-PAD_TASK_ID = -1
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids")
+PAD_TASK_ID = rows_lib.PAD_TASK_ID
+BATCH_KEYS = rows_lib.BATCH_KEYS
+empty_batch = rows_lib.empty_batch
+place = rows_lib.place
 FEEDBACK_LAG_EXTRA = 1  # the producer may hold one finished batch beyond the queue
-
-T = TypeVar("T")
+CHUNK = 1024  # cursors a task's order and lengths are read ahead in
 
 
 @dataclasses.dataclass
@@ -52,73 +54,92 @@ class HostBatch:
   packing_efficiency: float  # non-pad fraction of the GLOBAL batch
 
 
-def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
-  """An all-padding batch of the contract's arrays."""
-  out: dict[str, np.ndarray] = {k: np.zeros((rows, seq_len), np.int32) for k in BATCH_KEYS}
-  out["loss_mask"] = np.zeros((rows, seq_len), np.float32)
-  out["task_ids"].fill(PAD_TASK_ID)
-  return out
+@dataclasses.dataclass
+class Plan:
+  """One global batch, planned: every example's place, and its source index per task."""
+
+  row: np.ndarray  # [K] per packed example, in row order
+  start: np.ndarray
+  n: np.ndarray  # (input, target) pairs written
+  task: np.ndarray
+  segment: np.ndarray
+  src: np.ndarray  # index of the example in its task's split
+  truncated: np.ndarray  # [T] examples cut to seq_len
+  efficiency: float
 
 
-def place(out: dict[str, np.ndarray], row: int, start: int, n: int, example: dict[str, Any],
-          task: int, segment: int) -> None:
-  """Writes the first n (input, target) pairs of a tokenized example at out[row, start:]."""
-  ids, sl = example["tokens"], slice(start, start + n)
-  out["inputs"][row, sl] = ids[:n]
-  out["targets"][row, sl] = ids[1 : n + 1]
-  # Pair t predicts ids[t + 1]: in the loss when that token belongs to the target.
-  out["loss_mask"][row, sl] = np.arange(1, n + 1) >= example["target_start"]
-  out["segment_ids"][row, sl] = segment
-  out["positions"][row, sl] = np.arange(n)
-  out["task_ids"][row, sl] = task
+class _Reader:
+  """A task's next source indices and lengths from its cursor, read CHUNK cursors ahead."""
+
+  def __init__(self, index: pipeline.TaskIndex):
+    self.index = index
+    self.base, self.src, self.lengths = 0, [], []
+
+  def at(self, cursor: int) -> tuple[int, int]:
+    k = cursor - self.base
+    if not 0 <= k < len(self.src):
+      src = self.index.order(cursor, cursor + CHUNK)
+      self.base, self.src, self.lengths = cursor, src.tolist(), self.index.lengths(src).tolist()
+      k = 0
+    return self.src[k], self.lengths[k]
 
 
-def _item(dataset: grain.MapDataset[T], index: int) -> T:
-  """dataset[index]. Grain types it Optional (an element dropped by a filter); these datasets
-  have no filter, so None never comes."""
-  item = dataset[index]
-  assert item is not None
-  return item
-
-
-def pack(tokens: Sequence[grain.MapDataset[dict[str, Any]]],
-         lengths: Sequence[grain.MapDataset[int]], sampler: Sampler,
-         cursors: list[int], rates: np.ndarray, batch_size: int, seq_len: int,
-         rows: slice = slice(None)) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
-  """Packs one global batch, advancing `sampler` and `cursors` in place.
-
-  The plan (which example goes where) is made for every row from example LENGTHS alone; only the
-  rows in `rows` (this process's) are materialized from tokens. Returns (arrays of those rows,
-  truncated count per task over the global batch, packing efficiency of the global batch).
-  An example of n tokens gives n-1 (input, target) pairs; one longer than seq_len pairs is
-  truncated (and counted).
-  """
-  first, stop, _ = rows.indices(batch_size)
-  out = empty_batch(stop - first, seq_len)
-  truncated = np.zeros(len(tokens), np.int64)
+def plan(readers: Sequence[_Reader], sampler: Sampler, cursors: list[int], rates: np.ndarray,
+         batch_size: int, seq_len: int) -> Plan:
+  """Plans one global batch from example lengths alone, advancing `sampler` and `cursors` in
+  place. Each next example's task comes from the sampler; it goes into the current row if it
+  fits, else the row is closed and it starts the next one. An example of n tokens gives n-1
+  (input, target) pairs; one longer than seq_len pairs is truncated (and counted)."""
+  credits = sampler.credits
+  rates = np.asarray(rates, np.float64)
+  # Sampler.draw, inlined: credits + 0 is credits and credits + -inf is -inf, so argmax over
+  # this sum is its argmax over np.where(rates > 0, credits, -inf), float for float.
+  mask = np.where(rates > 0, 0.0, -np.inf)
+  masked = np.empty_like(credits)
+  rows, starts, ns, tasks, segments, srcs = [], [], [], [], [], []
+  truncated = [0] * len(readers)
   row, fill, segment, used = 0, 0, 0, 0
-  pending = None
-  while row < batch_size:
-    if pending is None:
-      before = sampler.state()
-      task = sampler.draw(rates)
-      pending = (task, int(_item(lengths[task], cursors[task])), before)
-    task, length, _ = pending
+  before = credits.copy()
+  while True:
+    before[:] = credits
+    credits += rates
+    np.add(credits, mask, out=masked)
+    task = int(masked.argmax())  # ties: the lowest task index
+    credits[task] -= 1.0
+    src, length = readers[task].at(cursors[task])
     n = min(length - 1, seq_len)
     if fill + n > seq_len:  # close the row; the example starts the next one
       row, fill, segment = row + 1, 0, 0
-      continue
+      if row == batch_size:  # drawn but not placed: undo the draw; the next batch draws again
+        credits[:] = before
+        break
     truncated[task] += length - 1 > seq_len
     segment += 1
-    if first <= row < stop:
-      place(out, row - first, fill, n, _item(tokens[task], cursors[task]), task, segment)
+    rows.append(row)
+    starts.append(fill)
+    ns.append(n)
+    tasks.append(task)
+    segments.append(segment)
+    srcs.append(src)
     cursors[task] += 1
     fill += n
     used += n
-    pending = None
-  if pending is not None:  # drawn but not placed: undo the draw; the next batch draws again
-    sampler.credits = np.asarray(pending[2])
-  return out, truncated, used / (batch_size * seq_len)
+  def array(values: list[int]) -> np.ndarray:
+    return np.asarray(values, np.int64)
+  return Plan(array(rows), array(starts), array(ns), array(tasks), array(segments), array(srcs),
+              array(truncated), used / (batch_size * seq_len))
+
+
+def select(plan: Plan, indexes: Sequence[pipeline.TaskIndex], first: int, stop: int) -> rows_lib.Slots:
+  """The slots of rows [first, stop) with their texts (rows relative to `first`)."""
+  a, b = np.searchsorted(plan.row, [first, stop])
+  prompts, targets = [], []
+  for task, src in zip(plan.task[a:b].tolist(), plan.src[a:b].tolist()):
+    example = indexes[task].example(src)
+    prompts.append(example.prompt)
+    targets.append(example.target)
+  return rows_lib.Slots(plan.row[a:b] - first, plan.start[a:b], plan.n[a:b], plan.task[a:b],
+                        plan.segment[a:b], prompts, targets)
 
 
 STATE_ITEM = "checkpoint item 'loader'"  # where a restored loader state comes from
@@ -172,7 +193,8 @@ class MixtureLoader:
                seed: int, batch_size: int, seq_len: int, prefetch: int = 2,
                process_index: int = 0, process_count: int = 1,
                state: Mapping[str, Any] | None = None, on_bad_record: str = "stop",
-               instructions: Mapping[str, str] | None = None, feedback_lag: int | None = None):
+               instructions: Mapping[str, str] | None = None, feedback_lag: int | None = None,
+               workers: int = 0):
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} not divisible by {process_count} processes")
     self.task_names = tuple(task_names)
@@ -186,22 +208,28 @@ class MixtureLoader:
     self._rows = slice(process_index * batch_size // process_count,
                        (process_index + 1) * batch_size // process_count)
     from mtjax.tasks import instruction_rewrite
-    rewrites = {n: instruction_rewrite(n, (instructions or {}).get(n, "keep"), self.task_names, seed)
-                for n in self.task_names}
+    modes = {n: (instructions or {}).get(n, "keep") for n in self.task_names}
+    rewrites = {n: instruction_rewrite(n, modes[n], self.task_names, seed) for n in self.task_names}
     loaded = [pipeline.task_dataset(name, i, tokenizer, seed, on_bad_record=on_bad_record,
-                                    rewrite=rewrites[name])
+                                    rewrite=rewrites[name],
+                                    rewrite_key=(modes[name], name, self.task_names, seed))
               for i, name in enumerate(self.task_names)]
-    self._tokens = [d.tokens for d in loaded]
-    self._lengths = [d.lengths for d in loaded]
+    self._indexes = [d.index for d in loaded]
+    self._readers = [_Reader(d.index) for d in loaded]
+    self._tokenizer = tokenizer
     zeros = {n: 0 for n in self.task_names}
     self.state = validate_state(state, self.task_names) if state else {
         "step": 0, "credits": [0.0] * len(self.task_names), "cursors": dict(zeros),
         "truncated": dict(zeros), "skipped": {n: d.skipped for n, d in zip(self.task_names, loaded)},
         "feedback": []}
     self._lock = threading.Lock()
-    self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+    self._queue: queue.Queue = queue.Queue()
+    # Batches planned and not yet consumed: at most prefetch + 1, as with a queue of `prefetch`
+    # and one batch in hand, so fed-back rates (feedback_lag >= prefetch + 1) never miss one.
+    self._planned = threading.Semaphore(prefetch + FEEDBACK_LAG_EXTRA)
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
+    self._workers = rows_lib.Workers(workers, tokenizer) if workers > 0 else None
 
   @classmethod
   def from_config(cls, config: Config, *, process_index: int = 0, process_count: int = 1,
@@ -218,7 +246,8 @@ class MixtureLoader:
                seq_len=d.seq_len, prefetch=prefetch,
                process_index=process_index, process_count=process_count, state=state,
                on_bad_record=d.on_bad_record, instructions=d.instructions,
-               feedback_lag=max(d.feedback_lag, prefetch + FEEDBACK_LAG_EXTRA if prefetch else 0))
+               feedback_lag=max(d.feedback_lag, prefetch + FEEDBACK_LAG_EXTRA if prefetch else 0),
+               workers=d.workers)
 
   # -- rates ---------------------------------------------------------------------------------
 
@@ -239,34 +268,56 @@ class MixtureLoader:
 
   # -- production ----------------------------------------------------------------------------
 
-  def _produce(self, state: dict[str, Any]) -> HostBatch:
+  def _plan(self, state: dict[str, Any]) -> tuple[Plan, np.ndarray, dict[str, Any]]:
+    """The plan of the batch at state["step"], its rates and the state after it."""
     step = state["step"]
     rates = self.rates_at(step, self.state["feedback"])
     sampler = Sampler(len(self.task_names), state["credits"])
     cursors = [state["cursors"][n] for n in self.task_names]
-    arrays, truncated, efficiency = pack(self._tokens, self._lengths, sampler, cursors, rates,
-                                         self.batch_size, self.seq_len, self._rows)
+    planned = plan(self._readers, sampler, cursors, rates, self.batch_size, self.seq_len)
     after = {
         "step": step + 1, "credits": sampler.state(),
         "cursors": dict(zip(self.task_names, cursors)),
-        "truncated": {n: state["truncated"][n] + int(truncated[i])
+        "truncated": {n: state["truncated"][n] + int(planned.truncated[i])
                       for i, n in enumerate(self.task_names)},
         "skipped": dict(state["skipped"]),
     }
-    return HostBatch(arrays, step, rates, after, efficiency)
+    return planned, rates, after
+
+  def _submit(self, planned: Plan) -> None:
+    """Hands this process's rows of a plan to the workers (they start materializing)."""
+    first, stop, _ = self._rows.indices(self.batch_size)
+    if self._workers is not None:
+      self._workers.submit(stop - first, self.seq_len, select(planned, self._indexes, first, stop))
+
+  def _collect(self, planned: Plan) -> dict[str, np.ndarray]:
+    """This process's rows of the oldest submitted plan."""
+    if self._workers is not None:
+      return self._workers.collect(self.seq_len)
+    first, stop, _ = self._rows.indices(self.batch_size)
+    return rows_lib.materialize(self._tokenizer, stop - first, self.seq_len,
+                                select(planned, self._indexes, first, stop))
+
+  def _produce(self, state: dict[str, Any]) -> HostBatch:
+    planned, rates, after = self._plan(state)
+    self._submit(planned)
+    return HostBatch(self._collect(planned), state["step"], rates, after, planned.efficiency)
 
   def _worker(self) -> None:
     state = copy.deepcopy(self.state)
+    # With worker processes, the next batch is planned while the last one is materialized.
+    depth = 2 if self._workers is not None else 1
+    inflight: collections.deque = collections.deque()
     try:
       while not self._stop.is_set():
-        batch = self._produce(state)
-        state = batch.state_after
-        while not self._stop.is_set():
-          try:
-            self._queue.put(batch, timeout=0.1)
-            break
-          except queue.Full:
-            continue
+        if len(inflight) < depth and self._planned.acquire(timeout=0 if inflight else 0.1):
+          planned, rates, after = self._plan(state)
+          self._submit(planned)
+          inflight.append((planned, rates, state["step"], after))
+          state = after
+        elif inflight:
+          planned, rates, step, after = inflight.popleft()
+          self._queue.put(HostBatch(self._collect(planned), step, rates, after, planned.efficiency))
     except BaseException as e:  # surfaced to the consumer, never swallowed
       self._queue.put(e)
 
@@ -283,11 +334,15 @@ class MixtureLoader:
       batch = self._queue.get()
       if isinstance(batch, BaseException):
         raise batch
+      self._planned.release()
     with self._lock:  # the feedback list is the loader's own, appended to by set_rates
       self.state = dict(batch.state_after, feedback=self.state["feedback"])
     return batch
 
   def close(self) -> None:
+    """Stops the producer thread and ends the worker processes."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=5)
+    if self._workers is not None:
+      self._workers.close()

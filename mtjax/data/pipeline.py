@@ -3,20 +3,27 @@
 Each task is shuffled and repeated on its own, with its own seed (derived from the run seed and
 the task name). Random access keeps the loader state small: a task's next example is its
 cursor. Mixing across tasks (with rates that may change every step) is data/mixture.py's job.
+
+`TaskIndex` is the same order without Grain's per-element calls: cursor -> source index in
+numpy, and a per-split length index (token counts by source index, computed once per split,
+tokenizer, preprocessing and rewrite, kept in memory) so the loader plans packing without
+tokenizing.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from mtjax import tasks as task_registry
-from mtjax.data.tokenizer import Tokenizer
+from mtjax.data.tokenizer import ByteTokenizer, Tokenizer
 from mtjax.tasks import Example
 
 
@@ -100,16 +107,115 @@ def token_sample(task_name: str, tokenizer: Tokenizer, seed: int, seq_len: int, 
   return TokenSample(task_name, tuple(prompt), tuple(target), tuple(loss))
 
 
+def shuffled_order(size: int, shuffle_seed: int, start: int, stop: int) -> np.ndarray:
+  """Source indices at cursors [start, stop) of `MapDataset.source(x).shuffle(seed).repeat(None)`
+  with len(x) = size: Grain's index_shuffle of the index in its epoch, reseeded every epoch."""
+  from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
+
+  shuffle = index_shuffle_module.index_shuffle
+  if size == 1:  # one order only (and index_shuffle cycle-walks a large domain to find it)
+    return np.zeros(stop - start, np.int64)
+  out = np.empty(stop - start, np.int64)
+  cursor = start
+  while cursor < stop:  # one epoch's piece at a time
+    epoch, first = divmod(cursor, size)
+    last = min(size, first + stop - cursor)
+    seed = (shuffle_seed + epoch) % 2**32
+    out[cursor - start : cursor - start + last - first] = [
+        shuffle(i, max_index=size - 1, seed=seed, rounds=4) for i in range(first, last)]
+    cursor += last - first
+  return out
+
+
+def _count_all(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
+  if type(tokenizer) is ByteTokenizer:  # count is the UTF-8 length
+    return np.fromiter((len(t.encode()) for t in texts), np.int64, len(texts))
+  return np.fromiter((tokenizer.count(t) for t in texts), np.int64, len(texts))
+
+
+# Length indexes by (examples, preprocess, rewrite, tokenizer); the value pins those objects, so
+# the ids in a key are never reused while it is here.
+_LENGTHS: collections.OrderedDict[tuple, tuple[Any, np.ndarray]] = collections.OrderedDict()
+_LENGTHS_MAX = 256
+_LENGTHS_LOCK = threading.Lock()
+
+
+def _length_index(examples: Sequence[Example], preprocess: Any, rewrite: Any,
+                  rewrite_key: Hashable, tokenizer: Tokenizer) -> np.ndarray:
+  """The shared length array (-1: not counted yet) of one split under one preprocessing. A
+  rewrite without a key is keyed by its identity (pinned, so the id is not reused)."""
+  try:
+    hash(tokenizer)
+    tok_key: Hashable = tokenizer  # equal tokenizers (ByteTokenizer) share
+  except TypeError:
+    tok_key = id(tokenizer)
+  if rewrite is None:
+    rewrite_key = None
+  elif rewrite_key is None:
+    rewrite_key = ("rewrite", id(rewrite))
+  key = (id(examples), id(preprocess), rewrite_key, tok_key)
+  with _LENGTHS_LOCK:
+    if key in _LENGTHS:
+      _LENGTHS.move_to_end(key)
+      return _LENGTHS[key][1]
+    lengths = np.full(len(examples), -1, np.int64)
+    _LENGTHS[key] = ((examples, preprocess, rewrite, tokenizer), lengths)
+    while len(_LENGTHS) > _LENGTHS_MAX:
+      _LENGTHS.popitem(last=False)
+    return lengths
+
+
+class TaskIndex:
+  """A task's examples in the loader's order, with their token counts.
+
+  `order(start, stop)` gives the source indices at cursors [start, stop) (the pipeline's
+  shuffle and repeat), `lengths(src)` their token counts as Tokenize makes them (counted once,
+  then read from the length index), `texts(src)` their (prompt, target) after preprocessing.
+  """
+
+  def __init__(self, examples: Sequence[Example], shuffle_seed: int,
+               transform: Callable[[Example], Example] | None, tokenizer: Tokenizer,
+               lengths: np.ndarray):
+    self.examples, self.size = examples, len(examples)
+    self.shuffle_seed, self.transform, self.tokenizer = shuffle_seed, transform, tokenizer
+    self._lengths = lengths
+
+  def example(self, src: int) -> Example:
+    example = self.examples[src]
+    return example if self.transform is None else self.transform(example)
+
+  def order(self, start: int, stop: int) -> np.ndarray:
+    return shuffled_order(self.size, self.shuffle_seed, start, stop)
+
+  def lengths(self, src: np.ndarray) -> np.ndarray:
+    known = self._lengths[src]
+    missing = np.unique(src[known < 0])
+    if len(missing):  # count each example once, for every loader of this split
+      examples = [self.example(int(i)) for i in missing]
+      self._lengths[missing] = (2 + _count_all(self.tokenizer, [e.prompt for e in examples]) +
+                                _count_all(self.tokenizer, [e.target for e in examples]))
+      known = self._lengths[src]
+    return known
+
+  def texts(self, src: Sequence[int]) -> tuple[list[str], list[str]]:
+    examples = [self.example(int(i)) for i in src]
+    return [e.prompt for e in examples], [e.target for e in examples]
+
+
 @dataclasses.dataclass
 class TaskData:
   tokens: grain.MapDataset[dict[str, Any]]  # infinite, shuffled: {tokens, target_start, task_id}
   lengths: grain.MapDataset[int]  # the same order: token counts only (for planning the packing)
   skipped: int  # bad records skipped when loading the source
+  index: TaskIndex  # the same order and counts, read in numpy (what the loader uses)
 
 
 def task_dataset(task_name: str, task_id: int, tokenizer: Tokenizer, seed: int,
                  split: str = "train", on_bad_record: str = "stop",
-                 rewrite: Callable[[Example], Example] | None = None) -> TaskData:
+                 rewrite: Callable[[Example], Example] | None = None,
+                 rewrite_key: Hashable = None) -> TaskData:
+  """The task's pipeline. `rewrite_key` names `rewrite` for the length index (equal keys: equal
+  rewrites); a rewrite without a key gets a length index of its own."""
   task = task_registry.get(task_name)
   loaded = task.source.load(split, seed, on_bad_record)
   ordered = (grain.MapDataset.source(loaded.examples)
@@ -119,5 +225,15 @@ def task_dataset(task_name: str, task_id: int, tokenizer: Tokenizer, seed: int,
     ordered = ordered.map(task.preprocess)
   if rewrite is not None:  # the instruction ablation (data.instructions)
     ordered = ordered.map(rewrite)
+  transform = _compose(task.preprocess, rewrite)
+  lengths = _length_index(loaded.examples, task.preprocess, rewrite, rewrite_key, tokenizer)
+  index = TaskIndex(loaded.examples, task_seed(seed, task_name), transform, tokenizer, lengths)
   return TaskData(ordered.map(Tokenize(tokenizer, task_id)), ordered.map(Length(tokenizer)),
-                  loaded.skipped)
+                  loaded.skipped, index)
+
+
+def _compose(preprocess: Callable[[Example], Example] | None,
+             rewrite: Callable[[Example], Example] | None) -> Callable[[Example], Example] | None:
+  if preprocess is None or rewrite is None:
+    return preprocess or rewrite
+  return lambda example: rewrite(preprocess(example))

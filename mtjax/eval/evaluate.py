@@ -80,9 +80,17 @@ class Evaluator:
     self.batches = pack_in_order(tokenized, self.batch_size, config.data.seq_len)
     self._batch_sharding = sharding_lib.named(mesh, BATCH_AXES)
 
+    chunk = config.train.loss_chunk
+
     def eval_step(params, batch):
-      logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
-      tok = losses.per_token(logits, batch["targets"])
+      model = nnx.merge(graphdef, params)
+      hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+      if chunk:  # as in training: never the whole [B, L, V] float32 logits at once
+        head, tied = model.head()
+        tok = losses.per_token_chunked(hidden, head.astype(hidden.dtype), batch["targets"],
+                                       tied=tied, chunk=chunk)
+      else:
+        tok = losses.per_token(model.logits(hidden), batch["targets"])
       return {"loss": losses.task_sums(tok["ce"], batch, self.num_tasks),
               "entropy": losses.task_sums(tok["entropy"], batch, self.num_tasks),
               "token_accuracy": losses.task_sums(tok["correct"], batch, self.num_tasks),
@@ -164,7 +172,7 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
     config = setup_lib.workdir_config(workdir)
     if name not in config.data.tasks:
       raise BadInputError("--tasks", f"{name!r} is not a task of this run ({list(config.data.tasks)})")
-  run = setup_lib.from_workdir(workdir, step, devices=devices)
+  run = setup_lib.from_workdir(workdir, step, devices=devices, purpose="evaluate")
   path, step = run.workdir, run.restored_step
   assert path is not None and step is not None
   evaluator = Evaluator(run.config, run.graphdef, run.spec, run.mesh, run.tokenizer, tasks or None)

@@ -210,13 +210,52 @@ class Block(nnx.Module):
 
 
 _REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block backward
+    # save the projections' outputs (matmuls without batch dims), recompute attention and the rest
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # save every matmul's output: recompute only elementwise work (cheap to redo)
+    "minimal": jax.checkpoint_policies.dots_saveable,
 }
 
 
+def _stacked_blocks(spec: ModelSpec, rngs: nnx.Rngs) -> Block:
+  """num_layers Blocks as ONE Block whose parameters have a leading layer axis (scanned).
+
+  nnx.vmap stacks them; mtjax's own `logical_axes` metadata gets "layers" prepended here (vmap's
+  transform_metadata only knows flax's own sharding names)."""
+
+  @nnx.split_rngs(splits=spec.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs: nnx.Rngs) -> Block:
+    return Block(spec, rngs)
+
+  blocks = make(rngs)
+  for _, variable in nnx.iter_graph(blocks):
+    if isinstance(variable, nnx.Param):
+      variable.set_metadata("logical_axes", ("layers", *variable.get_metadata()["logical_axes"]))
+  return blocks
+
+
+def _constrain_layer(layer: nnx.State) -> nnx.State:
+  """One layer's parameters inside the scan, constrained to their per-layer sharding (the logical
+  axes without "layers"): without it the partitioner guesses shardings for the loop's slices
+  (and, on CPU with 8 devices, a cached executable of such a guess deadlocked in a collective)."""
+
+  def one(variable):
+    axes = variable.get_metadata().get("logical_axes") if isinstance(variable, nnx.Variable) else None
+    if not axes:
+      return variable
+    return variable.replace(constrain(variable.get_value(), axes[1:]))
+
+  return jax.tree.map(one, layer, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 class Decoder(nnx.Module):
-  """tokens [B, L] (+ positions, segment_ids) -> logits [B, L, vocab] in float32."""
+  """tokens [B, L] (+ positions, segment_ids) -> logits [B, L, vocab] in float32.
+
+  The layers are one stacked Block (parameters [num_layers, ...], paths `layers/attn/q`, ...)
+  run under `jax.lax.scan`, so compile time does not grow with depth; `remat` wraps the scanned
+  body. The KV cache is stacked the same way (init_cache)."""
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     self.spec = spec
@@ -224,7 +263,7 @@ class Decoder(nnx.Module):
     pd = spec.param_dtype
     self.token_embed = _param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"),
                               embed_std, pd)
-    self.layers = nnx.List([Block(spec, rngs) for _ in range(spec.num_layers)])
+    self.layers = _stacked_blocks(spec, rngs)
     self.final_norm = RMSNorm(spec.d_model, spec.norm_eps, pd)
     if not spec.tie_embeddings:
       self.lm_head = _param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"),
@@ -235,37 +274,63 @@ class Decoder(nnx.Module):
                cache: None = None) -> jax.Array: ...
   @overload
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: list[LayerCache]) -> tuple[jax.Array, list[LayerCache]]: ...
+               cache: LayerCache) -> tuple[jax.Array, LayerCache]: ...
 
   def __call__(self, tokens, positions, segment_ids, cache=None):
     """With `cache` (see init_cache), also returns the updated cache: (logits, cache)."""
+    if cache is None:
+      return self.logits(self.features(tokens, positions, segment_ids))
+    x, cache = self.features(tokens, positions, segment_ids, cache)
+    return self.logits(x), cache
+
+  @overload
+  def features(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: None = None) -> jax.Array: ...
+  @overload
+  def features(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: LayerCache) -> tuple[jax.Array, LayerCache]: ...
+
+  def features(self, tokens, positions, segment_ids, cache=None):
+    """The final-normed hidden states [B, L, d_model] in the compute dtype (the head's input)."""
     dt = jnp.dtype(self.spec.dtype)
     x = jnp.take(self.token_embed[...], tokens, axis=0).astype(dt)
     x = constrain(x, ("batch", "length", "act_embed"))
-    new_cache = []
-    for i, layer in enumerate(self.layers):
-      if cache is not None:
-        x, layer_cache = layer(x, positions, segment_ids, cache[i])
-        new_cache.append(layer_cache)
-      elif self.spec.remat == "none":
-        x = layer(x, positions, segment_ids)
-      else:
-        x = nnx.remat(lambda blk, y, p, s: blk(y, p, s),
-                      policy=_REMAT_POLICIES[self.spec.remat])(layer, x, positions, segment_ids)
-    x = self.final_norm(x)
+    graphdef, stacked = nnx.split(self.layers)
+    if cache is None:
+      def body(y, layer):
+        return nnx.merge(graphdef, _constrain_layer(layer))(y, positions, segment_ids), None
+      if self.spec.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.spec.remat], prevent_cse=False)
+      x, _ = jax.lax.scan(body, x, stacked)
+      return self.final_norm(x)
+
+    def body_cached(y, layer_and_cache):
+      layer, layer_cache = layer_and_cache
+      return nnx.merge(graphdef, _constrain_layer(layer))(y, positions, segment_ids, layer_cache)
+    x, cache = jax.lax.scan(body_cached, x, (stacked, cache))
+    return self.final_norm(x), cache
+
+  def head(self) -> tuple[jax.Array, bool]:
+    """(the output projection, tied): lm_head [d, V], or the embedding [V, d] when tied."""
     if self.spec.tie_embeddings:
-      logits = jnp.einsum("bld,vd->blv", x, self.token_embed[...].astype(dt))
-    else:
-      logits = x @ self.lm_head[...].astype(dt)
-    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
-    return logits if cache is None else (logits, new_cache)
+      return self.token_embed[...], True
+    return self.lm_head[...], False
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Hidden states [B, L, d] -> logits [B, L, V] float32 (the matmul accumulates in float32)."""
+    w, tied = self.head()
+    w = w.astype(x.dtype)
+    spec = "bld,vd->blv" if tied else "bld,dv->blv"
+    logits = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "act_vocab"))
 
 
-def init_cache(spec: ModelSpec, batch: int, length: int) -> list[LayerCache]:
-  """An empty KV cache: per layer k, v [B, S, K, H], which slots hold a real token, and the next
-  write index (shared by all rows: prompts are left-padded to a common length)."""
-  shape = (batch, length, spec.num_kv_heads, spec.head_dim)
+def init_cache(spec: ModelSpec, batch: int, length: int) -> LayerCache:
+  """An empty KV cache, stacked over layers like the parameters: k, v [layers, B, S, K, H], which
+  slots hold a real token [layers, B, S], and the next write index [layers] (the same for every
+  row: prompts are left-padded to a common length)."""
+  n = spec.num_layers
+  shape = (n, batch, length, spec.num_kv_heads, spec.head_dim)
   dt = jnp.dtype(spec.dtype)
-  return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
-           "valid": jnp.zeros((batch, length), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
-          for _ in range(spec.num_layers)]
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+          "valid": jnp.zeros((n, batch, length), jnp.bool_), "index": jnp.zeros((n,), jnp.int32)}

@@ -207,28 +207,57 @@ def spec_for(directory: epath.PathLike, *, dtype: str = "float32",
 
 
 def layout(spec: ModelSpec) -> dict[str, tuple[str, str]]:
-  """mtjax parameter path -> (HF tensor name, how it maps), for every parameter of `spec`."""
+  """mtjax parameter path -> (HF tensor name, how it maps), for every parameter of `spec`.
+
+  The layers are stacked (scanned): `layers/attn/q` [num_layers, d, n, h] holds every layer's
+  q_proj; its HF name is a template with `{i}` for the layer index (see hf_tensors)."""
   out = {"token_embed": ("model.embed_tokens.weight", SAME),
          "final_norm/scale": ("model.norm.weight", SAME)}
   if not spec.tie_embeddings:
     out["lm_head"] = ("lm_head.weight", TRANSPOSE)
-  for i in range(spec.num_layers):
-    p, h = f"layers/{i}/", f"model.layers.{i}."
-    out[p + "attn_norm/scale"] = (h + "input_layernorm.weight", SAME)
-    out[p + "mlp_norm/scale"] = (h + "post_attention_layernorm.weight", SAME)
-    for x in "qkv":
-      out[p + f"attn/{x}"] = (h + f"self_attn.{x}_proj.weight", HEADS_IN)
-      if spec.qkv_bias:
-        out[p + f"attn/{x}_bias"] = (h + f"self_attn.{x}_proj.bias", HEADS_BIAS)
-    out[p + "attn/o"] = (h + "self_attn.o_proj.weight", HEADS_OUT)
-    if spec.out_bias:
-      out[p + "attn/o_bias"] = (h + "self_attn.o_proj.bias", SAME)
-    if spec.qk_norm:
-      out[p + "attn/q_norm/scale"] = (h + "self_attn.q_norm.weight", SAME)
-      out[p + "attn/k_norm/scale"] = (h + "self_attn.k_norm.weight", SAME)
-    for x in ("gate", "up", "down"):
-      out[p + f"mlp/{x}"] = (h + f"mlp.{x}_proj.weight", TRANSPOSE)
+  p, h = "layers/", "model.layers.{i}."
+  out[p + "attn_norm/scale"] = (h + "input_layernorm.weight", SAME)
+  out[p + "mlp_norm/scale"] = (h + "post_attention_layernorm.weight", SAME)
+  for x in "qkv":
+    out[p + f"attn/{x}"] = (h + f"self_attn.{x}_proj.weight", HEADS_IN)
+    if spec.qkv_bias:
+      out[p + f"attn/{x}_bias"] = (h + f"self_attn.{x}_proj.bias", HEADS_BIAS)
+  out[p + "attn/o"] = (h + "self_attn.o_proj.weight", HEADS_OUT)
+  if spec.out_bias:
+    out[p + "attn/o_bias"] = (h + "self_attn.o_proj.bias", SAME)
+  if spec.qk_norm:
+    out[p + "attn/q_norm/scale"] = (h + "self_attn.q_norm.weight", SAME)
+    out[p + "attn/k_norm/scale"] = (h + "self_attn.k_norm.weight", SAME)
+  for x in ("gate", "up", "down"):
+    out[p + f"mlp/{x}"] = (h + f"mlp.{x}_proj.weight", TRANSPOSE)
   return out
+
+
+def _stacked(path: str) -> bool:
+  return path.startswith("layers/")
+
+
+@dataclasses.dataclass(frozen=True)
+class HfTensor:
+  name: str  # e.g. model.layers.3.self_attn.q_proj.weight
+  path: str  # the mtjax parameter, e.g. layers/attn/q
+  layer: int | None  # its index on the stacked layer axis (None: not a layer parameter)
+  kind: str  # SAME, TRANSPOSE, ...
+  shape: tuple[int, ...]  # the HF tensor's shape
+
+
+def hf_tensors(spec: ModelSpec) -> list[HfTensor]:
+  """Every HF tensor of `spec`, in the order transformers writes them (embed, layers, norm, head)."""
+  shapes = _abstract_shapes(spec)
+  out = []
+  for path, (name, kind) in layout(spec).items():
+    if _stacked(path):
+      per_layer = shapes[path][1:]
+      out += [HfTensor(name.format(i=i), path, i, kind, hf_shape(kind, per_layer))
+              for i in range(spec.num_layers)]
+    else:
+      out.append(HfTensor(name, path, None, kind, hf_shape(kind, shapes[path])))
+  return sorted(out, key=lambda t: _hf_order(t.name))
 
 
 def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -315,9 +344,9 @@ def load_params(directory: epath.PathLike, spec: ModelSpec, abstract: Any, shard
   """The parameters of an HF directory, streamed into `shardings` (a tree like `abstract`, the
   pure params dict of `spec`'s Decoder), in spec.param_dtype.
 
-  Per tensor, this process reads the rows of the HF tensor that its devices' shards need (one
-  read), converts them to the mtjax layout and dtype and places each device's shard; at most one
-  tensor's rows are in host memory at a time.
+  Per parameter, this process reads the rows of each HF tensor (one per layer for the stacked
+  layer parameters) that its devices' shards need, converts them to the mtjax layout and dtype
+  and places each device's shard: at most one parameter's rows are in host memory at a time.
   """
   directory = epath.Path(directory)
   index = check_tensors(directory, spec)  # every name and shape, before anything is read
@@ -331,14 +360,21 @@ def load_params(directory: epath.PathLike, spec: ModelSpec, abstract: Any, shard
   items = tqdm(shapes.items(), desc=f"loading {directory.name}", unit="tensor",
                disable=not progress or jax.process_index() != 0 or None, leave=False)
   for path, leaf in items:
-    hf_name, kind = names[path]
+    name, kind = names[path]
     shape = tuple(leaf.shape)
-    tf = index.file(hf_name)
     sharding = targets[path]
-    device_indices = sharding.addressable_devices_indices_map(shape)
-    ranges = [_hf_rows(kind, shape, idx) for idx in device_indices.values()]
+    device_indices = list(sharding.addressable_devices_indices_map(shape).values())
+    stacked = _stacked(path)
+    per_layer = shape[1:] if stacked else shape
+    ranges = [_hf_rows(kind, per_layer, idx[1:] if stacked else idx) for idx in device_indices]
     start, stop = min(r[0] for r in ranges), max(r[1] for r in ranges)
-    block, offset = _from_hf_rows(kind, shape, tf.read(hf_name, (start, stop)), start)
+    if stacked:  # the layer axis is never sharded (rules: "layers" -> None): read every layer
+      blocks = [_from_hf_rows(kind, per_layer, index.file(n).read(n, (start, stop)), start)
+                for n in (name.format(i=i) for i in range(spec.num_layers))]
+      block, offset = np.stack([b for b, _ in blocks]), (0, *blocks[0][1])
+      del blocks
+    else:
+      block, offset = _from_hf_rows(kind, shape, index.file(name).read(name, (start, stop)), start)
 
     def shard(idx, block=block, offset=offset, shape=shape):
       local = tuple(slice((s.start or 0) - o, (shape[d] if s.stop is None else s.stop) - o)
@@ -347,8 +383,8 @@ def load_params(directory: epath.PathLike, spec: ModelSpec, abstract: Any, shard
 
     loaded[path] = jax.make_array_from_callback(shape, sharding, shard)
     del block
-  extra = sorted(set(index.where) - {n for n, _ in names.values()})
-  extra = [n for n in extra if not n.endswith("rotary_emb.inv_freq")]
+  used = {t.name for t in hf_tensors(spec)}
+  extra = sorted(n for n in set(index.where) - used if not n.endswith("rotary_emb.inv_freq"))
   if extra and not (spec.tie_embeddings and extra == ["lm_head.weight"]):
     _say(f"warning: {len(extra)} tensors of {directory} are not used (e.g. {extra[:3]})")
   return _unflat(abstract, loaded)
@@ -359,16 +395,14 @@ def check_tensors(directory: epath.PathLike, spec: ModelSpec) -> tensorfile.Tens
   config.json implies (exit 2 naming the tensor and file otherwise). Returns the index."""
   directory = epath.Path(directory)
   index = tensorfile.TensorIndex(directory)
-  shapes = _abstract_shapes(spec)
-  for path, (hf_name, kind) in layout(spec).items():
-    if hf_name not in index:
-      raise BadInputError(str(directory), f"missing tensor {hf_name} (for mtjax {path}; "
+  for t in hf_tensors(spec):
+    if t.name not in index:
+      raise BadInputError(str(directory), f"missing tensor {t.name} (for mtjax {t.path}; "
                           f"config.json: {spec_summary(spec)})")
-    expected = hf_shape(kind, shapes[path])
-    got = index.file(hf_name).shape(hf_name)
-    if got != expected:
-      raise BadInputError(str(index.file(hf_name).path), f"tensor {hf_name} has shape "
-                          f"{list(got)}, expected {list(expected)} (config.json: "
+    got = index.file(t.name).shape(t.name)
+    if got != t.shape:
+      raise BadInputError(str(index.file(t.name).path), f"tensor {t.name} has shape "
+                          f"{list(got)}, expected {list(t.shape)} (config.json: "
                           f"{spec_summary(spec)})")
   return index
 
@@ -442,21 +476,20 @@ def export(params: Any, spec: ModelSpec, out: epath.PathLike, *, config: Mapping
   """
   out = epath.Path(out)
   flat = _flat(params)
-  names = layout(spec)
-  order = sorted(names, key=lambda p: _hf_order(names[p][0]))
   dtype = np.dtype(spec.param_dtype)
-  tensors = [(names[p][0], hf_shape(names[p][1], tuple(flat[p].shape)), dtype) for p in order]
-  by_hf = {names[p][0]: p for p in order}
+  listed = hf_tensors(spec)
+  tensors = [(t.name, t.shape, dtype) for t in listed]
+  by_name = {t.name: t for t in listed}
 
   def fetch(hf_name: str) -> np.ndarray:
-    path = by_hf[hf_name]
-    x = flat[path]
+    t = by_name[hf_name]
+    x = flat[t.path] if t.layer is None else flat[t.path][t.layer]  # one layer's slice
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       host = np.asarray(multihost_utils.process_allgather(x, tiled=True))
     else:
       host = np.asarray(jax.device_get(x))
-    return to_hf(names[path][1], host.astype(dtype))
+    return to_hf(t.kind, host.astype(dtype))
 
   if jax.process_index() != 0:
     for name, _, _ in tensors:  # the gathers are collective: every process takes part

@@ -18,6 +18,7 @@ BATCH_AXES = ("batch", "length")  # every [B, L] batch array: rows over the data
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
+    ("layers", None),  # the stacked layer axis of scanned layers: never sharded
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: train state, loader state, controls, resolved config, run facts.
 
 The run facts record the state's `format_version` (mtjax.train.step.FORMAT_VERSION); restoring an
-older layout migrates it (version 1 had no TrainState.extra), a newer one is refused by name.
+older layout migrates it (version 1 had no TrainState.extra; versions 1-2 kept one parameter
+subtree per layer, version 3 stacks layers for the scan), a newer one is refused by name.
 
 One CheckpointManager per run directory, saving asynchronously: the loop blocks only while the
 arrays are copied off the devices; the write goes on in the background. Orbax writes into a
@@ -185,20 +186,53 @@ class Checkpointer:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state)
     version = self.format_version(step)
-    if version == 1:  # before TrainState.extra: restore the fields it had, start extra anew
-      target: Any = {f: getattr(abstract, f) for f in
-                     ("step", "params", "opt_state", "skipped_steps", "consecutive_skips")}
-    else:
-      target = abstract
+    if version <= 2:  # per-layer parameters (and, in version 1, no TrainState.extra)
+      return self._restore_per_layer(step, like_state)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
     except Exception as e:
       raise self._damaged(step, e) from None
-    state = restored["state"]
-    if version == 1:
-      state = like_state.replace(**state)
-    return state, restored["loader"]
+    return restored["state"], restored["loader"]
+
+  def _restore_per_layer(self, step: int, like_state: Any) -> tuple[Any, dict]:
+    """Formats 1-2 kept one subtree per layer (`layers/<i>/attn/q`); format 3 stacks them on a
+    leading layer axis (`layers/attn/q`, scanned). Restores the saved tree as it is (no target),
+    stacks every `layers/<i>/...` leaf into the state's `layers/...` leaf, and places each leaf
+    in `like_state`'s sharding; a leaf the old format lacked (TrainState.extra) keeps
+    `like_state`'s value."""
+    import numpy as np
+
+    from mtjax.train.optimizer import param_path
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), loader=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise self._damaged(step, e) from None
+    saved = {param_path(p): leaf
+             for p, leaf in jax.tree_util.tree_flatten_with_path(restored["state"])[0]}
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(like_state)
+    leaves = []
+    for path, like in paths_and_leaves:
+      parts = param_path(path).split("/")
+      if "/".join(parts) in saved:  # already stacked (or not a layer leaf)
+        value = np.asarray(saved["/".join(parts)])
+      elif "layers" in parts:
+        at = parts.index("layers") + 1
+        names = ["/".join(parts[:at] + [str(i)] + parts[at:]) for i in range(like.shape[0])]
+        missing = [n for n in names if n not in saved]
+        if missing:
+          raise BadInputError(str(self.directory / str(step)), f"format 2 checkpoint lacks "
+                              f"{missing[0]} for {'/'.join(parts)} of shape {like.shape}")
+        value = np.stack([np.asarray(saved[n]) for n in names])
+      else:
+        leaves.append(like)
+        continue
+      if value.shape != like.shape:
+        raise BadInputError(str(self.directory / str(step)), f"{'/'.join(parts)} has shape "
+                            f"{value.shape}, the model expects {like.shape}")
+      leaves.append(jax.device_put(value.astype(like.dtype), like.sharding))
+    return jax.tree_util.tree_unflatten(treedef, leaves), restored["loader"]
 
   def restore_controls(self, step: int) -> dict | None:
     """The pending fed-back weights and coefficients (None for checkpoints without them)."""

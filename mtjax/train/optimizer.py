@@ -34,7 +34,8 @@ def param_path(path: tuple) -> str:
 def decay_mask(params: Any) -> Any:
   def keep(path, leaf) -> bool:
     name = param_path(path).split("/")
-    return leaf.ndim >= 2 and "token_embed" not in name and not name[-1].endswith("_bias")
+    ndim = leaf.ndim - (name[0] == "layers")  # scanned layers: a leading layer axis
+    return ndim >= 2 and "token_embed" not in name and not name[-1].endswith("_bias")
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -57,7 +57,8 @@ class Setup:
     """THE train step of this run, jitted once with its shardings (state donated)."""
     c = self.config
     fn = step_lib.make_step_fn(self.graphdef, self.tx, self.schedule, num_tasks=c.num_tasks,
-                               grad_accum=c.optimizer.grad_accum, z_loss=c.model.z_loss)
+                               grad_accum=c.optimizer.grad_accum, z_loss=c.model.z_loss,
+                               loss_chunk=c.train.loss_chunk)
     return step_lib.jit_step(fn, self.mesh, self.shardings)
 
   def loader(self, prefetch: int | None = None) -> MixtureLoader:
@@ -176,7 +177,7 @@ def workdir_config(workdir: str | epath.PathLike) -> Config:
 
 
 def from_workdir(workdir: str | epath.PathLike, step: int | None = None, *,
-                 devices: Sequence[Device] | None = None) -> Setup:
+                 devices: Sequence[Device] | None = None, purpose: str = "read") -> Setup:
   """A finished (or running) run's checkpoint, read-only: eval, export, generate and mtjax.load.
 
   step: the checkpoint (default: the latest). Any hardware: if the run's mesh does not fit
@@ -194,7 +195,7 @@ def from_workdir(workdir: str | epath.PathLike, step: int | None = None, *,
     finally:
       checkpointer.close()
   if not available:
-    raise BadInputError(str(path / "checkpoints"), "no checkpoint to read")
+    raise BadInputError(str(path / "checkpoints"), f"no checkpoint to {purpose}")
   step = available[-1] if step is None else step
   if step not in available:
     raise BadInputError("--step", f"no checkpoint at step {step} (available: {available})")

@@ -26,8 +26,9 @@ from mtjax.parallel import sharding as sharding_lib
 from mtjax.parallel.sharding import BATCH_AXES
 from mtjax.train import losses
 
-# The layout of a saved TrainState; checkpoint.py migrates older ones (1: no `extra`).
-FORMAT_VERSION = 2
+# The layout of a saved TrainState; checkpoint.py migrates older ones (1: no `extra`; 1-2: one
+# parameter subtree per layer, before the layers were stacked for the scan).
+FORMAT_VERSION = 3
 
 
 @flax.struct.dataclass
@@ -134,7 +135,7 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
 
 
 def make_grad_fn(graphdef: Any, *, num_tasks: int, grad_accum: int = 1,
-                 z_loss: float = 0.0) -> Callable:
+                 z_loss: float = 0.0, loss_chunk: int = 1024) -> Callable:
   """(params, batch, task_weights, entropy_coefs) -> (objective, per_task, grads).
 
   Gradient accumulation scans over microbatches, normalizing every microbatch by the FULL
@@ -144,9 +145,14 @@ def make_grad_fn(graphdef: Any, *, num_tasks: int, grad_accum: int = 1,
 
   def loss_fn(params, batch, task_weights, entropy_coefs, normalizer):
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return losses.multitask_objective(logits, batch, task_weights, entropy_coefs,
-                                      z_loss=z_loss, normalizer=normalizer)
+    hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+    if not loss_chunk:  # dense: the whole [B, L, V] float32 logits at once
+      return losses.multitask_objective(model.logits(hidden), batch, task_weights, entropy_coefs,
+                                        z_loss=z_loss, normalizer=normalizer)
+    head, tied = model.head()
+    return losses.multitask_objective_chunked(
+        hidden, head.astype(hidden.dtype), batch, task_weights, entropy_coefs, tied=tied,
+        z_loss=z_loss, normalizer=normalizer, chunk=loss_chunk)
 
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -184,11 +190,13 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                 num_tasks: int, grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
+                 num_tasks: int, grad_accum: int = 1, z_loss: float = 0.0,
+                 loss_chunk: int = 1024) -> Callable:
   """The pure step: gradients, the optimizer update, a non-finite guard (the update is kept
   only if the objective, the gradient norm, the update and the new params and optimizer state are
   all finite; an update can overflow even from finite gradients, e.g. with a huge learning rate)."""
-  grad_fn = make_grad_fn(graphdef, num_tasks=num_tasks, grad_accum=grad_accum, z_loss=z_loss)
+  grad_fn = make_grad_fn(graphdef, num_tasks=num_tasks, grad_accum=grad_accum, z_loss=z_loss,
+                         loss_chunk=loss_chunk)
 
   def step(state: TrainState, batch: Mapping[str, jax.Array], task_weights: jax.Array,
            entropy_coefs: jax.Array) -> tuple[TrainState, dict[str, Any]]:
