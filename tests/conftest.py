@@ -9,14 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Task suites build into a fresh directory per test session: offline, from a clean clone.
 import tempfile  # noqa: E402
 os.environ["MTJAX_DATA_DIR"] = tempfile.mkdtemp(prefix="mtjax-tfds-")
-# JAX's persistent compilation cache, shared by this session's processes (xdist workers and the
-# subprocesses tests launch): the tiny model's programs compile once, not once per test. Cache
-# keys cover the program, flags, devices and versions, so a hit runs the same executable.
-_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), f"mtjax-jax-cache-{_run}") if _run else tempfile.mkdtemp(prefix="mtjax-jax-cache-"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# No persistent compilation cache: with layers under a scan (collectives inside a while loop),
+# an executable that XLA:CPU loaded back from the cache deadlocked in a collective across the 8
+# fake devices, now and then (a rendezvous timeout that aborts the process; seen on jaxlib 0.10.2
+# with mesh fsdp=8 at seq_len 512-1536; never with a freshly compiled one).
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 import pytest  # noqa: E402
 

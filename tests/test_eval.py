@@ -50,6 +50,8 @@ def naive_greedy(graphdef, params, prompt, max_new, width=64):
 def test_kv_cache_greedy_equals_full_recompute(model):
   spec, graphdef, params = model
   mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+  # On the mesh, as a run's are (else the first call also compiles their resharding).
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   gen = Generator(graphdef, spec, mesh, max_new_tokens=12, eos_id=EOS, batch_size=8,
                   buckets=(8, 32, 64))
   rng = np.random.default_rng(0)
