@@ -142,7 +142,7 @@ class OptimizerConfig:
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  # Parameter groups: regex on the parameter path ("layers/0/attn/wq") -> LR multiplier; the first
+  # Parameter groups: regex on the parameter path ("layers/attn/q") -> LR multiplier; the first
   # match wins, unmatched parameters use 1.0, and 0.0 freezes (no optimizer state is kept).
   param_groups: Mapping[str, float] = dataclasses.field(default_factory=dict)
   ema: float = 0.0  # decay of an exponential moving average of the weights (0: none)

@@ -27,7 +27,7 @@ FROZEN = "frozen"
 
 
 def param_path(path: tuple) -> str:
-  """'layers/0/attn/wq' from a jax key path."""
+  """'layers/attn/q' from a jax key path."""
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
