@@ -18,6 +18,18 @@ os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 import pytest  # noqa: E402
 
+
+def gpus():
+  """This process's GPUs ([] on a CPU-only machine): the `gpu` tests run on the first."""
+  import jax
+  try:
+    return jax.devices("gpu")
+  except RuntimeError:
+    return []
+
+
+requires_gpu = pytest.mark.skipif(not gpus(), reason="no GPU")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.py")
 

@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 
 from mtjax.model import attention
+from conftest import requires_gpu
 
 B, L, N, K, H = 2, 256, 4, 2, 16
 # Row 0: two examples then padding; row 1: three examples then padding (segment 0).
 SEGMENTS = ((100, 90), (50, 70, 110))
 
 
-def _gpus():
-  try:
-    return jax.devices("gpu")
-  except RuntimeError:
-    return []
-
-
-requires_gpu = pytest.mark.skipif(not _gpus(), reason="no GPU")
 
 
 def _batch(dtype, length=L, heads=N, kv_heads=K, head_dim=H, seed=0):

@@ -24,7 +24,11 @@ def model():
   spec = ModelSpec.from_config(ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                            mlp_dim=64), TOK.vocab_size, "cpu")
   graphdef, state = nnx.split(Decoder(spec, nnx.Rngs(3)))
-  return spec, graphdef, nnx.to_pure_dict(state)
+  # Replicated on the tests' mesh, as a run's parameters live on its mesh (parameters on one
+  # device would make a generator's first call also compile their resharding).
+  mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+  on_mesh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return spec, graphdef, jax.device_put(nnx.to_pure_dict(state), on_mesh)
 
 
 def naive_greedy(graphdef, params, prompt, max_new, width=64):
@@ -50,8 +54,6 @@ def naive_greedy(graphdef, params, prompt, max_new, width=64):
 def test_kv_cache_greedy_equals_full_recompute(model):
   spec, graphdef, params = model
   mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
-  # On the mesh, as a run's are (else the first call also compiles their resharding).
-  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   gen = Generator(graphdef, spec, mesh, max_new_tokens=12, eos_id=EOS, batch_size=8,
                   buckets=(8, 32, 64))
   rng = np.random.default_rng(0)

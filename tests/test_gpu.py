@@ -7,20 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import gpus, requires_gpu, tiny_config
 from mtjax import train
 
 pytestmark = pytest.mark.gpu
 
 
-def _gpus():
-  try:
-    return jax.devices("gpu")
-  except RuntimeError:
-    return []
-
-
-requires_gpu = pytest.mark.skipif(not _gpus(), reason="no GPU")
 
 
 def _losses(workdir):
@@ -32,7 +24,7 @@ def _losses(workdir):
 def test_gpu_step_matches_cpu_in_float32(tmp_path):
   cfg = tiny_config(**{"model.dtype": "float32", "train.steps": 4, "checkpoint.every": 0})
   with jax.default_matmul_precision("highest"):
-    train.run(cfg, tmp_path / "gpu", devices=_gpus()[:1])
+    train.run(cfg, tmp_path / "gpu", devices=gpus()[:1])
     train.run(cfg, tmp_path / "cpu", devices=jax.devices("cpu")[:1])
   np.testing.assert_allclose(_losses(tmp_path / "gpu"), _losses(tmp_path / "cpu"), rtol=1e-3)
 
@@ -42,11 +34,11 @@ def test_gpu_bf16_learns_compiles_once_and_evaluates(tmp_path):
   cfg = tiny_config(**{"train.steps": 60, "train.log_every": 10, "eval.every": 30,
                        "eval.num_examples": 16, "eval.num_generate": 4, "eval.sample_prompts": 2,
                        "eval.num_samples": 2, "eval.max_new_tokens": 8})
-  result = train.run(cfg, tmp_path / "run", devices=_gpus()[:1])
+  result = train.run(cfg, tmp_path / "run", devices=gpus()[:1])
   losses = _losses(tmp_path / "run")
   assert losses[-1] < 0.7 * losses[0]
   assert result.compiles == 1
   eval_rows = [r for r in result.history if "perf/eval_compiles" in r]
   assert len(eval_rows) == 3 and eval_rows[-1]["perf/eval_compiles"] == 1
   assert all(np.isfinite(r["eval/reverse/loss"]) for r in eval_rows)
-  assert jax.tree.leaves(result.state.params)[0].devices() == {_gpus()[0]}
+  assert jax.tree.leaves(result.state.params)[0].devices() == {gpus()[0]}
