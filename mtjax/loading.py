@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -43,12 +42,9 @@ class LoadedModel:
 
   def logits(self, tokens: Any) -> np.ndarray:
     """Logits [B, L, vocab] float32 for token ids [B, L] (each row one sequence from position 0)."""
-    from flax import nnx
-    tokens = np.asarray(tokens, np.int32)
-    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-    apply = jax.jit(lambda params, t, p: nnx.merge(self.graphdef, params)(t, p, jnp.ones_like(t)))
+    from mtjax.model.pretrained import logits_of
     with jax.set_mesh(self.mesh):
-      return np.asarray(apply(self.params, tokens, positions), np.float32)
+      return logits_of(self.graphdef, self.params, np.asarray(tokens, np.int32))
 
   def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,

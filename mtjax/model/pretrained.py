@@ -537,7 +537,6 @@ def forward(path: epath.PathLike, tokens: Any) -> np.ndarray:
       >>> from mtjax.model.pretrained import forward
       >>> logits = forward("path/to/Llama-3.2-1B", [[128000, 791, 6864, 315]])
   """
-  from flax import nnx
 
   tokens = np.asarray(tokens, np.int32)
   if tokens.ndim != 2:
@@ -546,6 +545,13 @@ def forward(path: epath.PathLike, tokens: Any) -> np.ndarray:
   if tokens.size and (tokens.min() < 0 or tokens.max() >= spec.vocab_size):
     raise BadInputError("tokens", f"ids must lie in [0, {spec.vocab_size})")
   params, graphdef = load_replicated(path, spec)
+  return logits_of(graphdef, params, tokens)
+
+
+def logits_of(graphdef: Any, params: Any, tokens: np.ndarray) -> np.ndarray:
+  """Logits [B, L, vocab] float32 of the Decoder (graphdef, params) for int32 tokens [B, L],
+  every row one unpacked sequence from position 0."""
+  from flax import nnx
   positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
   apply = jax.jit(lambda params, t, p: nnx.merge(graphdef, params)(t, p, jnp.ones_like(t)))
   return np.asarray(apply(params, tokens, positions), np.float32)
