@@ -87,6 +87,22 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class JsonlTaskConfig:
+  """A task from JSONL files, registered by the config alone (no Python): one object per line;
+  the prompt is instruction + prompt field, the target the target field, and every other field of
+  a record is the example's metadata (its scorer reads it: alternative answers, function docs)."""
+
+  train: str | tuple[str, ...] = ()  # a path or a list of paths (local or gs://)
+  validation: str | tuple[str, ...] = ()
+  prompt_field: str = "input"
+  target_field: str = "target"
+  instruction_field: str = "instruction"  # read when a record has it ...
+  instruction: str = ""  # ... else this text starts every prompt
+  scorer: str = "exact_match"  # a registered scorer (mtjax.tasks.scoring)
+  eval_only: bool = False  # held out from training (a benchmark): see data.allow_eval_only
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
   mixture_name: str = ""  # a registered Mixture: fills data.tasks and data.mixture when given
   tasks: tuple[str, ...] = ()
@@ -110,6 +126,14 @@ class DataConfig:
   feedback_lag: int = 3
   # Instruction ablation, per task: keep | empty | wrong (another task's instruction); train and eval.
   instructions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # An example longer than seq_len: prompt_left keeps the target whole and cuts the prompt from
+  # the left; right keeps the first seq_len tokens; skip drops it. An example that would keep no
+  # target token is skipped and counted (data/<task>/too_long), never trained with zero loss.
+  truncate: str = "prompt_left"
+  # Tasks defined by the config alone: {name: JsonlTaskConfig fields}; registered at run start.
+  jsonl_tasks: Mapping[str, JsonlTaskConfig] = dataclasses.field(default_factory=dict)
+  # Train on eval-only tasks (benchmarks such as BFCL): refused unless set (contamination).
+  allow_eval_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +192,9 @@ class EvalConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
-  max_new_tokens: int = 32
+  # Tokens generated per prompt: "auto" (each task's longest held-out target, in tokens, plus
+  # EOS, capped by the room left after the prompt) or a number for every task.
+  max_new_tokens: int | str = "auto"
   batch_size: int = 16  # rows per eval/generation batch
 
 
@@ -276,7 +302,11 @@ def _convert(value: Any, hint: Any, field: str) -> Any:
         return _convert(value, option, field)
       except BadInputError:
         pass
-    raise BadInputError(field, f"expected a number or a (start, end) pair, got {value!r}")
+    if hint == EntropyCoef:
+      raise BadInputError(field, f"expected a number or a (start, end) pair, got {value!r}")
+    options = " or ".join(_type_name(o) if o in (int, float, bool, str) else "a list"
+                          for o in typing.get_args(hint))
+    raise BadInputError(field, f"expected {options}, got {value!r}")
   if origin in (Mapping, dict) or hint is Mapping:
     _, value_type = typing.get_args(hint)
     if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
@@ -318,6 +348,7 @@ ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
 SCHEDULES = ("constant", "stages", "linear")
 RATES = ("explicit", "examples_proportional")
 LR_SCHEDULES = ("cosine", "constant", "wsd")
+TRUNCATE = ("prompt_left", "right", "skip")
 
 
 def _check(config: Config) -> None:
@@ -446,9 +477,22 @@ def _check(config: Config) -> None:
                        ("eval.top_k", e.top_k), ("eval.temperature", e.temperature)):
     if value < 0:
       raise BadInputError(field, f"expected a value >= 0, got {value}")
-  for field, value in (("eval.max_new_tokens", e.max_new_tokens), ("eval.batch_size", e.batch_size)):
-    if value <= 0:
-      raise BadInputError(field, f"expected a positive integer, got {value}")
+  if e.batch_size <= 0:
+    raise BadInputError("eval.batch_size", f"expected a positive integer, got {e.batch_size}")
+  if isinstance(e.max_new_tokens, str) and e.max_new_tokens != "auto" or \
+      isinstance(e.max_new_tokens, int) and e.max_new_tokens <= 0:
+    raise BadInputError("eval.max_new_tokens", f"expected 'auto' or a positive integer, got "
+                        f"{e.max_new_tokens!r}")
+  if d.truncate not in TRUNCATE:
+    raise BadInputError("data.truncate", f"expected one of {', '.join(TRUNCATE)}, got {d.truncate!r}")
+  for name, spec in d.jsonl_tasks.items():
+    if not name or "/" in name or "." in name:
+      raise BadInputError(f"data.jsonl_tasks.{name}", "a task name is non-empty, without '/' or '.'")
+    if not spec.train and not spec.validation:
+      raise BadInputError(f"data.jsonl_tasks.{name}", "expected train and/or validation files")
+    for field in ("prompt_field", "target_field"):
+      if not getattr(spec, field):
+        raise BadInputError(f"data.jsonl_tasks.{name}.{field}", "expected a field name")
   if not 0 < e.top_p <= 1:
     raise BadInputError("eval.top_p", f"expected 0 < top_p <= 1, got {e.top_p}")
 
@@ -464,7 +508,7 @@ def from_dict(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
 
 
 _MAPPING_FIELDS = ("rope_scaling", "mixture", "loss_weights", "entropy_coefs", "instructions", "param_groups",
-                   "targets")
+                   "targets", "jsonl_tasks")
 
 
 def parse_override(arg: str) -> tuple[str, str]:

@@ -56,6 +56,29 @@ class Length(grain.transforms.Map):
     return 2 + self.tokenizer.count(example.prompt) + self.tokenizer.count(example.target)
 
 
+def fit(prompt: int, target: int, seq_len: int, policy: str) -> tuple[int, int] | None:
+  """How an example of `prompt` prompt tokens and `target` target tokens (BOS and EOS not
+  counted) goes into seq_len (input, target) pairs under data.truncate: (prompt tokens cut from
+  the left, pairs written), or None when it is skipped. Its tokens are [BOS] prompt target [EOS]:
+  prompt + target + 1 pairs.
+
+  prompt_left: cut the prompt's first tokens (BOS stays) so the target stays whole; skipped when
+    the target alone does not fit (target + 1 > seq_len).
+  right: keep the first seq_len pairs; skipped when no target token would remain.
+  skip: skipped whenever it does not fit whole.
+  """
+  pairs = prompt + target + 1
+  if pairs <= seq_len:
+    return 0, pairs
+  if policy == "prompt_left":
+    return (pairs - seq_len, seq_len) if target + 1 <= seq_len else None
+  if policy == "right":
+    return (0, seq_len) if prompt < seq_len else None
+  if policy == "skip":
+    return None
+  raise ValueError(f"unknown truncation policy {policy!r}")
+
+
 def loss_tokens(length: int, target_start: int, seq_len: int) -> int:
   """Loss-carrying (input, target) pairs of an example of `length` tokens whose target starts at
   token `target_start`, once the loader cuts it to seq_len pairs (loader.place: pair t predicts

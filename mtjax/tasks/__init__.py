@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # sources.py imports Example from here
   from mtjax.tasks.sources import Source
@@ -21,6 +21,10 @@ class Example:
   instruction: str
   input: str
   target: str
+  # Every other field of the source record (alternative answers, function docs, ...): scorers
+  # read it; it is never tokenized. Not part of equality or hashing.
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False,
+                                              repr=False)
 
   @property
   def prompt(self) -> str:
@@ -42,6 +46,12 @@ class Task:
   open_ended: bool = False  # many right answers (entropy should stay up)
   metrics: tuple[str, ...] = ("exact_match",)
   preprocess: Callable[[Example], Example] | None = None  # e.g. blank or swap the instruction
+  # A benchmark held out from training (BFCL): data.tasks may name it only with
+  # data.allow_eval_only=true (training on a benchmark contaminates its scores).
+  eval_only: bool = False
+  # The scorer's registered name (tasks/scoring.py), when is_correct is one: recorded in a run's
+  # tasks.json so the task can be rebuilt without the code that defined it.
+  scorer: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +145,8 @@ def exact_match(example: Example, output: str) -> bool:
   return output.strip() == example.target.strip()
 
 
-# Registers the built-in tasks and suites.
+# Registers the built-in scorers, tasks and suites.
+from mtjax.tasks import scoring  # noqa: E402,F401
 from mtjax.tasks import synthetic  # noqa: E402,F401
 from mtjax.tasks.suites import function_calling, open_ended, structured  # noqa: E402,F401
 
