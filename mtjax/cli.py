@@ -46,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
   ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the held-out splits")
   ev.add_argument("--workdir", required=True)
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  ev.add_argument("--tasks", default="", help="comma-separated subset of the run's tasks")
+  ev.add_argument("--tasks", default="", help="comma-separated tasks (default: the run's eval "
+                  "tasks); any registered task, e.g. the eval-only bfcl_simple, bfcl_multiple, ...")
+  ev.add_argument("--config", default=None, help="the config file that defined the run's tasks, "
+                  "when they cannot be rebuilt from WORKDIR/tasks.json (a Python scorer or source); "
+                  "only its task registrations are used, the run's recorded config stays")
   ex = sub.add_parser("export", help="write a run's checkpoint as an HF directory (transformers, vLLM)")
   ex.add_argument("--workdir", required=True)
   ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -112,6 +116,18 @@ def _parser() -> argparse.ArgumentParser:
   prev.add_argument("--config", required=True, help="path/to/config.py[:variant]")
   prev.add_argument("--steps", type=int, default=100, help="how many steps to look at")
   prev.add_argument("--ranges", type=int, default=4, help="into how many step ranges to split them")
+  fetch = data.add_parser("fetch", help="download a benchmark's data into mtjax's cache "
+                          "(bfcl: the bfcl-eval package's files, never installed)")
+  fetch.add_argument("dataset", choices=["bfcl"])
+  tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(
+      dest="tokenizer_command", required=True, parser_class=_Parser)
+  tok_train = tok.add_parser("train", help="train a byte-level BPE on a config's training tasks",
+                             epilog="Any number of --config.a.b=value overrides may follow.")
+  tok_train.add_argument("--config", required=True, help="path/to/config.py[:variant]")
+  tok_train.add_argument("--vocab", type=int, required=True, help="vocabulary size (>= 259)")
+  tok_train.add_argument("--out", required=True, help="tokenizer.json path or a directory")
+  tok_train.add_argument("--max_examples", type=int, default=50_000,
+                         help="train examples read per task")
   return parser
 
 
@@ -154,7 +170,7 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   step = int(result.state.step)
   train_rows = [r for r in result.history if "train/loss" in r]
   if train_rows:
-    print(f"done: step {step}, loss {train_rows[-1]['train/loss']:.4f}, "
+    print(f"done: step {step}, {metrics_lib.loss_summary(train_rows[-1], config.data.tasks)}, "
           f"compiles {result.compiles}; metrics {metrics_lib.log_path(result.workdir)}")
   else:
     print(f"nothing to do: {result.workdir} is already at step {step} (train.steps={step}); "
@@ -207,6 +223,9 @@ def evaluate(args: argparse.Namespace) -> int:
   from mtjax.eval.evaluate import evaluate_checkpoint, table
 
   tasks = [t for t in args.tasks.split(",") if t]
+  if args.config:  # registers the tasks (and scorers) the file defines; its settings are unused
+    from mtjax import config as config_lib
+    config_lib.import_config_module(args.config)
   row = evaluate_checkpoint(args.workdir, args.step, tasks)
   print(table(row))
   print(f"step {row['step']}: eval {row['perf/eval_time_s']:.1f}s, eval step compiled "
@@ -316,6 +335,28 @@ def data_preview(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return EXIT_OK
 
 
+def data_fetch(args: argparse.Namespace) -> int:
+  from mtjax.tasks import bfcl
+  print(f"bfcl: {bfcl.fetch()}")
+  return EXIT_OK
+
+
+def tokenizer_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from mtjax import config as config_lib
+  from mtjax.data import tokenizer as tokenizer_lib
+
+  if args.max_examples <= 0:
+    raise BadInputError("--max_examples", f"expected a positive count, got {args.max_examples}")
+  config = config_lib.load(args.config, overrides)
+  built = tokenizer_lib.train_for_config(config, args.vocab, args.out, args.max_examples)
+  print(f"wrote {built['path']}: byte-level BPE, {built['vocab_size']} tokens")
+  for name, s in built["tasks"].items():
+    print(f"  {name}: {s['examples']} train examples; longest {s['max_bytes']} bytes -> "
+          f"{s['max_tokens']} tokens (BOS and EOS included)")
+  print(f"use it with --config.data.tokenizer=hf:{built['path']}")
+  return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
@@ -327,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = _parser().parse_known_args(flags)
     if unknown:  # name the (sub)command they were given to, not the top-level parser
       command = " ".join(str(c) for c in (args.command, getattr(args, "study", None),
-                                          getattr(args, "data_command", None)) if c)
+                                          getattr(args, "data_command", None),
+                                          getattr(args, "tokenizer_command", None)) if c)
       raise BadInputError("usage", f"unrecognized arguments: {' '.join(unknown)} "
                           f"(see `mtjax {command} --help`)")
     if args.command == "jobset":
@@ -350,6 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       return generate(args)
     if args.command == "data" and args.data_command == "preview":
       return data_preview(args, overrides)
+    if args.command == "data" and args.data_command == "fetch":
+      return data_fetch(args)
+    if args.command == "tokenizer" and args.tokenizer_command == "train":
+      return tokenizer_train(args, overrides)
     raise BadInputError("command", f"unknown command {args.command!r}")
   except BadInputError as e:
     print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # one line, whatever it quotes

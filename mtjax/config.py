@@ -583,6 +583,15 @@ def _describe(current: Any) -> str:
   return _type_name(type(current)) if current is not None else "a value"
 
 
+_IMPORTING: list[str] = []  # config files being imported (innermost last)
+
+
+def defining_file() -> str:
+  """The config file being imported right now ("" if none): task and scorer registrations record
+  it, so a run can re-import the file that defined its tasks (tasks/specs.py)."""
+  return _IMPORTING[-1] if _IMPORTING else ""
+
+
 def import_config_module(path: str) -> tuple[types.ModuleType, str]:
   """Imports the file of `path[:arg]`; returns (module, arg)."""
   file, _, arg = str(path).partition(":")
@@ -595,10 +604,13 @@ def import_config_module(path: str) -> tuple[types.ModuleType, str]:
   if spec is None or spec.loader is None:
     raise BadInputError(file, "cannot be imported as a Python file")
   module = importlib.util.module_from_spec(spec)
+  _IMPORTING.append(str(file_path.resolve()))
   try:
     spec.loader.exec_module(module)
   except Exception as e:  # a user's file: report, do not dump a traceback
     raise BadInputError(file, f"could not import config file ({type(e).__name__}: {e})") from None
+  finally:
+    _IMPORTING.pop()
   return module, arg
 
 

@@ -23,6 +23,13 @@ def resolve(config: Config) -> Config:
     from mtjax.model import pretrained
     config = pretrained.apply_to_config(config)
   d = config.data
+  if d.jsonl_tasks:  # tasks defined by the config alone: registered here, recorded as data
+    from mtjax.tasks import specs
+    d = dataclasses.replace(d, jsonl_tasks=types.MappingProxyType(
+        {name: specs.normalized(spec) for name, spec in d.jsonl_tasks.items()}))
+    specs.register_jsonl_tasks(d.jsonl_tasks)
+    if not d.tasks and not d.mixture_name:  # default: train on every one that is not eval-only
+      d = dataclasses.replace(d, tasks=tuple(n for n, s in d.jsonl_tasks.items() if not s.eval_only))
   if d.mixture_name:
     try:
       mixture = task_registry.get_mixture(d.mixture_name)
@@ -48,6 +55,10 @@ def resolve(config: Config) -> Config:
   for name in d.tasks:
     if name not in known:
       raise BadInputError("data.tasks", f"unknown task {name!r} (known: {', '.join(known)})")
+    if task_registry.get(name).eval_only and not d.allow_eval_only:
+      raise BadInputError("data.tasks", f"{name!r} is an eval-only benchmark task: training on it "
+                          "contaminates its scores; evaluate it with eval.tasks or `mtjax eval "
+                          "--tasks`, or set data.allow_eval_only=true to train on it anyway")
   t = config.train
   for field, mapping in (("data.mixture", d.mixture), ("train.loss_weights", t.loss_weights),
                          ("train.entropy_coefs", t.entropy_coefs)):
@@ -66,7 +77,7 @@ def resolve(config: Config) -> Config:
     for name in weights:
       if name not in d.tasks:
         raise BadInputError(f"data.stages[{i}].{name}", f"not a task of this run ({list(d.tasks)})")
-  for name in config.eval.tasks:
-    if name not in d.tasks:
-      raise BadInputError("eval.tasks", f"{name!r} is not a task of this run")
+  for name in config.eval.tasks:  # a run's task, or any registered one (an eval-only benchmark)
+    if name not in known:
+      raise BadInputError("eval.tasks", f"unknown task {name!r} (known: {', '.join(known)})")
   return config

@@ -7,7 +7,9 @@ import contextlib
 def registry_dicts():
   """mtjax.tasks' module-level registries (_REGISTRY of tasks, _MIXTURES, any added later)."""
   from mtjax import tasks
-  return {name: value for name, value in vars(tasks).items()
+  from mtjax.tasks import scoring
+  return {f"{module.__name__}.{name}": value for module in (tasks, scoring)
+          for name, value in vars(module).items()
           if name.startswith("_") and not name.startswith("__") and isinstance(value, dict)}
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from etils import epath
@@ -243,3 +243,64 @@ def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | os.PathLik
       {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000}, indent=2))
   return str(out)
+
+
+def train_byte_bpe(texts: Iterable[str], vocab_size: int, out: str | os.PathLike) -> str:
+  """Trains a byte-level BPE (HF tokenizers, as GPT-2 and Llama 3: any text encodes, nothing is
+  unknown) on `texts`. Specials <pad>=0, <s>=1 (BOS), </s>=2 (EOS). `out` is a directory
+  (tokenizer.json + tokenizer_config.json) or a file path ending in .json (that file alone; the
+  specials are found by name). Returns the path to use as data.tokenizer=hf:PATH."""
+  from tokenizers import Tokenizer as HfTokenizerModel
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  specials = ["<pad>", "<s>", "</s>"]
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  if vocab_size < len(specials) + len(alphabet):
+    raise BadInputError("--vocab", f"{vocab_size} is less than the {len(specials)} special "
+                        f"tokens plus the {len(alphabet)} byte symbols of a byte-level BPE")
+  tok = HfTokenizerModel(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # type: ignore[attr-defined]
+  tok.decoder = decoders.ByteLevel()  # type: ignore[attr-defined]
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                initial_alphabet=alphabet, show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  path = epath.Path(out)
+  if str(out).endswith(".json"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tok.to_str())
+    return str(path)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "tokenizer.json").write_text(tok.to_str())
+  (path / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+       "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000}, indent=2))
+  return str(path)
+
+
+def train_for_config(config: Any, vocab_size: int, out: str | os.PathLike,
+                     max_examples_per_task: int = 50_000) -> dict[str, Any]:
+  """`mtjax tokenizer train`: a byte-level BPE trained on the prompts and targets of the config's
+  training tasks (their train splits, at most `max_examples_per_task` each). Returns the path and,
+  per task, the longest example in bytes and in the new tokens."""
+  from mtjax import tasks as task_registry
+  from mtjax.resolve import resolve
+
+  config = resolve(config)
+  texts: dict[str, list[str]] = {}
+  for name in config.data.tasks:
+    task = task_registry.get(name)
+    examples = task.source.load("train", config.seed, config.data.on_bad_record).examples
+    chosen = []
+    for i in range(min(len(examples), max_examples_per_task)):
+      example = examples[i] if task.preprocess is None else task.preprocess(examples[i])
+      chosen += [example.prompt, example.target]
+    texts[name] = chosen
+  path = train_byte_bpe((t for chosen in texts.values() for t in chosen), vocab_size, out)
+  tok = HfTokenizer(path)
+  stats = {}
+  for name, chosen in texts.items():
+    pairs = list(zip(chosen[::2], chosen[1::2]))
+    stats[name] = {"examples": len(pairs),
+                   "max_bytes": max(len((p + t).encode()) for p, t in pairs) + 2,
+                   "max_tokens": max(tok.count(p) + tok.count(t) for p, t in pairs) + 2}
+  return {"path": path, "vocab_size": tok.vocab_size, "tasks": stats}

@@ -63,16 +63,24 @@ class Mixture:
 
 
 _REGISTRY: dict[str, Task] = {}
+_DEFINED_IN: dict[str, str] = {}  # task name -> the config file that registered it
 
 
 def register(task: Task, *, replace: bool = False) -> Task:
   """Registers a task by name. Config files that define tasks pass replace=True (re-imports)."""
+  from mtjax.config import defining_file
   if "/" in task.name:
     raise ValueError(f"task names may not contain '/': {task.name!r}")
   if task.name in _REGISTRY and not replace:
     raise ValueError(f"task {task.name!r} is already registered")
   _REGISTRY[task.name] = task
+  _DEFINED_IN[task.name] = defining_file()
   return task
+
+
+def defined_in(name: str) -> str:
+  """The config file that registered task `name` ("" for mtjax's own and library calls)."""
+  return _DEFINED_IN.get(name, "")
 
 
 _MIXTURES: dict[str, Mixture] = {}
@@ -148,11 +156,18 @@ def exact_match(example: Example, output: str) -> bool:
 # Registers the built-in scorers, tasks and suites.
 from mtjax.tasks import scoring  # noqa: E402,F401
 from mtjax.tasks import synthetic  # noqa: E402,F401
-from mtjax.tasks.suites import function_calling, open_ended, structured  # noqa: E402,F401
+from mtjax.tasks.suites import function_calling as fc_suite  # noqa: E402
+from mtjax.tasks.suites import open_ended, structured  # noqa: E402
 
 register_mixture(Mixture("synthetic", {"reverse": 1.0, "addition": 1.0, "grammar": 1.0}))
 register_mixture(Mixture("structured", {f"structured_{t}": 1.0 for t in structured.MtjaxStructured.TASKS}))
 register_mixture(Mixture("open_ended", {f"open_ended_{t}": 1.0 for t in open_ended.MtjaxOpenEnded.TASKS}))
 # Granite's decomposition: the seven granular subtasks plus the umbrella task, and the umbrella alone.
-register_mixture(Mixture("fc_granite", {f"fc_{t}": 1.0 for t in function_calling.SUBTASKS + ("umbrella",)}))
+register_mixture(Mixture("fc_granite", {f"fc_{t}": 1.0 for t in fc_suite.SUBTASKS + ("umbrella",)}))
 register_mixture(Mixture("fc_umbrella", {"fc_umbrella": 1.0}))
+# BFCL (eval-only; data fetched on first use).
+from mtjax.tasks import bfcl  # noqa: E402,F401
+
+# mtjax's own tasks, as registered at import (keep last): a run's tasks.json records only their
+# names; tasks registered later (config files) are recorded as data (tasks/specs.py).
+BUILTIN_TASKS: dict[str, Task] = dict(_REGISTRY)

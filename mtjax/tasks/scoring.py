@@ -33,17 +33,25 @@ from mtjax.tasks import Example, exact_match
 Scorer = Callable[[Example, str], bool]
 
 _SCORERS: dict[str, Scorer] = {}
+_DEFINED_IN: dict[str, str] = {}  # scorer name -> the config file that registered it
 BUILTIN: set[str] = set()
 
 
 def register_scorer(name: str, fn: Scorer, *, replace: bool = False) -> Scorer:
   """Registers `fn` under `name`. Config files that define scorers pass replace=True (re-imports)."""
+  from mtjax.config import defining_file
   if not name or "/" in name:
     raise ValueError(f"a scorer name is a non-empty string without '/': {name!r}")
   if name in _SCORERS and not replace and _SCORERS[name] is not fn:
     raise ValueError(f"scorer {name!r} is already registered")
   _SCORERS[name] = fn
+  _DEFINED_IN[name] = defining_file()
   return fn
+
+
+def defined_in(name: str) -> str:
+  """The config file that registered scorer `name` ("" for built-ins and library calls)."""
+  return _DEFINED_IN.get(name, "")
 
 
 def get_scorer(name: str) -> Scorer:

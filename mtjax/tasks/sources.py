@@ -63,7 +63,9 @@ class Fields:
     instruction = record.get(self.instruction_field, self.instruction)
     if isinstance(instruction, bytes):
       instruction = instruction.decode("utf-8")
-    return Example(str(instruction), values[self.prompt], values[self.target])
+    used = (self.prompt, self.target, self.instruction_field)
+    meta = {k: v for k, v in record.items() if k not in used}  # for the scorer
+    return Example(str(instruction), values[self.prompt], values[self.target], meta)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,21 @@ def train_row(step: int, metrics: Mapping[str, Any], task_names: Sequence[str],
   return row
 
 
+def loss_summary(row: Mapping[str, Any], task_names: Sequence[str]) -> str:
+  """'loss 2.4120 (mean of 3 tasks: a 2.1000, b 2.5000, c 2.6360)' from a train row: the mean of
+  the per-task mean losses over tasks with tokens in that step (train/loss is the objective: a
+  weighted SUM over tasks, which reads as worse than chance with many tasks)."""
+  losses = {n: row[f"train/{n}/loss"] for n in task_names
+            if f"train/{n}/loss" in row and row.get(f"train/{n}/tokens", 1) > 0}
+  if not losses:
+    return f"objective {row['train/loss']:.4f}"
+  mean = sum(losses.values()) / len(losses)
+  parts = ", ".join(f"{n} {v:.4f}" for n, v in losses.items())
+  if len(losses) == 1:
+    return f"loss {mean:.4f} ({parts})"
+  return f"loss {mean:.4f} (mean of {len(losses)} tasks: {parts})"
+
+
 def is_object_store(workdir: epath.PathLike) -> bool:
   return "://" in str(workdir)
 

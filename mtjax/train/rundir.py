@@ -103,5 +103,7 @@ def _replace(path: epath.Path, data: bytes) -> None:
 def write_run_files(workdir: epath.Path, config: Config, devices, extra: dict | None = None) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json() + "\n")
+  from mtjax.tasks import specs  # how to rebuild the tasks without the config file's code
+  specs.write_record(workdir, config.data.tasks + config.eval.tasks)
   env = environment(devices) | (extra or {})
   (workdir / "env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")

@@ -173,7 +173,10 @@ def workdir_config(workdir: str | epath.PathLike) -> Config:
   path = rundir.resolve(workdir)
   if not (path / "config.json").exists():
     raise BadInputError(str(path), "not a run directory (no config.json)")
-  return config_lib.from_dict(json.loads((path / "config.json").read_text()))
+  config = config_lib.from_dict(json.loads((path / "config.json").read_text()))
+  from mtjax.tasks import specs  # tasks a config file defined: rebuilt from tasks.json
+  specs.rebuild(path, config.data.tasks + config.eval.tasks, config.data.jsonl_tasks)
+  return config
 
 
 def from_workdir(workdir: str | epath.PathLike, step: int | None = None, *,

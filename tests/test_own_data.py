@@ -1,0 +1,225 @@
+"""Your own data end to end: JSONL tasks defined only in a config file, scorers by name, a run
+that records how to rebuild its tasks (tasks.json), `mtjax eval --workdir` in a fresh process,
+and `--config` once the file that defined a scorer has moved."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+CONFIG = '''
+"""A user's config: one task from the config block, one registered in Python, a Python scorer."""
+from mtjax import config as config_lib
+from mtjax import tasks
+from mtjax.tasks import scoring
+from mtjax.tasks.sources import Fields, JsonlSource
+
+
+def shout_match(example, output):  # the user's own scorer, registered by name
+  return output.strip().upper() == example.target.strip().upper()
+
+
+scoring.register_scorer("shout_match", shout_match, replace=True)
+tasks.register(tasks.Task("upper", JsonlSource({{"train": [{upper_train!r}], "validation": [{upper_val!r}]}},
+                                              Fields(prompt="word", target="big")),
+                          tasks.exact_match), replace=True)
+
+
+def get_config(variant=""):
+  c = config_lib.defaults()
+  c.data.jsonl_tasks = {{"echo": {{"train": {echo_train!r}, "validation": {echo_val!r},
+                                 "prompt_field": "q", "target_field": "a",
+                                 "instruction": "echo: ", "scorer": "shout_match"}}}}
+  c.data.tasks = ("echo", "upper")
+  c.data.update(batch_size=8, seq_len=64)
+  c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  c.train.update(steps=4, log_every=2, progress=False)
+  c.optimizer.update(warmup_steps=1)
+  c.checkpoint.every = 4
+  c.eval.update(num_examples=8, num_generate=6, num_samples=0, batch_size=8)
+  return c
+'''
+
+
+def _words(n, seed):
+  rng = np.random.default_rng(seed)
+  return ["".join(rng.choice(list("abcdefgh"), size=int(rng.integers(3, 7)))) for _ in range(n)]
+
+
+def _write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+@pytest.fixture
+def user_config(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  train, val = _words(40, 0), _words(12, 1)
+  files = {
+      "echo_train": _write_jsonl(data / "echo_train.jsonl", [{"q": w, "a": w, "id": i} for i, w in enumerate(train)]),
+      "echo_val": _write_jsonl(data / "echo_val.jsonl", [{"q": w, "a": w} for w in val]),
+      "upper_train": _write_jsonl(data / "upper_train.jsonl", [{"word": w, "big": w.upper()} for w in train]),
+      "upper_val": _write_jsonl(data / "upper_val.jsonl", [{"word": w, "big": w.upper()} for w in val]),
+  }
+  path = tmp_path / "configs" / "mine.py"
+  path.parent.mkdir()
+  path.write_text(CONFIG.format(**files))
+  return path
+
+
+def _eval(workdir, *extra):
+  return subprocess.run([sys.executable, "-m", "mtjax", "eval", "--workdir", str(workdir), *extra],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@pytest.mark.slow
+def test_config_file_tasks_train_eval_move_and_config_flag(user_config, tmp_path):
+  from mtjax import config as config_lib
+  from mtjax import train
+
+  workdir = tmp_path / "run"
+  from mtjax.resolve import resolve
+  cfg = config_lib.load(str(user_config))
+  assert resolve(cfg).data.jsonl_tasks["echo"].train == (str(tmp_path / "data" / "echo_train.jsonl"),)
+  result = train.run(cfg, str(workdir))
+  assert int(result.state.step) == 4
+
+  record = json.loads((workdir / "tasks.json").read_text())
+  assert record["upper"]["kind"] == "jsonl" and record["upper"]["rebuildable"]
+  assert record["upper"]["scorer"] == "exact_match"
+  assert record["echo"]["scorer"] == "shout_match"
+  assert record["echo"]["scorer_defined_in"] == str(user_config.resolve())
+
+  # A fresh process: nothing of the config file is imported until the record asks for it.
+  first = _eval(workdir)
+  assert first.returncode == 0, first.stderr[-2000:]
+  rows = json.loads((workdir / "eval" / "step_4.json").read_text())
+  for task in ("echo", "upper"):
+    assert f"eval/{task}/accuracy" in rows and f"eval/{task}/loss" in rows
+
+  moved = tmp_path / "elsewhere" / "mine.py"
+  moved.parent.mkdir()
+  shutil.move(str(user_config), moved)
+  gone = _eval(workdir)
+  assert gone.returncode == 2, gone.stderr[-2000:]
+  assert "Traceback" not in gone.stderr and len(gone.stderr.strip().splitlines()) == 1
+  assert "shout_match" in gone.stderr and "--config" in gone.stderr and "is gone" in gone.stderr
+
+  again = _eval(workdir, "--config", str(moved))
+  assert again.returncode == 0, again.stderr[-2000:]
+  rows_again = json.loads((workdir / "eval" / "step_4.json").read_text())
+  for key, value in rows.items():  # the same checkpoint, greedy: the same scores
+    if key.startswith("eval/"):
+      assert rows_again[key] == pytest.approx(value), key
+
+
+def test_record_describes_tasks_and_rebuilds_them(tmp_path):
+  """tasks.json round trip without training: a JSONL task rebuilt from the record alone scores
+  and loads like the original; a task with a Python source is named as needing --config."""
+  from etils import epath
+
+  from mtjax import tasks
+  from mtjax.errors import BadInputError
+  from mtjax.tasks import specs
+  from mtjax.tasks.sources import Fields, GeneratorSource, JsonlSource
+
+  path = _write_jsonl(tmp_path / "t.jsonl", [{"x": "a", "y": "A", "alt": ["a!"]}, {"x": "b", "y": "B"}])
+  tasks.register(tasks.Task("mine", JsonlSource({"validation": [path]}, Fields(prompt="x", target="y")),
+                            tasks.exact_match), replace=True)
+  tasks.register(tasks.Task("coded", GeneratorSource(lambda split, seed: []), tasks.exact_match),
+                 replace=True)
+  workdir = epath.Path(tmp_path)
+  specs.write_record(workdir, ["reverse", "mine", "coded"])
+  record = json.loads((tmp_path / "tasks.json").read_text())
+  assert record["reverse"] == {"kind": "builtin"}
+  assert not record["coded"]["rebuildable"] and "GeneratorSource" in record["coded"]["why_not"]
+
+  original = tasks.get("mine")
+  del tasks._REGISTRY["mine"], tasks._REGISTRY["coded"]
+  specs.rebuild(workdir, ["reverse", "mine"])
+  rebuilt = tasks.get("mine")
+  assert rebuilt is not original and rebuilt.is_correct is tasks.exact_match
+  examples = rebuilt.source.load("validation", 0).examples
+  assert [(e.prompt, e.target) for e in examples] == [("a", "A"), ("b", "B")]
+  assert examples[0].meta == {"alt": ["a!"]} and examples[1].meta == {}
+  with pytest.raises(BadInputError, match="'coded' cannot be rebuilt.*GeneratorSource.*--config"):
+    specs.rebuild(workdir, ["coded"])
+
+
+def test_eval_only_tasks_are_refused_for_training_unless_allowed(tmp_path, tiny):
+  from mtjax.errors import BadInputError
+  from mtjax.resolve import resolve
+
+  path = _write_jsonl(tmp_path / "bench.jsonl", [{"input": "q", "target": "a"}])
+  block = {"bench": {"validation": path, "eval_only": True},
+           "mine": {"train": path, "validation": path}}
+  cfg = tiny(**{"data.jsonl_tasks": block, "data.tasks": (), "data.mixture": {}})
+  resolved = resolve(cfg)
+  assert resolved.data.tasks == ("mine",)  # the block's tasks, without the eval-only one
+  with pytest.raises(BadInputError, match="data.tasks: 'bench' is an eval-only benchmark"):
+    resolve(cfg.replace(**{"data.tasks": ("mine", "bench")}))
+  allowed = resolve(cfg.replace(**{"data.tasks": ("mine", "bench"), "data.allow_eval_only": True}))
+  assert allowed.data.tasks == ("mine", "bench")
+  evaluated = resolve(cfg.replace(**{"eval.tasks": ("mine", "bench")}))  # eval on it: fine
+  assert evaluated.eval.tasks == ("mine", "bench")
+  with pytest.raises(BadInputError, match="data.jsonl_tasks.mine.scorer: unknown scorer 'nope'"):
+    resolve(cfg.replace(**{"data.jsonl_tasks": {"mine": {"train": path, "scorer": "nope"}}}))
+
+
+def test_scorers_by_name():
+  from mtjax.tasks import Example
+  from mtjax.tasks.scoring import get_scorer
+
+  def ex(target, **meta):
+    return Example("", "", target, meta)
+
+  assert get_scorer("exact_match")(ex("abc"), " abc\n") and not get_scorer("exact_match")(ex("abc"), "ab")
+  assert get_scorer("json_equal")(ex('{"a": [1, 2]}'), '```json\n{"a":[1,2]}\n```')
+  assert not get_scorer("json_equal")(ex('{"a": 1}'), '{"a": 2}')
+  calls = '[{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]'
+  swapped = '[{"name": "g", "arguments": {}}, {"name": "f", "arguments": {"x": 1.0}}]'
+  assert get_scorer("function_call")(ex(calls), swapped)
+  assert not get_scorer("function_call_ordered")(ex(calls), swapped)
+  assert get_scorer("regex")(ex("ignored", pattern=r"\d{3}-\d{4}"), " 555-1234 ")
+  assert get_scorer("regex")(ex(r"a+b"), "aaab") and not get_scorer("regex")(ex(r"a+b"), "aaabc")
+  assert get_scorer("numeric")(ex("1,234.5"), "the answer is 1234.5000001")
+  assert not get_scorer("numeric")(ex("3"), "4") and not get_scorer("numeric")(ex("3"), "none")
+  assert get_scorer("numeric")(ex("3", tolerance=0.5), "3.4") and not get_scorer("numeric")(ex("3", tolerance=0.5), "3.6")
+  with pytest.raises(KeyError, match="unknown scorer 'nope'"):
+    get_scorer("nope")
+
+
+def test_loss_summary_is_the_mean_of_task_losses():
+  from mtjax.train.metrics import loss_summary
+
+  row = {"train/loss": 12.0, "train/a/loss": 2.0, "train/a/tokens": 10, "train/b/loss": 4.5,
+         "train/b/tokens": 3, "train/c/loss": 0.0, "train/c/tokens": 0}
+  assert loss_summary(row, ["a", "b", "c"]) == "loss 3.2500 (mean of 2 tasks: a 2.0000, b 4.5000)"
+
+
+def test_tokenizer_train_on_config_tasks(user_config, tmp_path):
+  """`mtjax tokenizer train`: a byte-level BPE on the config's training tasks; it round-trips any
+  text (bytes it never saw too) and shortens the training examples."""
+  out = tmp_path / "tok" / "tokenizer.json"
+  proc = subprocess.run([sys.executable, "-m", "mtjax", "tokenizer", "train", "--config",
+                         str(user_config), "--vocab", "300", "--out", str(out)],
+                        capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "echo:" in proc.stdout and "upper:" in proc.stdout and f"hf:{out}" in proc.stdout
+  from mtjax.data import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.get(f"hf:{out}")
+  assert tok.vocab_size == 300 and tok.bos_id == 1 and tok.eos_id == 2
+  for text in ("echo: abcabc", "héllo ✓ {\"json\": [1]}"):
+    assert tok.decode(tok.encode(text)) == text
+  words = [json.loads(line)["q"] for line in (tmp_path / "data" / "echo_train.jsonl").read_text().splitlines()]
+  assert sum(tok.count("echo: " + w) for w in words) < sum(len(("echo: " + w).encode()) for w in words)
+  bad = subprocess.run([sys.executable, "-m", "mtjax", "tokenizer", "train", "--config",
+                        str(user_config), "--vocab", "100", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert bad.returncode == 2 and bad.stderr.startswith("error: --vocab: 100 is less than")
