@@ -13,9 +13,9 @@ task when `eval.every` > 0, then the mesh on the available devices
 axes (abstract shapes from `nnx.eval_shape`: no parameter is allocated, nothing is compiled).
 
 The token pre-check, `require_loss_tokens(config)`, also runs at the start of every training
-run: the loader cuts each example to `data.seq_len` (input, target) pairs and target tokens past
-the cut carry no loss, so a task whose sampled examples all have prompts of seq_len tokens or more
-would train on nothing. It stops with the task, the token lengths it saw and the seq_len to use.
+run: under `data.truncate` (prompt_left by default: the prompt is cut from the left, an example
+whose target alone does not fit is skipped; right: the first seq_len pairs; skip) a task whose
+sampled examples would all keep no target token would train on nothing. It stops with the task, the token lengths it saw and the seq_len to use.
 
 `check_workdir(path)` says, before anything runs, whether a run directory can be used: a
 directory (or one that can be created) that is writable.
@@ -89,16 +89,23 @@ def require_loss_tokens(config: Config, sample: int = SAMPLE) -> list[Any]:
     rewrite = task_registry.instruction_rewrite(name, d.instructions.get(name, "keep"), d.tasks,
                                                 config.seed)
     s = pipeline.token_sample(name, tokenizer, config.seed, d.seq_len, sample,
-                              on_bad_record=d.on_bad_record, rewrite=rewrite)
+                              on_bad_record=d.on_bad_record, rewrite=rewrite, truncate=d.truncate)
     if not s.loss:
       raise BadInputError(f"task {name!r}", "its train split has no examples")
     if not any(s.loss):
+      why, needed = {
+          "prompt_left": ("data.truncate=prompt_left keeps the target whole and skips an example "
+                          "whose target alone does not fit", min(s.target) + 1),
+          "right": ("the loader cuts every example at seq_len (data.truncate=right), so no "
+                    "target token is left", s.min_seq_len),
+          "skip": ("data.truncate=skip drops every example that does not fit whole",
+                   s.full_seq_len_min),
+      }[d.truncate]
       raise BadInputError(
           f"task {name!r}", f"no loss tokens at data.seq_len={d.seq_len}: its first {len(s.loss)} "
           f"training examples have prompts of {_spread(s.prompt)} tokens and targets of "
-          f"{_spread(s.target)} (min/median/max), and the loader cuts every example at seq_len, "
-          f"so no target token is left; raise data.seq_len to at least {s.min_seq_len} "
-          f"({s.full_seq_len} fits every sampled example whole)")
+          f"{_spread(s.target)} (min/median/max), and {why}; raise data.seq_len to at least "
+          f"{needed} ({s.full_seq_len} fits every sampled example whole)")
     samples.append(s)
   return samples
 
@@ -127,11 +134,11 @@ def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> lis
   tokenizer = tokenizer_lib.get(d.tokenizer)
   facts = [f"tokenizer: {d.tokenizer} ({tokenizer.vocab_size} tokens)"]
   for s in require_loss_tokens(config):
-    cut = sum(1 for loss, p, t in zip(s.loss, s.prompt, s.target) if p + t + 1 > d.seq_len)
-    empty = sum(1 for loss in s.loss if not loss)
+    effect = s.effect(d.truncate)
     facts.append(f"task {s.task}: weight {d.mixture.get(s.task, 0.0):g}; first {len(s.loss)} "
                  f"examples: prompt {_spread(s.prompt)}, target {_spread(s.target)} tokens "
-                 f"(min/median/max); {cut} cut at seq_len {d.seq_len}, {empty} without loss tokens")
+                 f"(min/median/max); at seq_len {d.seq_len} ({d.truncate}) {effect.truncated} cut, "
+                 f"{effect.too_long} skipped as too long")
   e = config.eval
   if e.every:
     for name in e.tasks or d.tasks:

@@ -90,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
   bench.add_argument("--steps", type=int, default=10, help="timed steps per round and arm")
   bench.add_argument("--loader_seconds", type=float, default=2.0)
   bench.add_argument("--torch_steps", type=int, default=5, help="PyTorch arm steps (0: skip)")
-  rep = sub.add_parser("report", help="rebuild a study's report.md and plots from its metrics")
-  rep.add_argument("workdir")
+  rep = sub.add_parser("report", help="rebuild a study's report.md and plots from its metrics, or "
+                       "write a training run's report.md (per-task training, data and eval tables)")
+  rep.add_argument("workdir", help="a study directory or a run directory")
   js = sub.add_parser("jobset", help="render a Kubernetes JobSet that runs mtjax train on GKE",
                       epilog="Arguments after -- are passed to `mtjax train`.")
   js.add_argument("--name", required=True, help="JobSet name (a lowercase DNS label)")
@@ -307,7 +308,14 @@ def experiment(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
+  from etils import epath
+
   from mtjax.experiments import registry
+  root = epath.Path(args.workdir)
+  if (root / "config.json").exists() and not (root / "study.json").exists():  # one training run
+    from mtjax.experiments import run_report
+    print(f"wrote {run_report.write(root)}")
+    return EXIT_OK
   print(f"rebuilt {registry.rebuild(args.workdir)}")
   return EXIT_OK
 

@@ -483,6 +483,10 @@ def _check(config: Config) -> None:
       isinstance(e.max_new_tokens, int) and e.max_new_tokens <= 0:
     raise BadInputError("eval.max_new_tokens", f"expected 'auto' or a positive integer, got "
                         f"{e.max_new_tokens!r}")
+  if isinstance(e.max_new_tokens, int) and e.max_new_tokens >= d.seq_len:
+    raise BadInputError("eval.max_new_tokens", f"{e.max_new_tokens} new tokens leave no room for "
+                        f"a prompt in the model's {d.seq_len} tokens (data.seq_len): expected "
+                        f"'auto' or a number below {d.seq_len}")
   if d.truncate not in TRUNCATE:
     raise BadInputError("data.truncate", f"expected one of {', '.join(TRUNCATE)}, got {d.truncate!r}")
   for name, spec in d.jsonl_tasks.items():

@@ -95,20 +95,22 @@ def test_seq_len_8_on_the_demo_names_task_lengths_and_fix(quiet_dir, capsys):
   target = [len(examples[i].target.encode()) for i in range(64)]
   expected = (f"error: task 'reverse': no loss tokens at data.seq_len=8: its first 64 training "
               f"examples have prompts of {_spread(prompt)} tokens and targets of {_spread(target)} "
-              "(min/median/max), and the loader cuts every example at seq_len, so no target token "
+              "(min/median/max), and the loader cuts every example at seq_len (data.truncate=right), so no target token "
               f"is left; raise data.seq_len to at least {min(prompt) + 1} "
               f"({max(p + t for p, t in zip(prompt, target)) + 1} fits every sampled example whole)")
   code, out, err = _run(capsys, ["train", "--check", "--config", f"{DEMO}:tiny",
-                                 "--config.data.seq_len=8"])
+                                 "--config.data.seq_len=8", "--config.data.truncate=right"])
   assert (code, out) == (2, "") and _one_error(err) == expected
 
   from mtjax import check
   from mtjax import config as config_lib
   with pytest.raises(BadInputError) as e:
-    check.require_loss_tokens(config_lib.load(f"{DEMO}:tiny", ["--config.data.seq_len=8"]))
+    check.require_loss_tokens(config_lib.load(f"{DEMO}:tiny", ["--config.data.seq_len=8",
+                                                                 "--config.data.truncate=right"]))
   assert f"error: {e.value}" == expected
   # At the seq_len it names, the task keeps loss tokens.
-  fixed = config_lib.load(f"{DEMO}:tiny", [f"--config.data.seq_len={min(prompt) + 1}"])
+  fixed = config_lib.load(f"{DEMO}:tiny", [f"--config.data.seq_len={min(prompt) + 1}",
+                                           "--config.data.truncate=right"])
   reverse = check.require_loss_tokens(fixed)[0]
   assert reverse.task == "reverse" and sum(map(bool, reverse.loss)) >= 1
 
@@ -140,18 +142,28 @@ def test_jsonl_task_longer_than_seq_len_fails_the_precheck(tmp_path, capsys):
   records = [{"question": "q" * n, "answer": "a" * k} for n, k in ((70, 3), (80, 5), (64, 2))]
   cfg = _jsonl_config(tmp_path, records)
   before = _tree(tmp_path)
-  code, out, err = _run(capsys, ["train", "--check", "--config", cfg])
+  code, out, err = _run(capsys, ["train", "--check", "--config", cfg, "--config.data.truncate=right"])
   assert (code, out) == (2, "") and _one_error(err) == (
       "error: task 'qa': no loss tokens at data.seq_len=64: its first 3 training examples have "
       "prompts of 64/70/80 tokens and targets of 2/3/5 (min/median/max), and the loader cuts every "
-      "example at seq_len, so no target token is left; raise data.seq_len to at least 65 (86 fits "
+      "example at seq_len (data.truncate=right), so no target token is left; raise data.seq_len to "
+      "at least 65 (86 fits "
       "every sampled example whole)")
   assert _tree(tmp_path) == before
   # One token more than the shortest prompt: that example keeps exactly one loss token.
-  code, out, _ = _run(capsys, ["train", "--check", "--config", cfg, "--config.data.seq_len=65"])
+  code, out, _ = _run(capsys, ["train", "--check", "--config", cfg, "--config.data.seq_len=65",
+                                "--config.data.truncate=right"])
   assert code == 0 and out.splitlines()[-1] == f"valid: {cfg}"
   assert "  task qa: weight 1; first 3 examples: prompt 64/70/80, target 2/3/5 tokens " \
-         "(min/median/max); 3 cut at seq_len 65, 2 without loss tokens" in out.splitlines()
+         "(min/median/max); at seq_len 65 (right) 1 cut, 2 skipped as too long" in out.splitlines()
+  # The default, prompt_left, keeps every target whole: all three examples train, cut.
+  code, out, _ = _run(capsys, ["train", "--check", "--config", cfg])
+  assert code == 0 and "(min/median/max); at seq_len 64 (prompt_left) 3 cut, 0 skipped as too " \
+         "long" in out
+  # skip drops all three: no loss tokens, named with the seq_len at which one fits whole (67).
+  code, out, err = _run(capsys, ["train", "--check", "--config", cfg, "--config.data.truncate=skip"])
+  assert code == 2 and "data.truncate=skip drops every example that does not fit whole; raise " \
+         "data.seq_len to at least 67" in err
 
 
 def test_loss_tokens_match_the_loader_s_loss_mask():

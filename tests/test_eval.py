@@ -100,13 +100,14 @@ def test_pass_at_k_matches_closed_form_and_distinct_k():
   assert scorers.sequence_entropy([-1.0, -3.0]) == pytest.approx(2.0)
 
 
-def test_eval_during_training_compiles_once_and_cli_eval(tmp_path, capsys):
+def test_eval_during_training_compiles_once_and_cli_eval(tmp_path, tmp_path_factory, capsys):
   import json
   from conftest import tiny_config
   from mtjax import cli, train
   from mtjax.data.tokenizer import ByteTokenizer
   from mtjax.eval.decode import DEFAULT_BUCKETS
   from mtjax import tasks
+  from mtjax.tasks.sources import JsonlSource
   cfg = tiny_config(**{"eval.every": 5, "eval.num_examples": 12, "eval.num_generate": 6,
                        "eval.sample_prompts": 3, "eval.num_samples": 3, "eval.max_new_tokens": 12,
                        "checkpoint.every": 5})
@@ -133,6 +134,18 @@ def test_eval_during_training_compiles_once_and_cli_eval(tmp_path, capsys):
   saved = json.loads((tmp_path / "eval" / "step_5.json").read_text())
   assert saved["eval/reverse/loss"] == pytest.approx(evals[1]["eval/reverse/loss"], rel=1e-5)
   assert "eval/grammar/loss" not in saved
+  # A registered task the run never trained on (an eval-only benchmark): evaluated after the
+  # run's tasks, whose task ids (and numbers) stay as they were.
+  data = tmp_path_factory.mktemp("extra") / "extra.jsonl"
+  data.write_text('{"input": "abc", "target": "cba"}\n{"input": "hello", "target": "olleh"}\n')
+  tasks.register(tasks.Task("extra_bench", JsonlSource({"validation": [str(data)]}),
+                            tasks.exact_match, eval_only=True), replace=True)
+  assert cli.main(["eval", "--workdir", str(tmp_path), "--step", "5", "--tasks",
+                   "reverse,extra_bench"]) == 0
+  assert "extra_bench" in capsys.readouterr().out
+  saved = json.loads((tmp_path / "eval" / "step_5.json").read_text())
+  assert saved["eval/reverse/loss"] == pytest.approx(evals[1]["eval/reverse/loss"], rel=1e-5)
+  assert saved["eval/extra_bench/tokens"] == 4 + 6 and "eval/extra_bench/accuracy" in saved
   assert cli.main(["eval", "--workdir", str(tmp_path), "--tasks", "nosuch"]) == 2
-  assert "--tasks: 'nosuch' is not a task" in capsys.readouterr().err
+  assert "--tasks: unknown task 'nosuch'" in capsys.readouterr().err
   assert cli.main(["eval", "--workdir", str(tmp_path), "--step", "7"]) == 2

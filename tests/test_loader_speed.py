@@ -18,7 +18,8 @@ from registry_guard import registry_snapshot
 
 def _reference(cfg, steps, rows=slice(None)):
   """The previous loader's algorithm, example by example through the Grain pipelines: draw a
-  task, read its next length, close the row if it does not fit, tokenize and place it."""
+  task, read its next tokenized example, fit it to seq_len under data.truncate (skipped: the
+  draw takes the task's next one), close the row if it does not fit, place it."""
   from mtjax.resolve import resolve
   from mtjax.tasks import instruction_rewrite
   cfg = resolve(cfg)
@@ -36,24 +37,26 @@ def _reference(cfg, steps, rows=slice(None)):
     while row < d.batch_size:
       if pending is None:
         before = sampler.state()
-        task = sampler.draw(rates)
-        pending = (task, data[task].lengths[cursors[task]], before)
-      task, length, _ = pending
-      assert length is not None
-      n = min(length - 1, d.seq_len)
+        pending = (sampler.draw(rates), before)
+      task, _ = pending
+      example = data[task].tokens[cursors[task]]
+      assert example is not None
+      fitted = pipeline.fit_example(example, d.seq_len, d.truncate)
+      if fitted is None:  # too long: skipped for good
+        cursors[task] += 1
+        continue
+      example, n = fitted
       if fill + n > d.seq_len:
         row, fill, segment = row + 1, 0, 0
         continue
       segment += 1
       if first <= row < stop:
-        example = data[task].tokens[cursors[task]]
-        assert example is not None
         rows_lib.place(arrays, row - first, fill, n, example, task, segment)
       cursors[task] += 1
       fill += n
       pending = None
     if pending is not None:
-      sampler.credits = np.asarray(pending[2])
+      sampler.credits = np.asarray(pending[1])
     out.append((arrays, sampler.state(), list(cursors)))
   return out
 
@@ -72,6 +75,8 @@ def _tiny_task(name, size):
 CASES = {
     "weights_truncation": {"data.mixture": {"reverse": 5.0, "addition": 2.0, "grammar": 1.0},
                            "data.seq_len": 20, "data.batch_size": 6},
+    "truncate_right": {"data.truncate": "right", "data.seq_len": 20, "data.batch_size": 6},
+    "truncate_skip": {"data.truncate": "skip", "data.seq_len": 30, "data.batch_size": 6},
     "stages_zero_rate": {"data.schedule": "stages", "data.batch_size": 4, "data.stages": (
         (0, {"reverse": 1.0, "addition": 1.0, "grammar": 0.0}), (5, {"grammar": 1.0}))},
     "instructions": {"data.instructions": {"reverse": "wrong", "addition": "empty"}},

@@ -102,6 +102,11 @@ def test_config_file_tasks_train_eval_move_and_config_flag(user_config, tmp_path
   rows = json.loads((workdir / "eval" / "step_4.json").read_text())
   for task in ("echo", "upper"):
     assert f"eval/{task}/accuracy" in rows and f"eval/{task}/loss" in rows
+  from mtjax import cli  # the run's report shows the same figures
+  assert cli.main(["report", str(workdir)]) == 0
+  report = (workdir / "report.md").read_text()
+  assert f"| 4 | echo | {rows['eval/echo/accuracy']:.4f} | {rows['eval/echo/loss']:.4f} |" in report
+  assert "| upper | jsonl | exact_match |" in report and "| echo | jsonl | shout_match |" in report
 
   moved = tmp_path / "elsewhere" / "mine.py"
   moved.parent.mkdir()

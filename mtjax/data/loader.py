@@ -3,11 +3,16 @@
 For each step the loader asks the schedule for that step's rates, draws each next example's task
 from the sampler, takes that task's next example (its own shuffled, repeated Grain pipeline,
 read by index), and packs greedily: an example goes into the current row if it fits, else the
-row is closed and the example starts the next one; every batch starts with fresh rows.
+row is closed and the example starts the next one; every batch starts with fresh rows. An
+example longer than seq_len pairs goes in as data.truncate says (pipeline.fit): prompt_left cuts
+its prompt's first tokens, right keeps its first seq_len pairs, and one that cannot keep a target
+token (or, with skip, any that does not fit whole) is skipped: its task's cursor moves on, the
+draw stands and takes the task's next example, and it is counted in "too_long".
 
 So the GLOBAL batch at step s is a function of (seed, s, the rates used so far) only, and the
 loader state is small, JSON-serializable and independent of the process count:
-`{"step", "credits": [T], "cursors": {task: n}, "truncated", "skipped", "feedback"}`.
+`{"step", "credits": [T], "cursors": {task: n}, "truncated", "skipped", "too_long", "feedback"}`
+(a state without "too_long", written by an earlier version, restores with zeros).
 Each process plans the whole global batch from example lengths (cheap) and tokenizes and
 materializes only its own rows.
 
@@ -42,7 +47,8 @@ BATCH_KEYS = rows_lib.BATCH_KEYS
 empty_batch = rows_lib.empty_batch
 place = rows_lib.place
 FEEDBACK_LAG_EXTRA = 1  # the producer may hold one finished batch beyond the queue
-CHUNK = 1024  # cursors a task's order and lengths are read ahead in
+CHUNK = 1024  # cursors a task's order and lengths are read ahead in (at most)
+FIRST_CHUNK = 64  # the first read: doubled each read up to CHUNK (a small split's order is slow)
 
 
 @dataclasses.dataclass
@@ -52,6 +58,7 @@ class HostBatch:
   rates: np.ndarray  # [T] the sampling rates used for it
   state_after: dict[str, Any]  # loader state once this batch is consumed
   packing_efficiency: float  # non-pad fraction of the GLOBAL batch
+  plan: Plan | None = None  # where every example of the GLOBAL batch went (and its cut)
 
 
 @dataclasses.dataclass
@@ -66,22 +73,50 @@ class Plan:
   src: np.ndarray  # index of the example in its task's split
   truncated: np.ndarray  # [T] examples cut to seq_len
   efficiency: float
+  cut: np.ndarray | None = None  # [K] prompt tokens dropped after BOS (prompt_left)
+  too_long: np.ndarray | None = None  # [T] examples skipped (data.truncate)
 
 
 class _Reader:
-  """A task's next source indices and lengths from its cursor, read CHUNK cursors ahead."""
+  """A task's next examples from its cursor, planned under data.truncate from the length index:
+  (source index, prompt tokens cut, pairs written (0: skipped), whether it is cut), read up to
+  CHUNK cursors ahead."""
 
-  def __init__(self, index: pipeline.TaskIndex):
-    self.index = index
-    self.base, self.src, self.lengths = 0, [], []
+  def __init__(self, index: pipeline.TaskIndex, seq_len: int, truncate: str = "prompt_left",
+               name: str = ""):
+    self.index, self.seq_len, self.truncate, self.name = index, seq_len, truncate, name
+    self.base, self.items = 0, []
+    self.chunk = FIRST_CHUNK
 
-  def at(self, cursor: int) -> tuple[int, int]:
+  def at(self, cursor: int) -> tuple[int, int, int, bool]:
     k = cursor - self.base
-    if not 0 <= k < len(self.src):
-      src = self.index.order(cursor, cursor + CHUNK)
-      self.base, self.src, self.lengths = cursor, src.tolist(), self.index.lengths(src).tolist()
+    if not 0 <= k < len(self.items):
+      src = self.index.order(cursor, cursor + self.chunk)
+      self.chunk = min(2 * self.chunk, CHUNK)
+      counts = self.index.counts(src)
+      cut, n = pipeline.fit_arrays(counts[:, 0], counts[:, 1], self.seq_len, self.truncate)
+      cut_off = (n > 0) & (counts.sum(axis=1) + 1 > self.seq_len)
+      self.base = cursor
+      self.items = list(zip(src.tolist(), cut.tolist(), n.tolist(), cut_off.tolist()))
       k = 0
-    return self.src[k], self.lengths[k]
+    return self.items[k]
+
+  def require_one_fits(self) -> None:
+    """Raises a BadInputError naming the task when no example of its split can be placed."""
+    from mtjax.errors import BadInputError
+    counts = self.index.counts(np.arange(self.index.size))
+    prompt, target = counts[:, 0], counts[:, 1]
+    if pipeline.fit_arrays(prompt, target, self.seq_len, self.truncate)[1].any():
+      return
+    need = {"prompt_left": int(target.min()) + 1, "right": int(prompt.min()) + 1,
+            "skip": int((prompt + target).min()) + 1}[self.truncate]
+    raise BadInputError(
+        f"task {self.name!r}", f"no example of its train split ({self.index.size}) fits "
+        f"data.seq_len={self.seq_len} with data.truncate={self.truncate}: the shortest target "
+        f"has {int(target.min())} tokens (plus EOS), the shortest prompt {int(prompt.min())}, "
+        f"the shortest example {int((prompt + target).min()) + 1} pairs; raise data.seq_len to "
+        f"at least {need}" + (" or set data.truncate=prompt_left" if self.truncate != "prompt_left"
+                              and (target + 1 <= self.seq_len).any() else ""))
 
 
 def plan(readers: Sequence[_Reader], sampler: Sampler, cursors: list[int], rates: np.ndarray,
@@ -89,15 +124,17 @@ def plan(readers: Sequence[_Reader], sampler: Sampler, cursors: list[int], rates
   """Plans one global batch from example lengths alone, advancing `sampler` and `cursors` in
   place. Each next example's task comes from the sampler; it goes into the current row if it
   fits, else the row is closed and it starts the next one. An example of n tokens gives n-1
-  (input, target) pairs; one longer than seq_len pairs is truncated (and counted)."""
+  (input, target) pairs; one longer than seq_len pairs is cut as its reader's data.truncate says
+  (counted in truncated) or skipped (counted in too_long; the draw takes the task's next one)."""
   credits = sampler.credits
   rates = np.asarray(rates, np.float64)
   # Sampler.draw, inlined: credits + 0 is credits and credits + -inf is -inf, so argmax over
   # this sum is its argmax over np.where(rates > 0, credits, -inf), float for float.
   mask = np.where(rates > 0, 0.0, -np.inf)
   masked = np.empty_like(credits)
-  rows, starts, ns, tasks, segments, srcs = [], [], [], [], [], []
+  rows, starts, ns, tasks, segments, srcs, cuts = [], [], [], [], [], [], []
   truncated = [0] * len(readers)
+  too_long = [0] * len(readers)
   row, fill, segment, used = 0, 0, 0, 0
   before = credits.copy()
   while True:
@@ -106,14 +143,23 @@ def plan(readers: Sequence[_Reader], sampler: Sampler, cursors: list[int], rates
     np.add(credits, mask, out=masked)
     task = int(masked.argmax())  # ties: the lowest task index
     credits[task] -= 1.0
-    src, length = readers[task].at(cursors[task])
-    n = min(length - 1, seq_len)
+    src, cut, n, cut_off = readers[task].at(cursors[task])
+    if not n:  # too long: skipped, for good (also when this draw is undone below)
+      run = 0
+      while not n:
+        too_long[task] += 1
+        cursors[task] += 1
+        run += 1
+        if run >= readers[task].index.size:  # as many skips as examples: does any fit at all?
+          readers[task].require_one_fits()
+          run = 0
+        src, cut, n, cut_off = readers[task].at(cursors[task])
     if fill + n > seq_len:  # close the row; the example starts the next one
       row, fill, segment = row + 1, 0, 0
       if row == batch_size:  # drawn but not placed: undo the draw; the next batch draws again
         credits[:] = before
         break
-    truncated[task] += length - 1 > seq_len
+    truncated[task] += cut_off
     segment += 1
     rows.append(row)
     starts.append(fill)
@@ -121,13 +167,14 @@ def plan(readers: Sequence[_Reader], sampler: Sampler, cursors: list[int], rates
     tasks.append(task)
     segments.append(segment)
     srcs.append(src)
+    cuts.append(cut)
     cursors[task] += 1
     fill += n
     used += n
   def array(values: list[int]) -> np.ndarray:
     return np.asarray(values, np.int64)
   return Plan(array(rows), array(starts), array(ns), array(tasks), array(segments), array(srcs),
-              array(truncated), used / (batch_size * seq_len))
+              array(truncated), used / (batch_size * seq_len), array(cuts), array(too_long))
 
 
 def select(plan: Plan, indexes: Sequence[pipeline.TaskIndex], first: int, stop: int) -> rows_lib.Slots:
@@ -138,8 +185,9 @@ def select(plan: Plan, indexes: Sequence[pipeline.TaskIndex], first: int, stop: 
     example = indexes[task].example(src)
     prompts.append(example.prompt)
     targets.append(example.target)
+  cut = None if plan.cut is None else plan.cut[a:b]
   return rows_lib.Slots(plan.row[a:b] - first, plan.start[a:b], plan.n[a:b], plan.task[a:b],
-                        plan.segment[a:b], prompts, targets)
+                        plan.segment[a:b], prompts, targets, cut)
 
 
 STATE_ITEM = "checkpoint item 'loader'"  # where a restored loader state comes from
@@ -147,7 +195,8 @@ STATE_ITEM = "checkpoint item 'loader'"  # where a restored loader state comes f
 
 def validate_state(state: Any, task_names: Sequence[str]) -> dict[str, Any]:
   """A deep copy of a restored loader state, checked key by key against the run's tasks; a state
-  of another shape (a damaged or hand-edited checkpoint) is a BadInputError naming the item."""
+  of another shape (a damaged or hand-edited checkpoint) is a BadInputError naming the item. A
+  state without "too_long" (written before data.truncate existed) restores with zeros."""
   from mtjax.errors import BadInputError
 
   def bad(what: str) -> BadInputError:
@@ -172,8 +221,9 @@ def validate_state(state: Any, task_names: Sequence[str]) -> dict[str, Any]:
     raise bad(f"'step' is {state['step']!r}, not a step number")
   if not rates(state["credits"]):
     raise bad(f"'credits' is not a list of {len(task_names)} numbers (one per task)")
-  for key in ("cursors", "truncated", "skipped"):
-    value = state[key]
+  too_long = state.get("too_long", {n: 0 for n in task_names})
+  for key, value in (*((k, state[k]) for k in ("cursors", "truncated", "skipped")),
+                     ("too_long", too_long)):
     if not isinstance(value, Mapping) or sorted(value) != sorted(task_names) or \
         not all(count(v) for v in value.values()):
       raise bad(f"{key!r} is not a count per task of this run ({list(task_names)})")
@@ -183,7 +233,7 @@ def validate_state(state: Any, task_names: Sequence[str]) -> dict[str, Any]:
     raise bad("'feedback' is not a list of [step, rates per task]")
   return {"step": state["step"], "credits": list(state["credits"]),
           **{k: dict(state[k]) for k in ("cursors", "truncated", "skipped")},
-          "feedback": [[s, list(r)] for s, r in feedback]}
+          "too_long": dict(too_long), "feedback": [[s, list(r)] for s, r in feedback]}
 
 
 class MixtureLoader:
@@ -194,12 +244,15 @@ class MixtureLoader:
                process_index: int = 0, process_count: int = 1,
                state: Mapping[str, Any] | None = None, on_bad_record: str = "stop",
                instructions: Mapping[str, str] | None = None, feedback_lag: int | None = None,
-               workers: int = 0):
+               workers: int = 0, truncate: str = "prompt_left"):
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} not divisible by {process_count} processes")
     self.task_names = tuple(task_names)
     self.schedule = schedule
     self.batch_size, self.seq_len = batch_size, seq_len
+    if truncate not in ("prompt_left", "right", "skip"):
+      raise ValueError(f"unknown truncation policy {truncate!r} (prompt_left, right or skip)")
+    self.truncate = truncate
     self.prefetch = prefetch
     min_lag = prefetch + FEEDBACK_LAG_EXTRA if prefetch else 0
     self.feedback_lag = min_lag if feedback_lag is None else feedback_lag
@@ -215,13 +268,14 @@ class MixtureLoader:
                                     rewrite_key=(modes[name], name, self.task_names, seed))
               for i, name in enumerate(self.task_names)]
     self._indexes = [d.index for d in loaded]
-    self._readers = [_Reader(d.index) for d in loaded]
+    self._readers = [_Reader(d.index, seq_len, truncate, name)
+                     for d, name in zip(loaded, self.task_names)]
     self._tokenizer = tokenizer
     zeros = {n: 0 for n in self.task_names}
     self.state = validate_state(state, self.task_names) if state else {
         "step": 0, "credits": [0.0] * len(self.task_names), "cursors": dict(zeros),
         "truncated": dict(zeros), "skipped": {n: d.skipped for n, d in zip(self.task_names, loaded)},
-        "feedback": []}
+        "too_long": dict(zeros), "feedback": []}
     self._lock = threading.Lock()
     self._queue: queue.Queue = queue.Queue()
     # Batches planned and not yet consumed: at most prefetch + 1, as with a queue of `prefetch`
@@ -247,7 +301,7 @@ class MixtureLoader:
                process_index=process_index, process_count=process_count, state=state,
                on_bad_record=d.on_bad_record, instructions=d.instructions,
                feedback_lag=max(d.feedback_lag, prefetch + FEEDBACK_LAG_EXTRA if prefetch else 0),
-               workers=d.workers)
+               workers=d.workers, truncate=d.truncate)
 
   # -- rates ---------------------------------------------------------------------------------
 
@@ -275,12 +329,15 @@ class MixtureLoader:
     sampler = Sampler(len(self.task_names), state["credits"])
     cursors = [state["cursors"][n] for n in self.task_names]
     planned = plan(self._readers, sampler, cursors, rates, self.batch_size, self.seq_len)
+    too_long = planned.too_long if planned.too_long is not None else np.zeros(len(cursors), int)
     after = {
         "step": step + 1, "credits": sampler.state(),
         "cursors": dict(zip(self.task_names, cursors)),
         "truncated": {n: state["truncated"][n] + int(planned.truncated[i])
                       for i, n in enumerate(self.task_names)},
         "skipped": dict(state["skipped"]),
+        "too_long": {n: state["too_long"][n] + int(too_long[i])
+                     for i, n in enumerate(self.task_names)},
     }
     return planned, rates, after
 
@@ -301,7 +358,8 @@ class MixtureLoader:
   def _produce(self, state: dict[str, Any]) -> HostBatch:
     planned, rates, after = self._plan(state)
     self._submit(planned)
-    return HostBatch(self._collect(planned), state["step"], rates, after, planned.efficiency)
+    return HostBatch(self._collect(planned), state["step"], rates, after, planned.efficiency,
+                     planned)
 
   def _worker(self) -> None:
     state = copy.deepcopy(self.state)
@@ -317,7 +375,8 @@ class MixtureLoader:
           state = after
         elif inflight:
           planned, rates, step, after = inflight.popleft()
-          self._queue.put(HostBatch(self._collect(planned), step, rates, after, planned.efficiency))
+          self._queue.put(HostBatch(self._collect(planned), step, rates, after,
+                                    planned.efficiency, planned))
     except BaseException as e:  # surfaced to the consumer, never swallowed
       self._queue.put(e)
 

@@ -5,9 +5,9 @@ the task name). Random access keeps the loader state small: a task's next exampl
 cursor. Mixing across tasks (with rates that may change every step) is data/mixture.py's job.
 
 `TaskIndex` is the same order without Grain's per-element calls: cursor -> source index in
-numpy, and a per-split length index (token counts by source index, computed once per split,
-tokenizer, preprocessing and rewrite, kept in memory) so the loader plans packing without
-tokenizing.
+numpy, and a per-split length index (prompt and target token counts by source index, computed
+once per split, tokenizer, preprocessing and rewrite, kept in memory) so the loader plans packing,
+and truncation under data.truncate (`fit`), without tokenizing.
 """
 
 from __future__ import annotations
@@ -79,6 +79,79 @@ def fit(prompt: int, target: int, seq_len: int, policy: str) -> tuple[int, int] 
   raise ValueError(f"unknown truncation policy {policy!r}")
 
 
+def fit_arrays(prompt: np.ndarray, target: np.ndarray, seq_len: int,
+               policy: str) -> tuple[np.ndarray, np.ndarray]:
+  """`fit` of many examples at once: (prompt tokens cut, pairs written) per example, pairs 0
+  where the example is skipped (a kept example writes at least one pair)."""
+  prompt = np.asarray(prompt, np.int64)
+  target = np.asarray(target, np.int64)
+  pairs = prompt + target + 1
+  over = pairs > seq_len
+  if policy == "prompt_left":
+    keep = ~over | (target + 1 <= seq_len)
+    cut = np.where(over & keep, pairs - seq_len, 0)
+  elif policy == "right":
+    keep = ~over | (prompt < seq_len)
+    cut = np.zeros_like(pairs)
+  elif policy == "skip":
+    keep = ~over
+    cut = np.zeros_like(pairs)
+  else:
+    raise ValueError(f"unknown truncation policy {policy!r}")
+  return cut, np.where(keep, np.minimum(pairs, seq_len), 0)
+
+
+def apply_fit(example: dict[str, Any], cut: int) -> dict[str, Any]:
+  """A tokenized example ({tokens: [BOS] prompt target [EOS], target_start, ...}) with its
+  prompt's first `cut` tokens removed (BOS stays), as `fit` plans it under prompt_left; the other
+  keys are kept. Place its first n pairs (rows.place) with n from `fit`."""
+  if not cut:
+    return example
+  tokens, start = example["tokens"], int(example["target_start"])
+  if not 0 < cut <= start - 1:
+    raise ValueError(f"cut {cut} outside the prompt's {start - 1} tokens")
+  return {**example, "tokens": np.concatenate([tokens[:1], tokens[1 + cut:]]),
+          "target_start": start - cut}
+
+
+def fit_example(example: dict[str, Any], seq_len: int,
+                policy: str) -> tuple[dict[str, Any], int] | None:
+  """A tokenized example as the loader places it under data.truncate: (the example after
+  `apply_fit`, pairs to write), or None when the loader skips it (counted in too_long)."""
+  start = int(example["target_start"])
+  planned = fit(start - 1, len(example["tokens"]) - start - 1, seq_len, policy)
+  if planned is None:
+    return None
+  cut, pairs = planned
+  return apply_fit(example, cut), pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+  """What one truncation policy does to some examples at one seq_len."""
+
+  examples: int
+  truncated: int  # cut and kept
+  too_long: int  # skipped
+  loss_tokens: int  # loss tokens (target + EOS) of the examples whole
+  loss_lost: int  # of which are not trained (cut off, or in a skipped example)
+
+
+def effect(prompt: Sequence[int] | np.ndarray, target: Sequence[int] | np.ndarray, seq_len: int,
+           policy: str) -> Effect:
+  """Examples truncated, skipped and loss tokens lost under `policy` at seq_len."""
+  p = np.asarray(prompt, np.int64)
+  t = np.asarray(target, np.int64)
+  cut, pairs = fit_arrays(p, t, seq_len, policy)
+  kept = pairs > 0
+  loss = t + 1
+  # A kept example's loss pairs: pairs written minus the prompt pairs left (the prompt after its
+  # cut; pair t predicts token t + 1).
+  trained = np.where(kept, np.clip(pairs - (p - cut), 0, None), 0)
+  return Effect(len(p), int((kept & (p + t + 1 > seq_len)).sum()), int((~kept).sum()),
+                int(loss.sum()), int((loss - trained).sum()))
+
+
 def loss_tokens(length: int, target_start: int, seq_len: int) -> int:
   """Loss-carrying (input, target) pairs of an example of `length` tokens whose target starts at
   token `target_start`, once the loader cuts it to seq_len pairs (loader.place: pair t predicts
@@ -94,7 +167,9 @@ class TokenSample:
   task: str
   prompt: tuple[int, ...]  # prompt tokens per example (instruction + input; BOS not counted)
   target: tuple[int, ...]  # target tokens per example (EOS not counted)
-  loss: tuple[int, ...]  # loss tokens per example at seq_len
+  loss: tuple[int, ...]  # loss tokens per example at seq_len under `truncate`
+  seq_len: int = 0
+  truncate: str = "right"
 
   @property
   def min_seq_len(self) -> int:
@@ -106,28 +181,36 @@ class TokenSample:
     """The seq_len at which every sampled example fits whole (BOS + prompt + target + EOS - 1)."""
     return max(p + t + 1 for p, t in zip(self.prompt, self.target))
 
+  @property
+  def full_seq_len_min(self) -> int:
+    """The seq_len at which some sampled example fits whole."""
+    return min(p + t + 1 for p, t in zip(self.prompt, self.target))
+
+  def effect(self, policy: str, seq_len: int | None = None) -> Effect:
+    """What `policy` does to the sampled examples at seq_len (default: the sample's)."""
+    return effect(self.prompt, self.target, self.seq_len if seq_len is None else seq_len, policy)
+
 
 def token_sample(task_name: str, tokenizer: Tokenizer, seed: int, seq_len: int, count: int = 64,
                  split: str = "train", on_bad_record: str = "stop",
-                 rewrite: Callable[[Example], Example] | None = None) -> TokenSample:
+                 rewrite: Callable[[Example], Example] | None = None,
+                 truncate: str = "right") -> TokenSample:
   """The first `count` examples of a task's split (source order, preprocessed, rewritten and
-  tokenized as the loader does): their prompt, target and loss token counts at seq_len."""
+  counted as the loader tokenizes them): their prompt and target token counts, and their loss
+  tokens at seq_len under the truncation policy `truncate` ("right": the first seq_len pairs,
+  what `loss_tokens` counts)."""
   task = task_registry.get(task_name)
   examples = task.source.load(split, seed, on_bad_record).examples
-  tokenize = Tokenize(tokenizer, 0)
-  prompt, target, loss = [], [], []
-  for i in range(min(count, len(examples))):
-    example = examples[i]
-    if task.preprocess is not None:
-      example = task.preprocess(example)
-    if rewrite is not None:
-      example = rewrite(example)
-    item = tokenize.map(example)
-    length, start = len(item["tokens"]), item["target_start"]
-    prompt.append(start - 1)
-    target.append(length - start - 1)
-    loss.append(loss_tokens(length, start, seq_len))
-  return TokenSample(task_name, tuple(prompt), tuple(target), tuple(loss))
+  transform = _compose(task.preprocess, rewrite)
+  sample = [examples[i] for i in range(min(count, len(examples)))]
+  if transform is not None:
+    sample = [transform(e) for e in sample]
+  prompt = _count_all(tokenizer, [e.prompt for e in sample])
+  target = _count_all(tokenizer, [e.target for e in sample])
+  cut, pairs = fit_arrays(prompt, target, seq_len, truncate)
+  loss = np.where(pairs > 0, np.clip(pairs - (prompt - cut), 0, None), 0)
+  return TokenSample(task_name, tuple(prompt.tolist()), tuple(target.tolist()),
+                     tuple(loss.tolist()), seq_len, truncate)
 
 
 def shuffled_order(size: int, shuffle_seed: int, start: int, stop: int) -> np.ndarray:
@@ -165,8 +248,9 @@ _LENGTHS_LOCK = threading.Lock()
 
 def _length_index(examples: Sequence[Example], preprocess: Any, rewrite: Any,
                   rewrite_key: Hashable, tokenizer: Tokenizer) -> np.ndarray:
-  """The shared length array (-1: not counted yet) of one split under one preprocessing. A
-  rewrite without a key is keyed by its identity (pinned, so the id is not reused)."""
+  """The shared [N, 2] array of (prompt, target) token counts (-1: not counted yet) of one split
+  under one preprocessing. A rewrite without a key is keyed by its identity (pinned, so the id is
+  not reused)."""
   try:
     hash(tokenizer)
     tok_key: Hashable = tokenizer  # equal tokenizers (ByteTokenizer) share
@@ -181,7 +265,7 @@ def _length_index(examples: Sequence[Example], preprocess: Any, rewrite: Any,
     if key in _LENGTHS:
       _LENGTHS.move_to_end(key)
       return _LENGTHS[key][1]
-    lengths = np.full(len(examples), -1, np.int64)
+    lengths = np.full((len(examples), 2), -1, np.int64)
     _LENGTHS[key] = ((examples, preprocess, rewrite, tokenizer), lengths)
     while len(_LENGTHS) > _LENGTHS_MAX:
       _LENGTHS.popitem(last=False)
@@ -192,8 +276,9 @@ class TaskIndex:
   """A task's examples in the loader's order, with their token counts.
 
   `order(start, stop)` gives the source indices at cursors [start, stop) (the pipeline's
-  shuffle and repeat), `lengths(src)` their token counts as Tokenize makes them (counted once,
-  then read from the length index), `texts(src)` their (prompt, target) after preprocessing.
+  shuffle and repeat), `counts(src)` their [K, 2] (prompt, target) token counts as Tokenize makes
+  them (BOS and EOS not counted; counted once, then read from the length index), `lengths(src)`
+  their whole token counts, `texts(src)` their (prompt, target) after preprocessing.
   """
 
   def __init__(self, examples: Sequence[Example], shuffle_seed: int,
@@ -210,15 +295,21 @@ class TaskIndex:
   def order(self, start: int, stop: int) -> np.ndarray:
     return shuffled_order(self.size, self.shuffle_seed, start, stop)
 
-  def lengths(self, src: np.ndarray) -> np.ndarray:
+  def counts(self, src: np.ndarray) -> np.ndarray:
+    src = np.asarray(src, np.int64)
     known = self._lengths[src]
-    missing = np.unique(src[known < 0])
+    missing = np.unique(src[(known < 0).any(axis=1)])  # a row half written by another thread too
     if len(missing):  # count each example once, for every loader of this split
       examples = [self.example(int(i)) for i in missing]
-      self._lengths[missing] = (2 + _count_all(self.tokenizer, [e.prompt for e in examples]) +
-                                _count_all(self.tokenizer, [e.target for e in examples]))
+      self._lengths[missing] = np.stack(
+          [_count_all(self.tokenizer, [e.prompt for e in examples]),
+           _count_all(self.tokenizer, [e.target for e in examples])], axis=1)
       known = self._lengths[src]
     return known
+
+  def lengths(self, src: np.ndarray) -> np.ndarray:
+    """Token counts of whole examples: BOS + prompt + target + EOS."""
+    return self.counts(src).sum(axis=1) + 2
 
   def texts(self, src: Sequence[int]) -> tuple[list[str], list[str]]:
     examples = [self.example(int(i)) for i in src]

@@ -38,7 +38,9 @@ def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
 
 def place(out: dict[str, np.ndarray], row: int, start: int, n: int, example: dict[str, Any],
           task: int, segment: int) -> None:
-  """Writes the first n (input, target) pairs of a tokenized example at out[row, start:]."""
+  """Writes the first n (input, target) pairs of a tokenized example at out[row, start:]. An
+  example whose prompt is cut (data.truncate=prompt_left) is cut first: pipeline.fit_example or
+  pipeline.apply_fit."""
   ids, sl = example["tokens"], slice(start, start + n)
   out["inputs"][row, sl] = ids[:n]
   out["targets"][row, sl] = ids[1 : n + 1]
@@ -52,7 +54,8 @@ def place(out: dict[str, np.ndarray], row: int, start: int, n: int, example: dic
 @dataclasses.dataclass
 class Slots:
   """The planned examples of some rows, in row order: example k goes to row[k] (relative to the
-  first materialized row) at column start[k], n[k] pairs, with its task and segment id."""
+  first materialized row) at column start[k], n[k] pairs, with its task and segment id, its
+  prompt's first cut[k] tokens dropped (BOS kept; None: no cuts)."""
 
   row: np.ndarray
   start: np.ndarray
@@ -61,6 +64,13 @@ class Slots:
   segment: np.ndarray
   prompts: list[str]  # the example texts, as the pipeline formats them
   targets: list[str]
+  cut: np.ndarray | None = None
+
+  def part(self, a: int, b: int, first_row: int) -> Slots:
+    """Slots a..b, their rows relative to `first_row`."""
+    return Slots(self.row[a:b] - first_row, self.start[a:b], self.n[a:b], self.task[a:b],
+                 self.segment[a:b], self.prompts[a:b], self.targets[a:b],
+                 None if self.cut is None else self.cut[a:b])
 
 
 def tokenize(tokenizer: Tokenizer, prompts: Sequence[str],
@@ -104,7 +114,8 @@ def _starts(sizes: np.ndarray) -> np.ndarray:
 
 def materialize(tokenizer: Tokenizer, rows: int, seq_len: int, slots: Slots) -> dict[str, np.ndarray]:
   """The batch arrays of `rows` rows holding the planned slots (pad elsewhere): vectorized,
-  equal to loader.place of every slot in turn."""
+  equal to loader.place of every slot in turn (after pipeline.apply_fit of its cut): BOS, then
+  the prompt from its token 1 + cut, the target and EOS; the loss on target tokens and EOS."""
   out = empty_batch(rows, seq_len)
   if not len(slots.n):
     return out
@@ -115,10 +126,18 @@ def materialize(tokenizer: Tokenizer, rows: int, seq_len: int, slots: Slots) -> 
   pos = np.arange(total) - np.repeat(first, n)  # pair index within its example
   src = np.repeat(offsets, n) + pos  # token index of each pair's input in flat
   dest = np.repeat(slots.row.astype(np.int64) * seq_len + slots.start, n) + pos
-  out["inputs"].reshape(-1)[dest] = flat[src]
-  out["targets"].reshape(-1)[dest] = flat[src + 1]
-  # Pair t predicts token t + 1: in the loss when that token belongs to the target.
-  out["loss_mask"].reshape(-1)[dest] = pos + 1 >= np.repeat(target_starts, n)
+  if slots.cut is not None and slots.cut.any():
+    # A cut example skips its prompt's first `cut` tokens after BOS: pair 0 reads BOS, pair
+    # t > 0 reads token t + cut, and every pair's target is token t + 1 + cut.
+    cut = np.repeat(slots.cut.astype(np.int64), n)
+    out["inputs"].reshape(-1)[dest] = flat[src + np.where(pos > 0, cut, 0)]
+    out["targets"].reshape(-1)[dest] = flat[src + 1 + cut]
+    out["loss_mask"].reshape(-1)[dest] = pos + 1 + cut >= np.repeat(target_starts, n)
+  else:
+    out["inputs"].reshape(-1)[dest] = flat[src]
+    out["targets"].reshape(-1)[dest] = flat[src + 1]
+    # Pair t predicts token t + 1: in the loss when that token belongs to the target.
+    out["loss_mask"].reshape(-1)[dest] = pos + 1 >= np.repeat(target_starts, n)
   out["segment_ids"].reshape(-1)[dest] = np.repeat(slots.segment, n)
   out["positions"].reshape(-1)[dest] = pos
   out["task_ids"].reshape(-1)[dest] = np.repeat(slots.task, n)
@@ -209,8 +228,7 @@ class Workers:
       if hi <= lo:
         continue
       a, b = np.searchsorted(slots.row, [lo, hi])  # slots are in row order
-      part = Slots(slots.row[a:b] - lo, slots.start[a:b], slots.n[a:b], slots.task[a:b],
-                   slots.segment[a:b], slots.prompts[a:b], slots.targets[a:b])
+      part = slots.part(int(a), int(b), int(lo))
       stdin = self.procs[w].stdin
       assert stdin is not None
       _send(stdin, (int(hi - lo), seq_len, part))

@@ -3,15 +3,20 @@
 Prompts are left-padded to a bucket length (one compilation per bucket, whatever the prompt
 lengths inside it) and batched to a fixed batch size. Greedy and sampling (temperature, top-k,
 top-p) share one compiled function: the sampling settings are array arguments, and temperature
-0 is greedy. Generation stops at EOS (per row) or after max_new_tokens; the loop ends early when
-every row is done. Also returns each token's log-probability under the model (temperature 1),
-for sequence-level entropy estimates.
+0 is greedy. So is each row's token budget: a row stops at EOS or after its own budget (one
+compilation serves every task's budget), and the loop ends early when every row is done. Also
+returns each token's log-probability under the model (temperature 1), for sequence-level entropy
+estimates.
+
+With a model length (`max_len`, the length the model was trained on), prompt + new tokens never
+exceed it: a row's budget is capped by max_len - prompt length, and each bucket's KV cache holds
+the bucket plus the most new tokens any prompt of that bucket can get (see `Generator.width`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,6 +28,11 @@ from mtjax.model import ModelSpec, init_cache
 from mtjax.parallel import sharding as sharding_lib
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+
+
+def buckets_for(max_len: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+  """Prompt buckets up to a model length: the buckets below it, then the length itself."""
+  return tuple(sorted(b for b in set(buckets) if b < max_len)) + (max_len,)
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -43,28 +53,34 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_
   return jnp.where(temperature > 0, sampled, greedy)
 
 
-def make_generate_fn(graphdef: Any, spec: ModelSpec, max_new_tokens: int, eos_id: int,
-                     stop_ids: Sequence[int] = ()):
-  """(params, tokens [B, P], valid [B, P], key, temperature, top_k, top_p)
+def make_generate_fn(graphdef: Any, spec: ModelSpec, max_new_tokens: int | Callable[[int], int],
+                     eos_id: int, stop_ids: Sequence[int] = ()):
+  """(params, tokens [B, P], valid [B, P], budget [B], key, temperature, top_k, top_p)
   -> (new tokens [B, N], their log-probs [B, N], lengths [B]). Left-padded prompts. A row ends at
-  eos_id or any of stop_ids (the stop token is kept in the output; the rest is eos_id)."""
+  eos_id or any of stop_ids (the stop token is kept in the output; the rest is eos_id) or after
+  `budget` tokens. N (the most new tokens, a static shape; the KV cache holds P + N) is
+  max_new_tokens, or max_new_tokens(P) when it is a function of the prompt width; budgets above
+  N act as N."""
   stops = jnp.asarray(sorted({eos_id, *stop_ids}), jnp.int32)
+  width_of = max_new_tokens if callable(max_new_tokens) else lambda _: max_new_tokens
 
-  def generate(params, tokens, valid, key, temperature, top_k, top_p):
+  def generate(params, tokens, valid, budget, key, temperature, top_k, top_p):
     batch, prompt_len = tokens.shape
+    width = width_of(prompt_len)
     segment_ids = valid.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
-    cache = init_cache(spec, batch, prompt_len + max_new_tokens)
+    cache = init_cache(spec, batch, prompt_len + width)
     logits, cache = nnx.merge(graphdef, params)(tokens, positions, segment_ids, cache)
+    budget = jnp.minimum(budget.astype(jnp.int32), width)
     init = {
         "t": jnp.zeros((), jnp.int32), "cache": cache, "logits": logits[:, -1],
-        "pos": positions[:, -1] + 1, "out": jnp.full((batch, max_new_tokens), eos_id, jnp.int32),
-        "logp": jnp.zeros((batch, max_new_tokens), jnp.float32),
-        "done": jnp.zeros((batch,), jnp.bool_), "length": jnp.zeros((batch,), jnp.int32),
+        "pos": positions[:, -1] + 1, "out": jnp.full((batch, width), eos_id, jnp.int32),
+        "logp": jnp.zeros((batch, width), jnp.float32),
+        "done": budget <= 0, "length": jnp.zeros((batch,), jnp.int32),
     }
 
     def cond(s):
-      return (s["t"] < max_new_tokens) & ~jnp.all(s["done"])
+      return (s["t"] < width) & ~jnp.all(s["done"])
 
     def body(s):
       token = sample_token(s["logits"], jax.random.fold_in(key, s["t"]), temperature, top_k, top_p)
@@ -75,7 +91,7 @@ def make_generate_fn(graphdef: Any, spec: ModelSpec, max_new_tokens: int, eos_id
           s["logp"], jnp.where(s["done"], 0.0, logp)[:, None], s["t"], axis=1)
       stop = jnp.isin(token, stops)
       length = s["length"] + (~s["done"] & ~stop)
-      done = s["done"] | stop
+      done = s["done"] | stop | (s["t"] + 1 >= budget)  # the row's budget is spent
       logits, cache = nnx.merge(graphdef, params)(
           token[:, None], s["pos"][:, None], jnp.ones((batch, 1), jnp.int32), s["cache"])
       return {"t": s["t"] + 1, "cache": cache, "logits": logits[:, 0], "pos": s["pos"] + 1,
@@ -94,16 +110,33 @@ class Sample:
 
 
 class Generator:
-  """Batched, bucketed generation on a mesh; counts compilations per bucket."""
+  """Batched, bucketed generation on a mesh; counts compilations per bucket.
+
+  max_new_tokens: the largest budget a call may ask for, and the default. max_len: the model's
+  length (None: no limit): a prompt of p tokens gets at most max_len - p new tokens, and a prompt
+  that leaves no room (p >= max_len) or is longer than the largest bucket cannot be generated for
+  (`room` is 0; the call raises ValueError: callers skip such prompts first).
+  """
 
   def __init__(self, graphdef: Any, spec: ModelSpec, mesh: jax.sharding.Mesh, *,
                max_new_tokens: int, eos_id: int, pad_id: int = 0, batch_size: int = 8,
-               buckets: Sequence[int] = DEFAULT_BUCKETS, stop_ids: Sequence[int] = ()):
+               buckets: Sequence[int] = DEFAULT_BUCKETS, stop_ids: Sequence[int] = (),
+               max_len: int | None = None):
     self.mesh, self.batch_size, self.buckets = mesh, batch_size, tuple(sorted(buckets))
     self.eos_id, self.pad_id = eos_id, pad_id
-    self._fn = make_generate_fn(graphdef, spec, max_new_tokens, eos_id, stop_ids)
+    self.max_new_tokens, self.max_len = max_new_tokens, max_len
+    self._fn = make_generate_fn(graphdef, spec, self.width, eos_id, stop_ids)
     self._row_sharding = sharding_lib.named(mesh, ("batch", "length"))
     self.compiles: dict[int, int] = {}
+
+  def width(self, bucket: int) -> int:
+    """The most new tokens a prompt of this bucket can get: max_new_tokens, and with max_len the
+    room its shortest prompt (one more than the bucket below) leaves. The bucket's KV cache holds
+    bucket + width slots (left padding included; positions never pass max_len)."""
+    if self.max_len is None:
+      return self.max_new_tokens
+    below = max((b for b in self.buckets if b < bucket), default=0)
+    return max(1, min(self.max_new_tokens, self.max_len - below - 1))
 
   def bucket(self, length: int) -> int:
     for b in self.buckets:
@@ -111,31 +144,52 @@ class Generator:
         return b
     raise ValueError(f"prompt of {length} tokens is longer than the largest bucket {self.buckets[-1]}")
 
+  def room(self, length: int) -> int:
+    """The most new tokens a prompt of `length` tokens can get (0: it cannot be generated for)."""
+    if length > self.buckets[-1]:
+      return 0
+    room = self.max_new_tokens if self.max_len is None else min(self.max_new_tokens,
+                                                                  self.max_len - length)
+    return max(room, 0)
+
   def __call__(self, params: Any, prompts: Sequence[np.ndarray], *, num_samples: int = 1,
-               seed: int = 0, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0) -> list[list[Sample]]:
-    """For each prompt (token ids, BOS included), num_samples Samples."""
+               seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               max_new_tokens: int | Sequence[int] | None = None) -> list[list[Sample]]:
+    """For each prompt (token ids, BOS included), num_samples Samples. max_new_tokens: a budget
+    for every prompt or one per prompt (default: the generator's), capped by `room`."""
     from mtjax.monitoring import CompileCounter
+    if max_new_tokens is None:
+      max_new_tokens = self.max_new_tokens
+    budgets = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
+               else list(max_new_tokens))
+    if len(budgets) != len(prompts):
+      raise ValueError(f"{len(budgets)} budgets for {len(prompts)} prompts")
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(num_samples)]
     results: list[list[Sample]] = [[] for _ in prompts]
     by_bucket: dict[int, list] = {}
     for i, p in rows:
-      by_bucket.setdefault(self.bucket(len(p)), []).append((i, p))
+      bucket = self.bucket(len(p))
+      if self.room(len(p)) < 1:
+        raise ValueError(f"prompt of {len(p)} tokens leaves no room for a new token under the "
+                         f"model length {self.max_len}")
+      by_bucket.setdefault(bucket, []).append((i, p))
     key = jax.random.key(seed)
     for bucket, items in sorted(by_bucket.items()):
       for start in range(0, len(items), self.batch_size):
         chunk = items[start : start + self.batch_size]
         tokens = np.full((self.batch_size, bucket), self.pad_id, np.int32)
         valid = np.zeros((self.batch_size, bucket), bool)
+        budget = np.zeros((self.batch_size,), np.int32)  # filler rows: done at once
         tokens[:, -1] = self.eos_id  # filler rows: a one-token prompt
         valid[:, -1] = True
-        for r, (_, p) in enumerate(chunk):
+        for r, (i, p) in enumerate(chunk):
           tokens[r] = self.pad_id
           valid[r] = False
           tokens[r, bucket - len(p):] = p
           valid[r, bucket - len(p):] = True
+          budget[r] = min(budgets[i], self.room(len(p)))
         args = (jax.device_put(tokens, self._row_sharding), jax.device_put(valid, self._row_sharding),
-                jax.random.fold_in(key, bucket * 100_003 + start), jnp.float32(temperature),
+                budget, jax.random.fold_in(key, bucket * 100_003 + start), jnp.float32(temperature),
                 jnp.int32(top_k), jnp.float32(top_p))
         counter = CompileCounter()
         with jax.set_mesh(self.mesh), counter:

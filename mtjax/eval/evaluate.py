@@ -6,11 +6,30 @@ held-out examples gives per-task loss, token accuracy and entropy. Generation: g
 structural match, or an open-ended task's verifier) -> `accuracy`; and `eval.num_samples` samples
 for `eval.sample_prompts` prompts -> pass@1, pass@n, distinct@n (distinct valid outputs), and a
 sequence-level entropy estimate. Logged as eval/<task>/<metric>.
+
+Lengths: the model's length L is what it was trained on (`model_length`: data.seq_len).
+- Teacher-forced examples go through `pipeline.fit` under data.truncate, as in training (prompt
+  cut from the left after BOS under prompt_left); one that fit rejects is skipped.
+- Generation budgets (eval.max_new_tokens): "auto" gives each task its longest target, in tokens,
+  plus EOS, over the held-out examples it generates for, capped by L - 1; a number is every
+  task's budget (it must be below L). A prompt of p tokens (BOS included) gets at most L - p new
+  tokens. A prompt whose own target and EOS do not fit after it (p + target + 1 > L: its reference
+  answer could not be produced, so a miss would measure the length, not the model) is skipped.
+  Prompt buckets are decode.buckets_for(L); one compilation per bucket serves every budget.
+- eval/<task>/skipped counts the task's held-out examples left out of some metric (teacher-forced
+  or generation) by these rules; eval/<task>/truncated the teacher-forced ones cut to fit;
+  eval/<task>/max_new_tokens its budget. Metrics average over what was scored: a metric with
+  nothing scored is absent from the row (never NaN), and a task with every example skipped gets
+  a one-line warning on stderr when the evaluator is built.
+
+Tasks: any registered task can be evaluated (eval-only benchmarks on any checkpoint). The run's
+tasks keep their task ids (positions in data.tasks); other tasks get ids after them.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,10 +42,10 @@ from flax import nnx
 from mtjax import tasks as task_registry
 from mtjax.config import Config
 from mtjax.data.loader import empty_batch, place
-from mtjax.data.pipeline import Tokenize
+from mtjax.data.pipeline import Tokenize, fit_example
 from mtjax.eval import scorers
 from mtjax.errors import BadInputError
-from mtjax.eval.decode import Generator
+from mtjax.eval.decode import Generator, buckets_for
 from mtjax.model import ModelSpec
 from mtjax.monitoring import CompileCounter
 from mtjax.parallel import sharding as sharding_lib
@@ -35,8 +54,28 @@ from mtjax.parallel.sharding import BATCH_AXES
 from mtjax.train import losses
 
 
+def model_length(config: Config) -> int:
+  """The longest sequence the model handles: the length it was trained on (data.seq_len)."""
+  return config.data.seq_len
+
+
+def check_budget(config: Config) -> None:
+  """Eval settings no prompt can satisfy: a BadInputError (exit 2) at start."""
+  budget, length = config.eval.max_new_tokens, model_length(config)
+  if isinstance(budget, int) and budget >= length:
+    raise BadInputError("eval.max_new_tokens", f"{budget} new tokens leave no room for a prompt in "
+                        f"the model's {length} tokens (data.seq_len): expected 'auto' or a number "
+                        f"below {length}")
+
+
+def auto_budget(target_tokens: Sequence[int], length: int) -> int:
+  """eval.max_new_tokens=auto: the longest target plus EOS, capped by length - 1 (room for BOS)."""
+  return min(max(target_tokens, default=0) + 1, length - 1)
+
+
 def pack_in_order(examples: Sequence[dict], batch_size: int, seq_len: int) -> list[dict[str, np.ndarray]]:
-  """Packs tokenized examples in order, each once, into fixed [batch_size, seq_len] batches."""
+  """Packs tokenized examples in order, each once, into fixed [batch_size, seq_len] batches
+  (fitted first: see pipeline.fit_example; an example is cut to its first seq_len pairs)."""
   batches, row, fill, segment = [], 0, 0, 0
   for ex in examples:
     n = min(len(ex["tokens"]) - 1, seq_len)
@@ -54,33 +93,76 @@ def pack_in_order(examples: Sequence[dict], batch_size: int, seq_len: int) -> li
 
 
 class Evaluator:
-  """Held-out evaluation of the run's tasks; build once, call with params at any step."""
+  """Held-out evaluation of registered tasks (default: the run's); build once, call with params
+  at any step."""
 
   def __init__(self, config: Config, graphdef: Any, spec: ModelSpec, mesh: jax.sharding.Mesh,
                tokenizer, tasks: Sequence[str] | None = None):
     self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
     e = config.eval
-    self.task_names = tuple(tasks or e.tasks or config.data.tasks)
-    self.num_tasks = len(config.data.tasks)  # task ids are positions in the run's task list
+    check_budget(config)
+    length = self.length = model_length(config)
+    run_tasks = tuple(config.data.tasks)
+    self.task_names = tuple(dict.fromkeys(tasks or e.tasks or run_tasks))
+    known = task_registry.names()
+    unknown = [n for n in self.task_names if n not in known]
+    if unknown:
+      raise BadInputError("eval.tasks", f"unknown task {', '.join(map(repr, unknown))} "
+                          f"(known: {', '.join(known)})")
+    # The run's tasks keep their ids (positions in data.tasks); other tasks come after them.
+    extras = tuple(n for n in self.task_names if n not in run_tasks)
+    self.task_ids = {n: i for i, n in enumerate(run_tasks + extras)}
+    self.num_tasks = len(self.task_ids)
     shards = mesh.shape["dcn"] * mesh.shape["data"] * mesh.shape["fsdp"]
     self.batch_size = -(-e.batch_size // shards) * shards
-    self.examples = {}
+    num_gen = max(e.num_generate, e.sample_prompts if e.num_samples else 0)
+    self.examples: dict[str, list] = {}
+    self.prompts: dict[str, list[np.ndarray]] = {}  # [BOS] prompt of each example
+    self.generate_ok: dict[str, list[bool]] = {}  # its prompt leaves room for its target + EOS
+    self.budgets: dict[str, int] = {}  # new tokens per prompt (capped by the room it leaves)
+    self.skipped: dict[str, int] = {}
+    self.truncated: dict[str, int] = {}
     tokenized = []
     for name in self.task_names:
-      task_id = config.data.tasks.index(name)
-      examples = task_registry.get(name).source.load("validation", config.seed).examples
-      self.examples[name] = [examples[i] for i in range(min(len(examples), max(
-          e.num_examples, e.num_generate, e.sample_prompts)))]
-      rewrite = task_registry.instruction_rewrite(  # the same ablation as in training
-          name, config.data.instructions.get(name, "keep"), config.data.tasks, config.seed)
-      if rewrite is not None:
-        self.examples[name] = [rewrite(ex) for ex in self.examples[name]]
-      tok = Tokenize(tokenizer, task_id)
-      tokenized += [tok.map(ex) for ex in self.examples[name][: e.num_examples]]
-    self.batches = pack_in_order(tokenized, self.batch_size, config.data.seq_len)
+      task = task_registry.get(name)
+      examples = task.source.load("validation", config.seed).examples
+      chosen = [examples[i] for i in range(min(len(examples), max(e.num_examples, num_gen)))]
+      if task.preprocess is not None:  # as in training (pipeline.task_dataset)
+        chosen = [task.preprocess(ex) for ex in chosen]
+      if name in run_tasks:  # the same instruction ablation as in training
+        rewrite = task_registry.instruction_rewrite(
+            name, config.data.instructions.get(name, "keep"), run_tasks, config.seed)
+        if rewrite is not None:
+          chosen = [rewrite(ex) for ex in chosen]
+      self.examples[name] = chosen
+      tok = Tokenize(tokenizer, self.task_ids[name])
+      items = [tok.map(ex) for ex in chosen]
+      self.prompts[name] = [item["tokens"][: item["target_start"]] for item in items]
+      targets = [len(item["tokens"]) - item["target_start"] - 1 for item in items]
+      self.generate_ok[name] = [len(p) + t + 1 <= length for p, t in zip(self.prompts[name], targets)]
+      skipped = {i for i in range(min(len(items), num_gen)) if not self.generate_ok[name][i]}
+      truncated = 0
+      for i, item in enumerate(items[: e.num_examples]):
+        fitted = fit_example(item, length, config.data.truncate)
+        if fitted is None:
+          skipped.add(i)
+          continue
+        truncated += fitted[1] < len(item["tokens"]) - 1
+        tokenized.append(fitted[0])
+      if num_gen:
+        self.budgets[name] = (auto_budget(targets[:num_gen], length) if e.max_new_tokens == "auto"
+                              else int(e.max_new_tokens))
+      self.skipped[name], self.truncated[name] = len(skipped), truncated
+      wanted = max(min(len(items), e.num_examples), min(len(items), num_gen))
+      if wanted and len(skipped) == wanted:
+        print(f"warning: eval task {name}: all {wanted} held-out examples are too long for the "
+              f"model's {length} tokens (data.seq_len); skipped, counted in eval/{name}/skipped",
+              file=sys.stderr)
+    self.batches = pack_in_order(tokenized, self.batch_size, length)
     self._batch_sharding = sharding_lib.named(mesh, BATCH_AXES)
 
     chunk = config.train.loss_chunk
+    num_tasks = self.num_tasks
 
     def eval_step(params, batch):
       model = nnx.merge(graphdef, params)
@@ -91,20 +173,23 @@ class Evaluator:
                                        tied=tied, chunk=chunk)
       else:
         tok = losses.per_token(model.logits(hidden), batch["targets"])
-      return {"loss": losses.task_sums(tok["ce"], batch, self.num_tasks),
-              "entropy": losses.task_sums(tok["entropy"], batch, self.num_tasks),
-              "token_accuracy": losses.task_sums(tok["correct"], batch, self.num_tasks),
-              "tokens": losses.token_counts(batch, self.num_tasks)}
+      return {"loss": losses.task_sums(tok["ce"], batch, num_tasks),
+              "entropy": losses.task_sums(tok["entropy"], batch, num_tasks),
+              "token_accuracy": losses.task_sums(tok["correct"], batch, num_tasks),
+              "tokens": losses.token_counts(batch, num_tasks)}
 
     self._eval_step = jax.jit(eval_step)
     self.eval_compiles = CompileCounter()
-    self.generator = Generator(graphdef, spec, mesh, max_new_tokens=e.max_new_tokens,
+    # One generator for every task: budgets are per-call arguments (one compilation per bucket),
+    # each bucket's KV cache sized for the largest budget that can apply in it.
+    self.generator = Generator(graphdef, spec, mesh, max_new_tokens=max(self.budgets.values(), default=1),
                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                               stop_ids=tokenizer.stop_ids,
-                               batch_size=self.batch_size)
+                               stop_ids=tokenizer.stop_ids, batch_size=self.batch_size,
+                               buckets=buckets_for(length), max_len=length)
 
-  def _prompt(self, example) -> np.ndarray:
-    return np.concatenate([[self.tokenizer.bos_id], self.tokenizer.encode(example.prompt)]).astype(np.int32)
+  def _generated_for(self, name: str, count: int) -> list[int]:
+    """Indices of the task's first `count` examples whose prompts are generated for."""
+    return [i for i in range(min(count, len(self.examples[name]))) if self.generate_ok[name][i]]
 
   def teacher_forced(self, params) -> dict[str, np.ndarray]:
     totals: dict[str, np.ndarray] = {}
@@ -124,30 +209,37 @@ class Evaluator:
     row: dict[str, Any] = {"step": step}
     sums = self.teacher_forced(params)
     for name in self.task_names:
-      i = self.config.data.tasks.index(name)
-      n = max(float(sums["tokens"][i]), 1.0)
-      row[f"eval/{name}/loss"] = float(sums["loss"][i]) / n
-      row[f"eval/{name}/entropy"] = float(sums["entropy"][i]) / n
-      row[f"eval/{name}/token_accuracy"] = float(sums["token_accuracy"][i]) / n
-      row[f"eval/{name}/tokens"] = int(sums["tokens"][i])
+      i = self.task_ids[name]
+      n = float(sums["tokens"][i]) if sums else 0.0
+      if n:  # absent when every example was skipped
+        row[f"eval/{name}/loss"] = float(sums["loss"][i]) / n
+        row[f"eval/{name}/entropy"] = float(sums["entropy"][i]) / n
+        row[f"eval/{name}/token_accuracy"] = float(sums["token_accuracy"][i]) / n
+      row[f"eval/{name}/tokens"] = int(n)
+      row[f"eval/{name}/skipped"] = self.skipped[name]
+      row[f"eval/{name}/truncated"] = self.truncated[name]
+      if name in self.budgets:
+        row[f"eval/{name}/max_new_tokens"] = self.budgets[name]
     for name in self.task_names:
       task = task_registry.get(name)
-      examples = self.examples[name]
-      if e.num_generate:
-        chosen = examples[: e.num_generate]
-        outs = self.generator(params, [self._prompt(ex) for ex in chosen])
-        right = [task.is_correct(ex, self.tokenizer.decode(o[0].tokens)) for ex, o in zip(chosen, outs)]
+      examples, prompts = self.examples[name], self.prompts[name]
+      budget = self.budgets.get(name, 1)
+      chosen = self._generated_for(name, e.num_generate)
+      if chosen:
+        outs = self.generator(params, [prompts[j] for j in chosen], max_new_tokens=budget)
+        right = [task.is_correct(examples[j], self.tokenizer.decode(o[0].tokens))
+                 for j, o in zip(chosen, outs)]
         row[f"eval/{name}/accuracy"] = float(np.mean(right))
-      if e.num_samples and e.sample_prompts:
-        chosen = examples[: e.sample_prompts]
-        outs = self.generator(params, [self._prompt(ex) for ex in chosen], num_samples=e.num_samples,
+      chosen = self._generated_for(name, e.sample_prompts) if e.num_samples else []
+      if chosen:
+        outs = self.generator(params, [prompts[j] for j in chosen], num_samples=e.num_samples,
                               seed=self.config.seed + step, temperature=e.temperature,
-                              top_k=e.top_k, top_p=e.top_p)
+                              top_k=e.top_k, top_p=e.top_p, max_new_tokens=budget)
         k = e.num_samples
         pass1, passk, distinct, logps = [], [], [], []
-        for ex, samples in zip(chosen, outs):
+        for j, samples in zip(chosen, outs):
           texts = [self.tokenizer.decode(s.tokens) for s in samples]
-          ok = [task.is_correct(ex, t) for t in texts]
+          ok = [task.is_correct(examples[j], t) for t in texts]
           pass1.append(scorers.pass_at_k(k, sum(ok), 1))
           passk.append(scorers.pass_at_k(k, sum(ok), k))
           distinct.append(scorers.distinct_k(texts, ok, k))
@@ -168,10 +260,13 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
   """`mtjax eval`: restore a run's checkpoint, evaluate, write workdir/eval/step_<S>.json."""
   from mtjax.train import setup as setup_lib
 
-  for name in tasks:
-    config = setup_lib.workdir_config(workdir)
-    if name not in config.data.tasks:
-      raise BadInputError("--tasks", f"{name!r} is not a task of this run ({list(config.data.tasks)})")
+  if tasks:  # any registered task (eval-only benchmarks too); the run's own tasks registered first
+    setup_lib.workdir_config(workdir)
+    known = task_registry.names()
+    unknown = [n for n in tasks if n not in known]
+    if unknown:
+      raise BadInputError("--tasks", f"unknown task {', '.join(map(repr, unknown))} "
+                          f"(known: {', '.join(known)})")
   run = setup_lib.from_workdir(workdir, step, devices=devices, purpose="evaluate")
   path, step = run.workdir, run.restored_step
   assert path is not None and step is not None
@@ -184,17 +279,26 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
   return row
 
 
+COUNTS = ("max_new_tokens", "skipped", "truncated")  # integer columns, after the metrics
+
+
 def table(row: dict[str, Any]) -> str:
-  """A short per-task table of an eval row."""
+  """A short per-task table of an eval row: every metric, then the counts."""
   per_task: dict[str, dict[str, float]] = {}
   for key, value in row.items():
     if key.startswith("eval/"):
       _, task, metric = key.split("/", 2)
       per_task.setdefault(task, {})[metric] = value
-  metrics = sorted({m for d in per_task.values() for m in d if m != "tokens"})
+  present = {m for d in per_task.values() for m in d if m != "tokens"}
+  metrics = sorted(present - set(COUNTS)) + [m for m in COUNTS if m in present]
   width = max([len(t) for t in per_task] + [4])
+
+  def cell(values: dict[str, float], m: str) -> str:
+    if m not in values:
+      return f"{'-':>14}"
+    return f"{int(values[m]):14d}" if m in COUNTS else f"{values[m]:14.4f}"
+
   lines = [f"{'task':<{width}}  " + "  ".join(f"{m:>14}" for m in metrics)]
   for task, values in per_task.items():
-    lines.append(f"{task:<{width}}  " + "  ".join(
-        f"{values[m]:14.4f}" if m in values else f"{'-':>14}" for m in metrics))
+    lines.append(f"{task:<{width}}  " + "  ".join(cell(values, m) for m in metrics))
   return "\n".join(lines)

@@ -196,11 +196,20 @@ def eval_curves(arm_dir: epath.Path, metric: str) -> dict[str, list[tuple[int, f
 def eval_at(arm_dir: epath.Path, step: int, tasks: Sequence[str], metric: str) -> list[float]:
   """Scores of `tasks` at the eval row of `step`."""
   for r in runs.rows(arm_dir):
-    if r.get("step") == step and f"eval/{tasks[0]}/{metric}" in r:
-      return [float(r[f"eval/{t}/{metric}"]) for t in tasks]
+    if r.get("step") == step and _is_eval_row(r):
+      return [_score(r, t, metric) for t in tasks]
   raise BadInputError(str(arm_dir / "metrics.jsonl"), f"no eval row at step {step}")
 
 
 def final_eval(arm_dir: epath.Path, tasks: Sequence[str], metric: str) -> dict[str, float]:
-  last = [r for r in runs.rows(arm_dir) if f"eval/{tasks[0]}/{metric}" in r][-1]
-  return {t: float(last[f"eval/{t}/{metric}"]) for t in tasks}
+  last = [r for r in runs.rows(arm_dir) if _is_eval_row(r)][-1]
+  return {t: _score(last, t, metric) for t in tasks}
+
+
+def _is_eval_row(row: dict) -> bool:
+  return any(k.startswith("eval/") for k in row)
+
+
+def _score(row: dict, task: str, metric: str) -> float:
+  """A task's eval metric, NaN when the row has none (every prompt of the task was skipped)."""
+  return float(row.get(f"eval/{task}/{metric}", float("nan")))

@@ -47,6 +47,7 @@ class LoaderSource:
       info[f"data/{name}/rate"] = float(host.rates[i])  # as used for this step
       info[f"data/{name}/truncated"] = host.state_after["truncated"][name]
       info[f"data/{name}/skipped"] = host.state_after["skipped"][name]
+      info[f"data/{name}/too_long"] = host.state_after["too_long"][name]
     tokens = int(np.count_nonzero(host.arrays["segment_ids"])) * jax.process_count()
     return Batch(arrays, tokens, info)
 

@@ -136,8 +136,9 @@ class LogHook(Hook):
       if n == self.no_tokens_rows:
         say(f"warning: task {name!r} had no loss tokens in {n} logged steps in a row (up to step "
             f"{row['step']}) although it is sampled" + (f" at rate {rate:.3g}" if rate else "")
-            + f": see data/{name}/skipped and data/{name}/truncated (a target cut off by "
-            "data.seq_len has no loss tokens) or raise its data.mixture weight")
+            + f": see data/{name}/skipped, data/{name}/truncated and data/{name}/too_long "
+            "(examples longer than data.seq_len are cut or skipped as data.truncate says; raise "
+            "data.seq_len) or raise its data.mixture weight")
 
   def at_end(self, loop: Loop) -> None:
     self.flush(loop)

@@ -176,6 +176,10 @@ def run(config: Config, workdir: str | epath.PathLike, *,
   """
   from mtjax.check import require_loss_tokens
   require_loss_tokens(config)  # every task keeps loss tokens at data.seq_len, else exit 2 naming it
+  from mtjax.data import contamination
+  if jax.process_index() == 0:
+    for line in contamination.warn(config):  # held-out prompts of a user's task seen in training
+      hooks_lib.say(line)
   workdir = rundir.resolve(workdir)
   # The signal guard first: a signal while waiting for the lock, in setup or in the plots counts.
   with preemption.guard(), lock_lib.hold(workdir, force=force_unlock) as lock:  # before anything is read or moved

@@ -1,7 +1,7 @@
 """Metric rows and their writers: the metrics log (always), TensorBoard events, PNG plots.
 
 Only process 0 writes. Keys follow ../DESIGN.md: train/<task>/{loss,entropy,accuracy,tokens,weight},
-data/<task>/{rate,truncated,skipped}, data/packing_efficiency, perf/*, train/skipped_steps.
+data/<task>/{rate,truncated,too_long,skipped}, data/packing_efficiency, perf/*, train/skipped_steps.
 
 The metrics log, one JSON object a line, in one of two layouts:
 

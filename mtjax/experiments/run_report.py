@@ -1,0 +1,85 @@
+"""`mtjax report RUN_DIR` on a training run (not a study): report.md from what the run wrote.
+
+Per task: its source and scorer (tasks.json), the last logged train loss and next-token accuracy,
+data counts (truncated, too long, skipped), and every evaluation (in-training eval rows of the
+metrics log and `mtjax eval` files under eval/), newest step last; plus the run's plots. Nothing
+is recomputed: the report is a view of the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from etils import epath
+
+from mtjax.errors import BadInputError
+from mtjax.experiments.report import md_table, write_markdown
+from mtjax.train import metrics as metrics_lib
+
+
+def _fmt(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.4f}"
+  return "-" if value is None else str(value)
+
+
+def evaluations(root: epath.Path) -> list[dict[str, Any]]:
+  """Eval rows by step: the metrics log's, overridden by `mtjax eval` files for the same step."""
+  by_step: dict[int, dict[str, Any]] = {}
+  for row in metrics_lib.read_rows(root):
+    if any(k.startswith("eval/") for k in row):
+      by_step.setdefault(int(row["step"]), {}).update(row)
+  for path in sorted((root / "eval").glob("step_*.json")) if (root / "eval").exists() else []:
+    try:
+      row = json.loads(path.read_text())
+    except ValueError as e:
+      raise BadInputError(str(path), f"not valid JSON ({e})") from None
+    by_step.setdefault(int(row["step"]), {}).update(row)
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def write(workdir: str | epath.PathLike) -> epath.Path:
+  root = epath.Path(workdir)
+  if not (root / "config.json").exists():
+    raise BadInputError(str(root), "not a run directory (no config.json) nor a study directory")
+  config = json.loads((root / "config.json").read_text())
+  record = json.loads((root / "tasks.json").read_text()) if (root / "tasks.json").exists() else {}
+  names = list(config["data"]["tasks"])
+  rows = [r for r in metrics_lib.read_rows(root) if "train/loss" in r]
+  last = rows[-1] if rows else {}
+  lines = [f"# Run report: {root.name}", "",
+           f"Config: `config.json` (seed {config['seed']}, {config['train']['steps']} steps, "
+           f"batch {config['data']['batch_size']} x {config['data']['seq_len']} tokens, "
+           f"truncate={config['data'].get('truncate', 'right')}).", ""]
+  if last:
+    lines += [f"Last logged step {last['step']}: {metrics_lib.loss_summary(last, names)}.", ""]
+  header = ["task", "source", "scorer", "rate", "train loss", "train token acc", "truncated",
+            "too long", "skipped"]
+  table = []
+  for name in names:
+    entry = record.get(name, {})
+    table.append([name, entry.get("kind", "?"), entry.get("scorer", "builtin" if entry else "?"),
+                  _fmt(last.get(f"data/{name}/rate")), _fmt(last.get(f"train/{name}/loss")),
+                  _fmt(last.get(f"train/{name}/accuracy")), _fmt(last.get(f"data/{name}/truncated")),
+                  _fmt(last.get(f"data/{name}/too_long")), _fmt(last.get(f"data/{name}/skipped"))])
+  lines += ["## Training", "", *md_table(header, table), ""]
+  evals = evaluations(root)
+  if evals:
+    tasks = sorted({k.split("/")[1] for row in evals for k in row if k.startswith("eval/")})
+    metrics = ("accuracy", "loss", "token_accuracy", "skipped", "max_new_tokens")
+    lines += ["## Evaluation (held-out splits)", "",
+              "accuracy: greedy outputs judged by the task's scorer; loss and token_accuracy: "
+              "teacher-forced; skipped: prompts that did not fit; max_new_tokens: the budget.", ""]
+    table = []
+    for row in evals:
+      for task in tasks:
+        if any(f"eval/{task}/{m}" in row for m in metrics):
+          table.append([str(row["step"]), task, *(_fmt(row.get(f"eval/{task}/{m}")) for m in metrics)])
+    lines += [*md_table(["step", "task", *metrics], table), ""]
+  else:
+    lines += ["No evaluation yet: `mtjax eval --workdir " + str(root) + "` writes one.", ""]
+  plots = sorted((root / "plots").glob("*.png")) if (root / "plots").exists() else []
+  if plots:
+    lines += ["## Plots", "", *(f"![{p.stem}](plots/{p.name})" for p in plots), ""]
+  return write_markdown(root, lines)
