@@ -35,7 +35,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                   "instruction": "call: ", "scorer": "function_call"},
   }
   # data.tasks defaults to every task of the block that is not eval-only.
-  c.data.update(batch_size=16, seq_len=128, truncate="prompt_left")
+  c.data.update(batch_size=16, seq_len=160, truncate="prompt_left")
   c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=512)
   c.train.update(steps=600, log_every=50)
   c.optimizer.update(lr=3e-3, warmup_steps=30)

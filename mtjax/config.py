@@ -297,6 +297,8 @@ def _convert(value: Any, hint: Any, field: str) -> Any:
       raise BadInputError(field, f"expected {len(args)} values, got {value!r}")
     return tuple(_convert(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
   if origin in (types.UnionType, typing.Union):
+    if int in typing.get_args(hint) and isinstance(value, str) and re.fullmatch(r"-?\d+", value):
+      value = int(value)  # "--config.eval.max_new_tokens=8" over the default "auto"
     for option in typing.get_args(hint):
       try:
         return _convert(value, option, field)
@@ -625,10 +627,22 @@ def sibling_config(here: str, name: str, variant: str = "") -> ml_collections.Co
   return module.get_config(variant)
 
 
+# Fields of a union type ("auto" or a number): a ConfigDict would fix their type from the first
+# value, so a config file could not set 16 over "auto". They hold any value; the schema checks it.
+_UNION_FIELDS = (("eval", "max_new_tokens"),)
+
+
+def _untyped(tree: dict[str, Any]) -> dict[str, Any]:
+  for group, name in _UNION_FIELDS:
+    if isinstance(tree.get(group), dict) and name in tree[group]:
+      tree[group][name] = ml_collections.FieldReference(tree[group][name], field_type=object)
+  return tree
+
+
 def defaults() -> ml_collections.ConfigDict:
   """Every setting at its default, as a ConfigDict: a config file may start from it and set only
   what differs (`c = mtjax.config.defaults(); c.train.steps = 400`)."""
-  return ml_collections.ConfigDict(Config().to_dict())
+  return ml_collections.ConfigDict(_untyped(Config().to_dict()))
 
 
 def _merge(into: dict[str, Any], raw: Mapping[str, Any], cls: type) -> None:
@@ -660,7 +674,7 @@ def load_raw(path: str) -> ml_collections.ConfigDict:
                           f"{type(cfg).__name__}")
     merged = Config().to_dict()
     _merge(merged, cfg.to_dict(), Config)
-    return ml_collections.ConfigDict(merged)
+    return ml_collections.ConfigDict(_untyped(merged))
   except (TypeError, ValueError, KeyError, AttributeError) as e:
     if isinstance(e, BadInputError):
       raise
