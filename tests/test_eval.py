@@ -146,6 +146,12 @@ def test_eval_during_training_compiles_once_and_cli_eval(tmp_path, tmp_path_fact
   saved = json.loads((tmp_path / "eval" / "step_5.json").read_text())
   assert saved["eval/reverse/loss"] == pytest.approx(evals[1]["eval/reverse/loss"], rel=1e-5)
   assert saved["eval/extra_bench/tokens"] == 4 + 6 and "eval/extra_bench/accuracy" in saved
+  # Another subset of the same step adds to its file; what an earlier eval wrote stays.
+  assert cli.main(["eval", "--workdir", str(tmp_path), "--step", "5", "--tasks", "extra_bench"]) == 0
+  capsys.readouterr()
+  again = json.loads((tmp_path / "eval" / "step_5.json").read_text())
+  assert again["eval/reverse/loss"] == saved["eval/reverse/loss"]
+  assert again["eval/extra_bench/tokens"] == saved["eval/extra_bench/tokens"]
   assert cli.main(["eval", "--workdir", str(tmp_path), "--tasks", "nosuch"]) == 2
   assert "--tasks: unknown task 'nosuch'" in capsys.readouterr().err
   assert cli.main(["eval", "--workdir", str(tmp_path), "--step", "7"]) == 2

@@ -274,7 +274,16 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
   row = evaluator(run.state.params, step)
   out = path / "eval" / f"step_{step}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
+  stored = {}
+  if out.exists():  # another --tasks subset of this step: keep its rows, refresh this one's
+    try:
+      stored = json.loads(out.read_text())
+    except ValueError:
+      out.rename(out.with_name(f"{out.name}.unreadable.{int(time.time())}"))  # never deleted
+  merged = {**stored, **row}
+  tmp = out.with_name(f".{out.name}.tmp")
+  tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+  tmp.replace(out)
   row["_path"] = str(out)
   return row
 
