@@ -228,3 +228,27 @@ def test_tokenizer_train_on_config_tasks(user_config, tmp_path):
                         str(user_config), "--vocab", "100", "--out", str(out)],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
   assert bad.returncode == 2 and bad.stderr.startswith("error: --vocab: 100 is less than")
+
+
+def test_walkthrough_config_is_valid_and_its_data_held_out(capsys):
+  """configs/own_data.py (README "Your own data"): valid as shipped (run from the repo root), and
+  its validation prompts never occur in training (the contamination check finds none)."""
+  import os
+
+  from mtjax import cli
+  from mtjax import config as config_lib
+  from mtjax.data import contamination
+
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    assert cli.main(["train", "--check", "--config", "configs/own_data.py"]) == 0
+    out = capsys.readouterr().out
+    assert "task weather: weight 1" in out and "0 skipped as too long" in out
+    assert contamination.warn(config_lib.load("configs/own_data.py")) == []
+    for task in ("convert", "weather"):
+      train = {json.loads(line)["id"] for line in (REPO / "examples" / "own_data" / f"{task}_train.jsonl").open()}
+      val = {json.loads(line)["id"] for line in (REPO / "examples" / "own_data" / f"{task}_validation.jsonl").open()}
+      assert train and val and not train & val
+  finally:
+    os.chdir(cwd)
