@@ -19,7 +19,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.train.steps = 500
   c.checkpoint.every = 250
   c.eval.update(every=250, num_examples=64, num_generate=200, sample_prompts=8, num_samples=4,
-                max_new_tokens=16, batch_size=32)
+                batch_size=32)
   if variant == "tiny":
     c.train.steps = 20
     c.eval.update(every=10, num_generate=8, num_examples=8, sample_prompts=2)

@@ -25,15 +25,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.train.log_every = 25
   c.optimizer.update(lr=3e-3, warmup_steps=30)
   # accuracy = structural match of the greedy completion on held-out APIs
-  c.eval.update(num_examples=16, num_generate=16, num_samples=0, sample_prompts=0,
-                max_new_tokens=96, batch_size=8)
+  # (max_new_tokens: "auto", the default: each task's longest held-out call + EOS.)
+  c.eval.update(num_examples=16, num_generate=16, num_samples=0, sample_prompts=0, batch_size=8)
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=25, seeds=(0,), eval_every=100, target=0.0, targets={}, metric="accuracy",
       entropy_coef=0.0))
   if variant == "tiny":
     c.model.update(d_model=32, num_layers=2, mlp_dim=64)
     c.train.log_every = 4
-    c.eval.update(num_examples=4, num_generate=2, max_new_tokens=16, batch_size=8)
+    c.eval.update(num_examples=4, num_generate=2, batch_size=8)
     c.optimizer.update(warmup_steps=2)
     c.study.update(steps_per_task=1, seeds=(0,), eval_every=8)
   elif variant:

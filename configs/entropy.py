@@ -18,8 +18,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.tasks = TASKS
   c.data.mixture = {t: 1.0 for t in TASKS}
   # Sampled completions give distinct@k and pass@1; teacher-forced eval gives the entropy.
+  # max_new_tokens "auto": each task's longest held-out target + EOS (a number below a target
+  # would cap pass@1 and distinct@k); set explicitly over efficiency.py's number.
   c.eval.update(num_examples=32, num_generate=0, sample_prompts=8, num_samples=4, temperature=1.0,
-                max_new_tokens=24, batch_size=16)
+                max_new_tokens="auto", batch_size=16)
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=150, seeds=(0, 1), eval_every=50, target=0.0, targets={},
       metric="token_accuracy", entropy_coef=0.05))
@@ -29,7 +31,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.update(d_model=32, mlp_dim=64)
     c.data.update(batch_size=8)
     c.train.log_every = 2
-    c.eval.update(num_examples=8, sample_prompts=2, num_samples=2, max_new_tokens=8, batch_size=8)
+    c.eval.update(num_examples=8, sample_prompts=2, num_samples=2, batch_size=8)
     c.optimizer.update(warmup_steps=2)
     c.study.update(steps_per_task=3, seeds=(0,), eval_every=3)
   elif variant:

@@ -16,6 +16,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = sibling_config(__file__, "efficiency.py")
   c.data.tasks = TASKS
   c.data.mixture = {t: 1.0 for t in TASKS}
+  c.eval.max_new_tokens = "auto"  # each task's longest held-out target + EOS
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=100, seeds=(0, 1, 2), eval_every=100, target=0.0, targets={},
       metric="token_accuracy", entropy_coef=0.0))

@@ -7,7 +7,8 @@
 on a config `mtjax.config.load` has already typed and value-checked. It runs, in order: the
 resolve step (task registry, tokenizer file, mixture, `model.vocab_size`), every task's train
 split (readable, non-empty) and the token pre-check below, the validation split of each evaluated
-task when `eval.every` > 0, then the mesh on the available devices
+task when `eval.every` > 0, the generation-budget check below when `eval.every` > 0 or the config
+sets `study` settings (a study's arms evaluate), then the mesh on the available devices
 (`mtjax.parallel.mesh.make_mesh`), the batch's divisibility over it
 (`mtjax.train.setup.check_divisibility`) and every parameter axis's divisibility over its mesh
 axes (abstract shapes from `nnx.eval_shape`: no parameter is allocated, nothing is compiled).
@@ -16,6 +17,16 @@ The token pre-check, `require_loss_tokens(config)`, also runs at the start of ev
 run: under `data.truncate` (prompt_left by default: the prompt is cut from the left, an example
 whose target alone does not fit is skipped; right: the first seq_len pairs; skip) a task whose
 sampled examples would all keep no target token would train on nothing. It stops with the task, the token lengths it saw and the seq_len to use.
+
+The budget check, `check_generation_budgets(config)`, also runs at the start of every training
+run that evaluates (eval.every > 0: studies' arms too): with eval.max_new_tokens a number, an
+evaluated task whose longest held-out target (in tokens, plus EOS) does not fit in that budget
+would be scored on cut-off answers, so its generation metrics would measure the budget, not the
+model. It stops naming the task, its longest target and the budget. The targets are the ones the
+evaluator (mtjax.eval.evaluate) generates for: the first max(eval.num_generate, eval.sample_prompts
+if eval.num_samples) validation examples of each evaluated task, after Task.preprocess and the
+run's instruction rewrite, less those whose prompt leaves no room for target and EOS in
+data.seq_len (the evaluator skips them). "auto" (each task its own budget) always passes.
 
 `check_workdir(path)` says, before anything runs, whether a run directory can be used: a
 directory (or one that can be created) that is writable.
@@ -110,6 +121,66 @@ def require_loss_tokens(config: Config, sample: int = SAMPLE) -> list[Any]:
   return samples
 
 
+def generation_targets(config: Config, tokenizer: Any = None) -> dict[str, list[int]]:
+  """Evaluated task -> the token counts (EOS not counted) of the held-out targets the evaluator
+  generates for (see the module docstring); {} when the eval generates nothing."""
+  from mtjax import tasks as task_registry
+  from mtjax.data import tokenizer as tokenizer_lib
+  from mtjax.eval.evaluate import model_length
+  from mtjax.resolve import resolve
+
+  config = resolve(config)
+  d, e = config.data, config.eval
+  num_gen = max(e.num_generate, e.sample_prompts if e.num_samples else 0)
+  if not num_gen:
+    return {}
+  tokenizer = tokenizer or tokenizer_lib.get(d.tokenizer)
+  length = model_length(config)
+  out = {}
+  for name in dict.fromkeys(e.tasks or d.tasks):
+    task = task_registry.get(name)
+    examples = task.source.load("validation", config.seed).examples
+    chosen = [examples[i] for i in range(min(len(examples), num_gen))]
+    if task.preprocess is not None:  # as in training and in the evaluator
+      chosen = [task.preprocess(ex) for ex in chosen]
+    if name in d.tasks:  # the run's instruction ablation, as in the evaluator
+      rewrite = task_registry.instruction_rewrite(name, d.instructions.get(name, "keep"), d.tasks,
+                                                  config.seed)
+      if rewrite is not None:
+        chosen = [rewrite(ex) for ex in chosen]
+    targets = []
+    for ex in chosen:
+      prompt, target = 1 + tokenizer.count(ex.prompt), tokenizer.count(ex.target)  # BOS, no EOS
+      if prompt + target + 1 <= length:  # else the evaluator skips it (counted as skipped)
+        targets.append(target)
+    out[name] = targets
+  return out
+
+
+def check_generation_budgets(config: Config, tokenizer: Any = None) -> list[str]:
+  """With eval.max_new_tokens a number: every evaluated task's longest held-out target plus EOS
+  fits in it, or a BadInputError names the task, its longest target and the budget. Returns one
+  fact per task ([] for "auto" or when the eval generates nothing)."""
+  budget = config.eval.max_new_tokens
+  if not isinstance(budget, int):
+    return []
+  facts = []
+  for name, targets in generation_targets(config, tokenizer).items():
+    if not targets:
+      continue
+    longest = max(targets)
+    if longest + 1 > budget:
+      raise BadInputError(
+          "eval.max_new_tokens", f"{budget} new tokens are fewer than task {name!r} needs: its "
+          f"longest held-out target is {longest} tokens + EOS = {longest + 1} (over the "
+          f"{len(targets)} validation example(s) it generates for), so its generation metrics "
+          f"would score cut-off answers; use 'auto' (each task its own budget) or at least "
+          f"{longest + 1}")
+    facts.append(f"eval {name}: longest generated target {longest} tokens + EOS fits in "
+                 f"eval.max_new_tokens={budget}")
+  return facts
+
+
 @functools.lru_cache(maxsize=16)
 def _param_count(mesh: Any, spec: Any) -> int:
   """Parameters of the model on `mesh`; raises a BadInputError if an axis does not divide."""
@@ -151,6 +222,8 @@ def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> lis
         raise BadInputError(f"task {name!r}", f"its validation split has no examples (eval.every="
                             f"{e.every} evaluates on it)")
       facts.append(f"eval {name}: {n} validation examples")
+  if e.every or config.study != type(config.study)():  # a run that evaluates, or a study's config
+    facts += check_generation_budgets(config, tokenizer)
 
   import jax
 

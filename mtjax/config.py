@@ -184,6 +184,7 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   every: int = 0  # 0: never during training (mtjax eval still works on checkpoints)
+  steps: tuple[int, ...] = ()  # more eval steps besides every eval.every (e.g. log-spaced, early)
   tasks: tuple[str, ...] = ()  # default: every task of the run
   num_examples: int = 64  # held-out examples per task for teacher-forced loss/entropy/accuracy
   num_generate: int = 32  # held-out prompts per task decoded greedily (accuracy by its scorer)
@@ -209,6 +210,13 @@ class StudyConfig:
   targets: Mapping[str, float] = dataclasses.field(default_factory=dict)  # ... or per task
   metric: str = "accuracy"
   entropy_coef: float = 0.05  # entropy study: the coefficient of its regularized arm
+  # Eval steps of every arm: every (eval_every) | log (also steps 1, 2, 4, 8, ...: dense early).
+  eval_schedule: str = "every"
+  # The LR schedule of every arm, whose value at a step does not depend on the arm's length:
+  # constant (after warmup) | wsd (constant, then a linear decay over the last lr_decay_steps
+  # steps of each arm: the same absolute decay length in every arm).
+  lr_schedule: str = "constant"
+  lr_decay_steps: int = 0  # wsd: the decay length in steps (1 <= it <= steps_per_task - warmup)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,6 +487,8 @@ def _check(config: Config) -> None:
                        ("eval.top_k", e.top_k), ("eval.temperature", e.temperature)):
     if value < 0:
       raise BadInputError(field, f"expected a value >= 0, got {value}")
+  if any(step < 0 for step in e.steps):
+    raise BadInputError("eval.steps", f"expected steps >= 0, got {list(e.steps)}")
   if e.batch_size <= 0:
     raise BadInputError("eval.batch_size", f"expected a positive integer, got {e.batch_size}")
   if isinstance(e.max_new_tokens, str) and e.max_new_tokens != "auto" or \

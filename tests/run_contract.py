@@ -10,7 +10,9 @@ what ../shared/tools/check_run.py checks and the rest of the written contract:
 - env.json: JSON with versions (packages.jax), devices (device_count, device_kind), XLA flags.
 - metrics.jsonl: one JSON object a line, each with `step`; rows with `train/loss` are train rows:
   steps strictly increasing; every train row has, for every task of data.tasks,
-  train/<task>/{loss,entropy,accuracy,tokens,weight} and data/<task>/{rate,truncated,skipped},
+  train/<task>/{tokens,weight} and data/<task>/{rate,truncated,skipped}, and
+  train/<task>/{loss,entropy,accuracy} exactly when train/<task>/tokens > 0 (the log window's
+  token-weighted means: a task without tokens in the window has none, never a fake 0.0),
   and data/packing_efficiency, perf/{step_time_s,tokens_per_s,compiles}, train/skipped_steps;
   values in range (rates sum to 1, efficiency and accuracy in [0, 1], counts >= 0);
   perf/compiles == 1 (one train-step compilation per process, also after a resume); a NaN only
@@ -36,6 +38,7 @@ CONFIG_TREE = {
     "eval": ("every", "tasks"),
 }
 PER_TASK_TRAIN = ("loss", "entropy", "accuracy", "tokens", "weight")
+PER_TASK_MEANS = ("loss", "entropy", "accuracy")  # present only when the window had tokens
 PER_TASK_DATA = ("rate", "truncated", "skipped")
 PER_ROW = ("step", "train/loss", "data/packing_efficiency", "perf/step_time_s",
            "perf/tokens_per_s", "perf/compiles", "train/skipped_steps")
@@ -101,7 +104,15 @@ def _check_train_row(r: dict, tasks: list[str], problems: list[str]) -> None:
   where = f"metrics.jsonl step {r.get('step')}"
   keys = list(PER_ROW)
   for t in tasks:
-    keys += [f"train/{t}/{k}" for k in PER_TASK_TRAIN] + [f"data/{t}/{k}" for k in PER_TASK_DATA]
+    tokens = r.get(f"train/{t}/tokens")
+    means = [f"train/{t}/{k}" for k in PER_TASK_MEANS]
+    if _number(tokens) and tokens == 0:  # no tokens in the window: no means, never a fake 0.0
+      present = [k for k in means if k in r]
+      if present:
+        problems.append(f"{where}: {', '.join(present)} logged for a window without tokens")
+      means = []
+    keys += means + [f"train/{t}/{k}" for k in PER_TASK_TRAIN if k not in PER_TASK_MEANS]
+    keys += [f"data/{t}/{k}" for k in PER_TASK_DATA]
   missing = [k for k in keys if k not in r]
   if missing:
     problems.append(f"{where}: missing {', '.join(missing)}")
@@ -109,9 +120,11 @@ def _check_train_row(r: dict, tasks: list[str], problems: list[str]) -> None:
   if bad:
     problems.append(f"{where}: not numbers: {', '.join(bad)}")
 
-  def val(k):
+  def val(k) -> float | None:
     v = r.get(k)
-    return v if _number(v) and not math.isnan(v) else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+      return v
+    return None
 
   def in_range(k, lo, hi, lo_open=False):
     v = val(k)
@@ -132,8 +145,8 @@ def _check_train_row(r: dict, tasks: list[str], problems: list[str]) -> None:
     in_range(f"data/{t}/rate", 0, 1)
     in_range(f"data/{t}/truncated", 0, math.inf)
     in_range(f"data/{t}/skipped", 0, math.inf)
-  rates = [val(f"data/{t}/rate") for t in tasks]
-  if tasks and all(v is not None for v in rates) and abs(sum(rates) - 1) > 1e-6:
+  rates = [v for v in (val(f"data/{t}/rate") for t in tasks) if v is not None]
+  if tasks and len(rates) == len(tasks) and abs(sum(rates) - 1) > 1e-6:
     problems.append(f"{where}: data/<task>/rate sum to {sum(rates)}, not 1")
 
 

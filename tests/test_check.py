@@ -110,7 +110,9 @@ def test_seq_len_8_on_the_demo_names_task_lengths_and_fix(quiet_dir, capsys):
   assert f"error: {e.value}" == expected
   # At the seq_len it names, the task keeps loss tokens.
   fixed = config_lib.load(f"{DEMO}:tiny", [f"--config.data.seq_len={min(prompt) + 1}",
-                                           "--config.data.truncate=right"])
+                                           "--config.data.truncate=right",
+                                           "--config.data.tasks=reverse",
+                                           '--config.data.mixture={"reverse": 1.0}'])
   reverse = check.require_loss_tokens(fixed)[0]
   assert reverse.task == "reverse" and sum(map(bool, reverse.loss)) >= 1
 

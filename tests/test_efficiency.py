@@ -13,25 +13,33 @@ CONFIG = str(REPO / "configs" / "efficiency.py")
 
 
 def test_ratio_and_verdict_by_hand():
-  # Single-task: task a reaches at step 10, b at step 30; joint: every task by step 20.
-  assert efficiency.efficiency_ratio({"a": 10, "b": 30}, 20, 100, 100) == pytest.approx(2.0)
-  assert math.isnan(efficiency.efficiency_ratio({"a": None, "b": 30}, 20, 100, 100))
-  assert efficiency.efficiency_ratio({"a": 0, "b": 0}, 0, 100, 100) == 1.0  # both at target at once
-  assert efficiency.first_reach([(0, 0.1), (5, 0.6), (10, 0.4)], 0.5) == 5
-  assert efficiency.first_reach([(0, 0.1)], 0.5) is None
-  assert efficiency.verdict([1.2, 1.5, 1.1]) == "more efficient"
-  assert efficiency.verdict([0.8, 0.9]) == "less efficient"
-  assert efficiency.verdict([0.8, 1.2]) == "inconclusive"
-  assert efficiency.verdict([1.2, math.nan]) == "inconclusive"
+  # Single-task: task a crosses at 10 (evals 5 and 20 bracket it), b at 30 [20, 40]; joint:
+  # every task by 20 [10, 20]. More cases in test_study_math.py.
+  C = efficiency.Crossing
+  single, multi = {"a": C(10, 5, 20), "b": C(30, 20, 40)}, {"a": C(8, 5, 10), "b": C(20, 10, 20)}
+  assert efficiency.efficiency_ratio(single, multi) == pytest.approx((2.0, 25 / 20, 60 / 10))
+  assert math.isnan(efficiency.efficiency_ratio({"a": None, "b": C(30, 20, 40)}, multi)[0])
+  zero = C(0, 0, 0)
+  assert efficiency.efficiency_ratio({"a": zero}, {"a": zero})[0] == 1.0  # at target at once
+  assert efficiency.crossing([(0, 0.1), (5, 0.6), (10, 0.4)], 0.5) == C(4.0, 0.0, 5.0)
+  assert efficiency.crossing([(0, 0.1)], 0.5) is None
+  assert efficiency.verdict([(1.1, 1.3), (1.2, 1.9), (1.05, 1.2)])[0] == "more efficient"
+  assert efficiency.verdict([(0.7, 0.8), (0.8, 0.95), (0.5, 0.9)])[0] == "less efficient"
+  assert efficiency.verdict([(0.7, 0.8), (0.8, 0.95)])[0] == "inconclusive"  # 2 seeds < 3
+  assert efficiency.verdict([(0.8, 1.2)] * 3)[0] == "inconclusive"
+  assert efficiency.verdict([(1.2, 1.3), (1.2, 1.3), (math.nan, math.nan)])[0] == "inconclusive"
 
 
-def _first_reach_step(arm_dir, task, metric, target) -> int:
-  """The first eval step at which `task` reached `target`, read from the arm's metrics.jsonl."""
+def _crossing(arm_dir, task, metric, target, tps) -> efficiency.Crossing:
+  """The target's crossing by hand from the arm's metrics.jsonl: linear between the last eval
+  below and the first at or above it, in tokens."""
   rows = [json.loads(l) for l in (arm_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
   key = f"eval/{task}/{metric}"
-  steps = [r["step"] for r in rows if key in r and r[key] >= target]
-  assert steps, f"{arm_dir.name}: {task} never reached {target}: {[r[key] for r in rows if key in r]}"
-  return steps[0]
+  curve = sorted((r["step"], r[key]) for r in rows if key in r)
+  first = next((i for i, (_, v) in enumerate(curve) if v >= target), None)
+  assert first, f"{arm_dir.name}: {task} at target at step 0 or never: {curve}"
+  (s0, v0), (s1, v1) = curve[first - 1], curve[first]
+  return efficiency.Crossing((s0 + (target - v0) / (v1 - v0) * (s1 - s0)) * tps, s0 * tps, s1 * tps)
 
 
 @pytest.mark.slow
@@ -46,27 +54,37 @@ def test_tiny_study_runs_and_report_rebuilds(tmp_path, capsys):
   assert 0 < summary["target"] < 1 and summary["targets"] == {t: summary["target"] for t in tasks}
   arm_cfg = json.loads((out / "seed0" / "multi" / "config.json").read_text())
   tps = arm_cfg["data"]["batch_size"] * arm_cfg["data"]["seq_len"]
-  ratios = []
   for run in summary["per_seed"]:
     seed_dir = out / f"seed{run['seed']}"
-    # Tokens to target, by hand from each arm's stored eval rows: a real measurement (the target
-    # is reached after training started, not at step 0).
+    # Log-spaced evals: steps 1 and 2 besides every eval_every (4) steps and the end.
+    rows = [json.loads(l) for l in (seed_dir / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if f"eval/{tasks[0]}/{metric}" in r] == [
+        0, 1, 2, *range(4, len(tasks) * S + 1, 4)]
+    # Crossings by hand from each arm's stored eval rows: a real measurement (the target is
+    # reached after training started, not at step 0).
     target = summary["target"]
-    single = {t: _first_reach_step(seed_dir / f"single_{t}", t, metric, target) for t in tasks}
-    multi = {t: _first_reach_step(seed_dir / "multi", t, metric, target) for t in tasks}
-    assert all(s > 0 for s in [*single.values(), *multi.values()]), (single, multi)
-    assert run["single_tokens_to_target"] == {t: single[t] * tps for t in tasks}
-    assert run["multi_tokens_to_target"] == {t: multi[t] * tps for t in tasks}
-    expected = sum(single.values()) * tps / (max(multi.values()) * tps)
-    assert run["ratio"] == pytest.approx(expected)
-    ratios.append(expected)
+    single = {t: _crossing(seed_dir / f"single_{t}", t, metric, target, tps) for t in tasks}
+    multi = {t: _crossing(seed_dir / "multi", t, metric, target, tps) for t in tasks}
+    for t in tasks:
+      assert run["single_crossing"][t] == pytest.approx(single[t].to_json())
+      assert run["multi_crossing"][t] == pytest.approx(multi[t].to_json())
+      assert run["single_tokens_to_target"][t] == pytest.approx(single[t].at)
+    point, low, high = efficiency.efficiency_ratio(single, multi)
+    assert run["ratio"] == pytest.approx(point)
+    assert run["ratio_interval"] == pytest.approx([low, high])
+    assert low <= point <= high
     assert run["multi_curves"][tasks[0]][-1][0] == len(tasks) * S * tps  # K x steps_per_task steps
     assert run["single_curves"][tasks[0]][-1][0] == S * tps
-  verdict = ("more efficient" if all(r > 1 for r in ratios) else
-             "less efficient" if all(r < 1 for r in ratios) else "inconclusive")
-  assert summary["verdict"] == verdict and f"verdict: {verdict}" in printed
+  # Two seeds: never a verdict but "inconclusive" (at least 3 are needed).
+  assert summary["verdict"] == "inconclusive" and "fewer than 3" in summary["verdict_reason"]
+  assert "verdict: inconclusive" in printed
+  assert summary["lr_schedule"] == "constant"
+  assert summary["schedule"].startswith("LR schedule of every arm: linear warmup") and "constant" in summary["schedule"]
+  for arm in ("multi", f"single_{tasks[0]}"):
+    assert json.loads((out / "seed0" / arm / "config.json").read_text())["optimizer"]["schedule"] == "constant"
   assert (out / "efficiency_curves.png").exists()
   report = (out / "report.md").read_text()
+  assert "| seed | ratio | interval |" in report and summary["schedule"] in report
   stored = (out / "summary.json").read_text()
   (out / "report.md").unlink()
   (out / "summary.json").unlink()

@@ -109,8 +109,7 @@ def test_eval_during_training_compiles_once_and_cli_eval(tmp_path, tmp_path_fact
   from mtjax import tasks
   from mtjax.tasks.sources import JsonlSource
   cfg = tiny_config(**{"eval.every": 5, "eval.num_examples": 12, "eval.num_generate": 6,
-                       "eval.sample_prompts": 3, "eval.num_samples": 3, "eval.max_new_tokens": 12,
-                       "checkpoint.every": 5})
+                       "eval.sample_prompts": 3, "eval.num_samples": 3, "checkpoint.every": 5})
   result = train.run(cfg, tmp_path)
   evals = [r for r in result.history if "eval/reverse/loss" in r]
   assert [r["step"] for r in evals] == [0, 5, 10]

@@ -33,7 +33,7 @@ def test_gpu_step_matches_cpu_in_float32(tmp_path):
 def test_gpu_bf16_learns_compiles_once_and_evaluates(tmp_path):
   cfg = tiny_config(**{"train.steps": 60, "train.log_every": 10, "eval.every": 30,
                        "eval.num_examples": 16, "eval.num_generate": 4, "eval.sample_prompts": 2,
-                       "eval.num_samples": 2, "eval.max_new_tokens": 8})
+                       "eval.num_samples": 2})
   result = train.run(cfg, tmp_path / "run", devices=gpus()[:1])
   losses = _losses(tmp_path / "run")
   assert losses[-1] < 0.7 * losses[0]

@@ -240,23 +240,39 @@ def test_transfer_study_tiny(tmp_path, capsys):
   out, s = _run_study("transfer", tmp_path, capsys)
   tasks, S = s["tasks"], s["steps_per_task"]
   run = s["per_seed"][0]
-  # R is read from the sequential run's eval rows after each stage, independently here.
-  rows = [r for r in _rows(out / "seed0" / "sequential" / "metrics.jsonl") if "eval/structured_copy/loss" in r]
-  by_step = {r["step"]: [r[f"eval/{t}/token_accuracy"] for t in tasks] for r in rows}
-  np.testing.assert_allclose(run["R"], [by_step[(i + 1) * S] for i in range(len(tasks))])
-  ref = np.asarray(run["reference"])
-  expected = transfer.metrics(np.asarray(run["R"]) / ref, np.asarray(by_step[0]) / ref)
-  assert run["metrics"] == pytest.approx(expected)
-  assert run["greedy_order"] == [tasks[i] for i in transfer.greedy_order(np.asarray(run["M_normalized"]))]
-  assert run["orders"]["structured_first"] == ["structured_copy", "structured_reverse", "open_ended_grammar"]
-  assert run["orders"]["open_ended_first"] == ["open_ended_grammar", "structured_copy", "structured_reverse"]
+  def score(arm, step):
+    row = next(r for r in _rows(out / "seed0" / arm / "metrics.jsonl")
+               if r["step"] == step and "eval/structured_sort/token_accuracy" in r)
+    return [row[f"eval/{t}/token_accuracy"] for t in tasks]
+  # init, reference and B from the arms' eval rows, independently here.
+  init = [score(f"only_{t}", 0)[a] for a, t in enumerate(tasks)]
+  alone = [score(f"only_{t}", S)[a] for a, t in enumerate(tasks)]
+  after = np.full((len(tasks), len(tasks)), np.nan)
+  for a, b in [(0, 1), (1, 0)]:
+    after[a, b] = score(f"{tasks[a]}_then_{tasks[b]}", 2 * S)[a]
+  np.testing.assert_allclose(run["init"], init)
+  np.testing.assert_allclose(run["reference"], alone)
+  B, excluded = transfer.backward_transfer(alone, after, init, s["min_gain"])
+  np.testing.assert_allclose(np.asarray(run["B"], float), B)
+  assert run["excluded"] == [t for t, e in zip(tasks, excluded) if e]
+  # The chosen order is the best predicted one; with two tasks both orders are measured, and they
+  # are the pairwise runs.
+  order, method = transfer.choose_order(np.asarray(s["B_mean"], float))
+  assert s["omni_thinker"] == {"order": [tasks[i] for i in order], "method": "enumerated"}
+  assert sorted(s["order_runs"]) == sorted(f"{a}_then_{b}" for a, b in (tasks, tasks[::-1]))
+  assert s["runs_per_seed"]["runs"] == 4 and sorted(p.name for p in (out / "seed0").iterdir()) == sorted(
+      [f"only_{t}" for t in tasks] + list(s["order_runs"]))
+  assert s["fwt_greedy"]["order"] == [tasks[i] for i in transfer.fwt_greedy_order(
+      np.asarray(s["M_normalized_mean"], float))]
   report = (out / "report.md").read_text()
-  for heading in ("## Transfer matrix", "R[i, j] after stage i", "| ACC |", "| BWT |", "| FWT |",
-                  "| FORGETTING |", "| joint | mixed |", "| bwt_guided |", "| open_ended_first |"):
+  for heading in ("## Backward transfer B[a, b]", "**Normalization.**", "## Omni-Thinker's order",
+                  "## Every measured order", "**FWT-greedy**", "| ACC |", "| BWT |",
+                  "## What this does not show"):
     assert heading in report
-  derived = config_lib.load(str(out / "bwt_guided_schedule.py"))  # a config others can run
+  assert "bwt_guided" not in report  # the FWT-greedy order is never called BWT
+  derived = config_lib.load(str(out / "omni_thinker_schedule.py"))  # a config others can run
   assert derived.data.schedule == "stages"
-  assert [max(w, key=lambda t: w[t]) for _, w in derived.data.stages] == s["derived_order"]
+  assert [max(w, key=lambda t: w[t]) for _, w in derived.data.stages] == s["omni_thinker"]["order"]
   _rebuilds_identically(out)
 
 

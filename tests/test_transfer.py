@@ -1,4 +1,5 @@
-"""Transfer metrics against a hand-computed accuracy matrix."""
+"""Transfer metrics against a hand-computed accuracy matrix (backward transfer and the order:
+test_bwt.py)."""
 
 import numpy as np
 import pytest
@@ -21,14 +22,19 @@ def test_metrics_by_hand():
 
 
 def test_normalize_per_task():
-  n = transfer.normalize(R, [0.8, 0.9, 1.0])
+  # (score - init) / (reference - init); with init 0 the score over the reference.
+  n, excluded = transfer.normalize_scores(R, [0.0, 0.0, 0.0], [0.8, 0.9, 1.0])
   assert n[0, 0] == pytest.approx(1.0) and n[1, 1] == pytest.approx(1.0)
   assert n[2, 0] == pytest.approx(0.5 / 0.8)
-  with pytest.raises(ValueError):
-    transfer.normalize(R, [0.0, 1.0, 1.0])
+  assert not excluded.any()
+  n, excluded = transfer.normalize_scores(R, [0.1, 0.1, 0.1], [0.8, 0.9, 1.0])
+  assert n[2, 0] == pytest.approx((0.5 - 0.1) / (0.8 - 0.1))
+  # A reference at (or under) init is excluded (NaN), never divided by.
+  n, excluded = transfer.normalize_scores(R, [0.0, 0.0, 0.0], [0.0, 1.0, 1.0])
+  assert excluded.tolist() == [True, False, False] and np.isnan(n[:, 0]).all()
 
 
-def test_greedy_order_by_hand():
+def test_fwt_greedy_order_by_hand():
   M = np.array([[1.0, 0.2, 0.9, 0.1],   # training 0 helps 2
                 [0.5, 1.0, 0.6, 0.7],   # training 1 helps everyone a bit: mean(0.5,0.6,0.7)=0.6
                 [0.1, 0.3, 1.0, 0.2],
@@ -36,4 +42,4 @@ def test_greedy_order_by_hand():
   # Step 1 means over the other three: 0: (0.2+0.9+0.1)/3=0.4, 1: 0.6, 2: 0.2, 3: 0.367 -> 1.
   # Step 2 among {0,2,3}: 0: (0.9+0.1)/2=0.5, 2: (0.1+0.2)/2=0.15, 3: (0.9+0.1)/2=0.5 -> tie -> 0.
   # Step 3 among {2,3}: 2: 0.2, 3: 0.1 -> 2; then 3.
-  assert transfer.greedy_order(M) == [1, 0, 2, 3]
+  assert transfer.fwt_greedy_order(M) == [1, 0, 2, 3]

@@ -53,8 +53,10 @@ class Study:
     stopped by a preemption signal (that arm is not marked DONE; rerun to resume).
     """
     from mtjax import train
+    from mtjax.check import check_generation_budgets
     validate_study_config(config)
     self.check(config)
+    check_generation_budgets(config)  # a budget shorter than a held-out target: before any arm
     root = epath.Path(workdir)
     write_study_json(root, self.name, config, **self.record(config))
     return self._finish(root, self.summarize(config, root, train_fn or train.run))
@@ -94,6 +96,15 @@ def validate_study_config(config: Config) -> None:
   if not st.metric.strip():
     raise BadInputError("study.metric",
                         f"expected an eval metric name (e.g. token_accuracy), got {st.metric!r}")
+  if st.eval_schedule not in EVAL_SCHEDULES:
+    raise BadInputError("study.eval_schedule",
+                        f"expected one of {', '.join(EVAL_SCHEDULES)}, got {st.eval_schedule!r}")
+  if st.lr_schedule not in LR_SCHEDULES:
+    raise BadInputError("study.lr_schedule",
+                        f"expected one of {', '.join(LR_SCHEDULES)} (a schedule whose value at a "
+                        "step does not depend on the arm's length), got {st.lr_schedule!r}")
+  if st.lr_schedule == "wsd":
+    _check_decay(config, st.steps_per_task)
 
 
 def write_study_json(root: epath.Path, study: str, base: Config, **extra: Any) -> None:
@@ -117,13 +128,102 @@ def read_study_json(root: epath.Path) -> tuple[str, Config]:
 
 # ---------------------------------------------------------------- arms
 
+EVAL_SCHEDULES = ("every", "log")
+LR_SCHEDULES = ("constant", "wsd")
+
+
+def _check_decay(config: Config, steps: int) -> None:
+  """wsd's absolute decay length fits an arm of `steps` steps after its warmup."""
+  d, warmup = config.study.lr_decay_steps, config.optimizer.warmup_steps
+  if not 1 <= d <= steps - warmup:
+    raise BadInputError("study.lr_decay_steps",
+                        f"study.lr_schedule=wsd needs 1 <= lr_decay_steps <= {steps - warmup} (an "
+                        f"arm of {steps} steps minus optimizer.warmup_steps={warmup}), got {d}")
+
+
+def lr_settings(base: Config, steps: int) -> dict[str, Any]:
+  """The optimizer fields of an arm of `steps` steps under study.lr_schedule, set explicitly
+  (never the base config's schedule): `constant` after the base's warmup, or `wsd` decaying over
+  the last study.lr_decay_steps steps, so the LR at step s is the same in every arm (for wsd:
+  until the shorter arm's decay starts; every arm decays over the same number of steps). The
+  base's lr, warmup_steps and min_lr_ratio are shared by every arm."""
+  st = base.study
+  if st.lr_schedule == "constant":
+    return {"optimizer.schedule": "constant", "optimizer.decay_steps": 0}
+  if st.lr_schedule == "wsd":
+    _check_decay(base, steps)
+    return {"optimizer.schedule": "wsd", "optimizer.decay_steps": steps,
+            "optimizer.decay_fraction": st.lr_decay_steps / steps}
+  raise BadInputError("study.lr_schedule", f"expected one of {', '.join(LR_SCHEDULES)}, "
+                      f"got {st.lr_schedule!r}")
+
+
+def lr_note(optimizer: Mapping[str, Any], steps: int) -> str:
+  """How an arm of `steps` steps with these optimizer settings (a config's `optimizer` group, as
+  in its config.json) sets the LR, in words (mtjax.train.optimizer.lr_schedule's arithmetic)."""
+  o = optimizer
+  warmup, lr = int(o["warmup_steps"]), float(o["lr"])
+  end = lr * float(o["min_lr_ratio"])
+  decay_steps = max(int(o["decay_steps"]) or steps, warmup + 1)
+  head = f"linear warmup over {warmup} steps to {lr:g}, then "
+  if o["schedule"] == "constant":
+    return head + "constant"
+  if o["schedule"] == "wsd":
+    decay = max(1, round(float(o["decay_fraction"]) * decay_steps))
+    return head + f"constant, then a linear decay to {end:g} over the last {decay} steps"
+  return head + f"{o['schedule']} decay to {end:g} at step {decay_steps}"
+
+
+def stored_lr_note(arm_dir: epath.Path) -> str:
+  """`lr_note` of a trained arm, from its config.json (what it actually ran with)."""
+  path = arm_dir / "config.json"
+  if not path.exists():
+    return "unknown (no config.json)"
+  cfg = json.loads(path.read_text())
+  return lr_note(cfg["optimizer"], int(cfg["train"]["steps"]))
+
+
+def schedule_note(notes: Mapping[str, str]) -> str:
+  """One sentence for a report from {arm name: its lr_note}: one schedule for every arm, or each
+  arm's (then the LR at a step may depend on the arm's length: say so)."""
+  distinct = sorted(set(notes.values()))
+  if len(distinct) == 1:
+    return (f"LR schedule of every arm: {distinct[0]} (the same LR at the same step in arms of "
+            "any length).")
+  return ("LR schedules differ between arms (the LR at a step depends on the arm): " +
+          "; ".join(f"{name}: {note}" for name, note in notes.items()) + ".")
+
+
+def eval_steps(total: int, every: int, schedule: str = "every") -> list[int]:
+  """The steps an arm of `total` steps is evaluated at: 0, every `every` steps, the end, and under
+  the "log" schedule also the powers of two below `total`."""
+  steps = {total}
+  if every > 0:
+    steps.update(range(0, total, every))
+  if schedule == "log":
+    steps.add(0)
+    k = 1
+    while k < total:
+      steps.add(k)
+      k *= 2
+  return sorted(steps)
+
+
+def extra_eval_steps(total: int, every: int, schedule: str) -> tuple[int, ...]:
+  """The eval steps of an arm that its eval.every cadence does not give (log-spaced ones): its
+  eval.steps."""
+  regular = set(eval_steps(total, every))
+  return tuple(s for s in eval_steps(total, every, schedule) if s not in regular)
+
+
 def configure(base: Config, *, seed: int, steps: int, eval_every: int,
               tasks: Sequence[str] | None = None,
               mixture: Mapping[str, float] | None = None,
               stages: Sequence[tuple[int, Mapping[str, float]]] | None = None,
               **dotted: Any) -> Config:
   """The base config as one arm, trained on `mixture` (constant) or on `stages`; no checkpoints
-  but the last, no progress bar.
+  but the last, no progress bar. The data schedule and the LR schedule are set explicitly
+  (`lr_settings`: study.lr_schedule), never inherited from the base config.
 
   Args:
     base: the study's config.
@@ -137,7 +237,9 @@ def configure(base: Config, *, seed: int, steps: int, eval_every: int,
     **dotted: any further dotted config fields.
   """
   changes = {"data.mixture_name": "", "seed": seed, "train.steps": steps, "eval.every": eval_every,
-             "eval.tasks": (), "checkpoint.every": 0, "train.progress": False}
+             "eval.steps": extra_eval_steps(steps, eval_every, base.study.eval_schedule),
+             "eval.tasks": (), "checkpoint.every": 0, "train.progress": False,
+             **lr_settings(base, steps)}
   if tasks is None:
     tasks = base.data.tasks
     default_mixture = {t: base.data.mixture.get(t, 1.0) for t in tasks}
@@ -159,6 +261,18 @@ def configure(base: Config, *, seed: int, steps: int, eval_every: int,
   return base.replace(**changes)
 
 
+def loss_tokens_per_step(cfg: Config, batches: int) -> float:
+  """An arm's mean loss (supervised) tokens per step over its first `batches` training batches,
+  as its loader builds them (packing, truncation and the sampler included)."""
+  from mtjax.data.loader import MixtureLoader
+  loader = MixtureLoader.from_config(cfg, prefetch=0)
+  try:
+    total = sum(float(next(loader).arrays["loss_mask"].sum()) for _ in range(max(1, batches)))
+  finally:
+    loader.close()
+  return total / max(1, batches)
+
+
 def sequential_stages(order: Sequence[str], steps_per_task: int) -> list[tuple[int, dict[str, float]]]:
   return [(i * steps_per_task, {t: 1.0}) for i, t in enumerate(order)]
 
@@ -166,11 +280,8 @@ def sequential_stages(order: Sequence[str], steps_per_task: int) -> list[tuple[i
 def run(root: epath.Path, name: str, cfg: Config, train_fn: TrainFn) -> epath.Path:
   """Trains one arm unless it is already DONE; returns its workdir (raises runs.Preempted)."""
   arm_dir = root / name
-  runs.run_once(arm_dir, cfg, train_fn,
-                announce=f"study: {root.name}/{name} ({cfg.train.steps} steps)")
+  runs.run_once(arm_dir, cfg, train_fn, announce=f"study: {root.name}/{name} ({cfg.train.steps} steps)")
   return arm_dir
-
-
 # ---------------------------------------------------------------- stored metrics
 
 def eval_series(arm_dir: epath.Path, task: str, metric: str) -> list[tuple[int, float]]:

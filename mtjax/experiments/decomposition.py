@@ -1,9 +1,15 @@
 """Decomposition study (Granite's claim): is function calling learned better as the mixture of
 its granular subtasks plus the umbrella task than as the umbrella task alone, at equal tokens?
 
-Arms per seed, both study.steps_per_task x (number of tasks) steps on the same batch shape:
-  umbrella  only the umbrella task (fc_umbrella) is sampled
-  granular  every task of data.tasks (the seven subtasks and the umbrella), equal weights
+Arms per seed, on the same batch shape and matched on supervised (loss) tokens, not row slots:
+  umbrella  only the umbrella task (fc_umbrella) is sampled, study.steps_per_task x (number of
+            tasks) steps
+  granular  every task of data.tasks (the seven subtasks and the umbrella), equal weights, for as
+            many steps as give the umbrella arm's loss tokens (each arm's loss tokens per step
+            measured on its first MATCH_BATCHES training batches as the loader builds them;
+            the steps are rounded, so the totals agree within half a step's loss tokens plus the
+            measurement's sampling error)
+Arms of different lengths train at the same LR at the same step (arms.lr_settings).
 Both are scored on every subtask's held-out APIs: `accuracy` is the structural match of the
 greedy completion (parsed calls compared as JSON, order-insensitive where the subtask allows),
 `token_accuracy` the teacher-forced next-token accuracy on the target.
@@ -32,21 +38,43 @@ def check(base: Config) -> None:
                         f"the decomposition study needs the umbrella task {UMBRELLA!r}")
 
 
+MATCH_BATCHES = 32  # training batches measured per arm for its loss tokens per step
+
+
+def arm_configs(base: Config, seed: int) -> tuple[dict[str, Config], dict[str, float]]:
+  """({arm: config}, {arm: measured loss tokens per step}): the granular arm's steps chosen so
+  its loss tokens match the umbrella arm's (study.steps_per_task x number of tasks steps)."""
+  tasks = base.data.tasks
+  steps = base.study.steps_per_task * len(tasks)
+  arm = lambda n, mixture: arms.configure(base, seed=seed, steps=n,
+                                          eval_every=base.study.eval_every, mixture=mixture)
+  granular_mixture = {t: 1.0 for t in tasks}
+  umbrella = arm(steps, {UMBRELLA: 1.0})
+  per_step = {name: arms.loss_tokens_per_step(cfg, min(steps, MATCH_BATCHES))
+              for name, cfg in (("umbrella", umbrella), ("granular", arm(steps, granular_mixture)))}
+  granular_steps = max(1, round(steps * per_step["umbrella"] / max(per_step["granular"], 1.0)))
+  return {"umbrella": umbrella, "granular": arm(granular_steps, granular_mixture)}, per_step
+
+
 def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[str, Any]:
   tasks = list(base.data.tasks)
-  steps = base.study.steps_per_task * len(tasks)
   per_seed = []
+  notes: dict[str, str] = {}
   for seed in base.study.seeds:
     result: dict[str, Any] = {"seed": seed}
-    for name, mixture in (("umbrella", {UMBRELLA: 1.0}), ("granular", {t: 1.0 for t in tasks})):
-      cfg = arms.configure(base, seed=seed, steps=steps, eval_every=base.study.eval_every,
-                           mixture=mixture)
+    configs, per_step = arm_configs(base, seed)
+    for name, cfg in configs.items():
       d = arms.run(root / f"seed{seed}", name, cfg, train_fn)
+      notes[name] = arms.stored_lr_note(d)
       result[name] = {m: arms.final_eval(d, tasks, m) for m in METRICS}
       result[name + "_curves"] = {t: arms.eval_series(d, t, "token_accuracy") for t in tasks}
+    result["arm_steps"] = {n: c.train.steps for n, c in configs.items()}
+    result["loss_tokens_per_step"] = per_step
+    result["loss_tokens"] = {n: per_step[n] * c.train.steps for n, c in configs.items()}
     per_seed.append(result)
-  return {"tasks": tasks, "umbrella": UMBRELLA, "seeds": list(base.study.seeds), "steps": steps,
-          "per_seed": per_seed}
+  return {"tasks": tasks, "umbrella": UMBRELLA, "seeds": list(base.study.seeds),
+          "steps": base.study.steps_per_task * len(tasks), "per_seed": per_seed,
+          "schedule": arms.schedule_note(notes)}
 
 
 # ---------------------------------------------------------------- the report
@@ -74,10 +102,15 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
   lines = [
       "# Decomposition study: umbrella task alone vs granular subtasks + umbrella",
       "",
-      f"Seeds: {summary['seeds']}. Both arms train {summary['steps']} steps on the same batch shape "
-      f"(equal tokens): `umbrella` samples only {summary['umbrella']}; `granular` samples all "
-      f"{len(tasks)} tasks equally. Scored on held-out APIs (never seen in training): structural "
-      "match of the greedy completion, and teacher-forced token accuracy.",
+      f"Seeds: {summary['seeds']}. `umbrella` samples only {summary['umbrella']} for "
+      f"{summary['steps']} steps; `granular` samples all {len(tasks)} tasks equally, for as many "
+      "steps as match the umbrella arm's supervised (loss) tokens, on the same batch shape: "
+      + "; ".join(f"seed {r['seed']}: " + ", ".join(
+          f"{n} {r['arm_steps'][n]} steps x {r['loss_tokens_per_step'][n]:,.0f} = "
+          f"{r['loss_tokens'][n]:,.0f} loss tokens" for n in ("umbrella", "granular"))
+          for r in runs if "arm_steps" in r)
+      + f". {summary.get('schedule', '')} Scored on held-out APIs (never seen in training): "
+      "structural match of the greedy completion, and teacher-forced token accuracy.",
       "",
       *report.md_table(["subtask", "structural match: umbrella", "granular", "Δ",
                         "token acc: umbrella", "granular", "Δ"], rows),

@@ -2,17 +2,27 @@
 
 For each seed: K single-task runs of S steps each, and one multi-task run of K x S steps on the
 mixture (same batch shape, so the same total compute), all evaluated on held-out splits every
-`study.eval_every` steps. Per task: tokens until its score first reaches the target, and the
-final score. Efficiency ratio = (sum over tasks of single-task tokens to target) / (multi-task
-tokens until EVERY task reached its target); > 1 means the joint run got there with less
-compute. Verdict over seeds: "more efficient" if every seed's ratio > 1, "less efficient" if
-every seed's ratio < 1, else "inconclusive" (or when a target was never reached).
+`study.eval_every` steps (and, under study.eval_schedule=log, at steps 1, 2, 4, 8, ...: dense
+early, where single-task runs cross their targets). Every arm trains with the same LR at the
+same step whatever its length (study.lr_schedule: constant after warmup, or wsd with the same
+absolute decay length; arms.lr_settings).
+
+Per task and arm, the crossing of its target: interpolated linearly (in tokens) between the last
+eval below the target and the first at or above it, which two evals bound it (the crossing
+interval). Efficiency ratio = (sum over tasks of single-task tokens to target) / (multi-task
+tokens until EVERY task reached its target); > 1 means the joint run got there with less compute.
+Per seed it has an interval: low = the most pessimistic crossings (single-task runs at the start
+of their intervals, the joint run at the end of its), high = the most optimistic. Verdict over
+seeds: "more efficient" if every seed's interval lies above 1, "less efficient" if every seed's
+interval lies below 1, with at least MIN_SEEDS seeds; else "inconclusive" (also when a target was
+never reached).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,40 +31,80 @@ from etils import epath
 from mtjax.config import Config
 from mtjax.experiments import arms, report
 
+MIN_SEEDS = 3  # the least number of seeds a verdict other than "inconclusive" rests on
+
 
 def tokens_per_step(config: Config) -> int:
   return config.data.batch_size * config.data.seq_len
 
 
-def first_reach(curve: Sequence[tuple[int, float]], target: float) -> int | None:
-  for step, value in curve:
-    if value >= target:
-      return step
+@dataclasses.dataclass(frozen=True)
+class Crossing:
+  """Where a curve first reached its target: `at` interpolated linearly between `low` (the last
+  eval below the target) and `high` (the first eval at or above it); low == at == high when the
+  first eval was already at the target."""
+
+  at: float
+  low: float
+  high: float
+
+  def to_json(self) -> dict[str, float]:
+    return {"at": self.at, "low": self.low, "high": self.high}
+
+
+def crossing(curve: Sequence[tuple[float, float]], target: float) -> Crossing | None:
+  """The first crossing of `target` by a curve of (x, value) points (x increasing; NaN values are
+  skipped, a repeated x keeps its last value); None if the curve never reaches it."""
+  prev: tuple[float, float] | None = None
+  for x, v in _clean(curve):
+    if v >= target:
+      if prev is None:
+        return Crossing(float(x), float(x), float(x))
+      x0, v0 = prev  # v0 < target <= v
+      return Crossing(x0 + (target - v0) / (v - v0) * (x - x0), float(x0), float(x))
+    prev = (float(x), float(v))
   return None
 
 
-def efficiency_ratio(single_steps: dict[str, int | None], multi_steps_all: int | None,
-                     single_tokens_per_step: int, multi_tokens_per_step: int) -> float:
-  reached = [s for s in single_steps.values() if s is not None]
-  if multi_steps_all is None or len(reached) < len(single_steps):
-    return math.nan
-  single = sum(s * single_tokens_per_step for s in reached)
-  multi = multi_steps_all * multi_tokens_per_step
-  if multi == 0:  # already at target before training: no difference to measure
-    return 1.0 if single == 0 else math.inf
-  return single / multi
+def _clean(curve: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+  last = {x: v for x, v in sorted(curve, key=lambda p: p[0])}
+  return [(x, v) for x, v in last.items() if not math.isnan(v)]
 
 
-def verdict(ratios: Sequence[float]) -> str:
-  r = np.asarray(ratios, np.float64)
-  if len(r) == 0 or np.any(np.isnan(r)):
-    return "inconclusive"
-  if np.all(r > 1):
-    return "more efficient"
-  if np.all(r < 1):
-    return "less efficient"
-  return "inconclusive"
+def _ratio(num: float, den: float) -> float:
+  if den == 0:  # already at target before training: no difference to measure
+    return 1.0 if num == 0 else math.inf
+  return num / den
 
+
+def efficiency_ratio(single: Mapping[str, Crossing | None],
+                     multi: Mapping[str, Crossing | None]) -> tuple[float, float, float]:
+  """(ratio, low, high) from each task's crossing in its single-task run and in the multi-task
+  run (both in tokens): ratio from the interpolated crossings, low from the most pessimistic
+  ones (single-task crossings at their interval's start, the joint run's at its end), high from
+  the most optimistic; NaN when some crossing is missing."""
+  found_single = [c for c in single.values() if c is not None]
+  found_multi = [c for c in multi.values() if c is not None]
+  if len(found_single) < len(single) or len(found_multi) < len(multi) or not found_multi:
+    return math.nan, math.nan, math.nan
+  point = _ratio(sum(c.at for c in found_single), max(c.at for c in found_multi))
+  low = _ratio(sum(c.low for c in found_single), max(c.high for c in found_multi))
+  high = _ratio(sum(c.high for c in found_single), max(c.low for c in found_multi))
+  return point, low, high
+
+
+def verdict(intervals: Sequence[tuple[float, float]], min_seeds: int = MIN_SEEDS) -> tuple[str, str]:
+  """(verdict, why) from each seed's ratio interval (low, high)."""
+  r = np.asarray(intervals, np.float64).reshape(-1, 2)
+  if len(r) < min_seeds:
+    return "inconclusive", f"{len(r)} seed(s), fewer than {min_seeds}"
+  if np.any(np.isnan(r)):
+    return "inconclusive", "a target was never reached in some seed"
+  if np.all(r[:, 0] > 1):
+    return "more efficient", "every seed's interval lies above 1"
+  if np.all(r[:, 1] < 1):
+    return "less efficient", "every seed's interval lies below 1"
+  return "inconclusive", "some seed's interval contains 1 (or the seeds disagree)"
 
 
 # ---------------------------------------------------------------- the study
@@ -66,6 +116,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
   goal = {t: float(st.targets.get(t, st.target)) for t in tasks}
   tps = tokens_per_step(base)
   per_seed = []
+  notes: dict[str, str] = {}  # arm -> its LR schedule, as it ran (config.json)
   for seed in st.seeds:
     seed_dir = root / f"seed{seed}"
     plan = {f"single_{t}": arms.configure(base, tasks=[t], steps=st.steps_per_task, seed=seed,
@@ -73,34 +124,49 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     plan["multi"] = arms.configure(base, tasks=tasks, steps=st.steps_per_task * len(tasks),
                                    seed=seed, eval_every=st.eval_every)
     for name, cfg in plan.items():
-      arms.run(seed_dir, name, cfg, train_fn)
-    single_curves = {t: arms.eval_curves(seed_dir / f"single_{t}", st.metric)[t] for t in tasks}
-    multi_curves = arms.eval_curves(seed_dir / "multi", st.metric)
-    single_steps = {t: first_reach(single_curves[t], goal[t]) for t in tasks}
-    multi_steps = {t: first_reach(multi_curves[t], goal[t]) for t in tasks}
-    reached = [s for s in multi_steps.values() if s is not None]
-    all_reached = max(reached) if len(reached) == len(tasks) else None
+      notes[name] = arms.stored_lr_note(arms.run(seed_dir, name, cfg, train_fn))
+    tokens = lambda curve: [(s * tps, v) for s, v in _clean(curve)]
+    single_curves = {t: tokens(arms.eval_curves(seed_dir / f"single_{t}", st.metric)[t]) for t in tasks}
+    multi_all = arms.eval_curves(seed_dir / "multi", st.metric)
+    multi_curves = {t: tokens(multi_all[t]) for t in tasks}
+    single = {t: crossing(single_curves[t], goal[t]) for t in tasks}
+    multi = {t: crossing(multi_curves[t], goal[t]) for t in tasks}
+    point, low, high = efficiency_ratio(single, multi)
+    found = [c for c in multi.values() if c is not None]
     per_seed.append({
         "seed": seed,
-        "single_tokens_to_target": {t: None if s is None else s * tps for t, s in single_steps.items()},
-        "multi_tokens_to_target": {t: None if s is None else s * tps for t, s in multi_steps.items()},
-        "multi_tokens_all_reached": None if all_reached is None else all_reached * tps,
+        "single_tokens_to_target": {t: None if c is None else c.at for t, c in single.items()},
+        "multi_tokens_to_target": {t: None if c is None else c.at for t, c in multi.items()},
+        "single_crossing": {t: None if c is None else c.to_json() for t, c in single.items()},
+        "multi_crossing": {t: None if c is None else c.to_json() for t, c in multi.items()},
+        "multi_tokens_all_reached": max(c.at for c in found) if len(found) == len(tasks) else None,
         "single_final": {t: single_curves[t][-1][1] for t in tasks},
         "multi_final": {t: multi_curves[t][-1][1] for t in tasks},
-        "ratio": _finite(efficiency_ratio(single_steps, all_reached, tps, tps)),
-        "single_curves": {t: [(s * tps, v) for s, v in c] for t, c in single_curves.items()},
-        "multi_curves": {t: [(s * tps, v) for s, v in c] for t, c in multi_curves.items()},
+        "ratio": _finite(point),
+        "ratio_interval": [_finite(low), _finite(high)],
+        "single_curves": single_curves,
+        "multi_curves": multi_curves,
     })
+  intervals = [(_nan(s["ratio_interval"][0]), _nan(s["ratio_interval"][1])) for s in per_seed]
+  decided, why = verdict(intervals)
   return {
       "tasks": tasks, "seeds": list(st.seeds), "metric": st.metric, "target": st.target,
       "targets": goal, "steps_per_task": st.steps_per_task, "tokens_per_step": tps,
+      "eval_every": st.eval_every, "eval_schedule": st.eval_schedule,
+      "lr_schedule": st.lr_schedule, "lr_decay_steps": st.lr_decay_steps,
+      "schedule": arms.schedule_note(notes), "min_seeds": MIN_SEEDS,
       "per_seed": per_seed, "ratios": [s["ratio"] for s in per_seed],
-      "verdict": verdict([math.nan if s["ratio"] is None else s["ratio"] for s in per_seed]),
+      "ratio_intervals": [s["ratio_interval"] for s in per_seed],
+      "verdict": decided, "verdict_reason": why,
   }
 
 
 def _finite(x: float) -> float | None:
   return None if math.isnan(x) else x
+
+
+def _nan(x: float | None) -> float:
+  return math.nan if x is None else x
 
 
 def _record(config: Config) -> dict[str, Any]:
@@ -113,7 +179,7 @@ def _record(config: Config) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the report
 
-def _fmt_tokens(values: list[int | None]) -> str:
+def _fmt_tokens(values: list[float | None]) -> str:
   reached = [v for v in values if v is not None]
   missing = len(values) - len(reached)
   if not reached:
@@ -122,16 +188,33 @@ def _fmt_tokens(values: list[int | None]) -> str:
   return text + (f" ({missing} seed(s) not reached)" if missing else "")
 
 
+def _fmt_crossing(c: Mapping[str, float] | None) -> str:
+  if c is None:
+    return "not reached"
+  return f"{c['at']:,.0f} [{c['low']:,.0f}, {c['high']:,.0f}]"
+
+
+def _fmt_ratio(x: float | None) -> str:
+  return "n/a" if x is None else "∞" if math.isinf(x) else f"{x:.3f}"
+
+
 def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
   tasks, runs = summary["tasks"], summary["per_seed"]
   plot = _plot(root, summary)
+  evals = (f"every {summary['eval_every']} steps"
+           + (" and at steps 1, 2, 4, 8, ... (log-spaced: dense early)"
+              if summary["eval_schedule"] == "log" else "") + ", and at each arm's end")
   lines = [
       "# Efficiency study: multi-task vs task-specific",
       "",
       f"Tasks: {', '.join(tasks)}. Seeds: {summary['seeds']}. Each single-task run: "
       f"{summary['steps_per_task']} steps; the multi-task run: {summary['steps_per_task'] * len(tasks)} "
       f"steps (the same total compute); {summary['tokens_per_step']:,} tokens per step. Score: "
-      f"held-out eval `{summary['metric']}`; target per task in the table.",
+      f"held-out eval `{summary['metric']}` {evals}; target per task in the table. "
+      f"{summary['schedule']}",
+      "",
+      "Tokens to target: where the eval curve first crosses the target, interpolated linearly "
+      "between the last eval below it and the first at or above it (mean ± std over seeds).",
       "",
       "| task | target | single: tokens to target | multi: tokens to target | single: final | multi: final |",
       "|---|---|---|---|---|---|",
@@ -141,15 +224,36 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
                  f"{_fmt_tokens([r['multi_tokens_to_target'][t] for r in runs])} | "
                  f"{report.mean_std([r['single_final'][t] for r in runs])} | "
                  f"{report.mean_std([r['multi_final'][t] for r in runs])} |")
-  ratios = summary["ratios"]
-  shown = ", ".join("n/a" if r is None else f"{r:.3f}" for r in ratios)
+  lines += [
+      "",
+      "Crossings per seed: tokens at the interpolated crossing [last eval below, first eval at or "
+      "above the target].",
+      "",
+      "| seed | task | single | multi |",
+      "|---|---|---|---|",
+  ]
+  for r in runs:
+    for t in tasks:
+      lines.append(f"| {r['seed']} | {t} | {_fmt_crossing(r['single_crossing'][t])} | "
+                   f"{_fmt_crossing(r['multi_crossing'][t])} |")
   lines += [
       "",
       "Efficiency ratio = (sum of single-task tokens to target) / (multi-task tokens until every "
-      f"task reached its target), per seed: {shown}.",
+      "task reached its target); its interval: from the most pessimistic crossings (single-task "
+      "at the start of their intervals, multi-task at the end) to the most optimistic.",
       "",
-      f"**Verdict: {summary['verdict']}** (more efficient: every seed's ratio > 1; less efficient: "
-      "every seed's ratio < 1; otherwise, or if a target was never reached, inconclusive).",
+      "| seed | ratio | interval |",
+      "|---|---|---|",
+  ]
+  for r in runs:
+    low, high = r["ratio_interval"]
+    lines.append(f"| {r['seed']} | {_fmt_ratio(r['ratio'])} | "
+                 + ("n/a" if low is None else f"[{_fmt_ratio(low)}, {_fmt_ratio(high)}]") + " |")
+  lines += [
+      "",
+      f"**Verdict: {summary['verdict']}** ({summary['verdict_reason']}; more efficient: every "
+      "seed's interval lies above 1; less efficient: every seed's interval lies below 1; both need "
+      f"at least {summary['min_seeds']} seeds and every target reached; otherwise inconclusive).",
       "",
       f"![eval curves]({plot.name})",
       "",

@@ -1,13 +1,22 @@
 """Three small in-memory tasks that need no download.
 
 Two have one right answer (reverse a string, add two numbers); one has many (any sentence of a
-small grammar), so joint training can be watched for entropy collapse on the open-ended task.
+small grammar with the subject and object nouns the prompt names), so joint training can be
+watched for entropy collapse on the open-ended task.
+
+Held-out splits come from a disjoint part of the prompt space: every task partitions its prompts
+(by their defining content: the string, the operand pair, the pair of nouns) into a train part
+and a held-out part before drawing, so validation prompts never occur in train for any seed, and
+the two parts have alike distributions (a hash, or for grammar a balanced Latin square).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import re
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -19,28 +28,47 @@ VALIDATION_SIZE = 500
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
+# The share of a task's prompt space held out for validation (train never draws from it).
+HELD_OUT_FRACTION = 0.2
+
+HeldOut = Callable[[Example], bool]  # True: the example's prompt lies in the held-out part
+
+
+def hashed(key: str, fraction: float = HELD_OUT_FRACTION) -> bool:
+  """Whether `key` (a prompt's defining content) lies in the held-out part: a fixed hash
+  (blake2b, not Python's salted hash), so the partition is the same on every machine."""
+  h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+  return h < fraction * 2**64
+
+
+def held_out_by_input(example: Example) -> bool:
+  """The default partition: by the example's input (its prompt without the instruction, so a
+  rewritten instruction keeps the parts disjoint). A copy, reverse or sort word, an addition pair,
+  is held out in every task that shows it. The hash ignores content, so both parts are alike in
+  distribution up to sampling noise, which is largest for small prompt spaces."""
+  return hashed(example.input)
+
 
 def _rng(task: str, split: str, seed: int) -> np.random.Generator:
   return np.random.default_rng([zlib.crc32(f"{task}/{split}".encode()), seed])
 
 
-def _split(task: str, make, split: str, seed: int, held_out: bool) -> tuple[Example, ...]:
-  """Draws examples; with held_out, validation keeps only prompts never seen in train."""
+def _split(task: str, make, split: str, seed: int, held_out: HeldOut) -> tuple[Example, ...]:
+  """Draws examples from the split's part of the prompt space: validation from the held-out
+  part, train from the rest (the partition does not depend on the seed)."""
   size = {"train": TRAIN_SIZE, "validation": VALIDATION_SIZE}[split]
+  want = split == "validation"
   rng = _rng(task, split, seed)
-  seen = set()
-  if held_out and split == "validation":
-    seen = {e.prompt for e in _cached(task, make, "train", seed, held_out)}
   out = []
   while len(out) < size:
     ex = make(rng)
-    if ex.prompt not in seen:
+    if held_out(ex) == want:
       out.append(ex)
   return tuple(out)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached(task: str, make, split: str, seed: int, held_out: bool) -> tuple[Example, ...]:
+def _cached(task: str, make, split: str, seed: int, held_out: HeldOut) -> tuple[Example, ...]:
   return _split(task, make, split, seed, held_out)
 
 
@@ -71,8 +99,26 @@ def _noun_phrase(rng: np.random.Generator) -> list[str]:
 
 
 def _make_sentence(rng: np.random.Generator) -> Example:
-  words = _noun_phrase(rng) + [str(rng.choice(_VERB))] + _noun_phrase(rng)
-  return Example("sentence: ", "", " ".join(words))
+  """A sentence whose subject and object nouns the prompt names, "fox, tree" (many right answers:
+  900 per prompt; 25 prompts)."""
+  subject, verb, obj = _noun_phrase(rng), str(rng.choice(_VERB)), _noun_phrase(rng)
+  return Example("sentence: ", f"{subject[-1]}, {obj[-1]}\n",
+                 " ".join(subject + [verb] + obj))
+
+
+# "sentence: fox, tree\n" asks for a sentence with subject fox and object tree; prompt and
+# longest target fit seq_len 64 with BOS and EOS (21 + 40 + 2 bytes).
+_ASKS = re.compile(r"(\w+), (\w+)\s*")
+
+
+def sentence_held_out(example: Example) -> bool:
+  """The grammar's held-out part: the (subject, object) pairs on one diagonal of the 5x5 Latin
+  square (object = subject + 2, cyclically): 5 of 25 prompts, each noun once as held-out subject
+  and once as held-out object, so noun (and length) distributions match in both parts."""
+  m = _ASKS.fullmatch(example.input)
+  if m is None:
+    raise ValueError(f"not a grammar prompt: {example.input!r}")
+  return (_NOUN.index(m[2]) - _NOUN.index(m[1])) % len(_NOUN) == 2
 
 
 def is_grammatical(text: str) -> bool:
@@ -93,12 +139,25 @@ def is_grammatical(text: str) -> bool:
   return noun_phrase(i + 1) == len(words)
 
 
-def _source(name: str, make, held_out: bool = True) -> GeneratorSource:
+def sentence_ok(example: Example, output: str) -> bool:
+  """The grammar task's verifier: a grammatical sentence with the subject and object nouns the
+  prompt names (any nouns for a prompt that names none)."""
+  if not is_grammatical(output):
+    return False
+  m = _ASKS.fullmatch(example.input)
+  if m is None:
+    return True
+  words = output.strip().split(" ")
+  verb = next(i for i, w in enumerate(words) if w in _VERB)
+  return words[verb - 1] == m[1] and words[-1] == m[2]
+
+
+def _source(name: str, make, held_out: HeldOut = held_out_by_input) -> GeneratorSource:
   return GeneratorSource(lambda split, seed: _cached(name, make, split, seed, held_out))
 
 
 register(Task("reverse", _source("reverse", _make_reverse), exact_match))
+# Partitioned by the operand pair (the input), so 1-digit problems fall in both parts.
 register(Task("addition", _source("addition", _make_addition), exact_match))
-# One prompt for every example: held-out means fresh draws, judged by the grammar.
-register(Task("grammar", _source("grammar", _make_sentence, held_out=False),
-              lambda ex, out: is_grammatical(out), open_ended=True, metrics=("valid", "distinct")))
+register(Task("grammar", _source("grammar", _make_sentence, sentence_held_out), sentence_ok,
+              open_ended=True, metrics=("valid", "distinct")))

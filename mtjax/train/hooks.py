@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -61,15 +62,21 @@ class LogHook(Hook):
   """metrics.jsonl / TensorBoard rows every train.log_every steps and at the last step.
 
   Step s's metrics are fetched after step s + 1 was dispatched, so reading them never stalls the
-  device; the non-finite guard (train.max_consecutive_skips) is checked on the rows read. A task
-  sampled at a rate > 0 whose loss tokens are 0 in `no_tokens_rows` logged rows in a row gets a
-  warning (one stderr line) and `warn/<task>/no_tokens` = 1 in each such row from then on.
+  device; the non-finite guard (train.max_consecutive_skips) is checked on the rows read.
+  Per-task loss, entropy and accuracy are token-weighted means over the whole log window
+  (mtjax.train.metrics): every step's per-task metrics (a few [T] arrays, already computed by the
+  step) are kept by reference, on the device, and fetched together with the logged step's, so the
+  window costs no host sync per step. A task sampled at a rate > 0 whose loss tokens are 0 in
+  `no_tokens_rows` logged windows in a row gets a warning (one stderr line) and
+  `warn/<task>/no_tokens` = 1 in each such row from then on.
   """
 
   def __init__(self, every: int, max_consecutive_skips: int, no_tokens_rows: int = 3):
     self.every, self.max_consecutive_skips = every, max_consecutive_skips
     self.no_tokens_rows = no_tokens_rows
     self._pending: StepOutput | None = None
+    self._window: list[Any] = []  # per_task metrics (device arrays) of the steps since the last row
+    self._pending_window: list[Any] = []  # the window that ends at the pending step
     self._window_start, self._tokens, self._steps = time.perf_counter(), 0, 0
     self._save_block_s: list[float] = []
     self._no_tokens: dict[str, int] = {}  # task -> logged rows in a row without loss tokens
@@ -96,16 +103,21 @@ class LogHook(Hook):
     self.flush(loop)  # the previous step's metrics: this step is already dispatched
     self._tokens += out.batch.tokens
     self._steps += 1
+    self._window.append(out.metrics["per_task"])  # a reference: nothing is read here
     if out.done % self.every == 0 or out.done == loop.total:
-      self._pending = out
+      self._pending, self._pending_window, self._window = out, self._window, []
 
   def flush(self, loop: Loop) -> None:
     out, self._pending = self._pending, None
+    window, self._pending_window = self._pending_window, []
     if out is None:
       return
     host = jax.device_get(out.metrics)
+    # The window's earlier steps finished before the logged one: fetching them never waits longer.
+    sums = metrics_lib.window_sums(jax.device_get(window[:-1]) + [host["per_task"]])
     elapsed = time.perf_counter() - self._window_start
-    row = metrics_lib.train_row(out.done, host, loop.task_names, out.task_weights, out.entropy_coefs)
+    row = metrics_lib.train_row(out.done, host, loop.task_names, out.task_weights, out.entropy_coefs,
+                                window=sums)
     row.update(out.batch.info)
     row["perf/step_time_s"] = elapsed / max(self._steps, 1)
     row["perf/tokens_per_s"] = self._tokens / elapsed
@@ -134,7 +146,7 @@ class LogHook(Hook):
       if n >= self.no_tokens_rows:
         row[f"warn/{name}/no_tokens"] = 1
       if n == self.no_tokens_rows:
-        say(f"warning: task {name!r} had no loss tokens in {n} logged steps in a row (up to step "
+        say(f"warning: task {name!r} had no loss tokens in {n} log windows in a row (up to step "
             f"{row['step']}) although it is sampled" + (f" at rate {rate:.3g}" if rate else "")
             + f": see data/{name}/skipped, data/{name}/truncated and data/{name}/too_long "
             "(examples longer than data.seq_len are cut or skipped as data.truncate says; raise "
@@ -208,10 +220,12 @@ class ProgressHook(Hook):
 
 
 class EvalHook(Hook):
-  """Held-out eval (eval/<task>/<metric> rows) every eval.every steps, at step 0 and at the end."""
+  """Held-out eval (eval/<task>/<metric> rows) every eval.every steps and at eval.steps, at step
+  0 and at the end."""
 
-  def __init__(self, every: int, make_evaluator):
+  def __init__(self, every: int, make_evaluator, steps: Sequence[int] = ()):
     self.every = every
+    self.steps = frozenset(int(s) for s in steps)
     self._make_evaluator = make_evaluator  # built on first use: eval data and compiles cost time
     self._evaluator = None
 
@@ -221,12 +235,15 @@ class EvalHook(Hook):
       self._evaluator = self._make_evaluator()
     loop.write(self._evaluator(loop.state.params, step))
 
+  def due(self, step: int) -> bool:
+    return super().due(step) or step in self.steps
+
   def before_step(self, loop: Loop, step: int) -> None:
     if self.due(step) and (step > loop.start or step == 0):
       self._run(loop, step)
 
   def at_end(self, loop: Loop) -> None:
-    if self.every and loop.total > loop.start:
+    if (self.every or self.steps) and loop.total > loop.start:
       self._run(loop, loop.total)
 
 

@@ -5,8 +5,9 @@
   2. next batch      from the batch source (it may read the state: on-policy sampling)
   3. step            THE compiled step, with step s's task weights and entropy coefficients
   4. hooks after     log (step s's metrics are read after step s + 1 is dispatched: no host sync
-                     on the step's critical path), progress, profile, feedback, preemption (save
-                     at the step reached and stop: exit code 3)
+                     on the step's critical path; per-task metrics are token-weighted means over
+                     the log window, see mtjax.train.metrics), progress, profile, feedback,
+                     preemption (save at the step reached and stop: exit code 3)
 At the end: flush the log, eval, save the last step; then close everything and draw the plots.
 Signals (preemption.py): the guard is in place from the start of `Loop.run` (or earlier, when the
 run entered it before setup) until the last save is committed; a signal before the first step
@@ -157,7 +158,7 @@ def default_hooks(config: Config, make_evaluator: Callable | None,
   if profile:
     hooks.append(hooks_lib.ProfileHook(*profile))
   if make_evaluator is not None:
-    hooks.append(hooks_lib.EvalHook(config.eval.every, make_evaluator))
+    hooks.append(hooks_lib.EvalHook(config.eval.every, make_evaluator, config.eval.steps))
   return hooks + [checkpoint, hooks_lib.PreemptionHook(checkpoint, config.train.preemption_every)]
 
 
@@ -174,8 +175,10 @@ def run(config: Config, workdir: str | epath.PathLike, *,
     for the eval hook (`mtjax.train.run` passes mtjax.eval's held-out Evaluator).
   extra_hooks run after the default ones (e.g. a feedback hook that sets rates or weights).
   """
-  from mtjax.check import require_loss_tokens
+  from mtjax.check import check_generation_budgets, require_loss_tokens
   require_loss_tokens(config)  # every task keeps loss tokens at data.seq_len, else exit 2 naming it
+  if evaluator is not None and config.eval.every > 0:  # a study's arms too (eval.every > 0)
+    check_generation_budgets(config)  # a number budget holds every generated target, else exit 2
   from mtjax.data import contamination
   if jax.process_index() == 0:
     for line in contamination.warn(config):  # held-out prompts of a user's task seen in training

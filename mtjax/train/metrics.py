@@ -3,6 +3,21 @@
 Only process 0 writes. Keys follow ../DESIGN.md: train/<task>/{loss,entropy,accuracy,tokens,weight},
 data/<task>/{rate,truncated,too_long,skipped}, data/packing_efficiency, perf/*, train/skipped_steps.
 
+What a train row's numbers cover (`train_row`; the LogHook writes one every train.log_every steps
+and at the last step):
+
+- train/<task>/{loss,entropy,accuracy}: token-weighted means over every step of the LOG WINDOW
+  (the steps since the previous train row, or since the run started or resumed), i.e.
+  sum_s loss_s * tokens_s / sum_s tokens_s over the window's steps s. train/<task>/tokens is the
+  window's total of that task's loss tokens. A task with no loss tokens in the window has
+  train/<task>/tokens = 0 and NO loss/entropy/accuracy keys in that row (never a fake 0.0);
+  plots and reports skip it there. A step the non-finite guard skipped still counts (its NaN
+  shows in its window's means, and train/skipped_steps went up).
+- train/loss, train/grad_norm, train/lr, train/<task>/weight, train/<task>/entropy_coef: the
+  value at the logged step itself (train/loss is that step's objective: the weighted sum over
+  tasks, not a window mean; comparing it between a straight and a resumed run stays bitwise,
+  since it does not depend on where a window started).
+
 The metrics log, one JSON object a line, in one of two layouts:
 
 - Local workdirs: `metrics.jsonl`, appended and flushed row by row.
@@ -50,9 +65,31 @@ ROWS_PER_SHARD = 100
 _SHARD = re.compile(r"^\d+\.jsonl$")
 
 
+def window_sums(per_task_steps: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  """Per-task sums over steps, float64 on the host: loss, entropy and correct (each the step's
+  per-task mean times its tokens) and tokens. `per_task_steps`: the steps' host `per_task` dicts
+  ("loss", "entropy", "accuracy", "tokens", each [T])."""
+  sums: dict[str, np.ndarray] = {}
+  for per_task in per_task_steps:
+    tokens = np.asarray(per_task["tokens"], np.float64)
+    step = {"loss": np.asarray(per_task["loss"], np.float64) * tokens,
+            "entropy": np.asarray(per_task["entropy"], np.float64) * tokens,
+            "correct": np.asarray(per_task["accuracy"], np.float64) * tokens,
+            "tokens": tokens}
+    for key, value in step.items():
+      sums[key] = sums[key] + value if key in sums else value
+  return sums
+
+
 def train_row(step: int, metrics: Mapping[str, Any], task_names: Sequence[str],
-              loss_weights: np.ndarray, entropy_coefs: np.ndarray) -> dict[str, Any]:
-  """One JSON row from the step's (host) metrics. `step` counts completed steps."""
+              loss_weights: np.ndarray, entropy_coefs: np.ndarray,
+              window: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """One JSON row from the logged step's (host) metrics. `step` counts completed steps.
+
+  window: `window_sums` over the steps of the log window (default: the logged step alone); the
+  per-task loss, entropy and accuracy are its token-weighted means, absent for a task without
+  tokens in it (see the module docstring).
+  """
   row: dict[str, Any] = {
       "step": step,
       "train/loss": float(metrics["objective"]),
@@ -60,11 +97,14 @@ def train_row(step: int, metrics: Mapping[str, Any], task_names: Sequence[str],
       "train/lr": float(metrics["lr"]),
       "train/skipped_steps": int(metrics["skipped_steps"]),
   }
-  per_task = metrics["per_task"]
+  sums = window_sums([metrics["per_task"]]) if window is None else window
   for i, name in enumerate(task_names):
-    for key in PER_TASK_TRAIN:
-      value = per_task[key][i]
-      row[f"train/{name}/{key}"] = int(value) if key == "tokens" else float(value)
+    tokens = float(sums["tokens"][i])
+    if tokens > 0:
+      row[f"train/{name}/loss"] = float(sums["loss"][i] / tokens)
+      row[f"train/{name}/entropy"] = float(sums["entropy"][i] / tokens)
+      row[f"train/{name}/accuracy"] = float(sums["correct"][i] / tokens)
+    row[f"train/{name}/tokens"] = int(round(tokens))
     row[f"train/{name}/weight"] = float(loss_weights[i])
     row[f"train/{name}/entropy_coef"] = float(entropy_coefs[i])
   return row
@@ -72,8 +112,8 @@ def train_row(step: int, metrics: Mapping[str, Any], task_names: Sequence[str],
 
 def loss_summary(row: Mapping[str, Any], task_names: Sequence[str]) -> str:
   """'loss 2.4120 (mean of 3 tasks: a 2.1000, b 2.5000, c 2.6360)' from a train row: the mean of
-  the per-task mean losses over tasks with tokens in that step (train/loss is the objective: a
-  weighted SUM over tasks, which reads as worse than chance with many tasks)."""
+  the per-task mean losses over tasks with tokens in that row's log window (train/loss is the
+  objective: a weighted SUM over tasks, which reads as worse than chance with many tasks)."""
   losses = {n: row[f"train/{n}/loss"] for n in task_names
             if f"train/{n}/loss" in row and row.get(f"train/{n}/tokens", 1) > 0}
   if not losses:
@@ -266,7 +306,8 @@ def _tensorboard(logdir: epath.PathLike) -> Any:
 
 def plot_per_task(rows: Sequence[Mapping[str, Any]], task_names: Sequence[str],
                   out_dir: epath.Path, prefix: str = "train") -> list[epath.Path]:
-  """One PNG per metric (loss, entropy, accuracy) with a curve per task against step."""
+  """One PNG per metric (loss, entropy, accuracy) with a curve per task against step; a row where
+  a task has no value (no tokens in that log window) is skipped for that task, never drawn as 0."""
   # A bare Figure, not pyplot: the global backend stays as it was (a notebook keeps its inline
   # plots) and no display is needed.
   from matplotlib.figure import Figure

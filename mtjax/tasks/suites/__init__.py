@@ -2,7 +2,10 @@
 
 Each suite is one `GeneratorBasedBuilder` with a BuilderConfig per task; records are
 {instruction, input, target} strings. Content is fixed by the builder's version and seed, so a
-suite built on two machines is identical. Tasks register as "<suite>_<task>" (e.g.
+suite built on two machines is identical. Each task partitions its prompt space into a train part
+and a held-out part before drawing (`HeldOut`: by a hash of the prompt's input, or a task's own
+rule), so validation prompts never occur in train and the two parts are alike in distribution.
+Tasks register as "<suite>_<task>" (e.g.
 "structured_copy"; no dots: ml_collections keys cannot hold them), read through `tfds.data_source` (random access, no TensorFlow).
 """
 
@@ -16,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from mtjax.tasks import Example, Task, register
 from mtjax.tasks.sources import TfdsSource
+from mtjax.tasks.synthetic import HeldOut, held_out_by_input
 
 SPLIT_SIZES = {"train": 5000, "validation": 500}
 SUITE_SEED = 20261128
@@ -23,22 +27,23 @@ SUITE_SEED = 20261128
 Generator = Callable[[np.random.Generator], Example]
 
 
-def split_examples(suite: str, task: str, make: Generator, held_out: bool = True) -> dict[str, list[Example]]:
-  """Train and validation examples; with held_out, validation prompts never occur in train."""
-  out, seen = {}, set()
+def split_examples(suite: str, task: str, make: Generator,
+                   held_out: HeldOut = held_out_by_input) -> dict[str, list[Example]]:
+  """Train examples drawn from the train part of the prompt space, validation examples from the
+  held-out part (`held_out(example)` is True there): validation prompts never occur in train."""
+  out = {}
   for split, size in SPLIT_SIZES.items():
+    want = split == "validation"
     rng = np.random.default_rng([SUITE_SEED, zlib.crc32(f"{suite}/{task}/{split}".encode())])
     examples, attempts = [], 0
     while len(examples) < size:
       ex = make(rng)
       attempts += 1
       if attempts > 50 * size:
-        raise RuntimeError(f"{suite}.{task}: cannot draw {size} distinct {split} examples")
-      if held_out and split == "validation" and ex.prompt in seen:
-        continue
-      examples.append(ex)
-    if split == "train":
-      seen = {e.prompt for e in examples}
+        raise RuntimeError(f"{suite}.{task}: cannot draw {size} {split} examples from its part "
+                           "of the prompt space")
+      if held_out(ex) == want:
+        examples.append(ex)
     out[split] = examples
   return out
 
@@ -47,8 +52,8 @@ class SuiteBuilder(tfds.core.GeneratorBasedBuilder):
   """Base: subclasses set TASKS = {task: (generator, held_out)} and a BuilderConfig per task."""
 
   VERSION = tfds.core.Version("1.0.0")
-  # A suite that overrides _split_generators may leave the generator None.
-  TASKS: Mapping[str, tuple[Generator | None, bool]] = {}
+  # A suite that overrides _split_generators may leave the generator and partition None.
+  TASKS: Mapping[str, tuple[Generator | None, HeldOut | None]] = {}
   SUITE = ""
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -66,7 +71,7 @@ class SuiteBuilder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # generated, nothing to download
     make, held_out = self.TASKS[self.task]
-    if make is None:
+    if make is None or held_out is None:
       raise NotImplementedError(f"{type(self).__name__}: task {self.task!r} has no generator")
     splits = split_examples(self.SUITE, self.task, make, held_out)
     return {split: self._generate_examples(examples) for split, examples in splits.items()}

@@ -285,5 +285,6 @@ class MtjaxFunctionCalling(SuiteBuilder):
     return out
 
 
-MtjaxFunctionCalling.TASKS = {n: (None, True) for n in TASKS}
+# Held out by API (api_split): every validation prompt shows a held-out API, no train prompt does.
+MtjaxFunctionCalling.TASKS = {n: (None, None) for n in TASKS}
 register_suite(MtjaxFunctionCalling, {n: scorer(n) for n in TASKS})

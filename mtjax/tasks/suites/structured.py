@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 
 from mtjax.tasks import Example, exact_match
 from mtjax.tasks.suites import SuiteBuilder, register_suite
+from mtjax.tasks.synthetic import held_out_by_input
 
 _LETTERS = list("abcdefghijklmnopqrstuvwxyz")
 
@@ -46,8 +47,16 @@ class MtjaxStructured(SuiteBuilder):
   """mtjax structured tasks: one right answer each."""
 
   SUITE = "structured"
-  TASKS = {"copy": (copy, True), "reverse": (reverse, True), "sort": (sort, True),
-           "addition": (addition, True), "modular": (modular, True)}
+  # 2.0.0: held-out splits from a disjoint part of the prompt space (train changes too).
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"2.0.0": "train and validation drawn from disjoint parts of the prompt space",
+                   "1.0.0": "validation re-drawn until unseen in train"}
+  # Every task is partitioned by a hash of its input: the word (copy, reverse, sort: the same
+  # words are held out in all three), the operand pair (addition: 1-digit problems fall in both
+  # parts), the operands and modulus (modular).
+  TASKS = {"copy": (copy, held_out_by_input), "reverse": (reverse, held_out_by_input),
+           "sort": (sort, held_out_by_input), "addition": (addition, held_out_by_input),
+           "modular": (modular, held_out_by_input)}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n) for n in TASKS]
 
 
