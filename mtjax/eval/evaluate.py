@@ -281,9 +281,8 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
     except ValueError:
       out.rename(out.with_name(f"{out.name}.unreadable.{int(time.time())}"))  # never deleted
   merged = {**stored, **row}
-  tmp = out.with_name(f".{out.name}.tmp")
-  tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-  tmp.replace(out)
+  from mtjax.train import rundir  # atomic: a temporary file renamed locally, one upload on gs://
+  rundir.replace_file(out, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
   row["_path"] = str(out)
   return row
 

@@ -77,7 +77,7 @@ def set_aside_metrics(workdir: epath.Path, after_step: int) -> None:
   for log in logs:
     keep = [line for line, row in zip(log.lines, log.rows) if row.get("step", 0) <= after_step]
     if len(keep) < len(log.lines) or (torn is not None and torn.path == log.path):
-      _replace(log.path, b"".join(line + b"\n" for line in keep))
+      replace_file(log.path, b"".join(line + b"\n" for line in keep))
 
 
 def _side_file(workdir: epath.Path, prefix: str, stamp: str) -> epath.Path:
@@ -89,7 +89,7 @@ def _side_file(workdir: epath.Path, prefix: str, stamp: str) -> epath.Path:
   return path
 
 
-def _replace(path: epath.Path, data: bytes) -> None:
+def replace_file(path: epath.Path, data: bytes) -> None:
   """Local files: write a temporary file and rename it over (atomic); object stores: one upload
   (atomic already; a rename there is a copy and a delete)."""
   if metrics_lib.is_object_store(path):
