@@ -32,14 +32,3 @@ def test_normalize_per_task():
   # A reference at (or under) init is excluded (NaN), never divided by.
   n, excluded = transfer.normalize_scores(R, [0.0, 0.0, 0.0], [0.0, 1.0, 1.0])
   assert excluded.tolist() == [True, False, False] and np.isnan(n[:, 0]).all()
-
-
-def test_fwt_greedy_order_by_hand():
-  M = np.array([[1.0, 0.2, 0.9, 0.1],   # training 0 helps 2
-                [0.5, 1.0, 0.6, 0.7],   # training 1 helps everyone a bit: mean(0.5,0.6,0.7)=0.6
-                [0.1, 0.3, 1.0, 0.2],
-                [0.9, 0.1, 0.1, 1.0]])
-  # Step 1 means over the other three: 0: (0.2+0.9+0.1)/3=0.4, 1: 0.6, 2: 0.2, 3: 0.367 -> 1.
-  # Step 2 among {0,2,3}: 0: (0.9+0.1)/2=0.5, 2: (0.1+0.2)/2=0.15, 3: (0.9+0.1)/2=0.5 -> tie -> 0.
-  # Step 3 among {2,3}: 2: 0.2, 3: 0.1 -> 2; then 3.
-  assert transfer.fwt_greedy_order(M) == [1, 0, 2, 3]
