@@ -197,6 +197,9 @@ class EvalConfig:
   # EOS, capped by the room left after the prompt) or a number for every task.
   max_new_tokens: int | str = "auto"
   batch_size: int = 16  # rows per eval/generation batch
+  # Held-out examples skipped before the evaluated ones: a study's tuning split is the first
+  # study.tuning_examples of each task's validation split, its reported numbers come after them.
+  skip: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +220,13 @@ class StudyConfig:
   # steps of each arm: the same absolute decay length in every arm).
   lr_schedule: str = "constant"
   lr_decay_steps: int = 0  # wsd: the decay length in steps (1 <= it <= steps_per_task - warmup)
+  # Per-task metric, overriding `metric` (e.g. open-ended tasks judged by their verifier:
+  # {"open_ended_grammar": "accuracy"}).
+  task_metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # The first tuning_examples of each task's validation split are the tuning split (targets and
+  # knobs are chosen there); reported numbers come from the examples after them (eval.skip).
+  tuning_examples: int = 0
+  split: str = "report"  # report (examples after the tuning split) | tuning (the tuning split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,7 +494,8 @@ def _check(config: Config) -> None:
   e = config.eval
   for field, value in (("eval.num_examples", e.num_examples), ("eval.num_generate", e.num_generate),
                        ("eval.sample_prompts", e.sample_prompts), ("eval.num_samples", e.num_samples),
-                       ("eval.top_k", e.top_k), ("eval.temperature", e.temperature)):
+                       ("eval.top_k", e.top_k), ("eval.temperature", e.temperature),
+                       ("eval.skip", e.skip)):
     if value < 0:
       raise BadInputError(field, f"expected a value >= 0, got {value}")
   if any(step < 0 for step in e.steps):

@@ -77,6 +77,11 @@ class Study:
     return summary
 
 
+def metric_for(config: Config, task: str) -> str:
+  """The eval metric a study scores `task` by: study.task_metrics.<task>, else study.metric."""
+  return str(config.study.task_metrics.get(task, config.study.metric))
+
+
 def validate_study_config(config: Config) -> None:
   """The `study` group makes sense for this run; raises BadInputError naming the field."""
   st = config.study
@@ -105,6 +110,20 @@ def validate_study_config(config: Config) -> None:
                         "step does not depend on the arm's length), got {st.lr_schedule!r}")
   if st.lr_schedule == "wsd":
     _check_decay(config, st.steps_per_task)
+  for name, metric in st.task_metrics.items():
+    if name not in config.data.tasks:
+      raise BadInputError(f"study.task_metrics.{name}",
+                          f"not a task of this run (data.tasks: {list(config.data.tasks)})")
+    if not str(metric).strip():
+      raise BadInputError(f"study.task_metrics.{name}", "expected an eval metric name, got ''")
+  if st.tuning_examples < 0:
+    raise BadInputError("study.tuning_examples",
+                        f"expected a number of examples >= 0, got {st.tuning_examples}")
+  if st.split not in SPLITS:
+    raise BadInputError("study.split", f"expected one of {', '.join(SPLITS)}, got {st.split!r}")
+  if st.split == "tuning" and st.tuning_examples == 0:
+    raise BadInputError("study.split", "'tuning' needs a tuning split: set study.tuning_examples "
+                        "to a positive number of examples")
 
 
 def write_study_json(root: epath.Path, study: str, base: Config, **extra: Any) -> None:
@@ -130,6 +149,7 @@ def read_study_json(root: epath.Path) -> tuple[str, Config]:
 
 EVAL_SCHEDULES = ("every", "log")
 LR_SCHEDULES = ("constant", "wsd")
+SPLITS = ("report", "tuning")
 
 
 def _check_decay(config: Config, steps: int) -> None:
