@@ -24,7 +24,7 @@ evaluated task whose longest held-out target (in tokens, plus EOS) does not fit 
 would be scored on cut-off answers, so its generation metrics would measure the budget, not the
 model. It stops naming the task, its longest target and the budget. The targets are the ones the
 evaluator (mtjax.eval.evaluate) generates for: the first max(eval.num_generate, eval.sample_prompts
-if eval.num_samples) validation examples of each evaluated task, after Task.preprocess and the
+if eval.num_samples) validation examples after eval.skip of each evaluated task, after Task.preprocess and the
 run's instruction rewrite, less those whose prompt leaves no room for target and EOS in
 data.seq_len (the evaluator skips them). "auto" (each task its own budget) always passes.
 
@@ -140,7 +140,7 @@ def generation_targets(config: Config, tokenizer: Any = None) -> dict[str, list[
   for name in dict.fromkeys(e.tasks or d.tasks):
     task = task_registry.get(name)
     examples = task.source.load("validation", config.seed).examples
-    chosen = [examples[i] for i in range(min(len(examples), num_gen))]
+    chosen = list(examples[e.skip: e.skip + num_gen])
     if task.preprocess is not None:  # as in training and in the evaluator
       chosen = [task.preprocess(ex) for ex in chosen]
     if name in d.tasks:  # the run's instruction ablation, as in the evaluator
@@ -221,7 +221,11 @@ def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> lis
       if not n:
         raise BadInputError(f"task {name!r}", f"its validation split has no examples (eval.every="
                             f"{e.every} evaluates on it)")
-      facts.append(f"eval {name}: {n} validation examples")
+      if e.skip >= n:
+        raise BadInputError("eval.skip", f"skips {e.skip} examples of task {name!r}, whose "
+                            f"validation split has only {n}: expected fewer")
+      facts.append(f"eval {name}: {n} validation examples"
+                   + (f" ({e.skip} skipped: the tuning split)" if e.skip else ""))
   if e.every or config.study != type(config.study)():  # a run that evaluates, or a study's config
     facts += check_generation_budgets(config, tokenizer)
 

@@ -126,7 +126,8 @@ class Evaluator:
     for name in self.task_names:
       task = task_registry.get(name)
       examples = task.source.load("validation", config.seed).examples
-      chosen = [examples[i] for i in range(min(len(examples), max(e.num_examples, num_gen)))]
+      # After eval.skip examples (a study's tuning split), the reported ones.
+      chosen = list(examples[e.skip: e.skip + max(e.num_examples, num_gen)])
       if task.preprocess is not None:  # as in training (pipeline.task_dataset)
         chosen = [task.preprocess(ex) for ex in chosen]
       if name in run_tasks:  # the same instruction ablation as in training

@@ -277,8 +277,23 @@ def configure(base: Config, *, seed: int, steps: int, eval_every: int,
     mixture = mixture or default_mixture
     changes.update({"data.schedule": "constant", "data.stages": (),
                     "data.mixture": {t: float(mixture.get(t, 0.0)) for t in tasks}})
+  changes.update(split_settings(base))
   changes.update(dotted)
   return base.replace(**changes)
+
+
+def split_settings(base: Config) -> dict[str, Any]:
+  """The held-out examples an arm evaluates: the first study.tuning_examples of each task's
+  validation split are the tuning split (study.split=tuning evaluates on them, to choose targets
+  and knobs); the reported numbers (study.split=report) come from the examples after them."""
+  st, e = base.study, base.eval
+  if not st.tuning_examples:
+    return {}
+  if st.split == "report":
+    return {"eval.skip": st.tuning_examples}
+  n = st.tuning_examples
+  return {"eval.skip": 0, "eval.num_examples": min(e.num_examples, n),
+          "eval.num_generate": min(e.num_generate, n), "eval.sample_prompts": min(e.sample_prompts, n)}
 
 
 def loss_tokens_per_step(cfg: Config, batches: int) -> float:
