@@ -3,13 +3,18 @@
 # make test: set up .venv (if missing) and run the test suite (8 fake CPU devices; 2 xdist
 #            workers sharing one JAX compilation cache).
 # make lint: ruff and pyright.
+# make studies: run every study at its full config (~60 min on 2 cores; finished arms are
+#            skipped), publish each record to docs/studies/ and regenerate the README's findings.
+# make findings: regenerate the README's study blocks from docs/studies/ (no training).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mtjax-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint setup clean
+STUDIES ?= efficiency transfer entropy decomposition instructions
+
+.PHONY: demo test lint setup clean studies findings
 
 setup: $(STAMP)
 
@@ -24,6 +29,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+studies: $(STAMP)
+	for s in $(STUDIES); do \
+	  $(VENV)/bin/mtjax experiment $$s --config configs/$$s.py --workdir runs/$$s || exit $$?; \
+	  $(PY) -m mtjax.experiments.findings publish runs/$$s $$s || exit $$?; \
+	done
+	$(VENV)/bin/mtjax experiment efficiency --config configs/efficiency.py:demo --workdir $(DEMO_DIR)
+	$(PY) -m mtjax.experiments.findings publish $(DEMO_DIR) efficiency_demo
+	$(PY) -m mtjax.experiments.findings sync
+
+findings: $(STAMP)
+	$(PY) -m mtjax.experiments.findings sync
 
 # Lint and types (CI runs this before the tests): ruff, then pyright (configs in pyproject.toml).
 lint: $(STAMP)

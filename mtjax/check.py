@@ -140,7 +140,7 @@ def generation_targets(config: Config, tokenizer: Any = None) -> dict[str, list[
   for name in dict.fromkeys(e.tasks or d.tasks):
     task = task_registry.get(name)
     examples = task.source.load("validation", config.seed).examples
-    chosen = list(examples[e.skip: e.skip + num_gen])
+    chosen = [examples[i] for i in range(e.skip, min(len(examples), e.skip + num_gen))]
     if task.preprocess is not None:  # as in training and in the evaluator
       chosen = [task.preprocess(ex) for ex in chosen]
     if name in d.tasks:  # the run's instruction ablation, as in the evaluator

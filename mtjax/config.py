@@ -124,7 +124,8 @@ class DataConfig:
   # Rates and weights a hook decides once s steps are done apply from step s + feedback_lag, so
   # prefetched batches never disagree with them and a resumed run replays the same stream.
   feedback_lag: int = 3
-  # Instruction ablation, per task: keep | empty | wrong (another task's instruction); train and eval.
+  # Instruction ablation, per task, in training and eval: keep | empty | misleading (per example,
+  # another task's instruction drawn from a pool) | wrong (the next task's, one-to-one).
   instructions: Mapping[str, str] = dataclasses.field(default_factory=dict)
   # An example longer than seq_len: prompt_left keeps the target whole and cuts the prompt from
   # the left; right keeps the first seq_len tokens; skip drops it. An example that would keep no

@@ -47,11 +47,14 @@ def test_tiny_study_runs_and_report_rebuilds(tmp_path, capsys):
   out = tmp_path / "eff"
   assert cli.main(["experiment", "efficiency", "--config", f"{CONFIG}:tiny", "--workdir", str(out)]) == 0
   printed = capsys.readouterr().out
-  assert "| task | target | single: tokens to target |" in printed
+  assert "| task | metric | floor | target | ceiling | single: tokens to target |" in printed
   summary = json.loads((out / "summary.json").read_text())
   tasks, metric, S = summary["tasks"], summary["metric"], summary["steps_per_task"]
   assert summary["seeds"] == [0, 1] and len(summary["per_seed"]) == 2
-  assert 0 < summary["target"] < 1 and summary["targets"] == {t: summary["target"] for t in tasks}
+  targets = summary["targets"]
+  assert set(targets) == set(tasks) and all(0 < v < 1 for v in targets.values())
+  for t in tasks:  # each strictly between its floor and ceiling (checked before any arm)
+    assert summary["floors"][t]["floor"] < targets[t] < summary["floors"][t]["ceiling"]
   arm_cfg = json.loads((out / "seed0" / "multi" / "config.json").read_text())
   tps = arm_cfg["data"]["batch_size"] * arm_cfg["data"]["seq_len"]
   for run in summary["per_seed"]:
@@ -62,9 +65,8 @@ def test_tiny_study_runs_and_report_rebuilds(tmp_path, capsys):
         0, 1, 2, *range(4, len(tasks) * S + 1, 4)]
     # Crossings by hand from each arm's stored eval rows: a real measurement (the target is
     # reached after training started, not at step 0).
-    target = summary["target"]
-    single = {t: _crossing(seed_dir / f"single_{t}", t, metric, target, tps) for t in tasks}
-    multi = {t: _crossing(seed_dir / "multi", t, metric, target, tps) for t in tasks}
+    single = {t: _crossing(seed_dir / f"single_{t}", t, metric, targets[t], tps) for t in tasks}
+    multi = {t: _crossing(seed_dir / "multi", t, metric, targets[t], tps) for t in tasks}
     for t in tasks:
       assert run["single_crossing"][t] == pytest.approx(single[t].to_json())
       assert run["multi_crossing"][t] == pytest.approx(multi[t].to_json())

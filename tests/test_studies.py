@@ -317,13 +317,21 @@ def test_decomposition_study_tiny(tmp_path, capsys):
 def test_instruction_study_tiny(tmp_path, capsys):
   out, s = _run_study("instructions", tmp_path, capsys)
   run = s["per_seed"][0]
-  for arm in ("original", "empty", "wrong"):
-    final = [r for r in _rows(out / "seed0" / arm / "metrics.jsonl") if "eval/reverse/token_accuracy" in r][-1]
-    assert run[arm]["reverse"] == final["eval/reverse/token_accuracy"]
+  assert s["metric"] == "accuracy"  # greedy exact match
+  for arm in ("original", "empty", "misleading"):
+    final = [r for r in _rows(out / "seed0" / arm / "metrics.jsonl") if "eval/reverse/accuracy" in r][-1]
+    assert run[arm]["reverse"] == final["eval/reverse/accuracy"]
+    assert run[f"{arm}/token_accuracy"]["reverse"] == final["eval/reverse/token_accuracy"]
   assert json.loads((out / "seed0" / "empty" / "config.json").read_text())["data"]["instructions"] == {
       "reverse": "empty", "addition": "empty"}
+  assert json.loads((out / "seed0" / "misleading" / "config.json").read_text())["data"]["instructions"] == {
+      "reverse": "misleading", "addition": "misleading"}
+  assert "zero_shot" not in run  # from scratch: no held-out-task arms
   report = (out / "report.md").read_text()
-  assert "| task | original | empty | Δ empty | wrong | Δ wrong |" in report
+  assert ("| task | original | empty | Δ empty | misleading | Δ misleading | empty-prompt ambiguity "
+          "| same format |" in report)
+  assert "capped by that ambiguity" in report
+  assert set(s["ambiguity"]["fraction"]) == {"reverse", "addition"}
   delta = run["empty"]["addition"] - run["original"]["addition"]
   assert f"{delta:.3f} ± 0.000" in report.split("| addition |")[1].split("\n")[0]
   _rebuilds_identically(out)
@@ -362,4 +370,5 @@ def test_experiments_import_graph_is_acyclic():
   for name in sorted(modules):
     visit(name, [])
   assert graph["registry"] >= {"efficiency", "transfer", "entropy", "decomposition", "instructions"}
-  assert not any("registry" in deps for deps in graph.values())
+  # findings renders the README from the registry's report functions: a consumer, like the CLI.
+  assert not any("registry" in deps for name, deps in graph.items() if name != "findings")

@@ -127,7 +127,7 @@ class Evaluator:
       task = task_registry.get(name)
       examples = task.source.load("validation", config.seed).examples
       # After eval.skip examples (a study's tuning split), the reported ones.
-      chosen = list(examples[e.skip: e.skip + max(e.num_examples, num_gen)])
+      chosen = [examples[i] for i in range(e.skip, min(len(examples), e.skip + max(e.num_examples, num_gen)))]
       if task.preprocess is not None:  # as in training (pipeline.task_dataset)
         chosen = [task.preprocess(ex) for ex in chosen]
       if name in run_tasks:  # the same instruction ablation as in training

@@ -18,7 +18,8 @@ from etils import epath
 
 from mtjax.config import Config
 from mtjax.errors import BadInputError
-from mtjax.experiments import runs
+from mtjax.experiments import floors, runs
+from mtjax.experiments.floors import metric_for  # noqa: F401  (the studies use arms.metric_for)
 
 TrainFn = Callable[[Config, epath.Path], Any]
 
@@ -57,9 +58,13 @@ class Study:
     validate_study_config(config)
     self.check(config)
     check_generation_budgets(config)  # a budget shorter than a held-out target: before any arm
+    # Targets strictly between what trivial baselines score and the best achievable score.
+    bounds = floors.check_targets(config)
     root = epath.Path(workdir)
     write_study_json(root, self.name, config, **self.record(config))
-    return self._finish(root, self.summarize(config, root, train_fn or train.run))
+    summary = self.summarize(config, root, train_fn or train.run)
+    summary.setdefault("floors", bounds)
+    return self._finish(root, summary)
 
   def rebuild(self, root: epath.Path, config: Config) -> epath.Path:
     """summary.json, report.md and plots again from the arms' stored metrics (no training)."""
@@ -68,18 +73,15 @@ class Study:
       del cfg
       raise BadInputError(str(arm_dir), "this run is not finished; run the study to complete it")
 
-    self._finish(root, self.summarize(config, root, stored_only))
+    summary = self.summarize(config, root, stored_only)
+    summary.setdefault("floors", floors.describe(config))  # as run() stored them, none refused
+    self._finish(root, summary)
     return root / "report.md"
 
   def _finish(self, root: epath.Path, summary: dict[str, Any]) -> dict[str, Any]:
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     self.report(root, summary)
     return summary
-
-
-def metric_for(config: Config, task: str) -> str:
-  """The eval metric a study scores `task` by: study.task_metrics.<task>, else study.metric."""
-  return str(config.study.task_metrics.get(task, config.study.metric))
 
 
 def validate_study_config(config: Config) -> None:

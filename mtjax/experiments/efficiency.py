@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from mtjax.config import Config
-from mtjax.experiments import arms, report
+from mtjax.experiments import arms, floors, report
 
 MIN_SEEDS = 3  # the least number of seeds a verdict other than "inconclusive" rests on
 
@@ -114,6 +114,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
   st = base.study
   tasks = list(base.data.tasks)
   goal = {t: float(st.targets.get(t, st.target)) for t in tasks}
+  metrics = {t: arms.metric_for(base, t) for t in tasks}  # open-ended tasks: e.g. their verifier
   tps = tokens_per_step(base)
   per_seed = []
   notes: dict[str, str] = {}  # arm -> its LR schedule, as it ran (config.json)
@@ -126,9 +127,9 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     for name, cfg in plan.items():
       notes[name] = arms.stored_lr_note(arms.run(seed_dir, name, cfg, train_fn))
     tokens = lambda curve: [(s * tps, v) for s, v in _clean(curve)]
-    single_curves = {t: tokens(arms.eval_curves(seed_dir / f"single_{t}", st.metric)[t]) for t in tasks}
-    multi_all = arms.eval_curves(seed_dir / "multi", st.metric)
-    multi_curves = {t: tokens(multi_all[t]) for t in tasks}
+    single_curves = {t: tokens(arms.eval_series(seed_dir / f"single_{t}", t, metrics[t]))
+                     for t in tasks}
+    multi_curves = {t: tokens(arms.eval_series(seed_dir / "multi", t, metrics[t])) for t in tasks}
     single = {t: crossing(single_curves[t], goal[t]) for t in tasks}
     multi = {t: crossing(multi_curves[t], goal[t]) for t in tasks}
     point, low, high = efficiency_ratio(single, multi)
@@ -140,8 +141,8 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
         "single_crossing": {t: None if c is None else c.to_json() for t, c in single.items()},
         "multi_crossing": {t: None if c is None else c.to_json() for t, c in multi.items()},
         "multi_tokens_all_reached": max(c.at for c in found) if len(found) == len(tasks) else None,
-        "single_final": {t: single_curves[t][-1][1] for t in tasks},
-        "multi_final": {t: multi_curves[t][-1][1] for t in tasks},
+        "single_final": {t: _last(single_curves[t]) for t in tasks},
+        "multi_final": {t: _last(multi_curves[t]) for t in tasks},
         "ratio": _finite(point),
         "ratio_interval": [_finite(low), _finite(high)],
         "single_curves": single_curves,
@@ -150,8 +151,10 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
   intervals = [(_nan(s["ratio_interval"][0]), _nan(s["ratio_interval"][1])) for s in per_seed]
   decided, why = verdict(intervals)
   return {
-      "tasks": tasks, "seeds": list(st.seeds), "metric": st.metric, "target": st.target,
-      "targets": goal, "steps_per_task": st.steps_per_task, "tokens_per_step": tps,
+      "tasks": tasks, "seeds": list(st.seeds), "metric": st.metric, "metrics": metrics,
+      "target": st.target, "targets": goal,
+      # Each task's floor (trivial baselines) and ceiling (best achievable) under its metric.
+      "floors": floors.describe(base), "steps_per_task": st.steps_per_task, "tokens_per_step": tps,
       "eval_every": st.eval_every, "eval_schedule": st.eval_schedule,
       "lr_schedule": st.lr_schedule, "lr_decay_steps": st.lr_decay_steps,
       "schedule": arms.schedule_note(notes), "min_seeds": MIN_SEEDS,
@@ -159,6 +162,10 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       "ratio_intervals": [s["ratio_interval"] for s in per_seed],
       "verdict": decided, "verdict_reason": why,
   }
+
+
+def _last(curve: Sequence[tuple[float, float]]) -> float:
+  return curve[-1][1] if curve else math.nan
 
 
 def _finite(x: float) -> float | None:
@@ -194,6 +201,10 @@ def _fmt_crossing(c: Mapping[str, float] | None) -> str:
   return f"{c['at']:,.0f} [{c['low']:,.0f}, {c['high']:,.0f}]"
 
 
+def _fmt_bound(x: float | None) -> str:
+  return "-" if x is None else f"{x:.3f}"
+
+
 def _fmt_ratio(x: float | None) -> str:
   return "n/a" if x is None else "∞" if math.isinf(x) else f"{x:.3f}"
 
@@ -210,17 +221,27 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       f"Tasks: {', '.join(tasks)}. Seeds: {summary['seeds']}. Each single-task run: "
       f"{summary['steps_per_task']} steps; the multi-task run: {summary['steps_per_task'] * len(tasks)} "
       f"steps (the same total compute); {summary['tokens_per_step']:,} tokens per step. Score: "
-      f"held-out eval `{summary['metric']}` {evals}; target per task in the table. "
+      f"held-out eval `{summary['metric']}` (per task in the table) {evals}; target per task in the table. "
       f"{summary['schedule']}",
       "",
       "Tokens to target: where the eval curve first crosses the target, interpolated linearly "
       "between the last eval below it and the first at or above it (mean ± std over seeds).",
       "",
-      "| task | target | single: tokens to target | multi: tokens to target | single: final | multi: final |",
-      "|---|---|---|---|---|---|",
+      "Floor: the best trivial baseline on the evaluated held-out examples (most frequent "
+      "training tokens or answer); ceiling: the best achievable score (1 where the target is a "
+      "function of the prompt; the Bayes-optimal one for generated open-ended tasks; - unknown).",
+      "",
+      "| task | metric | floor | target | ceiling | single: tokens to target | "
+      "multi: tokens to target | single: final | multi: final |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
+  metrics = summary.get("metrics") or {t: summary["metric"] for t in tasks}
+  bounds = summary.get("floors") or {}
   for t in tasks:
-    lines.append(f"| {t} | {summary['targets'][t]} | {_fmt_tokens([r['single_tokens_to_target'][t] for r in runs])} | "
+    bound = bounds.get(t, {})
+    lines.append(f"| {t} | {metrics[t]} | {_fmt_bound(bound.get('floor'))} | {summary['targets'][t]} | "
+                 f"{_fmt_bound(bound.get('ceiling'))} | "
+                 f"{_fmt_tokens([r['single_tokens_to_target'][t] for r in runs])} | "
                  f"{_fmt_tokens([r['multi_tokens_to_target'][t] for r in runs])} | "
                  f"{report.mean_std([r['single_final'][t] for r in runs])} | "
                  f"{report.mean_std([r['multi_final'][t] for r in runs])} |")
@@ -278,7 +299,7 @@ def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
     ax.axhline(summary["targets"][task], color="gray", linewidth=0.8)
     ax.set_title(task, fontsize=9)
     ax.set_xlabel("tokens")
-    ax.set_ylabel(summary["metric"])
+    ax.set_ylabel((summary.get("metrics") or {}).get(task, summary["metric"]))
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[len(tasks):]:
     ax.axis("off")

@@ -1,22 +1,115 @@
 """Instruction ablation (Kung & Peng, 2023: do models really learn to follow instructions?).
 
 Arms per seed, equal steps (study.steps_per_task x number of tasks), the same mixture:
-  original  instructions as written
-  empty     every task's instruction blanked (data.instructions.<task>="empty"), in training and eval
-  wrong     every task gets another task's instruction ("wrong"), in training and eval
-The study reports, per task, the held-out score of each arm and its difference to `original`.
+  original    instructions as written
+  empty       every task's instruction blanked (data.instructions.<task>="empty"), train and eval
+  misleading  each example gets another task's instruction, drawn per example from a pool of the
+              other tasks' instructions (data.instructions.<task>="misleading"), train and eval
+Score: greedy exact match (study.metric, `accuracy`: eval.num_generate held-out prompts per task),
+token accuracy beside it. Without instructions, tasks whose inputs look alike (copy, reverse, sort
+on letters) give the same prompt different targets: the report measures that ambiguity per task
+and the score any predictor could at most get in the empty arm.
+
+With model.pretrained set (configs/instructions.py:zero_shot) the study also runs Kung & Peng's
+zero-shot arms: per held-out task and instruction mode, train on the other tasks (the held-out
+task at mixture weight 0) and score the held-out task. A from-scratch model scores ~0 there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from etils import epath
 
 from mtjax.config import Config
+from mtjax.errors import BadInputError
 from mtjax.experiments import arms, report
 
-ARMS = ("original", "empty", "wrong")
+ARMS = {"original": "keep", "empty": "empty", "misleading": "misleading"}  # arm -> data.instructions mode
+SECONDARY = "token_accuracy"
+
+
+def check(config: Config) -> None:
+  """The score is generated exact match, and the zero-shot arms need the pretrained base."""
+  if config.study.metric == "accuracy" and config.eval.num_generate <= 0:
+    raise BadInputError("eval.num_generate", "study.metric=accuracy (greedy exact match) needs "
+                        f"held-out prompts to generate for: expected > 0, got {config.eval.num_generate}")
+  path = config.model.pretrained
+  if path and not (epath.Path(path) / "config.json").exists():
+    raise BadInputError("model.pretrained", f"{path}: no pretrained checkpoint there (an HF "
+                        "directory with config.json, *.safetensors, tokenizer files); the zero-shot "
+                        "arms need one: set --config.model.pretrained=DIR")
+
+
+# ---------------------------------------------------------------- empty-instruction ambiguity
+
+def _held_out(name: str, cfg: Config, count: int) -> list[Any]:
+  """The `count` held-out examples of a task an arm of `cfg` scores (before the ablation)."""
+  from mtjax import tasks as task_registry
+  task = task_registry.get(name)
+  examples = task.source.load("validation", cfg.seed).examples
+  skip = int(getattr(cfg.eval, "skip", 0))
+  chosen = [examples[i] for i in range(skip, min(skip + count, len(examples)))]
+  return [task.preprocess(ex) for ex in chosen] if task.preprocess is not None else chosen
+
+
+def ambiguity(held_out: dict[str, Sequence[Any]]) -> dict[str, Any]:
+  """How far blanked instructions leave held-out prompts ambiguous, from {task: its examples}.
+
+  Per task, `fraction`: its examples whose blanked prompt (the input) is also another task's
+  blanked prompt with a different target. `cap`: a sound upper bound on the run's mean exact
+  match over tasks in the empty arm: a prompt gets one answer, so among the examples sharing a
+  prompt only those with the most common target can be right (mean over tasks of each task's
+  right fraction under that best single answer per prompt, maximized per prompt).
+  `same_format`: its examples whose blanked prompt has the shape (`_shape`) of another task's
+  held-out prompt: indicative of ambiguity in distribution (same-looking inputs), not a bound.
+  """
+  by_prompt: dict[str, dict[str, dict[str, int]]] = {}  # prompt -> target -> task -> count
+  for name, examples in held_out.items():
+    for ex in examples:
+      cell = by_prompt.setdefault(ex.input, {}).setdefault(ex.target, {})
+      cell[name] = cell.get(name, 0) + 1
+  sizes = {n: len(ex) for n, ex in held_out.items()}
+  fraction = {}
+  for name, examples in held_out.items():
+    shared = sum(any(other != name for tgt, cell in by_prompt[ex.input].items() if tgt != ex.target
+                     for other in cell) for ex in examples)
+    fraction[name] = shared / len(examples) if examples else float("nan")
+  # Each task weighs 1/|task| per example in the mean over tasks: the best answer to a prompt is the
+  # target with the most weight.
+  best = sum(max(sum(c / sizes[n] for n, c in cell.items()) for cell in targets.values())
+             for targets in by_prompt.values())
+  tasks = [n for n in held_out if sizes[n]]
+  shapes = {n: {_shape(ex.input) for ex in examples} for n, examples in held_out.items()}
+  same_format = {n: (sum(any(_shape(ex.input) in shapes[o] for o in held_out if o != n) for ex in examples)
+                     / len(examples) if examples else float("nan"))
+                 for n, examples in held_out.items()}
+  return {"fraction": fraction, "cap": best / len(tasks) if tasks else float("nan"),
+          "same_format": same_format}
+
+
+def _shape(prompt: str) -> str:
+  """A prompt with every letter as `a` and every digit as `0`: prompts of one shape differ only
+  in which letters or digits they hold (copy, reverse and sort words of one length)."""
+  return "".join("a" if c.isalpha() else "0" if c.isdigit() else c for c in prompt)
+
+
+# ---------------------------------------------------------------- arms
+
+def zero_shot_arms(base: Config) -> list[tuple[str, str, dict[str, float], dict[str, str]]]:
+  """(arm name, held-out task, mixture, data.instructions) of the zero-shot arms: per held-out task and
+  instruction mode, the other tasks train (the held-out one stays in data.tasks at weight 0, so
+  it is evaluated under the same instruction mode); none without model.pretrained."""
+  if not base.model.pretrained:
+    return []
+  tasks = list(base.data.tasks)
+  out = []
+  for held in tasks:
+    mixture = {t: (0.0 if t == held else base.data.mixture.get(t, 1.0)) for t in tasks}
+    for arm, mode in ARMS.items():
+      out.append((f"zero_shot_{held}_{arm}", held, mixture, {t: mode for t in tasks}))
+  return out
 
 
 def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[str, Any]:
@@ -26,42 +119,95 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
   per_seed = []
   for seed in base.study.seeds:
     result: dict[str, Any] = {"seed": seed}
-    for mode, name in zip(("keep", "empty", "wrong"), ARMS):
-      instructions: dict[str, Any] = {"data.instructions": {t: mode for t in tasks}}
-      cfg = arms.configure(base, seed=seed, steps=steps, eval_every=base.study.eval_every,
-                           **instructions)
+    for name, mode in ARMS.items():
+      ablation: dict[str, Any] = {"data.instructions": {t: mode for t in tasks}}
+      cfg = arms.configure(base, seed=seed, steps=steps, eval_every=base.study.eval_every, **ablation)
       d = arms.run(root / f"seed{seed}", name, cfg, train_fn)
       result[name] = arms.final_eval(d, tasks, metric)
+      if metric != SECONDARY:
+        result[f"{name}/{SECONDARY}"] = arms.final_eval(d, tasks, SECONDARY)
+    zero = {}
+    for name, held, mixture, modes in zero_shot_arms(base):
+      ablation = {"data.instructions": modes}
+      cfg = arms.configure(base, seed=seed, steps=steps, eval_every=base.study.eval_every,
+                           mixture=mixture, **ablation)
+      d = arms.run(root / f"seed{seed}", name, cfg, train_fn)
+      zero[name] = arms.final_eval(d, [held], metric)[held]
+    if zero:
+      result["zero_shot"] = zero
     per_seed.append(result)
+  count = base.eval.num_generate if metric == "accuracy" else base.eval.num_examples
+  amb = []
+  for seed in base.study.seeds:
+    cfg = arms.configure(base, seed=seed, steps=steps, eval_every=base.study.eval_every)
+    amb.append(ambiguity({t: _held_out(t, cfg, count) for t in tasks}))
   return {"tasks": tasks, "seeds": list(base.study.seeds), "metric": metric, "steps": steps,
-          "per_seed": per_seed}
+          "held_out_examples": count, "per_seed": per_seed,
+          "ambiguity": {"fraction": {t: [a["fraction"][t] for a in amb] for t in tasks},
+                        "same_format": {t: [a["same_format"][t] for a in amb] for t in tasks},
+                        "cap": [a["cap"] for a in amb]},
+          "pretrained": base.model.pretrained}
 
 
 def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
   tasks, runs, metric = summary["tasks"], summary["per_seed"], summary["metric"]
+  amb = summary["ambiguity"]
   rows = []
   for t in tasks:
     base = [r["original"][t] for r in runs]
     cells = [t, report.mean_std(base)]
-    for arm in ARMS[1:]:
+    for arm in list(ARMS)[1:]:
       vals = [r[arm][t] for r in runs]
       cells += [report.mean_std(vals), report.mean_std([v - b for v, b in zip(vals, base)])]
+    cells += [report.mean_std(amb["fraction"][t]), report.mean_std(amb["same_format"][t])]
     rows.append(cells)
+  secondary = [[t] + [report.mean_std([r[f"{arm}/{SECONDARY}"][t] for r in runs]) for arm in ARMS]
+               for t in tasks] if runs and f"original/{SECONDARY}" in runs[0] else []
   lines = [
       "# Instruction ablation",
       "",
       f"Seeds: {summary['seeds']}. Each arm trains {summary['steps']} steps on the same mixture; the "
-      "ablation applies in training and in evaluation. Score: held-out "
-      f"`{metric}`. Δ = arm − original (per seed, then mean ± std).",
+      "ablation applies in training and in evaluation. `misleading` gives each example another "
+      "task's instruction, drawn per example from a pool of the other tasks' instructions. Score: "
+      f"held-out `{metric}` ({'greedy exact match, ' if metric == 'accuracy' else ''}"
+      f"{summary['held_out_examples']} held-out examples per task). Δ = arm − original (per seed, "
+      "then mean ± std).",
       "",
-      *report.md_table(["task", "original", "empty", "Δ empty", "wrong", "Δ wrong"], rows),
+      *report.md_table(["task", "original", "empty", "Δ empty", "misleading", "Δ misleading",
+                        "empty-prompt ambiguity", "same format"], rows),
+      "",
+      "## Empty-instruction ambiguity",
+      "",
+      "Empty-prompt ambiguity: the fraction of a task's held-out prompts that, with the instruction "
+      "blanked, are identical to another task's held-out prompt with a different target. No model "
+      "can tell those tasks apart there: scores of the empty arm are capped by that ambiguity. The "
+      "best mean exact match over tasks any predictor could get in the empty arm (one answer per "
+      f"prompt): {report.mean_std(amb['cap'])}. Identical prompts are counted among the scored "
+      "held-out examples only, so this cap is sound but loose: tasks that share an input format "
+      "(copy, reverse and sort on the same letters) are ambiguous in distribution even where no two "
+      "sampled prompts coincide. `same format`: the fraction of a task's held-out prompts shaped "
+      "like another task's (letters and digits masked; indicative, not a bound); where it is high, "
+      "a model without instructions can only guess which task a prompt belongs to, and the empty "
+      "arm's score measures that guess, not instruction following.",
       "",
   ]
+  if secondary:
+    lines += ["## Token accuracy (teacher-forced, secondary)", "",
+              *report.md_table(["task", *ARMS], secondary), ""]
+  if runs and "zero_shot" in runs[0]:
+    zrows = []
+    for t in tasks:
+      zrows.append([t] + [report.mean_std([r["zero_shot"][f"zero_shot_{t}_{arm}"] for r in runs])
+                          for arm in ARMS])
+    lines += ["## Zero-shot on held-out tasks", "",
+              f"Base: {summary['pretrained']}. Each row's task is held out of training (mixture "
+              f"weight 0) and scored by `{metric}` under the arm's instructions.", "",
+              *report.md_table(["held-out task", *ARMS], zrows), ""]
   return report.write_markdown(root, lines)
 
 
-STUDY = arms.Study(name="instructions", help="instruction ablation: original vs empty vs wrong",
-                   summarize=summarize, report=write_report)
+STUDY = arms.Study(name="instructions", help="instruction ablation: original vs empty vs misleading",
+                   summarize=summarize, report=write_report, check=check)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

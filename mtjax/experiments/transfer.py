@@ -37,7 +37,7 @@ import itertools
 import json
 import pprint
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -221,12 +221,22 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 # ---------------------------------------------------------------- the study
 
-def _eval_at(arm_dir: epath.Path, step: int, tasks: Sequence[str], metric: str) -> list[float]:
-  """Scores of `tasks` at the eval row of `step` (NaN for a task the row has no score of)."""
+def _eval_at(arm_dir: epath.Path, step: int, tasks: Sequence[str],
+             metric: str | Mapping[str, str]) -> list[float]:
+  """Scores of `tasks` (by one metric, or one per task) at the eval row of `step` (NaN for a task
+  the row has no score of)."""
+  per_task = metric if isinstance(metric, Mapping) else {t: metric for t in tasks}
   for r in runs.rows(arm_dir):
     if r.get("step") == step and any(k.startswith("eval/") for k in r):
-      return [float(r.get(f"eval/{t}/{metric}", float("nan"))) for t in tasks]
+      return [float(r.get(f"eval/{t}/{per_task[t]}", float("nan"))) for t in tasks]
   raise BadInputError(str(arm_dir / "metrics.jsonl"), f"no eval row at step {step}")
+
+
+def _metric_text(summary: Mapping[str, Any]) -> str:
+  per_task = summary.get("task_metrics") or {}
+  if not per_task or len(set(per_task.values())) == 1:
+    return f"`{next(iter(per_task.values()), summary['metric'])}`"
+  return ", ".join(f"{t} `{m}`" for t, m in per_task.items())
 
 
 def min_gain(base: Config) -> float:
@@ -268,7 +278,8 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
   from mtjax import tasks as task_registry
   st = base.study
   tasks = list(base.data.tasks)
-  T, S, metric, guard = len(tasks), st.steps_per_task, st.metric, min_gain(base)
+  T, S, guard = len(tasks), st.steps_per_task, min_gain(base)
+  metric = {t: arms.metric_for(base, t) for t in tasks}  # open-ended tasks: their verifier
   open_ended = [task_registry.get(t).open_ended for t in tasks]
   single_cfg = lambda seed, t: arms.configure(base, seed=seed, steps=S, eval_every=S,
                                               mixture={t: 1.0})
@@ -361,7 +372,8 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
   chosen_tasks = [tasks[i] for i in chosen]
   config_path = write_schedule_config(root / "omni_thinker_schedule.py", base, chosen_tasks, S)
   return {
-      "tasks": tasks, "open_ended": open_ended, "seeds": list(st.seeds), "metric": metric,
+      "tasks": tasks, "open_ended": open_ended, "seeds": list(st.seeds), "metric": st.metric,
+      "task_metrics": metric,
       "steps_per_task": S, "min_gain": guard,
       "normalization": "(score - init) / (reference - init); init: the task's score at step 0 "
                        "(untrained model), reference: its score after training it alone for one "
@@ -456,7 +468,7 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       "",
       f"Tasks: {', '.join(tasks)} (open-ended: "
       f"{', '.join(t for t, o in zip(tasks, summary['open_ended']) if o) or 'none'}). "
-      f"Seeds: {summary['seeds']}. One stage = {S} steps. Score: held-out `{summary['metric']}`. "
+      f"Seeds: {summary['seeds']}. One stage = {S} steps. Score: held-out {_metric_text(summary)}. "
       f"LR schedule of the arms: {', '.join(summary['lr_schedules']) or 'unknown'} "
       "(optimizer.schedule; with `constant`, the LR at a step does not depend on the arm's length, "
       "and a stage started later trains at the same LR).",

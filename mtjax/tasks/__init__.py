@@ -8,8 +8,10 @@ puts the loss on the target only.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # sources.py imports Example from here
@@ -52,6 +54,14 @@ class Task:
   # The scorer's registered name (tasks/scoring.py), when is_correct is one: recorded in a run's
   # tasks.json so the task can be rebuilt without the code that defined it.
   scorer: str = ""
+  # The best achievable score per eval metric where it is known and fixed (experiments/floors.py:
+  # study targets must lie below it). Default: 1.0 for accuracy and token_accuracy when the target
+  # is a function of the prompt (not open_ended), or computed from target_distribution.
+  ceilings: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  # For generated open-ended tasks: every right target of an example's prompt with its probability
+  # under the generator, so the Bayes-optimal teacher-forced token accuracy (the ceiling of
+  # token_accuracy: some target tokens are a guess) is computed exactly (experiments/floors.py).
+  target_distribution: Callable[[Example], Sequence[tuple[str, float]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,26 +133,63 @@ def data_dir() -> str:
   return os.environ.get("MTJAX_DATA_DIR") or os.path.expanduser("~/.cache/mtjax/tfds")
 
 
-INSTRUCTION_MODES = ("keep", "empty", "wrong")
-# For "wrong" when the run has no other task with a different instruction.
+INSTRUCTION_MODES = ("keep", "empty", "wrong", "misleading")
+# For "wrong" and "misleading" when no other task has a different instruction.
 UNRELATED_INSTRUCTION = "Translate the following text into French:\n"
+
+
+def _first_instruction(name: str, seed: int) -> str:
+  return get(name).source.load("train", seed).examples[0].instruction
+
+
+def _own_instructions(name: str, seed: int) -> set[str]:
+  examples = get(name).source.load("train", seed).examples  # a list or a random-access source
+  return {examples[i].instruction for i in range(min(50, len(examples)))}
+
+
+@functools.cache
+def _builtin_instructions() -> tuple[str, ...]:
+  """Every trainable built-in task's instruction (once per process: loading them takes ~1 s)."""
+  return tuple(sorted({_first_instruction(n, 0) for n, t in BUILTIN_TASKS.items() if not t.eval_only}))
+
+
+def misleading_pool(task_name: str, run_tasks: tuple[str, ...], seed: int) -> tuple[str, ...]:
+  """The instructions "misleading" draws from for `task_name`: the built-in tasks' and the run's
+  other tasks' instructions whose text differs from the task's own (Kung & Peng's pool)."""
+  own = _own_instructions(task_name, seed)
+  texts = set(_builtin_instructions()) | {_first_instruction(n, seed) for n in run_tasks if n != task_name}
+  pool = tuple(sorted(t for t in texts if t and t not in own))
+  return pool or (UNRELATED_INSTRUCTION,)
+
+
+def misleading_instruction(pool: tuple[str, ...], example: Example) -> str:
+  """One instruction of `pool` per example, by a stable hash of its input: the same in training,
+  eval and after a resume, and different across a task's examples."""
+  digest = hashlib.sha256(example.input.encode("utf-8")).digest()
+  return pool[int.from_bytes(digest[:8], "big") % len(pool)]
 
 
 def instruction_rewrite(task_name: str, mode: str, run_tasks: tuple[str, ...],
                         seed: int) -> Callable[[Example], Example] | None:
   """The instruction ablation (Kung & Peng, 2023) as a map over examples: "empty" blanks the
-  instruction; "wrong" gives every example the instruction of the next task of the run (its first
-  training example's), or an unrelated one. The input and target are untouched."""
+  instruction; "misleading" gives each example another task's instruction drawn per example
+  (misleading_pool, misleading_instruction); "wrong" (the older one-to-one relabeling) gives every
+  example the instruction of the next task of the run, or an unrelated one. Input and target are
+  untouched."""
   if mode == "keep":
     return None
   if mode == "empty":
     return lambda ex: dataclasses.replace(ex, instruction="")
-  examples = get(task_name).source.load("train", seed).examples  # a list or a random-access source
-  own = {examples[i].instruction for i in range(min(50, len(examples)))}
+  if mode == "misleading":
+    pool = misleading_pool(task_name, tuple(run_tasks), seed)
+    return lambda ex: dataclasses.replace(ex, instruction=misleading_instruction(pool, ex))
+  if mode != "wrong":
+    raise ValueError(f"data.instructions.{task_name}: expected one of {INSTRUCTION_MODES}, got {mode!r}")
+  own = _own_instructions(task_name, seed)
   i = run_tasks.index(task_name)
   text = UNRELATED_INSTRUCTION
   for other in run_tasks[i + 1:] + run_tasks[:i]:
-    candidate = get(other).source.load("train", seed).examples[0].instruction
+    candidate = _first_instruction(other, seed)
     if candidate and candidate not in own:
       text = candidate
       break

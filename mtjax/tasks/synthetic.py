@@ -152,6 +152,25 @@ def sentence_ok(example: Example, output: str) -> bool:
   return words[verb - 1] == m[1] and words[-1] == m[2]
 
 
+def _phrases(noun: str) -> list[tuple[list[str], float]]:
+  """Every noun phrase of _noun_phrase ending in `noun`, with its probability given the noun."""
+  out = []
+  for det in _DET:
+    out.append(([det, noun], 0.5 / len(_DET)))
+    out += [([det, adj, noun], 0.5 / len(_DET) / len(_ADJ)) for adj in _ADJ]
+  return out
+
+
+def sentence_distribution(example: Example) -> list[tuple[str, float]]:
+  """Every sentence _make_sentence can give for the example's prompt, with its probability (the
+  determiners, adjectives and verb are a guess: the grammar task's token_accuracy ceiling)."""
+  m = _ASKS.fullmatch(example.input)
+  if m is None:
+    raise ValueError(f"not a grammar prompt: {example.input!r}")
+  return [(" ".join(s + [verb] + o), ps * po / len(_VERB))
+          for s, ps in _phrases(m[1]) for verb in _VERB for o, po in _phrases(m[2])]
+
+
 def _source(name: str, make, held_out: HeldOut = held_out_by_input) -> GeneratorSource:
   return GeneratorSource(lambda split, seed: _cached(name, make, split, seed, held_out))
 
@@ -160,4 +179,5 @@ register(Task("reverse", _source("reverse", _make_reverse), exact_match))
 # Partitioned by the operand pair (the input), so 1-digit problems fall in both parts.
 register(Task("addition", _source("addition", _make_addition), exact_match))
 register(Task("grammar", _source("grammar", _make_sentence, sentence_held_out), sentence_ok,
-              open_ended=True, metrics=("valid", "distinct")))
+              open_ended=True, metrics=("valid", "distinct"),
+              target_distribution=sentence_distribution))

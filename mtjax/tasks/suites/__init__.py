@@ -12,7 +12,7 @@ Tasks register as "<suite>_<task>" (e.g.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -82,10 +82,15 @@ class SuiteBuilder(tfds.core.GeneratorBasedBuilder):
 
 
 def register_suite(builder_cls: type[SuiteBuilder], scorers: Mapping[str, Callable[[Example, str], bool]],
-                   open_ended: bool = False) -> None:
+                   open_ended: bool = False,
+                   distributions: Mapping[str, Callable[[Example], Sequence[tuple[str, float]]]]
+                   | None = None) -> None:
+  """Registers each task of the suite; `distributions`: a task's target_distribution (Task)."""
+  distributions = distributions or {}
   for task in builder_cls.TASKS:
     name = f"{builder_cls.SUITE}_{task}"
     tfds_name = f"{builder_cls.name}/{task}"
     source = TfdsSource(tfds_name, lambda data_dir, t=task: builder_cls(config=t, data_dir=data_dir,
                                                                           file_format="array_record"))
-    register(Task(name, source, scorers[task], open_ended=open_ended))
+    register(Task(name, source, scorers[task], open_ended=open_ended,
+                  target_distribution=distributions.get(task)))

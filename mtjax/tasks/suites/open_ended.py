@@ -8,7 +8,8 @@ import tensorflow_datasets as tfds
 
 from mtjax.tasks import Example
 from mtjax.tasks.suites import SuiteBuilder, register_suite
-from mtjax.tasks.synthetic import _make_sentence, held_out_by_input, sentence_held_out, sentence_ok
+from mtjax.tasks.synthetic import (_make_sentence, held_out_by_input, sentence_distribution,
+                                   sentence_held_out, sentence_ok)
 
 _ADJ = ("red", "small", "quick", "old", "green", "loud")
 _NOUN = ("cat", "dog", "bird", "fox", "tree", "river")
@@ -32,6 +33,13 @@ def sum_pair_ok(example: Example, output: str) -> bool:
   return bool(m) and int(m[1]) + int(m[2]) == int(example.input.strip())
 
 
+def sum_pair_distribution(example: Example) -> list[tuple[str, float]]:
+  """Every target sum_pair draws for the prompt's N, each with probability 1 / (N + 1): the first
+  number is a guess, the rest follows (its token_accuracy ceiling)."""
+  n = int(example.input.strip())
+  return [(f"{a}+{n - a}", 1.0 / (n + 1)) for a in range(n + 1)]
+
+
 def template(rng):
   """Fill the slots of a template with any word of the slot's kind."""
   parts = ["the", "ADJ", "NOUN", "VERB", "a", "NOUN"]
@@ -39,6 +47,15 @@ def template(rng):
   shown = [p if (p not in _SLOTS or not k) else str(rng.choice(_SLOTS[p])) for p, k in zip(parts, keep)]
   filled = [str(rng.choice(_SLOTS[p])) if p in _SLOTS else p for p in shown]
   return Example("fill: ", " ".join(shown) + "\n", " ".join(filled))
+
+
+def template_distribution(example: Example) -> list[tuple[str, float]]:
+  """Every filling of the prompt's free slots, equally likely (each free word is a guess)."""
+  fillings = [[]]
+  for shown in example.input.split():
+    options = _SLOTS.get(shown, (shown,))
+    fillings = [f + [w] for f in fillings for w in options]
+  return [(" ".join(f), 1.0 / len(fillings)) for f in fillings]
 
 
 def template_ok(example: Example, output: str) -> bool:
@@ -68,4 +85,6 @@ class MtjaxOpenEnded(SuiteBuilder):
 
 register_suite(MtjaxOpenEnded, {"grammar": sentence_ok,
                                 "sum_pair": sum_pair_ok, "template": template_ok},
-               open_ended=True)
+               open_ended=True,
+               distributions={"grammar": sentence_distribution, "sum_pair": sum_pair_distribution,
+                              "template": template_distribution})

@@ -1,0 +1,53 @@
+"""The README's study findings are generated from the committed summaries (docs/studies/): every
+generated block equals its study's report rebuilt from summary.json, and a changed number in a
+summary makes the README stale. Reference: each study's own report function."""
+
+import json
+import shutil
+
+import pytest
+
+from mtjax.errors import BadInputError
+from mtjax.experiments import findings
+
+
+def test_every_published_study_has_its_readme_block_and_the_readme_matches_it():
+  names = findings.published()
+  assert "efficiency_demo" in names  # the demo's numbers the README opens with
+  assert findings.sync_readme(check=True) == []
+  text = findings.README.read_text()
+  for name in names:
+    assert findings.begin_marker(name) in text and findings.end_marker(name) in text
+
+
+def test_a_changed_summary_makes_the_readme_stale_and_sync_rewrites_it(tmp_path):
+  docs = tmp_path / "docs"
+  shutil.copytree(findings.DOCS / "efficiency_demo", docs / "efficiency_demo")
+  name = "efficiency_demo"
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{findings.begin_marker(name)}\nold\n{findings.end_marker(name)}\nend\n")
+  assert findings.sync_readme(readme, docs, check=True) == [name]
+  assert "old" in readme.read_text()  # check never writes
+  assert findings.sync_readme(readme, docs) == [name]
+  assert findings.sync_readme(readme, docs, check=True) == []
+  summary_path = docs / name / "summary.json"
+  summary = json.loads(summary_path.read_text())
+  summary["per_seed"][0]["ratio"] = 123.456
+  summary_path.write_text(json.dumps(summary))
+  assert findings.sync_readme(readme, docs, check=True) == [name]
+  findings.sync_readme(readme, docs)
+  assert "123.456" in readme.read_text()
+  assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("end\n")
+
+
+def test_blocks_and_published_studies_must_pair_up(tmp_path):
+  docs = tmp_path / "docs"
+  shutil.copytree(findings.DOCS / "efficiency_demo", docs / "efficiency_demo")
+  readme = tmp_path / "README.md"
+  readme.write_text("no blocks\n")
+  with pytest.raises(BadInputError, match="no generated block"):
+    findings.sync_readme(readme, docs, check=True)
+  readme.write_text(f"{findings.begin_marker('gone')}\nx\n{findings.end_marker('gone')}\n"
+                    f"{findings.begin_marker('efficiency_demo')}\n{findings.end_marker('efficiency_demo')}\n")
+  with pytest.raises(BadInputError, match="docs/studies/gone"):
+    findings.sync_readme(readme, docs, check=True)
