@@ -24,12 +24,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.tasks = TASKS
   c.data.mixture = {t: 1.0 for t in TASKS}
   c.eval.max_new_tokens = "auto"  # each task's longest held-out target + EOS
-  # Greedy exact match on 200 held-out prompts per task; token accuracy on 32 beside it.
-  c.eval.update(num_examples=32, num_generate=200)
+  # Greedy exact match on 200 held-out prompts per task, token accuracy on the same 200 beside
+  # it, after the first 100 (the tuning split, study.tuning_examples).
+  c.eval.update(num_examples=200, num_generate=200)
   # eval_every = the arm's length: evaluated at steps 0 and 400 only (generation is the slow part).
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=100, seeds=(0, 1, 2), eval_every=400, target=0.0, targets={},
-      metric="accuracy", entropy_coef=0.0))
+      metric="accuracy", entropy_coef=0.0, tuning_examples=100))
   if variant == "zero_shot":
     c.model.pretrained = PRETRAINED
   elif variant == "tiny":
@@ -40,7 +41,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 3
     c.eval.update(num_examples=8, num_generate=8, batch_size=8)
     c.optimizer.update(warmup_steps=2)
-    c.study.update(steps_per_task=3, seeds=(0,), eval_every=6)
+    c.study.update(steps_per_task=3, seeds=(0,), eval_every=6, tuning_examples=0)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: tiny, zero_shot)")
   return c
