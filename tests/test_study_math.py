@@ -166,3 +166,21 @@ def test_decomposition_arms_match_on_loss_tokens():
   unmatched = arms.loss_tokens_per_step(equal, u.train.steps) * u.train.steps
   assert abs(unmatched - total["umbrella"]) > TOLERANCE * total["umbrella"]
   assert g.train.steps > u.train.steps
+
+
+def test_a_target_never_reached_is_censored_at_the_runs_budget():
+  """By hand: single-task budget 100 tokens, joint 300. Task b's single run never reached its
+  target: it would at 100 tokens at the earliest, so the ratio is at least (10 + 100) / 50 and
+  unbounded above; a joint run that never reached b bounds the ratio from above instead."""
+  single = {"a": Crossing(15, 10, 20), "b": None}
+  multi = {"a": Crossing(40, 30, 50), "b": Crossing(45, 40, 50)}
+  point, low, high = efficiency.efficiency_ratio(single, multi, single_budget=100, multi_budget=300)
+  assert math.isnan(point)
+  assert low == pytest.approx((10 + 100) / 50) and high == math.inf
+  single = {"a": Crossing(15, 10, 20), "b": Crossing(25, 20, 30)}
+  multi = {"a": Crossing(40, 30, 50), "b": None}
+  point, low, high = efficiency.efficiency_ratio(single, multi, single_budget=100, multi_budget=300)
+  assert math.isnan(point) and low == 0.0 and high == pytest.approx((20 + 30) / 300)
+  # Censored single runs whose lower bound already clears 1 in every seed: a verdict.
+  assert efficiency.verdict([(1.1, math.inf)] * 3)[0] == "more efficient"
+  assert efficiency.verdict([(0.0, 0.5)] * 3)[0] == "less efficient"

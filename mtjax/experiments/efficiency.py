@@ -12,10 +12,12 @@ eval below the target and the first at or above it, which two evals bound it (th
 interval). Efficiency ratio = (sum over tasks of single-task tokens to target) / (multi-task
 tokens until EVERY task reached its target); > 1 means the joint run got there with less compute.
 Per seed it has an interval: low = the most pessimistic crossings (single-task runs at the start
-of their intervals, the joint run at the end of its), high = the most optimistic. Verdict over
-seeds: "more efficient" if every seed's interval lies above 1, "less efficient" if every seed's
-interval lies below 1, with at least MIN_SEEDS seeds; else "inconclusive" (also when a target was
-never reached).
+of their intervals, the joint run at the end of its), high = the most optimistic. A target a run
+never reached within its budget is censored there (reached after it at the earliest, or never):
+a single-task run that never got there leaves the ratio a lower bound, a joint run that never did
+an upper bound. Verdict over seeds: "more efficient" if every seed's interval lies above 1, "less
+efficient" if every seed's interval lies below 1, with at least MIN_SEEDS seeds; else
+"inconclusive".
 """
 
 from __future__ import annotations
@@ -74,22 +76,40 @@ def _clean(curve: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
 def _ratio(num: float, den: float) -> float:
   if den == 0:  # already at target before training: no difference to measure
     return 1.0 if num == 0 else math.inf
+  if math.isinf(den):  # the joint run may never get there
+    return 0.0 if math.isfinite(num) else math.nan
   return num / den
 
 
+def censored(budget: float) -> Crossing:
+  """A target a run never reached within its `budget` tokens: it would cross after the budget at
+  the earliest, or never (at = NaN, low = budget, high = inf)."""
+  return Crossing(math.nan, float(budget), math.inf)
+
+
 def efficiency_ratio(single: Mapping[str, Crossing | None],
-                     multi: Mapping[str, Crossing | None]) -> tuple[float, float, float]:
+                     multi: Mapping[str, Crossing | None], *,
+                     single_budget: float | None = None,
+                     multi_budget: float | None = None) -> tuple[float, float, float]:
   """(ratio, low, high) from each task's crossing in its single-task run and in the multi-task
   run (both in tokens): ratio from the interpolated crossings, low from the most pessimistic
   ones (single-task crossings at their interval's start, the joint run's at its end), high from
-  the most optimistic; NaN when some crossing is missing."""
-  found_single = [c for c in single.values() if c is not None]
-  found_multi = [c for c in multi.values() if c is not None]
-  if len(found_single) < len(single) or len(found_multi) < len(multi) or not found_multi:
+  the most optimistic. A missing crossing (None) is censored at its run's budget in tokens when
+  one is given (the ratio is then NaN and one end of the interval unbounded: a single-task run
+  that never got there bounds the ratio from below, a joint run that never did from above);
+  without a budget everything is NaN."""
+  def fill(crossings: Mapping[str, Crossing | None], budget: float | None) -> list[Crossing] | None:
+    if any(c is None for c in crossings.values()) and budget is None:
+      return None
+    return [censored(budget or 0.0) if c is None else c for c in crossings.values()]
+
+  s, m = fill(single, single_budget), fill(multi, multi_budget)
+  if s is None or m is None or not m:
     return math.nan, math.nan, math.nan
-  point = _ratio(sum(c.at for c in found_single), max(c.at for c in found_multi))
-  low = _ratio(sum(c.low for c in found_single), max(c.high for c in found_multi))
-  high = _ratio(sum(c.high for c in found_single), max(c.low for c in found_multi))
+  missing = any(math.isnan(c.at) for c in s + m)
+  point = math.nan if missing else _ratio(sum(c.at for c in s), max(c.at for c in m))
+  low = _ratio(sum(c.low for c in s), max(c.high for c in m))
+  high = _ratio(sum(c.high for c in s), max(c.low for c in m))
   return point, low, high
 
 
@@ -132,7 +152,8 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     multi_curves = {t: tokens(arms.eval_series(seed_dir / "multi", t, metrics[t])) for t in tasks}
     single = {t: crossing(single_curves[t], goal[t]) for t in tasks}
     multi = {t: crossing(multi_curves[t], goal[t]) for t in tasks}
-    point, low, high = efficiency_ratio(single, multi)
+    point, low, high = efficiency_ratio(single, multi, single_budget=st.steps_per_task * tps,
+                                        multi_budget=st.steps_per_task * len(tasks) * tps)
     found = [c for c in multi.values() if c is not None]
     per_seed.append({
         "seed": seed,
@@ -261,7 +282,9 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       "",
       "Efficiency ratio = (sum of single-task tokens to target) / (multi-task tokens until every "
       "task reached its target); its interval: from the most pessimistic crossings (single-task "
-      "at the start of their intervals, multi-task at the end) to the most optimistic.",
+      "at the start of their intervals, multi-task at the end) to the most optimistic. A target "
+      "a run never reached is censored at that run's budget: it would be reached later or never, "
+      "so the ratio has no point value and one end of its interval is unbounded (∞ or 0).",
       "",
       "| seed | ratio | interval |",
       "|---|---|---|",
@@ -269,12 +292,13 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
   for r in runs:
     low, high = r["ratio_interval"]
     lines.append(f"| {r['seed']} | {_fmt_ratio(r['ratio'])} | "
-                 + ("n/a" if low is None else f"[{_fmt_ratio(low)}, {_fmt_ratio(high)}]") + " |")
+                 + ("n/a" if low is None else f"[{_fmt_ratio(low)}, {_fmt_ratio(high)}"
+                    + (")" if high is not None and math.isinf(high) else "]")) + " |")
   lines += [
       "",
       f"**Verdict: {summary['verdict']}** ({summary['verdict_reason']}; more efficient: every "
       "seed's interval lies above 1; less efficient: every seed's interval lies below 1; both need "
-      f"at least {summary['min_seeds']} seeds and every target reached; otherwise inconclusive).",
+      f"at least {summary['min_seeds']} seeds; otherwise inconclusive).",
       "",
       f"![eval curves]({plot.name})",
       "",
