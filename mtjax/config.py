@@ -551,11 +551,20 @@ def parse_override(arg: str) -> tuple[str, str]:
   return key, value
 
 
+def _parse_item(text: str) -> Any:
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    return text
+  return value if isinstance(value, (int, float)) else text
+
+
 def _parse_value(text: str, current: Any) -> Any:
   if isinstance(current, str):
     return text
   if isinstance(current, (tuple, list)) and not text.strip().startswith(("[", "(")):
-    return tuple(p.strip() for p in text.split(",") if p.strip())
+    # a,b,c: names stay strings; numbers (--config.study.seeds=0,1,2) become numbers
+    return tuple(_parse_item(p.strip()) for p in text.split(",") if p.strip())
   lowered = text.strip().lower()
   if lowered in ("true", "false"):
     return lowered == "true"

@@ -27,6 +27,13 @@ def test_load_variant_and_overrides():
   assert json.loads(cfg.to_json())["model"]["d_model"] == 48
 
 
+def test_comma_lists_of_numbers_are_numbers():
+  cfg = config_lib.load(f"{DEMO}:tiny", ["--config.study.seeds=0,", "--config.eval.steps=1,2,4"])
+  assert cfg.study.seeds == (0,) and cfg.eval.steps == (1, 2, 4)
+  cfg = config_lib.load(f"{DEMO}:tiny", ["--config.study.seeds=3,4,5"])
+  assert cfg.study.seeds == (3, 4, 5)
+
+
 def _run_cli(capsys, *args):
   code = cli.main(["train", "--config", f"{DEMO}:tiny", "--workdir", "/nonexistent/never-written",
                    "--config.train.progress=false", *args])
