@@ -124,9 +124,9 @@ def require_loss_tokens(config: Config, sample: int = SAMPLE) -> list[Any]:
 def generation_targets(config: Config, tokenizer: Any = None) -> dict[str, list[int]]:
   """Evaluated task -> the token counts (EOS not counted) of the held-out targets the evaluator
   generates for (see the module docstring); {} when the eval generates nothing."""
-  from mtjax import tasks as task_registry
   from mtjax.data import tokenizer as tokenizer_lib
   from mtjax.eval.evaluate import model_length
+  from mtjax.eval.heldout import heldout_examples
   from mtjax.resolve import resolve
 
   config = resolve(config)
@@ -138,16 +138,7 @@ def generation_targets(config: Config, tokenizer: Any = None) -> dict[str, list[
   length = model_length(config)
   out = {}
   for name in dict.fromkeys(e.tasks or d.tasks):
-    task = task_registry.get(name)
-    examples = task.source.load("validation", config.seed).examples
-    chosen = [examples[i] for i in range(e.skip, min(len(examples), e.skip + num_gen))]
-    if task.preprocess is not None:  # as in training and in the evaluator
-      chosen = [task.preprocess(ex) for ex in chosen]
-    if name in d.tasks:  # the run's instruction ablation, as in the evaluator
-      rewrite = task_registry.instruction_rewrite(name, d.instructions.get(name, "keep"), d.tasks,
-                                                  config.seed)
-      if rewrite is not None:
-        chosen = [rewrite(ex) for ex in chosen]
+    chosen = heldout_examples(config, name, num_gen)  # as the evaluator picks them
     targets = []
     for ex in chosen:
       prompt, target = 1 + tokenizer.count(ex.prompt), tokenizer.count(ex.target)  # BOS, no EOS

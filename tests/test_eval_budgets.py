@@ -234,8 +234,8 @@ def test_numeric_budget_without_room_for_a_prompt_is_bad_input(run):
     with pytest.raises(BadInputError) as info:
       evaluator_for(run, None, **{"eval.max_new_tokens": budget})
     assert info.value.field == "eval.max_new_tokens" and str(L) in str(info.value)
-  evaluate.check_budget(tiny_config(**{"eval.max_new_tokens": L - 1}))
-  evaluate.check_budget(tiny_config(**{"eval.max_new_tokens": "auto"}))
+  assert tiny_config(**{"eval.max_new_tokens": L - 1}).eval.max_new_tokens == L - 1  # room for BOS
+  assert tiny_config(**{"eval.max_new_tokens": "auto"}).eval.max_new_tokens == "auto"
 
 
 def test_registered_task_outside_the_run_is_evaluated(run, tmp_path):

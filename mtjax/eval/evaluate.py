@@ -46,6 +46,7 @@ from mtjax.data.pipeline import Tokenize, fit_example
 from mtjax.eval import scorers
 from mtjax.errors import BadInputError
 from mtjax.eval.decode import Generator, buckets_for
+from mtjax.eval.heldout import heldout_examples
 from mtjax.model import ModelSpec
 from mtjax.monitoring import CompileCounter
 from mtjax.parallel import sharding as sharding_lib
@@ -57,15 +58,6 @@ from mtjax.train import losses
 def model_length(config: Config) -> int:
   """The longest sequence the model handles: the length it was trained on (data.seq_len)."""
   return config.data.seq_len
-
-
-def check_budget(config: Config) -> None:
-  """Eval settings no prompt can satisfy: a BadInputError (exit 2) at start."""
-  budget, length = config.eval.max_new_tokens, model_length(config)
-  if isinstance(budget, int) and budget >= length:
-    raise BadInputError("eval.max_new_tokens", f"{budget} new tokens leave no room for a prompt in "
-                        f"the model's {length} tokens (data.seq_len): expected 'auto' or a number "
-                        f"below {length}")
 
 
 def auto_budget(target_tokens: Sequence[int], length: int) -> int:
@@ -100,7 +92,6 @@ class Evaluator:
                tokenizer, tasks: Sequence[str] | None = None):
     self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
     e = config.eval
-    check_budget(config)
     length = self.length = model_length(config)
     run_tasks = tuple(config.data.tasks)
     self.task_names = tuple(dict.fromkeys(tasks or e.tasks or run_tasks))
@@ -124,17 +115,8 @@ class Evaluator:
     self.truncated: dict[str, int] = {}
     tokenized = []
     for name in self.task_names:
-      task = task_registry.get(name)
-      examples = task.source.load("validation", config.seed).examples
       # After eval.skip examples (a study's tuning split), the reported ones.
-      chosen = [examples[i] for i in range(e.skip, min(len(examples), e.skip + max(e.num_examples, num_gen)))]
-      if task.preprocess is not None:  # as in training (pipeline.task_dataset)
-        chosen = [task.preprocess(ex) for ex in chosen]
-      if name in run_tasks:  # the same instruction ablation as in training
-        rewrite = task_registry.instruction_rewrite(
-            name, config.data.instructions.get(name, "keep"), run_tasks, config.seed)
-        if rewrite is not None:
-          chosen = [rewrite(ex) for ex in chosen]
+      chosen = heldout_examples(config, name, max(e.num_examples, num_gen))
       self.examples[name] = chosen
       tok = Tokenize(tokenizer, self.task_ids[name])
       items = [tok.map(ex) for ex in chosen]

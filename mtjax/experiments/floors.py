@@ -67,9 +67,8 @@ def _prepared(config: Config, name: str, examples: Sequence[Example]) -> list[Ex
 
 def heldout(config: Config, name: str, count: int) -> list[Example]:
   """The first `count` validation examples after eval.skip: the ones the evaluator scores."""
-  examples = task_registry.get(name).source.load("validation", config.seed).examples
-  skip = config.eval.skip
-  return _prepared(config, name, [examples[i] for i in range(skip, min(len(examples), skip + count))])
+  from mtjax.eval.heldout import heldout_examples
+  return heldout_examples(config, name, count)
 
 
 def train_examples(config: Config, name: str) -> list[Example]:

@@ -46,12 +46,8 @@ def check(config: Config) -> None:
 
 def _held_out(name: str, cfg: Config, count: int) -> list[Any]:
   """The `count` held-out examples of a task an arm of `cfg` scores (before the ablation)."""
-  from mtjax import tasks as task_registry
-  task = task_registry.get(name)
-  examples = task.source.load("validation", cfg.seed).examples
-  skip = int(getattr(cfg.eval, "skip", 0))
-  chosen = [examples[i] for i in range(skip, min(skip + count, len(examples)))]
-  return [task.preprocess(ex) for ex in chosen] if task.preprocess is not None else chosen
+  from mtjax.eval.heldout import heldout_examples
+  return heldout_examples(cfg, name, count, ablation=False)
 
 
 def ambiguity(held_out: dict[str, Sequence[Any]]) -> dict[str, Any]:

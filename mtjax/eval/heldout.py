@@ -1,0 +1,27 @@
+"""The held-out examples evaluation scores: one definition for the evaluator, the start-of-run
+budget check, the studies' floors and the instruction study's ambiguity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtjax.config import Config
+
+
+def heldout_examples(config: Config, name: str, count: int, *, ablation: bool = True) -> list[Any]:
+  """Task `name`'s validation examples eval.skip .. eval.skip + count - 1 (fewer if the split is
+  shorter), after Task.preprocess and, for a task of the run when `ablation`, the run's
+  instruction rewrite (data.instructions), as in training."""
+  from mtjax import tasks as task_registry
+  task = task_registry.get(name)
+  examples = task.source.load("validation", config.seed).examples
+  skip = config.eval.skip
+  chosen = [examples[i] for i in range(skip, min(len(examples), skip + count))]
+  if task.preprocess is not None:  # as in training (pipeline.task_dataset)
+    chosen = [task.preprocess(ex) for ex in chosen]
+  if ablation and name in config.data.tasks:  # the same instruction ablation as in training
+    rewrite = task_registry.instruction_rewrite(
+        name, config.data.instructions.get(name, "keep"), tuple(config.data.tasks), config.seed)
+    if rewrite is not None:
+      chosen = [rewrite(ex) for ex in chosen]
+  return chosen
