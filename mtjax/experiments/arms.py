@@ -341,11 +341,14 @@ def eval_curves(arm_dir: epath.Path, metric: str) -> dict[str, list[tuple[int, f
   return out
 
 
-def eval_at(arm_dir: epath.Path, step: int, tasks: Sequence[str], metric: str) -> list[float]:
-  """Scores of `tasks` at the eval row of `step`."""
+def eval_at(arm_dir: epath.Path, step: int, tasks: Sequence[str],
+            metric: str | Mapping[str, str]) -> list[float]:
+  """Scores of `tasks` (by one metric, or one per task) at the eval row of `step` (NaN for a task
+  the row has no score of)."""
+  per_task = metric if isinstance(metric, Mapping) else {t: metric for t in tasks}
   for r in runs.rows(arm_dir):
     if r.get("step") == step and _is_eval_row(r):
-      return [_score(r, t, metric) for t in tasks]
+      return [_score(r, t, per_task[t]) for t in tasks]
   raise BadInputError(str(arm_dir / "metrics.jsonl"), f"no eval row at step {step}")
 
 

@@ -45,7 +45,7 @@ from etils import epath
 
 from mtjax.config import Config
 from mtjax.errors import BadInputError
-from mtjax.experiments import arms, report, runs
+from mtjax.experiments import arms, report
 
 MIN_GAIN = 0.02  # default guard: reference - init must exceed this (study.min_gain overrides)
 MAX_EXHAUSTIVE = 6  # enumerate every order up to this many tasks, greedy beyond
@@ -221,17 +221,6 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 # ---------------------------------------------------------------- the study
 
-def _eval_at(arm_dir: epath.Path, step: int, tasks: Sequence[str],
-             metric: str | Mapping[str, str]) -> list[float]:
-  """Scores of `tasks` (by one metric, or one per task) at the eval row of `step` (NaN for a task
-  the row has no score of)."""
-  per_task = metric if isinstance(metric, Mapping) else {t: metric for t in tasks}
-  for r in runs.rows(arm_dir):
-    if r.get("step") == step and any(k.startswith("eval/") for k in r):
-      return [float(r.get(f"eval/{t}/{per_task[t]}", float("nan"))) for t in tasks]
-  raise BadInputError(str(arm_dir / "metrics.jsonl"), f"no eval row at step {step}")
-
-
 def _metric_text(summary: Mapping[str, Any]) -> str:
   per_task = summary.get("task_metrics") or {}
   if not per_task or len(set(per_task.values())) == 1:
@@ -294,15 +283,15 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     M, init = np.zeros((T, T)), np.zeros(T)
     for a, task in enumerate(tasks):
       d = arms.run(seed_dir, f"only_{task}", single_cfg(seed, task), train_fn)
-      M[a] = _eval_at(d, S, tasks, metric)
-      init[a] = _eval_at(d, 0, tasks, metric)[a]
+      M[a] = arms.eval_at(d, S, tasks, metric)
+      init[a] = arms.eval_at(d, 0, tasks, metric)[a]
     reference = np.diag(M).copy()
     after, stage1 = np.full((T, T), np.nan), np.full((T, T), np.nan)
     for a, b in itertools.permutations(range(T), 2):
       d = arms.run(seed_dir, pair_run_name(tasks[a], tasks[b]), staged_cfg(seed, (tasks[a], tasks[b])),
                    train_fn)
-      after[a, b] = _eval_at(d, 2 * S, tasks, metric)[a]
-      stage1[a, b] = _eval_at(d, S, tasks, metric)[a]
+      after[a, b] = arms.eval_at(d, 2 * S, tasks, metric)[a]
+      stage1[a, b] = arms.eval_at(d, S, tasks, metric)[a]
     B, excluded = backward_transfer(reference, after, init, guard)
     Mn, _ = normalize_scores(M, init, reference, guard)  # column b normalized by b's own run
     per_seed.append({
@@ -344,7 +333,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       order = info["order"]
       perm = [tasks.index(t) for t in order]
       d = arms.run(seed_dir, name, staged_cfg(s["seed"], order), train_fn)
-      R = np.array([_eval_at(d, (i + 1) * S, tasks, metric) for i in range(T)])
+      R = np.array([arms.eval_at(d, (i + 1) * S, tasks, metric) for i in range(T)])
       Rn, _ = normalize_scores(R, init, reference, guard)
       Rn[:, ~keep] = np.nan
       stage_R = Rn[:, perm]  # columns in stage order, as GEM's R
