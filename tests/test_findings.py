@@ -51,3 +51,20 @@ def test_blocks_and_published_studies_must_pair_up(tmp_path):
                     f"{findings.begin_marker('efficiency_demo')}\n{findings.end_marker('efficiency_demo')}\n")
   with pytest.raises(BadInputError, match="docs/studies/gone"):
     findings.sync_readme(readme, docs, check=True)
+
+
+def test_published_numbers_rest_on_three_seeds_and_200_held_out_examples_after_the_tuning_split():
+  for name in findings.published():
+    stored = json.loads((findings.DOCS / name / "study.json").read_text())
+    config, study = stored["config"], stored["config"]["study"]
+    ev = config["eval"]
+    assert len(study["seeds"]) >= 3, name
+    assert study["split"] == "report" and study["tuning_examples"] > 0, name  # not the tuning split
+    assert ev["num_examples"] >= 200, name
+    metrics = {study["metric"], *study["task_metrics"].values()}
+    if "accuracy" in metrics:
+      assert ev["num_generate"] >= 200, name
+    if ev["num_samples"]:
+      assert ev["sample_prompts"] >= 200, name
+    # What the README shows is a spread over seeds (mean ± std), not one run.
+    assert "±" in findings.render(name), name

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "studies"
 README = REPO / "README.md"
 PUBLISHED = ("study.json", "summary.json", "report.md")
-_BLOCK = re.compile(r"(<!-- generated from docs/studies/(?P<name>[\w.-]+) by `make findings`: do not "
-                    r"edit -->\n)(?P<body>.*?)(<!-- end of generated docs/studies/(?P=name) -->)",
+_BLOCK = re.compile(r"(<!-- generated from docs/studies/(?P<name>[\w.:-]+) by `make findings`: do "
+                    r"not edit -->\n)(?P<body>.*?)(<!-- end of generated docs/studies/(?P=name) -->)",
                     re.DOTALL)
 
 
@@ -65,8 +65,10 @@ def publish(workdir: str | Path, name: str, docs: Path = DOCS) -> Path:
 
 def render(name: str, docs: Path = DOCS) -> str:
   """The README block of docs/studies/<name>: its study's report rebuilt from summary.json (the
-  title dropped, plot links made relative to the repository root)."""
+  title dropped, plot links made relative to the repository root); `<name>:brief` keeps only the
+  report's first and last tables and its verdict line."""
   from mtjax.experiments.registry import STUDIES
+  name, _, part = name.partition(":")
   src = docs / name
   try:
     study = json.loads((src / "study.json").read_text())["study"]
@@ -81,9 +83,33 @@ def render(name: str, docs: Path = DOCS) -> str:
     lines = lines[1:]
   while lines and not lines[0].strip():
     lines = lines[1:]
+  if part == "brief":
+    lines = _brief(lines)
+  elif part:
+    raise BadInputError(f"docs/studies/{name}:{part}", "unknown part (known: brief)")
   rel = src.relative_to(REPO) if src.is_relative_to(REPO) else src
   body = "\n".join(lines).strip() + "\n"
   return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", lambda m: f"![{m[1]}]({rel}/{m[2]})", body)
+
+
+def _brief(lines: list[str]) -> list[str]:
+  """A report's first and last tables and its verdict line."""
+  tables, i = [], 0
+  while i < len(lines):
+    if lines[i].startswith("|"):
+      j = i
+      while j < len(lines) and lines[j].startswith("|"):
+        j += 1
+      tables.append(lines[i:j])
+      i = j
+    else:
+      i += 1
+  chosen = tables[:1] + tables[1:][-1:]
+  verdict = [line for line in lines if line.startswith("**Verdict")]
+  out: list[str] = []
+  for table in chosen:
+    out += table + [""]
+  return out + verdict[:1]
 
 
 def published(docs: Path = DOCS) -> list[str]:
@@ -99,14 +125,14 @@ def sync_readme(readme: Path = README, docs: Path = DOCS, *, check: bool = False
   seen, changed = [], []
 
   def replace(m: re.Match[str]) -> str:
-    name = m["name"]
+    name = m["name"].partition(":")[0]
     if name not in names:
       raise BadInputError(str(readme), f"a generated block names docs/studies/{name}, which has no "
                           "summary.json")
     seen.append(name)
-    body = render(name, docs)
+    body = render(m["name"], docs)
     if body != m["body"]:
-      changed.append(name)
+      changed.append(m["name"])
     return m[1] + body + m[4]
 
   new = _BLOCK.sub(replace, text)
