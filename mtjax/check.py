@@ -94,7 +94,7 @@ def require_loss_tokens(config: Config, sample: int = SAMPLE) -> list[Any]:
 
   config = resolve(config)
   d = config.data
-  tokenizer = tokenizer_lib.get(d.tokenizer)
+  tokenizer = tokenizer_lib.for_data(d)
   samples = []
   for name in d.tasks:
     rewrite = task_registry.instruction_rewrite(name, d.instructions.get(name, "keep"), d.tasks,
@@ -134,14 +134,17 @@ def generation_targets(config: Config, tokenizer: Any = None) -> dict[str, list[
   num_gen = max(e.num_generate, e.sample_prompts if e.num_samples else 0)
   if not num_gen:
     return {}
-  tokenizer = tokenizer or tokenizer_lib.get(d.tokenizer)
+  tokenizer = tokenizer or tokenizer_lib.for_data(d)
   length = model_length(config)
   out = {}
+  # Under data.format=chat the prompt is the rendered user turn and generation stops at the
+  # end-of-turn token (tokenizer_lib.generated_count: the tokens before it).
   for name in dict.fromkeys(e.tasks or d.tasks):
     chosen = heldout_examples(config, name, num_gen)  # as the evaluator picks them
     targets = []
     for ex in chosen:
-      prompt, target = 1 + tokenizer.count(ex.prompt), tokenizer.count(ex.target)  # BOS, no EOS
+      prompt = 1 + tokenizer_lib.prompt_count(tokenizer, ex.prompt)  # with BOS
+      target = tokenizer_lib.generated_count(tokenizer, ex.target)  # no EOS
       if prompt + target + 1 <= length:  # else the evaluator skips it (counted as skipped)
         targets.append(target)
     out[name] = targets
@@ -193,8 +196,9 @@ def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> lis
 
   config = resolve(config)  # task registry, tokenizer file, mixture
   d = config.data
-  tokenizer = tokenizer_lib.get(d.tokenizer)
-  facts = [f"tokenizer: {d.tokenizer} ({tokenizer.vocab_size} tokens)"]
+  tokenizer = tokenizer_lib.for_data(d)
+  facts = [f"tokenizer: {d.tokenizer} ({tokenizer.vocab_size} tokens)"
+           + (", data.format=chat" if d.format == "chat" else "")]
   for s in require_loss_tokens(config):
     effect = s.effect(d.truncate)
     facts.append(f"task {s.task}: weight {d.mixture.get(s.task, 0.0):g}; first {len(s.loss)} "

@@ -68,6 +68,15 @@ class ModelConfig:
   out_bias: bool = False  # a bias on the attention output projection (Llama attention_bias)
   qk_norm: bool = False  # RMSNorm of every query and key head before RoPE (Qwen3)
   sliding_window: int = 0  # 0: full causal attention; W: a token sees the last W tokens (Mistral)
+  # Per layer, "sliding_attention" (the window above) or "full_attention" (Gemma 3); (): every
+  # layer is windowed when sliding_window > 0.
+  layer_types: tuple[str, ...] = ()
+  rope_local_theta: float = 0.0  # the sliding layers' RoPE base (default type); 0: as every layer
+  activation: str = "silu"  # the gated MLP's: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+  norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w initialized to 0 (Gemma)
+  post_norms: bool = False  # RMSNorm of the attention and MLP outputs too: four per block (Gemma 3)
+  embed_scale: bool = False  # the embedding times sqrt(d_model), in the compute dtype (Gemma)
+  query_pre_attn_scalar: float = 0.0  # scores scaled by its ** -0.5 (Gemma); 0: head_dim ** -0.5
   param_dtype: str = "float32"  # float32 | bfloat16: how parameters are stored and updated
   # An HF directory (local or gs://): config.json, *.safetensors, tokenizer files. The fields
   # above then come from its config.json, the initial weights from its safetensors and, unless
@@ -116,6 +125,9 @@ class DataConfig:
   batch_size: int = 32  # global, in packed rows
   seq_len: int = 128
   tokenizer: str = "byte"
+  # plain: [BOS] prompt target [EOS]; chat: the prompt as a user turn through the tokenizer's chat
+  # template (with the generation prompt), then target + the template's end-of-turn text.
+  format: str = "plain"
   prefetch: int = 2
   # Processes that materialize the rows the main process planned (0: in the main process);
   # batches and the loader state are the same for any count.
@@ -370,6 +382,8 @@ SCHEDULES = ("constant", "stages", "linear")
 RATES = ("explicit", "examples_proportional")
 LR_SCHEDULES = ("cosine", "constant", "wsd")
 TRUNCATE = ("prompt_left", "right", "skip")
+LAYER_TYPES = ("sliding_attention", "full_attention")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 def _check(config: Config) -> None:
@@ -406,6 +420,7 @@ def _check(config: Config) -> None:
                                 ("data.schedule", d.schedule, SCHEDULES),
                                 ("data.rates", d.rates, RATES),
                                 ("data.on_bad_record", d.on_bad_record, ("stop", "skip")),
+                                ("data.format", d.format, ("plain", "chat")),
                                 ("optimizer.schedule", o.schedule, LR_SCHEDULES),
                                 ("checkpoint.best_mode", config.checkpoint.best_mode, ("min", "max"))):
     if value not in allowed:
@@ -417,6 +432,19 @@ def _check(config: Config) -> None:
   if m.sliding_window < 0:
     raise BadInputError("model.sliding_window", f"expected 0 (off) or a window >= 1, got "
                         f"{m.sliding_window}")
+  if m.layer_types and len(m.layer_types) != m.num_layers:
+    raise BadInputError("model.layer_types", f"expected one per layer ({m.num_layers}), got "
+                        f"{len(m.layer_types)}")
+  for kind in m.layer_types:
+    if kind not in LAYER_TYPES:
+      raise BadInputError("model.layer_types", f"expected each one of {', '.join(LAYER_TYPES)}, "
+                          f"got {kind!r}")
+  if m.activation not in ACTIVATIONS:
+    raise BadInputError("model.activation", f"expected one of {', '.join(ACTIVATIONS)}, got "
+                        f"{m.activation!r}")
+  if m.rope_local_theta < 0 or m.query_pre_attn_scalar < 0:
+    raise BadInputError("model.rope_local_theta" if m.rope_local_theta < 0
+                        else "model.query_pre_attn_scalar", "expected a value >= 0 (0: off)")
   if m.num_heads % m.num_kv_heads:
     raise BadInputError("model.num_kv_heads",
                         f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
@@ -511,6 +539,9 @@ def _check(config: Config) -> None:
     raise BadInputError("eval.max_new_tokens", f"{e.max_new_tokens} new tokens leave no room for "
                         f"a prompt in the model's {d.seq_len} tokens (data.seq_len): expected "
                         f"'auto' or a number below {d.seq_len}")
+  if d.format == "chat" and d.tokenizer == "byte" and not config.model.pretrained:
+    raise BadInputError("data.format", "chat needs a tokenizer with a chat template (hf:<model "
+                        "directory>); the byte tokenizer has none")
   if d.truncate not in TRUNCATE:
     raise BadInputError("data.truncate", f"expected one of {', '.join(TRUNCATE)}, got {d.truncate!r}")
   for name, spec in d.jsonl_tasks.items():

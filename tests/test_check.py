@@ -276,11 +276,13 @@ def test_get_config_raising_anything(tmp_path, capsys, body, shown):
                                           "is a value, not a group of settings"),
     ("--config..seed=1", "error: --config..seed=1: expected an override of the form "
                          "--config.a.b=value (a dotted name without empty parts)"),
-    ("--config.model=3", "error: model: expected a group of settings (attention, d_model, dtype, "
-                         "head_dim, mlp_dim, norm_eps, num_heads, num_kv_heads, num_layers, "
-                         "out_bias, param_dtype, pinned, pretrained, qk_norm, qkv_bias, remat, "
-                         "rope_scaling, rope_theta, rope_type, sliding_window, tie_embeddings, "
-                         "vocab_size, z_loss), not one value, got '3'"),
+    ("--config.model=3", "error: model: expected a group of settings (activation, attention, "
+                         "d_model, dtype, embed_scale, head_dim, layer_types, mlp_dim, norm_eps, "
+                         "norm_plus_one, num_heads, num_kv_heads, num_layers, out_bias, "
+                         "param_dtype, pinned, post_norms, pretrained, qk_norm, qkv_bias, "
+                         "query_pre_attn_scalar, remat, rope_local_theta, rope_scaling, "
+                         "rope_theta, rope_type, sliding_window, tie_embeddings, vocab_size, "
+                         "z_loss), not one value, got '3'"),
     ("--config.seed=-1", "error: seed: expected an integer in [0, 2**31), got -1"),
     ("--config.checkpoint.every=100000000000000000000", "error: checkpoint.every: expected an "
      "integer that fits in 64 bits, got 100000000000000000000"),

@@ -23,7 +23,8 @@ import grain
 import numpy as np
 
 from mtjax import tasks as task_registry
-from mtjax.data.tokenizer import ByteTokenizer, Tokenizer
+from mtjax.data.tokenizer import (ByteTokenizer, ChatTokenizer, Tokenizer, encode_example,
+                                   prompt_count, target_count)
 from mtjax.tasks import Example
 
 
@@ -32,18 +33,19 @@ def task_seed(seed: int, task_name: str) -> int:
 
 
 class Tokenize(grain.transforms.Map):
-  """Example -> {tokens: [BOS] prompt target [EOS], target_start, task_id}."""
+  """Example -> {tokens: [BOS] prompt target [EOS], target_start, task_id}. Under data.format=chat
+  (a ChatTokenizer) the tokens are the rendered user turn with the generation prompt, then the
+  target and the template's end-of-turn text (tokenizer.encode_example): the counts below then
+  treat the first token as the BOS and the last as the EOS, so every length rule holds as is."""
 
   def __init__(self, tokenizer: Tokenizer, task_id: int):
     self.tokenizer = tokenizer
     self.task_id = task_id
 
   def map(self, example: Example) -> dict[str, Any]:
-    tok = self.tokenizer
-    prompt = tok.encode(example.prompt)
-    target = tok.encode(example.target)
-    tokens = np.concatenate([[tok.bos_id], prompt, target, [tok.eos_id]]).astype(np.int32)
-    return {"tokens": tokens, "target_start": 1 + len(prompt), "task_id": self.task_id}
+    prompt, target = encode_example(self.tokenizer, example.prompt, example.target)
+    tokens = np.concatenate([prompt, target]).astype(np.int32)
+    return {"tokens": tokens, "target_start": len(prompt), "task_id": self.task_id}
 
 
 class Length(grain.transforms.Map):
@@ -53,7 +55,8 @@ class Length(grain.transforms.Map):
     self.tokenizer = tokenizer
 
   def map(self, example: Example) -> int:
-    return 2 + self.tokenizer.count(example.prompt) + self.tokenizer.count(example.target)
+    tok = self.tokenizer
+    return 2 + prompt_count(tok, example.prompt) + target_count(tok, example.target)
 
 
 def fit(prompt: int, target: int, seq_len: int, policy: str) -> tuple[int, int] | None:
@@ -206,7 +209,7 @@ def token_sample(task_name: str, tokenizer: Tokenizer, seed: int, seq_len: int, 
   if transform is not None:
     sample = [transform(e) for e in sample]
   prompt = _count_all(tokenizer, [e.prompt for e in sample])
-  target = _count_all(tokenizer, [e.target for e in sample])
+  target = _count_all(tokenizer, [e.target for e in sample], target=True)
   cut, pairs = fit_arrays(prompt, target, seq_len, truncate)
   loss = np.where(pairs > 0, np.clip(pairs - (prompt - cut), 0, None), 0)
   return TokenSample(task_name, tuple(prompt.tolist()), tuple(target.tolist()),
@@ -233,9 +236,13 @@ def shuffled_order(size: int, shuffle_seed: int, start: int, stop: int) -> np.nd
   return out
 
 
-def _count_all(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
+def _count_all(tokenizer: Tokenizer, texts: list[str], target: bool = False) -> np.ndarray:
+  """Prompt (or target) counts as Tokenize makes them (BOS and EOS not counted)."""
   if type(tokenizer) is ByteTokenizer:  # count is the UTF-8 length
     return np.fromiter((len(t.encode()) for t in texts), np.int64, len(texts))
+  if isinstance(tokenizer, ChatTokenizer):
+    count = target_count if target else prompt_count
+    return np.fromiter((count(tokenizer, t) for t in texts), np.int64, len(texts))
   return np.fromiter((tokenizer.count(t) for t in texts), np.int64, len(texts))
 
 
@@ -303,7 +310,7 @@ class TaskIndex:
       examples = [self.example(int(i)) for i in missing]
       self._lengths[missing] = np.stack(
           [_count_all(self.tokenizer, [e.prompt for e in examples]),
-           _count_all(self.tokenizer, [e.target for e in examples])], axis=1)
+           _count_all(self.tokenizer, [e.target for e in examples], target=True)], axis=1)
       known = self._lengths[src]
     return known
 

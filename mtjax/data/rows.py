@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from mtjax.data.tokenizer import ByteTokenizer, Tokenizer
+from mtjax.data.tokenizer import ByteTokenizer, Tokenizer, encode_example
 
 PAD_TASK_ID = -1
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids")
@@ -94,13 +94,12 @@ def tokenize(tokenizer: Tokenizer, prompts: Sequence[str],
     flat[np.arange(len(text)) + np.repeat(offsets + 1 - _starts(body), body)] = (
         text.astype(np.int32) + tokenizer.offset)
     return flat, offsets, lp + 1
-  bos, eos = np.asarray([tokenizer.bos_id], np.int32), np.asarray([tokenizer.eos_id], np.int32)
   parts, offsets, target_starts, at = [], np.zeros(k, np.int64), np.zeros(k, np.int64), 0
   for i, (prompt, target) in enumerate(zip(prompts, targets)):
-    p, t = tokenizer.encode(prompt), tokenizer.encode(target)
-    parts += [bos, p, t, eos]
-    offsets[i], target_starts[i] = at, 1 + len(p)
-    at += len(p) + len(t) + 2
+    p, t = encode_example(tokenizer, prompt, target)  # [BOS] prompt, target [EOS] (or chat's)
+    parts += [p, t]
+    offsets[i], target_starts[i] = at, len(p)
+    at += len(p) + len(t)
   flat = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
   return flat, offsets, target_starts
 

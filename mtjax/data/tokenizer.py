@@ -3,6 +3,11 @@ SentencePiece model. `data.tokenizer` is "byte", "hf:<path/to/tokenizer.json>" o
 "spm:<path/to/model>". Every tokenizer exposes the same special tokens (pad/bos/eos ids): the
 loader adds BOS and EOS itself, so `encode` never adds them. `Tokenizer` is the interface the
 loader, evaluation and CLI use.
+
+data.format=chat (`for_data`) wraps an HF tokenizer whose directory has a chat template in a
+`ChatTokenizer`: each example is then the prompt rendered as a user turn with the generation
+prompt, and the target followed by the template's end-of-turn text (`encode_example`); the
+end-of-turn token is its EOS and where generation stops.
 """
 
 from __future__ import annotations
@@ -150,6 +155,14 @@ class HfTokenizer:
     self.pad_id: int = self.eos_id if pad is None else pad
     self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys([self.eos_id, *configured("eos")]))
     self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+    # What a chat template sees (as transformers passes tokenizer_config's special tokens).
+    self.special_tokens: dict[str, str] = {
+        f"{key}_token": name for key in ("bos", "eos", "pad", "unk")
+        if (name := _token_name(tok_cfg.get(f"{key}_token"))) is not None}
+    for key, found in (("bos", self.bos_id), ("eos", self.eos_id)):
+      self.special_tokens.setdefault(f"{key}_token", self._tok.id_to_token(found) or "")
+    self.chat_template: str | None = _chat_template(file.parent, tok_cfg)
+    self.source = str(given)
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
@@ -160,6 +173,164 @@ class HfTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     ids = _until_stop([int(i) for i in ids], self.stop_ids)
     return self._tok.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
+
+
+def _chat_template(directory: epath.Path, tok_cfg: dict[str, Any]) -> str | None:
+  """tokenizer_config.json's chat_template (a string, or a list of {name, template}: the one
+  named "default"), else the directory's chat_template.jinja; None when there is none."""
+  template = tok_cfg.get("chat_template")
+  if isinstance(template, list):
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default", next(iter(named.values()), None))
+  if isinstance(template, str) and template:
+    return template
+  jinja = directory / "chat_template.jinja"
+  if jinja.exists():
+    return jinja.read_text() or None
+  return None
+
+
+_MARK = "MTJAXTARGETMARK"  # assistant content that no template changes
+
+
+class ChatTokenizer:
+  """data.format=chat: an HF tokenizer whose examples go through its chat template (rendered as
+  transformers' apply_chat_template renders it). An example is two pieces: the prompt as a user
+  turn with the generation prompt (`prompt_ids`; the template adds BOS itself where it has one),
+  and the target followed by the template's end-of-turn text (`target_ids`). The end-of-turn
+  token is `eos_id` (the loss's EOS, and the first of `stop_ids`, where generation stops).
+
+  The end of a turn is derived once: the conversation [user, assistant] rendered without the
+  generation prompt is the prompt's rendering, then what the template writes before the
+  assistant content (usually nothing), the content, then the end-of-turn text."""
+
+  def __init__(self, base: Tokenizer):
+    template = getattr(base, "chat_template", None)
+    if not isinstance(base, HfTokenizer) or not template:
+      what = (f"the tokenizer {base.source!r} has no chat_template (tokenizer_config.json or "
+              "chat_template.jinja)" if isinstance(base, HfTokenizer)
+              else f"the {type(base).__name__} has no chat template")
+      raise BadInputError("data.format", f"chat needs a tokenizer with a chat template, and {what}; "
+                          "use data.format=plain or a tokenizer (model directory) with one")
+    self.base: HfTokenizer = base
+    self.template: str = template
+    self._compiled: Any = None
+    prompt = self.render_prompt(_MARK)
+    full = self.render([{"role": "user", "content": _MARK},
+                        {"role": "assistant", "content": _MARK}], add_generation_prompt=False)
+    rest = full[len(prompt):]
+    if not full.startswith(prompt) or _MARK not in rest:
+      raise BadInputError("data.format", "the chat template's rendering of [user, assistant] does "
+                          "not begin with its rendering of the user turn and generation prompt, "
+                          "so the target cannot follow the prompt as a second piece")
+    self.before_target, _, self.end_of_turn = rest.partition(_MARK)
+    eot = [int(i) for i in base.encode(self.end_of_turn)]
+    if not eot:
+      raise BadInputError("data.format", "the chat template writes nothing after an assistant "
+                          "turn, so there is no end-of-turn token to stop generation at")
+    added = set(base._tok.get_added_tokens_decoder())
+    self._eot_len = len(eot)
+    self._stop_at = next((i for i, t in enumerate(eot) if t in added), 0)
+    self.eos_id: int = eot[self._stop_at]
+    self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys([self.eos_id, *base.stop_ids]))
+    self.bos_id: int = base.bos_id
+    self.pad_id: int = base.pad_id
+    self.vocab_size: int = base.vocab_size
+
+  def __getstate__(self) -> dict[str, Any]:  # the compiled template does not pickle
+    return {**self.__dict__, "_compiled": None}
+
+  def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    if self._compiled is None:
+      self._compiled = _compile(self.template)
+    try:
+      return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   **self.base.special_tokens)
+    except Exception as e:  # a template error (raise_exception) or a bad template
+      raise BadInputError("data.format", f"the chat template failed to render "
+                          f"({type(e).__name__}: {e})") from None
+
+  def render_prompt(self, prompt: str) -> str:
+    return self.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+
+  def prompt_ids(self, prompt: str) -> np.ndarray:
+    return self.base.encode(self.render_prompt(prompt))
+
+  def target_ids(self, target: str) -> np.ndarray:
+    return self.base.encode(self.before_target + target + self.end_of_turn)
+
+  def generated_count(self, target: str) -> int:
+    """Tokens generated before the end-of-turn token for this target."""
+    return len(self.target_ids(target)) - self._eot_len + self._stop_at
+
+  def encode(self, text: str) -> np.ndarray:
+    return self.base.encode(text)
+
+  def count(self, text: str) -> int:
+    return self.base.count(text)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    ids = _until_stop([int(i) for i in ids], self.stop_ids)
+    return self.base._tok.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
+
+
+def _compile(template: str) -> Any:
+  """The template compiled as transformers compiles chat templates (sandboxed, trim_blocks,
+  lstrip_blocks, loop controls, raise_exception, tojson without HTML escaping, strftime_now)."""
+  import datetime
+
+  import jinja2
+  import jinja2.ext
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  def raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+  def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+             sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                      extensions=[jinja2.ext.loopcontrols])
+  env.filters["tojson"] = tojson
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  try:
+    return env.from_string(template)
+  except jinja2.exceptions.TemplateError as e:
+    raise BadInputError("data.format", f"the chat template does not compile ({e})") from None
+
+
+def encode_example(tokenizer: Tokenizer, prompt: str, target: str) -> tuple[np.ndarray, np.ndarray]:
+  """An example's two pieces: [BOS] prompt and target [EOS]; under data.format=chat
+  (ChatTokenizer) the rendered user turn with the generation prompt, and the target with the
+  end-of-turn text. The loss covers the second piece."""
+  if isinstance(tokenizer, ChatTokenizer):
+    return tokenizer.prompt_ids(prompt), tokenizer.target_ids(target)
+  return (np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)]).astype(np.int32),
+          np.concatenate([tokenizer.encode(target), [tokenizer.eos_id]]).astype(np.int32))
+
+
+def prompt_count(tokenizer: Tokenizer, prompt: str) -> int:
+  """The prompt piece's tokens but one (plain: the prompt's tokens, BOS not counted)."""
+  if isinstance(tokenizer, ChatTokenizer):
+    return len(tokenizer.prompt_ids(prompt)) - 1
+  return tokenizer.count(prompt)
+
+
+def target_count(tokenizer: Tokenizer, target: str) -> int:
+  """The target piece's tokens but one (plain: the target's tokens, EOS not counted)."""
+  if isinstance(tokenizer, ChatTokenizer):
+    return len(tokenizer.target_ids(target)) - 1
+  return tokenizer.count(target)
+
+
+def generated_count(tokenizer: Tokenizer, target: str) -> int:
+  """Tokens generated for this target before the stop token (plain: its tokens)."""
+  if isinstance(tokenizer, ChatTokenizer):
+    return tokenizer.generated_count(target)
+  return tokenizer.count(target)
 
 
 def _until_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
@@ -216,6 +387,15 @@ def get(name: str) -> Tokenizer:
   except Exception as e:  # a file that is not a tokenizer of that kind
     raise BadInputError("data.tokenizer", f"cannot load {path} as {kind} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def for_data(data: Any) -> Tokenizer:
+  """The tokenizer of a DataConfig: data.tokenizer, under data.format=chat a ChatTokenizer (a
+  BadInputError naming data.format when it has no chat template)."""
+  tokenizer = get(data.tokenizer)
+  if getattr(data, "format", "plain") == "chat":
+    return ChatTokenizer(tokenizer)
+  return tokenizer
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | os.PathLike) -> str:

@@ -124,6 +124,7 @@ class Generator:
                max_len: int | None = None):
     self.mesh, self.batch_size, self.buckets = mesh, batch_size, tuple(sorted(buckets))
     self.eos_id, self.pad_id = eos_id, pad_id
+    self.stop_ids = tuple(dict.fromkeys([eos_id, *stop_ids]))  # generation ends at any of these
     self.max_new_tokens, self.max_len = max_new_tokens, max_len
     self._fn = make_generate_fn(graphdef, spec, self.width, eos_id, stop_ids)
     self._row_sharding = sharding_lib.named(mesh, ("batch", "length"))

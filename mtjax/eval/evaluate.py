@@ -43,6 +43,7 @@ from mtjax import tasks as task_registry
 from mtjax.config import Config
 from mtjax.data.loader import empty_batch, place
 from mtjax.data.pipeline import Tokenize, fit_example
+from mtjax.data.tokenizer import ChatTokenizer
 from mtjax.eval import scorers
 from mtjax.errors import BadInputError
 from mtjax.eval.decode import Generator, buckets_for
@@ -122,6 +123,8 @@ class Evaluator:
       items = [tok.map(ex) for ex in chosen]
       self.prompts[name] = [item["tokens"][: item["target_start"]] for item in items]
       targets = [len(item["tokens"]) - item["target_start"] - 1 for item in items]
+      if isinstance(tokenizer, ChatTokenizer):  # generation stops at the end-of-turn token
+        targets = [tokenizer.generated_count(ex.target) for ex in chosen]
       self.generate_ok[name] = [len(p) + t + 1 <= length for p, t in zip(self.prompts[name], targets)]
       skipped = {i for i in range(min(len(items), num_gen)) if not self.generate_ok[name][i]}
       truncated = 0

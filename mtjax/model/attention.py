@@ -50,26 +50,30 @@ def segment_causal_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-           implementation: str = "reference", window: int = 0) -> jax.Array:
-  """q [B, L, N, H], k/v [B, L, K, H] with N % K == 0 (GQA) -> [B, L, N, H]."""
+           implementation: str = "reference", window: int = 0,
+           scale: float | None = None) -> jax.Array:
+  """q [B, L, N, H], k/v [B, L, K, H] with N % K == 0 (GQA) -> [B, L, N, H]. The scores are
+  scaled by `scale` (default H ** -0.5)."""
+  scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}")
   name, interpret = _choose(implementation, q, window)
   if name == "splash":
-    return _splash(q, k, v, segment_ids, window=window, interpret=interpret)
+    return _splash(q, k, v, segment_ids, window=window, interpret=interpret, scale=scale)
   if name == "triton":
-    return _triton(q, k, v, segment_ids, interpret=interpret)
+    return _triton(q, k, v, segment_ids, interpret=interpret, scale=scale)
   if name == "cudnn":
     try:
-      return _cudnn(q, k, v, segment_ids, window=window)
+      return _cudnn(q, k, v, segment_ids, window=window, scale=scale)
     except (NotImplementedError, RuntimeError, ValueError) as e:  # cuDNN's own checks, at trace
       _warn_once("cudnn", f"{type(e).__name__}: {e}")
-  return _reference(q, k, v, segment_ids, window)
+  return _reference(q, k, v, segment_ids, window, scale)
 
 
 def _reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-               window: int) -> jax.Array:
-  return jax.nn.dot_product_attention(q, k, v, mask=segment_causal_mask(segment_ids, window))
+               window: int, scale: float | None = None) -> jax.Array:
+  return jax.nn.dot_product_attention(q, k, v, mask=segment_causal_mask(segment_ids, window),
+                                      scale=scale)
 
 
 def available(implementation: str, platform: str, dtype: Any, length: int, window: int = 0,
@@ -175,11 +179,11 @@ def _splash_kernel(num_heads: int, length: int, window: int, interpret: bool) ->
 
 
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, window: int,
-            interpret: bool) -> jax.Array:
+            interpret: bool, scale: float) -> jax.Array:
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   kernel = _splash_kernel(q.shape[2], q.shape[1], window, interpret)
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, L, N, H] -> [B, N, L, H]
-  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # splash does not scale
+  q = q * jnp.asarray(scale, q.dtype)  # splash does not scale
   seg = segment_ids.astype(jnp.int32)
   one_row = lambda q1, k1, v1, s: kernel(q1, k1, v1, splash.SegmentIds(q=s, kv=s))
   out = jax.vmap(one_row)(heads_first(q), heads_first(k), heads_first(v), seg)
@@ -189,11 +193,11 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
 # ----------------------------------------------------------------------------- triton (GPU)
 
 def _triton(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-            interpret: bool) -> jax.Array:
+            interpret: bool, scale: float) -> jax.Array:
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
   groups = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)  # it wants N kv heads
-  return gpu_attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=q.shape[-1] ** -0.5,
+  return gpu_attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=scale,
                            causal=True, interpret=interpret)
 
 
@@ -227,26 +231,26 @@ def packed_segments(segment_ids: jax.Array,
 
 
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-           window: int) -> jax.Array:
+           window: int, scale: float) -> jax.Array:
   from jax._src.cudnn import fused_attention_stablehlo as fa
   lengths, offsets, fits = packed_segments(segment_ids, cudnn_max_segments(q.shape[1]))
 
   def fused(q, k, v, segment_ids):
     out: Any = fa.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths,
                                    q_offsets=offsets, kv_offsets=offsets,
-                                   scale=q.shape[-1] ** -0.5, mask_type=fa.MaskType.PADDING_CAUSAL,
+                                   scale=scale, mask_type=fa.MaskType.PADDING_CAUSAL,
                                    sliding_window_length=window or None)
     # Tokens outside every segment are never written: zero them, no stale memory downstream.
     return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
   # Rematerialized, so the untaken fallback keeps no [B, N, L, L] residuals under grad.
-  fallback = jax.checkpoint(functools.partial(_reference, window=window))
+  fallback = jax.checkpoint(functools.partial(_reference, window=window, scale=scale))
   return jax.lax.cond(fits, fused, fallback, q, k, v, segment_ids)
 
 
 def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                  cache: dict[str, jax.Array], *,
-                  window: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  cache: dict[str, jax.Array], *, window: int = 0,
+                  scale: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Attention for decoding: writes this call's T keys/values at cache["index"], then attends
   over every cached slot that holds a real token and is not in the future.
 
@@ -262,5 +266,6 @@ def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
   if window:  # slots are consecutive positions (left padding is never valid)
     causal &= jnp.arange(s)[None, :] > query_at[:, None] - window
   mask = causal[None, None] & valid[:, None, None, :]  # [B, 1, T, S]
-  y = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask)
+  y = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask,
+                                   scale=scale)
   return y, {"k": ck, "v": cv, "valid": valid, "index": index + t}

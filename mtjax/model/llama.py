@@ -6,8 +6,16 @@ Parameters are stored in `param_dtype` (float32 by default); compute runs in `dt
 
 One implementation covers the Llama family and its relatives through switches in ModelSpec (never
 a class per family): tied embeddings (Llama 3.2 1B), Llama 3 RoPE scaling, a sliding window
-(Mistral), q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3). mtjax.model.pretrained maps HF
-checkpoints of those families onto these parameters.
+(Mistral), q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3), and for Gemma 3: per-layer sliding
+or full attention (`layer_types`) with the sliding layers' own RoPE base, (1 + w) RMSNorms, norms
+on the attention and MLP outputs too, the embedding scaled by sqrt(d_model), query_pre_attn_scalar
+and a GeGLU (tanh) MLP. mtjax.model.pretrained maps HF checkpoints of those families onto these
+parameters.
+
+Layers of different types still run under one scan: the scan steps over the repeating pattern of
+layer types (Gemma 3's five sliding layers then one full one: a scan step runs six layers, each
+with its window static), or, when the layer count is not a multiple of the pattern (Gemma 3 1B: 26
+layers), over single layers choosing the attention by `lax.cond` on the layer's type.
 """
 
 from __future__ import annotations
@@ -53,6 +61,13 @@ class ModelSpec:
   qk_norm: bool = False
   sliding_window: int = 0
   param_dtype: str = "float32"
+  layer_types: tuple[str, ...] = ()  # per layer sliding_attention | full_attention (see kinds)
+  rope_local_theta: float = 0.0  # the sliding layers' RoPE base; 0: every layer's is rope_theta
+  activation: str = "silu"  # silu | gelu_tanh
+  norm_plus_one: bool = False
+  post_norms: bool = False
+  embed_scale: bool = False
+  query_pre_attn_scalar: float = 0.0
 
   @classmethod
   def from_config(cls, cfg: ModelConfig, tokenizer_vocab: int, platform: str) -> ModelSpec:
@@ -66,13 +81,38 @@ class ModelSpec:
                norm_eps=cfg.norm_eps, rope_type=cfg.rope_type,
                rope_scaling=tuple(sorted(cfg.rope_scaling.items())), qkv_bias=cfg.qkv_bias,
                out_bias=cfg.out_bias, qk_norm=cfg.qk_norm, sliding_window=cfg.sliding_window,
-               param_dtype=cfg.param_dtype)
+               param_dtype=cfg.param_dtype, layer_types=tuple(cfg.layer_types),
+               rope_local_theta=cfg.rope_local_theta, activation=cfg.activation,
+               norm_plus_one=cfg.norm_plus_one, post_norms=cfg.post_norms,
+               embed_scale=cfg.embed_scale, query_pre_attn_scalar=cfg.query_pre_attn_scalar)
 
-  def inv_freq(self) -> np.ndarray:
-    """RoPE's inverse frequencies [head_dim / 2] (float32, computed as transformers does)."""
+  def kinds(self) -> tuple[bool, ...]:
+    """Per layer, whether it is a sliding layer (its window sliding_window, its RoPE base
+    rope_local_theta when set): layer_types' sliding_attention, or every layer when layer_types
+    is empty and sliding_window > 0."""
+    if self.layer_types:
+      return tuple(t == "sliding_attention" for t in self.layer_types)
+    return (bool(self.sliding_window),) * self.num_layers
+
+  def period(self) -> int:
+    """The length of the repeating pattern of layer kinds (1: every layer alike)."""
+    kinds = self.kinds()
+    return next(p for p in range(1, len(kinds) + 1)
+                if all(kinds[i] == kinds[i % p] for i in range(len(kinds))))
+
+  def attention_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  def inv_freq(self, sliding: bool = False) -> np.ndarray:
+    """RoPE's inverse frequencies [head_dim / 2] (float32, computed as transformers does); a
+    sliding layer's use rope_local_theta (default RoPE) when it is set."""
     dim = self.head_dim
-    inv = (1.0 / (np.float32(self.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / dim)))
+    local = sliding and self.rope_local_theta > 0
+    theta = self.rope_local_theta if local else self.rope_theta
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / dim)))
     inv = inv.astype(np.float32)
+    if local:
+      return inv
     p = dict(self.rope_scaling)
     if self.rope_type == "linear":
       inv = inv / np.float32(p["factor"])
@@ -95,15 +135,19 @@ def _param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype: str) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
+  """RMSNorm in float32 times `scale`, or (plus_one, Gemma) times 1 + `scale` (initialized to 0)."""
 
-  def __init__(self, dim: int, eps: float, dtype: str = "float32"):
-    self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
+  def __init__(self, dim: int, eps: float, dtype: str = "float32", plus_one: bool = False):
+    init = jnp.zeros if plus_one else jnp.ones
+    self.scale = nnx.Param(init((dim,), dtype), logical_axes=("norm",))
     self.eps = eps
+    self.plus_one = plus_one
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    return (y * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
@@ -132,17 +176,20 @@ class Attention(nnx.Module):
     if spec.out_bias:
       self.o_bias = nnx.Param(jnp.zeros((d,), pd), logical_axes=("norm",))
     if spec.qk_norm:
-      self.q_norm = RMSNorm(h, spec.norm_eps, pd)
-      self.k_norm = RMSNorm(h, spec.norm_eps, pd)
+      self.q_norm = RMSNorm(h, spec.norm_eps, pd, spec.norm_plus_one)
+      self.k_norm = RMSNorm(h, spec.norm_eps, pd, spec.norm_plus_one)
 
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: None = None) -> jax.Array: ...
+               cache: None = None, *, sliding: bool | None = None) -> jax.Array: ...
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: LayerCache) -> tuple[jax.Array, LayerCache]: ...
+               cache: LayerCache, *, sliding: bool | None = None) -> tuple[jax.Array, LayerCache]: ...
 
-  def __call__(self, x, positions, segment_ids, cache=None):
+  def __call__(self, x, positions, segment_ids, cache=None, *, sliding=None):
+    """`sliding`: whether this layer is a sliding one (see ModelSpec.kinds); None: the first
+    layer's kind (every layer alike)."""
+    sliding = self.spec.kinds()[0] if sliding is None else sliding
     dt = x.dtype
     q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
     k = jnp.einsum("bld,dkh->blkh", x, self.k[...].astype(dt))
@@ -152,16 +199,18 @@ class Attention(nnx.Module):
                  v + self.v_bias[...].astype(dt))
     if self.spec.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    inv_freq = self.spec.inv_freq()  # a trace-time constant
+    inv_freq = self.spec.inv_freq(sliding)  # a trace-time constant
     q = constrain(rope(q, positions, inv_freq), ("batch", "length", "act_heads", None))
     k = constrain(rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
-    window = self.spec.sliding_window
+    window = self.spec.sliding_window if sliding else 0
+    scale = self.spec.attention_scale()
     if cache is None:
       y = attention_lib.attend(q, k, v, segment_ids, implementation=self.spec.attention,
-                               window=window)
+                               window=window, scale=scale)
     else:
-      y, cache = attention_lib.attend_cached(q, k, v, segment_ids, cache, window=window)
+      y, cache = attention_lib.attend_cached(q, k, v, segment_ids, cache, window=window,
+                                             scale=scale)
     out = jnp.einsum("blnh,nhd->bld", y, self.o[...].astype(dt))
     if self.spec.out_bias:
       out = out + self.o_bias[...].astype(dt)
@@ -176,10 +225,14 @@ class MLP(nnx.Module):
     self.up = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d), pd)
     self.down = _param(rngs, (f, d), ("mlp", "embed"),
                        1 / math.sqrt(f) / math.sqrt(2 * spec.num_layers), pd)
+    self.activation = spec.activation
 
   def __call__(self, x):
     dt = x.dtype
-    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    gate = x @ self.gate[...].astype(dt)
+    act = (jax.nn.silu(gate) if self.activation == "silu"
+           else jax.nn.gelu(gate, approximate=True))  # gelu_tanh: transformers' gelu_pytorch_tanh
+    h = act * (x @ self.up[...].astype(dt))
     h = constrain(h, ("batch", "length", "act_mlp"))
     return h @ self.down[...].astype(dt)
 
@@ -187,24 +240,34 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype)
+    norm = lambda: RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype, spec.norm_plus_one)
+    self.attn_norm = norm()
     self.attn = Attention(spec, rngs)
-    self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype)
+    self.mlp_norm = norm()
     self.mlp = MLP(spec, rngs)
+    self.post_norms = spec.post_norms
+    if spec.post_norms:  # Gemma 3: post_attention_layernorm, post_feedforward_layernorm
+      self.post_attn_norm = norm()
+      self.post_mlp_norm = norm()
 
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: None = None) -> jax.Array: ...
+               cache: None = None, *, sliding: bool | None = None) -> jax.Array: ...
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: LayerCache) -> tuple[jax.Array, LayerCache]: ...
+               cache: LayerCache, *, sliding: bool | None = None) -> tuple[jax.Array, LayerCache]: ...
 
-  def __call__(self, x, positions, segment_ids, cache=None):
-    attn = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+  def __call__(self, x, positions, segment_ids, cache=None, *, sliding=None):
+    attn = self.attn(self.attn_norm(x), positions, segment_ids, cache, sliding=sliding)
     if cache is not None:
       attn, cache = attn
+    if self.post_norms:
+      attn = self.post_attn_norm(attn)
     x = x + attn
-    x = x + self.mlp(self.mlp_norm(x))
+    mlp = self.mlp(self.mlp_norm(x))
+    if self.post_norms:
+      mlp = self.post_mlp_norm(mlp)
+    x = x + mlp
     x = constrain(x, ("batch", "length", "act_embed"))
     return x if cache is None else (x, cache)
 
@@ -236,6 +299,23 @@ def _stacked_blocks(spec: ModelSpec, rngs: nnx.Rngs) -> Block:
   return blocks
 
 
+def _leaves_map(fn, tree):
+  """fn on every array of a tree of arrays or of nnx Variables (their values), keeping metadata."""
+  def one(x):
+    return x.replace(fn(x.get_value())) if isinstance(x, nnx.Variable) else fn(x)
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _group(tree, groups: int, period: int):
+  """[num_layers, ...] -> [groups, period, ...] (a free reshape: consecutive layers)."""
+  return _leaves_map(lambda x: x.reshape(groups, period, *x.shape[1:]), tree)
+
+
+def _index(tree, i: int):
+  """Layer i of a [period, ...] group."""
+  return _leaves_map(lambda x: x[i], tree)
+
+
 def _constrain_layer(layer: nnx.State) -> nnx.State:
   """One layer's parameters inside the scan, constrained to their per-layer sharding (the logical
   axes without "layers"): without it the partitioner guesses shardings for the loop's slices
@@ -254,8 +334,12 @@ class Decoder(nnx.Module):
   """tokens [B, L] (+ positions, segment_ids) -> logits [B, L, vocab] in float32.
 
   The layers are one stacked Block (parameters [num_layers, ...], paths `layers/attn/q`, ...)
-  run under `jax.lax.scan`, so compile time does not grow with depth; `remat` wraps the scanned
-  body. The KV cache is stacked the same way (init_cache)."""
+  run under `jax.lax.scan`, so compile time does not grow with depth; `remat` wraps each
+  layer. The KV cache is stacked the same way (init_cache). With layers of different kinds
+  (sliding and full, ModelSpec.kinds), a scan step runs one repeat of their pattern (the
+  parameters viewed as [num_layers / period, period, ...], each layer's window static), or, when
+  num_layers is not a multiple of the pattern, one layer that picks its attention by lax.cond on
+  its kind."""
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     self.spec = spec
@@ -264,7 +348,7 @@ class Decoder(nnx.Module):
     self.token_embed = _param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"),
                               embed_std, pd)
     self.layers = _stacked_blocks(spec, rngs)
-    self.final_norm = RMSNorm(spec.d_model, spec.norm_eps, pd)
+    self.final_norm = RMSNorm(spec.d_model, spec.norm_eps, pd, spec.norm_plus_one)
     if not spec.tie_embeddings:
       self.lm_head = _param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"),
                             1 / math.sqrt(spec.d_model), pd)
@@ -294,20 +378,52 @@ class Decoder(nnx.Module):
     """The final-normed hidden states [B, L, d_model] in the compute dtype (the head's input)."""
     dt = jnp.dtype(self.spec.dtype)
     x = jnp.take(self.token_embed[...], tokens, axis=0).astype(dt)
+    if self.spec.embed_scale:  # in the compute dtype, as transformers (sqrt(d) rounded to it)
+      x = x * jnp.asarray(math.sqrt(self.spec.d_model), dt)
     x = constrain(x, ("batch", "length", "act_embed"))
     graphdef, stacked = nnx.split(self.layers)
-    if cache is None:
-      def body(y, layer):
-        return nnx.merge(graphdef, _constrain_layer(layer))(y, positions, segment_ids), None
-      if self.spec.remat != "none":
-        body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.spec.remat], prevent_cse=False)
-      x, _ = jax.lax.scan(body, x, stacked)
-      return self.final_norm(x)
+    kinds = self.spec.kinds()
+    period = self.spec.period()
+    grouped = period > 1 and self.spec.num_layers % period == 0
 
-    def body_cached(y, layer_and_cache):
-      layer, layer_cache = layer_and_cache
-      return nnx.merge(graphdef, _constrain_layer(layer))(y, positions, segment_ids, layer_cache)
-    x, cache = jax.lax.scan(body_cached, x, (stacked, cache))
+    def run(layer, y, layer_cache, sliding):
+      block = nnx.merge(graphdef, _constrain_layer(layer))
+      return block(y, positions, segment_ids, layer_cache, sliding=sliding)
+    if cache is None and self.spec.remat != "none":  # per layer, also inside a pattern repeat
+      run = jax.checkpoint(run, policy=_REMAT_POLICIES[self.spec.remat], prevent_cse=False,
+                           static_argnums=(3,))
+
+    def step(y, xs):
+      """One scan step: one layer (kind static, or chosen by lax.cond), or one pattern repeat."""
+      layer, layer_cache, is_sliding = xs
+      if grouped:  # layer, layer_cache: [period, ...]
+        caches = []
+        for i in range(period):
+          out = run(_index(layer, i), y, None if layer_cache is None else _index(layer_cache, i),
+                    kinds[i])
+          y, c = (out, None) if layer_cache is None else out
+          caches.append(c)
+        return y, None if layer_cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+      if period == 1:
+        out = run(layer, y, layer_cache, kinds[0])
+      else:
+        out = jax.lax.cond(is_sliding, lambda: run(layer, y, layer_cache, True),
+                           lambda: run(layer, y, layer_cache, False))
+      return (out, None) if layer_cache is None else out
+
+    sliding_flags = jnp.asarray(kinds, jnp.bool_)
+    if grouped:
+      groups = self.spec.num_layers // period
+      stacked = _group(stacked, groups, period)
+      cache = None if cache is None else _group(cache, groups, period)
+      sliding_flags = sliding_flags.reshape(groups, period)
+    if cache is None:
+      x, _ = jax.lax.scan(lambda y, xs: step(y, (xs[0], None, xs[1])), x,
+                          (stacked, sliding_flags))
+      return self.final_norm(x)
+    x, cache = jax.lax.scan(step, x, (stacked, cache, sliding_flags))
+    if grouped:
+      cache = jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), cache)
     return self.final_norm(x), cache
 
   def head(self) -> tuple[jax.Array, bool]:

@@ -2,8 +2,10 @@
 
 An HF directory holds config.json, model.safetensors (or shards with model.safetensors.index.json)
 and the tokenizer files. Supported: Llama 2/3.x (incl. llama3 RoPE scaling and tied embeddings),
-Mistral (sliding window), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k RMSNorm): one Decoder with
-switches in ModelSpec (model/llama.py).
+Mistral (sliding window), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k RMSNorm), Gemma 3 text models
+(Gemma3ForCausalLM: sliding and full layers, (1 + w) norms, four per block): one Decoder with
+switches in ModelSpec (model/llama.py). Gemma 3's multimodal checkpoints
+(Gemma3ForConditionalGeneration) are not read.
 
 - `model_fields(directory)`: the ModelConfig fields a directory's config.json implies (rope settings
   read both as the legacy `rope_theta` + `rope_scaling` keys and as transformers 5's
@@ -39,7 +41,8 @@ from mtjax.model import tensorfile
 from mtjax.model.llama import ModelSpec
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Gemma3ForCausalLM": "gemma3_text"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model")
 
@@ -70,7 +73,8 @@ def read_config(directory: epath.PathLike) -> dict[str, Any]:
 
 
 def architecture(hf: Mapping[str, Any], where: str) -> str:
-  """The family ('llama', 'mistral', 'qwen2', 'qwen3') of an HF config, or exit 2 naming it."""
+  """The family ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma3_text') of an HF config, or exit 2
+  naming it."""
   names = hf.get("architectures") or []
   name = names[0] if names else hf.get("model_type", "<none>")
   family = ARCHITECTURES.get(name) or {f: f for f in ARCHITECTURES.values()}.get(name)
@@ -147,6 +151,8 @@ def model_fields(directory: epath.PathLike) -> dict[str, Any]:
     raise BadInputError(where, f"missing key {e.args[0]!r}") from None
   except (TypeError, ValueError) as e:
     raise BadInputError(where, f"a shape value is not a number ({e})") from None
+  if family == "gemma3_text":
+    return _gemma3_fields(hf, fields, where)
   if hf.get("hidden_act", "silu") != "silu":
     raise BadInputError(where, f"hidden_act {hf['hidden_act']!r} is not supported (silu only)")
   if hf.get("mlp_bias"):
@@ -160,6 +166,60 @@ def model_fields(directory: epath.PathLike) -> dict[str, Any]:
   return fields
 
 
+GEMMA3_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                   "sliding_window_pattern": 6, "rope_theta": 1_000_000.0,
+                   "rope_local_base_freq": 10_000.0}
+
+
+def _gemma3_fields(hf: Mapping[str, Any], fields: dict[str, Any], where: str) -> dict[str, Any]:
+  """Gemma3TextConfig's keys (with its defaults where config.json leaves them out)."""
+  act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+  if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+    raise BadInputError(where, f"hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
+  for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+    if hf.get(key) is not None:
+      raise BadInputError(where, f"{key}={hf[key]} is not supported (Gemma 3 has none)")
+  if hf.get("use_bidirectional_attention"):
+    raise BadInputError(where, "use_bidirectional_attention=true is not supported")
+  if hf.get("attention_bias"):
+    raise BadInputError(where, "attention_bias=true is not supported for gemma3")
+  layers = fields["num_layers"]
+  layer_types = hf.get("layer_types")
+  if not layer_types:  # older configs: every sliding_window_pattern-th layer is a full one
+    pattern = int(hf.get("sliding_window_pattern") or GEMMA3_DEFAULTS["sliding_window_pattern"])
+    layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                   for i in range(layers)]
+  from mtjax.config import LAYER_TYPES
+  if len(layer_types) != layers or set(layer_types) - set(LAYER_TYPES):
+    raise BadInputError(where, f"layer_types must name {', '.join(LAYER_TYPES)} once per layer "
+                        f"({layers}), got {layer_types}")
+  params = hf.get("rope_parameters")
+  rope: dict[str, Any] = dict(hf)
+  local_theta = hf.get("rope_local_base_freq", GEMMA3_DEFAULTS["rope_local_base_freq"])
+  if isinstance(params, Mapping) and "sliding_attention" in params:
+    local = params["sliding_attention"] or {}
+    if local.get("rope_type", "default") != "default":
+      raise BadInputError(where, f"sliding layers' rope type {local['rope_type']!r} is not "
+                          "supported (default only)")
+    local_theta = local.get("rope_theta", local_theta)
+  if not (isinstance(params, Mapping) and "full_attention" in params):
+    rope.setdefault("rope_theta", GEMMA3_DEFAULTS["rope_theta"])
+  elif "rope_theta" not in (params["full_attention"] or {}):
+    rope["rope_parameters"] = {**params, "full_attention": {
+        **(params["full_attention"] or {}), "rope_theta": GEMMA3_DEFAULTS["rope_theta"]}}
+  fields.update(_rope(rope, where))
+  fields.update(
+      head_dim=int(hf.get("head_dim") or GEMMA3_DEFAULTS["head_dim"]),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+      sliding_window=int(hf.get("sliding_window") or GEMMA3_DEFAULTS["sliding_window"]),
+      layer_types=tuple(layer_types), rope_local_theta=float(local_theta),
+      activation="gelu_tanh", norm_plus_one=True, post_norms=True, embed_scale=True,
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar")
+                                  or GEMMA3_DEFAULTS["query_pre_attn_scalar"]),
+      qkv_bias=False, out_bias=False, qk_norm=True)
+  return fields
+
+
 # HF config keys for the ModelConfig fields: used in conflict messages and in export.
 HF_KEYS = {"d_model": "hidden_size", "num_layers": "num_hidden_layers",
            "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
@@ -167,7 +227,10 @@ HF_KEYS = {"d_model": "hidden_size", "num_layers": "num_hidden_layers",
            "tie_embeddings": "tie_word_embeddings", "norm_eps": "rms_norm_eps",
            "rope_theta": "rope_theta", "rope_type": "rope_type", "rope_scaling": "rope_scaling",
            "qkv_bias": "attention_bias", "out_bias": "attention_bias", "qk_norm": "q_norm",
-           "sliding_window": "sliding_window"}
+           "sliding_window": "sliding_window", "layer_types": "layer_types",
+           "rope_local_theta": "rope_local_base_freq", "activation": "hidden_activation",
+           "norm_plus_one": "model_type", "post_norms": "model_type", "embed_scale": "model_type",
+           "query_pre_attn_scalar": "query_pre_attn_scalar"}
 
 
 def apply_to_config(config: Any) -> Any:
@@ -217,7 +280,12 @@ def layout(spec: ModelSpec) -> dict[str, tuple[str, str]]:
     out["lm_head"] = ("lm_head.weight", TRANSPOSE)
   p, h = "layers/", "model.layers.{i}."
   out[p + "attn_norm/scale"] = (h + "input_layernorm.weight", SAME)
-  out[p + "mlp_norm/scale"] = (h + "post_attention_layernorm.weight", SAME)
+  if spec.post_norms:  # Gemma 3's four norms
+    out[p + "post_attn_norm/scale"] = (h + "post_attention_layernorm.weight", SAME)
+    out[p + "mlp_norm/scale"] = (h + "pre_feedforward_layernorm.weight", SAME)
+    out[p + "post_mlp_norm/scale"] = (h + "post_feedforward_layernorm.weight", SAME)
+  else:
+    out[p + "mlp_norm/scale"] = (h + "post_attention_layernorm.weight", SAME)
   for x in "qkv":
     out[p + f"attn/{x}"] = (h + f"self_attn.{x}_proj.weight", HEADS_IN)
     if spec.qkv_bias:
@@ -428,6 +496,17 @@ def hf_config(spec: ModelSpec, *, base: Mapping[str, Any] | None = None, bos_id:
               max_length: int = 2048) -> dict[str, Any]:
   """config.json for `spec`: the pretrained directory's (base) updated with the shape, or a new
   one of the family whose switches the spec uses."""
+  gemma = (spec.norm_plus_one, spec.post_norms, spec.embed_scale, spec.activation == "gelu_tanh",
+           spec.qk_norm)
+  if any(gemma[:4]):
+    if not all(gemma) or spec.qkv_bias or spec.out_bias:
+      raise ValueError("(1 + w) norms, post norms, the embedding scale and gelu_tanh exist only "
+                       "together, with q/k norms and no biases (Gemma 3)")
+    return _gemma3_config(spec, base=base, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+                          max_length=max_length)
+  if spec.layer_types or spec.rope_local_theta or spec.query_pre_attn_scalar:
+    raise ValueError("layer_types, rope_local_theta and query_pre_attn_scalar exist only as "
+                     "Gemma 3")
   if spec.qk_norm:
     arch, model_type = "Qwen3ForCausalLM", "qwen3"
   elif spec.qkv_bias and not spec.out_bias:
@@ -460,6 +539,47 @@ def hf_config(spec: ModelSpec, *, base: Mapping[str, Any] | None = None, bos_id:
   config["rope_theta"] = spec.rope_theta
   config["rope_scaling"] = None if spec.rope_type == "default" else rope
   config["rope_parameters"] = {"rope_theta": spec.rope_theta, **rope}
+  for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id)):
+    if value is not None and key not in (base or {}):
+      config[key] = value
+  return config
+
+
+def _int_if_whole(x: float) -> float | int:
+  """transformers' Gemma3TextConfig types query_pre_attn_scalar as an int (strictly checked)."""
+  return int(x) if float(x).is_integer() else x
+
+
+def _gemma3_config(spec: ModelSpec, *, base: Mapping[str, Any] | None, bos_id: int | None,
+                   eos_id: int | None, pad_id: int | None, max_length: int) -> dict[str, Any]:
+  """config.json of a Gemma3ForCausalLM (gemma3_text) for `spec`."""
+  if spec.rope_type != "default" and spec.rope_type != "linear":
+    raise ValueError(f"Gemma 3 takes default or linear RoPE, not {spec.rope_type!r}")
+  config: dict[str, Any] = dict(base or {})
+  config.setdefault("architectures", ["Gemma3ForCausalLM"])
+  config.setdefault("model_type", "gemma3_text")
+  config.setdefault("max_position_embeddings", max_length)
+  config.pop("hidden_act", None)
+  layer_types = list(spec.layer_types) or (
+      ["sliding_attention" if spec.sliding_window else "full_attention"] * spec.num_layers)
+  local_theta = spec.rope_local_theta or spec.rope_theta
+  full = {"rope_type": spec.rope_type, "rope_theta": spec.rope_theta, **dict(spec.rope_scaling)}
+  config.update({
+      "hidden_size": spec.d_model, "num_hidden_layers": spec.num_layers,
+      "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+      "intermediate_size": spec.mlp_dim, "head_dim": spec.head_dim,
+      "vocab_size": spec.vocab_size, "tie_word_embeddings": spec.tie_embeddings,
+      "rms_norm_eps": spec.norm_eps, "hidden_activation": "gelu_pytorch_tanh",
+      "query_pre_attn_scalar": _int_if_whole(spec.query_pre_attn_scalar or spec.head_dim),
+      "sliding_window": spec.sliding_window or None, "layer_types": layer_types,
+      "attention_bias": False, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+      "rope_theta": spec.rope_theta, "rope_local_base_freq": local_theta,
+      "rope_scaling": None if spec.rope_type == "default" else {
+          "rope_type": spec.rope_type, **dict(spec.rope_scaling)},
+      "rope_parameters": {"full_attention": full, "sliding_attention": {
+          "rope_type": "default", "rope_theta": local_theta}},
+      "torch_dtype": spec.param_dtype, "dtype": spec.param_dtype,
+  })
   for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id)):
     if value is not None and key not in (base or {}):
       config[key] = value

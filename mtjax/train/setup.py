@@ -106,7 +106,7 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   if not any_mesh:
     check_divisibility(config, mesh)
   from mtjax.data import tokenizer as tokenizer_lib
-  tokenizer = tokenizer_lib.get(config.data.tokenizer)
+  tokenizer = tokenizer_lib.for_data(config.data)
   spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform)
 
   checkpointer, restore_at, changes = None, None, {}
