@@ -102,16 +102,17 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       f"{summary['entropy_coef']} on the open-ended tasks), structured_first (structured tasks alone "
       "for the first half, then the joint mixture). Held-out predictive entropy per target token; "
       f"'retained' = final / peak held-out entropy after step 0 (1 = no collapse); distinct@{k} and "
-      f"pass@1 from {k} sampled completions per prompt. Means over seeds.",
+      f"pass@1 from {k} sampled completions per prompt. Mean ± std over seeds.",
       "",
   ]
   rows = []
   for arm in ARMS:
     for t in tasks:
-      v = f[arm][t]
+      runs = [s["arms"][arm][t] for s in summary["per_seed"]]
       rows.append([arm, t, "open-ended" if summary["open_ended"][t] else "structured",
-                   f"{v['final_entropy']:.3f}", f"{v['retained']:.2f}",
-                   f"{v['final_distinct']:.2f}", f"{v['final_pass1']:.2f}"])
+                   _spread(_last(runs, "eval_entropy"), 3),
+                   _spread([retained(r["eval_entropy"]) for r in runs], 2),
+                   _spread(_last(runs, "distinct"), 2), _spread(_last(runs, "pass1"), 2)])
   lines += report.md_table(
       ["arm", "task", "kind", "final entropy", "retained", f"distinct@{k}", "pass@1"], rows)
   free = [t for t in tasks if summary["open_ended"][t]]
@@ -127,6 +128,15 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
     lines.append("- no open-ended task in this run")
   lines += ["", f"![entropy]({plot.name})", ""]
   return report.write_markdown(root, lines)
+
+
+def _last(runs: list[dict[str, Any]], key: str) -> list[float] | None:
+  """Each seed's final value of a series (None if some seed has none)."""
+  return [r[key][-1][1] for r in runs] if all(r[key] for r in runs) else None
+
+
+def _spread(values: list[float] | None, digits: int) -> str:
+  return "-" if values is None else report.mean_std(values, digits)
 
 
 def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
