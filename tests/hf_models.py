@@ -101,3 +101,18 @@ def packed_reference(model, tokens: np.ndarray, segment_ids: np.ndarray) -> np.n
       where = np.flatnonzero(segment_ids[b] == s)
       out[b, where] = logits(model, tokens[b, where][None])[0]
   return out
+
+
+def packed_rows(tokens: np.ndarray, lengths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(tokens, segment_ids, positions) for rows packed with sequences of `lengths` per row (each
+  from position 0), padding (token 0, segment 0) after them."""
+  tokens = tokens.copy()
+  segment_ids, positions = np.zeros_like(tokens), np.zeros_like(tokens)
+  for b, row in enumerate(lengths):
+    start = 0
+    for s, n in enumerate(row, 1):
+      segment_ids[b, start:start + n] = s
+      positions[b, start:start + n] = np.arange(n)
+      start += n
+    tokens[b, start:] = 0
+  return tokens, segment_ids, positions

@@ -155,16 +155,7 @@ def test_forward_matches_transformers(models, case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_packed_rows_match_transformers_per_segment(models, case):
   directory, model = models(case)
-  lengths = [(9, 4, 3), (7, 8)]
-  tokens = _tokens(seed=1)
-  segment_ids, positions = np.zeros_like(tokens), np.zeros_like(tokens)
-  for b, row in enumerate(lengths):
-    start = 0
-    for s, n in enumerate(row, 1):
-      segment_ids[b, start:start + n] = s
-      positions[b, start:start + n] = np.arange(n)
-      start += n
-    tokens[b, start:] = 0
+  tokens, segment_ids, positions = hf_models.packed_rows(_tokens(seed=1), [(9, 4, 3), (7, 8)])
   ref = hf_models.packed_reference(model, tokens, segment_ids)
   got = _decoder_logits(directory, tokens, segment_ids, positions)
   real = segment_ids != 0

@@ -126,18 +126,7 @@ def test_forward_matches_transformers(family_models, hf_root, family, form):
 
 def _packed_rows():
   """Two rows of SEQ tokens: three and two sequences, each from position 0, padding at the end."""
-  lengths = [(5, 6, 3), (7, 6)]
-  tokens = _tokens(seed=1)
-  segment_ids = np.zeros_like(tokens)
-  positions = np.zeros_like(tokens)
-  for b, row in enumerate(lengths):
-    start = 0
-    for s, n in enumerate(row, 1):
-      segment_ids[b, start:start + n] = s
-      positions[b, start:start + n] = np.arange(n)
-      start += n
-    tokens[b, start:] = 0
-  return tokens, segment_ids, positions
+  return hf_models.packed_rows(_tokens(seed=1), [(5, 6, 3), (7, 6)])
 
 
 def _decoder_logits(directory, tokens, segment_ids, positions, **spec_changes):
