@@ -16,8 +16,9 @@ def test_every_published_study_has_its_readme_block_and_the_readme_matches_it():
   assert "efficiency_demo" in names  # the demo's numbers the README opens with
   assert findings.sync_readme(check=True) == []
   text = findings.README.read_text()
-  for name in names:
-    assert findings.begin_marker(name) in text and findings.end_marker(name) in text
+  for name in names:  # a block of the whole report or of a part (name:brief)
+    assert any(findings.begin_marker(n) in text and findings.end_marker(n) in text
+               for n in (name, f"{name}:brief")), name
 
 
 def test_a_changed_summary_makes_the_readme_stale_and_sync_rewrites_it(tmp_path):

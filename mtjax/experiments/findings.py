@@ -58,7 +58,7 @@ def publish(workdir: str | Path, name: str, docs: Path = DOCS) -> Path:
     shutil.rmtree(dst)
   dst.mkdir(parents=True)
   for f in sorted(src.iterdir()):
-    if f.name in PUBLISHED or f.suffix == ".png":
+    if f.name in PUBLISHED or f.suffix in (".png", ".py"):  # plots, generated configs
       shutil.copy2(f, dst / f.name)
   return dst
 
@@ -75,9 +75,11 @@ def render(name: str, docs: Path = DOCS) -> str:
     summary = json.loads((src / "summary.json").read_text())
   except (OSError, ValueError, KeyError) as e:
     raise BadInputError(str(src), f"expected a published study (study.json, summary.json): {e}") from None
+  rel = src.relative_to(REPO) if src.is_relative_to(REPO) else src
   with tempfile.TemporaryDirectory() as tmp:
     from etils import epath
-    text = STUDIES[study].report(epath.Path(tmp), summary).read_text()
+    # A report may name its own directory (e.g. a generated config): the published one here.
+    text = STUDIES[study].report(epath.Path(tmp), summary).read_text().replace(tmp, str(rel))
   lines = text.splitlines()
   if lines and lines[0].startswith("# "):
     lines = lines[1:]
@@ -87,7 +89,6 @@ def render(name: str, docs: Path = DOCS) -> str:
     lines = _brief(lines)
   elif part:
     raise BadInputError(f"docs/studies/{name}:{part}", "unknown part (known: brief)")
-  rel = src.relative_to(REPO) if src.is_relative_to(REPO) else src
   body = "\n".join(lines).strip() + "\n"
   return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", lambda m: f"![{m[1]}]({rel}/{m[2]})", body)
 
