@@ -64,7 +64,8 @@ def make_bare_step(graphdef, tx: optax.GradientTransformation, num_tasks: int, z
     model = nnx.merge(graphdef, params)
     if loss_chunk:
       from mtjax.train import losses
-      hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+      hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"],
+                              adapter_ids=batch.get("task_ids"))
       head, tied = model.head()
       return losses.multitask_objective_chunked(hidden, head.astype(hidden.dtype), batch, w, c,
                                                 tied=tied, z_loss=z_loss, chunk=loss_chunk)[0]

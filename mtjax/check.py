@@ -232,7 +232,8 @@ def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> lis
   devices = list(devices) if devices is not None else jax.devices()
   mesh = make_mesh(config.mesh, devices)
   check_divisibility(config, mesh)
-  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform)
+  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform,
+                               num_tasks=config.num_tasks)
   params = _param_count(mesh, spec)
   if config.model.pretrained:  # names and shapes from the safetensors headers; nothing loaded
     from mtjax.model import pretrained

@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
   ex.add_argument("--out", required=True, help="a new directory (local path or gs://)")
   ex.add_argument("--max_shard_gb", type=float, default=5.0,
                   help="largest safetensors file; more weights go into shards with an index")
+  ex.add_argument("--task", default=None, help="LoRA with per-task adapters: the task whose "
+                  "adapter is merged (or written, with --adapters_only)")
+  ex.add_argument("--adapters_only", action="store_true", help="LoRA: write a PEFT adapter "
+                  "directory (adapter_config.json, adapter_model.safetensors) instead of merging")
   gen = sub.add_parser("generate", help="decode from a run's checkpoint or an HF directory")
   source = gen.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="a run directory (its latest checkpoint, or --step)")
@@ -240,7 +244,8 @@ def export(args: argparse.Namespace) -> int:
   if args.max_shard_gb <= 0:
     raise BadInputError("--max_shard_gb", f"expected a positive size, got {args.max_shard_gb}")
   files = export_run(args.workdir, args.out, args.step,
-                     max_shard_bytes=int(args.max_shard_gb * 1e9))
+                     max_shard_bytes=int(args.max_shard_gb * 1e9), task=args.task,
+                     adapters_only=args.adapters_only)
   if files:
     note = "" if "tokenizer.json" in files else (
         " (no tokenizer files: the run's tokenizer is not an HF tokenizer.json)")

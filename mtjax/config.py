@@ -42,6 +42,22 @@ def _frozen_mapping(d: Mapping[str, Any]) -> Mapping[str, Any]:
   return types.MappingProxyType(dict(d))
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the projections named in `targets` (none: LoRA off). With LoRA on the
+  base parameters are frozen (no optimizer state); only the adapters train. Every adapter has a
+  leading task axis: [num_tasks, ...] with per_task (a token uses its task's adapter), else [1, ...]."""
+
+  rank: int = 8
+  alpha: float = 16.0  # the update is scaled by alpha / rank
+  targets: tuple[str, ...] = ()  # any of q, k, v, o, gate, up, down; () : LoRA off
+  dropout: float = 0.0  # on the adapter's input, in training
+  per_task: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   d_model: int = 128
@@ -85,6 +101,7 @@ class ModelConfig:
   # Dotted keys given on the command line (filled by config.load): with model.pretrained, these
   # may not differ from the directory's values (a conflict is exit 2 naming both).
   pinned: tuple[str, ...] = ()
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,6 +527,10 @@ def _check(config: Config) -> None:
   for field, value in (("model.norm_eps", m.norm_eps), ("model.rope_theta", m.rope_theta)):
     if value <= 0:
       raise BadInputError(field, f"expected a value > 0, got {value}")
+  _check_lora(m.lora)
+  if m.lora.targets and o.ema:
+    raise BadInputError("optimizer.ema", "an EMA of the weights is not supported with model.lora "
+                        "(it would keep a copy of the frozen base)")
   if not 0 <= o.ema < 1:
     raise BadInputError("optimizer.ema", f"expected a decay in [0, 1) (0: no EMA), got {o.ema}")
   for pattern, scale in o.param_groups.items():
@@ -554,6 +575,21 @@ def _check(config: Config) -> None:
         raise BadInputError(f"data.jsonl_tasks.{name}.{field}", "expected a field name")
   if not 0 < e.top_p <= 1:
     raise BadInputError("eval.top_p", f"expected 0 < top_p <= 1, got {e.top_p}")
+
+
+def _check_lora(lora: LoraConfig) -> None:
+  if lora.rank <= 0:
+    raise BadInputError("model.lora.rank", f"expected a positive integer, got {lora.rank}")
+  if lora.alpha <= 0:
+    raise BadInputError("model.lora.alpha", f"expected a value > 0, got {lora.alpha}")
+  for target in lora.targets:
+    if target not in LORA_TARGETS:
+      raise BadInputError("model.lora.targets", f"expected each one of {', '.join(LORA_TARGETS)}, "
+                          f"got {target!r}")
+  if len(set(lora.targets)) != len(lora.targets):
+    raise BadInputError("model.lora.targets", f"expected each target once, got {list(lora.targets)}")
+  if not 0 <= lora.dropout < 1:
+    raise BadInputError("model.lora.dropout", f"expected 0 <= dropout < 1, got {lora.dropout}")
 
 
 def from_dict(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:

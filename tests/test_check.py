@@ -277,7 +277,7 @@ def test_get_config_raising_anything(tmp_path, capsys, body, shown):
     ("--config..seed=1", "error: --config..seed=1: expected an override of the form "
                          "--config.a.b=value (a dotted name without empty parts)"),
     ("--config.model=3", "error: model: expected a group of settings (activation, attention, "
-                         "d_model, dtype, embed_scale, head_dim, layer_types, mlp_dim, norm_eps, "
+                         "d_model, dtype, embed_scale, head_dim, layer_types, lora, mlp_dim, norm_eps, "
                          "norm_plus_one, num_heads, num_kv_heads, num_layers, out_bias, "
                          "param_dtype, pinned, post_norms, pretrained, qk_norm, qkv_bias, "
                          "query_pre_attn_scalar, remat, rope_local_theta, rope_scaling, "

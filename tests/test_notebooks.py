@@ -112,11 +112,67 @@ def _check_entropy_and_order(notebook, work):
   assert len(_data(report, "image/png")) == 1
 
 
+# A Qwen-style chat template without a default system turn (short rows for a 64-position model).
+CHAT_TEMPLATE = (r"""{%- for message in messages %}"""
+                 r"""{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}"""
+                 r"""{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}""")
+
+
+def _tiny_chat_llama(directory):
+  """A tiny random HF Llama (transformers' own classes, tests/hf_models.py) whose tokenizer has
+  <|im_start|>/<|im_end|> and a chat template: what finetune_pretrained.ipynb's PRETRAINED names."""
+  import hf_models
+  from tokenizers import Tokenizer, decoders, models, trainers
+  hf_models.make("llama", directory)  # then its tokenizer, replaced by one with the chat specials
+  texts = [*hf_models.CORPUS, "user\n", "assistant\n", "reverse: abc\n", "add: 1+2=", "<|im_end|>\n"]
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.decoder = decoders.Fuse()  # type: ignore[attr-defined]
+  trainer = trainers.BpeTrainer(vocab_size=hf_models.VOCAB, show_progress=False,
+                                special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"],
+                                initial_alphabet=sorted({c for t in texts for c in t}))
+  tok.train_from_iterator(texts, trainer)
+  assert tok.get_vocab_size() <= hf_models.VOCAB
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+       "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 64,
+       "chat_template": CHAT_TEMPLATE}))
+  return directory
+
+
+def _check_finetune_pretrained(notebook, work):
+  workdir = work / "finetune_pretrained"
+  assert run_contract.check(workdir) == []
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["data"]["format"] == "chat" and config["data"]["tasks"] == ["reverse", "addition"]
+  assert config["model"]["lora"]["targets"] == ["q", "v"]
+  assert "final step: 4" in _stdout(_cell(notebook, "train.run(cfg, workdir)"))
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  evals = {r["step"]: r for r in rows if "eval/reverse/loss" in r}
+  assert sorted(evals) == [0, 4]  # before (the pretrained model) and after
+  table = _stdout(_cell(notebook, "before, after"))
+  for task in ("reverse", "addition"):
+    for metric in ("loss", "token_accuracy", "accuracy"):
+      (line,) = [x for x in table.splitlines() if x.split()[:2] == [task, metric]]
+      key = f"eval/{task}/{metric}"
+      assert _floats(line)[-2:] == [round(evals[0][key], 4), round(evals[4][key], 4)], line
+  assert evals[4]["eval/reverse/loss"] != evals[0]["eval/reverse/loss"]  # the adapters trained
+  generated = _stdout(_cell(notebook, "model.generate("))
+  assert generated.count(" -> ") == 2
+  assert sorted(p.name for p in (work / "finetune_adapter").iterdir()) == [
+      "adapter_config.json", "adapter_model.safetensors"]
+  merged = {p.name for p in (work / "finetune_merged").iterdir()}
+  assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= merged
+  assert any(n.endswith(".safetensors") for n in merged)
+  exported = _stdout(_cell(notebook, "export_run("))
+  assert "adapter: ['adapter_config.json', 'adapter_model.safetensors']" in exported
+
+
 CHECKS = {"quickstart": _check_quickstart, "multitask_vs_single": _check_multitask_vs_single,
-          "entropy_and_order": _check_entropy_and_order}
+          "entropy_and_order": _check_entropy_and_order, "finetune_pretrained": _check_finetune_pretrained}
 
 
-def test_there_are_three_notebooks():
+def test_there_are_four_notebooks():
   assert {p.stem for p in NOTEBOOKS} == set(CHECKS)
 
 
@@ -128,6 +184,12 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device in the kernel, as on a Colab CPU runtime
   notebook = nbformat.read(path, as_version=4)
+  if path.stem == "finetune_pretrained":  # the user's model: a tiny random HF Llama with a chat template
+    pytest.importorskip("torch")
+    model = _tiny_chat_llama(tmp_path / "tiny-llama")
+    cell = _cell(notebook, "PRETRAINED = ")
+    cell.source, n = re.subn(r'^PRETRAINED = "[^"]*"', f"PRETRAINED = {str(model)!r}", cell.source, flags=re.M)
+    assert n == 1
   NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
   errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
@@ -208,7 +270,7 @@ def _setup_source(path):
 
 def test_setup_cell_is_one_form_shared_by_all_notebooks():
   sources = {p.stem: _setup_source(p) for p in NOTEBOOKS}
-  assert len(set(sources.values())) == 1, "the three setup cells differ"
+  assert len(set(sources.values())) == 1, "the setup cells differ"
   source = sources["quickstart"]
   assert re.search(r'^MTJAX_SOURCE = "[^"]+"  # @param \{type:"string"\}$', source, re.M)
   assert source.startswith("# @title ")

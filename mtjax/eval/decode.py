@@ -55,8 +55,9 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_
 
 def make_generate_fn(graphdef: Any, spec: ModelSpec, max_new_tokens: int | Callable[[int], int],
                      eos_id: int, stop_ids: Sequence[int] = ()):
-  """(params, tokens [B, P], valid [B, P], budget [B], key, temperature, top_k, top_p)
-  -> (new tokens [B, N], their log-probs [B, N], lengths [B]). Left-padded prompts. A row ends at
+  """(params, tokens [B, P], valid [B, P], budget [B], key, temperature, top_k, top_p, adapter [B])
+  -> (new tokens [B, N], their log-probs [B, N], lengths [B]). adapter: each row's LoRA adapter
+  (its task id; used with per-task adapters only). Left-padded prompts. A row ends at
   eos_id or any of stop_ids (the stop token is kept in the output; the rest is eos_id) or after
   `budget` tokens. N (the most new tokens, a static shape; the KV cache holds P + N) is
   max_new_tokens, or max_new_tokens(P) when it is a function of the prompt width; budgets above
@@ -64,13 +65,15 @@ def make_generate_fn(graphdef: Any, spec: ModelSpec, max_new_tokens: int | Calla
   stops = jnp.asarray(sorted({eos_id, *stop_ids}), jnp.int32)
   width_of = max_new_tokens if callable(max_new_tokens) else lambda _: max_new_tokens
 
-  def generate(params, tokens, valid, budget, key, temperature, top_k, top_p):
+  def generate(params, tokens, valid, budget, key, temperature, top_k, top_p, adapter):
     batch, prompt_len = tokens.shape
     width = width_of(prompt_len)
     segment_ids = valid.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
     cache = init_cache(spec, batch, prompt_len + width)
-    logits, cache = nnx.merge(graphdef, params)(tokens, positions, segment_ids, cache)
+    logits, cache = nnx.merge(graphdef, params)(
+        tokens, positions, segment_ids, cache,
+        adapter_ids=jnp.broadcast_to(adapter[:, None], tokens.shape))
     budget = jnp.minimum(budget.astype(jnp.int32), width)
     init = {
         "t": jnp.zeros((), jnp.int32), "cache": cache, "logits": logits[:, -1],
@@ -93,7 +96,8 @@ def make_generate_fn(graphdef: Any, spec: ModelSpec, max_new_tokens: int | Calla
       length = s["length"] + (~s["done"] & ~stop)
       done = s["done"] | stop | (s["t"] + 1 >= budget)  # the row's budget is spent
       logits, cache = nnx.merge(graphdef, params)(
-          token[:, None], s["pos"][:, None], jnp.ones((batch, 1), jnp.int32), s["cache"])
+          token[:, None], s["pos"][:, None], jnp.ones((batch, 1), jnp.int32), s["cache"],
+          adapter_ids=adapter[:, None])
       return {"t": s["t"] + 1, "cache": cache, "logits": logits[:, 0], "pos": s["pos"] + 1,
               "out": out, "logp": logps, "done": done, "length": length}
 
@@ -155,9 +159,11 @@ class Generator:
 
   def __call__(self, params: Any, prompts: Sequence[np.ndarray], *, num_samples: int = 1,
                seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               max_new_tokens: int | Sequence[int] | None = None) -> list[list[Sample]]:
+               max_new_tokens: int | Sequence[int] | None = None,
+               adapter: int = 0) -> list[list[Sample]]:
     """For each prompt (token ids, BOS included), num_samples Samples. max_new_tokens: a budget
-    for every prompt or one per prompt (default: the generator's), capped by `room`."""
+    for every prompt or one per prompt (default: the generator's), capped by `room`. adapter:
+    the LoRA adapter (task id) of every prompt, with per-task adapters."""
     from mtjax.monitoring import CompileCounter
     if max_new_tokens is None:
       max_new_tokens = self.max_new_tokens
@@ -191,7 +197,8 @@ class Generator:
           budget[r] = min(budgets[i], self.room(len(p)))
         args = (jax.device_put(tokens, self._row_sharding), jax.device_put(valid, self._row_sharding),
                 budget, jax.random.fold_in(key, bucket * 100_003 + start), jnp.float32(temperature),
-                jnp.int32(top_k), jnp.float32(top_p))
+                jnp.int32(top_k), jnp.float32(top_p),
+                np.full((self.batch_size,), adapter, np.int32))
         counter = CompileCounter()
         with jax.set_mesh(self.mesh), counter:
           out, logp, length = self._fn(params, *args)

@@ -152,7 +152,8 @@ class Evaluator:
 
     def eval_step(params, batch):
       model = nnx.merge(graphdef, params)
-      hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+      hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"],
+                              adapter_ids=batch.get("task_ids"))
       if chunk:  # as in training: never the whole [B, L, V] float32 logits at once
         head, tied = model.head()
         tok = losses.per_token_chunked(hidden, head.astype(hidden.dtype), batch["targets"],
@@ -212,7 +213,8 @@ class Evaluator:
       budget = self.budgets.get(name, 1)
       chosen = self._generated_for(name, e.num_generate)
       if chosen:
-        outs = self.generator(params, [prompts[j] for j in chosen], max_new_tokens=budget)
+        outs = self.generator(params, [prompts[j] for j in chosen], max_new_tokens=budget,
+                              adapter=self.task_ids[name])
         right = [task.is_correct(examples[j], self.tokenizer.decode(o[0].tokens))
                  for j, o in zip(chosen, outs)]
         row[f"eval/{name}/accuracy"] = float(np.mean(right))
@@ -220,7 +222,8 @@ class Evaluator:
       if chosen:
         outs = self.generator(params, [prompts[j] for j in chosen], num_samples=e.num_samples,
                               seed=self.config.seed + step, temperature=e.temperature,
-                              top_k=e.top_k, top_p=e.top_p, max_new_tokens=budget)
+                              top_k=e.top_k, top_p=e.top_p, max_new_tokens=budget,
+                              adapter=self.task_ids[name])
         k = e.num_samples
         pass1, passk, distinct, logps = [], [], [], []
         for j, samples in zip(chosen, outs):

@@ -68,9 +68,18 @@ class ModelSpec:
   post_norms: bool = False
   embed_scale: bool = False
   query_pre_attn_scalar: float = 0.0
+  # LoRA (see LoraParam): adapters on the projections in lora_targets (empty: none); every
+  # adapter has a leading axis of lora_tasks (the number of tasks with per-task adapters, else 1).
+  lora_targets: tuple[str, ...] = ()
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_tasks: int = 1
+  lora_dropout: float = 0.0
 
   @classmethod
-  def from_config(cls, cfg: ModelConfig, tokenizer_vocab: int, platform: str) -> ModelSpec:
+  def from_config(cls, cfg: ModelConfig, tokenizer_vocab: int, platform: str,
+                  num_tasks: int = 1) -> ModelSpec:
+    """num_tasks: the adapters' task axis when model.lora.per_task (else it is 1)."""
     vocab = cfg.vocab_size or -(-tokenizer_vocab // 128) * 128
     dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
     return cls(vocab_size=vocab, d_model=cfg.d_model, num_layers=cfg.num_layers,
@@ -84,7 +93,20 @@ class ModelSpec:
                param_dtype=cfg.param_dtype, layer_types=tuple(cfg.layer_types),
                rope_local_theta=cfg.rope_local_theta, activation=cfg.activation,
                norm_plus_one=cfg.norm_plus_one, post_norms=cfg.post_norms,
-               embed_scale=cfg.embed_scale, query_pre_attn_scalar=cfg.query_pre_attn_scalar)
+               embed_scale=cfg.embed_scale, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+               **lora_fields(cfg, num_tasks))
+
+  @property
+  def lora(self) -> bool:
+    return bool(self.lora_targets)
+
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank
+
+  def without_lora(self) -> ModelSpec:
+    """The base model's spec (a merged export's)."""
+    return dataclasses.replace(self, lora_targets=(), lora_rank=0, lora_alpha=0.0, lora_tasks=1,
+                               lora_dropout=0.0)
 
   def kinds(self) -> tuple[bool, ...]:
     """Per layer, whether it is a sliding layer (its window sliding_window, its RoPE base
@@ -129,6 +151,71 @@ class ModelSpec:
     return inv
 
 
+def lora_fields(cfg: ModelConfig, num_tasks: int = 1) -> dict:
+  lora = cfg.lora
+  if not lora.targets:
+    return {}
+  return {"lora_targets": tuple(lora.targets), "lora_rank": lora.rank, "lora_alpha": lora.alpha,
+          "lora_tasks": max(1, num_tasks) if lora.per_task else 1, "lora_dropout": lora.dropout}
+
+
+LORA_TARGET_IDS = {t: i for i, t in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
+
+
+class LoraParam(nnx.Param):
+  """A LoRA adapter matrix: `<target>_lora_a` [T, *in, r] and `<target>_lora_b` [T, r, *out] beside
+  the projection `<target>` [*in, *out] (T: lora_tasks). The projection becomes
+  W + (alpha / r) A[t] B[t] for a token of adapter t; B starts at zero, so the model starts equal
+  to its base. Optimizers and exports find adapters by the `_lora_a` / `_lora_b` path suffix."""
+
+
+def is_lora_path(path: str) -> bool:
+  return path.endswith(("_lora_a", "_lora_b"))
+
+
+def _lora_pair(module: nnx.Module, rngs: nnx.Rngs, spec: ModelSpec, target: str,
+               in_shape: tuple[int, ...], in_axes: tuple[str, ...], out_shape: tuple[int, ...],
+               out_axes: tuple[str, ...]) -> None:
+  """Adds target's adapters to `module` when spec targets it (sharded like the base: its in and
+  out axes; the task and rank axes replicated)."""
+  if target not in spec.lora_targets:
+    return
+  t, r, pd = spec.lora_tasks, spec.lora_rank, spec.param_dtype
+  a = jax.random.normal(rngs.params(), (t, *in_shape, r), jnp.float32) / math.sqrt(math.prod(in_shape))
+  setattr(module, f"{target}_lora_a", LoraParam(a.astype(pd), logical_axes=("lora_task", *in_axes, "lora_rank")))
+  setattr(module, f"{target}_lora_b", LoraParam(jnp.zeros((t, r, *out_shape), pd),
+                                                logical_axes=("lora_task", "lora_rank", *out_axes)))
+
+
+def _lora_delta(module: nnx.Module, target: str, x: jax.Array, n_in: int,
+                mix: jax.Array | None, scale: float, key: jax.Array | None = None,
+                rate: float = 0.0) -> jax.Array | None:
+  """(alpha / r) x A B of `target`'s adapters (None when it has none). x [B, L, *in]; mix
+  [B, L, T] one-hot of each token's adapter (None: the one shared adapter, T = 1); key: dropout
+  of the adapter's input at `rate` (training)."""
+  a_var = getattr(module, f"{target}_lora_a", None)
+  if a_var is None:
+    return None
+  dt = x.dtype
+  if key is not None and rate > 0:
+    key = jax.random.fold_in(key, LORA_TARGET_IDS[target])
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    x = jnp.where(keep, x / jnp.asarray(1.0 - rate, dt), jnp.zeros((), dt))
+  a, b = a_var[...].astype(dt), getattr(module, f"{target}_lora_b")[...].astype(dt)
+  i, o = "defg"[:n_in], "uvwz"[:b.ndim - 2]
+  if mix is None or a.shape[0] == 1:
+    xa = jnp.einsum(f"bl{i},{i}r->blr", x, a[0])
+    out = jnp.einsum(f"blr,r{o}->bl{o}", xa, b[0])
+  else:
+    xa = jnp.einsum(f"bl{i},t{i}r->bltr", x, a) * mix.astype(dt)[..., None]
+    out = jnp.einsum(f"bltr,tr{o}->bl{o}", xa, b)
+  return out * jnp.asarray(scale, dt)
+
+
+def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+  return y if delta is None else y + delta
+
+
 def _param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype: str) -> nnx.Param:
   value = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
   return nnx.Param(value.astype(dtype), logical_axes=axes)
@@ -169,6 +256,10 @@ class Attention(nnx.Module):
     self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d), pd)
     out_std = 1 / math.sqrt(n * h) / math.sqrt(2 * spec.num_layers)
     self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pd)
+    for x, kv in (("q", False), ("k", True), ("v", True)):
+      _lora_pair(self, rngs, spec, x, (d,), ("embed",), (k if kv else n, h),
+                 ("kv_heads" if kv else "heads", "head_dim"))
+    _lora_pair(self, rngs, spec, "o", (n, h), ("heads", "head_dim"), (d,), ("embed",))
     if spec.qkv_bias:
       self.q_bias = nnx.Param(jnp.zeros((n, h), pd), logical_axes=("heads", "head_dim"))
       self.k_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=("kv_heads", "head_dim"))
@@ -181,19 +272,29 @@ class Attention(nnx.Module):
 
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: None = None, *, sliding: bool | None = None) -> jax.Array: ...
+               cache: None = None, *, sliding: bool | None = None,
+               lora_mix: jax.Array | None = None,
+               lora_key: jax.Array | None = None) -> jax.Array: ...
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: LayerCache, *, sliding: bool | None = None) -> tuple[jax.Array, LayerCache]: ...
+               cache: LayerCache, *, sliding: bool | None = None,
+               lora_mix: jax.Array | None = None,
+               lora_key: jax.Array | None = None) -> tuple[jax.Array, LayerCache]: ...
 
-  def __call__(self, x, positions, segment_ids, cache=None, *, sliding=None):
+  def __call__(self, x, positions, segment_ids, cache=None, *, sliding=None, lora_mix=None,
+               lora_key=None):
     """`sliding`: whether this layer is a sliding one (see ModelSpec.kinds); None: the first
     layer's kind (every layer alike)."""
     sliding = self.spec.kinds()[0] if sliding is None else sliding
     dt = x.dtype
+    scale = self.spec.lora_scale() if self.spec.lora else 0.0
+    rate = self.spec.lora_dropout
     q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
     k = jnp.einsum("bld,dkh->blkh", x, self.k[...].astype(dt))
     v = jnp.einsum("bld,dkh->blkh", x, self.v[...].astype(dt))
+    q = _plus(q, _lora_delta(self, "q", x, 1, lora_mix, scale, lora_key, rate))
+    k = _plus(k, _lora_delta(self, "k", x, 1, lora_mix, scale, lora_key, rate))
+    v = _plus(v, _lora_delta(self, "v", x, 1, lora_mix, scale, lora_key, rate))
     if self.spec.qkv_bias:
       q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
                  v + self.v_bias[...].astype(dt))
@@ -204,14 +305,15 @@ class Attention(nnx.Module):
     k = constrain(rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
     window = self.spec.sliding_window if sliding else 0
-    scale = self.spec.attention_scale()
+    attn_scale = self.spec.attention_scale()
     if cache is None:
       y = attention_lib.attend(q, k, v, segment_ids, implementation=self.spec.attention,
-                               window=window, scale=scale)
+                               window=window, scale=attn_scale)
     else:
       y, cache = attention_lib.attend_cached(q, k, v, segment_ids, cache, window=window,
-                                             scale=scale)
+                                             scale=attn_scale)
     out = jnp.einsum("blnh,nhd->bld", y, self.o[...].astype(dt))
+    out = _plus(out, _lora_delta(self, "o", y, 2, lora_mix, scale, lora_key, rate))
     if self.spec.out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out if cache is None else (out, cache)
@@ -226,15 +328,20 @@ class MLP(nnx.Module):
     self.down = _param(rngs, (f, d), ("mlp", "embed"),
                        1 / math.sqrt(f) / math.sqrt(2 * spec.num_layers), pd)
     self.activation = spec.activation
+    self.lora_scale = spec.lora_scale() if spec.lora else 0.0
+    self.lora_dropout = spec.lora_dropout
+    _lora_pair(self, rngs, spec, "gate", (d,), ("embed",), (f,), ("mlp",))
+    _lora_pair(self, rngs, spec, "up", (d,), ("embed",), (f,), ("mlp",))
+    _lora_pair(self, rngs, spec, "down", (f,), ("mlp",), (d,), ("embed",))
 
-  def __call__(self, x):
-    dt = x.dtype
-    gate = x @ self.gate[...].astype(dt)
+  def __call__(self, x, lora_mix: jax.Array | None = None, lora_key: jax.Array | None = None):
+    dt, s, k, p = x.dtype, self.lora_scale, lora_key, self.lora_dropout
+    gate = _plus(x @ self.gate[...].astype(dt), _lora_delta(self, "gate", x, 1, lora_mix, s, k, p))
     act = (jax.nn.silu(gate) if self.activation == "silu"
            else jax.nn.gelu(gate, approximate=True))  # gelu_tanh: transformers' gelu_pytorch_tanh
-    h = act * (x @ self.up[...].astype(dt))
+    h = act * _plus(x @ self.up[...].astype(dt), _lora_delta(self, "up", x, 1, lora_mix, s, k, p))
     h = constrain(h, ("batch", "length", "act_mlp"))
-    return h @ self.down[...].astype(dt)
+    return _plus(h @ self.down[...].astype(dt), _lora_delta(self, "down", h, 1, lora_mix, s, k, p))
 
 
 class Block(nnx.Module):
@@ -252,19 +359,27 @@ class Block(nnx.Module):
 
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: None = None, *, sliding: bool | None = None) -> jax.Array: ...
+               cache: None = None, *, sliding: bool | None = None,
+               lora_mix: jax.Array | None = None,
+               lora_key: jax.Array | None = None) -> jax.Array: ...
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: LayerCache, *, sliding: bool | None = None) -> tuple[jax.Array, LayerCache]: ...
+               cache: LayerCache, *, sliding: bool | None = None,
+               lora_mix: jax.Array | None = None,
+               lora_key: jax.Array | None = None) -> tuple[jax.Array, LayerCache]: ...
 
-  def __call__(self, x, positions, segment_ids, cache=None, *, sliding=None):
-    attn = self.attn(self.attn_norm(x), positions, segment_ids, cache, sliding=sliding)
+  def __call__(self, x, positions, segment_ids, cache=None, *, sliding=None, lora_mix=None,
+               lora_key=None):
+    attn = self.attn(self.attn_norm(x), positions, segment_ids, cache, sliding=sliding,
+                     lora_mix=lora_mix,
+                     lora_key=None if lora_key is None else jax.random.fold_in(lora_key, 0))
     if cache is not None:
       attn, cache = attn
     if self.post_norms:
       attn = self.post_attn_norm(attn)
     x = x + attn
-    mlp = self.mlp(self.mlp_norm(x))
+    mlp = self.mlp(self.mlp_norm(x), lora_mix,
+                   None if lora_key is None else jax.random.fold_in(lora_key, 1))
     if self.post_norms:
       mlp = self.post_mlp_norm(mlp)
     x = x + mlp
@@ -355,27 +470,38 @@ class Decoder(nnx.Module):
 
   @overload
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: None = None) -> jax.Array: ...
+               cache: None = None, *, adapter_ids: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> jax.Array: ...
   @overload
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: LayerCache) -> tuple[jax.Array, LayerCache]: ...
+               cache: LayerCache, *, adapter_ids: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, LayerCache]: ...
 
-  def __call__(self, tokens, positions, segment_ids, cache=None):
+  def __call__(self, tokens, positions, segment_ids, cache=None, *, adapter_ids=None,
+               dropout_key=None):
     """With `cache` (see init_cache), also returns the updated cache: (logits, cache)."""
     if cache is None:
-      return self.logits(self.features(tokens, positions, segment_ids))
-    x, cache = self.features(tokens, positions, segment_ids, cache)
+      return self.logits(self.features(tokens, positions, segment_ids, adapter_ids=adapter_ids,
+                                       dropout_key=dropout_key))
+    x, cache = self.features(tokens, positions, segment_ids, cache, adapter_ids=adapter_ids)
     return self.logits(x), cache
 
   @overload
   def features(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: None = None) -> jax.Array: ...
+               cache: None = None, *, adapter_ids: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> jax.Array: ...
   @overload
   def features(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: LayerCache) -> tuple[jax.Array, LayerCache]: ...
+               cache: LayerCache, *, adapter_ids: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, LayerCache]: ...
 
-  def features(self, tokens, positions, segment_ids, cache=None):
-    """The final-normed hidden states [B, L, d_model] in the compute dtype (the head's input)."""
+  def features(self, tokens, positions, segment_ids, cache=None, *, adapter_ids=None,
+               dropout_key=None):
+    """The final-normed hidden states [B, L, d_model] in the compute dtype (the head's input).
+
+    adapter_ids [B, L] int: each token's LoRA adapter (its task id; < 0, as padding: none), needed
+    with per-task adapters (spec.lora_tasks > 1) and ignored otherwise. dropout_key: LoRA
+    dropout (spec.lora_dropout) in training; None: none."""
     dt = jnp.dtype(self.spec.dtype)
     x = jnp.take(self.token_embed[...], tokens, axis=0).astype(dt)
     if self.spec.embed_scale:  # in the compute dtype, as transformers (sqrt(d) rounded to it)
@@ -386,29 +512,40 @@ class Decoder(nnx.Module):
     period = self.spec.period()
     grouped = period > 1 and self.spec.num_layers % period == 0
 
-    def run(layer, y, layer_cache, sliding):
+    lora_mix = None
+    if self.spec.lora_tasks > 1:
+      if adapter_ids is None:
+        raise ValueError("per-task LoRA adapters need adapter_ids (each token's task id)")
+      lora_mix = jax.nn.one_hot(adapter_ids, self.spec.lora_tasks, dtype=dt)  # -1: all zero
+
+    layer_keys = None
+    if dropout_key is not None and self.spec.lora and self.spec.lora_dropout > 0:
+      layer_keys = jax.random.split(dropout_key, self.spec.num_layers)
+
+    def run(layer, y, layer_cache, sliding, key=None):
       block = nnx.merge(graphdef, _constrain_layer(layer))
-      return block(y, positions, segment_ids, layer_cache, sliding=sliding)
+      return block(y, positions, segment_ids, layer_cache, sliding=sliding, lora_mix=lora_mix,
+                   lora_key=key)
     if cache is None and self.spec.remat != "none":  # per layer, also inside a pattern repeat
       run = jax.checkpoint(run, policy=_REMAT_POLICIES[self.spec.remat], prevent_cse=False,
                            static_argnums=(3,))
 
     def step(y, xs):
       """One scan step: one layer (kind static, or chosen by lax.cond), or one pattern repeat."""
-      layer, layer_cache, is_sliding = xs
+      layer, layer_cache, is_sliding, key = xs
       if grouped:  # layer, layer_cache: [period, ...]
         caches = []
         for i in range(period):
           out = run(_index(layer, i), y, None if layer_cache is None else _index(layer_cache, i),
-                    kinds[i])
+                    kinds[i], None if key is None else key[i])
           y, c = (out, None) if layer_cache is None else out
           caches.append(c)
         return y, None if layer_cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
       if period == 1:
-        out = run(layer, y, layer_cache, kinds[0])
+        out = run(layer, y, layer_cache, kinds[0], key)
       else:
-        out = jax.lax.cond(is_sliding, lambda: run(layer, y, layer_cache, True),
-                           lambda: run(layer, y, layer_cache, False))
+        out = jax.lax.cond(is_sliding, lambda: run(layer, y, layer_cache, True, key),
+                           lambda: run(layer, y, layer_cache, False, key))
       return (out, None) if layer_cache is None else out
 
     sliding_flags = jnp.asarray(kinds, jnp.bool_)
@@ -417,11 +554,12 @@ class Decoder(nnx.Module):
       stacked = _group(stacked, groups, period)
       cache = None if cache is None else _group(cache, groups, period)
       sliding_flags = sliding_flags.reshape(groups, period)
+      layer_keys = None if layer_keys is None else layer_keys.reshape(groups, period)
     if cache is None:
-      x, _ = jax.lax.scan(lambda y, xs: step(y, (xs[0], None, xs[1])), x,
-                          (stacked, sliding_flags))
+      x, _ = jax.lax.scan(lambda y, xs: step(y, (xs[0], None, xs[1], xs[2])), x,
+                          (stacked, sliding_flags, layer_keys))
       return self.final_norm(x)
-    x, cache = jax.lax.scan(step, x, (stacked, cache, sliding_flags))
+    x, cache = jax.lax.scan(step, x, (stacked, cache, sliding_flags, layer_keys))
     if grouped:
       cache = jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), cache)
     return self.final_norm(x), cache

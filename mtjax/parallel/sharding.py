@@ -26,6 +26,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("lora_task", None),  # LoRA adapters' task axis and rank: replicated; their other axes are
+    ("lora_rank", None),  # the base matrix's, so an adapter shards like its base
     # activations
     ("batch", ("dcn", "data", "fsdp")),
     ("length", None),

@@ -58,11 +58,13 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   raise ValueError(f"unknown optimizer.schedule {cfg.schedule!r}")
 
 
-def group_labels(params: Any, groups: Mapping[str, float]) -> Any:
+def group_labels(params: Any, groups: Mapping[str, float], lora: bool = False) -> Any:
   """Per parameter: the first matching pattern of `groups` (re.search on its path), FROZEN for
-  a multiplier of 0, or "default"."""
+  a multiplier of 0, or "default". lora: every parameter but the LoRA adapters is FROZEN."""
   def label(path, _):
     name = param_path(path)
+    if lora and not name.endswith(("_lora_a", "_lora_b")):
+      return FROZEN
     for pattern, scale in groups.items():
       if re.search(pattern, name):
         return FROZEN if scale == 0 else pattern
@@ -96,7 +98,9 @@ def ema_params(opt_state: Any) -> Any | None:
   return found[0].ema if found else None
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, lora: bool = False
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """lora: only the LoRA adapters train; the base is frozen, with no optimizer state."""
   schedule = lr_schedule(cfg, total_steps)
 
   def adamw(scale: float) -> optax.GradientTransformation:
@@ -105,10 +109,10 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
                        mask=decay_mask)
 
   clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
-  if not cfg.param_groups:
+  if not cfg.param_groups and not lora:
     parts = [clip, adamw(1.0)]
   else:
-    labels = lambda params: group_labels(params, cfg.param_groups)
+    labels = lambda params: group_labels(params, cfg.param_groups, lora)
     frozen = lambda params: jax.tree.map(lambda label: label == FROZEN, labels(params))
     transforms: dict[Any, optax.GradientTransformation] = {p: adamw(s) for p, s in cfg.param_groups.items() if s != 0}
     transforms["default"] = adamw(1.0)

@@ -58,7 +58,8 @@ class Setup:
     c = self.config
     fn = step_lib.make_step_fn(self.graphdef, self.tx, self.schedule, num_tasks=c.num_tasks,
                                grad_accum=c.optimizer.grad_accum, z_loss=c.model.z_loss,
-                               loss_chunk=c.train.loss_chunk)
+                               loss_chunk=c.train.loss_chunk, lora=self.spec.lora,
+                               dropout_seed=c.seed if self.spec.lora_dropout > 0 else None)
     return step_lib.jit_step(fn, self.mesh, self.shardings)
 
   def loader(self, prefetch: int | None = None) -> MixtureLoader:
@@ -107,7 +108,8 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
     check_divisibility(config, mesh)
   from mtjax.data import tokenizer as tokenizer_lib
   tokenizer = tokenizer_lib.for_data(config.data)
-  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform)
+  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform,
+                               num_tasks=config.num_tasks)
 
   checkpointer, restore_at, changes = None, None, {}
   run_facts = {"decay_steps": decay_steps or config.optimizer.decay_steps or config.train.steps}
@@ -127,12 +129,15 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
       run_facts = checkpointer.read_facts(restore_at)[1]  # the LR schedule is fixed at the first start
       run_facts = {"decay_steps": run_facts["decay_steps"]}
 
-  tx, schedule = optimizer.make_optimizer(config.optimizer, run_facts["decay_steps"])
+  tx, schedule = optimizer.make_optimizer(config.optimizer, run_facts["decay_steps"],
+                                          lora=spec.lora)
   load_params = None
   if config.model.pretrained and restore_at is None:  # a checkpoint, once there, wins
     from mtjax.model import pretrained
     load_params = pretrained.loader_for(config.model.pretrained, spec)
   graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed, load_params)
+  if spec.lora:
+    _say(state_summary(state.params, state.opt_state, spec))
   setup = Setup(config=config, devices=devices, mesh=mesh, tokenizer=tokenizer, spec=spec, tx=tx,
                 schedule=schedule, graphdef=graphdef, state=state, shardings=shardings,
                 run_facts=run_facts, checkpointer=checkpointer, changes=changes, workdir=workdir)
@@ -153,6 +158,25 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
       multihost_utils.sync_global_devices("mtjax.setup.resume_from")
     setup.checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   return setup
+
+
+def _bytes(tree: Any) -> int:
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)
+             if hasattr(leaf, "dtype"))
+
+
+def state_summary(params: Any, opt_state: Any, spec: ModelSpec) -> str:
+  """One line at start: parameter counts (trainable ones with LoRA) and optimizer-state bytes."""
+  from mtjax.model.llama import is_lora_path
+  from mtjax.train.optimizer import param_path
+  flat = [(param_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+  total = sum(x.size for _, x in flat)
+  line = f"parameters: {total:,}"
+  if spec.lora:
+    trainable = sum(x.size for p, x in flat if is_lora_path(p))
+    line += (f" ({trainable:,} trainable: LoRA rank {spec.lora_rank} on "
+             f"{','.join(spec.lora_targets)} x {spec.lora_tasks} adapter(s); the base is frozen)")
+  return line + f"; optimizer state: {_bytes(opt_state):,} bytes"
 
 
 def _resume_target_exists(workdir: epath.Path, step: int) -> None:

@@ -112,7 +112,8 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
   graphdef, abstract_params, params_sh = param_shardings(mesh, spec)
   shardings = state_shardings(mesh, tx, abstract_params, params_sh)
   if load_params is not None:
-    params = load_params(abstract_params, params_sh)
+    params = _load_with_fresh_adapters(load_params, abstract_params, params_sh, seed) \
+        if spec.lora else load_params(abstract_params, params_sh)
 
     def init_from(params):
       zero = jnp.zeros((), jnp.int32)
@@ -134,18 +135,55 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
   return graphdef, state, shardings
 
 
+def _split_lora(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(the LoRA adapters, everything else), each a flat {path: array}."""
+  from mtjax.model.llama import is_lora_path
+  flat = traverse_util.flatten_dict(params, sep="/")
+  return ({k: v for k, v in flat.items() if is_lora_path(k)},
+          {k: v for k, v in flat.items() if not is_lora_path(k)})
+
+
+def _load_with_fresh_adapters(load_params: Callable[[Any, Any], Any], abstract: Any,
+                              shardings: Any, seed: int) -> Any:
+  """The base parameters from load_params and freshly initialized LoRA adapters (A normal with
+  stddev 1 / sqrt(fan in), B zero: the model starts equal to the loaded base)."""
+  import math
+  adapters, base = _split_lora(abstract)
+  adapters_sh, base_sh = _split_lora(shardings)
+  unflat = lambda flat: traverse_util.unflatten_dict(flat, sep="/")
+  loaded = traverse_util.flatten_dict(load_params(unflat(base), unflat(base_sh)), sep="/")
+
+  def init(key):
+    out = {}
+    for i, (path, leaf) in enumerate(sorted(adapters.items())):
+      if path.endswith("_lora_b"):
+        out[path] = jnp.zeros(leaf.shape, leaf.dtype)
+        continue
+      stacked = path.startswith("layers/")
+      fan_in = math.prod(leaf.shape[1 + stacked:-1])  # [layers?, T, *in, r]
+      x = jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)
+      out[path] = (x / math.sqrt(fan_in)).astype(leaf.dtype)
+    return out
+
+  fresh = jax.jit(init, out_shardings=adapters_sh)(jax.random.key(seed))
+  return unflat({**loaded, **fresh})
+
+
 def make_grad_fn(graphdef: Any, *, num_tasks: int, grad_accum: int = 1,
-                 z_loss: float = 0.0, loss_chunk: int = 1024) -> Callable:
+                 z_loss: float = 0.0, loss_chunk: int = 1024, lora: bool = False) -> Callable:
   """(params, batch, task_weights, entropy_coefs) -> (objective, per_task, grads).
+
+  lora: gradients are taken w.r.t. the LoRA adapters only; the frozen base's are zeros.
 
   Gradient accumulation scans over microbatches, normalizing every microbatch by the FULL
   batch's per-task token counts: the objective is then linear in the microbatches and the summed
   gradients equal those of one big batch.
   """
 
-  def loss_fn(params, batch, task_weights, entropy_coefs, normalizer):
+  def loss_fn(params, batch, task_weights, entropy_coefs, normalizer, dropout_key=None):
     model = nnx.merge(graphdef, params)
-    hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"],
+                            adapter_ids=batch["task_ids"], dropout_key=dropout_key)
     if not loss_chunk:  # dense: the whole [B, L, V] float32 logits at once
       return losses.multitask_objective(model.logits(hidden), batch, task_weights, entropy_coefs,
                                         z_loss=z_loss, normalizer=normalizer)
@@ -155,26 +193,42 @@ def make_grad_fn(graphdef: Any, *, num_tasks: int, grad_accum: int = 1,
         z_loss=z_loss, normalizer=normalizer, chunk=loss_chunk)
 
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  if lora:
+    def lora_loss(adapters, frozen, *args):
+      params = traverse_util.unflatten_dict({**frozen, **adapters}, sep="/")
+      return loss_fn(params, *args)
+    lora_value_and_grad = jax.value_and_grad(lora_loss, has_aux=True)
 
-  def grad_fn(params, batch, task_weights, entropy_coefs):
+    def value_and_grad(params, *args):  # noqa: F811 (the adapters' gradients only)
+      adapters, frozen = _split_lora(params)
+      value, grads = lora_value_and_grad(adapters, jax.lax.stop_gradient(frozen), *args)
+      zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
+      return value, traverse_util.unflatten_dict({**zeros, **grads}, sep="/")
+
+  def grad_fn(params, batch, task_weights, entropy_coefs, dropout_key=None):
+    """dropout_key: the model's dropout (LoRA's) in this step; None: none."""
     counts = losses.token_counts(batch, num_tasks)
     if grad_accum == 1:
       (objective, per_task), grads = value_and_grad(params, batch, task_weights, entropy_coefs,
-                                                    counts)
+                                                    counts, dropout_key)
       return objective, per_task, grads
 
     def split(x):  # strided, so every microbatch stays evenly spread over the batch shards
       return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
 
-    def body(carry, micro):
+    def body(carry, xs):
+      micro, index = xs
       micro = {k: sharding_lib.constrain(v, BATCH_AXES) for k, v in micro.items()}
-      (obj, per_task), grads = value_and_grad(params, micro, task_weights, entropy_coefs, counts)
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+      (obj, per_task), grads = value_and_grad(params, micro, task_weights, entropy_coefs, counts,
+                                              key)
       return jax.tree.map(jnp.add, carry, (obj, per_task, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32),
              {k: jnp.zeros_like(counts) for k in ("loss", "entropy", "accuracy", "tokens")},
              jax.tree.map(jnp.zeros_like, params))
-    (objective, per_task, grads), _ = jax.lax.scan(body, zeros, jax.tree.map(split, dict(batch)))
+    (objective, per_task, grads), _ = jax.lax.scan(
+        body, zeros, (jax.tree.map(split, dict(batch)), jnp.arange(grad_accum)))
     return objective, per_task, grads
 
   return grad_fn
@@ -191,16 +245,23 @@ def all_finite(tree: Any) -> jax.Array:
 
 def make_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                  num_tasks: int, grad_accum: int = 1, z_loss: float = 0.0,
-                 loss_chunk: int = 1024) -> Callable:
+                 loss_chunk: int = 1024, lora: bool = False,
+                 dropout_seed: int | None = None) -> Callable:
   """The pure step: gradients, the optimizer update, a non-finite guard (the update is kept
   only if the objective, the gradient norm, the update and the new params and optimizer state are
-  all finite; an update can overflow even from finite gradients, e.g. with a huge learning rate)."""
+  all finite; an update can overflow even from finite gradients, e.g. with a huge learning rate).
+
+  dropout_seed: the model has dropout (LoRA's); a step's key is this seed's folded with the step
+  number. lora: gradients and updates for the LoRA adapters only (see make_grad_fn)."""
   grad_fn = make_grad_fn(graphdef, num_tasks=num_tasks, grad_accum=grad_accum, z_loss=z_loss,
-                         loss_chunk=loss_chunk)
+                         loss_chunk=loss_chunk, lora=lora)
 
   def step(state: TrainState, batch: Mapping[str, jax.Array], task_weights: jax.Array,
            entropy_coefs: jax.Array) -> tuple[TrainState, dict[str, Any]]:
-    objective, per_task, grads = grad_fn(state.params, batch, task_weights, entropy_coefs)
+    dropout_key = None if dropout_seed is None else jax.random.fold_in(
+        jax.random.key(dropout_seed), state.step)
+    objective, per_task, grads = grad_fn(state.params, batch, task_weights, entropy_coefs,
+                                         dropout_key)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
