@@ -118,8 +118,12 @@ def test_accuracy_without_generation_is_refused_and_zero_targets_skip():
   with pytest.raises(BadInputError) as e:
     floors.check_targets(cfg)
   assert e.value.field == "eval.num_generate"
+  # A study without targets is never refused, yet states the floors of what it scores.
   table = floors.check_targets(_load("tiny", **{"study.target": 0.0, "study.targets": {}}))
-  assert all(r["floor"] is None and r["target"] == 0.0 for r in table.values())
+  assert all(r["floor"] is not None and r["target"] == 0.0 for r in table.values())
+  table = floors.check_targets(_load("tiny", **{"study.target": 0.0, "study.targets": {},
+                                                "study.task_metrics": {"structured_sort": "accuracy"}}))
+  assert table["structured_sort"]["floor"] is None  # accuracy is not computed (no generation)
 
 
 @pytest.mark.parametrize("variant", ["", "demo", "tiny"])

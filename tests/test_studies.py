@@ -308,7 +308,9 @@ def test_decomposition_study_tiny(tmp_path, capsys):
   final = [r for r in _rows(out / "seed0" / "granular" / "metrics.jsonl") if "eval/fc_nested/accuracy" in r][-1]
   assert s["per_seed"][0]["granular"]["accuracy"]["fc_nested"] == final["eval/fc_nested/accuracy"]
   report = (out / "report.md").read_text()
-  assert "| subtask | structural match: umbrella | granular | Δ |" in report
+  assert "| subtask | floor | structural match: umbrella | granular | Δ |" in report
+  assert all(s["floors"][t]["metric"] == "accuracy" and s["floors"][t]["floor"] is not None
+             for t in s["tasks"])  # a study without targets still states its floors
   assert all(f"| {t} |" in report for t in s["tasks"])
   _rebuilds_identically(out)
 
@@ -328,8 +330,9 @@ def test_instruction_study_tiny(tmp_path, capsys):
       "reverse": "misleading", "addition": "misleading"}
   assert "zero_shot" not in run  # from scratch: no held-out-task arms
   report = (out / "report.md").read_text()
-  assert ("| task | original | empty | Δ empty | misleading | Δ misleading | empty-prompt ambiguity "
-          "| same format |" in report)
+  assert ("| task | floor | original | empty | Δ empty | misleading | Δ misleading | "
+          "empty-prompt ambiguity | same format |" in report)
+  assert f"| reverse | {s['floors']['reverse']['floor']:.3f} |" in report
   assert "capped by that ambiguity" in report
   assert set(s["ambiguity"]["fraction"]) == {"reverse", "addition"}
   delta = run["empty"]["addition"] - run["original"]["addition"]

@@ -59,7 +59,7 @@ class Study:
     self.check(config)
     check_generation_budgets(config)  # a budget shorter than a held-out target: before any arm
     # Targets strictly between what trivial baselines score and the best achievable score.
-    bounds = floors.check_targets(config)
+    bounds = floors.check_targets(config.replace(**split_settings(config)))  # the scored examples
     root = epath.Path(workdir)
     write_study_json(root, self.name, config, **self.record(config))
     summary = self.summarize(config, root, train_fn or train.run)
@@ -74,7 +74,8 @@ class Study:
       raise BadInputError(str(arm_dir), "this run is not finished; run the study to complete it")
 
     summary = self.summarize(config, root, stored_only)
-    summary.setdefault("floors", floors.describe(config))  # as run() stored them, none refused
+    # As run() stored them (on the examples the arms score), none refused.
+    summary.setdefault("floors", floors.describe(config.replace(**split_settings(config))))
     self._finish(root, summary)
     return root / "report.md"
 

@@ -93,7 +93,7 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
   plot = report.save_figure(fig, root / "decomposition.png")
   rows = []
   for t in tasks:
-    cells = [t]
+    cells = [t, report.floor_of(summary, t)]
     for m in METRICS:
       u = [r["umbrella"][m][t] for r in runs]
       g = [r["granular"][m][t] for r in runs]
@@ -110,9 +110,10 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
           f"{r['loss_tokens'][n]:,.0f} loss tokens" for n in ("umbrella", "granular"))
           for r in runs if "arm_steps" in r)
       + f". {summary.get('schedule', '')} Scored on held-out APIs (never seen in training): "
-      "structural match of the greedy completion, and teacher-forced token accuracy.",
+      "structural match of the greedy completion, and teacher-forced token accuracy. Floor: "
+      "the structural match of always answering the most frequent training answer.",
       "",
-      *report.md_table(["subtask", "structural match: umbrella", "granular", "Δ",
+      *report.md_table(["subtask", "floor", "structural match: umbrella", "granular", "Δ",
                         "token acc: umbrella", "granular", "Δ"], rows),
       "",
       f"![decomposition]({plot.name})",

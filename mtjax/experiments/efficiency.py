@@ -31,7 +31,7 @@ import numpy as np
 from etils import epath
 
 from mtjax.config import Config
-from mtjax.experiments import arms, floors, report
+from mtjax.experiments import arms, report
 
 MIN_SEEDS = 3  # the least number of seeds a verdict other than "inconclusive" rests on
 
@@ -175,7 +175,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       "tasks": tasks, "seeds": list(st.seeds), "metric": st.metric, "metrics": metrics,
       "target": st.target, "targets": goal,
       # Each task's floor (trivial baselines) and ceiling (best achievable) under its metric.
-      "floors": floors.describe(base), "steps_per_task": st.steps_per_task, "tokens_per_step": tps,
+      "steps_per_task": st.steps_per_task, "tokens_per_step": tps,
       "eval_every": st.eval_every, "eval_schedule": st.eval_schedule,
       "lr_schedule": st.lr_schedule, "lr_decay_steps": st.lr_decay_steps,
       "schedule": arms.schedule_note(notes), "min_seeds": MIN_SEEDS,

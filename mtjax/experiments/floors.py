@@ -251,10 +251,10 @@ def _table(config: Config, *, strict: bool) -> dict[str, dict[str, Any]]:
   for name in config.data.tasks:
     target = float(st.targets.get(name, st.target))
     metric = metric_for(config, name)
-    if target <= 0:
+    if target <= 0 and not (has_floor(metric) and _count_for(config, metric)):
       out[name] = {"metric": metric, "floor": None, "ceiling": None, "target": target}
       continue
-    if strict:
+    if strict and target > 0:
       _metric_count_check(config, name, metric)
     tokenizer = tokenizer or _tokenizer(config)
     lo = floor(name, metric, config, tokenizer)
@@ -262,7 +262,8 @@ def _table(config: Config, *, strict: bool) -> dict[str, dict[str, Any]]:
     lo = None if lo is None or math.isnan(lo) else lo
     hi = None if hi is None or math.isnan(hi) else hi
     out[name] = {"metric": metric, "floor": lo, "ceiling": hi, "target": target}
-    if strict and ((lo is not None and target <= lo) or (hi is not None and target >= hi)):
+    if strict and target > 0 and ((lo is not None and target <= lo) or
+                                  (hi is not None and target >= hi)):
       raise BadInputError(
           f"study.targets.{name}",
           f"task {name!r} target {target:g} under {metric} must lie strictly between its floor "

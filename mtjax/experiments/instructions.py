@@ -151,7 +151,7 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
   rows = []
   for t in tasks:
     base = [r["original"][t] for r in runs]
-    cells = [t, report.mean_std(base)]
+    cells = [t, report.floor_of(summary, t), report.mean_std(base)]
     for arm in list(ARMS)[1:]:
       vals = [r[arm][t] for r in runs]
       cells += [report.mean_std(vals), report.mean_std([v - b for v, b in zip(vals, base)])]
@@ -167,9 +167,10 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       "task's instruction, drawn per example from a pool of the other tasks' instructions. Score: "
       f"held-out `{metric}` ({'greedy exact match, ' if metric == 'accuracy' else ''}"
       f"{summary['held_out_examples']} held-out examples per task). Δ = arm − original (per seed, "
-      "then mean ± std).",
+      "then mean ± std). Floor: the score of always answering the most frequent training answer "
+      "(original instructions).",
       "",
-      *report.md_table(["task", "original", "empty", "Δ empty", "misleading", "Δ misleading",
+      *report.md_table(["task", "floor", "original", "empty", "Δ empty", "misleading", "Δ misleading",
                         "empty-prompt ambiguity", "same format"], rows),
       "",
       "## Empty-instruction ambiguity",

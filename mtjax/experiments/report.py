@@ -24,6 +24,13 @@ def write_markdown(root: epath.Path, lines: Sequence[str]) -> epath.Path:
   return path
 
 
+def floor_of(summary: dict, task: str, digits: int = 3) -> str:
+  """A task's floor from summary["floors"] (what trivial baselines score on the scored examples,
+  mtjax.experiments.floors), or "-" where none is defined or stored."""
+  value = (summary.get("floors") or {}).get(task, {}).get("floor")
+  return "-" if value is None else f"{value:.{digits}f}"
+
+
 def mean_std(values: Sequence[float], digits: int = 3) -> str:
   v = np.asarray(values, np.float64)
   return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
