@@ -1,7 +1,7 @@
 # make demo: set up .venv (if missing) and run the efficiency study at demo scale on CPU
 #            (single-task vs multi-task, 4 tasks x 3 seeds; report.md and plots in runs/demo).
 # make test: set up .venv (if missing) and run the test suite (8 fake CPU devices; 2 xdist
-#            workers sharing one JAX compilation cache).
+#            workers; no persistent compilation cache: see README, Status).
 # make lint: ruff and pyright.
 # make studies: run every study at its full config (~60 min on 2 cores; finished arms are
 #            skipped), publish each record to docs/studies/ and regenerate the README's findings.
