@@ -22,6 +22,7 @@ import jax
 import optax
 
 from mtjax.config import OptimizerConfig
+from mtjax.model.llama import is_lora_path
 
 FROZEN = "frozen"
 
@@ -63,7 +64,7 @@ def group_labels(params: Any, groups: Mapping[str, float], lora: bool = False) -
   a multiplier of 0, or "default". lora: every parameter but the LoRA adapters is FROZEN."""
   def label(path, _):
     name = param_path(path)
-    if lora and not name.endswith(("_lora_a", "_lora_b")):
+    if lora and not is_lora_path(name):
       return FROZEN
     for pattern, scale in groups.items():
       if re.search(pattern, name):
