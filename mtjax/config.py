@@ -128,6 +128,19 @@ class JsonlTaskConfig:
   eval_only: bool = False  # held out from training (a benchmark): see data.allow_eval_only
 
 
+MIXING_METHODS = ("none", "odm")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixingConfig:
+  """Online data mixing: sampling rates fed back to the loader (mtjax.train.mixing). Static
+  temperature-scaled rates are data.rates=examples_proportional with data.rate_temperature."""
+
+  method: str = "none"  # none | odm (Albalak et al. 2023: an EXP3 bandit over tasks)
+  every: int = 10  # steps between decisions; the reward is each task's loss over those steps
+  smoothing: float = 0.9  # ODM's alpha: R_t <- alpha R_t + (1 - alpha) L_t / rate_t
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   mixture_name: str = ""  # a registered Mixture: fills data.tasks and data.mixture when given
@@ -164,6 +177,27 @@ class DataConfig:
   jsonl_tasks: Mapping[str, JsonlTaskConfig] = dataclasses.field(default_factory=dict)
   # Train on eval-only tasks (benchmarks such as BFCL): refused unless set (contamination).
   allow_eval_only: bool = False
+  mixing: MixingConfig = dataclasses.field(default_factory=MixingConfig)
+
+
+WEIGHTING_METHODS = ("static", "uncertainty", "dwa", "famo", "pcgrad", "mgda", "dbmtl")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightingConfig:
+  """Adaptive per-task loss weighting inside the step (mtjax.train.weighting); its state lives in
+  TrainState.extra["weighting"]. Adaptive weights multiply train.loss_weights."""
+
+  # static | uncertainty | dwa | famo (loss-based, O(T)) | pcgrad | mgda | dbmtl (per-task
+  # gradients: T backward passes, memory grows with T; research mode)
+  method: str = "static"
+  lr: float = 0.025  # uncertainty's log-variances and FAMO's logits: their own Adam
+  weight_decay: float = 0.001  # FAMO's logits
+  temperature: float = 2.0  # DWA's tau
+  ema: float = 0.9  # DWA: the loss EMA's decay; DB-MTL: the gradient EMA's beta
+  beta_sigma: float = 0.5  # DB-MTL: the EMA decay at its k-th update is ema / k ** beta_sigma
+  min_loss: float = 0.0  # FAMO's lower bound m_t on every task's loss
+  solver_iters: int = 100  # MGDA: Frank-Wolfe iterations (more than two tasks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +214,7 @@ class TrainConfig:
   # The loss is computed over chunks of this many tokens (of the whole batch) against the output
   # head, so [batch, length, vocab] float32 logits never exist at once; 0: all at once (dense).
   loss_chunk: int = 1024
+  weighting: WeightingConfig = dataclasses.field(default_factory=WeightingConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -575,6 +610,40 @@ def _check(config: Config) -> None:
         raise BadInputError(f"data.jsonl_tasks.{name}.{field}", "expected a field name")
   if not 0 < e.top_p <= 1:
     raise BadInputError("eval.top_p", f"expected 0 < top_p <= 1, got {e.top_p}")
+  _check_weighting(t.weighting, o.grad_accum)
+  _check_mixing(d.mixing)
+
+
+def _check_weighting(w: WeightingConfig, grad_accum: int) -> None:
+  if w.method not in WEIGHTING_METHODS:
+    raise BadInputError("train.weighting.method", f"expected one of {', '.join(WEIGHTING_METHODS)}, "
+                        f"got {w.method!r}")
+  if w.method in ("famo", "pcgrad", "mgda", "dbmtl") and grad_accum != 1:
+    raise BadInputError("train.weighting.method", f"{w.method} needs the whole batch's per-task "
+                        f"losses before the backward pass: expected optimizer.grad_accum=1, got "
+                        f"{grad_accum}")
+  for field, value in (("lr", w.lr), ("temperature", w.temperature)):
+    if value <= 0:
+      raise BadInputError(f"train.weighting.{field}", f"expected a value > 0, got {value}")
+  for field, value in (("weight_decay", w.weight_decay), ("beta_sigma", w.beta_sigma),
+                       ("min_loss", w.min_loss)):
+    if value < 0:
+      raise BadInputError(f"train.weighting.{field}", f"expected a value >= 0, got {value}")
+  if not 0 <= w.ema < 1:
+    raise BadInputError("train.weighting.ema", f"expected a decay in [0, 1), got {w.ema}")
+  if w.solver_iters <= 0:
+    raise BadInputError("train.weighting.solver_iters", f"expected a positive integer, got "
+                        f"{w.solver_iters}")
+
+
+def _check_mixing(m: MixingConfig) -> None:
+  if m.method not in MIXING_METHODS:
+    raise BadInputError("data.mixing.method", f"expected one of {', '.join(MIXING_METHODS)}, got "
+                        f"{m.method!r}")
+  if m.every <= 0:
+    raise BadInputError("data.mixing.every", f"expected a positive integer, got {m.every}")
+  if not 0 <= m.smoothing < 1:
+    raise BadInputError("data.mixing.smoothing", f"expected a value in [0, 1), got {m.smoothing}")
 
 
 def _check_lora(lora: LoraConfig) -> None:

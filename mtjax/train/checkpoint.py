@@ -30,7 +30,8 @@ from mtjax.config import CheckpointConfig, Config
 from mtjax.errors import BadInputError
 
 # Fields that must match to resume: they change the state's shapes or what the run is.
-UNSAFE_ON_RESUME = ("model", "data.tasks", "data.tokenizer", "seed")
+UNSAFE_ON_RESUME = ("model", "data.tasks", "data.tokenizer", "seed", "train.weighting.method",
+                    "data.mixing.method")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
