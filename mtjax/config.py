@@ -197,7 +197,7 @@ class WeightingConfig:
   ema: float = 0.9  # DWA: the loss EMA's decay; DB-MTL: the gradient EMA's beta
   beta_sigma: float = 0.5  # DB-MTL: the EMA decay at its k-th update is ema / k ** beta_sigma
   min_loss: float = 0.0  # FAMO's lower bound m_t on every task's loss
-  solver_iters: int = 100  # MGDA: Frank-Wolfe iterations (more than two tasks)
+  solver_iters: int = 250  # MGDA: Frank-Wolfe iterations (more than two tasks; MinNormSolver's cap)
 
 
 @dataclasses.dataclass(frozen=True)

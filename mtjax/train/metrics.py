@@ -98,6 +98,8 @@ def train_row(step: int, metrics: Mapping[str, Any], task_names: Sequence[str],
       "train/skipped_steps": int(metrics["skipped_steps"]),
   }
   sums = window_sums([metrics["per_task"]]) if window is None else window
+  if "task_weights" in metrics:  # as the step applied them (adaptive weighting included)
+    loss_weights = np.asarray(metrics["task_weights"])
   for i, name in enumerate(task_names):
     tokens = float(sums["tokens"][i])
     if tokens > 0:

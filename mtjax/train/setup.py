@@ -59,7 +59,8 @@ class Setup:
     fn = step_lib.make_step_fn(self.graphdef, self.tx, self.schedule, num_tasks=c.num_tasks,
                                grad_accum=c.optimizer.grad_accum, z_loss=c.model.z_loss,
                                loss_chunk=c.train.loss_chunk, lora=self.spec.lora,
-                               dropout_seed=c.seed if self.spec.lora_dropout > 0 else None)
+                               dropout_seed=c.seed if self.spec.lora_dropout > 0 else None,
+                               weighting=c.train.weighting, seed=c.seed)
     return step_lib.jit_step(fn, self.mesh, self.shardings)
 
   def loader(self, prefetch: int | None = None) -> MixtureLoader:
@@ -135,7 +136,9 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   if config.model.pretrained and restore_at is None:  # a checkpoint, once there, wins
     from mtjax.model import pretrained
     load_params = pretrained.loader_for(config.model.pretrained, spec)
-  graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed, load_params)
+  graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed, load_params,
+                                                   weighting=config.train.weighting,
+                                                   num_tasks=config.num_tasks)
   if spec.lora:
     _say(state_summary(state.params, state.opt_state, spec))
   setup = Setup(config=config, devices=devices, mesh=mesh, tokenizer=tokenizer, spec=spec, tx=tx,

@@ -21,10 +21,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mtjax.config import WeightingConfig
 from mtjax.model import Decoder, ModelSpec
 from mtjax.parallel import sharding as sharding_lib
 from mtjax.parallel.sharding import BATCH_AXES
 from mtjax.train import losses
+from mtjax.train import weighting as weighting_lib
 
 # The layout of a saved TrainState; checkpoint.py migrates older ones (1: no `extra`; 1-2: one
 # parameter subtree per layer, before the layers were stacked for the scan).
@@ -76,8 +78,37 @@ def param_shardings(mesh: jax.sharding.Mesh, spec: ModelSpec) -> tuple[Any, Any,
   return graphdef, shapes, shardings
 
 
+def _trained(tree: Any, lora: bool) -> Any:
+  """The part of a params-like tree that gets gradients: the LoRA adapters with LoRA, else all."""
+  return traverse_util.unflatten_dict(_split_lora(tree)[0], sep="/") if lora else tree
+
+
+def _extra_init(weighting: WeightingConfig | None, num_tasks: int, lora: bool) -> Callable:
+  """params -> TrainState.extra at init: {"weighting": the method's state} ({} for static)."""
+  def init(params):
+    if weighting is None:
+      return {}
+    state = weighting_lib.init_state(weighting, num_tasks, _trained(params, lora))
+    return {"weighting": state} if state else {}
+  return init
+
+
+def _extra_shardings(mesh: jax.sharding.Mesh, extra_init: Callable, abstract_params: Any,
+                     params_sh: Any, lora: bool) -> Any:
+  """Per-task [T] statistics replicate; DB-MTL's per-task gradient EMAs [T, *param] follow their
+  parameter's sharding on the trailing axes."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  extra = jax.eval_shape(extra_init, abstract_params)
+  shardings = jax.tree.map(lambda _: replicated, extra)
+  grads = extra.get("weighting", {}).get("grads")
+  if grads is not None:
+    shardings["weighting"]["grads"] = jax.tree.map(
+        lambda sh: NamedSharding(mesh, PartitionSpec(None, *sh.spec)), _trained(params_sh, lora))
+  return shardings
+
+
 def state_shardings(mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
-                    abstract_params: Any, params_sh: Any) -> TrainState:
+                    abstract_params: Any, params_sh: Any, extra_sh: Any = None) -> TrainState:
   """Every state leaf gets a NamedSharding: optimizer leaves that hold a copy of a parameter
   (moments, EMA; also inside masked and multi_transform states) follow that parameter, matched
   by the end of their path and their shape; everything else (counts, scalars) replicates."""
@@ -98,19 +129,25 @@ def state_shardings(mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
 
   opt_sh = jax.tree_util.tree_map_with_path(follow, jax.eval_shape(tx.init, abstract_params))
   return TrainState(step=replicated, params=params_sh, opt_state=opt_sh,
-                    skipped_steps=replicated, consecutive_skips=replicated, extra={})
+                    skipped_steps=replicated, consecutive_skips=replicated,
+                    extra={} if extra_sh is None else extra_sh)
 
 
 def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTransformation,
-               seed: int, load_params: Callable[[Any, Any], Any] | None = None
+               seed: int, load_params: Callable[[Any, Any], Any] | None = None, *,
+               weighting: WeightingConfig | None = None, num_tasks: int = 1
                ) -> tuple[Any, TrainState, TrainState]:
-  """Initializes parameters and optimizer state directly into their shardings.
+  """Initializes parameters, optimizer state and method state directly into their shardings.
 
   load_params(abstract params, their shardings) -> params: start from these (a pretrained
-  checkpoint streamed into the shardings) instead of a random init.
+  checkpoint streamed into the shardings) instead of a random init. weighting: the adaptive
+  weighting method whose state goes in TrainState.extra (num_tasks: its task axis).
   """
   graphdef, abstract_params, params_sh = param_shardings(mesh, spec)
-  shardings = state_shardings(mesh, tx, abstract_params, params_sh)
+  extra_init = _extra_init(weighting, num_tasks, spec.lora)
+  shardings = state_shardings(mesh, tx, abstract_params, params_sh,
+                              _extra_shardings(mesh, extra_init, abstract_params, params_sh,
+                                               spec.lora))
   if load_params is not None:
     params = _load_with_fresh_adapters(load_params, abstract_params, params_sh, seed) \
         if spec.lora else load_params(abstract_params, params_sh)
@@ -118,7 +155,7 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
     def init_from(params):
       zero = jnp.zeros((), jnp.int32)
       return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                        skipped_steps=zero, consecutive_skips=zero, extra={})
+                        skipped_steps=zero, consecutive_skips=zero, extra=extra_init(params))
 
     with jax.set_mesh(mesh):
       state = jax.jit(init_from, out_shardings=shardings, donate_argnums=0)(params)
@@ -128,7 +165,7 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
     params = nnx.to_pure_dict(nnx.split(Decoder(spec, nnx.Rngs(key)))[1])
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                      skipped_steps=zero, consecutive_skips=zero, extra={})
+                      skipped_steps=zero, consecutive_skips=zero, extra=extra_init(params))
 
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
@@ -202,8 +239,7 @@ def make_grad_fn(graphdef: Any, *, num_tasks: int, grad_accum: int = 1,
     def value_and_grad(params, *args):  # noqa: F811 (the adapters' gradients only)
       adapters, frozen = _split_lora(params)
       value, grads = lora_value_and_grad(adapters, jax.lax.stop_gradient(frozen), *args)
-      zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
-      return value, traverse_util.unflatten_dict({**zeros, **grads}, sep="/")
+      return value, _with_frozen_zeros(grads, frozen)
 
   def grad_fn(params, batch, task_weights, entropy_coefs, dropout_key=None):
     """dropout_key: the model's dropout (LoRA's) in this step; None: none."""
@@ -231,7 +267,41 @@ def make_grad_fn(graphdef: Any, *, num_tasks: int, grad_accum: int = 1,
         body, zeros, (jax.tree.map(split, dict(batch)), jnp.arange(grad_accum)))
     return objective, per_task, grads
 
+  def terms_vjp(params, batch, dropout_key=None):
+    """One forward pass: (per_task, pullback), pullback(loss_cot [T], entropy_cot [T], z_cot [])
+    -> the gradient of sum_t loss_cot_t L_t + sum_t entropy_cot_t H_t + z_cot * z-loss w.r.t.
+    the trained parameters (the adapters with LoRA; `with_frozen` completes the tree). The
+    weighting methods that need this batch's losses (or per-task gradients) before the backward
+    pass use it; the objective is linear in the cotangents, so per-task gradients are the
+    pullback vmapped over one-hot rows."""
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    counts = losses.token_counts(batch, num_tasks)
+
+    def terms(trained, frozen):
+      full = traverse_util.unflatten_dict(
+          {**frozen, **traverse_util.flatten_dict(trained, sep="/")}, sep="/") if lora else trained
+      z_term, per_task = loss_fn(full, batch, zeros, zeros, counts, dropout_key)
+      return (per_task["loss"], per_task["entropy"], z_term), per_task
+
+    trained, frozen = (_trained(params, True), _split_lora(params)[1]) if lora else (params, {})
+    _, pullback, per_task = jax.vjp(lambda t: terms(t, jax.lax.stop_gradient(frozen)), trained,
+                                    has_aux=True)
+    return per_task, lambda *cot: pullback(cot)[0]
+
+  def with_frozen(grads, params):
+    """Trained-part gradients -> a full params tree (zeros for the frozen base with LoRA)."""
+    return _with_frozen_zeros(grads, _split_lora(params)[1]) if lora else grads
+
+  grad_fn.terms_vjp = terms_vjp  # type: ignore[attr-defined]
+  grad_fn.with_frozen = with_frozen  # type: ignore[attr-defined]
   return grad_fn
+
+
+def _with_frozen_zeros(grads: Any, frozen: dict[str, Any]) -> Any:
+  """The adapters' gradients (nested or flat) + zeros for the frozen base, as one nested tree."""
+  flat = traverse_util.flatten_dict(grads, sep="/")  # a flat {path: array} stays as it is
+  zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
+  return traverse_util.unflatten_dict({**zeros, **flat}, sep="/")
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -246,47 +316,123 @@ def all_finite(tree: Any) -> jax.Array:
 def make_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                  num_tasks: int, grad_accum: int = 1, z_loss: float = 0.0,
                  loss_chunk: int = 1024, lora: bool = False,
-                 dropout_seed: int | None = None) -> Callable:
+                 dropout_seed: int | None = None, weighting: WeightingConfig | None = None,
+                 seed: int = 0) -> Callable:
   """The pure step: gradients, the optimizer update, a non-finite guard (the update is kept
   only if the objective, the gradient norm, the update and the new params and optimizer state are
   all finite; an update can overflow even from finite gradients, e.g. with a huge learning rate).
 
   dropout_seed: the model has dropout (LoRA's); a step's key is this seed's folded with the step
-  number. lora: gradients and updates for the LoRA adapters only (see make_grad_fn)."""
+  number. lora: gradients and updates for the LoRA adapters only (see make_grad_fn).
+  weighting: the adaptive task weighting (mtjax.train.weighting; None or static: the task weights
+  as given); its state is TrainState.extra["weighting"]; seed: PCGrad's random task orders."""
   grad_fn = make_grad_fn(graphdef, num_tasks=num_tasks, grad_accum=grad_accum, z_loss=z_loss,
                          loss_chunk=loss_chunk, lora=lora)
+  weighting = weighting if weighting is not None else WeightingConfig()
+  method = weighting.method
+  adaptive = _weighted_gradients(grad_fn, weighting, num_tasks, seed) \
+      if method in weighting_lib.NEEDS_LOSSES_FIRST else None
 
   def step(state: TrainState, batch: Mapping[str, jax.Array], task_weights: jax.Array,
            entropy_coefs: jax.Array) -> tuple[TrainState, dict[str, Any]]:
     dropout_key = None if dropout_seed is None else jax.random.fold_in(
         jax.random.key(dropout_seed), state.step)
-    objective, per_task, grads = grad_fn(state.params, batch, task_weights, entropy_coefs,
-                                         dropout_key)
+    wstate = state.extra.get("weighting", {})
+    if adaptive is not None:
+      objective, per_task, grads, weights, new_wstate = adaptive(
+          state.params, batch, task_weights, entropy_coefs, wstate, state.step, dropout_key)
+    else:
+      weights = task_weights
+      if method == "uncertainty":
+        weights = task_weights * weighting_lib.uncertainty_weights(wstate)
+      elif method == "dwa":
+        weights = task_weights * weighting_lib.dwa_weights(weighting, wstate)
+      objective, per_task, grads = grad_fn(state.params, batch, weights, entropy_coefs,
+                                           dropout_key)
+      present = per_task["tokens"] > 0
+      new_wstate = wstate
+      if method == "uncertainty":
+        objective = objective + weighting_lib.uncertainty_regularizer(wstate)
+        new_wstate = weighting_lib.uncertainty_update(weighting, wstate,
+                                                      task_weights * per_task["loss"], present)
+      elif method == "dwa":
+        new_wstate = weighting_lib.dwa_update(weighting, wstate, per_task["loss"], present)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     # A non-finite update makes its parameter non-finite: checking the new params covers it.
     ok = (jnp.isfinite(objective) & jnp.isfinite(grad_norm) & all_finite(new_params)
-          & all_finite(new_opt_state))
+          & all_finite(new_opt_state) & all_finite(new_wstate))
     keep_new = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     skipped = (~ok).astype(jnp.int32)
+    extra = dict(state.extra)
+    if wstate:
+      extra["weighting"] = keep_new(new_wstate, wstate)
     new_state = TrainState(
         step=state.step + 1,
         params=keep_new(new_params, state.params),
         opt_state=keep_new(new_opt_state, state.opt_state),
         skipped_steps=state.skipped_steps + skipped,
         consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
-        extra=state.extra,
+        extra=extra,
     )
     metrics = {
         "objective": objective, "per_task": per_task, "grad_norm": grad_norm,
         "lr": schedule(state.step - state.skipped_steps),
         "skipped_steps": new_state.skipped_steps,
         "consecutive_skips": new_state.consecutive_skips,
+        "task_weights": weights,  # as applied (static x adaptive): train/<task>/weight
     }
     return new_state, metrics
 
   return step
+
+
+def _weighted_gradients(grad_fn: Callable, w: WeightingConfig, num_tasks: int,
+                        seed: int) -> Callable:
+  """The methods that need this batch's losses (FAMO) or per-task gradients (PCGrad, MGDA,
+  DB-MTL) before the backward pass: one forward, then the pullback with the method's cotangents.
+  -> (objective, per_task, grads, the weights or coefficients applied, the method's new state)."""
+  eye = jnp.eye(num_tasks, dtype=jnp.float32)
+  zeros = jnp.zeros((num_tasks,), jnp.float32)
+
+  def fn(params, batch, task_weights, entropy_coefs, wstate, step, dropout_key):
+    per_task, pullback = grad_fn.terms_vjp(params, batch, dropout_key)
+    task_losses = jax.lax.stop_gradient(per_task["loss"])
+    present = per_task["tokens"] > 0
+    plain = jnp.sum(task_weights * task_losses) - jnp.sum(entropy_coefs * per_task["entropy"])
+    if w.method == "famo":
+      new_wstate = weighting_lib.famo_update_logits(w, wstate, task_losses, present)
+      weights = task_weights * weighting_lib.famo_weights(w, new_wstate, task_losses, present)
+      grads = pullback(weights, -entropy_coefs, jnp.float32(1.0))
+      objective = (weighting_lib.famo_objective(w, new_wstate, task_losses, present)
+                   - jnp.sum(entropy_coefs * per_task["entropy"]))
+      return objective, per_task, grad_fn.with_frozen(grads, params), weights, new_wstate
+    # Per-task gradients of w_t L_t (rows) and the regularizers' gradient, one vmapped pullback.
+    cot_losses = jnp.concatenate([eye * task_weights[:, None], zeros[None]])
+    cot_entropy = jnp.concatenate([jnp.zeros((num_tasks, num_tasks)), -entropy_coefs[None]])
+    cot_z = jnp.concatenate([zeros, jnp.ones((1,), jnp.float32)])
+    both = jax.vmap(pullback)(cot_losses, cot_entropy, cot_z)
+    rows = jax.tree.map(lambda g: g[:num_tasks], both)
+    regularizers = jax.tree.map(lambda g: g[num_tasks], both)
+    new_wstate = wstate
+    if w.method == "pcgrad":
+      orders = weighting_lib.pcgrad_orders(
+          jax.random.fold_in(jax.random.key(seed), step), num_tasks)
+      coefs = weighting_lib.pcgrad_coefs(weighting_lib.gram(rows), present, orders)
+      combined = weighting_lib.combine(rows, coefs)
+    elif w.method == "mgda":
+      coefs = weighting_lib.mgda_coefs(weighting_lib.gram(rows), present, w.solver_iters)
+      combined = weighting_lib.combine(rows, coefs)
+    else:  # dbmtl: gradients of log(w_t L_t) = rows / (w_t L_t)
+      scale = jnp.where(present, 1.0 / jnp.maximum(task_weights * task_losses, 1e-8), 0.0)
+      log_rows = jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), rows)
+      new_wstate, coefs = weighting_lib.dbmtl_update(w, wstate, log_rows, present)
+      combined = weighting_lib.combine(new_wstate["grads"], coefs)
+    grads = jax.tree.map(jnp.add, combined, regularizers)
+    return plain, per_task, grad_fn.with_frozen(grads, params), coefs, new_wstate
+
+  return fn
 
 
 def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, shardings: TrainState) -> Callable:
