@@ -12,7 +12,10 @@ draw stands and takes the task's next example, and it is counted in "too_long".
 So the GLOBAL batch at step s is a function of (seed, s, the rates used so far) only, and the
 loader state is small, JSON-serializable and independent of the process count:
 `{"step", "credits": [T], "cursors": {task: n}, "truncated", "skipped", "too_long", "feedback"}`
-(a state without "too_long", written by an earlier version, restores with zeros).
+(a state without "too_long", written by an earlier version, restores with zeros), plus
+"mixing" when an online-mixing hook keeps its state there (`set_mixing`; mtjax.train.mixing: the
+bandit's rewards and its window so far, so a resumed run decides the same rates; a state without
+it restores as one without).
 Each process plans the whole global batch from example lengths (cheap) and tokenizes and
 materializes only its own rows.
 
@@ -196,7 +199,8 @@ STATE_ITEM = "checkpoint item 'loader'"  # where a restored loader state comes f
 def validate_state(state: Any, task_names: Sequence[str]) -> dict[str, Any]:
   """A deep copy of a restored loader state, checked key by key against the run's tasks; a state
   of another shape (a damaged or hand-edited checkpoint) is a BadInputError naming the item. A
-  state without "too_long" (written before data.truncate existed) restores with zeros."""
+  state without "too_long" (written before data.truncate existed) restores with zeros; "mixing"
+  (an online-mixing hook's state, mtjax.train.mixing, which checks its contents) is optional."""
   from mtjax.errors import BadInputError
 
   def bad(what: str) -> BadInputError:
@@ -231,9 +235,13 @@ def validate_state(state: Any, task_names: Sequence[str]) -> dict[str, Any]:
   if not isinstance(feedback, (list, tuple)) or not all(
       isinstance(f, (list, tuple)) and len(f) == 2 and count(f[0]) and rates(f[1]) for f in feedback):
     raise bad("'feedback' is not a list of [step, rates per task]")
+  mixing = state.get("mixing")
+  if mixing is not None and not isinstance(mixing, Mapping):
+    raise bad(f"'mixing' is a {type(mixing).__name__}, not a mapping")
   return {"step": state["step"], "credits": list(state["credits"]),
           **{k: dict(state[k]) for k in ("cursors", "truncated", "skipped")},
-          "too_long": dict(too_long), "feedback": [[s, list(r)] for s, r in feedback]}
+          "too_long": dict(too_long), "feedback": [[s, list(r)] for s, r in feedback],
+          **({"mixing": copy.deepcopy(dict(mixing))} if mixing is not None else {})}
 
 
 class MixtureLoader:
@@ -312,6 +320,13 @@ class MixtureLoader:
       effective = self.state["step"] + self.feedback_lag
       self.state["feedback"].append([effective, vector.tolist()])
     return effective
+
+  def set_mixing(self, mixing: Mapping[str, Any]) -> None:
+    """Keeps an online-mixing hook's (JSON-serializable) state in the loader state under
+    "mixing": checkpointed with it and restored with it (`state` after a restore has it)."""
+    mixing = copy.deepcopy(dict(mixing))
+    with self._lock:
+      self.state["mixing"] = mixing
 
   def rates_at(self, step: int, feedback: Sequence[Sequence[Any]]) -> np.ndarray:
     """Fed-back rates win from their step until the schedule's next stage begins."""
@@ -394,8 +409,9 @@ class MixtureLoader:
       if isinstance(batch, BaseException):
         raise batch
       self._planned.release()
-    with self._lock:  # the feedback list is the loader's own, appended to by set_rates
-      self.state = dict(batch.state_after, feedback=self.state["feedback"])
+    with self._lock:  # feedback and mixing are the loader's own (set_rates, set_mixing)
+      carried = {k: self.state[k] for k in ("feedback", "mixing") if k in self.state}
+      self.state = dict(batch.state_after, **carried)
     return batch
 
   def close(self) -> None:

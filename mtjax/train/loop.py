@@ -159,6 +159,9 @@ def default_hooks(config: Config, make_evaluator: Callable | None,
     hooks.append(hooks_lib.ProfileHook(*profile))
   if make_evaluator is not None:
     hooks.append(hooks_lib.EvalHook(config.eval.every, make_evaluator, config.eval.steps))
+  if config.data.mixing.method == "odm":  # before the checkpoint hook: a save holds its decision
+    from mtjax.train.mixing import MixingHook
+    hooks.append(MixingHook(config.data.mixing.every, config.data.mixing.smoothing))
   return hooks + [checkpoint, hooks_lib.PreemptionHook(checkpoint, config.train.preemption_every)]
 
 
