@@ -11,6 +11,10 @@
   counts) / step time, over the device's dense spec peak (mtjax.perf.SPEC_PEAK_FLOPS; null on
   CPU) and, as mfu_measured_peak, over the matmul peak measured in the same run.
 - torch_eager_cpu: the same model, batch and loss terms in PyTorch eager on CPU (if installed).
+- weighting: the compiled step of every train.weighting.method on the same device batch, rounds
+  interleaved across methods; each method's median step time over static's, per round, and the
+  median of those ratios (loss-based methods: O(T) extra work; gradient-based ones: T backward
+  passes and a [T, T] Gram matrix).
 """
 
 from __future__ import annotations
@@ -159,6 +163,47 @@ def torch_eager_step_time(spec, batch: dict[str, np.ndarray], num_tasks: int, st
   return torch_reference.step_time(spec, batch, num_tasks, steps)
 
 
+def weighting_overhead(cfg: Config, host_batch: dict[str, np.ndarray], *, rounds: int,
+                       steps: int, progress=print) -> dict[str, Any]:
+  """Step time of each weighting method over static's: the compiled step alone (no loader), on
+  one device batch; rounds interleave the methods so machine noise hits them alike."""
+  from mtjax.config import WEIGHTING_METHODS
+  from mtjax.train import setup as setup_lib
+  T = cfg.num_tasks
+  w, c = np.ones(T, np.float32), np.full(T, 0.01, np.float32)
+  arms = {}
+  for method in WEIGHTING_METHODS:
+    run = setup_lib.build(cfg.replace(**{"train.weighting.method": method}), decay_steps=1000)
+    with jax.set_mesh(run.mesh):
+      batch = {k: jax.device_put(v, run.batch_sharding) for k, v in host_batch.items()}
+      fn, state = run.jit_step(), run.state
+      for _ in range(2):
+        state, m = fn(state, batch, w, c)
+      jax.block_until_ready(m)
+    arms[method] = [run.mesh, fn, state, batch]
+
+  def timed(method: str) -> float:
+    mesh, fn, state, batch = arms[method]
+    with jax.set_mesh(mesh):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, m = fn(state, batch, w, c)
+      jax.block_until_ready(m)
+    arms[method][2] = state
+    return (time.perf_counter() - t0) / steps
+
+  times: dict[str, list[float]] = {m: [] for m in WEIGHTING_METHODS}
+  for r in range(rounds):
+    for method in WEIGHTING_METHODS:
+      times[method].append(timed(method))
+    progress(f"bench: weighting round {r + 1}/{rounds}: " + ", ".join(
+        f"{m} {times[m][-1] / times['static'][-1]:.3f}" for m in WEIGHTING_METHODS[1:]))
+  return {m: {"step_time_s": statistics.median(times[m]),
+              "over_static": statistics.median(a / b for a, b in zip(times[m], times["static"])),
+              "over_static_rounds": [a / b for a, b in zip(times[m], times["static"])]}
+          for m in WEIGHTING_METHODS}
+
+
 # ---------------------------------------------------------------- the benchmark
 
 def check_args(*, rounds: int, steps: int, loader_seconds: float, torch_steps: int,
@@ -260,6 +305,7 @@ def run(cfg: Config, *, rounds: int = 5, steps: int = 10, loader_seconds: float 
   torch_time = torch_eager_step_time(spec, host_batch, T, torch_steps) if torch_steps else None
   torch_note = ("skipped: --torch_steps 0" if not torch_steps else "skipped: torch is not installed")
   bare_step_time = statistics.median(bare_times)
+  weighting = weighting_overhead(cfg, host_batch, rounds=rounds, steps=steps, progress=progress)
   return {
       "benchmark": "mtjax",
       "machine": {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
@@ -282,6 +328,7 @@ def run(cfg: Config, *, rounds: int = 5, steps: int = 10, loader_seconds: float 
       "matmul_peak_flops_per_s": peak, "matmul_peak": {"n": n, "dtype": dtype},
       "torch_eager_cpu": ({"note": torch_note} if torch_time is None else
                           {"step_time_s": torch_time, "over_trainer": torch_time / step_time}),
+      "weighting": weighting,
   }
 
 
@@ -315,5 +362,8 @@ def table(result: dict[str, Any]) -> str:
   t = result["torch_eager_cpu"]
   lines.append("torch eager cpu   " + (t["note"] if "note" in t else
                                      f"{t['step_time_s'] * 1e3:.1f} ms/step = {t['over_trainer']:.2f}x the trainer"))
+  if "weighting" in result:
+    lines.append("weighting         step time over static: " + ", ".join(
+        f"{m} {v['over_static']:.3f}" for m, v in result["weighting"].items() if m != "static"))
   return "\n".join(lines)
 

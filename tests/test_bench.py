@@ -132,6 +132,12 @@ def test_bench_cli_writes_every_figure(tmp_path, capsys):
   assert result["compile"]["train_step"]["count"] == 1 and result["compile"]["eval_step"]["count"] == 1
   assert 0 < result["mfu_measured_peak"] < 1 and result["mfu"] is None  # no spec peak for a CPU
   assert "torch_eager_cpu" in result and "step_overhead" in capsys.readouterr().out
+  from mtjax.config import WEIGHTING_METHODS
+  weighting = result["weighting"]
+  assert set(weighting) == set(WEIGHTING_METHODS) and weighting["static"]["over_static"] == 1.0
+  for figures in weighting.values():
+    assert len(figures["over_static_rounds"]) == 2
+    assert figures["over_static"] == pytest.approx(np.median(figures["over_static_rounds"]))
 
 
 def test_train_profile_writes_a_trace(tmp_path):
