@@ -322,3 +322,48 @@ def test_bad_weighting_config_names_the_field():
     tiny_config(**{"train.weighting.method": "gradnorm"})
   with pytest.raises(BadInputError, match="optimizer.grad_accum=1"):
     tiny_config(**{"train.weighting.method": "pcgrad", "optimizer.grad_accum": 2})
+
+
+@pytest.mark.slow
+def test_sigkill_resume_with_method_state_matches_straight_run(tmp_path):
+  """DB-MTL's per-task gradient EMAs (TrainState.extra) and ODM's bandit (loader state), killed
+  with SIGKILL past a checkpoint and resumed: the same rows and parameters as a straight run."""
+  import json
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  import orbax.checkpoint as ocp
+
+  from conftest import DEMO, REPO
+  steps = 24
+  args = ["--config", f"{DEMO}:tiny", f"--config.train.steps={steps}", "--config.train.log_every=1",
+          "--config.checkpoint.every=10", "--config.train.weighting.method=dbmtl",
+          "--config.data.mixing.method=odm", "--config.data.mixing.every=3"]
+  driver = str(REPO / "tests" / "fault_driver.py")
+  cmd = lambda workdir, *hooks: [sys.executable, driver, *hooks, "--", "train", *args,
+                                 "--workdir", str(workdir)]
+  rows = lambda workdir: [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  done = subprocess.run(cmd(straight), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  proc = subprocess.Popen(cmd(killed, "--step-delay", "0.2"), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "10").is_dir():
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  time.sleep(1.0)  # a few steps past the checkpoint (one decision of the bandit among them)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  assert max(r["step"] for r in rows(killed)) > 10  # killed past the checkpoint: steps redone
+  resumed = subprocess.run(cmd(killed), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  a, b = rows(straight), rows(killed)
+  assert [r["step"] for r in b] == list(range(1, steps + 1))
+  keys = ["train/loss"] + [k for k in a[-1] if k.endswith("/weight") or k.endswith("/rate")]
+  assert [[r.get(k) for k in keys] for r in b] == [[r.get(k) for k in keys] for r in a]
+  restore = lambda w: ocp.PyTreeCheckpointer().restore(w / "checkpoints" / str(steps) / "state")
+  for x, y in zip(jax.tree.leaves(restore(straight)), jax.tree.leaves(restore(killed))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
