@@ -367,3 +367,31 @@ def test_sigkill_resume_with_method_state_matches_straight_run(tmp_path):
   restore = lambda w: ocp.PyTreeCheckpointer().restore(w / "checkpoints" / str(steps) / "state")
   for x, y in zip(jax.tree.leaves(restore(straight)), jax.tree.leaves(restore(killed))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("method", ["famo", "dbmtl"])
+def test_lora_with_weighting_trains_adapters_only(method):
+  """The vjp path with LoRA: gradients for the adapters only, the frozen base bit-identical."""
+  from flax import traverse_util
+
+  from mtjax.model.llama import is_lora_path
+  from mtjax.parallel import sharding
+  cfg = _tiny(method, **{"model.lora.targets": ("q", "v", "up"), "model.lora.rank": 4,
+                         "model.lora.per_task": True, "optimizer.lr": 1e-2})
+  run = setup_lib.build(cfg)
+  step = run.jit_step()
+  flat = lambda p: traverse_util.flatten_dict(jax.device_get(p), sep="/")
+  before = flat(run.state.params)
+  state, T = run.state, cfg.num_tasks
+  with jax.set_mesh(run.mesh):
+    for i in range(2):
+      batch = {k: jax.device_put(v, sharding.named(run.mesh, sharding.BATCH_AXES))
+               for k, v in host_batch(cfg, start=i).items()}
+      state, metrics = step(state, batch, np.ones(T, np.float32), np.zeros(T, np.float32))
+  assert int(metrics["skipped_steps"]) == 0
+  after = flat(state.params)
+  for path, value in before.items():
+    if is_lora_path(path):
+      continue
+    np.testing.assert_array_equal(after[path], value)
+  assert any(np.any(after[p] != before[p]) for p in before if p.endswith("_lora_b"))
