@@ -166,7 +166,7 @@ def torch_eager_step_time(spec, batch: dict[str, np.ndarray], num_tasks: int, st
 def weighting_overhead(cfg: Config, host_batch: dict[str, np.ndarray], *, rounds: int,
                        steps: int, progress=print) -> dict[str, Any]:
   """Step time of each weighting method over static's: the compiled step alone (no loader), on
-  one device batch; rounds interleave the methods so machine noise hits them alike."""
+  one device batch, each step waited for; the methods take turns step by step."""
   from mtjax.config import WEIGHTING_METHODS
   from mtjax.train import setup as setup_lib
   T = cfg.num_tasks
@@ -182,20 +182,25 @@ def weighting_overhead(cfg: Config, host_batch: dict[str, np.ndarray], *, rounds
       jax.block_until_ready(m)
     arms[method] = [run.mesh, fn, state, batch]
 
-  def timed(method: str) -> float:
+  def one_step(method: str) -> float:
     mesh, fn, state, batch = arms[method]
     with jax.set_mesh(mesh):
       t0 = time.perf_counter()
-      for _ in range(steps):
-        state, m = fn(state, batch, w, c)
+      state, m = fn(state, batch, w, c)
       jax.block_until_ready(m)
     arms[method][2] = state
-    return (time.perf_counter() - t0) / steps
+    return time.perf_counter() - t0
 
+  # Interleaved step by step (each method's step in turn, `steps` times per round): noise from
+  # other work on the machine lands on every method alike, even within a round.
   times: dict[str, list[float]] = {m: [] for m in WEIGHTING_METHODS}
   for r in range(rounds):
+    total = dict.fromkeys(WEIGHTING_METHODS, 0.0)
+    for _ in range(steps):
+      for method in WEIGHTING_METHODS:
+        total[method] += one_step(method)
     for method in WEIGHTING_METHODS:
-      times[method].append(timed(method))
+      times[method].append(total[method] / steps)
     progress(f"bench: weighting round {r + 1}/{rounds}: " + ", ".join(
         f"{m} {times[m][-1] / times['static'][-1]:.3f}" for m in WEIGHTING_METHODS[1:]))
   return {m: {"step_time_s": statistics.median(times[m]),
