@@ -299,6 +299,7 @@ def test_one_compile_and_exact_resume(method, tmp_path):
              if "train/loss" in r]
   if method != "pcgrad":  # PCGrad's coefficients are 1 when no pair of tasks conflicts
     assert any(w != weights[0] for w in weights[1:]), weights  # the weights adapt
+    assert "train_weight.png" in {p.name for p in straight.plots}  # and are drawn
   train.run(cfg.replace(**{"train.steps": 4}), tmp_path / "b")  # saves at 3 and at its end, 4
   resumed = train.run(cfg, tmp_path / "b")
   assert resumed.compiles == 1

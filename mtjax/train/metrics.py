@@ -338,4 +338,36 @@ def plot_per_task(rows: Sequence[Mapping[str, Any]], task_names: Sequence[str],
     with path.open("wb") as f:
       fig.savefig(f, format="png")
     written.append(path)
+  return written + plot_controls(rows, task_names, out_dir)
+
+
+def plot_controls(rows: Sequence[Mapping[str, Any]], task_names: Sequence[str],
+                  out_dir: epath.Path) -> list[epath.Path]:
+  """train_weight.png / data_rate.png: each task's loss weight (as the step applied it: adaptive
+  weighting included) and sampling rate against step; only for a run where they changed."""
+  from matplotlib.figure import Figure
+
+  written = []
+  for key, label, name in (("train/{}/weight", "loss weight (as applied)", "train_weight"),
+                           ("data/{}/rate", "sampling rate", "data_rate")):
+    series = {t: [(r["step"], r[key.format(t)]) for r in rows if key.format(t) in r]
+              for t in task_names}
+    if all(len({v for _, v in pts}) <= 1 for pts in series.values()):
+      continue  # constant over the run: nothing to look at
+    fig = Figure(figsize=(6.4, 4.0), dpi=110)
+    ax = fig.subplots()
+    for t, pts in series.items():
+      if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, label=t, linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} per task")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    with path.open("wb") as f:
+      fig.savefig(f, format="png")
+    written.append(path)
   return written
