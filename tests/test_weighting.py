@@ -69,20 +69,24 @@ class NpDWA:  # Liu et al. 2019 over EMA losses
 
 
 class NpFAMO:  # Liu et al. 2023, with L(next) = the next step's losses
+  """Over all T logits; an absent task (present False) has d_t = 0 and no weight."""
+
   def __init__(self, T, c):
     self.c, self.xi, self.prev = c, NpAdam(np.zeros(T), c.lr, c.weight_decay), None
 
-  def __call__(self, L, G, **_):
+  def __call__(self, L, G, present=None, **_):
     m = self.c.min_loss
+    present = np.ones(len(L), bool) if present is None else present
+    logl = np.where(present, np.log(np.where(present, L - m, 1.0)), 0.0)
     if self.prev is not None:
-      d = self.prev - np.log(L - m)
+      d = np.where(present, self.prev - logl, 0.0)
       z = softmax(self.xi.x)
       jac = np.diag(z) - np.outer(z, z)  # dz/dxi
       self.xi.step(jac.T @ d)
     z = softmax(self.xi.x)
-    c = 1 / np.sum(z / (L - m))
-    w = c * z / (L - m)
-    self.prev = np.log(L - m)
+    ratio = np.where(present, z / np.where(present, L - m, 1.0), 0.0)
+    w = ratio / ratio.sum()
+    self.prev = logl
     return w @ G, w
 
 
@@ -246,11 +250,13 @@ def _tiny(method, **dotted):
                         "optimizer.warmup_steps": 0, **dotted})
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_step_matches_numpy_rule_with_independent_gradients(method):
+@pytest.mark.parametrize("method,weights", [(m, (1.0, 1.0, 1.0)) for m in METHODS]
+                         + [("mgda", (1.0, 2.0, 0.0)), ("famo", (1.0, 2.0, 0.0))])
+def test_step_matches_numpy_rule_with_independent_gradients(method, weights):
   """Three steps of the compiled step against the numpy rule applied to per-task gradients from
   separate value_and_grad calls. The step's "optimizer" keeps the gradient it is given as its
-  state and leaves the parameters as they are: the gradient is compared exactly as computed."""
+  state and leaves the parameters as they are: the gradient is compared exactly as computed.
+  Static weights scale each task's gradient; a task of weight 0 takes no part."""
   cfg = _tiny(method)
   run = setup_lib.build(cfg)
   T = cfg.num_tasks
@@ -264,8 +270,10 @@ def test_step_matches_numpy_rule_with_independent_gradients(method):
   state = step_lib.TrainState(step=run.state.step, params=run.state.params,
                               opt_state=sgd.init(run.state.params), skipped_steps=run.state.skipped_steps,
                               consecutive_skips=run.state.consecutive_skips, extra=run.state.extra)
-  ref = NUMPY[method](T, cfg.train.weighting)
-  weights = np.ones(T, np.float32)
+  weights = np.asarray(weights, np.float32)
+  # A task of weight 0 takes no part: the rules run over the others (FAMO keeps every logit).
+  kept = np.arange(T) if method == "famo" else np.flatnonzero(weights > 0)
+  ref = NUMPY[method](len(kept), cfg.train.weighting)
   coefs = np.full(T, 0.01, np.float32)  # an entropy term: added to every method's update
   zeros = np.zeros(T, np.float32)
   with jax.set_mesh(run.mesh):
@@ -280,7 +288,9 @@ def test_step_matches_numpy_rule_with_independent_gradients(method):
       _, _, reg = grad_fn(state.params, batch, jnp.asarray(zeros), jnp.asarray(coefs))
       assert (np.asarray(per_task["tokens"]) > 0).all()
       orders = np.asarray(wl.pcgrad_orders(jax.random.fold_in(jax.random.key(cfg.seed), i), T))
-      expected, _ = ref(losses, np.stack(rows), orders=orders)
+      rows = [weights[t] * rows[t] for t in range(T)]
+      expected, _ = ref(losses[kept] * weights[kept], np.stack(rows)[kept], orders=orders,
+                        present=weights[kept] > 0)
       expected = expected + np.asarray(ravel_pytree(reg)[0])
       state, metrics = step(state, batch, jnp.asarray(weights), jnp.asarray(coefs))
       got = np.asarray(ravel_pytree(state.opt_state)[0])

@@ -399,13 +399,15 @@ def _weighted_gradients(grad_fn: Callable, w: WeightingConfig, num_tasks: int,
   def fn(params, batch, task_weights, entropy_coefs, wstate, step, dropout_key):
     per_task, pullback = grad_fn.terms_vjp(params, batch, dropout_key)
     task_losses = jax.lax.stop_gradient(per_task["loss"])
-    present = per_task["tokens"] > 0
+    # A task with weight 0 takes no part (MGDA's hull would otherwise hold its zero gradient).
+    present = (per_task["tokens"] > 0) & (task_weights > 0)
     plain = jnp.sum(task_weights * task_losses) - jnp.sum(entropy_coefs * per_task["entropy"])
-    if w.method == "famo":
-      new_wstate = weighting_lib.famo_update_logits(w, wstate, task_losses, present)
-      weights = task_weights * weighting_lib.famo_weights(w, new_wstate, task_losses, present)
+    if w.method == "famo":  # on the weighted losses w_t L_t, as every method
+      weighted = task_weights * task_losses
+      new_wstate = weighting_lib.famo_update_logits(w, wstate, weighted, present)
+      weights = task_weights * weighting_lib.famo_weights(w, new_wstate, weighted, present)
       grads = pullback(weights, -entropy_coefs, jnp.float32(1.0))
-      objective = (weighting_lib.famo_objective(w, new_wstate, task_losses, present)
+      objective = (weighting_lib.famo_objective(w, new_wstate, weighted, present)
                    - jnp.sum(entropy_coefs * per_task["entropy"]))
       return objective, per_task, grad_fn.with_frozen(grads, params), weights, new_wstate
     # Per-task gradients of w_t L_t (rows) and the regularizers' gradient, one vmapped pullback.

@@ -3,8 +3,10 @@
 L_t is task t's mean loss in the step's batch (per-token task ids: a packed batch holds several
 tasks), T the number of tasks, `present` the tasks with loss tokens in the batch. A task absent
 from a batch contributes nothing and keeps its previous statistics. Each method's state is a dict
-of arrays in `TrainState.extra["weighting"]` (checkpointed with the rest: exact resume), and the
-adaptive weights multiply train.loss_weights (w_t below).
+of arrays in `TrainState.extra["weighting"]` (checkpointed with the rest: exact resume). Every
+method balances the weighted losses w_t L_t (w_t: train.loss_weights; a task of weight 0 takes no
+part): the adaptive weight multiplies w_t, and the rules that are invariant to a task's scale
+(FAMO and DB-MTL work on log losses, uncertainty learns a scale) mostly undo a static w_t.
 
 Loss-based (O(T) extra work):
   uncertainty  Kendall, Gal & Cipolla 2018, "Multi-Task Learning Using Uncertainty to Weigh
