@@ -11,9 +11,8 @@
   counts) / step time, over the device's dense spec peak (mtjax.perf.SPEC_PEAK_FLOPS; null on
   CPU) and, as mfu_measured_peak, over the matmul peak measured in the same run.
 - torch_eager_cpu: the same model, batch and loss terms in PyTorch eager on CPU (if installed).
-- weighting: the compiled step of every train.weighting.method on the same device batch, rounds
-  interleaved across methods; each method's median step time over static's, per round, and the
-  median of those ratios (loss-based methods: O(T) extra work; gradient-based ones: T backward
+- weighting: the compiled step of every train.weighting.method against static's on the same
+  device batch, the two taking turns step by step; each round's step-time ratio and their median (loss-based methods: O(T) extra work; gradient-based ones: T backward
   passes and a [T, T] Gram matrix).
 """
 
@@ -166,13 +165,15 @@ def torch_eager_step_time(spec, batch: dict[str, np.ndarray], num_tasks: int, st
 def weighting_overhead(cfg: Config, host_batch: dict[str, np.ndarray], *, rounds: int,
                        steps: int, progress=print) -> dict[str, Any]:
   """Step time of each weighting method over static's: the compiled step alone (no loader), on
-  one device batch, each step waited for; the methods take turns step by step."""
+  one device batch, each step waited for. Static and one method at a time are held (two train
+  states on the device, not seven) and take turns step by step, `steps` each per round, so noise
+  from other work on the machine lands on both alike."""
   from mtjax.config import WEIGHTING_METHODS
   from mtjax.train import setup as setup_lib
   T = cfg.num_tasks
   w, c = np.ones(T, np.float32), np.full(T, 0.01, np.float32)
-  arms = {}
-  for method in WEIGHTING_METHODS:
+
+  def build(method: str) -> list[Any]:
     run = setup_lib.build(cfg.replace(**{"train.weighting.method": method}), decay_steps=1000)
     with jax.set_mesh(run.mesh):
       batch = {k: jax.device_put(v, run.batch_sharding) for k, v in host_batch.items()}
@@ -180,33 +181,39 @@ def weighting_overhead(cfg: Config, host_batch: dict[str, np.ndarray], *, rounds
       for _ in range(2):
         state, m = fn(state, batch, w, c)
       jax.block_until_ready(m)
-    arms[method] = [run.mesh, fn, state, batch]
+    return [run.mesh, fn, state, batch]
 
-  def one_step(method: str) -> float:
-    mesh, fn, state, batch = arms[method]
+  def one_step(arm: list[Any]) -> float:
+    mesh, fn, state, batch = arm
     with jax.set_mesh(mesh):
       t0 = time.perf_counter()
       state, m = fn(state, batch, w, c)
       jax.block_until_ready(m)
-    arms[method][2] = state
+    arm[2] = state
     return time.perf_counter() - t0
 
-  # Interleaved step by step (each method's step in turn, `steps` times per round): noise from
-  # other work on the machine lands on every method alike, even within a round.
-  times: dict[str, list[float]] = {m: [] for m in WEIGHTING_METHODS}
-  for r in range(rounds):
-    total = dict.fromkeys(WEIGHTING_METHODS, 0.0)
-    for _ in range(steps):
-      for method in WEIGHTING_METHODS:
-        total[method] += one_step(method)
-    for method in WEIGHTING_METHODS:
-      times[method].append(total[method] / steps)
-    progress(f"bench: weighting round {r + 1}/{rounds}: " + ", ".join(
-        f"{m} {times[m][-1] / times['static'][-1]:.3f}" for m in WEIGHTING_METHODS[1:]))
-  return {m: {"step_time_s": statistics.median(times[m]),
-              "over_static": statistics.median(a / b for a, b in zip(times[m], times["static"])),
-              "over_static_rounds": [a / b for a, b in zip(times[m], times["static"])]}
-          for m in WEIGHTING_METHODS}
+  static = build("static")
+  result: dict[str, Any] = {}
+  static_times: list[float] = []
+  for method in WEIGHTING_METHODS[1:]:
+    arm = build(method)
+    pairs = []
+    for _ in range(rounds):
+      a = b = 0.0
+      for _ in range(steps):
+        a += one_step(static)
+        b += one_step(arm)
+      pairs.append((b / steps, a / steps))
+    del arm
+    static_times += [a for _, a in pairs]
+    ratios = [b / a for b, a in pairs]
+    result[method] = {"step_time_s": statistics.median(b for b, _ in pairs),
+                      "over_static": statistics.median(ratios), "over_static_rounds": ratios}
+    progress(f"bench: weighting {method}: {result[method]['over_static']:.3f} x static "
+             f"(rounds {', '.join(f'{r:.3f}' for r in ratios)})")
+  result = {"static": {"step_time_s": statistics.median(static_times), "over_static": 1.0,
+                       "over_static_rounds": [1.0] * rounds}, **result}
+  return result
 
 
 # ---------------------------------------------------------------- the benchmark
