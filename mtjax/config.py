@@ -294,6 +294,28 @@ class StudyConfig:
   split: str = "report"  # report (examples after the tuning split) | tuning (the tuning split)
 
 
+RL_ALGORITHMS = ("none", "grpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """On-policy RL (mtjax.rl): GRPO on the mixture's prompts, rewards from the tasks' verifiers.
+  Each step samples rl.prompts prompts (drawn from data.tasks at the mixture's rates) x
+  rl.samples completions from the current policy (temperature 1), then takes rl.epochs PPO-clip
+  updates on them with a k3 KL to the starting model."""
+
+  algorithm: str = "none"  # none (supervised) | grpo
+  prompts: int = 8  # B prompts per step
+  samples: int = 8  # n completions per prompt (a group)
+  epochs: int = 1  # mu optimizer updates per sampled batch (> 1: the clip can bind)
+  clip_eps: float = 0.2
+  kl_coef: float = 0.04  # beta, on the k3 estimate of KL(policy || reference)
+  diversity: str = "none"  # none | darling (DARLING: reward x diversity within the group)
+  normalize_std: bool = True  # divide group advantages by the group's std (not with darling)
+  max_new_tokens: int | str = "auto"  # auto: the longest training target of the tasks + EOS
+  buckets: tuple[int, ...] = (32, 64, 128, 256)  # prompt buckets (one sampler compile each)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   seed: int = 0
@@ -305,6 +327,7 @@ class Config:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
+  rl: RLConfig = dataclasses.field(default_factory=RLConfig)
 
   @property
   def num_tasks(self) -> int:
@@ -612,6 +635,50 @@ def _check(config: Config) -> None:
     raise BadInputError("eval.top_p", f"expected 0 < top_p <= 1, got {e.top_p}")
   _check_weighting(t.weighting, o.grad_accum)
   _check_mixing(d.mixing)
+  _check_rl(config)
+
+
+def _check_rl(config: Config) -> None:
+  r = config.rl
+  if r.algorithm not in RL_ALGORITHMS:
+    raise BadInputError("rl.algorithm", f"expected one of {', '.join(RL_ALGORITHMS)}, got "
+                        f"{r.algorithm!r}")
+  if r.diversity not in ("none", "darling"):
+    raise BadInputError("rl.diversity", f"expected none or darling, got {r.diversity!r}")
+  for field, value in (("prompts", r.prompts), ("samples", r.samples), ("epochs", r.epochs)):
+    if value <= 0:
+      raise BadInputError(f"rl.{field}", f"expected a positive integer, got {value}")
+  if r.samples < 2:
+    raise BadInputError("rl.samples", f"a group needs at least 2 samples (advantages are "
+                        f"relative to the group), got {r.samples}")
+  if not 0 < r.clip_eps < 1:
+    raise BadInputError("rl.clip_eps", f"expected 0 < clip_eps < 1, got {r.clip_eps}")
+  if r.kl_coef < 0:
+    raise BadInputError("rl.kl_coef", f"expected a value >= 0, got {r.kl_coef}")
+  if isinstance(r.max_new_tokens, str) and r.max_new_tokens != "auto" or \
+      isinstance(r.max_new_tokens, int) and r.max_new_tokens <= 0:
+    raise BadInputError("rl.max_new_tokens", f"expected 'auto' or a positive integer, got "
+                        f"{r.max_new_tokens!r}")
+  if not r.buckets or any(b <= 0 for b in r.buckets) or list(r.buckets) != sorted(set(r.buckets)):
+    raise BadInputError("rl.buckets", f"expected increasing positive prompt lengths, got "
+                        f"{list(r.buckets)}")
+  if r.algorithm == "none":
+    return
+  if config.train.weighting.method != "static":
+    raise BadInputError("train.weighting.method", "adaptive loss weighting works on supervised "
+                        "losses; with rl.algorithm=grpo expected static (train.loss_weights "
+                        "scale each task's advantages)")
+  if config.data.mixing.method != "none":
+    raise BadInputError("data.mixing.method", "online data mixing rewards supervised losses; "
+                        "with rl.algorithm=grpo expected none")
+  if config.optimizer.grad_accum != 1:
+    raise BadInputError("optimizer.grad_accum", "expected 1 with rl.algorithm=grpo (the update "
+                        f"takes the whole rollout), got {config.optimizer.grad_accum}")
+  if config.train.entropy_coefs:
+    raise BadInputError("train.entropy_coefs", "GRPO has no entropy term (entropy is logged per "
+                        "task); expected {} with rl.algorithm=grpo")
+  if config.optimizer.ema:
+    raise BadInputError("optimizer.ema", "expected 0 with rl.algorithm=grpo")
 
 
 def _check_weighting(w: WeightingConfig, grad_accum: int) -> None:

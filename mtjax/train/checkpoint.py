@@ -31,7 +31,7 @@ from mtjax.errors import BadInputError
 
 # Fields that must match to resume: they change the state's shapes or what the run is.
 UNSAFE_ON_RESUME = ("model", "data.tasks", "data.tokenizer", "seed", "train.weighting.method",
-                    "data.mixing.method")
+                    "data.mixing.method", "rl.algorithm", "rl.prompts", "rl.samples")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

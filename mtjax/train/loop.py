@@ -217,7 +217,11 @@ def _run_locked(config: Config, workdir: epath.Path, *, devices: Sequence[Device
     assert evaluator is not None
     return evaluator(config, setup.graphdef, setup.spec, setup.mesh, setup.tokenizer)
 
-  source = LoaderSource(setup.loader(), setup.batch_sharding)
+  if config.rl.algorithm != "none":  # on-policy: rollouts sampled from the current state
+    from mtjax.rl.source import RLSource
+    source: BatchSource = RLSource(setup, setup.loader_state)
+  else:
+    source = LoaderSource(setup.loader(), setup.batch_sharding)
   loop = Loop(setup, workdir, setup.jit_step(), source,
               default_hooks(config, make_evaluator if evaluator else None, profile)
               + list(extra_hooks))

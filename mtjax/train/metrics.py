@@ -72,10 +72,11 @@ def window_sums(per_task_steps: Sequence[Mapping[str, Any]]) -> dict[str, np.nda
   sums: dict[str, np.ndarray] = {}
   for per_task in per_task_steps:
     tokens = np.asarray(per_task["tokens"], np.float64)
-    step = {"loss": np.asarray(per_task["loss"], np.float64) * tokens,
-            "entropy": np.asarray(per_task["entropy"], np.float64) * tokens,
-            "correct": np.asarray(per_task["accuracy"], np.float64) * tokens,
-            "tokens": tokens}
+    # An RL step has no per-task loss (its accuracy is the mean reward): only the keys it has.
+    step = {name: np.asarray(per_task[key], np.float64) * tokens
+            for name, key in (("loss", "loss"), ("entropy", "entropy"), ("correct", "accuracy"))
+            if key in per_task}
+    step["tokens"] = tokens
     for key, value in step.items():
       sums[key] = sums[key] + value if key in sums else value
   return sums
@@ -98,14 +99,17 @@ def train_row(step: int, metrics: Mapping[str, Any], task_names: Sequence[str],
       "train/skipped_steps": int(metrics["skipped_steps"]),
   }
   sums = window_sums([metrics["per_task"]]) if window is None else window
+  for key, value in metrics.items():  # an RL step's scalars (clip fraction, KL, ...)
+    if key.startswith("rl/"):
+      row[key] = float(value)
   if "task_weights" in metrics:  # as the step applied them (adaptive weighting included)
     loss_weights = np.asarray(metrics["task_weights"])
   for i, name in enumerate(task_names):
     tokens = float(sums["tokens"][i])
     if tokens > 0:
-      row[f"train/{name}/loss"] = float(sums["loss"][i] / tokens)
-      row[f"train/{name}/entropy"] = float(sums["entropy"][i] / tokens)
-      row[f"train/{name}/accuracy"] = float(sums["correct"][i] / tokens)
+      for key, out in (("loss", "loss"), ("entropy", "entropy"), ("correct", "accuracy")):
+        if key in sums:
+          row[f"train/{name}/{out}"] = float(sums[key][i] / tokens)
     row[f"train/{name}/tokens"] = int(round(tokens))
     row[f"train/{name}/weight"] = float(loss_weights[i])
     row[f"train/{name}/entropy_coef"] = float(entropy_coefs[i])

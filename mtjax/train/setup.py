@@ -61,6 +61,11 @@ class Setup:
                                loss_chunk=c.train.loss_chunk, lora=self.spec.lora,
                                dropout_seed=c.seed if self.spec.lora_dropout > 0 else None,
                                weighting=c.train.weighting, seed=c.seed)
+    if c.rl.algorithm != "none":
+      from mtjax.rl import step as rl_step
+      return rl_step.jit_rl_step(rl_step.make_rl_step_fn(self.graphdef, self.tx, self.schedule, c,
+                                                         lora=self.spec.lora),
+                                 self.mesh, self.shardings)
     return step_lib.jit_step(fn, self.mesh, self.shardings)
 
   def loader(self, prefetch: int | None = None) -> MixtureLoader:
@@ -113,7 +118,10 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
                                num_tasks=config.num_tasks)
 
   checkpointer, restore_at, changes = None, None, {}
-  run_facts = {"decay_steps": decay_steps or config.optimizer.decay_steps or config.train.steps}
+  # The schedule counts optimizer updates: an RL step takes rl.epochs of them.
+  updates_per_step = config.rl.epochs if config.rl.algorithm != "none" else 1
+  run_facts = {"decay_steps": decay_steps or config.optimizer.decay_steps
+               or config.train.steps * updates_per_step}
   if workdir is not None:
     # Every check of a resume (the target exists, the config may resume it, its format is
     # readable, its arrays restore) comes before resume_from moves later checkpoints aside.
@@ -138,7 +146,8 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
     load_params = pretrained.loader_for(config.model.pretrained, spec)
   graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed, load_params,
                                                    weighting=config.train.weighting,
-                                                   num_tasks=config.num_tasks)
+                                                   num_tasks=config.num_tasks,
+                                                   reference=config.rl.algorithm != "none")
   if spec.lora:
     _say(state_summary(state.params, state.opt_state, spec))
   setup = Setup(config=config, devices=devices, mesh=mesh, tokenizer=tokenizer, spec=spec, tx=tx,

@@ -83,13 +83,19 @@ def _trained(tree: Any, lora: bool) -> Any:
   return traverse_util.unflatten_dict(_split_lora(tree)[0], sep="/") if lora else tree
 
 
-def _extra_init(weighting: WeightingConfig | None, num_tasks: int, lora: bool) -> Callable:
-  """params -> TrainState.extra at init: {"weighting": the method's state} ({} for static)."""
+def _extra_init(weighting: WeightingConfig | None, num_tasks: int, lora: bool,
+                reference: bool = False) -> Callable:
+  """params -> TrainState.extra at init: {"weighting": the method's state} (none for static),
+  {"reference": a copy of the starting params} (RL's KL reference, without LoRA)."""
   def init(params):
-    if weighting is None:
-      return {}
-    state = weighting_lib.init_state(weighting, num_tasks, _trained(params, lora))
-    return {"weighting": state} if state else {}
+    extra = {}
+    if weighting is not None:
+      state = weighting_lib.init_state(weighting, num_tasks, _trained(params, lora))
+      if state:
+        extra["weighting"] = state
+    if reference and not lora:
+      extra["reference"] = jax.tree.map(jnp.copy, params)
+    return extra
   return init
 
 
@@ -100,6 +106,8 @@ def _extra_shardings(mesh: jax.sharding.Mesh, extra_init: Callable, abstract_par
   replicated = NamedSharding(mesh, PartitionSpec())
   extra = jax.eval_shape(extra_init, abstract_params)
   shardings = jax.tree.map(lambda _: replicated, extra)
+  if "reference" in extra:
+    shardings["reference"] = params_sh
   grads = extra.get("weighting", {}).get("grads")
   if grads is not None:
     shardings["weighting"]["grads"] = jax.tree.map(
@@ -135,16 +143,17 @@ def state_shardings(mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
 
 def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTransformation,
                seed: int, load_params: Callable[[Any, Any], Any] | None = None, *,
-               weighting: WeightingConfig | None = None, num_tasks: int = 1
-               ) -> tuple[Any, TrainState, TrainState]:
+               weighting: WeightingConfig | None = None, num_tasks: int = 1,
+               reference: bool = False) -> tuple[Any, TrainState, TrainState]:
   """Initializes parameters, optimizer state and method state directly into their shardings.
 
   load_params(abstract params, their shardings) -> params: start from these (a pretrained
   checkpoint streamed into the shardings) instead of a random init. weighting: the adaptive
-  weighting method whose state goes in TrainState.extra (num_tasks: its task axis).
+  weighting method whose state goes in TrainState.extra (num_tasks: its task axis). reference:
+  keep a copy of the starting params in TrainState.extra["reference"] (RL's KL reference).
   """
   graphdef, abstract_params, params_sh = param_shardings(mesh, spec)
-  extra_init = _extra_init(weighting, num_tasks, spec.lora)
+  extra_init = _extra_init(weighting, num_tasks, spec.lora, reference)
   shardings = state_shardings(mesh, tx, abstract_params, params_sh,
                               _extra_shardings(mesh, extra_init, abstract_params, params_sh,
                                                spec.lora))
