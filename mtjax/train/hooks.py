@@ -85,6 +85,8 @@ class LogHook(Hook):
     """perf/model_flops_per_s and, where the device's spec peak is known, perf/mfu (mtjax.perf:
     causal attention at half, over the spec peak of every device of the run)."""
     from mtjax import perf
+    if loop.config.rl.algorithm != "none":
+      return {}  # an RL step samples and takes rl.epochs updates: not a supervised batch's FLOPs
     if not hasattr(self, "_flops_per_step"):
       setup, d = loop.setup, loop.config.data
       self._flops_per_step = perf.model_flops_per_token(setup.spec, d.seq_len) * d.batch_size * d.seq_len
