@@ -863,7 +863,7 @@ def sibling_config(here: str, name: str, variant: str = "") -> ml_collections.Co
 
 # Fields of a union type ("auto" or a number): a ConfigDict would fix their type from the first
 # value, so a config file could not set 16 over "auto". They hold any value; the schema checks it.
-_UNION_FIELDS = (("eval", "max_new_tokens"),)
+_UNION_FIELDS = (("eval", "max_new_tokens"), ("rl", "max_new_tokens"))
 
 
 def _untyped(tree: dict[str, Any]) -> dict[str, Any]:

@@ -75,6 +75,9 @@ def test_rl_settings_it_does_not_take_exit_2():
     tiny_config(**{**RL, "rl.samples": 1})
   with pytest.raises(BadInputError, match="rl.diversity"):
     tiny_config(**{**RL, "rl.diversity": "entropy"})
+  with pytest.raises(BadInputError, match="rl.prompts: rl.prompts x rl.samples = 6"):
+    from mtjax.train import setup as setup_lib
+    setup_lib.build(tiny_config(**{**RL, "rl.prompts": 3, "rl.samples": 2}))  # 8 devices
 
 
 @pytest.mark.slow

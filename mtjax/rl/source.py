@@ -37,8 +37,9 @@ def generation_budget(config: Config, tokenizer: Any, examples: list[list[Any]])
   r = config.rl
   if isinstance(r.max_new_tokens, int):
     return r.max_new_tokens
-  longest = max(len(encode_example(tokenizer, e.prompt, e.target)[1])
-                for task in examples for e in task[:2000])
+  # Every training target (read by index: a task's examples may be read lazily).
+  longest = max(len(encode_example(tokenizer, task[i].prompt, task[i].target)[1])
+                for task in examples for i in range(len(task)))
   return max(1, min(longest, config.data.seq_len - min(r.buckets)))
 
 

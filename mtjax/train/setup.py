@@ -77,6 +77,11 @@ class Setup:
 
 def check_divisibility(config: Config, mesh: jax.sharding.Mesh) -> None:
   shards = mesh.shape["dcn"] * mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.rl.algorithm != "none":
+    rows = config.rl.prompts * config.rl.samples
+    if rows % shards:
+      raise BadInputError("rl.prompts", f"rl.prompts x rl.samples = {rows} rollout rows must be "
+                          f"divisible by mesh dcn*data*fsdp = {shards}")
   per_micro = config.data.batch_size // config.optimizer.grad_accum
   if per_micro % shards:
     raise BadInputError("data.batch_size", f"{config.data.batch_size} rows / grad_accum "
