@@ -282,7 +282,7 @@ def make_grad_fn(graphdef: Any, *, num_tasks: int, grad_accum: int = 1,
     the trained parameters (the adapters with LoRA; `with_frozen` completes the tree). The
     weighting methods that need this batch's losses (or per-task gradients) before the backward
     pass use it; the objective is linear in the cotangents, so per-task gradients are the
-    pullback vmapped over one-hot rows."""
+    pullback applied to one-hot rows (in a lax.map)."""
     zeros = jnp.zeros((num_tasks,), jnp.float32)
     counts = losses.token_counts(batch, num_tasks)
 
@@ -419,11 +419,13 @@ def _weighted_gradients(grad_fn: Callable, w: WeightingConfig, num_tasks: int,
       objective = (weighting_lib.famo_objective(w, new_wstate, weighted, present)
                    - jnp.sum(entropy_coefs * per_task["entropy"]))
       return objective, per_task, grad_fn.with_frozen(grads, params), weights, new_wstate
-    # Per-task gradients of w_t L_t (rows) and the regularizers' gradient, one vmapped pullback.
+    # Per-task gradients of w_t L_t (rows) and the regularizers' gradient, the pullback per row.
     cot_losses = jnp.concatenate([eye * task_weights[:, None], zeros[None]])
     cot_entropy = jnp.concatenate([jnp.zeros((num_tasks, num_tasks)), -entropy_coefs[None]])
     cot_z = jnp.concatenate([zeros, jnp.ones((1,), jnp.float32)])
-    both = jax.vmap(pullback)(cot_losses, cot_entropy, cot_z)
+    # lax.map, not vmap: vmapping this pullback gave wrong per-task gradients (their sum off the
+    # full gradient by ~50% on the tiny model, one device; tests/test_weighting.py checks it).
+    both = jax.lax.map(lambda cot: pullback(*cot), (cot_losses, cot_entropy, cot_z))
     rows = jax.tree.map(lambda g: g[:num_tasks], both)
     regularizers = jax.tree.map(lambda g: g[num_tasks], both)
     new_wstate = wstate

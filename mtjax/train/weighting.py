@@ -25,8 +25,8 @@ Loss-based (O(T) extra work):
                same batch after the update; here L(next) is the NEXT step's losses (one step late,
                no extra forward), so step k first updates xi from (L(k-1), L(k)), then weights
                with softmax(xi) and L(k). d_t = 0 where task t is absent in either step.
-Gradient-based (a research mode: per-task gradients from one forward pass and one jax.vjp,
-vmapped over T one-hot cotangents on the per-task losses; memory grows with T):
+Gradient-based (a research mode: per-task gradients from one forward pass and one jax.vjp whose
+pullback runs once per one-hot cotangent on the per-task losses, in a lax.map; memory grows with T):
   pcgrad       Yu et al. 2020, "Gradient Surgery for Multi-Task Learning": for each task, in a
                random order (a key from the seed and the step), project its gradient off every
                other task's original gradient it conflicts with (negative dot product); sum.
