@@ -3,7 +3,7 @@
 # make test: set up .venv (if missing) and run the test suite (8 fake CPU devices; 2 xdist
 #            workers; no persistent compilation cache: see README, Status).
 # make lint: ruff and pyright.
-# make studies: run every study at its full config (~60 min on 2 cores; finished arms are
+# make studies: run every study at its full config (~95 min on 2 cores; finished arms are
 #            skipped), publish each record to docs/studies/ and regenerate the README's findings.
 # make findings: regenerate the README's study blocks from docs/studies/ (no training).
 PYTHON ?= python3
@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mtjax-installed
 DEMO_DIR ?= runs/demo
 
-STUDIES ?= efficiency transfer entropy decomposition instructions
+STUDIES ?= efficiency transfer entropy decomposition instructions weighting rl_diversity
 
 .PHONY: demo test lint setup clean studies findings
 
