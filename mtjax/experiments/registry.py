@@ -11,10 +11,11 @@ import json
 from etils import epath
 
 from mtjax.errors import BadInputError
-from mtjax.experiments import arms, decomposition, efficiency, entropy, instructions, transfer
+from mtjax.experiments import (arms, decomposition, efficiency, entropy, instructions, rl_diversity,
+                               transfer, weighting)
 
 STUDIES: dict[str, arms.Study] = {m.STUDY.name: m.STUDY for m in (
-    efficiency, transfer, entropy, decomposition, instructions)}
+    efficiency, transfer, entropy, decomposition, instructions, weighting, rl_diversity)}
 
 
 def rebuild(workdir: str) -> epath.Path:
