@@ -334,7 +334,8 @@ def test_loader_state_of_the_wrong_shape_names_the_checkpoint_item():
     ('{"study": "efficiency", "config": {}, "a.b": 1}',
      "its settings are not valid here (KeyError: 'a')"),
     ('{"study": "nope", "config": {}}',
-     "unknown study 'nope' (known: efficiency, transfer, entropy, decomposition, instructions)"),
+     "unknown study 'nope' (known: efficiency, transfer, entropy, decomposition, instructions, "
+     "weighting, rl_diversity)"),
 ])
 def test_report_on_a_bad_study_json(tmp_path, capsys, content, line):
   (tmp_path / "study.json").write_text(content)
