@@ -58,6 +58,24 @@ class LoraConfig:
   per_task: bool = False
 
 
+SVF_TARGETS = LORA_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class SvfConfig:
+  """Singular-value fine-tuning experts (Transformer-squared, Sun et al. 2025): each target matrix
+  W = U S V^T (its SVD, computed once from the base and stored with the checkpoint) is adapted by
+  an expert vector z = sigmoid(p) per task: W' = U diag(S z) V^T sum(S) / sum(S z). The base is
+  frozen; only p trains, at `lr` (on optimizer.schedule's shape). With per_task a token uses its
+  task's expert (tokens of tasks without one see the base); else one shared expert.
+  Not with model.lora (one adapter kind per run)."""
+
+  enabled: bool = False
+  targets: tuple[str, ...] = ("gate", "up", "down")  # any of q, k, v, o, gate, up, down
+  per_task: bool = True
+  lr: float = 2e-3  # the paper's; replaces optimizer.lr for the run (p is all that trains)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   d_model: int = 128
@@ -102,6 +120,7 @@ class ModelConfig:
   # may not differ from the directory's values (a conflict is exit 2 naming both).
   pinned: tuple[str, ...] = ()
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  svf: SvfConfig = dataclasses.field(default_factory=SvfConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +311,12 @@ class StudyConfig:
   # knobs are chosen there); reported numbers come from the examples after them (eval.skip).
   tuning_examples: int = 0
   split: str = "report"  # report (examples after the tuning split) | tuning (the tuning split)
+  # expert_composition (issue 20, study ii): the held-out task the experts are composed on, the
+  # few-shot examples (of its train split) that choose the mixture, and the CEM's size.
+  new_task: str = ""
+  shots: int = 16
+  cem_population: int = 32
+  cem_iterations: int = 50
 
 
 RL_ALGORITHMS = ("none", "grpo")
@@ -586,9 +611,10 @@ def _check(config: Config) -> None:
     if value <= 0:
       raise BadInputError(field, f"expected a value > 0, got {value}")
   _check_lora(m.lora)
-  if m.lora.targets and o.ema:
+  _check_svf(m)
+  if (m.lora.targets or m.svf.enabled) and o.ema:
     raise BadInputError("optimizer.ema", "an EMA of the weights is not supported with model.lora "
-                        "(it would keep a copy of the frozen base)")
+                        "or model.svf (it would keep a copy of the frozen base)")
   if not 0 <= o.ema < 1:
     raise BadInputError("optimizer.ema", f"expected a decay in [0, 1) (0: no EMA), got {o.ema}")
   for pattern, scale in o.param_groups.items():
@@ -679,6 +705,9 @@ def _check_rl(config: Config) -> None:
                         "task); expected {} with rl.algorithm=grpo")
   if config.optimizer.ema:
     raise BadInputError("optimizer.ema", "expected 0 with rl.algorithm=grpo")
+  if config.model.svf.enabled:
+    raise BadInputError("model.svf.enabled", "GRPO's KL reference is not built for SVF experts "
+                        "yet; expected false with rl.algorithm=grpo (LoRA works)")
 
 
 def _check_weighting(w: WeightingConfig, grad_accum: int) -> None:
@@ -711,6 +740,25 @@ def _check_mixing(m: MixingConfig) -> None:
     raise BadInputError("data.mixing.every", f"expected a positive integer, got {m.every}")
   if not 0 <= m.smoothing < 1:
     raise BadInputError("data.mixing.smoothing", f"expected a value in [0, 1), got {m.smoothing}")
+
+
+def _check_svf(m: ModelConfig) -> None:
+  svf = m.svf
+  if not svf.enabled:
+    return
+  if m.lora.targets:
+    raise BadInputError("model.svf.enabled", "one adapter kind per run: expected model.lora.targets "
+                        f"empty with SVF experts, got {list(m.lora.targets)}")
+  if not svf.targets:
+    raise BadInputError("model.svf.targets", "expected at least one projection")
+  for target in svf.targets:
+    if target not in SVF_TARGETS:
+      raise BadInputError("model.svf.targets", f"expected each one of {', '.join(SVF_TARGETS)}, "
+                          f"got {target!r}")
+  if len(set(svf.targets)) != len(svf.targets):
+    raise BadInputError("model.svf.targets", f"expected each target once, got {list(svf.targets)}")
+  if not svf.lr > 0:
+    raise BadInputError("model.svf.lr", f"expected a learning rate > 0, got {svf.lr}")
 
 
 def _check_lora(lora: LoraConfig) -> None:

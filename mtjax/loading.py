@@ -135,8 +135,8 @@ def export_run(workdir: str | epath.PathLike, out: str | epath.PathLike, step: i
   most max_shard_bytes with an index, the tokenizer files) that transformers and vLLM load.
   Returns the files written.
 
-  A LoRA run's adapters are merged into the base weights (per-task adapters: `task`'s, which
-  must then be given); adapters_only writes a PEFT adapter directory instead (of `task`'s
+  A LoRA run's adapters (an SVF run's experts) are merged into the base weights (per-task
+  adapters: `task`'s, which must then be given); adapters_only writes a PEFT adapter directory instead (of `task`'s
   adapter when per task), which peft loads onto the run's base model."""
   from mtjax.model import pretrained
   from mtjax.train import setup as setup_lib
@@ -149,8 +149,13 @@ def export_run(workdir: str | epath.PathLike, out: str | epath.PathLike, step: i
   spec, params = run.spec, run.state.params
   if adapters_only and not spec.lora:
     raise BadInputError("--adapters_only", "the run has no LoRA adapters (model.lora.targets)")
-  if task is not None and spec.lora_tasks == 1:
-    raise BadInputError("--task", "the run has no per-task LoRA adapters to choose from")
+  if task is not None and spec.adapter_tasks == 1:
+    raise BadInputError("--task", "the run has no per-task adapters (LoRA, SVF) to choose from")
+  if spec.svf:  # the task's expert folded into the base weights
+    from mtjax.model import lora, svf
+    index = lora.adapter_index(spec, config.data.tasks, task)
+    params = svf.merge(params, svf.select(svf.expert_vectors(params, spec), index))
+    spec = spec.without_adapters()
   if spec.lora:
     from mtjax.model import lora
     index = lora.adapter_index(spec, config.data.tasks, task)

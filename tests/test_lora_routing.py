@@ -1,20 +1,28 @@
-"""Per-task adapters routed per token (model.lora.per_task): in one packed batch holding several
-tasks' examples, each task's adapter gets the same gradient as from a batch with that task's
-examples alone (issue 20's routing check, on the LoRA adapters of issue 17)."""
+"""Per-task adapters routed per token (model.lora.per_task, model.svf.per_task): in one packed
+batch holding several tasks' examples, each task's adapter gets the same gradient as from a batch
+with that task's examples alone (issue 20's routing check), and one compile serves the run."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from conftest import host_batch, tiny_config
+from mtjax.model.llama import is_adapter_path
 from mtjax.train import setup as setup_lib
 from mtjax.train import step as step_lib
 
+KINDS = {
+    "lora": {"model.lora.targets": ("q", "v", "up", "down"), "model.lora.rank": 4,
+             "model.lora.per_task": True},
+    "svf": {"model.svf.enabled": True, "model.svf.targets": ("q", "o", "gate", "up", "down")},
+}
 
-def test_packed_batch_gives_each_adapter_its_single_task_gradient():
-  cfg = tiny_config(**{"model.lora.targets": ("q", "v", "up", "down"), "model.lora.rank": 4,
-                       "model.lora.per_task": True, "model.dtype": "float32"})
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_packed_batch_gives_each_adapter_its_single_task_gradient(kind):
+  cfg = tiny_config(**KINDS[kind], **{"model.dtype": "float32"})
   run = setup_lib.build(cfg, devices=jax.devices()[:1])
   T = cfg.num_tasks
   # B starts at zero, so A's gradient is zero at init: take the gradient at random adapters.
@@ -44,7 +52,7 @@ def test_packed_batch_gives_each_adapter_its_single_task_gradient():
     _, _, single = grad_fn(params, {k: jnp.asarray(v) for k, v in alone.items()}, one_hot, zeros)
     single = traverse_util.flatten_dict(single, sep="/")
     for k in packed:
-      if not (k.endswith("_lora_a") or k.endswith("_lora_b")):
+      if not is_adapter_path(k):
         continue
       a, b = np.asarray(packed[k])[:, t], np.asarray(single[k])[:, t]  # [layers, T, ...]
       assert np.abs(b).max() > 0, k

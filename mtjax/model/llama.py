@@ -75,6 +75,10 @@ class ModelSpec:
   lora_alpha: float = 0.0
   lora_tasks: int = 1
   lora_dropout: float = 0.0
+  # SVF experts (see SvfParam): on the projections in svf_targets (empty: none), svf_tasks expert
+  # vectors each (the number of tasks with per-task experts, else 1).
+  svf_targets: tuple[str, ...] = ()
+  svf_tasks: int = 1
 
   @classmethod
   def from_config(cls, cfg: ModelConfig, tokenizer_vocab: int, platform: str,
@@ -94,11 +98,25 @@ class ModelSpec:
                rope_local_theta=cfg.rope_local_theta, activation=cfg.activation,
                norm_plus_one=cfg.norm_plus_one, post_norms=cfg.post_norms,
                embed_scale=cfg.embed_scale, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
-               **lora_fields(cfg, num_tasks))
+               **lora_fields(cfg, num_tasks), **svf_fields(cfg, num_tasks))
 
   @property
   def lora(self) -> bool:
     return bool(self.lora_targets)
+
+  @property
+  def svf(self) -> bool:
+    return bool(self.svf_targets)
+
+  @property
+  def adapters(self) -> bool:
+    """Whether only adapters train (LoRA or SVF): the base is frozen."""
+    return self.lora or self.svf
+
+  @property
+  def adapter_tasks(self) -> int:
+    """The adapters' task axis (1: one shared adapter)."""
+    return self.svf_tasks if self.svf else self.lora_tasks
 
   def lora_scale(self) -> float:
     return self.lora_alpha / self.lora_rank
@@ -106,7 +124,9 @@ class ModelSpec:
   def without_lora(self) -> ModelSpec:
     """The base model's spec (a merged export's)."""
     return dataclasses.replace(self, lora_targets=(), lora_rank=0, lora_alpha=0.0, lora_tasks=1,
-                               lora_dropout=0.0)
+                               lora_dropout=0.0, svf_targets=(), svf_tasks=1)
+
+  without_adapters = without_lora
 
   def kinds(self) -> tuple[bool, ...]:
     """Per layer, whether it is a sliding layer (its window sliding_window, its RoPE base
@@ -159,6 +179,14 @@ def lora_fields(cfg: ModelConfig, num_tasks: int = 1) -> dict:
           "lora_tasks": max(1, num_tasks) if lora.per_task else 1, "lora_dropout": lora.dropout}
 
 
+def svf_fields(cfg: ModelConfig, num_tasks: int = 1) -> dict:
+  svf = cfg.svf
+  if not svf.enabled:
+    return {}
+  return {"svf_targets": tuple(svf.targets),
+          "svf_tasks": max(1, num_tasks) if svf.per_task else 1}
+
+
 LORA_TARGET_IDS = {t: i for i, t in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
 
 
@@ -171,6 +199,80 @@ class LoraParam(nnx.Param):
 
 def is_lora_path(path: str) -> bool:
   return path.endswith(("_lora_a", "_lora_b"))
+
+
+class SvfParam(nnx.Param):
+  """An SVF expert (Sun et al. 2025; mtjax.model.svf) on the projection `<target>` [*in, *out]:
+  its thin SVD, frozen, `<target>_svf_u` [*in, r], `<target>_svf_s` [r], `<target>_svf_vt`
+  [r, *out] (r = min(prod(in), prod(out)); computed from the base weights once, stored with the
+  checkpoint), and the trained logits `<target>_svf_p` [T, r]. A token of expert t sees
+  W'_t = U diag(S z_t) V^T sum(S) / sum(S z_t), z_t = sigmoid(p_t), computed as
+  W + U diag(S z_t k_t - S) V^T so tokens without an expert see W itself."""
+
+
+SVF_BASIS = ("_svf_u", "_svf_s", "_svf_vt")
+
+
+def is_svf_basis_path(path: str) -> bool:
+  return path.endswith(SVF_BASIS)
+
+
+def is_adapter_path(path: str) -> bool:
+  """The trained parameters of an adapter run (LoRA's A and B, SVF's p); the rest is frozen."""
+  return path.endswith(("_lora_a", "_lora_b", "_svf_p"))
+
+
+def svf_basis(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(U [*in, r], S [r], V^T [r, *out]) of one projection [*in, *out], in float32."""
+  in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+  u, s, vt = jnp.linalg.svd(w.astype(jnp.float32).reshape(math.prod(in_shape), -1),
+                            full_matrices=False)
+  r = s.shape[0]
+  return u.reshape(*in_shape, r), s, vt.reshape(r, *out_shape)
+
+
+def _svf_experts(module: nnx.Module, rngs: nnx.Rngs, spec: ModelSpec, target: str,
+                 in_axes: tuple[str, ...], out_axes: tuple[str, ...]) -> None:
+  """Adds target's SVF basis and expert logits to `module` when spec targets it (the basis from
+  the projection's current value: a fresh init's; a loaded base's is recomputed at load)."""
+  if target not in spec.svf_targets:
+    return
+  w = getattr(module, target)[...]
+  u, s, vt = svf_basis(w, len(in_axes))
+  r = s.shape[0]
+  setattr(module, f"{target}_svf_u", SvfParam(u, logical_axes=(*in_axes, "svf_rank")))
+  setattr(module, f"{target}_svf_s", SvfParam(s, logical_axes=("svf_rank",)))
+  setattr(module, f"{target}_svf_vt", SvfParam(vt, logical_axes=("svf_rank", *out_axes)))
+  p = 0.1 + 0.01 * jax.random.normal(rngs.params(), (spec.svf_tasks, r), jnp.float32)
+  setattr(module, f"{target}_svf_p", SvfParam(p, logical_axes=("lora_task", "svf_rank")))
+
+
+def svf_coefficients(s: jax.Array, p: jax.Array) -> jax.Array:
+  """S z k - S per expert [..., T, r]: W'_t - W = U diag(this) V^T (z = sigmoid(p), k = sum(S) /
+  sum(S z), batched over leading axes)."""
+  return svf_coefficients_of_z(s, jax.nn.sigmoid(p.astype(jnp.float32)))
+
+
+def svf_coefficients_of_z(s: jax.Array, z: jax.Array) -> jax.Array:
+  s = s.astype(jnp.float32)[..., None, :]
+  scaled = s * z
+  return scaled * (jnp.sum(s, -1, keepdims=True) / jnp.sum(scaled, -1, keepdims=True)) - s
+
+
+def _svf_delta(module: nnx.Module, target: str, x: jax.Array, n_in: int,
+               mix: jax.Array | None) -> jax.Array | None:
+  """x U diag(c) V^T of `target`'s SVF experts, c = each token's expert's coefficients (a
+  one-hot `mix` [B, L, T] of them; none: zeros; None: the one shared expert); None without SVF."""
+  p_var = getattr(module, f"{target}_svf_p", None)
+  if p_var is None:
+    return None
+  dt = x.dtype
+  u, vt = getattr(module, f"{target}_svf_u")[...].astype(dt), getattr(module, f"{target}_svf_vt")[...].astype(dt)
+  coef = svf_coefficients(getattr(module, f"{target}_svf_s")[...], p_var[...]).astype(dt)  # [T, r]
+  i, o = "defg"[:n_in], "uvwz"[:vt.ndim - 1]
+  xu = jnp.einsum(f"bl{i},{i}r->blr", x, u)
+  c = coef[0] if mix is None or coef.shape[0] == 1 else jnp.einsum("blt,tr->blr", mix.astype(dt), coef)
+  return jnp.einsum(f"blr,r{o}->bl{o}", xu * c, vt)
 
 
 def _lora_pair(module: nnx.Module, rngs: nnx.Rngs, spec: ModelSpec, target: str,
@@ -194,8 +296,8 @@ def _lora_delta(module: nnx.Module, target: str, x: jax.Array, n_in: int,
   [B, L, T] one-hot of each token's adapter (None: the one shared adapter, T = 1); key: dropout
   of the adapter's input at `rate` (training)."""
   a_var = getattr(module, f"{target}_lora_a", None)
-  if a_var is None:
-    return None
+  if a_var is None:  # SVF experts instead (never both), or no adapter
+    return _svf_delta(module, target, x, n_in, mix)
   dt = x.dtype
   if key is not None and rate > 0:
     key = jax.random.fold_in(key, LORA_TARGET_IDS[target])
@@ -260,6 +362,9 @@ class Attention(nnx.Module):
       _lora_pair(self, rngs, spec, x, (d,), ("embed",), (k if kv else n, h),
                  ("kv_heads" if kv else "heads", "head_dim"))
     _lora_pair(self, rngs, spec, "o", (n, h), ("heads", "head_dim"), (d,), ("embed",))
+    for x, kv in (("q", False), ("k", True), ("v", True)):
+      _svf_experts(self, rngs, spec, x, ("embed",), ("kv_heads" if kv else "heads", "head_dim"))
+    _svf_experts(self, rngs, spec, "o", ("heads", "head_dim"), ("embed",))
     if spec.qkv_bias:
       self.q_bias = nnx.Param(jnp.zeros((n, h), pd), logical_axes=("heads", "head_dim"))
       self.k_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=("kv_heads", "head_dim"))
@@ -333,6 +438,9 @@ class MLP(nnx.Module):
     _lora_pair(self, rngs, spec, "gate", (d,), ("embed",), (f,), ("mlp",))
     _lora_pair(self, rngs, spec, "up", (d,), ("embed",), (f,), ("mlp",))
     _lora_pair(self, rngs, spec, "down", (f,), ("mlp",), (d,), ("embed",))
+    _svf_experts(self, rngs, spec, "gate", ("embed",), ("mlp",))
+    _svf_experts(self, rngs, spec, "up", ("embed",), ("mlp",))
+    _svf_experts(self, rngs, spec, "down", ("mlp",), ("embed",))
 
   def __call__(self, x, lora_mix: jax.Array | None = None, lora_key: jax.Array | None = None):
     dt, s, k, p = x.dtype, self.lora_scale, lora_key, self.lora_dropout
@@ -513,10 +621,11 @@ class Decoder(nnx.Module):
     grouped = period > 1 and self.spec.num_layers % period == 0
 
     lora_mix = None
-    if self.spec.lora_tasks > 1:
+    if self.spec.adapter_tasks > 1:
       if adapter_ids is None:
-        raise ValueError("per-task LoRA adapters need adapter_ids (each token's task id)")
-      lora_mix = jax.nn.one_hot(adapter_ids, self.spec.lora_tasks, dtype=dt)  # -1: all zero
+        raise ValueError("per-task adapters need adapter_ids (each token's task id)")
+      # A token of no adapter's task (-1 padding, an id >= the adapters'): all zero, the base.
+      lora_mix = jax.nn.one_hot(adapter_ids, self.spec.adapter_tasks, dtype=dt)
 
     layer_keys = None
     if dropout_key is not None and self.spec.lora and self.spec.lora_dropout > 0:

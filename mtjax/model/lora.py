@@ -32,10 +32,10 @@ def adapter_index(spec: ModelSpec, tasks: tuple[str, ...], task: str | None, *,
                   field: str = "--task") -> int:
   """The adapter of `task` (0 for a shared adapter; None is allowed only then)."""
   from mtjax.errors import BadInputError
-  if spec.lora_tasks == 1:
+  if spec.adapter_tasks == 1:
     return 0
   if task is None:
-    raise BadInputError(field, f"the run has per-task LoRA adapters: name the task to merge "
+    raise BadInputError(field, f"the run has per-task adapters: name the task to merge "
                         f"(one of {', '.join(tasks)})")
   if task not in tasks:
     raise BadInputError(field, f"unknown task {task!r} (the run's: {', '.join(tasks)})")

@@ -19,10 +19,12 @@ layer axis, decomposed layer by layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 
 def as_matrix(w: jax.Array, in_axes: int = 1) -> jax.Array:
@@ -58,3 +60,40 @@ def init_logits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
 def compose(zs: jax.Array, alpha: jax.Array) -> jax.Array:
   """z' = sum_k alpha_k z_k: zs [K, ..., r], alpha [K]."""
   return jnp.tensordot(alpha.astype(zs.dtype), zs, axes=1)
+
+
+# ---------------------------------------------------------------- a run's experts (model.svf)
+
+def expert_vectors(params: Any, spec: Any) -> dict[str, jax.Array]:
+  """Each SVF target's expert vectors z = sigmoid(p): {projection path: [layers, T, r]}."""
+  flat: dict[str, Any] = dict(traverse_util.flatten_dict(params, sep="/"))
+  return {path[:-len("_svf_p")]: jax.nn.sigmoid(flat[path].astype(jnp.float32))
+          for path in sorted(flat) if path.endswith("_svf_p")}
+
+
+def select(zs: Mapping[str, jax.Array], index: int) -> dict[str, jax.Array]:
+  """Expert `index`'s z per projection: {path: [layers, r]}."""
+  return {k: z[:, index] for k, z in zs.items()}
+
+
+def mix(zs: Mapping[str, jax.Array], alpha: jax.Array) -> dict[str, jax.Array]:
+  """The composed z' = sum_k alpha_k z_k per projection: {path: [layers, r]} (alpha [T])."""
+  return {k: jnp.einsum("ltr,t->lr", z, jnp.asarray(alpha, z.dtype)) for k, z in zs.items()}
+
+
+def merge(params: Any, z: Mapping[str, jax.Array]) -> Any:
+  """The base parameters (spec.without_adapters()'s Decoder: no SVF entries) with each projection
+  W replaced by W + U diag(S z k - S) V^T = U diag(S z) V^T sum(S) / sum(S z) (exactly W where
+  z = 1), in float32, stored in W's dtype; z: {path: [layers, r]} (select, mix)."""
+  from mtjax.model.llama import is_adapter_path, is_svf_basis_path, svf_coefficients_of_z
+  flat: dict[str, Any] = dict(traverse_util.flatten_dict(params, sep="/"))
+  out = {k: v for k, v in flat.items() if not (is_adapter_path(k) or is_svf_basis_path(k))}
+  for path, zt in z.items():
+    u, s, vt, w = flat[path + "_svf_u"], flat[path + "_svf_s"], flat[path + "_svf_vt"], out[path]
+    coef = svf_coefficients_of_z(s, zt[:, None, :])[:, 0]  # [layers, r]
+    r = s.shape[-1]
+    um = u.astype(jnp.float32).reshape(u.shape[0], -1, r)
+    vm = vt.astype(jnp.float32).reshape(vt.shape[0], r, -1)
+    delta = jnp.einsum("lmr,lr,lrn->lmn", um, coef, vm).reshape(w.shape)
+    out[path] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+  return traverse_util.unflatten_dict(out, sep="/")

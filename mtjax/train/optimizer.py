@@ -22,7 +22,7 @@ import jax
 import optax
 
 from mtjax.config import OptimizerConfig
-from mtjax.model.llama import is_lora_path
+from mtjax.model.llama import is_adapter_path
 
 FROZEN = "frozen"
 
@@ -61,10 +61,10 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 def group_labels(params: Any, groups: Mapping[str, float], lora: bool = False) -> Any:
   """Per parameter: the first matching pattern of `groups` (re.search on its path), FROZEN for
-  a multiplier of 0, or "default". lora: every parameter but the LoRA adapters is FROZEN."""
+  a multiplier of 0, or "default". lora: every parameter but the adapters (LoRA, SVF) is FROZEN."""
   def label(path, _):
     name = param_path(path)
-    if lora and not is_lora_path(name):
+    if lora and not is_adapter_path(name):
       return FROZEN
     for pattern, scale in groups.items():
       if re.search(pattern, name):

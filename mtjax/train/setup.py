@@ -58,7 +58,7 @@ class Setup:
     c = self.config
     fn = step_lib.make_step_fn(self.graphdef, self.tx, self.schedule, num_tasks=c.num_tasks,
                                grad_accum=c.optimizer.grad_accum, z_loss=c.model.z_loss,
-                               loss_chunk=c.train.loss_chunk, lora=self.spec.lora,
+                               loss_chunk=c.train.loss_chunk, lora=self.spec.adapters,
                                dropout_seed=c.seed if self.spec.lora_dropout > 0 else None,
                                weighting=c.train.weighting, seed=c.seed)
     if c.rl.algorithm != "none":
@@ -143,8 +143,11 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
       run_facts = checkpointer.read_facts(restore_at)[1]  # the LR schedule is fixed at the first start
       run_facts = {"decay_steps": run_facts["decay_steps"]}
 
-  tx, schedule = optimizer.make_optimizer(config.optimizer, run_facts["decay_steps"],
-                                          lora=spec.lora)
+  opt_cfg = config.optimizer
+  if config.model.svf.enabled:  # only the experts' p train, at their own LR
+    opt_cfg = dataclasses.replace(opt_cfg, lr=config.model.svf.lr)
+  tx, schedule = optimizer.make_optimizer(opt_cfg, run_facts["decay_steps"],
+                                          lora=spec.adapters)
   load_params = None
   if config.model.pretrained and restore_at is None:  # a checkpoint, once there, wins
     from mtjax.model import pretrained
@@ -153,7 +156,7 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
                                                    weighting=config.train.weighting,
                                                    num_tasks=config.num_tasks,
                                                    reference=config.rl.algorithm != "none")
-  if spec.lora:
+  if spec.adapters:
     _say(state_summary(state.params, state.opt_state, spec))
   setup = Setup(config=config, devices=devices, mesh=mesh, tokenizer=tokenizer, spec=spec, tx=tx,
                 schedule=schedule, graphdef=graphdef, state=state, shardings=shardings,
@@ -184,15 +187,17 @@ def _bytes(tree: Any) -> int:
 
 def state_summary(params: Any, opt_state: Any, spec: ModelSpec) -> str:
   """One line at start: parameter counts (trainable ones with LoRA) and optimizer-state bytes."""
-  from mtjax.model.llama import is_lora_path
+  from mtjax.model.llama import is_adapter_path
   from mtjax.train.optimizer import param_path
   flat = [(param_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
   total = sum(x.size for _, x in flat)
   line = f"parameters: {total:,}"
-  if spec.lora:
-    trainable = sum(x.size for p, x in flat if is_lora_path(p))
-    line += (f" ({trainable:,} trainable: LoRA rank {spec.lora_rank} on "
-             f"{','.join(spec.lora_targets)} x {spec.lora_tasks} adapter(s); the base is frozen)")
+  if spec.adapters:
+    trainable = sum(x.size for p, x in flat if is_adapter_path(p))
+    kind = (f"LoRA rank {spec.lora_rank} on {','.join(spec.lora_targets)}" if spec.lora else
+            f"SVF experts on {','.join(spec.svf_targets)}")
+    line += (f" ({trainable:,} trainable: {kind} x {spec.adapter_tasks} adapter(s); the base is "
+             "frozen)")
   return line + f"; optimizer state: {_bytes(opt_state):,} bytes"
 
 

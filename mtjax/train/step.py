@@ -10,6 +10,7 @@ is counted: no non-finite number ever reaches the state, hence a checkpoint.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -153,13 +154,17 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
   keep a copy of the starting params in TrainState.extra["reference"] (RL's KL reference).
   """
   graphdef, abstract_params, params_sh = param_shardings(mesh, spec)
-  extra_init = _extra_init(weighting, num_tasks, spec.lora, reference)
+  extra_init = _extra_init(weighting, num_tasks, spec.adapters, reference)
   shardings = state_shardings(mesh, tx, abstract_params, params_sh,
                               _extra_shardings(mesh, extra_init, abstract_params, params_sh,
-                                               spec.lora))
+                                               spec.adapters))
+  if load_params is None and spec.svf:
+    # A fresh base, then its SVD layer by layer as for a loaded one: an SVD inside the sharded
+    # init (batched over the stacked layers) deadlocked XLA:CPU with several devices.
+    load_params = functools.partial(_fresh_base, spec.without_adapters(), seed)
   if load_params is not None:
     params = _load_with_fresh_adapters(load_params, abstract_params, params_sh, seed) \
-        if spec.lora else load_params(abstract_params, params_sh)
+        if spec.adapters else load_params(abstract_params, params_sh)
 
     def init_from(params):
       zero = jnp.zeros((), jnp.int32)
@@ -181,38 +186,61 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
   return graphdef, state, shardings
 
 
+def _fresh_base(spec: ModelSpec, seed: int, abstract: Any, shardings: Any) -> Any:
+  """A random init of the model without adapters, directly into its shardings."""
+  del abstract
+  init = lambda key: nnx.to_pure_dict(nnx.split(Decoder(spec, nnx.Rngs(key)))[1])
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
 def _split_lora(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(the LoRA adapters, everything else), each a flat {path: array}."""
-  from mtjax.model.llama import is_lora_path
+  """(the trained adapters: LoRA's A and B, SVF's p; everything else), each a flat {path: array}."""
+  from mtjax.model.llama import is_adapter_path
   flat = traverse_util.flatten_dict(params, sep="/")
-  return ({k: v for k, v in flat.items() if is_lora_path(k)},
-          {k: v for k, v in flat.items() if not is_lora_path(k)})
+  return ({k: v for k, v in flat.items() if is_adapter_path(k)},
+          {k: v for k, v in flat.items() if not is_adapter_path(k)})
 
 
 def _load_with_fresh_adapters(load_params: Callable[[Any, Any], Any], abstract: Any,
                               shardings: Any, seed: int) -> Any:
-  """The base parameters from load_params and freshly initialized LoRA adapters (A normal with
-  stddev 1 / sqrt(fan in), B zero: the model starts equal to the loaded base)."""
+  """The base parameters from load_params and fresh adapters on them: LoRA's A normal with
+  stddev 1 / sqrt(fan in) and B zero (the model starts equal to the loaded base); SVF's basis
+  (U, S, V^T) computed from the loaded projections, one SVD per layer, and p = 0.1 + 0.01 N(0, 1)."""
   import math
-  adapters, base = _split_lora(abstract)
-  adapters_sh, base_sh = _split_lora(shardings)
+
+  from mtjax.model.llama import SVF_BASIS, is_svf_basis_path, svf_basis
+  adapters, rest = _split_lora(abstract)
+  adapters_sh, rest_sh = _split_lora(shardings)
+  base = {k: v for k, v in rest.items() if not is_svf_basis_path(k)}
+  base_sh = {k: v for k, v in rest_sh.items() if not is_svf_basis_path(k)}
   unflat = lambda flat: traverse_util.unflatten_dict(flat, sep="/")
   loaded = traverse_util.flatten_dict(load_params(unflat(base), unflat(base_sh)), sep="/")
 
   def init(key):
     out = {}
     for i, (path, leaf) in enumerate(sorted(adapters.items())):
+      x = jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)
       if path.endswith("_lora_b"):
         out[path] = jnp.zeros(leaf.shape, leaf.dtype)
-        continue
-      stacked = path.startswith("layers/")
-      fan_in = math.prod(leaf.shape[1 + stacked:-1])  # [layers?, T, *in, r]
-      x = jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)
-      out[path] = (x / math.sqrt(fan_in)).astype(leaf.dtype)
+      elif path.endswith("_svf_p"):
+        out[path] = (0.1 + 0.01 * x).astype(leaf.dtype)
+      else:
+        stacked = path.startswith("layers/")
+        fan_in = math.prod(leaf.shape[1 + stacked:-1])  # [layers?, T, *in, r]
+        out[path] = (x / math.sqrt(fan_in)).astype(leaf.dtype)
     return out
 
   fresh = jax.jit(init, out_shardings=adapters_sh)(jax.random.key(seed))
-  return unflat({**loaded, **fresh})
+  derived = {}
+  for path in sorted(p for p in rest if p.endswith("_svf_u")):
+    target = path[:-len("_svf_u")]
+    n_in = rest[path].ndim - 2  # [layers, *in, r]
+    paths = [target + suffix for suffix in SVF_BASIS]
+    # One SVD per layer (lax.map): never a sharded SVD, which XLA does not have.
+    basis = jax.jit(lambda w, n_in=n_in: jax.lax.map(lambda x: svf_basis(x, n_in), w),
+                    out_shardings=tuple(rest_sh[p] for p in paths))(loaded[target])
+    derived.update(zip(paths, basis))
+  return unflat({**loaded, **fresh, **derived})
 
 
 def make_grad_fn(graphdef: Any, *, num_tasks: int, grad_accum: int = 1,
