@@ -51,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--config", default=None, help="the config file that defined the run's tasks, "
                   "when they cannot be rebuilt from WORKDIR/tasks.json (a Python scorer or source); "
                   "only its task registrations are used, the run's recorded config stays")
+  ev.add_argument("--compose", action="store_true", help="compose the run's per-task SVF experts "
+                  "on --task (z' = sum_k alpha_k z_k; alpha from --alpha or found few-shot by CEM) "
+                  "and score it, each expert and the base on held-out examples")
+  ev.add_argument("--task", default=None, help="--compose: the (new) task to compose for")
+  ev.add_argument("--alpha", default=None, help="--compose: one weight in [0, 1] per expert, in "
+                  "the run's data.tasks order, comma-separated (default: CEM on the few-shot examples)")
+  ev.add_argument("--shots", type=int, default=16, help="--compose: few-shot examples (the task's "
+                  "train split) that choose alpha and the best single expert")
+  ev.add_argument("--examples", type=int, default=200,
+                  help="--compose: held-out examples scored (the task's validation split)")
   ex = sub.add_parser("export", help="write a run's checkpoint as an HF directory (transformers, vLLM)")
   ex.add_argument("--workdir", required=True)
   ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -231,10 +241,30 @@ def evaluate(args: argparse.Namespace) -> int:
   if args.config:  # registers the tasks (and scorers) the file defines; its settings are unused
     from mtjax import config as config_lib
     config_lib.import_config_module(args.config)
+  if args.compose:
+    return compose(args, tasks)
+  for flag in ("task", "alpha"):
+    if getattr(args, flag) is not None:
+      raise BadInputError(f"--{flag}", "only with --compose")
   row = evaluate_checkpoint(args.workdir, args.step, tasks)
   print(table(row))
   print(f"step {row['step']}: eval {row['perf/eval_time_s']:.1f}s, eval step compiled "
         f"{row['perf/eval_compiles']}x, generation {row['perf/generate_compiles']}x; {row['_path']}")
+  return EXIT_OK
+
+
+def compose(args: argparse.Namespace, tasks: Sequence[str]) -> int:
+  from mtjax.eval import compose as compose_lib
+
+  if tasks:
+    raise BadInputError("--tasks", "not with --compose (give the one task to compose for as --task)")
+  if not args.task:
+    raise BadInputError("--task", "--compose needs the task to compose the experts for")
+  alpha = None if args.alpha is None else compose_lib.parse_alpha(args.alpha)
+  result = compose_lib.run(args.workdir, args.task, alpha=alpha, shots=args.shots,
+                           examples=args.examples, step=args.step)
+  print(compose_lib.table(result))
+  print(f"step {result['step']}: composed in {result['time_s']:.1f}s; {result['_path']}")
   return EXIT_OK
 
 

@@ -1,8 +1,10 @@
-"""Three small in-memory tasks that need no download.
+"""Small in-memory tasks that need no download.
 
 Two have one right answer (reverse a string, add two numbers); one has many (any sentence of a
 small grammar with the subject and object nouns the prompt names), so joint training can be
-watched for entropy collapse on the open-ended task.
+watched for entropy collapse on the open-ended task. structured_sort_desc (sort a word descending:
+structured_sort then structured_reverse) is eval-only: the held-out composite of the expert
+composition study.
 
 Held-out splits come from a disjoint part of the prompt space: every task partitions its prompts
 (by their defining content: the string, the operand pair, the pair of nouns) into a train part
@@ -76,6 +78,14 @@ def _make_reverse(rng: np.random.Generator) -> Example:
   n = int(rng.integers(3, 13))
   s = "".join(rng.choice(list(_LETTERS), size=n))
   return Example("reverse: ", s + "\n", s[::-1])
+
+
+def _make_sort_desc(rng: np.random.Generator) -> Example:
+  """The structured suite's word (3 to 12 letters, as structured_copy/reverse/sort draw it), sorted
+  descending: structured_sort's answer reversed, a composition of sort and reverse."""
+  n = int(rng.integers(3, 13))
+  s = "".join(rng.choice(list(_LETTERS), size=n))
+  return Example("sort desc: ", s + "\n", "".join(sorted(s, reverse=True)))
 
 
 def _make_addition(rng: np.random.Generator) -> Example:
@@ -178,6 +188,11 @@ def _source(name: str, make, held_out: HeldOut = held_out_by_input) -> Generator
 register(Task("reverse", _source("reverse", _make_reverse), exact_match))
 # Partitioned by the operand pair (the input), so 1-digit problems fall in both parts.
 register(Task("addition", _source("addition", _make_addition), exact_match))
+# A held-out composite for the expert-composition study (issue 20, study ii): eval-only, so no
+# training mixture takes it (data.allow_eval_only would be needed). Partitioned by the input word
+# as the structured tasks are: its held-out words are the ones they hold out too.
+register(Task("structured_sort_desc", _source("structured_sort_desc", _make_sort_desc), exact_match,
+              eval_only=True))
 register(Task("grammar", _source("grammar", _make_sentence, sentence_held_out), sentence_ok,
               open_ended=True, metrics=("valid", "distinct"),
               target_distribution=sentence_distribution))
