@@ -56,7 +56,7 @@ def svf_run(tmp_path_factory):
                          ["--config.train.progress=false", "--config.study.steps_per_task=20"])
   cfgs = expert_composition.arm_configs(base, 0, root / "export")
   base_dir = arms.run(root, "base", cfgs["base"], train.run)
-  expert_composition.export_once(base_dir, root / "export")
+  arms.export_once(base_dir, root / "export")
   return arms.run(root, "svf", cfgs["svf"], train.run)
 
 

@@ -365,3 +365,39 @@ def _is_eval_row(row: dict) -> bool:
 def _score(row: dict, task: str, metric: str) -> float:
   """A task's eval metric, NaN when the row has none (every prompt of the task was skipped)."""
   return float(row.get(f"eval/{task}/{metric}", float("nan")))
+
+
+# ---------------------------------------------------------------- shared by several studies
+
+def export_once(run_dir: epath.Path, export_dir: epath.Path) -> None:
+  """`mtjax export` of a finished arm's final checkpoint (the start of later arms, through
+  model.pretrained), unless already there; written to a temporary directory first, so a
+  half-written export is never used."""
+  from mtjax.loading import export_run
+  if (export_dir / "config.json").exists():
+    return
+  tmp = export_dir.parent / (export_dir.name + ".partial")
+  if tmp.exists():
+    tmp.rmtree()
+  export_run(run_dir, tmp)
+  tmp.rename(export_dir)
+
+
+def sign_verdict(diffs: Sequence[float], up: str, down: str, *, tie: str = "equal on every seed",
+                 atol: float = 0.0) -> str:
+  """`up`/`down` when every seed's paired difference has that sign (at least 3 seeds), `tie` when
+  all are 0 (|d| <= atol), else inconclusive with the reason."""
+  import numpy as np
+  d = np.asarray(diffs, np.float64)
+  if len(d) < 3:
+    return "inconclusive (fewer than 3 seeds)"
+  if np.isnan(d).any():
+    return "inconclusive (missing values)"
+  d = np.where(np.abs(d) <= atol, 0.0, d)
+  if (d == 0).all():
+    return tie
+  if (d > 0).all():
+    return up
+  if (d < 0).all():
+    return down
+  return "inconclusive (the sign differs between seeds)"

@@ -17,6 +17,7 @@ Per seed:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -54,19 +55,6 @@ def arm_configs(base: Config, seed: int, export_dir: epath.Path) -> dict[str, Co
   }
 
 
-def export_once(base_dir: epath.Path, export_dir: epath.Path) -> None:
-  """`mtjax export` of the base arm's final checkpoint, unless already there (via a temporary
-  directory, so a half-written export is never used)."""
-  from mtjax.loading import export_run
-  if (export_dir / "config.json").exists():
-    return
-  tmp = export_dir.parent / (export_dir.name + ".partial")
-  if tmp.exists():
-    tmp.rmtree()
-  export_run(base_dir, tmp)
-  tmp.rename(export_dir)
-
-
 def _check(config: Config) -> None:
   from mtjax import tasks as task_registry
   st = config.study
@@ -101,6 +89,11 @@ def _record(config: Config) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the runs and the summary
 
+# A paired difference's verdict; |d| <= 1e-5 is float32 noise of equal models (alpha a multiple of
+# one expert's one-hot gives that expert's weights).
+verdict = functools.partial(arms.sign_verdict, tie="tied on every seed", atol=1e-5)
+
+
 def _composition(base: Config, seed: int, svf_dir: epath.Path) -> dict[str, Any]:
   """The seed's composition: stored in the SVF arm's eval/ when already computed with these
   settings, else computed and stored there."""
@@ -134,7 +127,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     base_dir = arms.run(seed_dir, "base", cfgs["base"], train_fn)
 
     def from_export(cfg: Config, arm_dir: epath.Path, base_dir=base_dir, export_dir=export_dir):
-      export_once(base_dir, export_dir)  # only when the SVF arm still has to train
+      arms.export_once(base_dir, export_dir)  # only when the SVF arm still has to train
       return train_fn(cfg, arm_dir)
 
     svf_dir = arms.run(seed_dir, "svf", cfgs["svf"], from_export)
@@ -161,23 +154,6 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
 def values(per_seed: Sequence[Mapping[str, Any]], model: str,
            metric: str = "exact_match") -> list[float]:
   return [float(s[metric][model]) for s in per_seed]
-
-
-def verdict(diffs: Sequence[float], up: str, down: str) -> str:
-  """A direction only when every one of at least 3 seeds agrees, else inconclusive."""
-  d = np.asarray(diffs, np.float64)
-  d = np.where(np.abs(d) < 1e-5, 0.0, d)  # float32 noise of equal models (alpha a multiple of e_k)
-  if len(d) < 3:
-    return "inconclusive (fewer than 3 seeds)"
-  if np.isnan(d).any():
-    return "inconclusive (missing values)"
-  if (d == 0).all():
-    return "tied on every seed"
-  if (d > 0).all():
-    return up
-  if (d < 0).all():
-    return down
-  return "inconclusive (the sign differs between seeds)"
 
 
 def findings(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ samples), at optimizer.lr x RL_LR_SCALE, evaluated every study.eval_every steps.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,19 +73,6 @@ def arm_configs(base: Config, seed: int, export_dir: epath.Path) -> dict[str, Co
            "rl.diversity": "darling" if arm == "grpo_darling" else "none",
            "train.entropy_coefs": {}, "optimizer.lr": base.optimizer.lr * RL_LR_SCALE})
   return out
-
-
-def export_once(sft_dir: epath.Path, export_dir: epath.Path) -> None:
-  """`mtjax export` of the SFT arm's final checkpoint, unless already there (written to a
-  temporary directory first, so a half-written export is never used)."""
-  from mtjax.loading import export_run
-  if (export_dir / "config.json").exists():
-    return
-  tmp = export_dir.parent / (export_dir.name + ".partial")
-  if tmp.exists():
-    tmp.rmtree()
-  export_run(sft_dir, tmp)
-  tmp.rename(export_dir)
 
 
 def _check(config: Config) -> None:
@@ -145,7 +133,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     sft_dir = arms.run(seed_dir, "sft", cfgs["sft"], train_fn)
 
     def from_export(cfg: Config, arm_dir: epath.Path, sft_dir=sft_dir, export_dir=export_dir):
-      export_once(sft_dir, export_dir)  # only when an RL arm still has to train
+      arms.export_once(sft_dir, export_dir)  # only when an RL arm still has to train
       return train_fn(cfg, arm_dir)
 
     result: dict[str, Any] = {"seed": seed, "arms": {
@@ -183,19 +171,8 @@ def finals(per_seed: Sequence[Mapping[str, Any]], arm: str, task: str, metric: s
   return [value(s, arm, task, metric) for s in per_seed]
 
 
-def _verdict(diffs: Sequence[float], up: str, down: str) -> str:
-  """'up'/'down' when every seed's paired difference has that sign (at least 3 seeds), else
-  inconclusive."""
-  d = np.asarray(diffs, np.float64)
-  if len(d) < 3 or np.isnan(d).any():
-    return "inconclusive (fewer than 3 seeds)" if len(d) < 3 else "inconclusive (missing values)"
-  if (d == 0).all():
-    return "unchanged on every seed"
-  if (d < 0).all():
-    return down
-  if (d > 0).all():
-    return up
-  return "inconclusive (the sign differs between seeds)"
+# A paired difference's verdict (all of at least 3 seeds one way).
+_verdict = functools.partial(arms.sign_verdict, tie="unchanged on every seed")
 
 
 def _paired(per_seed, a: str, b: str, task: str, metric: str) -> dict[str, Any]:

@@ -81,19 +81,6 @@ def arm_configs(base: Config, seed: int, export_dir: epath.Path) -> dict[str, Co
   return out
 
 
-def export_once(base_dir: epath.Path, export_dir: epath.Path) -> None:
-  """`mtjax export` of the base run's final checkpoint, unless already there (written to a
-  temporary directory first, so a half-written export is never used)."""
-  from mtjax.loading import export_run
-  if (export_dir / "config.json").exists():
-    return
-  tmp = export_dir.parent / (export_dir.name + ".partial")
-  if tmp.exists():
-    tmp.rmtree()
-  export_run(base_dir, tmp)
-  tmp.rename(export_dir)
-
-
 def _check(config: Config) -> None:
   if len(config.data.tasks) < 2:
     raise BadInputError("data.tasks", "the task_experts study compares per-task and shared "
@@ -156,7 +143,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     base_dir = arms.run(seed_dir, "base", cfgs["base"], train_fn)
 
     def from_export(cfg: Config, arm_dir: epath.Path, base_dir=base_dir, export_dir=export_dir):
-      export_once(base_dir, export_dir)  # only when a fine-tuning arm still has to train
+      arms.export_once(base_dir, export_dir)  # only when a fine-tuning arm still has to train
       return train_fn(cfg, arm_dir)
 
     dirs = {"base": base_dir}
@@ -229,23 +216,6 @@ def mean_over_tasks(per_seed: Sequence[Mapping[str, Any]], arm: str,
   return [float(np.mean([s[key][arm][t] for t in tasks])) for s in per_seed]
 
 
-def _verdict(diffs: Sequence[float], up: str, down: str) -> str:
-  """`up`/`down` when every seed's paired difference has that sign (at least 3 seeds), else
-  inconclusive."""
-  d = np.asarray(diffs, np.float64)
-  if len(d) < 3:
-    return "inconclusive (fewer than 3 seeds)"
-  if np.isnan(d).any():
-    return "inconclusive (missing values)"
-  if (d == 0).all():
-    return "equal on every seed"
-  if (d > 0).all():
-    return up
-  if (d < 0).all():
-    return down
-  return "inconclusive (the sign differs between seeds)"
-
-
 def _paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
   diffs = [x - y for x, y in zip(a, b)]
   return {"diffs": diffs, "mean": float(np.mean(diffs)), "std": float(np.std(diffs))}
@@ -262,7 +232,7 @@ def findings(per_seed: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> dic
                                    for a in ROWS}}
     for a, b in COMPARISONS:
       p = _paired(get(a), get(b))
-      p["verdict"] = _verdict(p["diffs"], f"{a} higher", f"{b} higher")
+      p["verdict"] = arms.sign_verdict(p["diffs"], f"{a} higher", f"{b} higher")
       f[f"{a}-{b}"] = p
     out[key] = f
   return out
