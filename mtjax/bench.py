@@ -147,7 +147,7 @@ def eval_compile(cfg: Config, graphdef, spec, mesh, params) -> dict[str, float]:
   from mtjax.data import tokenizer as tokenizer_lib
   from mtjax.eval.evaluate import Evaluator
   cfg = cfg.replace(**{"eval.num_generate": 0, "eval.num_samples": 0})
-  evaluator = Evaluator(cfg, graphdef, spec, mesh, tokenizer_lib.for_data(cfg.data))
+  evaluator = Evaluator(cfg, graphdef, spec, mesh, tokenizer_lib.for_config(cfg))
   evaluator.teacher_forced(params)
   evaluator.teacher_forced(params)  # a second pass must not compile again
   return {"count": evaluator.eval_compiles.count, "seconds": evaluator.eval_compiles.seconds}

@@ -94,7 +94,7 @@ def require_loss_tokens(config: Config, sample: int = SAMPLE) -> list[Any]:
 
   config = resolve(config)
   d = config.data
-  tokenizer = tokenizer_lib.for_data(d)
+  tokenizer = tokenizer_lib.for_config(config)
   samples = []
   for name in d.tasks:
     rewrite = task_registry.instruction_rewrite(name, d.instructions.get(name, "keep"), d.tasks,
@@ -134,7 +134,7 @@ def generation_targets(config: Config, tokenizer: Any = None) -> dict[str, list[
   num_gen = max(e.num_generate, e.sample_prompts if e.num_samples else 0)
   if not num_gen:
     return {}
-  tokenizer = tokenizer or tokenizer_lib.for_data(d)
+  tokenizer = tokenizer or tokenizer_lib.for_config(config)
   length = model_length(config)
   out = {}
   # Under data.format=chat the prompt is the rendered user turn and generation stops at the
@@ -196,7 +196,7 @@ def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> lis
 
   config = resolve(config)  # task registry, tokenizer file, mixture
   d = config.data
-  tokenizer = tokenizer_lib.for_data(d)
+  tokenizer = tokenizer_lib.for_config(config)
   facts = [f"tokenizer: {d.tokenizer} ({tokenizer.vocab_size} tokens)"
            + (", data.format=chat" if d.format == "chat" else "")]
   for s in require_loss_tokens(config):

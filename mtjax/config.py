@@ -77,6 +77,17 @@ class SvfConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SoftPromptConfig:
+  """Soft prompts (Lester et al. 2021), the fast context of fast/slow training: `length` learned
+  embeddings per task, [num_tasks, length, d_model]. The data writes `length` slot tokens (a spare
+  token id past the tokenizer's vocabulary) at the end of every prompt, right before the target;
+  the model replaces a slot's embedding by its task's row, so a task's soft prompt reaches only
+  its own examples. They train at optimizer.lr; the rest at optimizer.lr * slow_lr_ratio."""
+
+  length: int = 0  # 0: none
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   d_model: int = 128
   num_layers: int = 4
@@ -121,6 +132,7 @@ class ModelConfig:
   pinned: tuple[str, ...] = ()
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   svf: SvfConfig = dataclasses.field(default_factory=SvfConfig)
+  soft_prompt: SoftPromptConfig = dataclasses.field(default_factory=SoftPromptConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +266,13 @@ class OptimizerConfig:
   # match wins, unmatched parameters use 1.0, and 0.0 freezes (no optimizer state is kept).
   param_groups: Mapping[str, float] = dataclasses.field(default_factory=dict)
   ema: float = 0.0  # decay of an exponential moving average of the weights (0: none)
+  # Fast/slow training (with model.soft_prompt): the fast weights (the soft prompts) train at lr,
+  # the slow ones (every other parameter) at lr * slow_lr_ratio; the fast weights update on steps
+  # s with s % fast_every == 0, the slow ones on steps with s % slow_every == 0 (each group's
+  # Adam moments only move on its own steps). 0 freezes the slow weights (fast only).
+  slow_lr_ratio: float = 1.0
+  fast_every: int = 1
+  slow_every: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +303,10 @@ class EvalConfig:
   # Held-out examples skipped before the evaluated ones: a study's tuning split is the first
   # study.tuning_examples of each task's validation split, its reported numbers come after them.
   skip: int = 0
+  # eval/<task>/kl_drift: KL(model || the run's starting model) per held-out teacher-forced token
+  # (the fixed probe set). Keeps a copy of the starting params (TrainState.extra["reference"],
+  # checkpointed, so a resumed run measures against the same start). Not with model.lora/svf.
+  drift: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +340,9 @@ class StudyConfig:
   shots: int = 16
   cem_population: int = 32
   cem_iterations: int = 50
+  # fast_slow (issue 21): the soft prompts' LR (the fast weights) and the model's (the slow ones).
+  fast_lr: float = 3e-2
+  slow_lr: float = 1e-3
 
 
 RL_ALGORITHMS = ("none", "grpo")
@@ -612,6 +638,10 @@ def _check(config: Config) -> None:
       raise BadInputError(field, f"expected a value > 0, got {value}")
   _check_lora(m.lora)
   _check_svf(m)
+  _check_fast_slow(m, o, d)
+  if config.eval.drift and (m.lora.targets or m.svf.enabled):
+    raise BadInputError("eval.drift", "expected false with model.lora or model.svf (the frozen base "
+                        "is the start; drift is not measured for adapters yet)")
   if (m.lora.targets or m.svf.enabled) and o.ema:
     raise BadInputError("optimizer.ema", "an EMA of the weights is not supported with model.lora "
                         "or model.svf (it would keep a copy of the frozen base)")
@@ -705,6 +735,9 @@ def _check_rl(config: Config) -> None:
                         "task); expected {} with rl.algorithm=grpo")
   if config.optimizer.ema:
     raise BadInputError("optimizer.ema", "expected 0 with rl.algorithm=grpo")
+  if config.model.soft_prompt.length:
+    raise BadInputError("model.soft_prompt.length", "fast/slow training with GRPO as the slow "
+                        "learner is not built yet; expected 0 with rl.algorithm=grpo")
   if config.model.svf.enabled:
     raise BadInputError("model.svf.enabled", "GRPO's KL reference is not built for SVF experts "
                         "yet; expected false with rl.algorithm=grpo (LoRA works)")
@@ -740,6 +773,33 @@ def _check_mixing(m: MixingConfig) -> None:
     raise BadInputError("data.mixing.every", f"expected a positive integer, got {m.every}")
   if not 0 <= m.smoothing < 1:
     raise BadInputError("data.mixing.smoothing", f"expected a value in [0, 1), got {m.smoothing}")
+
+
+def _check_fast_slow(m: ModelConfig, o: OptimizerConfig, d: DataConfig) -> None:
+  length = m.soft_prompt.length
+  if length < 0:
+    raise BadInputError("model.soft_prompt.length", f"expected a count of virtual tokens >= 0, got {length}")
+  if length and (m.lora.targets or m.svf.enabled):
+    raise BadInputError("model.soft_prompt.length", "soft prompts train beside the full model (fast "
+                        "and slow weights); expected 0 with model.lora or model.svf")
+  if length and length + 2 > d.seq_len:
+    raise BadInputError("model.soft_prompt.length", f"{length} slots leave no room for an example "
+                        f"in data.seq_len={d.seq_len}")
+  if not (math.isfinite(o.slow_lr_ratio) and o.slow_lr_ratio >= 0):
+    raise BadInputError("optimizer.slow_lr_ratio", f"expected a multiplier >= 0, got {o.slow_lr_ratio}")
+  for field, value in (("optimizer.fast_every", o.fast_every), ("optimizer.slow_every", o.slow_every)):
+    if value < 1:
+      raise BadInputError(field, f"expected a step interval >= 1, got {value}")
+  fast_slow = o.slow_lr_ratio != 1.0 or o.fast_every != 1 or o.slow_every != 1
+  if fast_slow and not length:
+    raise BadInputError("optimizer.slow_lr_ratio" if o.slow_lr_ratio != 1.0 else
+                        "optimizer.fast_every" if o.fast_every != 1 else "optimizer.slow_every",
+                        "fast/slow training needs fast weights: set model.soft_prompt.length > 0")
+  if fast_slow and o.param_groups:
+    raise BadInputError("optimizer.param_groups", "expected {} with fast/slow training "
+                        "(optimizer.slow_lr_ratio, fast_every, slow_every make the two groups)")
+  if length and o.ema:
+    raise BadInputError("optimizer.ema", "expected 0 with model.soft_prompt")
 
 
 def _check_svf(m: ModelConfig) -> None:

@@ -70,3 +70,35 @@ def host_batch(cfg, start=0):
   for _ in range(start):
     next(loader)
   return next(loader).arrays
+
+
+def sigkill_resume_runs(tmp_path, args, steps, checkpoint_step, settle_s=1.0):
+  """Trains `mtjax train ARGS` straight through, and again killed with SIGKILL a few steps past
+  its checkpoint at `checkpoint_step` and resumed (tests/fault_driver.py slows each step).
+  Returns (straight workdir, killed workdir) after asserting that both finished and the killed
+  one was killed past its checkpoint."""
+  import json
+  import signal
+  import subprocess
+  import sys
+  import time
+  driver = str(REPO / "tests" / "fault_driver.py")
+  cmd = lambda workdir, *hooks: [sys.executable, driver, *hooks, "--", "train", *args,
+                                 "--workdir", str(workdir)]
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  done = subprocess.run(cmd(straight), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  proc = subprocess.Popen(cmd(killed, "--step-delay", "0.2"), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / str(checkpoint_step)).is_dir():
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  time.sleep(settle_s)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  logged = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+  assert max(logged) > checkpoint_step  # killed past the checkpoint: steps are redone
+  resumed = subprocess.run(cmd(killed), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  return straight, killed

@@ -281,8 +281,8 @@ def test_get_config_raising_anything(tmp_path, capsys, body, shown):
                          "norm_plus_one, num_heads, num_kv_heads, num_layers, out_bias, "
                          "param_dtype, pinned, post_norms, pretrained, qk_norm, qkv_bias, "
                          "query_pre_attn_scalar, remat, rope_local_theta, rope_scaling, "
-                         "rope_theta, rope_type, sliding_window, svf, tie_embeddings, vocab_size, "
-                         "z_loss), not one value, got '3'"),
+                         "rope_theta, rope_type, sliding_window, soft_prompt, svf, tie_embeddings, "
+                         "vocab_size, z_loss), not one value, got '3'"),
     ("--config.seed=-1", "error: seed: expected an integer in [0, 2**31), got -1"),
     ("--config.checkpoint.every=100000000000000000000", "error: checkpoint.every: expected an "
      "integer that fits in 64 bits, got 100000000000000000000"),
@@ -335,7 +335,7 @@ def test_loader_state_of_the_wrong_shape_names_the_checkpoint_item():
      "its settings are not valid here (KeyError: 'a')"),
     ('{"study": "nope", "config": {}}',
      "unknown study 'nope' (known: efficiency, transfer, entropy, decomposition, instructions, "
-     "weighting, rl_diversity, task_experts, expert_composition)"),
+     "weighting, rl_diversity, task_experts, expert_composition, fast_slow)"),
 ])
 def test_report_on_a_bad_study_json(tmp_path, capsys, content, line):
   (tmp_path / "study.json").write_text(content)

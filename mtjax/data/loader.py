@@ -304,7 +304,7 @@ class MixtureLoader:
     prefetch = d.prefetch if prefetch is None else prefetch
     # max(): a caller that asks for more prefetch than the config still gets a valid lag.
     return cls(d.tasks, mixture.schedule_from_config(config), seed=config.seed,
-               tokenizer=tokenizer_lib.for_data(d), batch_size=d.batch_size,
+               tokenizer=tokenizer_lib.for_config(config), batch_size=d.batch_size,
                seq_len=d.seq_len, prefetch=prefetch,
                process_index=process_index, process_count=process_count, state=state,
                on_bad_record=d.on_bad_record, instructions=d.instructions,

@@ -23,8 +23,8 @@ import grain
 import numpy as np
 
 from mtjax import tasks as task_registry
-from mtjax.data.tokenizer import (ByteTokenizer, ChatTokenizer, Tokenizer, encode_example,
-                                   prompt_count, target_count)
+from mtjax.data.tokenizer import (ByteTokenizer, ChatTokenizer, SlotTokenizer, Tokenizer,
+                                   encode_example, prompt_count, target_count)
 from mtjax.tasks import Example
 
 
@@ -240,7 +240,7 @@ def _count_all(tokenizer: Tokenizer, texts: list[str], target: bool = False) -> 
   """Prompt (or target) counts as Tokenize makes them (BOS and EOS not counted)."""
   if type(tokenizer) is ByteTokenizer:  # count is the UTF-8 length
     return np.fromiter((len(t.encode()) for t in texts), np.int64, len(texts))
-  if isinstance(tokenizer, ChatTokenizer):
+  if isinstance(tokenizer, (ChatTokenizer, SlotTokenizer)):
     count = target_count if target else prompt_count
     return np.fromiter((count(tokenizer, t) for t in texts), np.int64, len(texts))
   return np.fromiter((tokenizer.count(t) for t in texts), np.int64, len(texts))

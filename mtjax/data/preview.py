@@ -30,7 +30,7 @@ def preview(config: Config, steps: int, ranges: int = 4, examples_per_task: int 
             sample: int = SAMPLE) -> str:
   from mtjax.resolve import resolve
   config = resolve(config)
-  tok = tokenizer_lib.for_data(config.data)
+  tok = tokenizer_lib.for_config(config)
   loader = MixtureLoader.from_config(config, prefetch=0)
   names = config.data.tasks
   out = io.StringIO()
@@ -86,7 +86,7 @@ def token_samples(config: Config, sample: int = SAMPLE) -> list[pipeline.TokenSa
   tokenizes them (preprocess and data.instructions applied), at data.seq_len under data.truncate."""
   from mtjax import tasks as task_registry
   d = config.data
-  tok = tokenizer_lib.for_data(d)
+  tok = tokenizer_lib.for_config(config)
   return [pipeline.token_sample(
       name, tok, config.seed, d.seq_len, sample, on_bad_record=d.on_bad_record,
       rewrite=task_registry.instruction_rewrite(name, d.instructions.get(name, "keep"), d.tasks,

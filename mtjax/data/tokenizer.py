@@ -302,10 +302,68 @@ def _compile(template: str) -> Any:
     raise BadInputError("data.format", f"the chat template does not compile ({e})") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class SlotTokenizer:
+  """model.soft_prompt: a tokenizer whose prompt piece ends with `slots` copies of `slot_id` (a
+  spare id past the base's vocabulary, so no text encodes to it), where the model puts the task's
+  soft prompt. Every length rule counts the slots as prompt tokens; data.truncate=prompt_left
+  cuts a prompt from its left, so the slots (at its end) go last."""
+
+  base: Any
+  slots: int
+  slot_id: int
+
+  @property
+  def vocab_size(self) -> int:
+    return self.base.vocab_size
+
+  @property
+  def pad_id(self) -> int:
+    return self.base.pad_id
+
+  @property
+  def bos_id(self) -> int:
+    return self.base.bos_id
+
+  @property
+  def eos_id(self) -> int:
+    return self.base.eos_id
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return self.base.stop_ids
+
+  def encode(self, text: str) -> np.ndarray:
+    return self.base.encode(text)
+
+  def count(self, text: str) -> int:
+    return self.base.count(text)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.base.decode([i for i in ids if i != self.slot_id])
+
+
+def with_soft_prompt(tokenizer: Tokenizer, length: int, model_vocab: int) -> Tokenizer:
+  """`tokenizer` with `length` soft-prompt slots per prompt (SlotTokenizer); the slot id is the
+  first id past the tokenizer's vocabulary, which must be below the model's (`model_vocab`)."""
+  if not length:
+    return tokenizer
+  slot_id = int(tokenizer.vocab_size)
+  if slot_id >= model_vocab:
+    raise BadInputError("model.soft_prompt.length", f"soft prompts need a spare token id: the "
+                        f"tokenizer's vocabulary ({tokenizer.vocab_size}) fills the model's "
+                        f"({model_vocab}); set model.vocab_size above it")
+  return SlotTokenizer(tokenizer, length, slot_id)
+
+
 def encode_example(tokenizer: Tokenizer, prompt: str, target: str) -> tuple[np.ndarray, np.ndarray]:
   """An example's two pieces: [BOS] prompt and target [EOS]; under data.format=chat
   (ChatTokenizer) the rendered user turn with the generation prompt, and the target with the
-  end-of-turn text. The loss covers the second piece."""
+  end-of-turn text. The loss covers the second piece. With soft prompts (SlotTokenizer) the
+  prompt piece ends with the slots."""
+  if isinstance(tokenizer, SlotTokenizer):
+    p, t = encode_example(tokenizer.base, prompt, target)
+    return np.concatenate([p, np.full(tokenizer.slots, tokenizer.slot_id, np.int32)]).astype(np.int32), t
   if isinstance(tokenizer, ChatTokenizer):
     return tokenizer.prompt_ids(prompt), tokenizer.target_ids(target)
   return (np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)]).astype(np.int32),
@@ -314,6 +372,8 @@ def encode_example(tokenizer: Tokenizer, prompt: str, target: str) -> tuple[np.n
 
 def prompt_count(tokenizer: Tokenizer, prompt: str) -> int:
   """The prompt piece's tokens but one (plain: the prompt's tokens, BOS not counted)."""
+  if isinstance(tokenizer, SlotTokenizer):
+    return prompt_count(tokenizer.base, prompt) + tokenizer.slots
   if isinstance(tokenizer, ChatTokenizer):
     return len(tokenizer.prompt_ids(prompt)) - 1
   return tokenizer.count(prompt)
@@ -321,6 +381,8 @@ def prompt_count(tokenizer: Tokenizer, prompt: str) -> int:
 
 def target_count(tokenizer: Tokenizer, target: str) -> int:
   """The target piece's tokens but one (plain: the target's tokens, EOS not counted)."""
+  if isinstance(tokenizer, SlotTokenizer):
+    return target_count(tokenizer.base, target)
   if isinstance(tokenizer, ChatTokenizer):
     return len(tokenizer.target_ids(target)) - 1
   return tokenizer.count(target)
@@ -328,6 +390,8 @@ def target_count(tokenizer: Tokenizer, target: str) -> int:
 
 def generated_count(tokenizer: Tokenizer, target: str) -> int:
   """Tokens generated for this target before the stop token (plain: its tokens)."""
+  if isinstance(tokenizer, SlotTokenizer):
+    return generated_count(tokenizer.base, target)
   if isinstance(tokenizer, ChatTokenizer):
     return tokenizer.generated_count(target)
   return tokenizer.count(target)
@@ -484,3 +548,12 @@ def train_for_config(config: Any, vocab_size: int, out: str | os.PathLike,
                    "max_bytes": max(len((p + t).encode()) for p, t in pairs) + 2,
                    "max_tokens": max(tok.count(p) + tok.count(t) for p, t in pairs) + 2}
   return {"path": path, "vocab_size": tok.vocab_size, "tasks": stats}
+
+def for_config(config: Any) -> Tokenizer:
+  """The tokenizer of a run: for_data(config.data), with model.soft_prompt's slots (SlotTokenizer)."""
+  tokenizer = for_data(config.data)
+  length = config.model.soft_prompt.length
+  if not length:
+    return tokenizer
+  model_vocab = config.model.vocab_size or -(-tokenizer.vocab_size // 128) * 128
+  return with_soft_prompt(tokenizer, length, model_vocab)

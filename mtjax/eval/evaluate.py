@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -43,7 +44,7 @@ from mtjax import tasks as task_registry
 from mtjax.config import Config
 from mtjax.data.loader import empty_batch, place
 from mtjax.data.pipeline import Tokenize, fit_example
-from mtjax.data.tokenizer import ChatTokenizer
+from mtjax.data.tokenizer import ChatTokenizer, SlotTokenizer, generated_count
 from mtjax.eval import scorers
 from mtjax.errors import BadInputError
 from mtjax.eval.decode import Generator, buckets_for
@@ -123,8 +124,9 @@ class Evaluator:
       items = [tok.map(ex) for ex in chosen]
       self.prompts[name] = [item["tokens"][: item["target_start"]] for item in items]
       targets = [len(item["tokens"]) - item["target_start"] - 1 for item in items]
-      if isinstance(tokenizer, ChatTokenizer):  # generation stops at the end-of-turn token
-        targets = [tokenizer.generated_count(ex.target) for ex in chosen]
+      if isinstance(getattr(tokenizer, "base", None) if isinstance(tokenizer, SlotTokenizer)
+                    else tokenizer, ChatTokenizer):  # generation stops at the end-of-turn token
+        targets = [generated_count(tokenizer, ex.target) for ex in chosen]
       self.generate_ok[name] = [len(p) + t + 1 <= length for p, t in zip(self.prompts[name], targets)]
       skipped = {i for i in range(min(len(items), num_gen)) if not self.generate_ok[name][i]}
       truncated = 0
@@ -166,6 +168,33 @@ class Evaluator:
               "tokens": losses.token_counts(batch, num_tasks)}
 
     self._eval_step = jax.jit(eval_step)
+
+    def drift_step(params, reference, batch):
+      """Per task: the sum over loss-carrying tokens of KL(model || reference), exact over the
+      vocabulary, `chunk` tokens at a time (never [B, L, V] float32 logits at once)."""
+      args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+      ids = batch.get("task_ids")
+      heads = []
+      for p in (params, reference):
+        model = nnx.merge(graphdef, p)
+        h = model.features(*args, adapter_ids=ids)
+        heads.append((h.reshape(-1, h.shape[-1]), model))
+      (hp, mp), (hq, mq) = heads
+      n = hp.shape[0]
+      size = min(chunk or n, n)
+      pad = -n % size
+      hp, hq = (jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, size, h.shape[-1]) for h in (hp, hq))
+
+      def kl(xs):
+        a, b = xs
+        lp = jax.nn.log_softmax(mp.logits(a[None])[0], axis=-1)
+        lq = jax.nn.log_softmax(mq.logits(b[None])[0], axis=-1)
+        return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+
+      per_token = jax.lax.map(kl, (hp, hq)).reshape(-1)[:n].reshape(batch["inputs"].shape)
+      return losses.task_sums(per_token, batch, num_tasks)
+
+    self._drift_step = jax.jit(drift_step)
     self.eval_compiles = CompileCounter()
     # One generator for every task: budgets are per-call arguments (one compilation per bucket),
     # each bucket's KV cache sized for the largest budget that can apply in it.
@@ -189,12 +218,24 @@ class Evaluator:
         totals = {k: totals[k] + sums[k] if k in totals else sums[k] for k in sums}
     return totals
 
-  def __call__(self, params, step: int) -> dict[str, Any]:
-    """eval/<task>/<metric> for every eval task, plus perf/eval_time_s and compile counts."""
+  def drift(self, params, reference) -> np.ndarray:
+    """[num_tasks] summed KL(model || reference) over the held-out teacher-forced tokens."""
+    total = np.zeros(self.num_tasks)
+    with jax.set_mesh(self.mesh):
+      for batch in self.batches:
+        device_batch = {k: jax.device_put(v, self._batch_sharding) for k, v in batch.items()}
+        with self.eval_compiles:
+          total = total + np.asarray(jax.device_get(self._drift_step(params, reference, device_batch)))
+    return total
+
+  def __call__(self, params, step: int, reference=None) -> dict[str, Any]:
+    """eval/<task>/<metric> for every eval task, plus perf/eval_time_s and compile counts.
+    reference: the run's starting params, for eval/<task>/kl_drift (eval.drift)."""
     e = self.config.eval
     t0 = time.perf_counter()
     row: dict[str, Any] = {"step": step}
     sums = self.teacher_forced(params)
+    drift = self.drift(params, reference) if reference is not None else None
     for name in self.task_names:
       i = self.task_ids[name]
       n = float(sums["tokens"][i]) if sums else 0.0
@@ -202,6 +243,8 @@ class Evaluator:
         row[f"eval/{name}/loss"] = float(sums["loss"][i]) / n
         row[f"eval/{name}/entropy"] = float(sums["entropy"][i]) / n
         row[f"eval/{name}/token_accuracy"] = float(sums["token_accuracy"][i]) / n
+        if drift is not None:
+          row[f"eval/{name}/kl_drift"] = float(drift[i]) / n
       row[f"eval/{name}/tokens"] = int(n)
       row[f"eval/{name}/skipped"] = self.skipped[name]
       row[f"eval/{name}/truncated"] = self.truncated[name]

@@ -79,6 +79,12 @@ class ModelSpec:
   # vectors each (the number of tasks with per-task experts, else 1).
   svf_targets: tuple[str, ...] = ()
   svf_tasks: int = 1
+  # Soft prompts (model.soft_prompt): soft_prompt_len learned embeddings per task (the parameter
+  # `soft_prompt` [soft_prompt_tasks, len, d_model]) that replace the embeddings of the slot tokens
+  # (id soft_prompt_token) the data writes at the end of every prompt.
+  soft_prompt_len: int = 0
+  soft_prompt_tasks: int = 1
+  soft_prompt_token: int = -1
 
   @classmethod
   def from_config(cls, cfg: ModelConfig, tokenizer_vocab: int, platform: str,
@@ -98,7 +104,8 @@ class ModelSpec:
                rope_local_theta=cfg.rope_local_theta, activation=cfg.activation,
                norm_plus_one=cfg.norm_plus_one, post_norms=cfg.post_norms,
                embed_scale=cfg.embed_scale, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
-               **lora_fields(cfg, num_tasks), **svf_fields(cfg, num_tasks))
+               **lora_fields(cfg, num_tasks), **svf_fields(cfg, num_tasks),
+               **soft_prompt_fields(cfg, tokenizer_vocab, num_tasks))
 
   @property
   def lora(self) -> bool:
@@ -185,6 +192,36 @@ def svf_fields(cfg: ModelConfig, num_tasks: int = 1) -> dict:
     return {}
   return {"svf_targets": tuple(svf.targets),
           "svf_tasks": max(1, num_tasks) if svf.per_task else 1}
+
+
+def soft_prompt_fields(cfg: ModelConfig, tokenizer_vocab: int, num_tasks: int = 1) -> dict:
+  """The slot token is the first id past the tokenizer's vocabulary (data.tokenizer.with_soft_prompt)."""
+  if not cfg.soft_prompt.length:
+    return {}
+  return {"soft_prompt_len": cfg.soft_prompt.length, "soft_prompt_tasks": max(1, num_tasks),
+          "soft_prompt_token": tokenizer_vocab}
+
+
+def is_soft_prompt_path(path: str) -> bool:
+  return path.split("/")[-1] == "soft_prompt"
+
+
+def soft_prompt_embeddings(table: jax.Array, tokens: jax.Array, task_ids: jax.Array,
+                           slot_token: int) -> tuple[jax.Array, jax.Array]:
+  """(is_slot [B, L], each token's soft-prompt row [B, L, d]) for soft prompts `table` [T, P, d].
+  A run of slot tokens ends right before its example's target, so a slot's row is P minus its
+  distance to the run's end: the last slot always reads row P - 1, also when a prompt_left cut
+  removed the first slots. Tokens of a task without a row (padding: < 0) read row 0 of task 0,
+  and are never slots."""
+  tasks, length, _ = table.shape
+  is_slot = tokens == slot_token
+  idx = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+  run_end = jax.lax.cummin(jnp.where(is_slot, tokens.shape[-1], idx), axis=tokens.ndim - 1,
+                           reverse=True)
+  row = jnp.clip(length - (run_end - idx), 0, length - 1)
+  task = jnp.clip(task_ids, 0, tasks - 1)
+  is_slot = is_slot & (task_ids >= 0) & (task_ids < tasks)
+  return is_slot, table[task, row]
 
 
 LORA_TARGET_IDS = {t: i for i, t in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
@@ -570,6 +607,9 @@ class Decoder(nnx.Module):
     pd = spec.param_dtype
     self.token_embed = _param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"),
                               embed_std, pd)
+    if spec.soft_prompt_len:  # initialized like the embedding rows they stand in for
+      self.soft_prompt = _param(rngs, (spec.soft_prompt_tasks, spec.soft_prompt_len, spec.d_model),
+                                ("lora_task", "soft_prompt", "embed"), embed_std, pd)
     self.layers = _stacked_blocks(spec, rngs)
     self.final_norm = RMSNorm(spec.d_model, spec.norm_eps, pd, spec.norm_plus_one)
     if not spec.tie_embeddings:
@@ -612,6 +652,12 @@ class Decoder(nnx.Module):
     dropout (spec.lora_dropout) in training; None: none."""
     dt = jnp.dtype(self.spec.dtype)
     x = jnp.take(self.token_embed[...], tokens, axis=0).astype(dt)
+    if self.spec.soft_prompt_len:
+      if adapter_ids is None:
+        raise ValueError("soft prompts need adapter_ids (each token's task id)")
+      is_slot, soft = soft_prompt_embeddings(self.soft_prompt[...], tokens, adapter_ids,
+                                             self.spec.soft_prompt_token)
+      x = jnp.where(is_slot[..., None], soft.astype(dt), x)
     if self.spec.embed_scale:  # in the compute dtype, as transformers (sqrt(d) rounded to it)
       x = x * jnp.asarray(math.sqrt(self.spec.d_model), dt)
     x = constrain(x, ("batch", "length", "act_embed"))

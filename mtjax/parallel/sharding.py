@@ -29,6 +29,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("lora_task", None),  # LoRA adapters' task axis and rank: replicated; their other axes are
     ("lora_rank", None),  # the base matrix's, so an adapter shards like its base
     ("svf_rank", None),  # SVF's singular-value axis: replicated (U and V^T shard like the base)
+    ("soft_prompt", None),  # a soft prompt's virtual-token axis (its task axis is lora_task)
     # activations
     ("batch", ("dcn", "data", "fsdp")),
     ("length", None),

@@ -235,7 +235,8 @@ class EvalHook(Hook):
     loop.flush()
     if self._evaluator is None:
       self._evaluator = self._make_evaluator()
-    loop.write(self._evaluator(loop.state.params, step))
+    reference = loop.state.extra.get("reference") if loop.config.eval.drift else None
+    loop.write(self._evaluator(loop.state.params, step, reference=reference))
 
   def due(self, step: int) -> bool:
     return super().due(step) or step in self.steps

@@ -10,6 +10,10 @@ Parameter groups (`optimizer.param_groups`: regex on the parameter path -> LR mu
 one AdamW per group through optax.multi_transform; a multiplier of 0 freezes the group: its
 gradients are zeroed before clipping and no optimizer state is kept for it. `optimizer.ema` keeps
 an exponential moving average of the weights inside the optimizer state (`ema_params`).
+
+Fast/slow training (model.soft_prompt with optimizer.slow_lr_ratio, fast_every, slow_every):
+two groups, the soft prompts (fast) and everything else (slow), each its own AdamW on its own
+steps (`fast_slow_transform`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import jax
 import optax
 
 from mtjax.config import OptimizerConfig
-from mtjax.model.llama import is_adapter_path
+from mtjax.model.llama import is_adapter_path, is_soft_prompt_path
 
 FROZEN = "frozen"
+FAST, SLOW = "fast", "slow"
 
 
 def param_path(path: tuple) -> str:
@@ -36,7 +41,8 @@ def decay_mask(params: Any) -> Any:
   def keep(path, leaf) -> bool:
     name = param_path(path).split("/")
     ndim = leaf.ndim - (name[0] == "layers")  # scanned layers: a leading layer axis
-    return ndim >= 2 and "token_embed" not in name and not name[-1].endswith("_bias")
+    return (ndim >= 2 and "token_embed" not in name and not name[-1].endswith("_bias")
+            and name[-1] != "soft_prompt")
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -71,6 +77,38 @@ def group_labels(params: Any, groups: Mapping[str, float], lora: bool = False) -
         return FROZEN if scale == 0 else pattern
     return "default"
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def fast_slow(cfg: OptimizerConfig) -> bool:
+  """Whether the run has two parameter groups, fast (soft prompts) and slow (the rest)."""
+  return cfg.slow_lr_ratio != 1.0 or cfg.fast_every != 1 or cfg.slow_every != 1
+
+
+def fast_slow_labels(params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: FAST if is_soft_prompt_path(param_path(path)) else SLOW, params)
+
+
+def every(k: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` on its calls 0, k, 2k, ...; zero updates and unchanged state (moments, schedule
+  count) on the others."""
+  if k == 1:
+    return inner
+
+  def on_step(step: Any, **_: Any) -> Any:
+    return jax.numpy.asarray(step) % k == 0
+
+  return optax.transforms.conditionally_mask(inner, on_step)
+
+
+def fast_slow_transform(cfg: OptimizerConfig, adamw) -> optax.GradientTransformation:
+  """One AdamW per group: the fast weights at lr on every fast_every-th step, the slow ones at
+  lr * slow_lr_ratio on every slow_every-th (0: frozen, no optimizer state). Each group's LR
+  schedule counts its own updates."""
+  slow = (optax.set_to_zero() if cfg.slow_lr_ratio == 0
+          else every(cfg.slow_every, adamw(cfg.slow_lr_ratio)))
+  return optax.multi_transform({FAST: every(cfg.fast_every, adamw(1.0)), SLOW: slow},
+                               fast_slow_labels)
 
 
 class EmaState(NamedTuple):
@@ -110,7 +148,12 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, lora: bool = False
                        mask=decay_mask)
 
   clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
-  if not cfg.param_groups and not lora:
+  if fast_slow(cfg):
+    parts = [clip, fast_slow_transform(cfg, adamw)]
+    if cfg.slow_lr_ratio == 0:  # fast only: frozen slow weights do not count in the clip norm
+      slow = lambda params: jax.tree.map(lambda label: label == SLOW, fast_slow_labels(params))
+      parts.insert(0, optax.masked(optax.set_to_zero(), slow))
+  elif not cfg.param_groups and not lora:
     parts = [clip, adamw(1.0)]
   else:
     labels = lambda params: group_labels(params, cfg.param_groups, lora)

@@ -118,7 +118,7 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   if not any_mesh:
     check_divisibility(config, mesh)
   from mtjax.data import tokenizer as tokenizer_lib
-  tokenizer = tokenizer_lib.for_data(config.data)
+  tokenizer = tokenizer_lib.for_config(config)
   spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform,
                                num_tasks=config.num_tasks)
 
@@ -155,7 +155,7 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed, load_params,
                                                    weighting=config.train.weighting,
                                                    num_tasks=config.num_tasks,
-                                                   reference=config.rl.algorithm != "none")
+                                                   reference=config.rl.algorithm != "none" or config.eval.drift)
   if spec.adapters:
     _say(state_summary(state.params, state.opt_state, spec))
   setup = Setup(config=config, devices=devices, mesh=mesh, tokenizer=tokenizer, spec=spec, tx=tx,

@@ -162,6 +162,8 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
     # A fresh base, then its SVD layer by layer as for a loaded one: an SVD inside the sharded
     # init (batched over the stacked layers) deadlocked XLA:CPU with several devices.
     load_params = functools.partial(_fresh_base, spec.without_adapters(), seed)
+  if load_params is not None and spec.soft_prompt_len:
+    load_params = functools.partial(_load_with_fresh_soft_prompt, load_params, spec, seed)
   if load_params is not None:
     params = _load_with_fresh_adapters(load_params, abstract_params, params_sh, seed) \
         if spec.adapters else load_params(abstract_params, params_sh)
@@ -191,6 +193,25 @@ def _fresh_base(spec: ModelSpec, seed: int, abstract: Any, shardings: Any) -> An
   del abstract
   init = lambda key: nnx.to_pure_dict(nnx.split(Decoder(spec, nnx.Rngs(key)))[1])
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def _load_with_fresh_soft_prompt(load_params: Callable[[Any, Any], Any], spec: ModelSpec,
+                                 seed: int, abstract: Any, shardings: Any) -> Any:
+  """The loaded parameters and fresh soft prompts: each row a copy of the loaded embedding of a
+  random token of the tokenizer's vocabulary (Lester et al. 2021's vocabulary init), so the
+  prompts start at the scale of the embeddings they stand in for."""
+  rest = {k: v for k, v in abstract.items() if k != "soft_prompt"}
+  rest_sh = {k: v for k, v in shardings.items() if k != "soft_prompt"}
+  loaded = load_params(rest, rest_sh)
+  shape = (spec.soft_prompt_tasks, spec.soft_prompt_len)
+
+  def init(embed, key):
+    ids = jax.random.randint(key, shape, 0, spec.soft_prompt_token)
+    return embed[ids].astype(abstract["soft_prompt"].dtype)
+
+  table = jax.jit(init, out_shardings=shardings["soft_prompt"])(
+      loaded["token_embed"], jax.random.fold_in(jax.random.key(seed), 0x50F7))
+  return {**loaded, "soft_prompt": table}
 
 
 def _split_lora(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
