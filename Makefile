@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mtjax-installed
 DEMO_DIR ?= runs/demo
 
-STUDIES ?= efficiency transfer entropy decomposition instructions weighting rl_diversity task_experts expert_composition
+STUDIES ?= efficiency transfer entropy decomposition instructions weighting rl_diversity task_experts expert_composition fast_slow
 
 .PHONY: demo test lint setup clean studies findings
 

@@ -44,7 +44,8 @@ def _rebuilds_identically(out):
 
 def test_every_registered_study_is_an_experiment_subcommand():
   assert list(STUDIES) == ["efficiency", "transfer", "entropy", "decomposition", "instructions",
-                           "weighting", "rl_diversity", "task_experts", "expert_composition"]
+                           "weighting", "rl_diversity", "task_experts", "expert_composition",
+                           "fast_slow"]
   for name, study in STUDIES.items():
     assert study.name == name and study.help
     args = cli._parser().parse_args(["experiment", name, "--config", "c.py", "--workdir", "w"])

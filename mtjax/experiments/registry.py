@@ -12,11 +12,12 @@ from etils import epath
 
 from mtjax.errors import BadInputError
 from mtjax.experiments import (arms, decomposition, efficiency, entropy, expert_composition,
-                               instructions, rl_diversity, task_experts, transfer, weighting)
+                               fast_slow, instructions, rl_diversity, task_experts, transfer,
+                               weighting)
 
 STUDIES: dict[str, arms.Study] = {m.STUDY.name: m.STUDY for m in (
     efficiency, transfer, entropy, decomposition, instructions, weighting, rl_diversity,
-    task_experts, expert_composition)}
+    task_experts, expert_composition, fast_slow)}
 
 
 def rebuild(workdir: str) -> epath.Path:
