@@ -73,7 +73,7 @@ def test_tiny_fast_slow_study_end_to_end(tmp_path, capsys):
   for name, d in dirs.items():
     got = summary["per_seed"][0][name]
     by_step = {r["step"]: r for r in _eval_rows(d)}
-    score = lambda step, t: by_step[step][f"eval/{t}/token_accuracy"]
+    score = lambda step, t, by_step=by_step: by_step[step][f"eval/{t}/token_accuracy"]
     assert got["forgetting"] == {tasks[0]: score(n, tasks[0]) - score(2 * n, tasks[0])}
     for j, t in enumerate(tasks):
       crossed = [s - j * n for s in (j * n + 2, j * n + 4) if score(s, t) >= targets[t]]
