@@ -269,7 +269,8 @@ class OptimizerConfig:
   # Fast/slow training (with model.soft_prompt): the fast weights (the soft prompts) train at lr,
   # the slow ones (every other parameter) at lr * slow_lr_ratio; the fast weights update on steps
   # s with s % fast_every == 0, the slow ones on steps with s % slow_every == 0 (each group's
-  # Adam moments only move on its own steps). 0 freezes the slow weights (fast only).
+  # Adam moments only move on its own steps). slow_lr_ratio 0 freezes the slow weights (fast
+  # only); fast_every 0 freezes the fast ones (slow only, beside fixed soft prompts).
   slow_lr_ratio: float = 1.0
   fast_every: int = 1
   slow_every: int = 1
@@ -787,9 +788,14 @@ def _check_fast_slow(m: ModelConfig, o: OptimizerConfig, d: DataConfig) -> None:
                         f"in data.seq_len={d.seq_len}")
   if not (math.isfinite(o.slow_lr_ratio) and o.slow_lr_ratio >= 0):
     raise BadInputError("optimizer.slow_lr_ratio", f"expected a multiplier >= 0, got {o.slow_lr_ratio}")
-  for field, value in (("optimizer.fast_every", o.fast_every), ("optimizer.slow_every", o.slow_every)):
-    if value < 1:
-      raise BadInputError(field, f"expected a step interval >= 1, got {value}")
+  if o.fast_every < 0:
+    raise BadInputError("optimizer.fast_every", f"expected a step interval >= 1 (0 freezes the "
+                        f"soft prompts), got {o.fast_every}")
+  if o.slow_every < 1:
+    raise BadInputError("optimizer.slow_every", f"expected a step interval >= 1, got {o.slow_every}")
+  if o.fast_every == 0 and o.slow_lr_ratio == 0:
+    raise BadInputError("optimizer.fast_every", "0 freezes the soft prompts and slow_lr_ratio=0 the "
+                        "rest: nothing would train")
   fast_slow = o.slow_lr_ratio != 1.0 or o.fast_every != 1 or o.slow_every != 1
   if fast_slow and not length:
     raise BadInputError("optimizer.slow_lr_ratio" if o.slow_lr_ratio != 1.0 else

@@ -117,14 +117,15 @@ def _fast_slow_reference(cfg, total_steps, params, grads_per_step):
   count = {"fast": 0, "slow": 0}
   for s, grads in enumerate(grads_per_step):
     g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
-    if cfg.slow_lr_ratio == 0:  # frozen slow weights: their gradients are dropped before the clip
-      g = [x if name == "soft_prompt" else 0 * x for x, name in zip(g, names)]
+    frozen = "slow" if cfg.slow_lr_ratio == 0 else "fast" if cfg.fast_every == 0 else None
+    if frozen:  # a frozen group's gradients are dropped before the clip
+      g = [0 * x if (name == "soft_prompt") == (frozen == "fast") else x for x, name in zip(g, names)]
     norm = np.sqrt(sum(float((x ** 2).sum()) for x in g))
     if norm > cfg.clip_norm:
       g = [x * cfg.clip_norm / norm for x in g]
     for group, every, lr in (("fast", cfg.fast_every, cfg.lr),
                              ("slow", cfg.slow_every, cfg.lr * cfg.slow_lr_ratio)):
-      if s % every:
+      if group == frozen or s % every:
         continue
       t = count[group] = count[group] + 1
       for i, name in enumerate(names):
@@ -139,7 +140,8 @@ def _fast_slow_reference(cfg, total_steps, params, grads_per_step):
   return jax.tree.unflatten(jax.tree.structure(params), p)
 
 
-@pytest.mark.parametrize("slow_lr_ratio,fast_every,slow_every", [(0.1, 1, 2), (0.3, 2, 1), (0.0, 1, 1)])
+@pytest.mark.parametrize("slow_lr_ratio,fast_every,slow_every",
+                         [(0.1, 1, 2), (0.3, 2, 1), (0.0, 1, 1), (0.5, 0, 1)])
 def test_groups_take_their_own_lr_on_their_own_steps(slow_lr_ratio, fast_every, slow_every):
   cfg = OptimizerConfig(lr=0.05, schedule="constant", warmup_steps=0, weight_decay=0.5,
                         clip_norm=1.0, eps=1e-3, slow_lr_ratio=slow_lr_ratio,
@@ -157,9 +159,14 @@ def test_groups_take_their_own_lr_on_their_own_steps(slow_lr_ratio, fast_every, 
   want = _fast_slow_reference(cfg, 4, params, grads)
   for k in shapes:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  moments = sum(np.size(x) for x in jax.tree.leaves(state) if np.ndim(x))
   if slow_lr_ratio == 0:  # fast only: no optimizer state for the frozen slow weights
-    assert sum(np.size(x) for x in jax.tree.leaves(state) if np.ndim(x)) == 2 * params["soft_prompt"].size
-  assert not np.array_equal(got["soft_prompt"], params["soft_prompt"])
+    assert moments == 2 * params["soft_prompt"].size
+  if fast_every == 0:  # slow only: the soft prompts stay as they were, with no optimizer state
+    np.testing.assert_array_equal(got["soft_prompt"], params["soft_prompt"])
+    assert moments == 2 * sum(v.size for k, v in params.items() if k != "soft_prompt")
+  else:
+    assert not np.array_equal(got["soft_prompt"], params["soft_prompt"])
 
 
 def test_the_real_step_moves_slow_weights_on_slow_steps_only():
@@ -190,7 +197,9 @@ def test_bad_fast_slow_settings_are_named():
       (["--config.model.soft_prompt.length=200"], "model.soft_prompt.length"),
       (["--config.optimizer.slow_lr_ratio=0.1"], "optimizer.slow_lr_ratio"),  # no fast weights
       (["--config.model.soft_prompt.length=4", "--config.optimizer.slow_lr_ratio=-1"], "optimizer.slow_lr_ratio"),
-      (["--config.model.soft_prompt.length=4", "--config.optimizer.fast_every=0"], "optimizer.fast_every"),
+      (["--config.model.soft_prompt.length=4", "--config.optimizer.fast_every=-1"], "optimizer.fast_every"),
+      (["--config.model.soft_prompt.length=4", "--config.optimizer.fast_every=0",
+        "--config.optimizer.slow_lr_ratio=0"], "optimizer.fast_every"),
       (["--config.model.soft_prompt.length=4", "--config.optimizer.slow_every=2",
         "--config.optimizer.param_groups={'lm_head': 0.5}"], "optimizer.param_groups")):
     with pytest.raises(BadInputError, match=field.replace(".", r"\.")):
@@ -249,3 +258,12 @@ def test_kl_drift_against_numpy_and_zero_at_the_start():
   for t, name in enumerate(cfg.data.tasks):
     assert row[f"eval/{name}/kl_drift"] == pytest.approx(want_sum[t] / want_n[t], rel=1e-4)
     assert row[f"eval/{name}/kl_drift"] > 1e-3
+
+
+def test_an_exports_soft_prompts_of_another_shape_are_named(tmp_path):
+  from mtjax.model import pretrained
+  assert pretrained.read_soft_prompt(tmp_path, (3, 4, 32)) is None  # an export without them
+  np.save(tmp_path / pretrained.SOFT_PROMPT_FILE, np.zeros((2, 4, 32), np.float32))
+  with pytest.raises(BadInputError, match=r"mtjax_soft_prompt\.npy.*\(2, 4, 32\).*\(3, 4, 32\)"):
+    pretrained.read_soft_prompt(tmp_path, (3, 4, 32))
+  np.testing.assert_array_equal(pretrained.read_soft_prompt(tmp_path, (2, 4, 32)), 0.0)

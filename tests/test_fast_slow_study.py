@@ -42,7 +42,8 @@ def test_tiny_fast_slow_study_end_to_end(tmp_path, capsys):
   assert tasks == ["structured_sort", "open_ended_template"] and n == 4
   export = seed / "base_export"
   base_cfg = json.loads((seed / "base" / "config.json").read_text())
-  assert base_cfg["train"]["steps"] == 2 * n and base_cfg["model"]["soft_prompt"]["length"] == 0
+  assert base_cfg["train"]["steps"] == 2 * n and base_cfg["model"]["soft_prompt"]["length"] == 4
+  assert (export / "mtjax_soft_prompt.npy").exists()  # the base's soft prompts travel with it
   base_last = _eval_rows(seed / "base")[-1]
   dirs = {a: seed / a for a in ("slow", "fast", "fast_slow")}
   for name, d in dirs.items():
@@ -51,22 +52,27 @@ def test_tiny_fast_slow_study_end_to_end(tmp_path, capsys):
     assert cfg["model"]["pretrained"] == str(export) and cfg["train"]["steps"] == 2 * n, name
     assert cfg["data"]["stages"] == [[0, {tasks[0]: 1.0, tasks[1]: 0.0}],
                                      [n, {tasks[0]: 0.0, tasks[1]: 1.0}]], name
-    assert cfg["model"]["soft_prompt"]["length"] == (0 if name == "slow" else 4), name
+    assert cfg["model"]["soft_prompt"]["length"] == 4, name
     assert o["lr"] == {"slow": 1e-3, "fast": 3e-2, "fast_slow": 3e-2}[name], name
     assert np.isclose(o["slow_lr_ratio"], {"slow": 1.0, "fast": 0.0, "fast_slow": 1e-3 / 3e-2}[name])
+    assert o["fast_every"] == (0 if name == "slow" else 1), name
     rows = _eval_rows(d)
     assert [r["step"] for r in rows] == [0, 2, 4, 6, 8], name
     for t in tasks:
       assert abs(rows[0][f"eval/{t}/kl_drift"]) < 1e-6  # the start is the reference
-      if name == "slow":  # starts from the export: the base's final held-out loss
-        np.testing.assert_allclose(rows[0][f"eval/{t}/loss"], base_last[f"eval/{t}/loss"], rtol=1e-4)
-  # The fast arm trains its soft prompts only: every weight ends as the base ended.
-  fast, base = _params(dirs["fast"], 2 * n), _params(seed / "base", 2 * n)
-  assert set(fast) - set(base) == {"soft_prompt"}
+      # Every arm starts from the export, soft prompts included: the base's final held-out loss.
+      np.testing.assert_allclose(rows[0][f"eval/{t}/loss"], base_last[f"eval/{t}/loss"], rtol=1e-4)
+  # fast trains its soft prompts only, slow its weights only: the rest ends as the base ended.
+  base = _params(seed / "base", 2 * n)
+  fast, slow = _params(dirs["fast"], 2 * n), _params(dirs["slow"], 2 * n)
+  assert set(fast) == set(slow) == set(base)
   for k, v in base.items():
-    np.testing.assert_array_equal(fast[k], v, err_msg=k)
-  slow = _params(dirs["slow"], 2 * n)
-  assert not np.array_equal(slow["lm_head"], base["lm_head"])
+    if k == "soft_prompt":
+      np.testing.assert_array_equal(slow[k], v)
+      assert not np.array_equal(fast[k], v)
+    else:
+      np.testing.assert_array_equal(fast[k], v, err_msg=k)
+      assert not np.array_equal(slow[k], v), k
 
   # Forgetting, steps to target and drift by hand from each arm's eval rows.
   targets = summary["targets"]
@@ -80,6 +86,10 @@ def test_tiny_fast_slow_study_end_to_end(tmp_path, capsys):
       assert got["steps_to_target"][t] == (crossed[0] if crossed else None)
       assert np.isclose(got["kl_drift"][t], by_step[2 * n][f"eval/{t}/kl_drift"])
       assert np.isclose(got["final"][t], score(2 * n, t))
+    for t in tasks:  # the running eval/<task>/forgetting: best earlier score minus now
+      series = [r[f"eval/{t}/token_accuracy"] for r in _eval_rows(d)]
+      want = [max(series[: i + 1]) - v for i, v in enumerate(series)]
+      np.testing.assert_allclose([r[f"eval/{t}/forgetting"] for r in _eval_rows(d)], want)
   f = summary["findings"]
   final = lambda a: np.mean([summary["per_seed"][0][a]["final"][t] for t in tasks])
   assert np.isclose(f["final"]["fast_slow-slow"]["mean"], final("fast_slow") - final("slow"))

@@ -4,9 +4,10 @@ the fast channel).
 
 Per seed:
   base       trained from scratch on the equal mixture of data.tasks for study.steps_per_task x
-             number of tasks steps (a generalist, not converged), exported once to
-             <seed>/base_export; every arm below starts from it
-  slow       supervised fine-tuning of every weight at study.slow_lr (no soft prompts)
+             number of tasks steps (a generalist, not converged), its per-task soft prompts
+             (model.soft_prompt.length) trained with its weights at optimizer.lr; exported once
+             to <seed>/base_export (with the soft prompts); every arm below starts from it
+  slow       supervised fine-tuning of every weight at study.slow_lr (the soft prompts frozen)
   fast       per-task soft prompts (model.soft_prompt.length virtual tokens) at study.fast_lr;
              the weights frozen (optimizer.slow_lr_ratio = 0)
   fast_slow  both: soft prompts at study.fast_lr, the weights at study.slow_lr
@@ -56,12 +57,14 @@ def arm_configs(base: Config, seed: int, export_dir: epath.Path) -> dict[str, Co
   """The base run and the three arms of one seed; the arms start from `export_dir`."""
   st = base.study
   steps, tasks = base_steps(base), tuple(base.data.tasks)
-  none = {"train.entropy_coefs": {}, "model.soft_prompt.length": 0, "eval.drift": False,
-          "optimizer.slow_lr_ratio": 1.0, "optimizer.fast_every": 1, "optimizer.slow_every": 1}
-  out = {"base": arms.configure(base, seed=seed, steps=steps, eval_every=steps, **none)}
+  # The base trains its soft prompts with its weights (one LR), so every arm starts from the
+  # same model reading the same prompts (the export keeps them) and no arm starts with prompts
+  # the model never saw.
+  plain = {"train.entropy_coefs": {}, "eval.drift": False, "optimizer.slow_lr_ratio": 1.0,
+           "optimizer.fast_every": 1, "optimizer.slow_every": 1}
+  out = {"base": arms.configure(base, seed=seed, steps=steps, eval_every=steps, **plain)}
   pinned = tuple(sorted(set(base.model.pinned) | {"data.tokenizer"}))  # keep the run's tokenizer
   stages = arms.sequential_stages(tasks, st.steps_per_task)
-  length = base.model.soft_prompt.length
 
   def arm(**dotted: Any) -> Config:
     settings = {"model.pretrained": str(export_dir), "model.pinned": pinned,
@@ -69,11 +72,11 @@ def arm_configs(base: Config, seed: int, export_dir: epath.Path) -> dict[str, Co
     return arms.configure(base, seed=seed, steps=steps, eval_every=st.eval_every, stages=stages,
                           **settings)
 
-  out["slow"] = arm(**{**none, "eval.drift": True, "optimizer.lr": st.slow_lr})
-  out["fast"] = arm(**{"model.soft_prompt.length": length, "optimizer.lr": st.fast_lr,
-                       "optimizer.slow_lr_ratio": 0.0, "optimizer.fast_every": 1,
-                       "optimizer.slow_every": 1})
-  out["fast_slow"] = arm(**{"model.soft_prompt.length": length, "optimizer.lr": st.fast_lr,
+  out["slow"] = arm(**{"optimizer.lr": st.slow_lr, "optimizer.slow_lr_ratio": 1.0,
+                       "optimizer.fast_every": 0, "optimizer.slow_every": 1})
+  out["fast"] = arm(**{"optimizer.lr": st.fast_lr, "optimizer.slow_lr_ratio": 0.0,
+                       "optimizer.fast_every": 1, "optimizer.slow_every": 1})
+  out["fast_slow"] = arm(**{"optimizer.lr": st.fast_lr,
                             "optimizer.slow_lr_ratio": st.slow_lr / st.fast_lr,
                             "optimizer.fast_every": base.optimizer.fast_every,
                             "optimizer.slow_every": base.optimizer.slow_every})
@@ -225,11 +228,12 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       f"Fast channel: {summary['channel']}. Tasks, learned in this order: "
       f"{' -> '.join(tasks)}. Seeds: {summary['seeds']}. Per seed: a base model trained from "
       f"scratch on the equal mixture of the tasks for {summary['base_steps']} steps (LR "
-      f"{summary['base_lr']:g}), exported, then three arms from that export, each {n} optimizer "
-      f"steps per task on that task alone ({len(tasks) * n} steps, {summary['batch_size']} packed "
-      f"rows a step): `slow` (every weight at LR {summary['slow_lr']:g}), `fast` "
-      f"({summary['soft_prompt_length']} soft-prompt tokens per task at LR "
-      f"{summary['fast_lr']:g}; the weights frozen) and `fast_slow` (both: the soft prompts at "
+      f"{summary['base_lr']:g}), with {summary['soft_prompt_length']} soft-prompt tokens per task "
+      "trained beside its weights, exported with its soft prompts, then three arms from that "
+      f"export (the same model and prompts at step 0), each {n} optimizer steps per task on that "
+      f"task alone ({len(tasks) * n} steps, {summary['batch_size']} packed rows a step): `slow` "
+      f"(every weight at LR {summary['slow_lr']:g}; the soft prompts frozen), `fast` (the soft "
+      f"prompts at LR {summary['fast_lr']:g}; the weights frozen) and `fast_slow` (both: the soft prompts at "
       f"{summary['fast_lr']:g} every {summary['fast_every']} step(s), the weights at "
       f"{summary['slow_lr']:g} every {summary['slow_every']} step(s)).",
       "",
@@ -293,12 +297,12 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
             f"prompt length ({summary['soft_prompt_length']}) and one stage length ({n} steps), "
             "set after a short pilot, not a search: other settings can change every verdict. "
             "'Inconclusive' is a result of this size, not evidence of no effect.",
-            "- Equal optimizer steps are nearly but not exactly equal compute: the fast arms' "
-            f"examples carry {summary['soft_prompt_length']} more (prompt) tokens each, so they "
-            "pack slightly fewer examples per row than `slow`.",
-            "- KL drift is measured against each arm's own start (its export, plus its initial "
-            "soft prompts), on the held-out examples of every task; it includes what the soft "
-            "prompts change, so `fast` drifts too although its weights never move.",
+            "- Equal optimizer steps on the same examples (every arm reads the soft-prompt slots) "
+            "are equal forward and backward compute; `fast` skips the weights' optimizer update "
+            "and `slow` the prompts', which this size does not time.",
+            "- KL drift is measured against the common start (the export with its soft prompts), "
+            "on the held-out examples of every task; it includes what the soft prompts change, so "
+            "`fast` drifts too although its weights never move.",
             f"- Steps to target are read at the evals (every {summary['eval_every']} steps): "
             "a stage that reaches its target between two evals counts at the later one.",
             _metric_caveat(metric_names, summary["num_scored"]),

@@ -407,6 +407,25 @@ def _unflat(like: Any, flat: Mapping[str, Any]) -> Any:
 # ----------------------------------------------------------------------------- import
 
 
+# An mtjax export of a run with soft prompts (model.soft_prompt) keeps them beside the HF files, in
+# a file of their own (transformers and vLLM would not know the tensor), [tasks, length, d_model].
+SOFT_PROMPT_FILE = "mtjax_soft_prompt.npy"
+
+
+def read_soft_prompt(directory: epath.PathLike, shape: tuple[int, ...]) -> np.ndarray | None:
+  """The soft prompts an export stored (None: it has none); a BadInputError naming the file when
+  their shape is not `shape` (model.soft_prompt.length and the run's tasks)."""
+  path = epath.Path(directory) / SOFT_PROMPT_FILE
+  if not path.exists():
+    return None
+  with path.open("rb") as f:
+    table = np.load(f)
+  if tuple(table.shape) != tuple(shape):
+    raise BadInputError(str(path), f"soft prompts of shape {tuple(table.shape)}, expected "
+                        f"{tuple(shape)} ([tasks, model.soft_prompt.length, d_model])")
+  return table
+
+
 def load_params(directory: epath.PathLike, spec: ModelSpec, abstract: Any, shardings: Any, *,
                 progress: bool = True) -> Any:
   """The parameters of an HF directory, streamed into `shardings` (a tree like `abstract`, the
@@ -420,6 +439,7 @@ def load_params(directory: epath.PathLike, spec: ModelSpec, abstract: Any, shard
   index = check_tensors(directory, spec)  # every name and shape, before anything is read
   names = layout(spec)
   shapes, targets = _flat(abstract), _flat(shardings)
+  soft, soft_sharding = shapes.pop("soft_prompt", None), targets.pop("soft_prompt", None)
   unknown = sorted(set(shapes) - set(names))
   assert not unknown, f"parameters without an HF mapping: {unknown}"
   dtype = np.dtype(spec.param_dtype)
@@ -455,6 +475,13 @@ def load_params(directory: epath.PathLike, spec: ModelSpec, abstract: Any, shard
   extra = sorted(n for n in set(index.where) - used if not n.endswith("rotary_emb.inv_freq"))
   if extra and not (spec.tie_embeddings and extra == ["lm_head.weight"]):
     _say(f"warning: {len(extra)} tensors of {directory} are not used (e.g. {extra[:3]})")
+  if soft is not None:  # the export's soft prompts, when it has them (else the caller makes them)
+    table = read_soft_prompt(directory, tuple(soft.shape))
+    if table is not None:
+      loaded["soft_prompt"] = jax.make_array_from_callback(
+          table.shape, soft_sharding, lambda idx, t=table: np.ascontiguousarray(t[idx], dtype=dtype))
+    else:
+      abstract = {k: v for k, v in abstract.items() if k != "soft_prompt"}
   return _unflat(abstract, loaded)
 
 
@@ -601,16 +628,20 @@ def export(params: Any, spec: ModelSpec, out: epath.PathLike, *, config: Mapping
   tensors = [(t.name, t.shape, dtype) for t in listed]
   by_name = {t.name: t for t in listed}
 
+  def gather(x: Any) -> np.ndarray:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
   def fetch(hf_name: str) -> np.ndarray:
     t = by_name[hf_name]
     x = flat[t.path] if t.layer is None else flat[t.path][t.layer]  # one layer's slice
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      host = np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    else:
-      host = np.asarray(jax.device_get(x))
-    return to_hf(t.kind, host.astype(dtype))
+    return to_hf(t.kind, gather(x).astype(dtype))
 
+  soft = None
+  if "soft_prompt" in flat:
+    soft = gather(flat["soft_prompt"]).astype(dtype)
   if jax.process_index() != 0:
     for name, _, _ in tensors:  # the gathers are collective: every process takes part
       fetch(name)
@@ -628,6 +659,10 @@ def export(params: Any, spec: ModelSpec, out: epath.PathLike, *, config: Mapping
   bar.close()
   (out / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
   files.append("config.json")
+  if soft is not None:
+    with (out / SOFT_PROMPT_FILE).open("wb") as f:
+      np.save(f, soft)
+    files.append(SOFT_PROMPT_FILE)
   if tokenizer_dir is not None:
     source = epath.Path(tokenizer_dir)
     for name in TOKENIZER_FILES:

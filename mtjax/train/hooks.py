@@ -223,20 +223,26 @@ class ProgressHook(Hook):
 
 class EvalHook(Hook):
   """Held-out eval (eval/<task>/<metric> rows) every eval.every steps and at eval.steps, at step
-  0 and at the end."""
+  0 and at the end. Each row also has eval/<task>/forgetting: the task's best score at an earlier
+  eval of the run (also before a resume) minus its score now (accuracy where generated, else
+  token_accuracy; 0 at the first eval)."""
 
   def __init__(self, every: int, make_evaluator, steps: Sequence[int] = ()):
     self.every = every
     self.steps = frozenset(int(s) for s in steps)
     self._make_evaluator = make_evaluator  # built on first use: eval data and compiles cost time
     self._evaluator = None
+    self._best: dict[str, float] | None = None  # per eval/<task>/<metric> key: its best so far
 
   def _run(self, loop: Loop, step: int) -> None:
     loop.flush()
     if self._evaluator is None:
       self._evaluator = self._make_evaluator()
     reference = loop.state.extra.get("reference") if loop.config.eval.drift else None
-    loop.write(self._evaluator(loop.state.params, step, reference=reference))
+    row = self._evaluator(loop.state.params, step, reference=reference)
+    if self._best is None:
+      self._best = _best_scores(loop, step)
+    loop.write({**row, **_forgetting(row, self._best)})
 
   def due(self, step: int) -> bool:
     return super().due(step) or step in self.steps
@@ -248,6 +254,38 @@ class EvalHook(Hook):
   def at_end(self, loop: Loop) -> None:
     if (self.every or self.steps) and loop.total > loop.start:
       self._run(loop, loop.total)
+
+
+FORGETTING_METRICS = ("accuracy", "token_accuracy")  # the first a task's row has is its score
+
+
+def _forgetting(row: dict[str, Any], best: dict[str, float]) -> dict[str, float]:
+  """eval/<task>/forgetting of an eval row, updating `best` (per score key) in place."""
+  out = {}
+  tasks = {k.split("/")[1] for k in row if k.startswith("eval/") and k.count("/") == 2}
+  for task in sorted(tasks):
+    key = next((f"eval/{task}/{m}" for m in FORGETTING_METRICS if f"eval/{task}/{m}" in row), None)
+    if key is None:
+      continue
+    now = float(row[key])
+    out[f"eval/{task}/forgetting"] = max(0.0, best.get(key, now) - now)
+    best[key] = max(best.get(key, now), now)
+  return out
+
+
+def _best_scores(loop: Loop, step: int) -> dict[str, float]:
+  """Each score key's best over the eval rows a resumed run logged before `step`."""
+  best: dict[str, float] = {}
+  if loop.workdir is None or step == 0:
+    return best
+  try:
+    rows = metrics_lib.read_rows(metrics_lib.log_path(loop.workdir))
+  except FileNotFoundError:
+    return best
+  for row in rows:
+    if row.get("step", step) < step:
+      _forgetting(row, best)
+  return best
 
 
 class CheckpointHook(Hook):

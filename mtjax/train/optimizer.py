@@ -102,13 +102,13 @@ def every(k: int, inner: optax.GradientTransformation) -> optax.GradientTransfor
 
 
 def fast_slow_transform(cfg: OptimizerConfig, adamw) -> optax.GradientTransformation:
-  """One AdamW per group: the fast weights at lr on every fast_every-th step, the slow ones at
-  lr * slow_lr_ratio on every slow_every-th (0: frozen, no optimizer state). Each group's LR
-  schedule counts its own updates."""
+  """One AdamW per group: the fast weights at lr on every fast_every-th step (0: frozen), the
+  slow ones at lr * slow_lr_ratio (0: frozen) on every slow_every-th; a frozen group keeps no
+  optimizer state. Each group's LR schedule counts its own updates."""
   slow = (optax.set_to_zero() if cfg.slow_lr_ratio == 0
           else every(cfg.slow_every, adamw(cfg.slow_lr_ratio)))
-  return optax.multi_transform({FAST: every(cfg.fast_every, adamw(1.0)), SLOW: slow},
-                               fast_slow_labels)
+  fast = optax.set_to_zero() if cfg.fast_every == 0 else every(cfg.fast_every, adamw(1.0))
+  return optax.multi_transform({FAST: fast, SLOW: slow}, fast_slow_labels)
 
 
 class EmaState(NamedTuple):
@@ -150,9 +150,11 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, lora: bool = False
   clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
   if fast_slow(cfg):
     parts = [clip, fast_slow_transform(cfg, adamw)]
-    if cfg.slow_lr_ratio == 0:  # fast only: frozen slow weights do not count in the clip norm
-      slow = lambda params: jax.tree.map(lambda label: label == SLOW, fast_slow_labels(params))
-      parts.insert(0, optax.masked(optax.set_to_zero(), slow))
+    # A frozen group's gradients are dropped before the clip (they would count in its norm).
+    frozen = {SLOW} if cfg.slow_lr_ratio == 0 else {FAST} if cfg.fast_every == 0 else set()
+    if frozen:
+      mask = lambda params: jax.tree.map(lambda label: label in frozen, fast_slow_labels(params))
+      parts.insert(0, optax.masked(optax.set_to_zero(), mask))
   elif not cfg.param_groups and not lora:
     parts = [clip, adamw(1.0)]
   else:

@@ -197,12 +197,13 @@ def _fresh_base(spec: ModelSpec, seed: int, abstract: Any, shardings: Any) -> An
 
 def _load_with_fresh_soft_prompt(load_params: Callable[[Any, Any], Any], spec: ModelSpec,
                                  seed: int, abstract: Any, shardings: Any) -> Any:
-  """The loaded parameters and fresh soft prompts: each row a copy of the loaded embedding of a
-  random token of the tokenizer's vocabulary (Lester et al. 2021's vocabulary init), so the
-  prompts start at the scale of the embeddings they stand in for."""
-  rest = {k: v for k, v in abstract.items() if k != "soft_prompt"}
-  rest_sh = {k: v for k, v in shardings.items() if k != "soft_prompt"}
-  loaded = load_params(rest, rest_sh)
+  """The loaded parameters with the loaded soft prompts (an mtjax export of a run with them), or
+  fresh ones: each row a copy of the loaded embedding of a random token of the tokenizer's
+  vocabulary (Lester et al. 2021's vocabulary init), so the prompts start at the scale of the
+  embeddings they stand in for."""
+  loaded = load_params(abstract, shardings)
+  if "soft_prompt" in loaded:
+    return loaded
   shape = (spec.soft_prompt_tasks, spec.soft_prompt_len)
 
   def init(embed, key):
