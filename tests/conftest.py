@@ -72,7 +72,7 @@ def host_batch(cfg, start=0):
   return next(loader).arrays
 
 
-def sigkill_resume_runs(tmp_path, args, steps, checkpoint_step, settle_s=1.0):
+def sigkill_resume_runs(tmp_path, args, steps, checkpoint_step, settle_s=1.0, step_delay=0.2):
   """Trains `mtjax train ARGS` straight through, and again killed with SIGKILL a few steps past
   its checkpoint at `checkpoint_step` and resumed (tests/fault_driver.py slows each step).
   Returns (straight workdir, killed workdir) after asserting that both finished and the killed
@@ -88,7 +88,7 @@ def sigkill_resume_runs(tmp_path, args, steps, checkpoint_step, settle_s=1.0):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   done = subprocess.run(cmd(straight), cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
-  proc = subprocess.Popen(cmd(killed, "--step-delay", "0.2"), cwd=REPO,
+  proc = subprocess.Popen(cmd(killed, "--step-delay", str(step_delay)), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while not (killed / "checkpoints" / str(checkpoint_step)).is_dir():

@@ -3,17 +3,13 @@ compilation per prompt bucket, the reference model kept (and checkpointed), exac
 SIGKILL, clear errors for settings RL does not take."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import DEMO, REPO, tiny_config
+from conftest import DEMO, sigkill_resume_runs, tiny_config
 from mtjax import train
 from mtjax.errors import BadInputError
 
@@ -87,25 +83,8 @@ def test_sigkill_resume_of_a_grpo_run_matches_a_straight_run(tmp_path):
           "--config.checkpoint.every=6", "--config.rl.algorithm=grpo", "--config.rl.prompts=4",
           "--config.rl.samples=4", "--config.rl.epochs=2", "--config.rl.diversity=darling",
           "--config.train.entropy_coefs={}"]
-  driver = str(REPO / "tests" / "fault_driver.py")
-  cmd = lambda workdir, *hooks: [sys.executable, driver, *hooks, "--", "train", *args,
-                                 "--workdir", str(workdir)]
+  straight, killed = sigkill_resume_runs(tmp_path, args, steps, checkpoint_step=6, step_delay=0.3)
   rows = lambda workdir: [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  done = subprocess.run(cmd(straight), cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
-  proc = subprocess.Popen(cmd(killed, "--step-delay", "0.3"), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while not (killed / "checkpoints" / "6").is_dir():
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.05)
-  time.sleep(1.0)
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait() == -signal.SIGKILL
-  assert max(r["step"] for r in rows(killed)) > 6
-  resumed = subprocess.run(cmd(killed), cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
   a, b = rows(straight), rows(killed)
   assert [r["step"] for r in b] == list(range(1, steps + 1))
   keys = [k for k in a[-1] if k.startswith("rl/") or k.startswith("train/") or k.startswith("data/")]

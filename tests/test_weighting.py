@@ -342,37 +342,16 @@ def test_sigkill_resume_with_method_state_matches_straight_run(tmp_path):
   """DB-MTL's per-task gradient EMAs (TrainState.extra) and ODM's bandit (loader state), killed
   with SIGKILL past a checkpoint and resumed: the same rows and parameters as a straight run."""
   import json
-  import signal
-  import subprocess
-  import sys
-  import time
 
   import orbax.checkpoint as ocp
 
-  from conftest import DEMO, REPO
+  from conftest import DEMO, sigkill_resume_runs
   steps = 24
   args = ["--config", f"{DEMO}:tiny", f"--config.train.steps={steps}", "--config.train.log_every=1",
           "--config.checkpoint.every=10", "--config.train.weighting.method=dbmtl",
           "--config.data.mixing.method=odm", "--config.data.mixing.every=3"]
-  driver = str(REPO / "tests" / "fault_driver.py")
-  cmd = lambda workdir, *hooks: [sys.executable, driver, *hooks, "--", "train", *args,
-                                 "--workdir", str(workdir)]
+  straight, killed = sigkill_resume_runs(tmp_path, args, steps, checkpoint_step=10)
   rows = lambda workdir: [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  done = subprocess.run(cmd(straight), cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
-  proc = subprocess.Popen(cmd(killed, "--step-delay", "0.2"), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while not (killed / "checkpoints" / "10").is_dir():
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.05)
-  time.sleep(1.0)  # a few steps past the checkpoint (one decision of the bandit among them)
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait() == -signal.SIGKILL
-  assert max(r["step"] for r in rows(killed)) > 10  # killed past the checkpoint: steps redone
-  resumed = subprocess.run(cmd(killed), cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
   a, b = rows(straight), rows(killed)
   assert [r["step"] for r in b] == list(range(1, steps + 1))
   keys = ["train/loss"] + [k for k in a[-1] if k.endswith("/weight") or k.endswith("/rate")]
