@@ -232,6 +232,19 @@ class WeightingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InstructionSearchConfig:
+  """The discrete fast channel (mtjax.train.fast_context): every `every` steps one round of an
+  evolutionary search over each task's instruction, scored with the current params on the task's
+  first `examples` held-out examples; the best is fed to training and eval. 0: off."""
+
+  every: int = 0
+  examples: int = 16  # per task: the validation split's first (a study's tuning split)
+  population: int = 8  # texts kept per task
+  elite: int = 2  # parents of a round's mutations
+  mutations: int = 4  # new texts scored per task per round
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 100
   log_every: int = 10
@@ -246,6 +259,7 @@ class TrainConfig:
   # head, so [batch, length, vocab] float32 logits never exist at once; 0: all at once (dense).
   loss_chunk: int = 1024
   weighting: WeightingConfig = dataclasses.field(default_factory=WeightingConfig)
+  instruction_search: InstructionSearchConfig = dataclasses.field(default_factory=InstructionSearchConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -640,6 +654,7 @@ def _check(config: Config) -> None:
   _check_lora(m.lora)
   _check_svf(m)
   _check_fast_slow(m, o, d)
+  _check_instruction_search(config)
   if config.eval.drift and (m.lora.targets or m.svf.enabled):
     raise BadInputError("eval.drift", "expected false with model.lora or model.svf (the frozen base "
                         "is the start; drift is not measured for adapters yet)")
@@ -806,6 +821,30 @@ def _check_fast_slow(m: ModelConfig, o: OptimizerConfig, d: DataConfig) -> None:
                         "(optimizer.slow_lr_ratio, fast_every, slow_every make the two groups)")
   if length and o.ema:
     raise BadInputError("optimizer.ema", "expected 0 with model.soft_prompt")
+
+
+def _check_instruction_search(config: Config) -> None:
+  s = config.train.instruction_search
+  if s.every < 0:
+    raise BadInputError("train.instruction_search.every", f"expected a step interval >= 0 (0: "
+                        f"off), got {s.every}")
+  if not s.every:
+    return
+  for field, value in (("examples", s.examples), ("elite", s.elite), ("mutations", s.mutations)):
+    if value < 1:
+      raise BadInputError(f"train.instruction_search.{field}", f"expected a count >= 1, got {value}")
+  if s.population < s.elite:
+    raise BadInputError("train.instruction_search.population", f"expected >= elite "
+                        f"({s.elite}): the elite are drawn from the population, got {s.population}")
+  if s.mutations > 64:
+    raise BadInputError("train.instruction_search.mutations", f"expected at most 64, got {s.mutations}")
+  changed = {t: m for t, m in config.data.instructions.items() if m != "keep"}
+  if changed:
+    raise BadInputError("data.instructions", f"the instruction search writes the instructions: "
+                        f"expected 'keep' for every task with it, got {changed}")
+  if config.rl.algorithm != "none":
+    raise BadInputError("train.instruction_search.every", "expected 0 with rl.algorithm=grpo "
+                        "(the search feeds the supervised loader)")
 
 
 def _check_svf(m: ModelConfig) -> None:

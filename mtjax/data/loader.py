@@ -22,6 +22,11 @@ materializes only its own rows.
 Rates fed back by the trainer (`set_rates`) take effect `feedback_lag` (data.feedback_lag, at
 least prefetch + 1) steps after the last consumed step (batches already prefetched keep theirs)
 and hold until the schedule's next stage begins. They are recorded in the state, so a restored loader replays the same stream.
+Instructions fed back by the instruction search (`set_instruction`, mtjax.train.fast_context)
+take effect the same way and hold until the next one: from then on the task's examples are read
+through `pipeline.with_instruction` (the same order; counted anew). The state keeps them under
+"instructions" ([step, task, text] in feeding order) and the search's own state under
+"instruction_search" (`set_search`).
 
 Batch contract (../DESIGN.md): inputs, targets, loss_mask (float32, 1 on target tokens only),
 segment_ids (0 = padding), positions, task_ids (per token; padding = -1, never a real task).
@@ -50,6 +55,9 @@ BATCH_KEYS = rows_lib.BATCH_KEYS
 empty_batch = rows_lib.empty_batch
 place = rows_lib.place
 FEEDBACK_LAG_EXTRA = 1  # the producer may hold one finished batch beyond the queue
+# The loader state's entries the trainer feeds (set_rates, set_mixing, set_instruction,
+# set_search): the loader's own, carried from batch to batch.
+CARRIED = ("feedback", "mixing", "instructions", "instruction_search")
 CHUNK = 1024  # cursors a task's order and lengths are read ahead in (at most)
 FIRST_CHUNK = 64  # the first read: doubled each read up to CHUNK (a small split's order is slow)
 
@@ -78,6 +86,7 @@ class Plan:
   efficiency: float
   cut: np.ndarray | None = None  # [K] prompt tokens dropped after BOS (prompt_left)
   too_long: np.ndarray | None = None  # [T] examples skipped (data.truncate)
+  indexes: Sequence[pipeline.TaskIndex] | None = None  # per task, where its texts come from
 
 
 class _Reader:
@@ -181,7 +190,9 @@ def plan(readers: Sequence[_Reader], sampler: Sampler, cursors: list[int], rates
 
 
 def select(plan: Plan, indexes: Sequence[pipeline.TaskIndex], first: int, stop: int) -> rows_lib.Slots:
-  """The slots of rows [first, stop) with their texts (rows relative to `first`)."""
+  """The slots of rows [first, stop) with their texts (rows relative to `first`); the plan's own
+  indexes (an instruction in effect) win over `indexes`."""
+  indexes = plan.indexes or indexes
   a, b = np.searchsorted(plan.row, [first, stop])
   prompts, targets = [], []
   for task, src in zip(plan.task[a:b].tolist(), plan.src[a:b].tolist()):
@@ -238,10 +249,20 @@ def validate_state(state: Any, task_names: Sequence[str]) -> dict[str, Any]:
   mixing = state.get("mixing")
   if mixing is not None and not isinstance(mixing, Mapping):
     raise bad(f"'mixing' is a {type(mixing).__name__}, not a mapping")
+  instructions = state.get("instructions", [])
+  if not isinstance(instructions, (list, tuple)) or not all(
+      isinstance(f, (list, tuple)) and len(f) == 3 and count(f[0]) and f[1] in task_names
+      and isinstance(f[2], str) for f in instructions):
+    raise bad("'instructions' is not a list of [step, task, instruction]")
+  search = state.get("instruction_search")
+  if search is not None and not isinstance(search, Mapping):
+    raise bad(f"'instruction_search' is a {type(search).__name__}, not a mapping")
   return {"step": state["step"], "credits": list(state["credits"]),
           **{k: dict(state[k]) for k in ("cursors", "truncated", "skipped")},
           "too_long": dict(too_long), "feedback": [[s, list(r)] for s, r in feedback],
-          **({"mixing": copy.deepcopy(dict(mixing))} if mixing is not None else {})}
+          **({"mixing": copy.deepcopy(dict(mixing))} if mixing is not None else {}),
+          **({"instructions": [[s, t, x] for s, t, x in instructions]} if instructions else {}),
+          **({"instruction_search": copy.deepcopy(dict(search))} if search is not None else {})}
 
 
 class MixtureLoader:
@@ -276,6 +297,7 @@ class MixtureLoader:
                                     rewrite_key=(modes[name], name, self.task_names, seed))
               for i, name in enumerate(self.task_names)]
     self._indexes = [d.index for d in loaded]
+    self._variants: dict[tuple[int, str], tuple[pipeline.TaskIndex, _Reader]] = {}
     self._readers = [_Reader(d.index, seq_len, truncate, name)
                      for d, name in zip(loaded, self.task_names)]
     self._tokenizer = tokenizer
@@ -328,6 +350,44 @@ class MixtureLoader:
     with self._lock:
       self.state["mixing"] = mixing
 
+  def set_instruction(self, task: str, text: str) -> int:
+    """Feeds back a task's instruction (the instruction search, mtjax.train.fast_context): its
+    examples read `text` (pipeline.searched_instruction) from the returned step on, which is
+    `feedback_lag` steps after the last consumed one, as for set_rates. Recorded in the state."""
+    if task not in self.task_names:
+      raise ValueError(f"unknown task {task!r}")
+    with self._lock:
+      effective = self.state["step"] + self.feedback_lag
+      self.state.setdefault("instructions", []).append([effective, task, text])
+    return effective
+
+  def set_search(self, search: Mapping[str, Any]) -> None:
+    """Keeps the instruction search's (JSON-serializable) state in the loader state under
+    "instruction_search", checkpointed and restored with it (as set_mixing)."""
+    search = copy.deepcopy(dict(search))
+    with self._lock:
+      self.state["instruction_search"] = search
+
+  def instructions_at(self, step: int) -> dict[str, str]:
+    """The fed-back instruction of each task that has one in effect at `step`."""
+    with self._lock:
+      schedule = list(self.state.get("instructions", []))
+    out: dict[str, str] = {}
+    for start, task, text in schedule:  # in order of feeding: the latest in effect wins
+      if start <= step:
+        out[task] = text
+    return out
+
+  def _source(self, i: int, text: str | None) -> tuple[pipeline.TaskIndex, _Reader]:
+    """Task i's index and reader, or those of its examples with instruction `text`."""
+    if text is None:
+      return self._indexes[i], self._readers[i]
+    key = (i, text)
+    if key not in self._variants:
+      index = pipeline.with_instruction(self._indexes[i], text)
+      self._variants[key] = index, _Reader(index, self.seq_len, self.truncate, self.task_names[i])
+    return self._variants[key]
+
   def rates_at(self, step: int, feedback: Sequence[Sequence[Any]]) -> np.ndarray:
     """Fed-back rates win from their step until the schedule's next stage begins."""
     stage_start = self.schedule.stage_start(step)
@@ -343,7 +403,11 @@ class MixtureLoader:
     rates = self.rates_at(step, self.state["feedback"])
     sampler = Sampler(len(self.task_names), state["credits"])
     cursors = [state["cursors"][n] for n in self.task_names]
-    planned = plan(self._readers, sampler, cursors, rates, self.batch_size, self.seq_len)
+    texts = self.instructions_at(step)
+    sources = [self._source(i, texts.get(n)) for i, n in enumerate(self.task_names)]
+    planned = plan([r for _, r in sources], sampler, cursors, rates, self.batch_size, self.seq_len)
+    if texts:
+      planned.indexes = [index for index, _ in sources]
     too_long = planned.too_long if planned.too_long is not None else np.zeros(len(cursors), int)
     after = {
         "step": step + 1, "credits": sampler.state(),
@@ -410,7 +474,7 @@ class MixtureLoader:
         raise batch
       self._planned.release()
     with self._lock:  # feedback and mixing are the loader's own (set_rates, set_mixing)
-      carried = {k: self.state[k] for k in ("feedback", "mixing") if k in self.state}
+      carried = {k: self.state[k] for k in CARRIED if k in self.state}
       self.state = dict(batch.state_after, **carried)
     return batch
 

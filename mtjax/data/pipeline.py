@@ -353,6 +353,25 @@ def task_dataset(task_name: str, task_id: int, tokenizer: Tokenizer, seed: int,
                   loaded.skipped, index)
 
 
+def searched_instruction(original: str, text: str) -> str:
+  """An instruction text found by the instruction search (which joins words with single spaces),
+  in the prompt format of the example's own instruction: its words, then the original's trailing
+  whitespace (the separator before the input); "" stays "" (no instruction)."""
+  words = " ".join(text.split())
+  if not words:
+    return ""
+  return words + original[len(original.rstrip()):]
+
+
+def with_instruction(index: TaskIndex, text: str) -> TaskIndex:
+  """`index` with every example's instruction replaced by `text` (searched_instruction): the same
+  order, its own token counts (counted when first needed)."""
+  rewrite = lambda ex: dataclasses.replace(ex, instruction=searched_instruction(ex.instruction, text))
+  transform = _compose(index.transform, rewrite)
+  return TaskIndex(index.examples, index.shuffle_seed, transform, index.tokenizer,
+                   np.full((index.size, 2), -1, np.int64))
+
+
 def _compose(preprocess: Callable[[Example], Example] | None,
              rewrite: Callable[[Example], Example] | None) -> Callable[[Example], Example] | None:
   if preprocess is None or rewrite is None:

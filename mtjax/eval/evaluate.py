@@ -28,10 +28,11 @@ tasks keep their task ids (positions in data.tasks); other tasks get ids after t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -43,7 +44,7 @@ from flax import nnx
 from mtjax import tasks as task_registry
 from mtjax.config import Config
 from mtjax.data.loader import empty_batch, place
-from mtjax.data.pipeline import Tokenize, fit_example
+from mtjax.data.pipeline import Tokenize, fit_example, searched_instruction
 from mtjax.data.tokenizer import ChatTokenizer, SlotTokenizer, generated_count
 from mtjax.eval import scorers
 from mtjax.errors import BadInputError
@@ -108,45 +109,8 @@ class Evaluator:
     self.num_tasks = len(self.task_ids)
     shards = mesh.shape["dcn"] * mesh.shape["data"] * mesh.shape["fsdp"]
     self.batch_size = -(-e.batch_size // shards) * shards
-    num_gen = max(e.num_generate, e.sample_prompts if e.num_samples else 0)
-    self.examples: dict[str, list] = {}
-    self.prompts: dict[str, list[np.ndarray]] = {}  # [BOS] prompt of each example
-    self.generate_ok: dict[str, list[bool]] = {}  # its prompt leaves room for its target + EOS
-    self.budgets: dict[str, int] = {}  # new tokens per prompt (capped by the room it leaves)
-    self.skipped: dict[str, int] = {}
-    self.truncated: dict[str, int] = {}
-    tokenized = []
-    for name in self.task_names:
-      # After eval.skip examples (a study's tuning split), the reported ones.
-      chosen = heldout_examples(config, name, max(e.num_examples, num_gen))
-      self.examples[name] = chosen
-      tok = Tokenize(tokenizer, self.task_ids[name])
-      items = [tok.map(ex) for ex in chosen]
-      self.prompts[name] = [item["tokens"][: item["target_start"]] for item in items]
-      targets = [len(item["tokens"]) - item["target_start"] - 1 for item in items]
-      if isinstance(getattr(tokenizer, "base", None) if isinstance(tokenizer, SlotTokenizer)
-                    else tokenizer, ChatTokenizer):  # generation stops at the end-of-turn token
-        targets = [generated_count(tokenizer, ex.target) for ex in chosen]
-      self.generate_ok[name] = [len(p) + t + 1 <= length for p, t in zip(self.prompts[name], targets)]
-      skipped = {i for i in range(min(len(items), num_gen)) if not self.generate_ok[name][i]}
-      truncated = 0
-      for i, item in enumerate(items[: e.num_examples]):
-        fitted = fit_example(item, length, config.data.truncate)
-        if fitted is None:
-          skipped.add(i)
-          continue
-        truncated += fitted[1] < len(item["tokens"]) - 1
-        tokenized.append(fitted[0])
-      if num_gen:
-        self.budgets[name] = (auto_budget(targets[:num_gen], length) if e.max_new_tokens == "auto"
-                              else int(e.max_new_tokens))
-      self.skipped[name], self.truncated[name] = len(skipped), truncated
-      wanted = max(min(len(items), e.num_examples), min(len(items), num_gen))
-      if wanted and len(skipped) == wanted:
-        print(f"warning: eval task {name}: all {wanted} held-out examples are too long for the "
-              f"model's {length} tokens (data.seq_len); skipped, counted in eval/{name}/skipped",
-              file=sys.stderr)
-    self.batches = pack_in_order(tokenized, self.batch_size, length)
+    self.instructions: dict[str, str] = {}  # searched instructions in effect (set_instructions)
+    self._prepare()
     self._batch_sharding = sharding_lib.named(mesh, BATCH_AXES)
 
     chunk = config.train.loss_chunk
@@ -202,6 +166,60 @@ class Evaluator:
                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                stop_ids=tokenizer.stop_ids, batch_size=self.batch_size,
                                buckets=buckets_for(length), max_len=length)
+
+  def set_instructions(self, instructions: Mapping[str, str]) -> None:
+    """Evaluates these tasks with these instructions (the instruction search's, in effect in
+    training: mtjax.train.fast_context); the others with their own."""
+    if dict(instructions) != self.instructions:
+      self.instructions = dict(instructions)
+      self._prepare()
+
+  def _prepare(self) -> None:
+    """Each task's held-out examples, tokenized: prompts to generate from, packed batches."""
+    config, tokenizer, e, length = self.config, self.tokenizer, self.config.eval, self.length
+    num_gen = max(e.num_generate, e.sample_prompts if e.num_samples else 0)
+    self.examples: dict[str, list] = {}
+    self.prompts: dict[str, list[np.ndarray]] = {}  # [BOS] prompt of each example
+    self.generate_ok: dict[str, list[bool]] = {}  # its prompt leaves room for its target + EOS
+    self.budgets: dict[str, int] = {}  # new tokens per prompt (capped by the room it leaves)
+    self.skipped: dict[str, int] = {}
+    self.truncated: dict[str, int] = {}
+    tokenized = []
+    for name in self.task_names:
+      # After eval.skip examples (a study's tuning split), the reported ones.
+      chosen = heldout_examples(config, name, max(e.num_examples, num_gen))
+      if name in self.instructions:  # the instruction search's text (as in training)
+        text = self.instructions[name]
+        chosen = [dataclasses.replace(ex, instruction=searched_instruction(ex.instruction, text))
+                  for ex in chosen]
+      self.examples[name] = chosen
+      tok = Tokenize(tokenizer, self.task_ids[name])
+      items = [tok.map(ex) for ex in chosen]
+      self.prompts[name] = [item["tokens"][: item["target_start"]] for item in items]
+      targets = [len(item["tokens"]) - item["target_start"] - 1 for item in items]
+      if isinstance(getattr(tokenizer, "base", None) if isinstance(tokenizer, SlotTokenizer)
+                    else tokenizer, ChatTokenizer):  # generation stops at the end-of-turn token
+        targets = [generated_count(tokenizer, ex.target) for ex in chosen]
+      self.generate_ok[name] = [len(p) + t + 1 <= length for p, t in zip(self.prompts[name], targets)]
+      skipped = {i for i in range(min(len(items), num_gen)) if not self.generate_ok[name][i]}
+      truncated = 0
+      for i, item in enumerate(items[: e.num_examples]):
+        fitted = fit_example(item, length, config.data.truncate)
+        if fitted is None:
+          skipped.add(i)
+          continue
+        truncated += fitted[1] < len(item["tokens"]) - 1
+        tokenized.append(fitted[0])
+      if num_gen:
+        self.budgets[name] = (auto_budget(targets[:num_gen], length) if e.max_new_tokens == "auto"
+                              else int(e.max_new_tokens))
+      self.skipped[name], self.truncated[name] = len(skipped), truncated
+      wanted = max(min(len(items), e.num_examples), min(len(items), num_gen))
+      if wanted and len(skipped) == wanted:
+        print(f"warning: eval task {name}: all {wanted} held-out examples are too long for the "
+              f"model's {length} tokens (data.seq_len); skipped, counted in eval/{name}/skipped",
+              file=sys.stderr)
+    self.batches = pack_in_order(tokenized, self.batch_size, length)
 
   def _generated_for(self, name: str, count: int) -> list[int]:
     """Indices of the task's first `count` examples whose prompts are generated for."""

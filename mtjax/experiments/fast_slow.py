@@ -286,8 +286,9 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
             "## What this run does NOT show", "",
             "- The paper's fast channel is text: an LLM rewrites the prompt from feedback (GEPA). "
             "This run's fast channel is soft prompts, trained by gradient; a tiny model cannot "
-            "reflect, and mtjax's discrete instruction search (mtjax.train.instruction_search) is "
-            "not part of this run. Nothing here speaks for prompt evolution.",
+            "reflect, and mtjax's discrete channel (train.instruction_search: blind mutations of "
+            "instruction texts) is not used in this run. Nothing here speaks for prompt "
+            "evolution.",
             "- A tiny model trained from scratch on synthetic tasks it already saw in its base "
             "run, not a pretrained LLM on new tasks: forgetting here is losing a task the base "
             "knew, and the soft prompts can only steer what the base learned.",

@@ -238,6 +238,10 @@ class EvalHook(Hook):
     loop.flush()
     if self._evaluator is None:
       self._evaluator = self._make_evaluator()
+    loader = getattr(loop.source, "loader", None)
+    if hasattr(loader, "instructions_at") and hasattr(self._evaluator, "set_instructions"):
+      # The instruction search's texts in effect at this step, as in training.
+      self._evaluator.set_instructions(loader.instructions_at(step))  # type: ignore[union-attr]
     reference = loop.state.extra.get("reference") if loop.config.eval.drift else None
     row = self._evaluator(loop.state.params, step, reference=reference)
     if self._best is None:

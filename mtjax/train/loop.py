@@ -162,6 +162,9 @@ def default_hooks(config: Config, make_evaluator: Callable | None,
   if config.data.mixing.method == "odm":  # before the checkpoint hook: a save holds its decision
     from mtjax.train.mixing import MixingHook
     hooks.append(MixingHook(config.data.mixing.every, config.data.mixing.smoothing))
+  if config.train.instruction_search.every:  # the same: a save holds its instructions
+    from mtjax.train.fast_context import InstructionSearchHook
+    hooks.append(InstructionSearchHook(config.train.instruction_search))
   return hooks + [checkpoint, hooks_lib.PreemptionHook(checkpoint, config.train.preemption_every)]
 
 
