@@ -383,6 +383,20 @@ def export_once(run_dir: epath.Path, export_dir: epath.Path) -> None:
   tmp.rename(export_dir)
 
 
+def run_base(seed_dir: epath.Path, name: str, cfg: Config, train_fn: TrainFn,
+             export_dir: epath.Path) -> tuple[epath.Path, TrainFn]:
+  """Trains a study's base run `name` (unless DONE) and returns (its workdir, the train_fn of the
+  arms that start from its export at `export_dir`): the export is made once, and only when such
+  an arm still has to train (a finished study rebuilds its report without it)."""
+  base_dir = run(seed_dir, name, cfg, train_fn)
+
+  def from_export(arm_cfg: Config, arm_dir: epath.Path) -> Any:
+    export_once(base_dir, export_dir)
+    return train_fn(arm_cfg, arm_dir)
+
+  return base_dir, from_export
+
+
 def sign_verdict(diffs: Sequence[float], up: str, down: str, *, tie: str = "equal on every seed",
                  atol: float = 0.0) -> str:
   """`up`/`down` when every seed's paired difference has that sign (at least 3 seeds), `tie` when

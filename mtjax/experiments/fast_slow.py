@@ -123,12 +123,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     seed_dir = root / f"seed{seed}"
     export_dir = seed_dir / EXPORT
     cfgs = arm_configs(base, seed, export_dir)
-    base_dir = arms.run(seed_dir, "base", cfgs["base"], train_fn)
-
-    def from_export(cfg: Config, arm_dir: epath.Path, base_dir=base_dir, export_dir=export_dir):
-      arms.export_once(base_dir, export_dir)  # only when an arm still has to train
-      return train_fn(cfg, arm_dir)
-
+    _, from_export = arms.run_base(seed_dir, "base", cfgs["base"], train_fn, export_dir)
     dirs = {name: arms.run(seed_dir, name, cfgs[name], from_export) for name in ARMS}
     per_seed.append({"seed": seed, **{name: measure(dirs[name], base, metrics, targets)
                                       for name in ARMS}})
@@ -251,8 +246,12 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
     for k, stage_task in enumerate(tasks):
       rows.append([arm, f"stage {k + 1} ({stage_task})",
                    *[_mean([s[arm]["by_stage"][k][t] for s in per_seed]) for t in tasks]])
+  rows.append(["floor", "(trivial baseline)", *[report.floor_of(summary, t) for t in tasks]])
   lines += report.md_table(header, rows)
-  lines += ["", "Per arm (mean ± std over seeds): " + "; ".join(
+  lines += ["", "The floor row is what a trivial baseline scores on the same examples "
+            "(mtjax.experiments.floors); every target lies strictly between it and the "
+            "ceiling (1.0), checked before any run.", "",
+            "Per arm (mean ± std over seeds): " + "; ".join(
       f"**{q}** = {QUANTITIES[q]}" for q in QUANTITIES) + ". Targets for steps to target: " +
       ", ".join(f"{t} {v:g}" for t, v in summary["targets"].items()) + ".", ""]
   rows = [[arm, *[report.mean_std(f[q]["values"][arm]["per_seed"]) for q in QUANTITIES]]

@@ -130,11 +130,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     seed_dir = root / f"seed{seed}"
     export_dir = seed_dir / EXPORT
     cfgs = arm_configs(base, seed, export_dir)
-    sft_dir = arms.run(seed_dir, "sft", cfgs["sft"], train_fn)
-
-    def from_export(cfg: Config, arm_dir: epath.Path, sft_dir=sft_dir, export_dir=export_dir):
-      arms.export_once(sft_dir, export_dir)  # only when an RL arm still has to train
-      return train_fn(cfg, arm_dir)
+    sft_dir, from_export = arms.run_base(seed_dir, "sft", cfgs["sft"], train_fn, export_dir)
 
     result: dict[str, Any] = {"seed": seed, "arms": {
         "sft": _arm_series(sft_dir, tasks, n, rl=False)}}

@@ -140,11 +140,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     seed_dir = root / f"seed{seed}"
     export_dir = seed_dir / EXPORT
     cfgs = arm_configs(base, seed, export_dir)
-    base_dir = arms.run(seed_dir, "base", cfgs["base"], train_fn)
-
-    def from_export(cfg: Config, arm_dir: epath.Path, base_dir=base_dir, export_dir=export_dir):
-      arms.export_once(base_dir, export_dir)  # only when a fine-tuning arm still has to train
-      return train_fn(cfg, arm_dir)
+    base_dir, from_export = arms.run_base(seed_dir, "base", cfgs["base"], train_fn, export_dir)
 
     dirs = {"base": base_dir}
     for name in ("svf_per_task", "lora_per_task", "lora_shared", "full_mt"):
