@@ -102,3 +102,15 @@ def sigkill_resume_runs(tmp_path, args, steps, checkpoint_step, settle_s=1.0, st
   resumed = subprocess.run(cmd(killed), cwd=REPO, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   return straight, killed
+
+
+def assert_report_rebuilds(out):
+  """`mtjax report DIR` rebuilds a study's summary.json and report.md, identical, from the
+  stored metrics alone."""
+  from mtjax import cli
+  text, stored = (out / "report.md").read_text(), (out / "summary.json").read_text()
+  (out / "report.md").unlink()
+  (out / "summary.json").unlink()
+  assert cli.main(["report", str(out)]) == 0
+  assert (out / "report.md").read_text() == text
+  assert (out / "summary.json").read_text() == stored

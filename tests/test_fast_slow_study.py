@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from conftest import REPO
+from conftest import REPO, assert_report_rebuilds
 from mtjax import cli
 
 
@@ -96,9 +96,4 @@ def test_tiny_fast_slow_study_end_to_end(tmp_path, capsys):
   assert f["final"]["fast_slow-slow"]["verdict"].startswith("inconclusive")  # one seed
 
   # `mtjax report DIR` rebuilds summary, report and plot from the stored metrics alone.
-  text, stored = report, (out / "summary.json").read_text()
-  (out / "report.md").unlink()
-  (out / "summary.json").unlink()
-  assert cli.main(["report", str(out)]) == 0
-  assert (out / "report.md").read_text() == text
-  assert (out / "summary.json").read_text() == stored
+  assert_report_rebuilds(out)

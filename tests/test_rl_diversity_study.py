@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from conftest import REPO
+from conftest import REPO, assert_report_rebuilds
 from mtjax import cli
 
 
@@ -59,9 +59,4 @@ def test_tiny_rl_diversity_study_end_to_end(tmp_path, capsys):
   assert f["verdicts"]["darling_pass1_vs_grpo"].startswith("inconclusive")  # one seed
 
   # `mtjax report DIR` rebuilds summary, report and plot from the stored metrics alone.
-  text, stored = (out / "report.md").read_text(), (out / "summary.json").read_text()
-  (out / "report.md").unlink()
-  (out / "summary.json").unlink()
-  assert cli.main(["report", str(out)]) == 0
-  assert (out / "report.md").read_text() == text
-  assert (out / "summary.json").read_text() == stored
+  assert_report_rebuilds(out)

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 
-from conftest import REPO
+from conftest import REPO, assert_report_rebuilds
 from mtjax import cli
 
 
@@ -107,9 +107,4 @@ def test_tiny_task_experts_study_end_to_end(tmp_path, capsys):
                      for a in ("svf_per_task", "lora_per_task", "lora_shared")]
 
   # `mtjax report DIR` rebuilds summary, report and plot from the stored metrics alone.
-  text, stored = report, (out / "summary.json").read_text()
-  (out / "report.md").unlink()
-  (out / "summary.json").unlink()
-  assert cli.main(["report", str(out)]) == 0
-  assert (out / "report.md").read_text() == text
-  assert (out / "summary.json").read_text() == stored
+  assert_report_rebuilds(out)
