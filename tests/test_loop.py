@@ -154,3 +154,19 @@ def test_setup_restores_what_the_loop_saved(tmp_path):
   assert setup.restored_step == 3 and setup.loader_state["step"] == 3
   for a, b in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(setup.state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_save_records_the_loader_state_as_it_was_at_the_save(tmp_path):
+  """The JSON items are written by the async save's thread: a batch source that keeps mutating
+  its state dict after the save (RL's prompt cursors) must not leak a later state into it."""
+  from mtjax.train import checkpoint as checkpoint_lib
+  cfg = tiny_config()
+  state = {"w": jnp.arange(4.0)}
+  loader_state = {"step": 3, "cursors": {"a": 1}}
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path, cfg.checkpoint)
+  assert checkpointer.save(3, state, loader_state, cfg, {"decay_steps": 10})
+  loader_state["step"], loader_state["cursors"]["a"] = 4, 99  # the source draws on
+  checkpointer.close()
+  reader = checkpoint_lib.Checkpointer(tmp_path, cfg.checkpoint, read_only=True)
+  assert reader.restore(3, state)[1] == {"step": 3, "cursors": {"a": 1}}
+  reader.close()

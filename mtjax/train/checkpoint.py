@@ -135,10 +135,13 @@ class Checkpointer:
     from mtjax.train.step import FORMAT_VERSION
     if self.cfg.best_metric and not (metrics and self.cfg.best_metric in metrics):
       metrics = None  # kept by LatestN only
+    # The JSON items are written by the async save's thread, later: a snapshot now, or a batch
+    # source that keeps drawing (RL's prompt cursors) would record a later state than `step`'s.
+    snapshot = lambda tree: json.loads(json.dumps(tree))
     return self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        loader=ocp.args.JsonSave(loader_state),
-        controls=ocp.args.JsonSave(controls or {"feedback": []}),
+        loader=ocp.args.JsonSave(snapshot(loader_state)),
+        controls=ocp.args.JsonSave(snapshot(controls or {"feedback": []})),
         config=ocp.args.JsonSave(config.to_dict()),
         run=ocp.args.JsonSave(dict(run_facts, format_version=FORMAT_VERSION))))
 
