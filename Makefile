@@ -1,7 +1,9 @@
 # make demo: set up .venv (if missing) and run the efficiency study at demo scale on CPU
 #            (single-task vs multi-task, 4 tasks x 3 seeds; report.md and plots in runs/demo).
-# make test: set up .venv (if missing) and run the test suite (8 fake CPU devices; 2 xdist
-#            workers; no persistent compilation cache: see README, Status).
+# make test: set up .venv (if missing) and run the default test tier: 1 fake CPU device, 2 xdist
+#            workers, JAX's persistent compilation cache in a per-run directory (README, Testing).
+# make test-slow: the other tier: the slow end-to-end tests (1 device, cached), then the
+#            multidevice tests on 8 fake devices without the cache. make test-all: both (CI).
 # make lint: ruff and pyright.
 # make studies: run every study at its full config (~95 min on 2 cores; finished arms are
 #            skipped), publish each record to docs/studies/ and regenerate the README's findings.
@@ -14,7 +16,7 @@ DEMO_DIR ?= runs/demo
 
 STUDIES ?= efficiency transfer entropy decomposition instructions weighting rl_diversity task_experts expert_composition fast_slow
 
-.PHONY: demo test lint setup clean studies findings
+.PHONY: demo test test-slow test-all lint setup clean studies findings
 
 setup: $(STAMP)
 
@@ -27,8 +29,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/mtjax experiment efficiency --config configs/efficiency.py:demo --workdir $(DEMO_DIR)
 
+# Each tier starts from an empty cache directory (a per-run cache: nothing carries over between
+# runs); XLA_FLAGS and the cache settings are applied by tests/conftest.py.
+TEST_CACHE := .test-cache
+PYTEST := $(PY) -m pytest -q -n 2 -p no:cacheprovider
+
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	rm -rf $(TEST_CACHE)/default && mkdir -p $(TEST_CACHE)/default
+	MTJAX_TEST_DEVICES=1 MTJAX_TEST_CACHE=$(abspath $(TEST_CACHE))/default \
+	  $(PYTEST) -m "not slow and not multidevice"
+
+test-slow: $(STAMP)
+	rm -rf $(TEST_CACHE)/slow && mkdir -p $(TEST_CACHE)/slow
+	MTJAX_TEST_DEVICES=1 MTJAX_TEST_CACHE=$(abspath $(TEST_CACHE))/slow \
+	  $(PYTEST) -m "slow and not multidevice"
+	MTJAX_TEST_DEVICES=8 $(PYTEST) -m multidevice
+
+test-all: test test-slow
 
 studies: $(STAMP)
 	for s in $(STUDIES); do \
@@ -48,4 +65,4 @@ lint: $(STAMP)
 	$(VENV)/bin/pyright
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache $(TEST_CACHE)

@@ -1,20 +1,36 @@
-"""8 fake CPU devices for every test process (read by XLA at start, so set before jax loads)."""
+"""The test process's devices and compiler settings (read by XLA at start, so set before jax loads).
+
+Two tiers (README, Testing): the default tier runs on ONE fake CPU device with JAX's persistent
+compilation cache in a per-run directory (MTJAX_TEST_CACHE, set by `make test`): identical
+compilations recur across tests and xdist workers, and a cached 1-device executable runs no
+collectives. The multi-device tier (`make test-slow`: tests marked `multidevice`, and the `slow`
+end-to-end ones) runs on 8 fake devices without the cache: an executable that XLA:CPU loaded back
+from the cache deadlocked in a collective across 8 fake devices, now and then (a rendezvous
+timeout that aborts the process; seen on jaxlib 0.10.2 with mesh fsdp=8 at seq_len 512-1536;
+never with a freshly compiled one; bench/compilation_cache_deadlock.py). Every tier compiles at
+XLA's backend optimization level 0: tests are compile-bound, and it halves the compile time.
+"""
 
 import os
 import pathlib
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+DEVICES = int(os.environ.get("MTJAX_TEST_DEVICES", "8"))
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={DEVICES}",
+    "--xla_backend_optimization_level=0"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Task suites build into a fresh directory per test session: offline, from a clean clone.
 import tempfile  # noqa: E402
 os.environ["MTJAX_DATA_DIR"] = tempfile.mkdtemp(prefix="mtjax-tfds-")
-# No persistent compilation cache: with layers under a scan (collectives inside a while loop),
-# an executable that XLA:CPU loaded back from the cache deadlocked in a collective across the 8
-# fake devices, now and then (a rendezvous timeout that aborts the process; seen on jaxlib 0.10.2
-# with mesh fsdp=8 at seq_len 512-1536; never with a freshly compiled one).
-os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+_CACHE = os.environ.get("MTJAX_TEST_CACHE", "")
+if _CACHE and DEVICES == 1:
+  # Environment variables, so the tests' subprocesses (CLI runs, notebooks) share the cache too.
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "true"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # else fast compiles are not kept
+else:
+  os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 import pytest  # noqa: E402
 
@@ -29,6 +45,18 @@ def gpus():
 
 
 requires_gpu = pytest.mark.skipif(not gpus(), reason="no GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+  """A `multidevice` test needs the 8 fake devices: in a process with fewer (the default tier's
+  MTJAX_TEST_DEVICES=1) it is skipped, saying how to run it."""
+  if DEVICES >= 8:
+    return
+  skip = pytest.mark.skip(reason=f"needs 8 devices (this process has {DEVICES}): "
+                          "`make test-slow` runs it (MTJAX_TEST_DEVICES=8)")
+  for item in items:
+    if "multidevice" in item.keywords:
+      item.add_marker(skip)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.py")

@@ -43,6 +43,7 @@ def quiet_dir(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- item 1: --check
 
 
+@pytest.mark.multidevice
 def test_check_prints_valid_and_writes_nothing(quiet_dir, capsys):
   workdir = quiet_dir / "run"
   code, out, err = _run(capsys, ["train", "--check", "--config", f"{DEMO}:tiny",
@@ -58,6 +59,7 @@ def test_check_prints_valid_and_writes_nothing(quiet_dir, capsys):
   assert (code, err, out.splitlines()[-1]) == (0, "", f"valid: {DEMO}:tiny")
 
 
+@pytest.mark.multidevice
 def test_check_names_mesh_and_batch_problems(quiet_dir, capsys):
   code, _, err = _run(capsys, ["train", "--check", "--config", f"{DEMO}:tiny",
                                "--config.data.batch_size=4"])

@@ -191,6 +191,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.multidevice
 def test_sharded_batch_and_vocab_match_unsharded():
   # Own process: the 4 host devices must be requested before jax initializes.
   out = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,

@@ -15,6 +15,7 @@ CHECK_RUN = REPO.parent / "shared" / "tools" / "check_run.py"  # optional: besid
 TASKS = ("reverse", "addition", "grammar")
 
 
+@pytest.mark.multidevice
 @pytest.mark.slow
 def test_train_cli_writes_contract_outputs(tmp_path):
   workdir = tmp_path / "run"

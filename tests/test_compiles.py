@@ -4,6 +4,7 @@ fixed params they set the objective and its gradient to sum_t w_t loss_t - sum_t
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import build_step, host_batch, tiny_config
 from mtjax import train
@@ -12,6 +13,7 @@ from mtjax.parallel import sharding
 from mtjax.train import step as step_lib
 
 
+@pytest.mark.multidevice
 def test_weights_and_coefs_change_every_step_one_compilation():
   # z_loss 0: the objective is then exactly sum_t w_t loss_t - sum_t c_t entropy_t.
   cfg = tiny_config(**{"mesh.fsdp": 8, "model.z_loss": 0.0})

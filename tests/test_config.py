@@ -62,7 +62,11 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("overrides,field", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+# The batch's divisibility over fsdp=4 x data=2 needs 8 devices (the multidevice tier).
+@pytest.mark.parametrize("overrides,field", [
+    pytest.param(*b, id=b[1] + str(i),
+                 marks=[pytest.mark.multidevice] if b[1] == "data.batch_size" else [])
+    for i, b in enumerate(BAD)])
 def test_bad_config_exits_2_naming_field(capsys, overrides, field):
   code, err = _run_cli(capsys, *overrides)
   assert code == 2

@@ -51,6 +51,7 @@ def naive_greedy(graphdef, params, prompt, max_new, width=64):
   return out
 
 
+@pytest.mark.multidevice
 def test_kv_cache_greedy_equals_full_recompute(model):
   spec, graphdef, params = model
   mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
@@ -68,6 +69,7 @@ def test_kv_cache_greedy_equals_full_recompute(model):
   assert gen.compiles == {8: 1, 32: 1, 64: 1}
 
 
+@pytest.mark.multidevice
 def test_sampling_is_seeded_and_temperature_zero_is_greedy(model):
   spec, graphdef, params = model
   mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))

@@ -155,6 +155,7 @@ def naive_greedy(graphdef, params, prompt, max_new, width=L):
   return out
 
 
+@pytest.mark.multidevice
 def test_per_prompt_budgets_equal_a_no_cache_decode_and_fit_the_model(byte_model):
   spec, graphdef, params, mesh = byte_model
   gen = Generator(graphdef, spec, mesh, max_new_tokens=12, eos_id=TOK.eos_id, batch_size=8,

@@ -8,6 +8,7 @@ import json
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from flax import traverse_util
 
 from conftest import REPO, assert_report_rebuilds
@@ -27,6 +28,7 @@ def _params(run_dir, step):
   return traverse_util.flatten_dict(jax.device_get(state["params"]), sep="/")
 
 
+@pytest.mark.slow
 def test_tiny_fast_slow_study_end_to_end(tmp_path, capsys):
   out = tmp_path / "fs"
   assert cli.main(["experiment", "fast_slow", "--config", f"{REPO}/configs/fast_slow.py:tiny",

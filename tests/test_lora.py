@@ -110,6 +110,7 @@ def test_dropout_trains_and_is_off_without_a_key():
   assert not np.allclose(plain, dropped)
 
 
+@pytest.mark.multidevice
 def test_adapters_shard_like_their_base():
   run = setup_lib.build(_cfg(**{"mesh.fsdp": 4, "mesh.tensor": 2}))
   flat: dict[str, Any] = dict(traverse_util.flatten_dict(run.state.params, sep="/"))

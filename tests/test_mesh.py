@@ -156,6 +156,7 @@ def test_without_slice_index_processes_are_the_slices():
     assert "2 processes" in err.value.expected and f"mesh.dcn={dcn}" in err.value.expected
 
 
+@pytest.mark.multidevice
 @pytest.mark.parametrize("shape", [(2, 1, 4, 1), (2, 2, 1, 2), (4, 2, 1, 1), (8, 1, 1, 1)])
 def test_one_cpu_process_splits_its_devices_in_order(shape):
   """The testing fallback: 8 fake CPU devices of one process form dcn contiguous 'slices', each
@@ -169,6 +170,7 @@ def test_one_cpu_process_splits_its_devices_in_order(shape):
   np.testing.assert_array_equal(mesh.devices, mesh_utils.create_device_mesh(shape, devices))
 
 
+@pytest.mark.multidevice
 def test_single_slice_cpu_path_unchanged():
   mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   assert mesh.devices.shape == (1, 2, 2, 2)

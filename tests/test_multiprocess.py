@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DEMO, REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multidevice]
 
 ARGS = ["--config", f"{DEMO}:tiny", "--config.train.progress=false", "--config.optimizer.decay_steps=10"]
 

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import DEMO, REPO
+
+pytestmark = pytest.mark.multidevice
 from run_files import checkpoints as _checkpoints
 from run_files import rows as _rows
 

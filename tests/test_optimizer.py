@@ -139,6 +139,7 @@ def test_grad_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.multidevice
 def test_sharded_step_with_grad_accum_is_one_adamw_update_of_the_big_batch_gradient():
   # The real jitted step (8 devices, 2 microbatches) against: the gradient of the whole batch on
   # one device, then one AdamW update by hand. No warmup, so step 0 has the peak LR and moves.

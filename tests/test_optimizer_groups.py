@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import build_step, host_batch, tiny_config
 from mtjax.config import OptimizerConfig
@@ -52,6 +53,7 @@ def test_param_groups_scale_the_lr_and_frozen_groups_keep_no_state():
   assert size(got_state) == size(ref_state) - 2 * embed  # no Adam moments for the frozen embedding
 
 
+@pytest.mark.multidevice
 def test_ema_of_weights_by_hand_and_state_is_sharded_like_params():
   cfg = tiny_config(**{"optimizer.ema": 0.9, "optimizer.param_groups": {"token_embed": 0.0},
                        "mesh.fsdp": 8})

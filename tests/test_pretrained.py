@@ -294,6 +294,7 @@ def _single_device_params(directory, param_dtype="float32"):
   return {k: np.asarray(v) for k, v in _flat(params).items()}
 
 
+@pytest.mark.multidevice
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_streaming_load_into_fsdp_tensor_mesh(family_models, family):
   import jax
@@ -323,6 +324,7 @@ def test_streaming_load_into_fsdp_tensor_mesh(family_models, family):
     assert not params[path].sharding.is_fully_replicated, path
 
 
+@pytest.mark.multidevice
 def test_streaming_load_bfloat16(family_models):
   import jax.numpy as jnp
   import ml_dtypes

@@ -11,6 +11,7 @@ from mtjax import train
 from mtjax.errors import BadInputError
 
 
+@pytest.mark.multidevice
 def test_resume_matches_straight_run(tmp_path):
   # decay_steps fixed, so the learning-rate schedule does not depend on train.steps.
   cfg = tiny_config(**{"train.steps": 8, "optimizer.decay_steps": 8, "checkpoint.every": 2,
@@ -93,6 +94,7 @@ def ocp_params(workdir, step):
       workdir / "checkpoints" / str(step) / "state")["params"])
 
 
+@pytest.mark.multidevice
 def test_elastic_restore_from_8_devices_onto_4(tmp_path):
   base = {"train.steps": 4, "optimizer.decay_steps": 4, "checkpoint.every": 3}
   cfg8 = tiny_config(**base, **{"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1})

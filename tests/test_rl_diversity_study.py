@@ -5,6 +5,7 @@ the report rebuilt identically from them."""
 import json
 
 import numpy as np
+import pytest
 
 from conftest import REPO, assert_report_rebuilds
 from mtjax import cli
@@ -18,6 +19,7 @@ def _eval_rows(arm_dir):
   return [r for r in _rows(arm_dir / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
 
 
+@pytest.mark.slow
 def test_tiny_rl_diversity_study_end_to_end(tmp_path, capsys):
   out = tmp_path / "rld"
   assert cli.main(["experiment", "rl_diversity", "--config",

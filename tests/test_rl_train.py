@@ -62,6 +62,7 @@ def test_grpo_with_lora_uses_the_frozen_base_as_reference(tmp_path):
   assert result.compiles == 1 and rows[-1]["rl/kl"] > 0
 
 
+@pytest.mark.multidevice
 def test_rl_settings_it_does_not_take_exit_2():
   with pytest.raises(BadInputError, match="train.weighting.method"):
     tiny_config(**{**RL, "train.weighting.method": "famo"})

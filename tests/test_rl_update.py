@@ -196,6 +196,7 @@ def test_epochs_clip_binds_and_metrics_match_numpy():
   assert int(new_state.step) == 1
 
 
+@pytest.mark.multidevice
 def test_one_compilation_and_kl_grows():
   """(c) Several rollouts of one shape: one compilation. (d) The KL to the reference is 0 while
   the params equal it, and grows as the policy moves away."""

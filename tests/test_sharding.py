@@ -2,9 +2,12 @@
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from mtjax import train
+
+pytestmark = pytest.mark.multidevice
 
 
 def test_sharded_matches_single_device_and_params_are_sharded(tmp_path):

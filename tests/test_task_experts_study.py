@@ -7,6 +7,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from conftest import REPO, assert_report_rebuilds
 from mtjax import cli
@@ -20,6 +21,7 @@ def _eval_rows(arm_dir):
   return [r for r in _rows(arm_dir / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
 
 
+@pytest.mark.slow
 def test_tiny_task_experts_study_end_to_end(tmp_path, capsys):
   out = tmp_path / "tx"
   assert cli.main(["experiment", "task_experts", "--config",

@@ -67,6 +67,7 @@ def _records(n, prompt_len, target_len, tag):
 
 # -- (a) prompt_left keeps the target whole -------------------------------------------------------
 
+@pytest.mark.multidevice
 def test_prompt_left_trains_every_task_when_every_prompt_is_too_long(tmp_path):
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
