@@ -29,14 +29,14 @@ def main() -> int:
   import jax
   from etils import epath
   from mtjax import config as config_lib
-  from mtjax import train
+  from mtjax import recipes
   from mtjax.train.checkpoint import Checkpointer
 
   cfg = config_lib.load(args.config, [f"--config.train.steps={args.steps}",
                                       "--config.train.log_every=1", "--config.train.progress=false",
                                       f"--config.checkpoint.every={args.every}"])
   with tempfile.TemporaryDirectory() as tmp:
-    result = train.run(cfg, pathlib.Path(tmp) / "run")
+    result = recipes.run(cfg, pathlib.Path(tmp) / "run")
     rows = result.history[2:]  # past compilation
     step_s = statistics.median(r["perf/step_time_s"] for r in rows if "perf/checkpoint_block_s" not in r)
     block_s = [r["perf/checkpoint_block_s"] for r in rows if "perf/checkpoint_block_s" in r]

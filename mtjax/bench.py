@@ -1,6 +1,6 @@
 """`mtjax bench --out FILE`: the trainer's speed, as ratios measured side by side in one run.
 
-- step_overhead: the trainer's steady-state step time (the real `mtjax.train.run` loop: Grain
+- step_overhead: the trainer's steady-state step time (the real `mtjax.recipes.run` loop: Grain
   mixture loader, host->device transfer, the sharded step, logging) over a bare jitted step of the
   same model, batch, optimizer and loss terms written with plain JAX + optax on a batch already on
   the device. Rounds interleave the two arms; the ratio is the median over rounds, with min/max.
@@ -96,11 +96,11 @@ def make_bare_step(graphdef, tx: optax.GradientTransformation, num_tasks: int, z
 
 def _trainer_round(cfg: Config, steps: int) -> dict[str, Any]:
   """One real training run of 2 x steps; the second logging window is the steady state."""
-  from mtjax import train
+  from mtjax import recipes
   cfg = cfg.replace(**{"train.steps": 2 * steps, "train.log_every": steps, "eval.every": 0,
                        "checkpoint.every": 0, "train.progress": False})
   with tempfile.TemporaryDirectory() as workdir:
-    result = train.run(cfg, workdir)
+    result = recipes.run(cfg, workdir)
   rows = [r for r in result.history if "train/loss" in r]
   return {"step_time_s": rows[-1]["perf/step_time_s"], "compiles": result.compiles}
 

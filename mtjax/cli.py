@@ -1,6 +1,6 @@
 """`mtjax train --config configs/demo.py[:variant] --workdir DIR [--config.a.b=v ...]`
 
-A thin layer over the library: parse flags, call `mtjax.config.load` and `mtjax.train.run`.
+A thin layer over the library: parse flags, call `mtjax.config.load` and `mtjax.recipes.run`.
 Exit codes: 0 success; 1 failure; 2 bad config or input (one line `error: ...`, no traceback);
 3 stopped by a preemption signal after saving (resumable).
 """
@@ -155,7 +155,7 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import config as config_lib
-  from mtjax import train as train_lib
+  from mtjax import recipes
   from mtjax.parallel import distributed
   from mtjax.resolve import resolve
   from mtjax.train import metrics as metrics_lib
@@ -167,9 +167,9 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   profile = _profile_range(args.profile)
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   try:
-    result = train_lib.run(config, args.workdir, resume_from=args.resume_from, profile=profile,
-                           force_unlock=args.force_unlock)
-  except train_lib.TrainingDiverged as e:
+    result = recipes.run(config, args.workdir, resume_from=args.resume_from, profile=profile,
+                         force_unlock=args.force_unlock)
+  except recipes.TrainingDiverged as e:
     print(f"failed: {e}", file=sys.stderr)
     return EXIT_FAILURE
   except KeyboardInterrupt:  # SIGINT outside the loop's guard: no save was cut (saves are atomic)
@@ -269,7 +269,7 @@ def compose(args: argparse.Namespace, tasks: Sequence[str]) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-  from mtjax.loading import export_run
+  from mtjax.train.export import export_run
 
   if args.max_shard_gb <= 0:
     raise BadInputError("--max_shard_gb", f"expected a positive size, got {args.max_shard_gb}")
@@ -386,12 +386,12 @@ def data_fetch(args: argparse.Namespace) -> int:
 
 def tokenizer_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from mtjax import config as config_lib
-  from mtjax.data import tokenizer as tokenizer_lib
+  from mtjax.data import tokenizer_training
 
   if args.max_examples <= 0:
     raise BadInputError("--max_examples", f"expected a positive count, got {args.max_examples}")
   config = config_lib.load(args.config, overrides)
-  built = tokenizer_lib.train_for_config(config, args.vocab, args.out, args.max_examples)
+  built = tokenizer_training.train_for_config(config, args.vocab, args.out, args.max_examples)
   print(f"wrote {built['path']}: byte-level BPE, {built['vocab_size']} tokens")
   for name, s in built["tasks"].items():
     print(f"  {name}: {s['examples']} train examples; longest {s['max_bytes']} bytes -> "

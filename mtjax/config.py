@@ -233,7 +233,7 @@ class WeightingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InstructionSearchConfig:
-  """The discrete fast channel (mtjax.train.fast_context): every `every` steps one round of an
+  """The discrete fast channel (mtjax.recipes.fast_context): every `every` steps one round of an
   evolutionary search over each task's instruction, scored with the current params on the task's
   first `examples` held-out examples; the best is fed to training and eval. 0: off."""
 

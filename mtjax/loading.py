@@ -4,7 +4,8 @@
     model.generate(["copy: abc ->"], max_new_tokens=16)
     model.logits([[1, 70, 71]])                 # numpy [B, L, vocab] float32
 
-`mtjax generate` and `mtjax export` are thin layers over `load(...).generate` and `export_run`.
+`mtjax generate` and `mtjax export` are thin layers over `load(...).generate` and `export_run`
+(mtjax.train.export).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from etils import epath
 from mtjax.data.tokenizer import Tokenizer
 from mtjax.errors import BadInputError
 from mtjax.model import ModelSpec
+from mtjax.train.export import export_run  # noqa: F401  (`mtjax.loading.export_run`, as before)
 
 
 @dataclasses.dataclass
@@ -126,61 +128,3 @@ def _load_hf(directory: epath.Path, devices: Sequence[Any] | None, param_dtype: 
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0))))
   return LoadedModel(graphdef=graphdef, params=params, spec=spec, tokenizer=tokenizer, mesh=mesh,
                      source=str(directory))
-
-
-def export_run(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | None = None,
-               *, max_shard_bytes: int = 5 * 10**9, devices: Sequence[Any] | None = None,
-               task: str | None = None, adapters_only: bool = False) -> list[str]:
-  """`mtjax export`: a run's checkpoint as an HF directory (config.json, safetensors shards of at
-  most max_shard_bytes with an index, the tokenizer files) that transformers and vLLM load.
-  Returns the files written.
-
-  A LoRA run's adapters (an SVF run's experts) are merged into the base weights (per-task
-  adapters: `task`'s, which must then be given); adapters_only writes a PEFT adapter directory instead (of `task`'s
-  adapter when per task), which peft loads onto the run's base model."""
-  from mtjax.model import pretrained
-  from mtjax.train import setup as setup_lib
-
-  out = epath.Path(out)
-  if out.exists() and any(out.iterdir()):
-    raise BadInputError(str(out), "exists and is not empty: export writes into a new directory")
-  run = setup_lib.from_workdir(workdir, step, devices=devices, purpose="export")
-  config = run.config
-  spec, params = run.spec, run.state.params
-  if adapters_only and not spec.lora:
-    raise BadInputError("--adapters_only", "the run has no LoRA adapters (model.lora.targets)")
-  if task is not None and spec.adapter_tasks == 1:
-    raise BadInputError("--task", "the run has no per-task adapters (LoRA, SVF) to choose from")
-  if spec.svf:  # the task's expert folded into the base weights
-    from mtjax.model import lora, svf
-    index = lora.adapter_index(spec, config.data.tasks, task)
-    params = svf.merge(params, svf.select(svf.expert_vectors(params, spec), index))
-    spec = spec.without_adapters()
-  if spec.lora:
-    from mtjax.model import lora
-    index = lora.adapter_index(spec, config.data.tasks, task)
-    if adapters_only:
-      if jax.process_index() != 0:
-        return []
-      return lora.export_peft(params, spec, out, index=index, base_model=config.model.pretrained)
-    params, spec = lora.merge(params, spec, index), spec.without_lora()
-  tokenizer = run.tokenizer
-  base = None
-  if config.model.pretrained:
-    base = pretrained.read_config(config.model.pretrained)
-  hf = pretrained.hf_config(spec, base=base, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                            pad_id=tokenizer.pad_id, max_length=config.data.seq_len)
-  tokenizer_dir = None
-  kind, _, where = config.data.tokenizer.partition(":")
-  if kind == "hf":
-    where_path = epath.Path(where)
-    tokenizer_dir = where_path if where_path.is_dir() else where_path.parent
-  files = pretrained.export(params, spec, out, config=hf,
-                            tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
-  if jax.process_index() == 0 and not (out / "generation_config.json").exists():
-    import json
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids),
-         "pad_token_id": tokenizer.pad_id}, indent=2))
-    files.append("generation_config.json")
-  return files

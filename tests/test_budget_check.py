@@ -10,7 +10,7 @@ import pytest
 from conftest import DEMO, REPO, tiny_config
 from mtjax import cli
 from mtjax import tasks as task_registry
-from mtjax import train
+from mtjax import recipes
 from mtjax.check import check_config, check_generation_budgets
 from mtjax.data import tokenizer as tokenizer_lib
 from mtjax.errors import BadInputError
@@ -75,7 +75,7 @@ def test_train_check_and_run_start_exit_2(tmp_path, capsys):
   assert "eval.max_new_tokens" in capsys.readouterr().err
   assert not (workdir / "metrics.jsonl").exists() and not (workdir / "checkpoints").exists()
   with pytest.raises(BadInputError):
-    train.run(_cfg(**{"eval.max_new_tokens": longest}), tmp_path / "api")
+    recipes.run(_cfg(**{"eval.max_new_tokens": longest}), tmp_path / "api")
 
 
 @pytest.mark.parametrize("name", ["entropy", "decomposition", "copy_reverse", "instructions"])

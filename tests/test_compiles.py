@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import build_step, host_batch, tiny_config
-from mtjax import train
+from mtjax import recipes
 from mtjax.monitoring import CompileCounter
 from mtjax.parallel import sharding
 from mtjax.train import step as step_lib
@@ -80,7 +80,7 @@ def test_weights_and_coefs_reach_the_gradient():
 def test_run_with_linear_entropy_schedule_logs_one_compile(tmp_path, monkeypatch):
   cfg = tiny_config(**{"train.entropy_coefs": {"grammar": (0.0, 0.5)}, "train.steps": 6})
   monkeypatch.chdir(tmp_path)  # a relative workdir, as `make demo` passes
-  result = train.run(cfg, "relative/run")
+  result = recipes.run(cfg, "relative/run")
   coefs = [r["train/grammar/entropy_coef"] for r in result.history]
   assert coefs[0] == 0.0 and coefs[-1] > coefs[1] > 0
   assert [r["perf/compiles"] for r in result.history] == [1] * 6

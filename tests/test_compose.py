@@ -47,7 +47,7 @@ def svf_run(tmp_path_factory):
   from etils import epath
 
   from mtjax import config as config_lib
-  from mtjax import train
+  from mtjax import recipes
   from mtjax.experiments import arms, expert_composition
 
   root = epath.Path(tmp_path_factory.mktemp("svf"))
@@ -55,9 +55,9 @@ def svf_run(tmp_path_factory):
   base = config_lib.load(f"{REPO}/configs/expert_composition.py:tiny",
                          ["--config.train.progress=false", "--config.study.steps_per_task=20"])
   cfgs = expert_composition.arm_configs(base, 0, root / "export")
-  base_dir = arms.run(root, "base", cfgs["base"], train.run)
+  base_dir = arms.run(root, "base", cfgs["base"], recipes.run)
   arms.export_once(base_dir, root / "export")
-  return arms.run(root, "svf", cfgs["svf"], train.run)
+  return arms.run(root, "svf", cfgs["svf"], recipes.run)
 
 
 def _composer(workdir):

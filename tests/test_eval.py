@@ -105,14 +105,14 @@ def test_pass_at_k_matches_closed_form_and_distinct_k():
 def test_eval_during_training_compiles_once_and_cli_eval(tmp_path, tmp_path_factory, capsys):
   import json
   from conftest import tiny_config
-  from mtjax import cli, train
+  from mtjax import cli, recipes
   from mtjax.data.tokenizer import ByteTokenizer
   from mtjax.eval.decode import DEFAULT_BUCKETS
   from mtjax import tasks
   from mtjax.tasks.sources import JsonlSource
   cfg = tiny_config(**{"eval.every": 5, "eval.num_examples": 12, "eval.num_generate": 6,
                        "eval.sample_prompts": 3, "eval.num_samples": 3, "checkpoint.every": 5})
-  result = train.run(cfg, tmp_path)
+  result = recipes.run(cfg, tmp_path)
   evals = [r for r in result.history if "eval/reverse/loss" in r]
   assert [r["step"] for r in evals] == [0, 5, 10]
   assert all(r["perf/eval_compiles"] == 1 for r in evals)  # 3 tasks, 3 evals: one compilation

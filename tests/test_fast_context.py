@@ -57,7 +57,7 @@ def test_the_loader_feeds_an_instruction_from_its_step_and_replays_it_after_a_re
 
 def test_candidates_are_scored_by_their_targets_log_likelihood():
   from mtjax.eval.heldout import heldout_examples
-  from mtjax.train.fast_context import TuningScorer
+  from mtjax.recipes.fast_context import TuningScorer
   cfg = tiny_config(**{"model.dtype": "float32", "eval.batch_size": 8})
   run = setup_lib.build(cfg, devices=jax.devices()[:1])
   examples = {t: heldout_examples(cfg, t, 5) for t in cfg.data.tasks}

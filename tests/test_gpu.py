@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import gpus, requires_gpu, tiny_config
-from mtjax import train
+from mtjax import recipes
 
 pytestmark = pytest.mark.gpu
 
@@ -24,8 +24,8 @@ def _losses(workdir):
 def test_gpu_step_matches_cpu_in_float32(tmp_path):
   cfg = tiny_config(**{"model.dtype": "float32", "train.steps": 4, "checkpoint.every": 0})
   with jax.default_matmul_precision("highest"):
-    train.run(cfg, tmp_path / "gpu", devices=gpus()[:1])
-    train.run(cfg, tmp_path / "cpu", devices=jax.devices("cpu")[:1])
+    recipes.run(cfg, tmp_path / "gpu", devices=gpus()[:1])
+    recipes.run(cfg, tmp_path / "cpu", devices=jax.devices("cpu")[:1])
   np.testing.assert_allclose(_losses(tmp_path / "gpu"), _losses(tmp_path / "cpu"), rtol=1e-3)
 
 
@@ -34,7 +34,7 @@ def test_gpu_bf16_learns_compiles_once_and_evaluates(tmp_path):
   cfg = tiny_config(**{"train.steps": 60, "train.log_every": 10, "eval.every": 30,
                        "eval.num_examples": 16, "eval.num_generate": 4, "eval.sample_prompts": 2,
                        "eval.num_samples": 2})
-  result = train.run(cfg, tmp_path / "run", devices=gpus()[:1])
+  result = recipes.run(cfg, tmp_path / "run", devices=gpus()[:1])
   losses = _losses(tmp_path / "run")
   assert losses[-1] < 0.7 * losses[0]
   assert result.compiles == 1

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
-from mtjax import train
+from mtjax import recipes
 from mtjax.errors import BadInputError
 from mtjax.train import hooks as hooks_lib
 from mtjax.train.batches import Batch
@@ -92,7 +92,7 @@ def test_feedback_applies_after_the_lag_and_survives_resume(tmp_path):
   cfg = tiny_config(**{"train.steps": 10, "checkpoint.every": 0, "optimizer.decay_steps": 10})
   lag = cfg.data.feedback_lag
   hook = FeedbackHook(at=4)
-  straight = train.run_loop(cfg, tmp_path / "straight", extra_hooks=[hook])
+  straight = recipes.run(cfg, tmp_path / "straight", extra_hooks=[hook], evaluate=False)
   assert hook.effective == 4 + lag
   weight = {r["step"] - 1: r["train/reverse/weight"] for r in straight.history}  # by step index
   rate = {r["step"] - 1: r["data/grammar/rate"] for r in straight.history}
@@ -100,10 +100,10 @@ def test_feedback_applies_after_the_lag_and_survives_resume(tmp_path):
   assert all(weight[s] == 0.0 and rate[s] == 0.0 for s in range(hook.effective, 10))
 
   # Decided at step 4, saved at step 6 while still pending, resumed without the hook: same run.
-  first = train.run_loop(cfg.replace(**{"train.steps": 6}), tmp_path / "resumed",
-                         extra_hooks=[FeedbackHook(at=4)])
+  first = recipes.run(cfg.replace(**{"train.steps": 6}), tmp_path / "resumed",
+                         extra_hooks=[FeedbackHook(at=4)], evaluate=False)
   assert all(r["train/reverse/weight"] == 1.0 for r in first.history)
-  resumed = train.run_loop(cfg, tmp_path / "resumed")
+  resumed = recipes.run(cfg, tmp_path / "resumed", evaluate=False)
   assert [r["train/loss"] for r in first.history + resumed.history] == \
       [r["train/loss"] for r in straight.history]
   assert [r["train/reverse/weight"] for r in resumed.history] == [1.0, 0.0, 0.0, 0.0]  # from 7
@@ -130,10 +130,10 @@ def _as_format_1(src, dst):
 
 def test_format_1_checkpoint_migrates_and_a_newer_one_is_refused(tmp_path):
   cfg = tiny_config(**{"train.steps": 4, "optimizer.decay_steps": 4})
-  straight = train.run_loop(cfg, tmp_path / "straight")
-  train.run_loop(cfg.replace(**{"train.steps": 2}), tmp_path / "new")
+  straight = recipes.run(cfg, tmp_path / "straight", evaluate=False)
+  recipes.run(cfg.replace(**{"train.steps": 2}), tmp_path / "new", evaluate=False)
   assert _as_format_1(tmp_path / "new", tmp_path / "old") == 2
-  resumed = train.run_loop(cfg, tmp_path / "old")
+  resumed = recipes.run(cfg, tmp_path / "old", evaluate=False)
   assert [r["train/loss"] for r in resumed.history] == [r["train/loss"] for r in straight.history[2:]]
 
   # A checkpoint from a newer mtjax: refused by name, nothing touched.
@@ -142,13 +142,13 @@ def test_format_1_checkpoint_migrates_and_a_newer_one_is_refused(tmp_path):
   facts = json.loads(facts_file.read_text())
   facts_file.write_text(json.dumps(dict(facts, format_version=99)))
   with pytest.raises(BadInputError, match="checkpoint format 99 by a newer mtjax"):
-    train.run_loop(cfg.replace(**{"train.steps": 5}), tmp_path / "straight")
+    recipes.run(cfg.replace(**{"train.steps": 5}), tmp_path / "straight", evaluate=False)
   assert (tmp_path / "straight" / "checkpoints" / "4").is_dir()
 
 
 def test_setup_restores_what_the_loop_saved(tmp_path):
   cfg = tiny_config(**{"train.steps": 3})
-  result = train.run_loop(cfg, tmp_path)
+  result = recipes.run(cfg, tmp_path, evaluate=False)
   setup = setup_lib.build(cfg, workdir=tmp_path)
   setup.checkpointer.close()
   assert setup.restored_step == 3 and setup.loader_state["step"] == 3

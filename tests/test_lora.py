@@ -153,10 +153,10 @@ def flat_tree(flat):
 
 
 def _trained_run(tmp_path, **dotted):
-  import mtjax.train
+  import mtjax.recipes
   cfg = _cfg(**{"train.steps": 3, "train.log_every": 1, **dotted})
   workdir = tmp_path / "run"
-  mtjax.train.run(cfg, str(workdir))
+  mtjax.recipes.run(cfg, str(workdir))
   return workdir
 
 

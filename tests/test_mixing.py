@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mtjax import train
+from mtjax import recipes
 from mtjax.errors import BadInputError
 from mtjax.train import mixing
 
@@ -120,7 +120,7 @@ def replay(rows, arms, names, every, alpha, lag):
 def test_odm_run_changes_rates_from_the_losses(tmp_path):
   cfg = odm_config(**{"train.steps": 12,
                       "data.mixture": {"reverse": 1.0, "addition": 3.0, "grammar": 1.0}})
-  result = train.run(cfg, tmp_path)
+  result = recipes.run(cfg, tmp_path)
   names = cfg.data.tasks
   assert result.compiles == 1
   rates = np.array([[row[f"data/{n}/rate"] for n in names] for row in result.history])
@@ -152,12 +152,12 @@ def test_resume_between_decisions_matches_straight_run(tmp_path):
   # (both between decisions, every=2) and resumes from 5.
   cfg = odm_config(**{"train.steps": 10, "optimizer.decay_steps": 10, "checkpoint.every": 0,
                       "data.mixture": {"reverse": 1.0, "addition": 3.0, "grammar": 0.0}})
-  straight = train.run(cfg, tmp_path / "a")
-  first = train.run(cfg.replace(**{"train.steps": 5, "checkpoint.every": 3}), tmp_path / "b")
+  straight = recipes.run(cfg, tmp_path / "a")
+  first = recipes.run(cfg.replace(**{"train.steps": 5, "checkpoint.every": 3}), tmp_path / "b")
   assert int(first.state.step) == 5
   mid = loader_item(tmp_path / "b", 5)["mixing"]
   assert mid["step"] == 5 and mid["t"] == 2 and mid["window"]["steps"] == 1  # step 5, held
-  second = train.run(cfg, tmp_path / "b")
+  second = recipes.run(cfg, tmp_path / "b")
   assert [r["step"] for r in second.history] == list(range(6, 11))
   names = cfg.data.tasks
   rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

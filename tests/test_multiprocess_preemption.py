@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from conftest import DEMO, REPO
-
-pytestmark = pytest.mark.multidevice
 from run_files import checkpoints as _checkpoints
 from run_files import rows as _rows
+
+pytestmark = pytest.mark.multidevice
 
 DRIVER = str(REPO / "tests" / "fault_driver.py")
 LAUNCHER = str(REPO / "launch" / "multiprocess_cpu.sh")

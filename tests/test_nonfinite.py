@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import DEMO, build_step, host_batch, tiny_config
-from mtjax import train
+from mtjax import recipes
 from mtjax.train import hooks as hooks_lib
 from mtjax.train import step as step_lib
 
@@ -75,8 +75,8 @@ def test_overflowing_updates_never_reach_a_checkpoint_and_the_named_one_is_finit
                       lambda *a, **k: (lambda tx, s: (optax.chain(tx, _overflow_after(3)), s))(
                           *make(*a, **k)))
   cfg = tiny_config(**{"train.steps": 20, "checkpoint.every": 2, "train.max_consecutive_skips": 3})
-  with pytest.raises(train.TrainingDiverged) as e:
-    train.run_loop(cfg, tmp_path)
+  with pytest.raises(recipes.TrainingDiverged) as e:
+    recipes.run(cfg, tmp_path, evaluate=False)
   message = str(e.value)
   # Steps 1-3 update; 4, 5, 6 overflow and are skipped; the check at the save of step 6 stops it.
   assert message.startswith("step 6: 3 consecutive steps"), message
@@ -106,7 +106,7 @@ def test_huge_learning_rate_leaves_only_finite_checkpoints(tmp_path, capsys):
 def test_last_good_checkpoint_skips_later_non_finite_ones(tmp_path):
   from mtjax.train import setup as setup_lib
   cfg = tiny_config(**{"train.steps": 4, "checkpoint.every": 2})
-  train.run_loop(cfg, tmp_path / "run")
+  recipes.run(cfg, tmp_path / "run", evaluate=False)
   setup = setup_lib.build(cfg, workdir=tmp_path / "run")  # restores step 4
   ck = setup.checkpointer
   assert ck is not None
@@ -128,7 +128,7 @@ def test_task_without_loss_tokens_while_sampled_gets_a_warning(tmp_path, capsys)
   # grammar is sampled at 1e-4 (none of its examples lands in 5 small batches), addition at 0.
   cfg = tiny_config(**{"train.steps": 5, "checkpoint.every": 0,
                        "data.mixture": {"reverse": 1.0, "addition": 0.0, "grammar": 1e-4}})
-  result = train.run_loop(cfg, tmp_path)
+  result = recipes.run(cfg, tmp_path, evaluate=False)
   rows = result.history
   assert all(r["train/grammar/tokens"] == 0 and r["data/grammar/rate"] > 0 for r in rows)
   assert all(r["train/addition/tokens"] == 0 and r["data/addition/rate"] == 0 for r in rows)

@@ -47,7 +47,7 @@ def _floats(text):
 
 
 def _check_quickstart(notebook, work):
-  out = _stdout(_cell(notebook, "train.run(cfg, workdir)"))
+  out = _stdout(_cell(notebook, "recipes.run(cfg, workdir)"))
   compiles, final_step = map(int, re.search(r"compiles: (\d+) \| final step: (\d+)", out).groups())
   assert (compiles, final_step) == (1, 10)  # smoke: 10 steps, one compilation
   assert run_contract.check(work / "quickstart") == []
@@ -146,7 +146,7 @@ def _check_finetune_pretrained(notebook, work):
   config = json.loads((workdir / "config.json").read_text())
   assert config["data"]["format"] == "chat" and config["data"]["tasks"] == ["reverse", "addition"]
   assert config["model"]["lora"]["targets"] == ["q", "v"]
-  assert "final step: 4" in _stdout(_cell(notebook, "train.run(cfg, workdir)"))
+  assert "final step: 4" in _stdout(_cell(notebook, "recipes.run(cfg, workdir)"))
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = {r["step"]: r for r in rows if "eval/reverse/loss" in r}
   assert sorted(evals) == [0, 4]  # before (the pretrained model) and after

@@ -81,13 +81,13 @@ def _eval(workdir, *extra):
 @pytest.mark.slow
 def test_config_file_tasks_train_eval_move_and_config_flag(user_config, tmp_path):
   from mtjax import config as config_lib
-  from mtjax import train
+  from mtjax import recipes
 
   workdir = tmp_path / "run"
   from mtjax.resolve import resolve
   cfg = config_lib.load(str(user_config))
   assert resolve(cfg).data.jsonl_tasks["echo"].train == (str(tmp_path / "data" / "echo_train.jsonl"),)
-  result = train.run(cfg, str(workdir))
+  result = recipes.run(cfg, str(workdir))
   assert int(result.state.step) == 4
 
   record = json.loads((workdir / "tasks.json").read_text())

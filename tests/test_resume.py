@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mtjax import train
+from mtjax import recipes
 from mtjax.errors import BadInputError
 
 
@@ -16,10 +16,10 @@ def test_resume_matches_straight_run(tmp_path):
   # decay_steps fixed, so the learning-rate schedule does not depend on train.steps.
   cfg = tiny_config(**{"train.steps": 8, "optimizer.decay_steps": 8, "checkpoint.every": 2,
                        "mesh.fsdp": 8})
-  straight = train.run(cfg, tmp_path / "a")
-  first = train.run(cfg.replace(**{"train.steps": 5}), tmp_path / "b")
+  straight = recipes.run(cfg, tmp_path / "a")
+  first = recipes.run(cfg.replace(**{"train.steps": 5}), tmp_path / "b")
   assert int(first.state.step) == 5
-  second = train.run(cfg, tmp_path / "b")  # resumes from step 5 (the end checkpoint)
+  second = recipes.run(cfg, tmp_path / "b")  # resumes from step 5 (the end checkpoint)
   assert int(second.state.step) == 8 and [r["step"] for r in second.history] == [6, 7, 8]
   a = [r["train/loss"] for r in straight.history]
   b = [json.loads(l)["train/loss"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -31,9 +31,9 @@ def test_resume_matches_straight_run(tmp_path):
 
 def test_resume_with_other_model_is_refused(tmp_path):
   cfg = tiny_config(**{"train.steps": 2})
-  train.run(cfg, tmp_path)
+  recipes.run(cfg, tmp_path)
   with pytest.raises(BadInputError, match="model"):
-    train.run(cfg.replace(**{"model.d_model": 64}), tmp_path)
+    recipes.run(cfg.replace(**{"model.d_model": 64}), tmp_path)
   assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2  # nothing lost
 
 
@@ -57,7 +57,7 @@ def _inject_nan(monkeypatch, bad_calls):
 
 def test_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
   _inject_nan(monkeypatch, lambda n: n == 3)
-  result = train.run(tiny_config(**{"train.steps": 6}), tmp_path)
+  result = recipes.run(tiny_config(**{"train.steps": 6}), tmp_path)
   skipped = [r["train/skipped_steps"] for r in result.history]
   assert skipped == [0, 0, 1, 1, 1, 1]
   assert np.isnan(result.history[2]["train/loss"]) and np.isfinite(result.history[3]["train/loss"])
@@ -99,8 +99,8 @@ def test_elastic_restore_from_8_devices_onto_4(tmp_path):
   base = {"train.steps": 4, "optimizer.decay_steps": 4, "checkpoint.every": 3}
   cfg8 = tiny_config(**base, **{"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1})
   cfg4 = tiny_config(**base, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1})
-  straight = train.run(cfg8, tmp_path / "straight")  # the reference: steps 1-4 on 8 devices
-  first = train.run(cfg8.replace(**{"train.steps": 3}), tmp_path / "elastic")
+  straight = recipes.run(cfg8, tmp_path / "straight")  # the reference: steps 1-4 on 8 devices
+  first = recipes.run(cfg8.replace(**{"train.steps": 3}), tmp_path / "elastic")
   saved = jax.device_get(first.state.params)
   # Restore onto 4 devices with another mesh: identical parameters, new shardings.
   from mtjax.model import ModelSpec
@@ -120,7 +120,7 @@ def test_elastic_restore_from_8_devices_onto_4(tmp_path):
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(jax.device_get(restored.params))):
     np.testing.assert_array_equal(a, b)
   # And the next step, on the 4-device mesh, matches the 8-device run's step 4.
-  second = train.run(cfg4, tmp_path / "elastic", devices=jax.devices()[:4])
+  second = recipes.run(cfg4, tmp_path / "elastic", devices=jax.devices()[:4])
   assert [r["step"] for r in second.history] == [4]
   np.testing.assert_allclose(second.history[0]["train/loss"], straight.history[3]["train/loss"],
                              rtol=1e-5)
@@ -155,7 +155,7 @@ def test_retention_keeps_latest_and_best(tmp_path):
   cfg = tiny_config(**{"train.steps": 8, "checkpoint.every": 1, "checkpoint.keep": 2,
                        "checkpoint.best_metric": "train/reverse/accuracy",
                        "checkpoint.best_mode": "max", "checkpoint.keep_best": 1})
-  result = train.run(cfg, tmp_path)
+  result = recipes.run(cfg, tmp_path)
   acc = {r["step"]: r["train/reverse/accuracy"] for r in result.history}
   best = max(acc, key=lambda s: (acc[s], s))
   from mtjax.train.checkpoint import Checkpointer
@@ -168,9 +168,9 @@ def test_retention_keeps_latest_and_best(tmp_path):
 
 def test_safe_change_on_resume_is_reported(tmp_path, capsys):
   cfg = tiny_config(**{"train.steps": 2})
-  train.run(cfg, tmp_path)
+  recipes.run(cfg, tmp_path)
   capsys.readouterr()
-  result = train.run(cfg.replace(**{"train.steps": 3, "train.log_every": 3}), tmp_path)
+  result = recipes.run(cfg.replace(**{"train.steps": 3, "train.log_every": 3}), tmp_path)
   err = capsys.readouterr().err
   assert "resumed from step 2" in err and "train.log_every 1 -> 3" in err, err
   assert int(result.state.step) == 3
@@ -179,8 +179,8 @@ def test_safe_change_on_resume_is_reported(tmp_path, capsys):
 def test_lr_schedule_length_is_fixed_at_first_start(tmp_path):
   cfg = tiny_config(**{"train.steps": 4, "optimizer.warmup_steps": 1, "optimizer.lr": 0.01,
                        "optimizer.min_lr_ratio": 0.1})
-  first = train.run(cfg, tmp_path)
-  longer = train.run(cfg.replace(**{"train.steps": 7}), tmp_path)
+  first = recipes.run(cfg, tmp_path)
+  longer = recipes.run(cfg.replace(**{"train.steps": 7}), tmp_path)
   from mtjax.train import optimizer
   schedule = optimizer.lr_schedule(cfg.optimizer, 4)  # the length of the FIRST start
   lrs = [r["train/lr"] for r in first.history + longer.history]
@@ -218,6 +218,6 @@ def test_format2_per_layer_checkpoint_migrates_to_stacked_layers(tmp_path):
       np.testing.assert_array_equal(stacked[key][i], saved[f"{head}layers/{i}/{tail}"])
   np.testing.assert_array_equal(stacked["params/token_embed"], saved["params/token_embed"])
   assert int(state.step) == 2
-  resumed = train.run(cfg.replace(**{"train.steps": 4}), work)
+  resumed = recipes.run(cfg.replace(**{"train.steps": 4}), work)
   assert int(resumed.state.step) == 4 and resumed.compiles == 1
   assert [r["step"] for r in resumed.history] == [3, 4]

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import DEMO, sigkill_resume_runs, tiny_config
-from mtjax import train
+from mtjax import recipes
 from mtjax.errors import BadInputError
 
 def _parity_task():
@@ -31,7 +31,7 @@ RL = {"rl.algorithm": "grpo", "rl.prompts": 4, "rl.samples": 4, "rl.epochs": 2,
 def test_grpo_run_compiles_once_and_keeps_its_reference(tmp_path):
   cfg = tiny_config(**{**RL, **_parity_task(), "train.steps": 4, "rl.kl_coef": 0.1,
                        "optimizer.lr": 1e-2, "optimizer.warmup_steps": 0})
-  result = train.run(cfg, tmp_path)
+  result = recipes.run(cfg, tmp_path)
   rows = [r for r in result.history if "train/loss" in r]
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   assert result.compiles == 1 and all(r["perf/compiles"] == 1 for r in rows)
@@ -56,7 +56,7 @@ def test_grpo_run_compiles_once_and_keeps_its_reference(tmp_path):
 def test_grpo_with_lora_uses_the_frozen_base_as_reference(tmp_path):
   cfg = tiny_config(**{**RL, **_parity_task(), "train.steps": 3, "rl.kl_coef": 0.1,
                        "optimizer.lr": 3e-2, "optimizer.warmup_steps": 0, "model.lora.targets": ("q", "v"), "model.lora.rank": 4})
-  result = train.run(cfg, tmp_path)
+  result = recipes.run(cfg, tmp_path)
   assert "reference" not in result.state.extra  # no copy: the base with B = 0 is the reference
   rows = [r for r in result.history if "train/loss" in r]
   assert result.compiles == 1 and rows[-1]["rl/kl"] > 0

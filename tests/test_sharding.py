@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mtjax import train
+from mtjax import recipes
 
 pytestmark = pytest.mark.multidevice
 
@@ -15,8 +15,8 @@ def test_sharded_matches_single_device_and_params_are_sharded(tmp_path):
   sharded_cfg = cfg.replace(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   single_cfg = cfg.replace(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
   assert len(jax.devices()) == 8
-  sharded = train.run(sharded_cfg, tmp_path / "sharded")
-  single = train.run(single_cfg, tmp_path / "single", devices=jax.devices()[:1])
+  sharded = recipes.run(sharded_cfg, tmp_path / "sharded")
+  single = recipes.run(single_cfg, tmp_path / "single", devices=jax.devices()[:1])
 
   losses_8 = [r["train/loss"] for r in sharded.history]
   losses_1 = [r["train/loss"] for r in single.history]
@@ -51,8 +51,8 @@ def test_multislice_dcn_axis_matches_single_device(tmp_path):
   assert dict(mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1}
   first_slice = set(mesh.devices[0].flat)
   assert first_slice == set(jax.devices()[:4])  # one slice = one contiguous group of devices
-  multi = train.run(multi_cfg, tmp_path / "multi")
-  single = train.run(cfg.replace(**{"mesh.fsdp": 1}), tmp_path / "single", devices=jax.devices()[:1])
+  multi = recipes.run(multi_cfg, tmp_path / "multi")
+  single = recipes.run(cfg.replace(**{"mesh.fsdp": 1}), tmp_path / "single", devices=jax.devices()[:1])
   np.testing.assert_allclose([r["train/loss"] for r in multi.history],
                              [r["train/loss"] for r in single.history], rtol=1e-4)
   gate = multi.state.params["layers"]["mlp"]["gate"]  # [L, 64, 128]: embed over fsdp (4)

@@ -61,8 +61,8 @@ def _no_training(cfg, workdir):
 
 @pytest.mark.parametrize("name", list(STUDIES))
 def test_study_settings_are_checked_before_training(name, tmp_path, capsys, monkeypatch):
-  from mtjax import train
-  monkeypatch.setattr(train, "run", _no_training)
+  from mtjax import recipes
+  monkeypatch.setattr(recipes, "run", _no_training)
   out = tmp_path / name
   assert cli.main(["experiment", name, "--config", f"{REPO}/configs/{name}.py:tiny", "--workdir",
                    str(out), "--config.study.steps_per_task=0"]) == 2
@@ -89,7 +89,7 @@ def test_bad_study_settings_name_the_field(dotted, field):
 
 @pytest.mark.parametrize("name", list(STUDIES))
 def test_preempted_arm_is_not_done_and_stops_the_study(name, tmp_path, capsys, monkeypatch):
-  from mtjax import train
+  from mtjax import recipes
   trained = []
 
   def preempted(cfg, workdir):
@@ -97,7 +97,7 @@ def test_preempted_arm_is_not_done_and_stops_the_study(name, tmp_path, capsys, m
     workdir.mkdir(parents=True)
     return types.SimpleNamespace(preempted=True)  # as RunResult after a SIGTERM
 
-  monkeypatch.setattr(train, "run", preempted)
+  monkeypatch.setattr(recipes, "run", preempted)
   out = tmp_path / name
   assert cli.main(["experiment", name, "--config", f"{REPO}/configs/{name}.py:tiny",
                    "--workdir", str(out)]) == cli.EXIT_PREEMPTED

@@ -166,11 +166,11 @@ def test_basis_from_a_loaded_base_and_through_a_checkpoint(tmp_path):
   """A run from an exported base computes U, S, V^T of the loaded projections (U S V^T = W);
   the basis is stored with the checkpoint and restored with it; the exported task expert equals
   the run's model on that task's tokens."""
-  import mtjax.train
+  import mtjax.recipes
   from mtjax.loading import export_run
   from mtjax.model import pretrained
   base_dir, export = tmp_path / "base", tmp_path / "export"
-  mtjax.train.run(tiny_config(**{"train.steps": 2, "model.dtype": "float32"}), str(base_dir))
+  mtjax.recipes.run(tiny_config(**{"train.steps": 2, "model.dtype": "float32"}), str(base_dir))
   export_run(base_dir, export)
   cfg = _cfg(**{"model.pretrained": str(export), "model.pinned": ("data.tokenizer",),
                 "train.steps": 3, "train.log_every": 1})
@@ -187,7 +187,7 @@ def test_basis_from_a_loaded_base_and_through_a_checkpoint(tmp_path):
     np.testing.assert_allclose(s, np.linalg.svd(
         w.reshape(w.shape[0], -1, vt.shape[-1]), compute_uv=False), rtol=1e-5)
   workdir = tmp_path / "svf_run"
-  result = mtjax.train.run(cfg, str(workdir))
+  result = mtjax.recipes.run(cfg, str(workdir))
   assert result.compiles == 1  # per-task experts routed inside one step: one compile per run
   run = setup_lib.from_workdir(workdir)
   restored = _flat(run.state.params)

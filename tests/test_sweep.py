@@ -6,7 +6,7 @@ import types
 import pytest
 
 from conftest import REPO
-from mtjax import train
+from mtjax import recipes
 from mtjax.experiments import sweep
 
 
@@ -38,7 +38,7 @@ def test_interrupted_sweep_resumes_without_redoing(sweep_config, tmp_path):
     if len(calls) == 2:
       raise KeyboardInterrupt  # the machine goes away during the third variant
     calls.append(workdir.name)
-    return train.run(cfg, workdir)
+    return recipes.run(cfg, workdir)
 
   out = tmp_path / "sweep"
   with pytest.raises(KeyboardInterrupt):
@@ -46,7 +46,7 @@ def test_interrupted_sweep_resumes_without_redoing(sweep_config, tmp_path):
   assert calls == ["000_seed=0_grammar=1.0", "001_seed=1_grammar=1.0"]
   again = []
   result = sweep.run_sweep(sweep_config, str(out),
-                           train_fn=lambda c, w: again.append(w.name) or train.run(c, w))
+                           train_fn=lambda c, w: again.append(w.name) or recipes.run(c, w))
   assert again == ["002_seed=0_grammar=3.0"] and result["skipped"] == calls
   csv_text = (out / "results.csv").read_text().splitlines()
   assert len(csv_text) == 4 and csv_text[0].startswith("variant,data.mixture.grammar,seed")
@@ -74,14 +74,14 @@ def test_preempted_variant_is_not_done_and_stops_the_sweep(sweep_config, tmp_pat
     (workdir / "metrics.jsonl").write_text('{"step": 2, "train/loss": 1.5}\n\n')  # a blank line
     return types.SimpleNamespace(preempted=len(calls) == 2)  # a SIGTERM during the second
 
-  monkeypatch.setattr(train, "run", preempted_second)
+  monkeypatch.setattr(recipes, "run", preempted_second)
   out = tmp_path / "sweep"
   assert cli.main(["sweep", "--config", sweep_config, "--workdir", str(out)]) == cli.EXIT_PREEMPTED
   assert calls == ["000_seed=0_grammar=1.0", "001_seed=1_grammar=1.0"]  # the third never started
   assert (out / calls[0] / "DONE").exists() and not (out / calls[1] / "DONE").exists()
   assert "interrupted by a preemption signal" in capsys.readouterr().err
   again = []
-  monkeypatch.setattr(train, "run", lambda c, w: again.append(w.name))  # finishes (None)
+  monkeypatch.setattr(recipes, "run", lambda c, w: again.append(w.name))  # finishes (None)
   for name in ("001_seed=1_grammar=1.0", "002_seed=0_grammar=3.0"):
     (out / name).mkdir(exist_ok=True)
     (out / name / "metrics.jsonl").write_text('{"step": 2, "train/loss": 0.5}\n')

@@ -12,7 +12,7 @@ import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
 from conftest import host_batch, tiny_config
-from mtjax import train
+from mtjax import recipes
 from mtjax.config import WeightingConfig
 from mtjax.errors import BadInputError
 from mtjax.train import setup as setup_lib
@@ -305,15 +305,15 @@ def test_step_matches_numpy_rule_with_independent_gradients(method, weights):
 def test_one_compile_and_exact_resume(method, tmp_path):
   cfg = _tiny(method, **{"train.steps": 6, "optimizer.decay_steps": 6, "checkpoint.every": 3,
                          "train.log_every": 1})
-  straight = train.run(cfg, tmp_path / "a")
+  straight = recipes.run(cfg, tmp_path / "a")
   assert straight.compiles == 1
   weights = [[r[f"train/{t}/weight"] for t in cfg.data.tasks] for r in straight.history
              if "train/loss" in r]
   if method != "pcgrad":  # PCGrad's coefficients are 1 when no pair of tasks conflicts
     assert any(w != weights[0] for w in weights[1:]), weights  # the weights adapt
     assert "train_weight.png" in {p.name for p in straight.plots}  # and are drawn
-  train.run(cfg.replace(**{"train.steps": 4}), tmp_path / "b")  # saves at 3 and at its end, 4
-  resumed = train.run(cfg, tmp_path / "b")
+  recipes.run(cfg.replace(**{"train.steps": 4}), tmp_path / "b")  # saves at 3 and at its end, 4
+  resumed = recipes.run(cfg, tmp_path / "b")
   assert resumed.compiles == 1
   a = [r["train/loss"] for r in straight.history if "train/loss" in r]
   b = [r["train/loss"] for r in resumed.history if "train/loss" in r]
@@ -325,9 +325,9 @@ def test_one_compile_and_exact_resume(method, tmp_path):
 
 def test_method_cannot_change_on_resume(tmp_path):
   cfg = _tiny("famo", **{"train.steps": 2})
-  train.run(cfg, tmp_path)
+  recipes.run(cfg, tmp_path)
   with pytest.raises(BadInputError, match="train.weighting.method"):
-    train.run(cfg.replace(**{"train.weighting.method": "dwa", "train.steps": 4}), tmp_path)
+    recipes.run(cfg.replace(**{"train.weighting.method": "dwa", "train.steps": 4}), tmp_path)
 
 
 def test_bad_weighting_config_names_the_field():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from mtjax import train
+from mtjax import recipes
 from mtjax.train import hooks as hooks_lib
 from mtjax.train import metrics as metrics_lib
 
@@ -44,7 +44,7 @@ def staged_run(tmp_path_factory):
                        "optimizer.decay_steps": STEPS})
   workdir = tmp_path_factory.mktemp("window") / "run"
   recorder = Recorder()
-  result = train.run(cfg, workdir, extra_hooks=[recorder])
+  result = recipes.run(cfg, workdir, extra_hooks=[recorder])
   return result, recorder.steps, workdir
 
 

@@ -86,6 +86,6 @@ def warn(config: Any) -> list[str]:
   """Warning lines (one per task of data.tasks whose validation prompts occur in its train
   split) for the start of training; [] when there is none. Resolves the config (registers its
   data.jsonl_tasks), reads each checked task's two splits once."""
-  from mtjax.resolve import resolve
-  config = resolve(config)
+  from mtjax.data.resolve import resolve_data
+  config = resolve_data(config)
   return lines(config.data.tasks, config.seed)

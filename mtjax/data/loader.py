@@ -22,7 +22,7 @@ materializes only its own rows.
 Rates fed back by the trainer (`set_rates`) take effect `feedback_lag` (data.feedback_lag, at
 least prefetch + 1) steps after the last consumed step (batches already prefetched keep theirs)
 and hold until the schedule's next stage begins. They are recorded in the state, so a restored loader replays the same stream.
-Instructions fed back by the instruction search (`set_instruction`, mtjax.train.fast_context)
+Instructions fed back by the instruction search (`set_instruction`, mtjax.recipes.fast_context)
 take effect the same way and hold until the next one: from then on the task's examples are read
 through `pipeline.with_instruction` (the same order; counted anew). The state keeps them under
 "instructions" ([step, task, text] in feeding order) and the search's own state under
@@ -320,8 +320,8 @@ class MixtureLoader:
                   state: Mapping[str, Any] | None = None, prefetch: int | None = None) -> MixtureLoader:
     from mtjax.data import mixture
     from mtjax.data import tokenizer as tokenizer_lib
-    from mtjax.resolve import resolve
-    config = resolve(config)
+    from mtjax.data.resolve import resolve_data
+    config = resolve_data(config)
     d = config.data
     prefetch = d.prefetch if prefetch is None else prefetch
     # max(): a caller that asks for more prefetch than the config still gets a valid lag.
@@ -351,7 +351,7 @@ class MixtureLoader:
       self.state["mixing"] = mixing
 
   def set_instruction(self, task: str, text: str) -> int:
-    """Feeds back a task's instruction (the instruction search, mtjax.train.fast_context): its
+    """Feeds back a task's instruction (the instruction search, mtjax.recipes.fast_context): its
     examples read `text` (pipeline.searched_instruction) from the returned step on, which is
     `feedback_lag` steps after the last consumed one, as for set_rates. Recorded in the state."""
     if task not in self.task_names:

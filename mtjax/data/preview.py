@@ -28,8 +28,8 @@ SAMPLE = 256  # train examples per task whose lengths the preview counts
 
 def preview(config: Config, steps: int, ranges: int = 4, examples_per_task: int = 3,
             sample: int = SAMPLE) -> str:
-  from mtjax.resolve import resolve
-  config = resolve(config)
+  from mtjax.data.resolve import resolve_data
+  config = resolve_data(config)
   tok = tokenizer_lib.for_config(config)
   loader = MixtureLoader.from_config(config, prefetch=0)
   names = config.data.tasks

@@ -169,7 +169,7 @@ class Evaluator:
 
   def set_instructions(self, instructions: Mapping[str, str]) -> None:
     """Evaluates these tasks with these instructions (the instruction search's, in effect in
-    training: mtjax.train.fast_context); the others with their own."""
+    training: mtjax.recipes.fast_context); the others with their own."""
     if dict(instructions) != self.instructions:
       self.instructions = dict(instructions)
       self._prepare()

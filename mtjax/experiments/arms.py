@@ -53,7 +53,7 @@ class Study:
     Raises BadInputError (before any training) for bad settings, runs.Preempted when an arm was
     stopped by a preemption signal (that arm is not marked DONE; rerun to resume).
     """
-    from mtjax import train
+    from mtjax import recipes
     from mtjax.check import check_generation_budgets
     validate_study_config(config)
     self.check(config)
@@ -62,7 +62,7 @@ class Study:
     bounds = floors.check_targets(config.replace(**split_settings(config)))  # the scored examples
     root = epath.Path(workdir)
     write_study_json(root, self.name, config, **self.record(config))
-    summary = self.summarize(config, root, train_fn or train.run)
+    summary = self.summarize(config, root, train_fn or recipes.run)
     summary.setdefault("floors", bounds)
     return self._finish(root, summary)
 
@@ -373,7 +373,7 @@ def export_once(run_dir: epath.Path, export_dir: epath.Path) -> None:
   """`mtjax export` of a finished arm's final checkpoint (the start of later arms, through
   model.pretrained), unless already there; written to a temporary directory first, so a
   half-written export is never used."""
-  from mtjax.loading import export_run
+  from mtjax.train.export import export_run
   if (export_dir / "config.json").exists():
     return
   tmp = export_dir.parent / (export_dir.name + ".partial")

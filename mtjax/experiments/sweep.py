@@ -80,8 +80,8 @@ def run_sweep(path: str, workdir: str, overrides: Sequence[str] = (), train_fn=N
 
   Raises runs.Preempted when a variant was stopped by a preemption signal (not marked DONE).
   """
-  from mtjax import train
-  train_fn = train_fn or train.run
+  from mtjax import recipes
+  train_fn = train_fn or recipes.run
   root = epath.Path(workdir)
   base = config_lib.load(path, overrides)
   variants = load_sweep(path)

@@ -115,7 +115,7 @@ def param_counts(arm_dir: epath.Path) -> dict[str, int]:
   from mtjax.data import tokenizer as tokenizer_lib
   from mtjax.model import Decoder, ModelSpec
   from mtjax.model.llama import is_adapter_path
-  from mtjax.train.optimizer import param_path
+  from mtjax.tree import param_path
   from mtjax.train.setup import workdir_config
   cfg = workdir_config(arm_dir)
   vocab = 0 if cfg.model.vocab_size else tokenizer_lib.for_data(cfg.data).vocab_size

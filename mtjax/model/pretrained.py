@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from mtjax import tree as tree_lib
 from mtjax.errors import BadInputError
 from mtjax.model import tensorfile
 from mtjax.model.llama import ModelSpec
@@ -234,8 +235,8 @@ HF_KEYS = {"d_model": "hidden_size", "num_layers": "num_hidden_layers",
 
 
 def apply_to_config(config: Any) -> Any:
-  """config (mtjax.config.Config) with model.pretrained set -> its model fields (and, unless given
-  on the command line, data.tokenizer) taken from the directory. A field given on the command
+  """config (mtjax.config.Config) with model.pretrained set -> its model fields taken from the
+  directory (its tokenizer is data's default: mtjax.data.resolve). A field given on the command
   line that differs from the directory's is exit 2 naming both values."""
   m = config.model
   directory = m.pretrained
@@ -250,11 +251,7 @@ def apply_to_config(config: Any) -> Any:
       raise BadInputError(f"model.{key}", f"--config.model.{key}={current} conflicts with "
                           f"{directory}/config.json ({HF_KEYS[key]} gives {value})")
     changed[key] = value
-  config = config.replace(**{f"model.{k}": v for k, v in changed.items()})
-  tokenizer = f"hf:{directory}"
-  if "data.tokenizer" not in m.pinned and config.data.tokenizer != tokenizer:
-    config = config.replace(**{"data.tokenizer": tokenizer})
-  return config
+  return config.replace(**{f"model.{k}": v for k, v in changed.items()})
 
 
 def spec_for(directory: epath.PathLike, *, dtype: str = "float32",
@@ -394,14 +391,7 @@ def _from_hf_rows(kind: str, shape: tuple[int, ...], block: np.ndarray,
   return block.reshape(-1, shape[1]), tuple(offset)
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-  from mtjax.train.optimizer import param_path
-  return {param_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflat(like: Any, flat: Mapping[str, Any]) -> Any:
-  from mtjax.train.optimizer import param_path
-  return jax.tree_util.tree_map_with_path(lambda p, _: flat[param_path(p)], like)
+_flat, _unflat = tree_lib.flatten, tree_lib.unflatten_like
 
 
 # ----------------------------------------------------------------------------- import

@@ -207,7 +207,7 @@ class Checkpointer:
     `like_state`'s value."""
     import numpy as np
 
-    from mtjax.train.optimizer import param_path
+    from mtjax.tree import param_path
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(), loader=ocp.args.JsonRestore()))

@@ -3,7 +3,8 @@
 A hook may act before step s (the state holds s finished steps: eval, checkpoint), after a step
 (`done` steps finished: log, progress, profile, feedback, preemption), at the end of the loop,
 and on close (always, also after an error). `every` is its cadence in steps (0: only where it
-says). Hooks run in list order; `default_hooks` gives the order the loop's docstring states.
+says). Hooks run in list order; a recipe's hook list (mtjax.recipes) gives the order the loop's
+docstring states.
 A hook may feed back sampling rates (`loop.source.set_rates`) and per-task loss weights or entropy
 coefficients (`loop.controls.set`): what it decides once s steps are done applies from step
 s + data.feedback_lag.
@@ -15,16 +16,50 @@ import dataclasses
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from mtjax.train import metrics as metrics_lib
+from mtjax.train.batches import Batch
 
-if TYPE_CHECKING:
-  from mtjax.train.loop import Loop, StepOutput
+
+@dataclasses.dataclass
+class StepOutput:
+  """What a hook sees after a step: the loop hands it over, the metrics still on the device."""
+
+  done: int  # finished steps, this one included
+  metrics: Any  # on device until a hook fetches them
+  batch: Batch
+  task_weights: np.ndarray
+  entropy_coefs: np.ndarray
+
+
+class Loop(Protocol):
+  """The loop as hooks see it (mtjax.train.loop.Loop implements it): the run's setup and state,
+  the batch source and controls a hook may feed back to, and the rows and saves it may ask for."""
+
+  setup: Any  # mtjax.train.setup.Setup
+  config: Any  # mtjax.config.Config (resolved)
+  workdir: Any  # epath.Path
+  checkpointer: Any  # mtjax.train.checkpoint.Checkpointer
+  state: Any  # TrainState
+  source: Any  # BatchSource
+  controls: Any  # mtjax.train.controls.Controls
+  compiles: Any  # mtjax.monitoring.CompileCounter
+  guard: Any  # mtjax.train.preemption.PreemptionGuard
+  task_names: Any  # Sequence[str]
+  start: int
+  total: int
+  last_row: dict[str, Any]
+  last_train_row: dict[str, Any]
+
+  def write(self, row: dict[str, Any]) -> None: ...
+  def flush(self) -> None: ...
+  def save(self, step: int) -> None: ...
+  def stop(self, *, preempted: bool = False) -> None: ...
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,8 +106,12 @@ class LogHook(Hook):
   `warn/<task>/no_tokens` = 1 in each such row from then on.
   """
 
-  def __init__(self, every: int, max_consecutive_skips: int, no_tokens_rows: int = 3):
+  def __init__(self, every: int, max_consecutive_skips: int, no_tokens_rows: int = 3, *,
+               mfu: bool = True):
+    """mfu: log perf/model_flops_per_s and perf/mfu (a step that is one supervised batch's
+    forward and backward; not an RL step, which samples and takes several updates)."""
     self.every, self.max_consecutive_skips = every, max_consecutive_skips
+    self.mfu = mfu
     self.no_tokens_rows = no_tokens_rows
     self._pending: StepOutput | None = None
     self._window: list[Any] = []  # per_task metrics (device arrays) of the steps since the last row
@@ -85,8 +124,8 @@ class LogHook(Hook):
     """perf/model_flops_per_s and, where the device's spec peak is known, perf/mfu (mtjax.perf:
     causal attention at half, over the spec peak of every device of the run)."""
     from mtjax import perf
-    if loop.config.rl.algorithm != "none":
-      return {}  # an RL step samples and takes rl.epochs updates: not a supervised batch's FLOPs
+    if not self.mfu:
+      return {}
     if not hasattr(self, "_flops_per_step"):
       setup, d = loop.setup, loop.config.data
       self._flops_per_step = perf.model_flops_per_token(setup.spec, d.seq_len) * d.batch_size * d.seq_len

@@ -14,16 +14,19 @@ run entered it before setup) until the last save is committed; a signal before t
 stops the loop after 2. with nothing new to save (exit 3), one during the last step or after it
 lets the run complete (exit 0), and repeated signals are logged and ignored.
 The loop is generic over the step function and the batch source; hooks do the rest (hooks.py).
+`run` is the generic run around it (checks, the workdir's lock, setup, run files, the loop,
+plots); what a kind of training brings (its step, batch source and hooks) comes from a Recipe:
+mtjax.recipes has the supervised and GRPO ones, and `mtjax.recipes.run` is what `mtjax train`
+calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
-import numpy as np
 from etils import epath
 
 from mtjax.config import Config
@@ -36,20 +39,11 @@ from mtjax.train import metrics as metrics_lib
 from mtjax.train import preemption
 from mtjax.train import rundir
 from mtjax.train import setup as setup_lib
-from mtjax.train.batches import Batch, BatchSource, LoaderSource
+from mtjax.train.batches import BatchSource
 from mtjax.train.controls import Controls
-from mtjax.train.hooks import TrainingDiverged  # noqa: F401  (re-exported)
+from mtjax.train.hooks import StepOutput, TrainingDiverged  # noqa: F401  (re-exported)
 from mtjax.train.preemption import PreemptionGuard
 from mtjax.train.step import TrainState
-
-
-@dataclasses.dataclass
-class StepOutput:
-  done: int  # finished steps, this one included
-  metrics: Any  # on device until a hook fetches them
-  batch: Batch
-  task_weights: np.ndarray
-  entropy_coefs: np.ndarray
 
 
 @dataclasses.dataclass
@@ -60,6 +54,19 @@ class RunResult:
   plots: list[epath.Path]
   compiles: int
   preempted: bool = False  # stopped by a signal after saving; run again to resume
+
+
+class Recipe(Protocol):
+  """What a kind of training brings to the generic `run` (mtjax.recipes: supervised, GRPO)."""
+
+  def check(self, config: Config) -> None:
+    """Checks that need no setup, before the workdir is touched (BadInputError: exit 2)."""
+    ...
+
+  def build(self, setup: setup_lib.Setup,
+            workdir: epath.Path) -> tuple[Callable, BatchSource, list[hooks_lib.Hook]]:
+    """(the jitted step, the batch source, the hooks in the order they run) of a built Setup."""
+    ...
 
 
 class Loop:
@@ -150,45 +157,16 @@ class Loop:
                   "); run the same command again to resume")
 
 
-def default_hooks(config: Config, make_evaluator: Callable | None,
-                  profile: tuple[int, int] | None = None) -> list[hooks_lib.Hook]:
-  log = hooks_lib.LogHook(config.train.log_every, config.train.max_consecutive_skips)
-  checkpoint = hooks_lib.CheckpointHook(config.checkpoint.every, log)
-  hooks: list[hooks_lib.Hook] = [log, hooks_lib.ProgressHook(config.train.progress)]
-  if profile:
-    hooks.append(hooks_lib.ProfileHook(*profile))
-  if make_evaluator is not None:
-    hooks.append(hooks_lib.EvalHook(config.eval.every, make_evaluator, config.eval.steps))
-  if config.data.mixing.method == "odm":  # before the checkpoint hook: a save holds its decision
-    from mtjax.train.mixing import MixingHook
-    hooks.append(MixingHook(config.data.mixing.every, config.data.mixing.smoothing))
-  if config.train.instruction_search.every:  # the same: a save holds its instructions
-    from mtjax.train.fast_context import InstructionSearchHook
-    hooks.append(InstructionSearchHook(config.train.instruction_search))
-  return hooks + [checkpoint, hooks_lib.PreemptionHook(checkpoint, config.train.preemption_every)]
-
-
-def run(config: Config, workdir: str | epath.PathLike, *,
+def run(config: Config, workdir: str | epath.PathLike, recipe: Recipe, *,
         devices: Sequence[Device] | None = None, resume_from: int | None = None,
-        profile: tuple[int, int] | None = None, evaluator: Callable | None = None,
-        extra_hooks: Sequence[hooks_lib.Hook] = (), force_unlock: bool = False) -> RunResult:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint (or `resume_from`).
+        force_unlock: bool = False) -> RunResult:
+  """Trains `config` in `workdir` the recipe's way, resuming from its latest checkpoint (or
+  `resume_from`).
 
   The workdir's lock (mtjax.train.lock) is held throughout: a second run on the same workdir
   gets BadInputError naming the holder; force_unlock takes the lock over regardless.
-  profile=(start, stop): a JAX profiler trace of steps [start, stop) in workdir/profile.
-  evaluator: (config, graphdef, spec, mesh, tokenizer) -> callable(params, step) -> eval row,
-    for the eval hook (`mtjax.train.run` passes mtjax.eval's held-out Evaluator).
-  extra_hooks run after the default ones (e.g. a feedback hook that sets rates or weights).
   """
-  from mtjax.check import check_generation_budgets, require_loss_tokens
-  require_loss_tokens(config)  # every task keeps loss tokens at data.seq_len, else exit 2 naming it
-  if evaluator is not None and config.eval.every > 0:  # a study's arms too (eval.every > 0)
-    check_generation_budgets(config)  # a number budget holds every generated target, else exit 2
-  from mtjax.data import contamination
-  if jax.process_index() == 0:
-    for line in contamination.warn(config):  # held-out prompts of a user's task seen in training
-      hooks_lib.say(line)
+  recipe.check(config)
   workdir = rundir.resolve(workdir)
   # The signal guard first: a signal while waiting for the lock, in setup or in the plots counts.
   with preemption.guard(), lock_lib.hold(workdir, force=force_unlock) as lock:  # before anything is read or moved
@@ -197,13 +175,11 @@ def run(config: Config, workdir: str | epath.PathLike, *,
       if removed:
         hooks_lib.say(f"note: removed {len(removed)} unfinished checkpoint save(s) in "
                       f"{workdir / 'checkpoints'}: {', '.join(removed)}")
-    return _run_locked(config, workdir, devices=devices, resume_from=resume_from,
-                       profile=profile, evaluator=evaluator, extra_hooks=extra_hooks)
+    return _run_locked(config, workdir, recipe, devices=devices, resume_from=resume_from)
 
 
-def _run_locked(config: Config, workdir: epath.Path, *, devices: Sequence[Device] | None,
-                resume_from: int | None, profile: tuple[int, int] | None,
-                evaluator: Callable | None, extra_hooks: Sequence[hooks_lib.Hook]) -> RunResult:
+def _run_locked(config: Config, workdir: epath.Path, recipe: Recipe, *,
+                devices: Sequence[Device] | None, resume_from: int | None) -> RunResult:
   """`run` once the workdir is locked: setup (every check), then the run files, then the loop."""
   setup = setup_lib.build(config, devices=devices, workdir=workdir, resume_from=resume_from)
   config = setup.config
@@ -215,19 +191,8 @@ def _run_locked(config: Config, workdir: epath.Path, *, devices: Sequence[Device
     rundir.set_aside_metrics(workdir, after_step=int(setup.state.step))
     rundir.write_run_files(workdir, config, setup.devices,
                            {"mesh": dict(setup.mesh.shape), "model": dataclasses.asdict(setup.spec)})
-
-  def make_evaluator():
-    assert evaluator is not None
-    return evaluator(config, setup.graphdef, setup.spec, setup.mesh, setup.tokenizer)
-
-  if config.rl.algorithm != "none":  # on-policy: rollouts sampled from the current state
-    from mtjax.rl.source import RLSource
-    source: BatchSource = RLSource(setup, setup.loader_state)
-  else:
-    source = LoaderSource(setup.loader(), setup.batch_sharding)
-  loop = Loop(setup, workdir, setup.jit_step(), source,
-              default_hooks(config, make_evaluator if evaluator else None, profile)
-              + list(extra_hooks))
+  step_fn, source, hooks = recipe.build(setup, workdir)
+  loop = Loop(setup, workdir, step_fn, source, hooks)
   loop.run()
   plots = []
   if jax.process_index() == 0:

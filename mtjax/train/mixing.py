@@ -38,15 +38,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 
-from mtjax.train.hooks import Hook
-
-if TYPE_CHECKING:
-  from mtjax.train.loop import Loop, StepOutput
+from mtjax.train.hooks import Hook, Loop, StepOutput
 
 
 def exploration(t: int, k: int) -> float:

@@ -26,15 +26,11 @@ import jax
 import optax
 
 from mtjax.config import OptimizerConfig
+from mtjax.tree import param_path
 from mtjax.model.llama import is_adapter_path, is_soft_prompt_path
 
 FROZEN = "frozen"
 FAST, SLOW = "fast", "slow"
-
-
-def param_path(path: tuple) -> str:
-  """'layers/attn/q' from a jax key path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def decay_mask(params: Any) -> Any:

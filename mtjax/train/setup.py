@@ -54,18 +54,14 @@ class Setup:
     return sharding_lib.named(self.mesh, sharding_lib.BATCH_AXES)
 
   def jit_step(self) -> Callable:
-    """THE train step of this run, jitted once with its shardings (state donated)."""
+    """THE supervised train step of this run, jitted once with its shardings (state donated);
+    an RL run's step comes from its recipe (mtjax.recipes.grpo)."""
     c = self.config
     fn = step_lib.make_step_fn(self.graphdef, self.tx, self.schedule, num_tasks=c.num_tasks,
                                grad_accum=c.optimizer.grad_accum, z_loss=c.model.z_loss,
                                loss_chunk=c.train.loss_chunk, lora=self.spec.adapters,
                                dropout_seed=c.seed if self.spec.lora_dropout > 0 else None,
                                weighting=c.train.weighting, seed=c.seed)
-    if c.rl.algorithm != "none":
-      from mtjax.rl import step as rl_step
-      return rl_step.jit_rl_step(rl_step.make_rl_step_fn(self.graphdef, self.tx, self.schedule, c,
-                                                         lora=self.spec.lora),
-                                 self.mesh, self.shardings)
     return step_lib.jit_step(fn, self.mesh, self.shardings)
 
   def loader(self, prefetch: int | None = None) -> MixtureLoader:
@@ -188,7 +184,7 @@ def _bytes(tree: Any) -> int:
 def state_summary(params: Any, opt_state: Any, spec: ModelSpec) -> str:
   """One line at start: parameter counts (trainable ones with LoRA) and optimizer-state bytes."""
   from mtjax.model.llama import is_adapter_path
-  from mtjax.train.optimizer import param_path
+  from mtjax.tree import param_path
   flat = [(param_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
   total = sum(x.size for _, x in flat)
   line = f"parameters: {total:,}"

@@ -27,6 +27,7 @@ from mtjax.model import Decoder, ModelSpec
 from mtjax.parallel import sharding as sharding_lib
 from mtjax.parallel.sharding import BATCH_AXES
 from mtjax.train import losses
+from mtjax.tree import param_path
 from mtjax.train import weighting as weighting_lib
 
 # The layout of a saved TrainState; checkpoint.py migrates older ones (1: no `extra`; 1-2: one
@@ -121,7 +122,6 @@ def state_shardings(mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
   """Every state leaf gets a NamedSharding: optimizer leaves that hold a copy of a parameter
   (moments, EMA; also inside masked and multi_transform states) follow that parameter, matched
   by the end of their path and their shape; everything else (counts, scalars) replicates."""
-  from mtjax.train.optimizer import param_path
   replicated = NamedSharding(mesh, PartitionSpec())
   by_path = {}
   for (path, shape), (_, sh) in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],

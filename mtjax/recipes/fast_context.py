@@ -1,6 +1,7 @@
 """The discrete fast channel in training: instructions found by search beside the slow weights.
 
-Every train.instruction_search.every steps, `InstructionSearchHook` runs one round of the
+Every train.instruction_search.every steps, `InstructionSearchHook` (a hook of the supervised
+recipe: it scores with eval's held-out examples and packing) runs one round of the
 evolutionary search (mtjax.train.instruction_search: pool phrasings, crossover with other tasks'
 instructions, word edits; elitist) for every task, each candidate, and every text the search
 keeps (scores from older params are dropped each round), scored with the CURRENT params
@@ -21,19 +22,22 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtjax import tasks as task_registry
 from mtjax.config import InstructionSearchConfig
+from mtjax.data.pipeline import Tokenize, fit_example, searched_instruction
+from mtjax.eval.evaluate import model_length, pack_in_order
+from mtjax.eval.heldout import heldout_examples
+from mtjax.parallel import sharding as sharding_lib
 from mtjax.train import instruction_search as search_lib
-from mtjax.train.hooks import Hook
-
-if TYPE_CHECKING:
-  from mtjax.train.loop import Loop, StepOutput
+from mtjax.train import losses
+from mtjax.train.hooks import Hook, Loop, StepOutput
 
 MAX_GROUPS = 64  # candidates scored in one call at most (the compiled group axis)
 
@@ -44,9 +48,6 @@ class TuningScorer:
 
   def __init__(self, config: Any, graphdef: Any, mesh: jax.sharding.Mesh, tokenizer: Any,
                examples: Mapping[str, Sequence[Any]], task_ids: Mapping[str, int]):
-    from mtjax.eval.evaluate import model_length
-    from mtjax.parallel import sharding as sharding_lib
-    from mtjax.train import losses
     self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
     self.examples, self.task_ids = dict(examples), dict(task_ids)
     self.length = model_length(config)
@@ -74,8 +75,6 @@ class TuningScorer:
     self._fn = jax.jit(group_sums)
 
   def __call__(self, params: Any, task: str, texts: Sequence[str]) -> list[float]:
-    from mtjax.data.pipeline import Tokenize, fit_example, searched_instruction
-    from mtjax.eval.evaluate import pack_in_order
     if len(texts) > MAX_GROUPS:
       raise ValueError(f"at most {MAX_GROUPS} candidates per call, got {len(texts)}")
     tok = Tokenize(self.tokenizer, self.task_ids[task])
@@ -117,7 +116,6 @@ class InstructionSearchHook(Hook):
   def _ensure(self, loop: Loop) -> search_lib.SearchState:
     if self._state is not None:
       return self._state
-    from mtjax.eval.heldout import heldout_examples
     loader: Any = getattr(loop.source, "loader", loop.source)
     if not hasattr(loader, "set_instruction"):
       raise TypeError("train.instruction_search needs the mixture loader's batch source "
@@ -180,5 +178,4 @@ def _drop_rounds_after(path: Any, step: int) -> None:
 
 
 def _builtin_pool() -> tuple[str, ...]:
-  from mtjax import tasks as task_registry
   return tuple(s.strip() for s in task_registry._builtin_instructions() if s.strip())

@@ -1,0 +1,73 @@
+"""`mtjax export`: a run's checkpoint as an HF directory (or a PEFT adapter directory).
+
+The run is read through the one setup path (mtjax.train.setup.from_workdir, read-only, any
+hardware); adapters are folded into the base weights by their own modules (mtjax.model.lora,
+mtjax.model.svf) and the weights written by mtjax.model.pretrained.export.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from etils import epath
+
+from mtjax.errors import BadInputError
+from mtjax.model import pretrained
+from mtjax.train import setup as setup_lib
+
+
+def export_run(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | None = None,
+               *, max_shard_bytes: int = 5 * 10**9, devices: Sequence[Any] | None = None,
+               task: str | None = None, adapters_only: bool = False) -> list[str]:
+  """`mtjax export`: a run's checkpoint as an HF directory (config.json, safetensors shards of at
+  most max_shard_bytes with an index, the tokenizer files) that transformers and vLLM load.
+  Returns the files written.
+
+  A LoRA run's adapters (an SVF run's experts) are merged into the base weights (per-task
+  adapters: `task`'s, which must then be given); adapters_only writes a PEFT adapter directory instead (of `task`'s
+  adapter when per task), which peft loads onto the run's base model."""
+  out = epath.Path(out)
+  if out.exists() and any(out.iterdir()):
+    raise BadInputError(str(out), "exists and is not empty: export writes into a new directory")
+  run = setup_lib.from_workdir(workdir, step, devices=devices, purpose="export")
+  config = run.config
+  spec, params = run.spec, run.state.params
+  if adapters_only and not spec.lora:
+    raise BadInputError("--adapters_only", "the run has no LoRA adapters (model.lora.targets)")
+  if task is not None and spec.adapter_tasks == 1:
+    raise BadInputError("--task", "the run has no per-task adapters (LoRA, SVF) to choose from")
+  if spec.svf:  # the task's expert folded into the base weights
+    from mtjax.model import lora, svf
+    index = lora.adapter_index(spec, config.data.tasks, task)
+    params = svf.merge(params, svf.select(svf.expert_vectors(params, spec), index))
+    spec = spec.without_adapters()
+  if spec.lora:
+    from mtjax.model import lora
+    index = lora.adapter_index(spec, config.data.tasks, task)
+    if adapters_only:
+      if jax.process_index() != 0:
+        return []
+      return lora.export_peft(params, spec, out, index=index, base_model=config.model.pretrained)
+    params, spec = lora.merge(params, spec, index), spec.without_lora()
+  tokenizer = run.tokenizer
+  base = None
+  if config.model.pretrained:
+    base = pretrained.read_config(config.model.pretrained)
+  hf = pretrained.hf_config(spec, base=base, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                            pad_id=tokenizer.pad_id, max_length=config.data.seq_len)
+  tokenizer_dir = None
+  kind, _, where = config.data.tokenizer.partition(":")
+  if kind == "hf":
+    where_path = epath.Path(where)
+    tokenizer_dir = where_path if where_path.is_dir() else where_path.parent
+  files = pretrained.export(params, spec, out, config=hf,
+                            tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
+  if jax.process_index() == 0 and not (out / "generation_config.json").exists():
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids),
+         "pad_token_id": tokenizer.pad_id}, indent=2))
+    files.append("generation_config.json")
+  return files
