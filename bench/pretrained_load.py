@@ -81,7 +81,7 @@ def child(directory: str, preset: str, result: str) -> int:
   from mtjax.config import MeshConfig
   from mtjax.model import pretrained, tensorfile
   from mtjax.parallel.mesh import make_mesh
-  from mtjax.train.step import param_shardings
+  from mtjax.train.state import param_shardings
 
   spec = spec_of(preset)
   mesh = make_mesh(MeshConfig(fsdp=DEVICES), jax.devices())

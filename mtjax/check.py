@@ -182,8 +182,8 @@ def _param_count(mesh: Any, spec: Any) -> int:
 
   import jax
 
-  from mtjax.train import step as step_lib
-  _, shapes, _ = step_lib.param_shardings(mesh, spec)  # abstract: nothing is allocated
+  from mtjax.train import state as state_lib
+  _, shapes, _ = state_lib.param_shardings(mesh, spec)  # abstract: nothing is allocated
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
@@ -228,10 +228,11 @@ def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> lis
 
   from mtjax.model import ModelSpec
   from mtjax.parallel.mesh import make_mesh
-  from mtjax.train.setup import check_divisibility
+  from mtjax.train.setup import check_divisibility, check_methods
   devices = list(devices) if devices is not None else jax.devices()
   mesh = make_mesh(config.mesh, devices)
   check_divisibility(config, mesh)
+  check_methods(config)
   spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform,
                                num_tasks=config.num_tasks)
   params = _param_count(mesh, spec)

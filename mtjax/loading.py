@@ -115,7 +115,7 @@ def _load_hf(directory: epath.Path, devices: Sequence[Any] | None, param_dtype: 
   from mtjax.data import tokenizer as tokenizer_lib
   from mtjax.model import Decoder, pretrained
   from mtjax.parallel.mesh import make_mesh
-  from mtjax.train.step import param_shardings
+  from mtjax.train.state import param_shardings
 
   devices = list(devices) if devices is not None else jax.devices()
   platform = devices[0].platform

@@ -301,7 +301,7 @@ def test_streaming_load_into_fsdp_tensor_mesh(family_models, family):
 
   from mtjax.model.pretrained import _flat
   from mtjax.train import setup as setup_lib
-  from mtjax.train.step import param_shardings
+  from mtjax.train.state import param_shardings
   directory, _ = family_models(family)
   config = tiny_config(**{"model.pretrained": str(directory), "mesh.fsdp": 4, "mesh.tensor": 2})
   run = setup_lib.build(config)

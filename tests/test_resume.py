@@ -105,13 +105,13 @@ def test_elastic_restore_from_8_devices_onto_4(tmp_path):
   # Restore onto 4 devices with another mesh: identical parameters, new shardings.
   from mtjax.model import ModelSpec
   from mtjax.parallel.mesh import make_mesh
-  from mtjax.train import optimizer, step as step_lib
+  from mtjax.train import optimizer, state as state_lib
   from mtjax.train.checkpoint import Checkpointer
   mesh4 = make_mesh(cfg4.mesh, jax.devices()[:4])
   tx, _ = optimizer.make_optimizer(cfg4.optimizer, 4)
   from mtjax.data import tokenizer as tokenizer_lib
   vocab = tokenizer_lib.get(cfg4.data.tokenizer).vocab_size
-  _, like, _ = step_lib.init_state(mesh4, ModelSpec.from_config(cfg4.model, vocab, "cpu"), tx, 0)
+  _, like, _ = state_lib.init_state(mesh4, ModelSpec.from_config(cfg4.model, vocab, "cpu"), tx, 0)
   ck = Checkpointer(tmp_path / "elastic", cfg4.checkpoint)
   restored, _ = ck.restore(3, like)
   ck.close()

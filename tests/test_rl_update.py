@@ -13,7 +13,7 @@ from conftest import tiny_config
 from mtjax.monitoring import CompileCounter
 from mtjax.rl import objectives as obj
 from mtjax.rl import update as rl
-from mtjax.train import step as step_lib
+from mtjax.train import state as state_lib
 
 ROWS, PROMPT, WIDTH = 8, 6, 10  # 2 prompts x 4 samples; L = 16
 
@@ -29,11 +29,11 @@ def _run(devices=1):
 def _state(tx, devices=1):
   """A fresh TrainState for optimizer tx (the tiny run's initial params), in its shardings."""
   run = _run(devices)
-  _, abstract, params_sh = step_lib.param_shardings(run.mesh, run.spec)
-  shardings = step_lib.state_shardings(run.mesh, tx, abstract, params_sh)
+  _, abstract, params_sh = state_lib.param_shardings(run.mesh, run.spec)
+  shardings = state_lib.state_shardings(run.mesh, tx, abstract, params_sh)
   params = jax.tree.map(jnp.copy, run.state.params)
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
-  state = step_lib.TrainState(step=zero(), params=params, opt_state=tx.init(params),
+  state = state_lib.TrainState(step=zero(), params=params, opt_state=tx.init(params),
                               skipped_steps=zero(), consecutive_skips=zero())
   return jax.device_put(state, shardings), shardings
 

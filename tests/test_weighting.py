@@ -16,8 +16,14 @@ from mtjax import recipes
 from mtjax.config import WeightingConfig
 from mtjax.errors import BadInputError
 from mtjax.train import setup as setup_lib
+from mtjax.train import state as state_lib
 from mtjax.train import step as step_lib
 from mtjax.train import weighting as wl
+from mtjax.train.weighting.dwa import dwa_update
+from mtjax.train.weighting.famo import famo_update_logits, famo_weights
+from mtjax.train.weighting.mgda import mgda_coefs
+from mtjax.train.weighting.pcgrad import pcgrad_coefs, pcgrad_orders
+from mtjax.train.weighting.uncertainty import uncertainty_update
 
 METHODS = ("uncertainty", "dwa", "famo", "pcgrad", "mgda", "dbmtl")
 
@@ -154,26 +160,17 @@ def _np_losses_grads(A, b, theta):
 
 
 def _jax_rule(method, c, T):
-  """The module's rule as the step composes it: (state, L, rows{theta: [T, d]}, key) -> (update, state)."""
+  """The registered method through its API, composed as the step composes it: (state, L,
+  rows{theta: [T, d]}, key) -> (update, state)."""
+  m = wl.get(c)
   present = jnp.ones((T,), bool)
 
-  def fn(state, L, rows, orders):
-    if method == "uncertainty":
-      w = wl.uncertainty_weights(state)
-      return wl.combine(rows, w), wl.uncertainty_update(c, state, L, present)
-    if method == "dwa":
-      w = wl.dwa_weights(c, state)
-      return wl.combine(rows, w), wl.dwa_update(c, state, L, present)
-    if method == "famo":
-      state = wl.famo_update_logits(c, state, L, present)
-      return wl.combine(rows, wl.famo_weights(c, state, L, present)), state
-    if method == "pcgrad":
-      return wl.combine(rows, wl.pcgrad_coefs(wl.gram(rows), present, orders)), state
-    if method == "mgda":
-      return wl.combine(rows, wl.mgda_coefs(wl.gram(rows), present, c.solver_iters)), state
-    log_rows = jax.tree.map(lambda g: g / L[:, None], rows)
-    state, scales = wl.dbmtl_update(c, state, log_rows, present)
-    return wl.combine(state["grads"], scales), state
+  def fn(state, L, rows, key):
+    stats = wl.Stats(losses=L, task_weights=jnp.ones_like(L), present=present, rows=rows, key=key)
+    decision, state = m.update(state, stats)
+    if m.need is wl.Need.GRADIENTS:
+      return decision.update, state
+    return wl.combine(rows, decision.weights), state  # the weights of this step's one pass
   return jax.jit(fn)
 
 
@@ -187,14 +184,14 @@ def test_rule_matches_numpy_on_quadratic_tasks(method, T):
     theta_np = theta_jx = np.zeros(A.shape[2])
     ref = NUMPY[method](T, c)
     state = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if x.dtype == jnp.float32 else x,
-                         wl.init_state(c, T, {"theta": jnp.zeros(A.shape[2])}))
+                         wl.get(c).init(T, {"theta": jnp.zeros(A.shape[2])}))
     rule = _jax_rule(method, c, T)
     for k in range(8):
-      orders = np.asarray(wl.pcgrad_orders(jax.random.key(k), T))
+      orders = np.asarray(pcgrad_orders(jax.random.key(k), T))
       L, G = _np_losses_grads(A, b, theta_np)
       g_np, _ = ref(L, G, orders=orders)
       Lj, Gj = _np_losses_grads(A, b, theta_jx)
-      g_jx, state = rule(state, jnp.asarray(Lj), {"theta": jnp.asarray(Gj)}, jnp.asarray(orders))
+      g_jx, state = rule(state, jnp.asarray(Lj), {"theta": jnp.asarray(Gj)}, jax.random.key(k))
       g_jx = np.asarray(g_jx["theta"])
       tol = 1e-3 if method == "mgda" and T > 2 else 1e-5
       np.testing.assert_allclose(g_jx, g_np, rtol=tol, atol=tol * np.abs(g_np).max())
@@ -207,17 +204,17 @@ def test_rule_matches_numpy_on_quadratic_tasks(method, T):
 def test_pcgrad_projects_conflicts_only():
   g = np.array([[1.0, 0.0], [-1.0, 1.0]])  # conflicting: dot -1
   gram = jnp.asarray(g @ g.T)
-  coefs = wl.pcgrad_coefs(gram, jnp.ones(2, bool), jnp.array([[0, 1], [1, 0]]))
+  coefs = pcgrad_coefs(gram, jnp.ones(2, bool), jnp.array([[0, 1], [1, 0]]))
   # by hand: g1' = g1 - (-1/2) g2 = (0.5, 0.5); g2' = g2 - (-1/1) g1 = (0, 1); sum (0.5, 1.5)
   np.testing.assert_allclose(np.asarray(coefs) @ g, [0.5, 1.5], atol=1e-6)
   aligned = np.array([[1.0, 0.0], [1.0, 1.0]])
-  coefs = wl.pcgrad_coefs(jnp.asarray(aligned @ aligned.T), jnp.ones(2, bool), jnp.array([[0, 1], [1, 0]]))
+  coefs = pcgrad_coefs(jnp.asarray(aligned @ aligned.T), jnp.ones(2, bool), jnp.array([[0, 1], [1, 0]]))
   np.testing.assert_allclose(np.asarray(coefs), [1.0, 1.0], atol=1e-6)
 
 
 def test_mgda_two_tasks_closed_form():
   g = np.array([[1.0, 0.0], [0.0, 2.0]])  # min |a g1 + (1-a) g2|: a = 4/5
-  alpha = wl.mgda_coefs(jnp.asarray(g @ g.T), jnp.ones(2, bool), 10)
+  alpha = mgda_coefs(jnp.asarray(g @ g.T), jnp.ones(2, bool), 10)
   np.testing.assert_allclose(np.asarray(alpha), [0.8, 0.2], atol=1e-6)
 
 
@@ -227,8 +224,8 @@ def test_absent_task_keeps_its_statistics():
   L = jnp.array([1.0, 2.0, 0.0])
   for method in ("uncertainty", "dwa"):
     c = WeightingConfig(method=method)
-    state = wl.init_state(c, T)
-    update = wl.uncertainty_update if method == "uncertainty" else wl.dwa_update
+    state = wl.get(c).init(T)
+    update = uncertainty_update if method == "uncertainty" else dwa_update
     new = update(c, state, L, present)
     changed = False
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
@@ -237,9 +234,9 @@ def test_absent_task_keeps_its_statistics():
         changed |= bool(np.any(np.asarray(a)[:2] != np.asarray(b)[:2]))
     assert changed, method
   c = WeightingConfig(method="famo")
-  state = wl.famo_update_logits(c, wl.init_state(c, T), L, present)
+  state = famo_update_logits(c, wl.get(c).init(T), L, present)
   assert not bool(state["has_prev"][2]) and float(state["prev_log_loss"][2]) == 0.0
-  w = wl.famo_weights(c, state, L, present)
+  w = famo_weights(c, state, L, present)
   assert float(w[2]) == 0.0 and np.isfinite(np.asarray(w)).all()
 
 
@@ -269,7 +266,7 @@ def test_step_matches_numpy_rule_with_independent_gradients(method, weights):
                                        loss_chunk=cfg.train.loss_chunk,
                                        weighting=cfg.train.weighting, seed=cfg.seed))
   grad_fn = jax.jit(step_lib.make_grad_fn(run.graphdef, num_tasks=T, loss_chunk=cfg.train.loss_chunk))
-  state = step_lib.TrainState(step=run.state.step, params=run.state.params,
+  state = state_lib.TrainState(step=run.state.step, params=run.state.params,
                               opt_state=sgd.init(run.state.params), skipped_steps=run.state.skipped_steps,
                               consecutive_skips=run.state.consecutive_skips, extra=run.state.extra)
   weights = np.asarray(weights, np.float32)
@@ -289,7 +286,7 @@ def test_step_matches_numpy_rule_with_independent_gradients(method, weights):
         losses = np.asarray(per_task["loss"], np.float64)
       _, _, reg = grad_fn(state.params, batch, jnp.asarray(zeros), jnp.asarray(coefs))
       assert (np.asarray(per_task["tokens"]) > 0).all()
-      orders = np.asarray(wl.pcgrad_orders(jax.random.fold_in(jax.random.key(cfg.seed), i), T))
+      orders = np.asarray(pcgrad_orders(jax.random.fold_in(jax.random.key(cfg.seed), i), T))
       rows = [weights[t] * rows[t] for t in range(T)]
       expected, _ = ref(losses[kept] * weights[kept], np.stack(rows)[kept], orders=orders,
                         present=weights[kept] > 0)
@@ -333,8 +330,9 @@ def test_method_cannot_change_on_resume(tmp_path):
 def test_bad_weighting_config_names_the_field():
   with pytest.raises(BadInputError, match="train.weighting.method: expected one of"):
     tiny_config(**{"train.weighting.method": "gradnorm"})
-  with pytest.raises(BadInputError, match="optimizer.grad_accum=1"):
-    tiny_config(**{"train.weighting.method": "pcgrad", "optimizer.grad_accum": 2})
+  with pytest.raises(BadInputError, match="optimizer.grad_accum=1"):  # the method's own check
+    setup_lib.check_methods(tiny_config(**{"train.weighting.method": "pcgrad",
+                                           "optimizer.grad_accum": 2}))
 
 
 @pytest.mark.slow

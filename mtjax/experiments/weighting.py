@@ -45,10 +45,12 @@ from etils import epath
 from mtjax.config import Config
 from mtjax.errors import BadInputError
 from mtjax.experiments import arms, floors, report, runs
+from mtjax.train import weighting as weighting_lib
 
 MIN_SEEDS = 3  # the least number of seeds a verdict other than "inconclusive" rests on
-LOSS_BASED = ("uncertainty", "dwa", "famo")
-GRADIENT_BASED = ("pcgrad", "mgda", "dbmtl")
+# The adaptive methods, from their registration (mtjax.config.WEIGHTING_METHODS): an arm each.
+GRADIENT_BASED = weighting_lib.names(weighting_lib.Need.GRADIENTS)
+LOSS_BASED = tuple(m for m in weighting_lib.names() if m != "static" and m not in GRADIENT_BASED)
 DATA_LEVEL = ("odm", "temperature")
 ARMS = ("static", "tuned_static") + LOSS_BASED + GRADIENT_BASED + DATA_LEVEL
 DEFAULT_TEMPERATURE = 2.0  # the temperature arm's, when the base config's data.rate_temperature is 1

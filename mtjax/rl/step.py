@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mtjax.config import Config
 from mtjax.rl import update as update_lib
-from mtjax.train.step import TrainState
+from mtjax.train.state import TrainState
 
 
 def reference_of(params: Any, extra: Mapping[str, Any], lora: bool) -> Any:

@@ -41,6 +41,7 @@ is state.step * epochs - skipped_steps.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, traverse_util
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mtjax.parallel import sharding as sharding_lib
@@ -56,7 +57,7 @@ from mtjax.parallel.sharding import BATCH_AXES
 from mtjax.rl import objectives
 from mtjax.train import losses
 from mtjax.train import step as step_lib
-from mtjax.train.step import TrainState
+from mtjax.train.state import TrainState
 
 ROLLOUT_KEYS = ("tokens", "positions", "segment_ids", "completion_mask", "old_logp",
                 "advantages", "task_ids")
@@ -145,17 +146,7 @@ def make_rl_update_fn(graphdef: Any, tx: optax.GradientTransformation, *, epochs
   loss_fn = make_rl_loss_fn(graphdef, clip_eps=clip_eps, kl_coef=kl_coef, loss_chunk=loss_chunk)
   token_stats = make_token_stats_fn(graphdef, loss_chunk=loss_chunk)
 
-  if lora:
-    def lora_loss(adapters, frozen, *args):
-      return loss_fn(traverse_util.unflatten_dict({**frozen, **adapters}, sep="/"), *args)
-    lora_value_and_grad = jax.value_and_grad(lora_loss, has_aux=True)
-
-    def value_and_grad(params, *args):
-      adapters, frozen = step_lib._split_lora(params)
-      value, grads = lora_value_and_grad(adapters, jax.lax.stop_gradient(frozen), *args)
-      return value, step_lib._with_frozen_zeros(grads, frozen)
-  else:
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  value_and_grad = step_lib.value_and_grad_trainable(loss_fn, lora)
 
   def update(state: TrainState, rollout: Mapping[str, jax.Array],
              ref_params: Any) -> tuple[TrainState, dict[str, Any]]:
@@ -170,24 +161,14 @@ def make_rl_update_fn(graphdef: Any, tx: optax.GradientTransformation, *, epochs
       old_logp = rollout["old_logp"].astype(jnp.float32)
 
     def epoch(carry, _):
-      params, opt_state, skipped, consecutive = carry
-      (loss, aux), grads = value_and_grad(params, rollout, old_logp, ref_logp)
-      grad_norm = optax.tree.norm(grads)
-      updates, new_opt_state = tx.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & step_lib.all_finite(new_params)
-            & step_lib.all_finite(new_opt_state))
-      keep_new = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-      carry = (keep_new(new_params, params), keep_new(new_opt_state, opt_state),
-               skipped + (~ok).astype(jnp.int32), jnp.where(ok, 0, consecutive + 1))
+      (loss, aux), grads = value_and_grad(carry.params, rollout, old_logp, ref_logp)
+      carry, _, grad_norm = step_lib.apply_update(carry, grads, tx, also_finite=(loss,))
       out = {"loss": loss, "surrogate": aux["surrogate"], "clip_fraction": aux["clip_fraction"],
              "kl": aux["kl"], "grad_norm": grad_norm, "logp": aux["logp"],
              "entropy": aux["entropy"]}
       return carry, out
 
-    init = (state.params, state.opt_state, state.skipped_steps, state.consecutive_skips)
-    (params, opt_state, skipped, consecutive), per_epoch = jax.lax.scan(
-        epoch, init, None, length=epochs)
+    updated, per_epoch = jax.lax.scan(epoch, state, None, length=epochs)
 
     task_ids = rollout["task_ids"]
     entropy, tokens = per_task_means(per_epoch["entropy"][0], mask, task_ids, num_tasks)
@@ -200,14 +181,11 @@ def make_rl_update_fn(graphdef: Any, tx: optax.GradientTransformation, *, epochs
                                                      mask)
     metrics["per_task"] = {"entropy": entropy, "advantage": advantage, "tokens": tokens,
                            "sequences": sequences}
-    metrics["skipped_steps"] = skipped
-    metrics["consecutive_skips"] = consecutive
+    metrics["skipped_steps"] = updated.skipped_steps
+    metrics["consecutive_skips"] = updated.consecutive_skips
     if return_logp:
       metrics.update(logp=per_epoch["logp"], old_logp=old_logp, ref_logp=ref_logp)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           skipped_steps=skipped, consecutive_skips=consecutive,
-                           extra=state.extra)
-    return new_state, metrics
+    return dataclasses.replace(updated, step=state.step + 1), metrics
 
   return update
 

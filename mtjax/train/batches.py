@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from mtjax.data.loader import HostBatch, MixtureLoader
-from mtjax.train.step import TrainState
+from mtjax.train.state import TrainState
 
 
 @dataclasses.dataclass

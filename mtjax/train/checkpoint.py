@@ -132,7 +132,7 @@ class Checkpointer:
     """Starts an async save; returns False if a checkpoint at or after `step` exists."""
     if self.read_only:
       raise RuntimeError(f"{self.directory}: this Checkpointer is read-only")
-    from mtjax.train.step import FORMAT_VERSION
+    from mtjax.train.state import FORMAT_VERSION
     if self.cfg.best_metric and not (metrics and self.cfg.best_metric in metrics):
       metrics = None  # kept by LatestN only
     # The JSON items are written by the async save's thread, later: a snapshot now, or a batch
@@ -177,7 +177,7 @@ class Checkpointer:
     return changes
 
   def format_version(self, step: int) -> int:
-    from mtjax.train.step import FORMAT_VERSION
+    from mtjax.train.state import FORMAT_VERSION
     version = int(self.read_facts(step)[1].get("format_version", 1))
     if version > FORMAT_VERSION:
       raise BadInputError(str(self.directory / str(step)),

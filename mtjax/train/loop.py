@@ -43,7 +43,7 @@ from mtjax.train.batches import BatchSource
 from mtjax.train.controls import Controls
 from mtjax.train.hooks import StepOutput, TrainingDiverged  # noqa: F401  (re-exported)
 from mtjax.train.preemption import PreemptionGuard
-from mtjax.train.step import TrainState
+from mtjax.train.state import TrainState
 
 
 @dataclasses.dataclass

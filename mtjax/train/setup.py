@@ -26,7 +26,9 @@ from mtjax.parallel.mesh import Device, make_mesh
 from mtjax.resolve import resolve
 from mtjax.train import checkpoint as checkpoint_lib
 from mtjax.train import optimizer
+from mtjax.train import state as state_lib
 from mtjax.train import step as step_lib
+from mtjax.train import weighting as weighting_lib
 
 
 @dataclasses.dataclass
@@ -39,8 +41,8 @@ class Setup:
   tx: Any  # optax.GradientTransformation
   schedule: Callable[[Any], Any]  # the LR schedule
   graphdef: Any
-  state: step_lib.TrainState
-  shardings: step_lib.TrainState
+  state: state_lib.TrainState
+  shardings: state_lib.TrainState
   run_facts: dict[str, Any]  # {"decay_steps"}: fixed at a run's first start
   checkpointer: checkpoint_lib.Checkpointer | None = None  # open; the caller closes it
   restored_step: int | None = None
@@ -84,6 +86,12 @@ def check_divisibility(config: Config, mesh: jax.sharding.Mesh) -> None:
                         f"{config.optimizer.grad_accum} must be divisible by mesh dcn*data*fsdp = {shards}")
 
 
+def check_methods(config: Config) -> None:
+  """What the run's pluggable methods need of the rest of the config (the weighting method:
+  mtjax.train.weighting.Method.check), before anything is built."""
+  weighting_lib.get(config.train.weighting).check(config.optimizer.grad_accum)
+
+
 def _say(message: str) -> None:
   if jax.process_index() == 0:
     print(message, file=sys.stderr, flush=True)
@@ -113,6 +121,7 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
     mesh = make_mesh(MeshConfig(dcn=1, data=1, fsdp=-1, tensor=1), devices)
   if not any_mesh:
     check_divisibility(config, mesh)
+  check_methods(config)
   from mtjax.data import tokenizer as tokenizer_lib
   tokenizer = tokenizer_lib.for_config(config)
   spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform,
@@ -148,7 +157,7 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   if config.model.pretrained and restore_at is None:  # a checkpoint, once there, wins
     from mtjax.model import pretrained
     load_params = pretrained.loader_for(config.model.pretrained, spec)
-  graphdef, state, shardings = step_lib.init_state(mesh, spec, tx, config.seed, load_params,
+  graphdef, state, shardings = state_lib.init_state(mesh, spec, tx, config.seed, load_params,
                                                    weighting=config.train.weighting,
                                                    num_tasks=config.num_tasks,
                                                    reference=config.rl.algorithm != "none" or config.eval.drift)
