@@ -222,6 +222,7 @@ WEIGHTING_METHODS: Mapping[str, str] = _frozen_mapping({
     "pcgrad": "mtjax.train.weighting.pcgrad:PCGrad",
     "mgda": "mtjax.train.weighting.mgda:MGDA",
     "dbmtl": "mtjax.train.weighting.dbmtl:DBMTL",
+    "imtl_l": "mtjax.train.weighting.imtl_l:IMTLL",
 })
 
 

@@ -25,7 +25,7 @@ from mtjax.train.weighting.mgda import mgda_coefs
 from mtjax.train.weighting.pcgrad import pcgrad_coefs, pcgrad_orders
 from mtjax.train.weighting.uncertainty import uncertainty_update
 
-METHODS = ("uncertainty", "dwa", "famo", "pcgrad", "mgda", "dbmtl")
+METHODS = ("uncertainty", "dwa", "famo", "pcgrad", "mgda", "dbmtl", "imtl_l")
 
 
 # ------------------------------------------------------------------ numpy references of the rules
@@ -58,6 +58,16 @@ class NpUncertainty:  # Kendall et al. 2018: sum_t (exp(-s_t) L_t + s_t) / 2
   def __call__(self, L, G, **_):
     w = np.exp(-self.s.x) / 2
     self.s.step((1 - np.exp(-self.s.x) * L) / 2)
+    return w @ G, w
+
+
+class NpIMTLL:  # Liu et al. 2021 (IMTL-L): sum_t (exp(s_t) L_t - s_t), s by its own Adam
+  def __init__(self, T, c):
+    self.s = NpAdam(np.zeros(T), c.lr)
+
+  def __call__(self, L, G, **_):
+    w = np.exp(self.s.x)
+    self.s.step(np.exp(self.s.x) * L - 1)
     return w @ G, w
 
 
@@ -141,7 +151,7 @@ class NpDBMTL:  # Lin et al. 2023 (LibMTL's DB_MTL): EMA of grad log L, scaled t
 
 
 NUMPY = {"uncertainty": NpUncertainty, "dwa": NpDWA, "famo": NpFAMO, "pcgrad": NpPCGrad,
-         "mgda": NpMGDA, "dbmtl": NpDBMTL}
+         "mgda": NpMGDA, "dbmtl": NpDBMTL, "imtl_l": NpIMTLL}
 
 
 # ------------------------------------------------------------- the rules on three quadratic tasks
@@ -216,6 +226,27 @@ def test_mgda_two_tasks_closed_form():
   g = np.array([[1.0, 0.0], [0.0, 2.0]])  # min |a g1 + (1-a) g2|: a = 4/5
   alpha = mgda_coefs(jnp.asarray(g @ g.T), jnp.ones(2, bool), 10)
   np.testing.assert_allclose(np.asarray(alpha), [0.8, 0.2], atol=1e-6)
+
+
+def test_imtl_l_scales_every_weighted_loss_to_one():
+  """IMTL-L's fixed point by hand: with constant losses L_t the scale settles where
+  exp(s_t) w_t L_t = 1, i.e. exp(s_t) = 1 / (w_t L_t); the applied weights w_t exp(s_t) = 1 / L_t."""
+  c = WeightingConfig(method="imtl_l", lr=0.05)
+  method = wl.get(c)
+  L, w = jnp.array([0.5, 2.0, 8.0]), jnp.array([1.0, 1.0, 2.0])
+
+  @jax.jit
+  def update(state, present):
+    decision, state = method.update(state, wl.Stats(L, w, present))
+    return decision.weights, state
+
+  state = method.init(3)
+  for _ in range(1500):
+    weights, state = update(state, jnp.ones(3, bool))
+  np.testing.assert_allclose(np.exp(np.asarray(state["log_scale"])), [2.0, 0.5, 1 / 16], rtol=1e-2)
+  np.testing.assert_allclose(np.asarray(weights), 1 / np.asarray(L), rtol=1e-2)
+  _, after = update(state, jnp.array([True, False, True]))
+  assert float(after["log_scale"][1]) == float(state["log_scale"][1])  # an absent task keeps it
 
 
 def test_absent_task_keeps_its_statistics():
