@@ -56,6 +56,9 @@ class LoraConfig:
   targets: tuple[str, ...] = ()  # any of q, k, v, o, gate, up, down; () : LoRA off
   dropout: float = 0.0  # on the adapter's input, in training
   per_task: bool = False
+  # The low-rank adapter kind (mtjax.model.adapters.KINDS, those reading model.lora): lora | dora
+  # (weight-decomposed LoRA: a trained magnitude per output row over the normalized W + BA).
+  kind: str = "lora"
 
 
 SVF_TARGETS = LORA_TARGETS
@@ -889,6 +892,8 @@ def _check_lora(lora: LoraConfig) -> None:
     raise BadInputError("model.lora.targets", f"expected each target once, got {list(lora.targets)}")
   if not 0 <= lora.dropout < 1:
     raise BadInputError("model.lora.dropout", f"expected 0 <= dropout < 1, got {lora.dropout}")
+  if not lora.kind:  # which kinds exist is the model's registry's to say (at setup)
+    raise BadInputError("model.lora.kind", "expected an adapter kind, e.g. lora or dora")
 
 
 def from_dict(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:

@@ -84,6 +84,12 @@ def _restore_task_registry():
     yield
 
 
+def is_adapter_path(path: str) -> bool:
+  """A trained adapter variable's params path, by the plug-ins' own names (LoRA's and DoRA's A
+  and B, DoRA's magnitude, SVF's expert logits): for reading a params tree by name."""
+  return path.endswith(("_lora_a", "_lora_b", "_lora_magnitude", "_svf_p"))
+
+
 def build_step(cfg, devices=None):
   """(mesh, graphdef, state, jitted step, LR schedule) for a config, through the one setup path."""
   from mtjax.train import setup as setup_lib

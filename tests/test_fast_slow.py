@@ -17,7 +17,7 @@ from mtjax import config as config_lib
 from mtjax.config import OptimizerConfig
 from mtjax.data import tokenizer as tokenizer_lib
 from mtjax.errors import BadInputError
-from mtjax.model.llama import soft_prompt_embeddings
+from mtjax.model.soft_prompt import soft_prompt_embeddings
 from mtjax.parallel import sharding
 from mtjax.train import optimizer as optimizer_lib
 from mtjax.train import setup as setup_lib

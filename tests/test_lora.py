@@ -14,7 +14,8 @@ from conftest import host_batch, tiny_config
 from mtjax import config as config_lib
 from mtjax.errors import BadInputError
 from mtjax.model import lora as lora_lib
-from mtjax.model.llama import Decoder, is_lora_path
+from mtjax.model.llama import Decoder
+from mtjax.model.lora import is_lora_path
 from mtjax.parallel import sharding
 from mtjax.train import setup as setup_lib
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import host_batch, tiny_config
-from mtjax.model.llama import is_adapter_path
+from conftest import host_batch, is_adapter_path, tiny_config
 from mtjax.train import setup as setup_lib
 from mtjax.train import step as step_lib
 

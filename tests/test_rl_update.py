@@ -271,7 +271,7 @@ def test_lora_trains_only_the_adapters_of_the_rollouts_tasks():
   rollout do, a task absent from it keeps its adapter."""
   from flax import traverse_util
 
-  from mtjax.model.llama import is_lora_path
+  from mtjax.model.lora import is_lora_path
   from mtjax.train import setup as setup_lib
   cfg = tiny_config(**{"model.lora.targets": ("q", "v", "up"), "model.lora.rank": 4,
                        "model.lora.alpha": 8.0, "model.lora.per_task": True,

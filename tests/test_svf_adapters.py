@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from conftest import host_batch, tiny_config
+from conftest import host_batch, is_adapter_path, tiny_config
 from mtjax import config as config_lib
 from mtjax.errors import BadInputError
-from mtjax.model.llama import Decoder, is_adapter_path
+from mtjax.model.llama import Decoder
 from mtjax.parallel import sharding
 from mtjax.train import setup as setup_lib
 

@@ -395,7 +395,7 @@ def test_lora_with_weighting_trains_adapters_only(method):
   """The vjp path with LoRA: gradients for the adapters only, the frozen base bit-identical."""
   from flax import traverse_util
 
-  from mtjax.model.llama import is_lora_path
+  from mtjax.model.lora import is_lora_path
   from mtjax.parallel import sharding
   cfg = _tiny(method, **{"model.lora.targets": ("q", "v", "up"), "model.lora.rank": 4,
                          "model.lora.per_task": True, "optimizer.lr": 1e-2})

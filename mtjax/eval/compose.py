@@ -120,9 +120,7 @@ class Composer:
     rows = batch_size or config.eval.batch_size  # generation rows per call
     self.batch_size = -(-max(rows, 1) // shards) * shards
     self.shards = shards
-    from flax import traverse_util
-    logits: list[Any] = [v for k, v in traverse_util.flatten_dict(params, sep="/").items()
-                         if k.endswith("_svf_p")]  # [layers, T, r] each (shapes only: no compute)
+    logits = list(svf.expert_vectors(params).values())  # [layers, T, r] each
     if not logits or any(p.shape[1] != len(self.experts) for p in logits):
       raise BadInputError("--compose", f"the run has no per-task SVF experts, one per task of "
                           f"data.tasks ({len(self.experts)})")

@@ -16,7 +16,7 @@ Per seed:
 Every fine-tuning arm starts from the export and trains train.steps steps (each full_per_task run
 too: equal optimizer steps PER MODEL) at data.batch_size rows, on the same mixture (full_per_task:
 its one task). Measured: each task's held-out study.metric at each arm's last step, and each arm's
-trainable parameter count (from the arm's own model: the adapter parameters, `is_adapter_path`,
+trainable parameter count (from the arm's own model: the Trained adapter variables,
 for LoRA and SVF; every parameter for full fine-tuning; T models' for full_per_task).
 """
 
@@ -107,25 +107,26 @@ def _record(config: Config) -> dict[str, Any]:
 
 def param_counts(arm_dir: epath.Path) -> dict[str, int]:
   """{"total", "trainable"} parameters of a trained run's model, from its config.json (the model
-  built abstractly, nothing allocated): trainable = the adapter parameters (`is_adapter_path`)
-  when the run has adapters, else every parameter."""
+  built abstractly, nothing allocated): trainable = the Trained adapter variables (by type) when
+  the base is frozen, else every parameter."""
   import jax
   from flax import nnx
 
   from mtjax.data import tokenizer as tokenizer_lib
   from mtjax.model import Decoder, ModelSpec
-  from mtjax.model.llama import is_adapter_path
+  from mtjax.model import adapters as adapters_lib
   from mtjax.tree import param_path
   from mtjax.train.setup import workdir_config
   cfg = workdir_config(arm_dir)
   vocab = 0 if cfg.model.vocab_size else tokenizer_lib.for_data(cfg.data).vocab_size
   spec = ModelSpec.from_config(cfg.model, vocab, "cpu", num_tasks=cfg.num_tasks)
-  state = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0))),
-                                     nnx.Param))
+  model = nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0)))
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  adapters = adapters_lib.paths_of(model, adapters_lib.Trained)
   flat = [(param_path(p), math.prod(x.shape))
           for p, x in jax.tree_util.tree_flatten_with_path(state)[0]]
   total = sum(n for _, n in flat)
-  trainable = sum(n for p, n in flat if is_adapter_path(p)) if spec.adapters else total
+  trainable = sum(n for p, n in flat if p in adapters) if spec.frozen_base else total
   return {"total": int(total), "trainable": int(trainable)}
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import overload
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,9 @@ import numpy as np
 from flax import nnx
 
 from mtjax.config import ModelConfig
+from mtjax.model import adapters as adapters_lib
 from mtjax.model import attention as attention_lib
+from mtjax.model.adapters import project
 from mtjax.parallel.sharding import constrain
 
 # One layer's KV cache (see init_cache): k, v [B, S, K, H], valid [B, S], index [].
@@ -68,28 +70,14 @@ class ModelSpec:
   post_norms: bool = False
   embed_scale: bool = False
   query_pre_attn_scalar: float = 0.0
-  # LoRA (see LoraParam): adapters on the projections in lora_targets (empty: none); every
-  # adapter has a leading axis of lora_tasks (the number of tasks with per-task adapters, else 1).
-  lora_targets: tuple[str, ...] = ()
-  lora_rank: int = 0
-  lora_alpha: float = 0.0
-  lora_tasks: int = 1
-  lora_dropout: float = 0.0
-  # SVF experts (see SvfParam): on the projections in svf_targets (empty: none), svf_tasks expert
-  # vectors each (the number of tasks with per-task experts, else 1).
-  svf_targets: tuple[str, ...] = ()
-  svf_tasks: int = 1
-  # Soft prompts (model.soft_prompt): soft_prompt_len learned embeddings per task (the parameter
-  # `soft_prompt` [soft_prompt_tasks, len, d_model]) that replace the embeddings of the slot tokens
-  # (id soft_prompt_token) the data writes at the end of every prompt.
-  soft_prompt_len: int = 0
-  soft_prompt_tasks: int = 1
-  soft_prompt_token: int = -1
+  # Adapters (mtjax.model.adapters: LoRA, SVF experts, soft prompts, ...), attached to the base
+  # by a tree transform at the end of the Decoder's construction; () : the base model alone.
+  adapters: tuple[Any, ...] = ()
 
   @classmethod
   def from_config(cls, cfg: ModelConfig, tokenizer_vocab: int, platform: str,
                   num_tasks: int = 1) -> ModelSpec:
-    """num_tasks: the adapters' task axis when model.lora.per_task (else it is 1)."""
+    """num_tasks: the task axis of per-task adapters."""
     vocab = cfg.vocab_size or -(-tokenizer_vocab // 128) * 128
     dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
     return cls(vocab_size=vocab, d_model=cfg.d_model, num_layers=cfg.num_layers,
@@ -104,36 +92,32 @@ class ModelSpec:
                rope_local_theta=cfg.rope_local_theta, activation=cfg.activation,
                norm_plus_one=cfg.norm_plus_one, post_norms=cfg.post_norms,
                embed_scale=cfg.embed_scale, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
-               **lora_fields(cfg, num_tasks), **svf_fields(cfg, num_tasks),
-               **soft_prompt_fields(cfg, tokenizer_vocab, num_tasks))
+               adapters=adapters_lib.from_config(cfg, num_tasks, tokenizer_vocab))
 
   @property
-  def lora(self) -> bool:
-    return bool(self.lora_targets)
-
-  @property
-  def svf(self) -> bool:
-    return bool(self.svf_targets)
-
-  @property
-  def adapters(self) -> bool:
-    """Whether only adapters train (LoRA or SVF): the base is frozen."""
-    return self.lora or self.svf
+  def frozen_base(self) -> bool:
+    """Whether only adapter variables train (LoRA, SVF, ...): the base is frozen."""
+    return any(a.freezes_base for a in self.adapters)
 
   @property
   def adapter_tasks(self) -> int:
-    """The adapters' task axis (1: one shared adapter)."""
-    return self.svf_tasks if self.svf else self.lora_tasks
+    """The task axis of the adapters on a frozen base (1: one shared adapter, or none)."""
+    return max((a.tasks for a in self.adapters if a.freezes_base), default=1)
 
-  def lora_scale(self) -> float:
-    return self.lora_alpha / self.lora_rank
+  @property
+  def dropout(self) -> bool:
+    """Whether the model has dropout in training (an adapter's): the step passes a key."""
+    return any(a.dropout > 0 for a in self.adapters)
 
-  def without_lora(self) -> ModelSpec:
+  def adapter(self, kind: str) -> Any:
+    """The adapter of this kind, or None."""
+    return next((a for a in self.adapters if a.kind == kind), None)
+
+  def without_adapters(self) -> ModelSpec:
     """The base model's spec (a merged export's)."""
-    return dataclasses.replace(self, lora_targets=(), lora_rank=0, lora_alpha=0.0, lora_tasks=1,
-                               lora_dropout=0.0, svf_targets=(), svf_tasks=1)
+    return dataclasses.replace(self, adapters=())
 
-  without_adapters = without_lora
+  without_lora = without_adapters
 
   def kinds(self) -> tuple[bool, ...]:
     """Per layer, whether it is a sliding layer (its window sliding_window, its RoPE base
@@ -178,186 +162,14 @@ class ModelSpec:
     return inv
 
 
-def lora_fields(cfg: ModelConfig, num_tasks: int = 1) -> dict:
-  lora = cfg.lora
-  if not lora.targets:
-    return {}
-  return {"lora_targets": tuple(lora.targets), "lora_rank": lora.rank, "lora_alpha": lora.alpha,
-          "lora_tasks": max(1, num_tasks) if lora.per_task else 1, "lora_dropout": lora.dropout}
-
-
-def svf_fields(cfg: ModelConfig, num_tasks: int = 1) -> dict:
-  svf = cfg.svf
-  if not svf.enabled:
-    return {}
-  return {"svf_targets": tuple(svf.targets),
-          "svf_tasks": max(1, num_tasks) if svf.per_task else 1}
-
-
-def soft_prompt_fields(cfg: ModelConfig, tokenizer_vocab: int, num_tasks: int = 1) -> dict:
-  """The slot token is the first id past the tokenizer's vocabulary (data.tokenizer.with_soft_prompt)."""
-  if not cfg.soft_prompt.length:
-    return {}
-  return {"soft_prompt_len": cfg.soft_prompt.length, "soft_prompt_tasks": max(1, num_tasks),
-          "soft_prompt_token": tokenizer_vocab}
-
-
-def is_soft_prompt_path(path: str) -> bool:
-  return path.split("/")[-1] == "soft_prompt"
-
-
-def soft_prompt_embeddings(table: jax.Array, tokens: jax.Array, task_ids: jax.Array,
-                           slot_token: int) -> tuple[jax.Array, jax.Array]:
-  """(is_slot [B, L], each token's soft-prompt row [B, L, d]) for soft prompts `table` [T, P, d].
-  A run of slot tokens ends right before its example's target, so a slot's row is P minus its
-  distance to the run's end: the last slot always reads row P - 1, also when a prompt_left cut
-  removed the first slots. Tokens of a task without a row (padding: < 0) read row 0 of task 0,
-  and are never slots."""
-  tasks, length, _ = table.shape
-  is_slot = tokens == slot_token
-  idx = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
-  run_end = jax.lax.cummin(jnp.where(is_slot, tokens.shape[-1], idx), axis=tokens.ndim - 1,
-                           reverse=True)
-  row = jnp.clip(length - (run_end - idx), 0, length - 1)
-  task = jnp.clip(task_ids, 0, tasks - 1)
-  is_slot = is_slot & (task_ids >= 0) & (task_ids < tasks)
-  return is_slot, table[task, row]
-
-
-LORA_TARGET_IDS = {t: i for i, t in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
-
-
-class LoraParam(nnx.Param):
-  """A LoRA adapter matrix: `<target>_lora_a` [T, *in, r] and `<target>_lora_b` [T, r, *out] beside
-  the projection `<target>` [*in, *out] (T: lora_tasks). The projection becomes
-  W + (alpha / r) A[t] B[t] for a token of adapter t; B starts at zero, so the model starts equal
-  to its base. Optimizers and exports find adapters by the `_lora_a` / `_lora_b` path suffix."""
-
-
-def is_lora_path(path: str) -> bool:
-  return path.endswith(("_lora_a", "_lora_b"))
-
-
-class SvfParam(nnx.Param):
-  """An SVF expert (Sun et al. 2025; mtjax.model.svf) on the projection `<target>` [*in, *out]:
-  its thin SVD, frozen, `<target>_svf_u` [*in, r], `<target>_svf_s` [r], `<target>_svf_vt`
-  [r, *out] (r = min(prod(in), prod(out)); computed from the base weights once, stored with the
-  checkpoint), and the trained logits `<target>_svf_p` [T, r]. A token of expert t sees
-  W'_t = U diag(S z_t) V^T sum(S) / sum(S z_t), z_t = sigmoid(p_t), computed as
-  W + U diag(S z_t k_t - S) V^T so tokens without an expert see W itself."""
-
-
-SVF_BASIS = ("_svf_u", "_svf_s", "_svf_vt")
-
-
-def is_svf_basis_path(path: str) -> bool:
-  return path.endswith(SVF_BASIS)
-
-
-def is_adapter_path(path: str) -> bool:
-  """The trained parameters of an adapter run (LoRA's A and B, SVF's p); the rest is frozen."""
-  return path.endswith(("_lora_a", "_lora_b", "_svf_p"))
-
-
-def svf_basis(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(U [*in, r], S [r], V^T [r, *out]) of one projection [*in, *out], in float32."""
-  in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
-  u, s, vt = jnp.linalg.svd(w.astype(jnp.float32).reshape(math.prod(in_shape), -1),
-                            full_matrices=False)
-  r = s.shape[0]
-  return u.reshape(*in_shape, r), s, vt.reshape(r, *out_shape)
-
-
-def _svf_experts(module: nnx.Module, rngs: nnx.Rngs, spec: ModelSpec, target: str,
-                 in_axes: tuple[str, ...], out_axes: tuple[str, ...]) -> None:
-  """Adds target's SVF basis and expert logits to `module` when spec targets it (the basis from
-  the projection's current value: a fresh init's; a loaded base's is recomputed at load)."""
-  if target not in spec.svf_targets:
-    return
-  w = getattr(module, target)[...]
-  u, s, vt = svf_basis(w, len(in_axes))
-  r = s.shape[0]
-  setattr(module, f"{target}_svf_u", SvfParam(u, logical_axes=(*in_axes, "svf_rank")))
-  setattr(module, f"{target}_svf_s", SvfParam(s, logical_axes=("svf_rank",)))
-  setattr(module, f"{target}_svf_vt", SvfParam(vt, logical_axes=("svf_rank", *out_axes)))
-  p = 0.1 + 0.01 * jax.random.normal(rngs.params(), (spec.svf_tasks, r), jnp.float32)
-  setattr(module, f"{target}_svf_p", SvfParam(p, logical_axes=("lora_task", "svf_rank")))
-
-
-def svf_coefficients(s: jax.Array, p: jax.Array) -> jax.Array:
-  """S z k - S per expert [..., T, r]: W'_t - W = U diag(this) V^T (z = sigmoid(p), k = sum(S) /
-  sum(S z), batched over leading axes)."""
-  return svf_coefficients_of_z(s, jax.nn.sigmoid(p.astype(jnp.float32)))
-
-
-def svf_coefficients_of_z(s: jax.Array, z: jax.Array) -> jax.Array:
-  s = s.astype(jnp.float32)[..., None, :]
-  scaled = s * z
-  return scaled * (jnp.sum(s, -1, keepdims=True) / jnp.sum(scaled, -1, keepdims=True)) - s
-
-
-def _svf_delta(module: nnx.Module, target: str, x: jax.Array, n_in: int,
-               mix: jax.Array | None) -> jax.Array | None:
-  """x U diag(c) V^T of `target`'s SVF experts, c = each token's expert's coefficients (a
-  one-hot `mix` [B, L, T] of them; none: zeros; None: the one shared expert); None without SVF."""
-  p_var = getattr(module, f"{target}_svf_p", None)
-  if p_var is None:
-    return None
-  dt = x.dtype
-  u, vt = getattr(module, f"{target}_svf_u")[...].astype(dt), getattr(module, f"{target}_svf_vt")[...].astype(dt)
-  coef = svf_coefficients(getattr(module, f"{target}_svf_s")[...], p_var[...]).astype(dt)  # [T, r]
-  i, o = "defg"[:n_in], "uvwz"[:vt.ndim - 1]
-  xu = jnp.einsum(f"bl{i},{i}r->blr", x, u)
-  c = coef[0] if mix is None or coef.shape[0] == 1 else jnp.einsum("blt,tr->blr", mix.astype(dt), coef)
-  return jnp.einsum(f"blr,r{o}->bl{o}", xu * c, vt)
-
-
-def _lora_pair(module: nnx.Module, rngs: nnx.Rngs, spec: ModelSpec, target: str,
-               in_shape: tuple[int, ...], in_axes: tuple[str, ...], out_shape: tuple[int, ...],
-               out_axes: tuple[str, ...]) -> None:
-  """Adds target's adapters to `module` when spec targets it (sharded like the base: its in and
-  out axes; the task and rank axes replicated)."""
-  if target not in spec.lora_targets:
-    return
-  t, r, pd = spec.lora_tasks, spec.lora_rank, spec.param_dtype
-  a = jax.random.normal(rngs.params(), (t, *in_shape, r), jnp.float32) / math.sqrt(math.prod(in_shape))
-  setattr(module, f"{target}_lora_a", LoraParam(a.astype(pd), logical_axes=("lora_task", *in_axes, "lora_rank")))
-  setattr(module, f"{target}_lora_b", LoraParam(jnp.zeros((t, r, *out_shape), pd),
-                                                logical_axes=("lora_task", "lora_rank", *out_axes)))
-
-
-def _lora_delta(module: nnx.Module, target: str, x: jax.Array, n_in: int,
-                mix: jax.Array | None, scale: float, key: jax.Array | None = None,
-                rate: float = 0.0) -> jax.Array | None:
-  """(alpha / r) x A B of `target`'s adapters (None when it has none). x [B, L, *in]; mix
-  [B, L, T] one-hot of each token's adapter (None: the one shared adapter, T = 1); key: dropout
-  of the adapter's input at `rate` (training)."""
-  a_var = getattr(module, f"{target}_lora_a", None)
-  if a_var is None:  # SVF experts instead (never both), or no adapter
-    return _svf_delta(module, target, x, n_in, mix)
-  dt = x.dtype
-  if key is not None and rate > 0:
-    key = jax.random.fold_in(key, LORA_TARGET_IDS[target])
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    x = jnp.where(keep, x / jnp.asarray(1.0 - rate, dt), jnp.zeros((), dt))
-  a, b = a_var[...].astype(dt), getattr(module, f"{target}_lora_b")[...].astype(dt)
-  i, o = "defg"[:n_in], "uvwz"[:b.ndim - 2]
-  if mix is None or a.shape[0] == 1:
-    xa = jnp.einsum(f"bl{i},{i}r->blr", x, a[0])
-    out = jnp.einsum(f"blr,r{o}->bl{o}", xa, b[0])
-  else:
-    xa = jnp.einsum(f"bl{i},t{i}r->bltr", x, a) * mix.astype(dt)[..., None]
-    out = jnp.einsum(f"bltr,tr{o}->bl{o}", xa, b)
-  return out * jnp.asarray(scale, dt)
-
-
-def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
-  return y if delta is None else y + delta
-
-
-def _param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype: str) -> nnx.Param:
+def _param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype: str, *, projection: int = 0,
+           embedding: bool = False) -> nnx.Param:
+  """A normal-initialized parameter. projection=n_in (its first n_in axes are inputs) or
+  embedding=True mark a site where adapters may attach (mtjax.model.adapters)."""
   value = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
-  return nnx.Param(value.astype(dtype), logical_axes=axes)
+  site: dict[str, Any] = ({"projection": projection} if projection else
+                          {"embedding": True} if embedding else {})
+  return nnx.Param(value.astype(dtype), logical_axes=axes, **site)
 
 
 class RMSNorm(nnx.Module):
@@ -390,18 +202,14 @@ class Attention(nnx.Module):
     d, n, k, h = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
     pd = spec.param_dtype
     self.spec = spec
-    self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), 1 / math.sqrt(d), pd)
-    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d), pd)
-    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d), pd)
+    self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), 1 / math.sqrt(d), pd,
+                    projection=1)
+    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d), pd,
+                    projection=1)
+    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1 / math.sqrt(d), pd,
+                    projection=1)
     out_std = 1 / math.sqrt(n * h) / math.sqrt(2 * spec.num_layers)
-    self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pd)
-    for x, kv in (("q", False), ("k", True), ("v", True)):
-      _lora_pair(self, rngs, spec, x, (d,), ("embed",), (k if kv else n, h),
-                 ("kv_heads" if kv else "heads", "head_dim"))
-    _lora_pair(self, rngs, spec, "o", (n, h), ("heads", "head_dim"), (d,), ("embed",))
-    for x, kv in (("q", False), ("k", True), ("v", True)):
-      _svf_experts(self, rngs, spec, x, ("embed",), ("kv_heads" if kv else "heads", "head_dim"))
-    _svf_experts(self, rngs, spec, "o", ("heads", "head_dim"), ("embed",))
+    self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pd, projection=2)
     if spec.qkv_bias:
       self.q_bias = nnx.Param(jnp.zeros((n, h), pd), logical_axes=("heads", "head_dim"))
       self.k_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=("kv_heads", "head_dim"))
@@ -415,28 +223,20 @@ class Attention(nnx.Module):
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                cache: None = None, *, sliding: bool | None = None,
-               lora_mix: jax.Array | None = None,
-               lora_key: jax.Array | None = None) -> jax.Array: ...
+               ctx: adapters_lib.Context | None = None) -> jax.Array: ...
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                cache: LayerCache, *, sliding: bool | None = None,
-               lora_mix: jax.Array | None = None,
-               lora_key: jax.Array | None = None) -> tuple[jax.Array, LayerCache]: ...
+               ctx: adapters_lib.Context | None = None) -> tuple[jax.Array, LayerCache]: ...
 
-  def __call__(self, x, positions, segment_ids, cache=None, *, sliding=None, lora_mix=None,
-               lora_key=None):
+  def __call__(self, x, positions, segment_ids, cache=None, *, sliding=None, ctx=None):
     """`sliding`: whether this layer is a sliding one (see ModelSpec.kinds); None: the first
-    layer's kind (every layer alike)."""
+    layer's kind (every layer alike). ctx: what attached adapters see (opaque here)."""
     sliding = self.spec.kinds()[0] if sliding is None else sliding
     dt = x.dtype
-    scale = self.spec.lora_scale() if self.spec.lora else 0.0
-    rate = self.spec.lora_dropout
-    q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
-    k = jnp.einsum("bld,dkh->blkh", x, self.k[...].astype(dt))
-    v = jnp.einsum("bld,dkh->blkh", x, self.v[...].astype(dt))
-    q = _plus(q, _lora_delta(self, "q", x, 1, lora_mix, scale, lora_key, rate))
-    k = _plus(k, _lora_delta(self, "k", x, 1, lora_mix, scale, lora_key, rate))
-    v = _plus(v, _lora_delta(self, "v", x, 1, lora_mix, scale, lora_key, rate))
+    q = project(self, "q", x, "bld,dnh->blnh", ctx)
+    k = project(self, "k", x, "bld,dkh->blkh", ctx)
+    v = project(self, "v", x, "bld,dkh->blkh", ctx)
     if self.spec.qkv_bias:
       q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
                  v + self.v_bias[...].astype(dt))
@@ -454,8 +254,7 @@ class Attention(nnx.Module):
     else:
       y, cache = attention_lib.attend_cached(q, k, v, segment_ids, cache, window=window,
                                              scale=attn_scale)
-    out = jnp.einsum("blnh,nhd->bld", y, self.o[...].astype(dt))
-    out = _plus(out, _lora_delta(self, "o", y, 2, lora_mix, scale, lora_key, rate))
+    out = project(self, "o", y, "blnh,nhd->bld", ctx)
     if self.spec.out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out if cache is None else (out, cache)
@@ -465,28 +264,19 @@ class MLP(nnx.Module):
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     d, f, pd = spec.d_model, spec.mlp_dim, spec.param_dtype
-    self.gate = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d), pd)
-    self.up = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d), pd)
+    self.gate = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d), pd, projection=1)
+    self.up = _param(rngs, (d, f), ("embed", "mlp"), 1 / math.sqrt(d), pd, projection=1)
     self.down = _param(rngs, (f, d), ("mlp", "embed"),
-                       1 / math.sqrt(f) / math.sqrt(2 * spec.num_layers), pd)
+                       1 / math.sqrt(f) / math.sqrt(2 * spec.num_layers), pd, projection=1)
     self.activation = spec.activation
-    self.lora_scale = spec.lora_scale() if spec.lora else 0.0
-    self.lora_dropout = spec.lora_dropout
-    _lora_pair(self, rngs, spec, "gate", (d,), ("embed",), (f,), ("mlp",))
-    _lora_pair(self, rngs, spec, "up", (d,), ("embed",), (f,), ("mlp",))
-    _lora_pair(self, rngs, spec, "down", (f,), ("mlp",), (d,), ("embed",))
-    _svf_experts(self, rngs, spec, "gate", ("embed",), ("mlp",))
-    _svf_experts(self, rngs, spec, "up", ("embed",), ("mlp",))
-    _svf_experts(self, rngs, spec, "down", ("mlp",), ("embed",))
 
-  def __call__(self, x, lora_mix: jax.Array | None = None, lora_key: jax.Array | None = None):
-    dt, s, k, p = x.dtype, self.lora_scale, lora_key, self.lora_dropout
-    gate = _plus(x @ self.gate[...].astype(dt), _lora_delta(self, "gate", x, 1, lora_mix, s, k, p))
+  def __call__(self, x, ctx: adapters_lib.Context | None = None):
+    gate = project(self, "gate", x, "bld,df->blf", ctx)
     act = (jax.nn.silu(gate) if self.activation == "silu"
            else jax.nn.gelu(gate, approximate=True))  # gelu_tanh: transformers' gelu_pytorch_tanh
-    h = act * _plus(x @ self.up[...].astype(dt), _lora_delta(self, "up", x, 1, lora_mix, s, k, p))
+    h = act * project(self, "up", x, "bld,df->blf", ctx)
     h = constrain(h, ("batch", "length", "act_mlp"))
-    return _plus(h @ self.down[...].astype(dt), _lora_delta(self, "down", h, 1, lora_mix, s, k, p))
+    return project(self, "down", h, "blf,fd->bld", ctx)
 
 
 class Block(nnx.Module):
@@ -505,26 +295,22 @@ class Block(nnx.Module):
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                cache: None = None, *, sliding: bool | None = None,
-               lora_mix: jax.Array | None = None,
-               lora_key: jax.Array | None = None) -> jax.Array: ...
+               ctx: adapters_lib.Context | None = None) -> jax.Array: ...
   @overload
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                cache: LayerCache, *, sliding: bool | None = None,
-               lora_mix: jax.Array | None = None,
-               lora_key: jax.Array | None = None) -> tuple[jax.Array, LayerCache]: ...
+               ctx: adapters_lib.Context | None = None) -> tuple[jax.Array, LayerCache]: ...
 
-  def __call__(self, x, positions, segment_ids, cache=None, *, sliding=None, lora_mix=None,
-               lora_key=None):
+  def __call__(self, x, positions, segment_ids, cache=None, *, sliding=None, ctx=None):
+    ctx = ctx or adapters_lib.Context()
     attn = self.attn(self.attn_norm(x), positions, segment_ids, cache, sliding=sliding,
-                     lora_mix=lora_mix,
-                     lora_key=None if lora_key is None else jax.random.fold_in(lora_key, 0))
+                     ctx=ctx.fold(0))
     if cache is not None:
       attn, cache = attn
     if self.post_norms:
       attn = self.post_attn_norm(attn)
     x = x + attn
-    mlp = self.mlp(self.mlp_norm(x), lora_mix,
-                   None if lora_key is None else jax.random.fold_in(lora_key, 1))
+    mlp = self.mlp(self.mlp_norm(x), ctx.fold(1))
     if self.post_norms:
       mlp = self.post_mlp_norm(mlp)
     x = x + mlp
@@ -606,15 +392,14 @@ class Decoder(nnx.Module):
     embed_std = 1 / math.sqrt(spec.d_model) if spec.tie_embeddings else 1.0
     pd = spec.param_dtype
     self.token_embed = _param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"),
-                              embed_std, pd)
-    if spec.soft_prompt_len:  # initialized like the embedding rows they stand in for
-      self.soft_prompt = _param(rngs, (spec.soft_prompt_tasks, spec.soft_prompt_len, spec.d_model),
-                                ("lora_task", "soft_prompt", "embed"), embed_std, pd)
+                              embed_std, pd, embedding=True)
     self.layers = _stacked_blocks(spec, rngs)
     self.final_norm = RMSNorm(spec.d_model, spec.norm_eps, pd, spec.norm_plus_one)
     if not spec.tie_embeddings:
       self.lm_head = _param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"),
                             1 / math.sqrt(spec.d_model), pd)
+    # The tree transform: the spec's adapters beside the sites they target (none: the base).
+    adapters_lib.attach(self, spec.adapters, rngs)
 
   @overload
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -647,17 +432,12 @@ class Decoder(nnx.Module):
                dropout_key=None):
     """The final-normed hidden states [B, L, d_model] in the compute dtype (the head's input).
 
-    adapter_ids [B, L] int: each token's LoRA adapter (its task id; < 0, as padding: none), needed
-    with per-task adapters (spec.lora_tasks > 1) and ignored otherwise. dropout_key: LoRA
-    dropout (spec.lora_dropout) in training; None: none."""
+    adapter_ids [B, L] int: each token's task id (< 0, as padding: none), for the adapters that
+    route by task (per-task adapters, soft prompts; ignored otherwise). dropout_key: the model's
+    dropout in training (an adapter's); None: none."""
     dt = jnp.dtype(self.spec.dtype)
-    x = jnp.take(self.token_embed[...], tokens, axis=0).astype(dt)
-    if self.spec.soft_prompt_len:
-      if adapter_ids is None:
-        raise ValueError("soft prompts need adapter_ids (each token's task id)")
-      is_slot, soft = soft_prompt_embeddings(self.soft_prompt[...], tokens, adapter_ids,
-                                             self.spec.soft_prompt_token)
-      x = jnp.where(is_slot[..., None], soft.astype(dt), x)
+    x = adapters_lib.embed(self, "token_embed", tokens, dt,
+                           adapters_lib.Context(task_ids=adapter_ids))
     if self.spec.embed_scale:  # in the compute dtype, as transformers (sqrt(d) rounded to it)
       x = x * jnp.asarray(math.sqrt(self.spec.d_model), dt)
     x = constrain(x, ("batch", "length", "act_embed"))
@@ -666,21 +446,14 @@ class Decoder(nnx.Module):
     period = self.spec.period()
     grouped = period > 1 and self.spec.num_layers % period == 0
 
-    lora_mix = None
-    if self.spec.adapter_tasks > 1:
-      if adapter_ids is None:
-        raise ValueError("per-task adapters need adapter_ids (each token's task id)")
-      # A token of no adapter's task (-1 padding, an id >= the adapters'): all zero, the base.
-      lora_mix = jax.nn.one_hot(adapter_ids, self.spec.adapter_tasks, dtype=dt)
-
     layer_keys = None
-    if dropout_key is not None and self.spec.lora and self.spec.lora_dropout > 0:
+    if dropout_key is not None and self.spec.dropout:
       layer_keys = jax.random.split(dropout_key, self.spec.num_layers)
 
     def run(layer, y, layer_cache, sliding, key=None):
       block = nnx.merge(graphdef, _constrain_layer(layer))
-      return block(y, positions, segment_ids, layer_cache, sliding=sliding, lora_mix=lora_mix,
-                   lora_key=key)
+      return block(y, positions, segment_ids, layer_cache, sliding=sliding,
+                   ctx=adapters_lib.Context(task_ids=adapter_ids, key=key))
     if cache is None and self.spec.remat != "none":  # per layer, also inside a pattern repeat
       run = jax.checkpoint(run, policy=_REMAT_POLICIES[self.spec.remat], prevent_cse=False,
                            static_argnums=(3,))

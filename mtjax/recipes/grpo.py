@@ -25,7 +25,7 @@ class GRPO(Supervised):
             workdir: epath.Path) -> tuple[Callable, BatchSource, list[hooks_lib.Hook]]:
     del workdir
     step = rl_step.jit_rl_step(rl_step.make_rl_step_fn(setup.graphdef, setup.tx, setup.schedule,
-                                                       setup.config, lora=setup.spec.lora),
+                                                       setup.config, lora=setup.spec.frozen_base),
                                setup.mesh, setup.shardings)
     source = RLSource(setup, setup.loader_state)  # on-policy: rollouts from the current state
     return step, source, self.hooks(setup, mfu=False)

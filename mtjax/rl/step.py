@@ -6,7 +6,7 @@ hook's fed-back weights) scale each task's advantages; GRPO has no entropy term 
 refuses train.entropy_coefs with rl.algorithm=grpo), the coefficients are ignored. The
 reference model of the KL term is the starting model: a copy kept in TrainState.extra
 ["reference"] (checkpointed: a resumed run keeps its reference), or with LoRA the frozen base
-itself (the adapters' B set to zero: no copy).
+itself (every adapter at its neutral values: no copy).
 
 Metrics follow the supervised step's where they mean the same (objective: the loss minimized,
 grad_norm, lr, skipped_steps, consecutive_skips) and per_task holds entropy (the sampling
@@ -23,21 +23,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mtjax.config import Config
+from mtjax.model import adapters as adapters_lib
 from mtjax.rl import update as update_lib
 from mtjax.train.state import TrainState
 
 
-def reference_of(params: Any, extra: Mapping[str, Any], lora: bool) -> Any:
-  """The KL term's reference model: the stored copy, or with LoRA the base (B of every adapter 0)."""
+def reference_of(graphdef: Any, params: Any, extra: Mapping[str, Any], lora: bool) -> Any:
+  """The KL term's reference model: the stored copy, or on a frozen base the base itself (every
+  adapter at its neutral values: LoRA's B zero)."""
   if not lora:
     return extra["reference"]
-  flat: dict[str, Any] = dict(traverse_util.flatten_dict(params, sep="/"))
-  return traverse_util.unflatten_dict(
-      {k: jnp.zeros_like(v) if k.endswith("_lora_b") else v for k, v in flat.items()}, sep="/")
+  return adapters_lib.neutral(nnx.merge(graphdef, params), params)
 
 
 def make_rl_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -54,7 +54,7 @@ def make_rl_step_fn(graphdef: Any, tx: optax.GradientTransformation, schedule: o
     scale = jnp.where(ids >= 0, task_weights[jnp.clip(ids, 0, num_tasks - 1)], 0.0)
     arrays = {k: rollout[k] for k in update_lib.ROLLOUT_KEYS}
     arrays["advantages"] = rollout["advantages"] * scale
-    ref = jax.lax.stop_gradient(reference_of(state.params, state.extra, lora))
+    ref = jax.lax.stop_gradient(reference_of(graphdef, state.params, state.extra, lora))
     updates_before = state.step * r.epochs - state.skipped_steps
     new_state, m = update(state, arrays, ref)
     rows = (ids >= 0).astype(jnp.float32)

@@ -146,7 +146,7 @@ def make_rl_update_fn(graphdef: Any, tx: optax.GradientTransformation, *, epochs
   loss_fn = make_rl_loss_fn(graphdef, clip_eps=clip_eps, kl_coef=kl_coef, loss_chunk=loss_chunk)
   token_stats = make_token_stats_fn(graphdef, loss_chunk=loss_chunk)
 
-  value_and_grad = step_lib.value_and_grad_trainable(loss_fn, lora)
+  value_and_grad = step_lib.value_and_grad_trainable(loss_fn, graphdef, lora)
 
   def update(state: TrainState, rollout: Mapping[str, jax.Array],
              ref_params: Any) -> tuple[TrainState, dict[str, Any]]:

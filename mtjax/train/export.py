@@ -15,7 +15,7 @@ import jax
 from etils import epath
 
 from mtjax.errors import BadInputError
-from mtjax.model import pretrained
+from mtjax.model import lora, pretrained
 from mtjax.train import setup as setup_lib
 
 
@@ -26,32 +26,27 @@ def export_run(workdir: str | epath.PathLike, out: str | epath.PathLike, step: i
   most max_shard_bytes with an index, the tokenizer files) that transformers and vLLM load.
   Returns the files written.
 
-  A LoRA run's adapters (an SVF run's experts) are merged into the base weights (per-task
-  adapters: `task`'s, which must then be given); adapters_only writes a PEFT adapter directory instead (of `task`'s
-  adapter when per task), which peft loads onto the run's base model."""
+  Adapters on a frozen base (LoRA, DoRA, SVF experts) are merged into the base weights, each by
+  its own `merge` (per-task adapters: `task`'s, which must then be given); adapters_only writes a
+  PEFT adapter directory instead (of `task`'s adapter when per task; LoRA and DoRA), which peft
+  loads onto the run's base model. Soft prompts travel beside the weights (mtjax_soft_prompt.npy)."""
   out = epath.Path(out)
   if out.exists() and any(out.iterdir()):
     raise BadInputError(str(out), "exists and is not empty: export writes into a new directory")
   run = setup_lib.from_workdir(workdir, step, devices=devices, purpose="export")
   config = run.config
   spec, params = run.spec, run.state.params
-  if adapters_only and not spec.lora:
-    raise BadInputError("--adapters_only", "the run has no LoRA adapters (model.lora.targets)")
+  if adapters_only:
+    lora.low_rank(spec)  # exit 2 without LoRA adapters
   if task is not None and spec.adapter_tasks == 1:
     raise BadInputError("--task", "the run has no per-task adapters (LoRA, SVF) to choose from")
-  if spec.svf:  # the task's expert folded into the base weights
-    from mtjax.model import lora, svf
-    index = lora.adapter_index(spec, config.data.tasks, task)
-    params = svf.merge(params, svf.select(svf.expert_vectors(params, spec), index))
-    spec = spec.without_adapters()
-  if spec.lora:
-    from mtjax.model import lora
+  if spec.frozen_base:  # the task's adapter folded into the base weights
     index = lora.adapter_index(spec, config.data.tasks, task)
     if adapters_only:
       if jax.process_index() != 0:
         return []
       return lora.export_peft(params, spec, out, index=index, base_model=config.model.pretrained)
-    params, spec = lora.merge(params, spec, index), spec.without_lora()
+    params, spec = lora.merge(params, spec, index), spec.without_adapters()
   tokenizer = run.tokenizer
   base = None
   if config.model.pretrained:

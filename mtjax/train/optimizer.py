@@ -27,7 +27,7 @@ import optax
 
 from mtjax.config import OptimizerConfig
 from mtjax.tree import param_path
-from mtjax.model.llama import is_adapter_path, is_soft_prompt_path
+from mtjax.model import soft_prompt
 
 FROZEN = "frozen"
 FAST, SLOW = "fast", "slow"
@@ -38,7 +38,7 @@ def decay_mask(params: Any) -> Any:
     name = param_path(path).split("/")
     ndim = leaf.ndim - (name[0] == "layers")  # scanned layers: a leading layer axis
     return (ndim >= 2 and "token_embed" not in name and not name[-1].endswith("_bias")
-            and name[-1] != "soft_prompt")
+            and name[-1] != soft_prompt.PARAM)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -61,12 +61,14 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   raise ValueError(f"unknown optimizer.schedule {cfg.schedule!r}")
 
 
-def group_labels(params: Any, groups: Mapping[str, float], lora: bool = False) -> Any:
+def group_labels(params: Any, groups: Mapping[str, float],
+                 trained: frozenset[str] | None = None) -> Any:
   """Per parameter: the first matching pattern of `groups` (re.search on its path), FROZEN for
-  a multiplier of 0, or "default". lora: every parameter but the adapters (LoRA, SVF) is FROZEN."""
+  a multiplier of 0, or "default". trained: on a frozen base, the paths that train (the Trained
+  adapter variables, mtjax.model.adapters); every other parameter is FROZEN."""
   def label(path, _):
     name = param_path(path)
-    if lora and not is_adapter_path(name):
+    if trained is not None and name not in trained:
       return FROZEN
     for pattern, scale in groups.items():
       if re.search(pattern, name):
@@ -80,9 +82,12 @@ def fast_slow(cfg: OptimizerConfig) -> bool:
   return cfg.slow_lr_ratio != 1.0 or cfg.fast_every != 1 or cfg.slow_every != 1
 
 
-def fast_slow_labels(params: Any) -> Any:
+def fast_slow_labels(params: Any, fast: frozenset[str] | None = None) -> Any:
+  """FAST for the fast weights (`fast`: the adapter variables that train beside the base, i.e.
+  the soft prompts; None: the soft prompt's path), SLOW for the rest."""
+  fast = frozenset({soft_prompt.PARAM}) if fast is None else fast
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: FAST if is_soft_prompt_path(param_path(path)) else SLOW, params)
+      lambda path, _: FAST if param_path(path) in fast else SLOW, params)
 
 
 def every(k: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -97,14 +102,17 @@ def every(k: int, inner: optax.GradientTransformation) -> optax.GradientTransfor
   return optax.transforms.conditionally_mask(inner, on_step)
 
 
-def fast_slow_transform(cfg: OptimizerConfig, adamw) -> optax.GradientTransformation:
+def fast_slow_transform(cfg: OptimizerConfig, adamw,
+                        fast: frozenset[str] | None = None) -> optax.GradientTransformation:
   """One AdamW per group: the fast weights at lr on every fast_every-th step (0: frozen), the
   slow ones at lr * slow_lr_ratio (0: frozen) on every slow_every-th; a frozen group keeps no
   optimizer state. Each group's LR schedule counts its own updates."""
   slow = (optax.set_to_zero() if cfg.slow_lr_ratio == 0
           else every(cfg.slow_every, adamw(cfg.slow_lr_ratio)))
-  fast = optax.set_to_zero() if cfg.fast_every == 0 else every(cfg.fast_every, adamw(1.0))
-  return optax.multi_transform({FAST: fast, SLOW: slow}, fast_slow_labels)
+  fast_weights = optax.set_to_zero() if cfg.fast_every == 0 else every(cfg.fast_every, adamw(1.0))
+  fast_tx = fast_weights
+  return optax.multi_transform({FAST: fast_tx, SLOW: slow},
+                               lambda params: fast_slow_labels(params, fast))
 
 
 class EmaState(NamedTuple):
@@ -133,9 +141,11 @@ def ema_params(opt_state: Any) -> Any | None:
   return found[0].ema if found else None
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, lora: bool = False
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, *,
+                   trained: frozenset[str] | None = None, fast: frozenset[str] | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """lora: only the LoRA adapters train; the base is frozen, with no optimizer state."""
+  """trained: on a frozen base, the paths that train (the Trained adapter variables); the rest
+  keeps no optimizer state. fast: the fast weights of fast/slow training (fast_slow_labels)."""
   schedule = lr_schedule(cfg, total_steps)
 
   def adamw(scale: float) -> optax.GradientTransformation:
@@ -145,16 +155,17 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, lora: bool = False
 
   clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
   if fast_slow(cfg):
-    parts = [clip, fast_slow_transform(cfg, adamw)]
+    parts = [clip, fast_slow_transform(cfg, adamw, fast)]
     # A frozen group's gradients are dropped before the clip (they would count in its norm).
     frozen = {SLOW} if cfg.slow_lr_ratio == 0 else {FAST} if cfg.fast_every == 0 else set()
     if frozen:
-      mask = lambda params: jax.tree.map(lambda label: label in frozen, fast_slow_labels(params))
+      mask = lambda params: jax.tree.map(lambda label: label in frozen,
+                                         fast_slow_labels(params, fast))
       parts.insert(0, optax.masked(optax.set_to_zero(), mask))
-  elif not cfg.param_groups and not lora:
+  elif not cfg.param_groups and trained is None:
     parts = [clip, adamw(1.0)]
   else:
-    labels = lambda params: group_labels(params, cfg.param_groups, lora)
+    labels = lambda params: group_labels(params, cfg.param_groups, trained)
     frozen = lambda params: jax.tree.map(lambda label: label == FROZEN, labels(params))
     transforms: dict[Any, optax.GradientTransformation] = {p: adamw(s) for p, s in cfg.param_groups.items() if s != 0}
     transforms["default"] = adamw(1.0)

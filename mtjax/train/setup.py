@@ -15,12 +15,14 @@ from typing import Any
 
 import jax
 from etils import epath
+from flax import nnx
 
 from mtjax.config import Config, MeshConfig
 from mtjax.data.loader import MixtureLoader
 from mtjax.data.tokenizer import Tokenizer
 from mtjax.errors import BadInputError
-from mtjax.model import ModelSpec
+from mtjax.model import Decoder, ModelSpec
+from mtjax.model import adapters as adapters_lib
 from mtjax.parallel import sharding as sharding_lib
 from mtjax.parallel.mesh import Device, make_mesh
 from mtjax.resolve import resolve
@@ -61,8 +63,8 @@ class Setup:
     c = self.config
     fn = step_lib.make_step_fn(self.graphdef, self.tx, self.schedule, num_tasks=c.num_tasks,
                                grad_accum=c.optimizer.grad_accum, z_loss=c.model.z_loss,
-                               loss_chunk=c.train.loss_chunk, lora=self.spec.adapters,
-                               dropout_seed=c.seed if self.spec.lora_dropout > 0 else None,
+                               loss_chunk=c.train.loss_chunk, lora=self.spec.frozen_base,
+                               dropout_seed=c.seed if self.spec.dropout else None,
                                weighting=c.train.weighting, seed=c.seed)
     return step_lib.jit_step(fn, self.mesh, self.shardings)
 
@@ -151,8 +153,9 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   opt_cfg = config.optimizer
   if config.model.svf.enabled:  # only the experts' p train, at their own LR
     opt_cfg = dataclasses.replace(opt_cfg, lr=config.model.svf.lr)
-  tx, schedule = optimizer.make_optimizer(opt_cfg, run_facts["decay_steps"],
-                                          lora=spec.adapters)
+  trained, fast = adapter_groups(spec)
+  tx, schedule = optimizer.make_optimizer(opt_cfg, run_facts["decay_steps"], trained=trained,
+                                          fast=fast)
   load_params = None
   if config.model.pretrained and restore_at is None:  # a checkpoint, once there, wins
     from mtjax.model import pretrained
@@ -161,8 +164,8 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
                                                    weighting=config.train.weighting,
                                                    num_tasks=config.num_tasks,
                                                    reference=config.rl.algorithm != "none" or config.eval.drift)
-  if spec.adapters:
-    _say(state_summary(state.params, state.opt_state, spec))
+  if spec.frozen_base:
+    _say(state_summary(state.params, state.opt_state, spec, trained))
   setup = Setup(config=config, devices=devices, mesh=mesh, tokenizer=tokenizer, spec=spec, tx=tx,
                 schedule=schedule, graphdef=graphdef, state=state, shardings=shardings,
                 run_facts=run_facts, checkpointer=checkpointer, changes=changes, workdir=workdir)
@@ -190,18 +193,27 @@ def _bytes(tree: Any) -> int:
              if hasattr(leaf, "dtype"))
 
 
-def state_summary(params: Any, opt_state: Any, spec: ModelSpec) -> str:
-  """One line at start: parameter counts (trainable ones with LoRA) and optimizer-state bytes."""
-  from mtjax.model.llama import is_adapter_path
+def adapter_groups(spec: ModelSpec) -> tuple[frozenset[str] | None, frozenset[str]]:
+  """(the paths that train on a frozen base, None when every parameter trains; the fast weights:
+  adapter variables that train beside the base), from the typed variables of spec's model."""
+  model = nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0)))
+  trained = adapters_lib.paths_of(model, adapters_lib.Trained)
+  beside = {p for p, a in adapters_lib.variables_of(model).items() if not a.freezes_base}
+  return (trained if spec.frozen_base else None), frozenset(trained & beside)
+
+
+def state_summary(params: Any, opt_state: Any, spec: ModelSpec,
+                  trained: frozenset[str] | None) -> str:
+  """One line at start: parameter counts (the trainable ones on a frozen base) and
+  optimizer-state bytes."""
   from mtjax.tree import param_path
   flat = [(param_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
   total = sum(x.size for _, x in flat)
   line = f"parameters: {total:,}"
-  if spec.adapters:
-    trainable = sum(x.size for p, x in flat if is_adapter_path(p))
-    kind = (f"LoRA rank {spec.lora_rank} on {','.join(spec.lora_targets)}" if spec.lora else
-            f"SVF experts on {','.join(spec.svf_targets)}")
-    line += (f" ({trainable:,} trainable: {kind} x {spec.adapter_tasks} adapter(s); the base is "
+  if trained is not None:
+    count = sum(x.size for p, x in flat if p in trained)
+    kind = "; ".join(a.describe() for a in spec.adapters if a.freezes_base)
+    line += (f" ({count:,} trainable: {kind} x {spec.adapter_tasks} adapter(s); the base is "
              "frozen)")
   return line + f"; optimizer state: {_bytes(opt_state):,} bytes"
 

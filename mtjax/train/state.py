@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mtjax.config import WeightingConfig
 from mtjax.model import Decoder, ModelSpec
+from mtjax.model import adapters as adapters_lib
 from mtjax.parallel import sharding as sharding_lib
 from mtjax.train import weighting as weighting_lib
 from mtjax.tree import param_path
@@ -76,29 +77,43 @@ def param_shardings(mesh: jax.sharding.Mesh, spec: ModelSpec) -> tuple[Any, Any,
   return graphdef, shapes, shardings
 
 
-def trained(tree: Any, lora: bool) -> Any:
-  """The part of a params-like tree that gets gradients: the LoRA adapters with LoRA, else all."""
-  return traverse_util.unflatten_dict(split_trainable(tree)[0], sep="/") if lora else tree
+def trained(tree: Any, paths: frozenset[str] | None) -> Any:
+  """The part of a params-like tree (params, gradients, shardings) that trains: the leaves at
+  `paths` (the Trained adapter variables on a frozen base: mtjax.model.adapters), or all (None)."""
+  if paths is None:
+    return tree
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k in paths}, sep="/")
 
 
-def _extra_init(weighting: WeightingConfig | None, num_tasks: int, lora: bool,
-                reference: bool = False) -> Callable:
+def trained_paths(graphdef: Any, params: Any, frozen_base: bool) -> frozenset[str] | None:
+  """The params paths that train on a frozen base (None: every parameter trains), from the
+  variable types the graphdef records (params: real or abstract)."""
+  if not frozen_base:
+    return None
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  return adapters_lib.trained_paths(graphdef, abstract)
+
+
+def _extra_init(weighting: WeightingConfig | None, num_tasks: int,
+                paths: frozenset[str] | None, reference: bool = False) -> Callable:
   """params -> TrainState.extra at init: {"weighting": the method's state} (none for static),
-  {"reference": a copy of the starting params} (RL's KL reference, without LoRA)."""
+  {"reference": a copy of the starting params} (RL's KL reference; on a frozen base the
+  reference is the base itself: no copy)."""
   def init(params):
     extra = {}
     if weighting is not None:
-      state = weighting_lib.get(weighting).init(num_tasks, trained(params, lora))
+      state = weighting_lib.get(weighting).init(num_tasks, trained(params, paths))
       if state:
         extra["weighting"] = state
-    if reference and not lora:
+    if reference and paths is None:
       extra["reference"] = jax.tree.map(jnp.copy, params)
     return extra
   return init
 
 
 def _extra_shardings(mesh: jax.sharding.Mesh, extra_init: Callable, abstract_params: Any,
-                     params_sh: Any, lora: bool) -> Any:
+                     params_sh: Any, paths: frozenset[str] | None) -> Any:
   """Per-task [T] statistics replicate; DB-MTL's per-task gradient EMAs [T, *param] follow their
   parameter's sharding on the trailing axes."""
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -109,7 +124,7 @@ def _extra_shardings(mesh: jax.sharding.Mesh, extra_init: Callable, abstract_par
   grads = extra.get("weighting", {}).get("grads")
   if grads is not None:
     shardings["weighting"]["grads"] = jax.tree.map(
-        lambda sh: NamedSharding(mesh, PartitionSpec(None, *sh.spec)), trained(params_sh, lora))
+        lambda sh: NamedSharding(mesh, PartitionSpec(None, *sh.spec)), trained(params_sh, paths))
   return shardings
 
 
@@ -145,23 +160,22 @@ def init_state(mesh: jax.sharding.Mesh, spec: ModelSpec, tx: optax.GradientTrans
   """Initializes parameters, optimizer state and method state directly into their shardings.
 
   load_params(abstract params, their shardings) -> params: start from these (a pretrained
-  checkpoint streamed into the shardings) instead of a random init. weighting: the adaptive
-  weighting method whose state goes in TrainState.extra (num_tasks: its task axis). reference:
-  keep a copy of the starting params in TrainState.extra["reference"] (RL's KL reference).
+  checkpoint streamed into the shardings) instead of a random init; the adapters then start
+  fresh on the loaded base. weighting: the adaptive weighting method whose state goes in
+  TrainState.extra (num_tasks: its task axis). reference: keep a copy of the starting params in
+  TrainState.extra["reference"] (RL's KL reference).
   """
   graphdef, abstract_params, params_sh = param_shardings(mesh, spec)
-  extra_init = _extra_init(weighting, num_tasks, spec.adapters, reference)
+  paths = trained_paths(graphdef, abstract_params, spec.frozen_base)
+  extra_init = _extra_init(weighting, num_tasks, paths, reference)
   shardings = state_shardings(mesh, tx, abstract_params, params_sh,
-                              _extra_shardings(mesh, extra_init, abstract_params, params_sh,
-                                               spec.adapters))
-  if load_params is None and spec.svf:
-    # A fresh base, then its SVD layer by layer as for a loaded one: an SVD inside the sharded
-    # init (batched over the stacked layers) deadlocked XLA:CPU with several devices.
+                              _extra_shardings(mesh, extra_init, abstract_params, params_sh, paths))
+  if load_params is None and any(a.init_apart for a in spec.adapters):
+    # A fresh base, then the adapters on it as on a loaded one: an SVD inside the sharded init
+    # (batched over the stacked layers) deadlocked XLA:CPU with several devices.
     load_params = functools.partial(_fresh_base, spec.without_adapters(), seed)
-  if load_params is not None and spec.soft_prompt_len:
-    load_params = functools.partial(_load_with_fresh_soft_prompt, load_params, spec, seed)
   if load_params is not None:
-    params = _load_with_fresh_adapters(load_params, abstract_params, params_sh, seed) \
+    params = _load_with_fresh_adapters(load_params, graphdef, abstract_params, params_sh, seed) \
         if spec.adapters else load_params(abstract_params, params_sh)
 
     def init_from(params):
@@ -191,74 +205,44 @@ def _fresh_base(spec: ModelSpec, seed: int, abstract: Any, shardings: Any) -> An
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
-def _load_with_fresh_soft_prompt(load_params: Callable[[Any, Any], Any], spec: ModelSpec,
-                                 seed: int, abstract: Any, shardings: Any) -> Any:
-  """The loaded parameters with the loaded soft prompts (an mtjax export of a run with them), or
-  fresh ones: each row a copy of the loaded embedding of a random token of the tokenizer's
-  vocabulary (Lester et al. 2021's vocabulary init), so the prompts start at the scale of the
-  embeddings they stand in for."""
-  loaded = load_params(abstract, shardings)
-  if "soft_prompt" in loaded:
-    return loaded
-  shape = (spec.soft_prompt_tasks, spec.soft_prompt_len)
-
-  def init(embed, key):
-    ids = jax.random.randint(key, shape, 0, spec.soft_prompt_token)
-    return embed[ids].astype(abstract["soft_prompt"].dtype)
-
-  table = jax.jit(init, out_shardings=shardings["soft_prompt"])(
-      loaded["token_embed"], jax.random.fold_in(jax.random.key(seed), 0x50F7))
-  return {**loaded, "soft_prompt": table}
-
-
-def split_trainable(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(the trained adapters: LoRA's A and B, SVF's p; everything else), each a flat {path: array}."""
-  from mtjax.model.llama import is_adapter_path
-  flat = traverse_util.flatten_dict(params, sep="/")
-  return ({k: v for k, v in flat.items() if is_adapter_path(k)},
-          {k: v for k, v in flat.items() if not is_adapter_path(k)})
-
-
-def _load_with_fresh_adapters(load_params: Callable[[Any, Any], Any], abstract: Any,
-                              shardings: Any, seed: int) -> Any:
-  """The base parameters from load_params and fresh adapters on them: LoRA's A normal with
-  stddev 1 / sqrt(fan in) and B zero (the model starts equal to the loaded base); SVF's basis
-  (U, S, V^T) computed from the loaded projections, one SVD per layer, and p = 0.1 + 0.01 N(0, 1)."""
-  import math
-
-  from mtjax.model.llama import SVF_BASIS, is_svf_basis_path, svf_basis
-  adapters, rest = split_trainable(abstract)
-  adapters_sh, rest_sh = split_trainable(shardings)
-  base = {k: v for k, v in rest.items() if not is_svf_basis_path(k)}
-  base_sh = {k: v for k, v in rest_sh.items() if not is_svf_basis_path(k)}
-  unflat = lambda flat: traverse_util.unflatten_dict(flat, sep="/")
+def _load_with_fresh_adapters(load_params: Callable[[Any, Any], Any], graphdef: Any,
+                              abstract: Any, shardings: Any, seed: int) -> Any:
+  """The base parameters from load_params and fresh adapters on them (each adapter's `init` from
+  its site's loaded weight, e.g. LoRA's B zero so the model starts equal to the loaded base,
+  SVF's basis an SVD per layer). Variables of adapters that train beside the base (soft prompts)
+  are offered to load_params too: an mtjax export keeps them; what it lacks starts fresh."""
+  model = nnx.merge(graphdef, abstract)
+  flat, flat_sh = traverse_util.flatten_dict(abstract, sep="/"), traverse_util.flatten_dict(
+      shardings, sep="/")
+  attached = adapters_lib.variables_of(model)  # {path: its adapter}
+  offered = {k for k, a in attached.items() if not a.freezes_base}
+  base = {k: v for k, v in flat.items() if k not in attached or k in offered}
+  base_sh = {k: flat_sh[k] for k in base}
+  unflat = lambda tree: traverse_util.unflatten_dict(tree, sep="/")
   loaded = traverse_util.flatten_dict(load_params(unflat(base), unflat(base_sh)), sep="/")
+  key = jax.random.key(seed)
+  fresh: dict[str, Any] = {}
+  for i, group in enumerate(adapters_lib.init_groups(model)):
+    wanted = [p for p in adapters_lib.group_paths(group) if p not in loaded]
+    if not wanted:
+      continue
+    weights = {site.path: loaded[site.path] for _, site in group}
+    # Each group in its own jit (an SVF site alone: its SVD per layer, never a sharded batch).
+    values = jax.jit(lambda w, key, group=group: adapters_lib.fresh_of(group, w, key),
+                     out_shardings={p: flat_sh[p] for p in adapters_lib.group_paths(group)})(
+                         weights, jax.random.fold_in(key, i))
+    fresh.update({p: values[p] for p in wanted})
+  return unflat({**loaded, **fresh})
 
-  def init(key):
-    out = {}
-    for i, (path, leaf) in enumerate(sorted(adapters.items())):
-      x = jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)
-      if path.endswith("_lora_b"):
-        out[path] = jnp.zeros(leaf.shape, leaf.dtype)
-      elif path.endswith("_svf_p"):
-        out[path] = (0.1 + 0.01 * x).astype(leaf.dtype)
-      else:
-        stacked = path.startswith("layers/")
-        fan_in = math.prod(leaf.shape[1 + stacked:-1])  # [layers?, T, *in, r]
-        out[path] = (x / math.sqrt(fan_in)).astype(leaf.dtype)
-    return out
 
-  fresh = jax.jit(init, out_shardings=adapters_sh)(jax.random.key(seed))
-  derived = {}
-  for path in sorted(p for p in rest if p.endswith("_svf_u")):
-    target = path[:-len("_svf_u")]
-    n_in = rest[path].ndim - 2  # [layers, *in, r]
-    paths = [target + suffix for suffix in SVF_BASIS]
-    # One SVD per layer (lax.map): never a sharded SVD, which XLA does not have.
-    basis = jax.jit(lambda w, n_in=n_in: jax.lax.map(lambda x: svf_basis(x, n_in), w),
-                    out_shardings=tuple(rest_sh[p] for p in paths))(loaded[target])
-    derived.update(zip(paths, basis))
-  return unflat({**loaded, **fresh, **derived})
+def split_trainable(graphdef: Any, params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(the Trained adapter variables, everything else) of a frozen-base model's params, each a
+  flat {path: array}: the typed filter of mtjax.model.adapters, read from the graphdef."""
+  paths = trained_paths(graphdef, params, True)
+  assert paths is not None
+  flat = traverse_util.flatten_dict(params, sep="/")
+  return ({k: v for k, v in flat.items() if k in paths},
+          {k: v for k, v in flat.items() if k not in paths})
 
 
 def with_frozen_zeros(grads: Any, frozen: dict[str, Any]) -> Any:

@@ -28,7 +28,7 @@ from mtjax.parallel import sharding as sharding_lib
 from mtjax.parallel.sharding import BATCH_AXES
 from mtjax.train import losses
 from mtjax.train import weighting as weighting_lib
-from mtjax.train.state import TrainState, split_trainable, trained, with_frozen_zeros
+from mtjax.train.state import TrainState, split_trainable, with_frozen_zeros
 from mtjax.train.weighting import Need
 
 
@@ -47,7 +47,7 @@ class Gradients:
   grad_accum: int = 1
   z_loss: float = 0.0
   loss_chunk: int = 1024  # 0: the dense [B, L, V] logits at once
-  lora: bool = False
+  lora: bool = False  # a frozen base: only the Trained adapter variables get gradients
 
   def objective(self, params: Any, batch: Mapping[str, jax.Array], task_weights: jax.Array,
                 entropy_coefs: jax.Array, normalizer: jax.Array,
@@ -66,7 +66,7 @@ class Gradients:
 
   def value_and_grad(self, params: Any, *args: Any) -> tuple[Any, Any]:
     """((objective, per_task), grads) of `objective(params, *args)`; grads a full params tree."""
-    return value_and_grad_trainable(self.objective, self.lora)(params, *args)
+    return value_and_grad_trainable(self.objective, self.graphdef, self.lora)(params, *args)
 
   def __call__(self, params: Any, batch: Mapping[str, jax.Array], task_weights: jax.Array,
                entropy_coefs: jax.Array,
@@ -116,7 +116,8 @@ class Gradients:
       return (per_task["loss"], per_task["entropy"], z_term), per_task
 
     if self.lora:
-      trained_params, frozen = trained(params, True), split_trainable(params)[1]
+      adapters, frozen = split_trainable(self.graphdef, params)
+      trained_params = traverse_util.unflatten_dict(adapters, sep="/")
     else:
       trained_params, frozen = params, {}
     _, pullback, per_task = jax.vjp(lambda t: terms(t, jax.lax.stop_gradient(frozen)),
@@ -125,13 +126,13 @@ class Gradients:
 
   def with_frozen(self, grads: Any, params: Any) -> Any:
     """Trained-part gradients -> a full params tree (zeros for the frozen base with LoRA)."""
-    return with_frozen_zeros(grads, split_trainable(params)[1]) if self.lora else grads
+    return with_frozen_zeros(grads, split_trainable(self.graphdef, params)[1]) if self.lora else grads
 
 
-def value_and_grad_trainable(fn: Callable, lora: bool) -> Callable:
-  """jax.value_and_grad(fn, has_aux=True) w.r.t. the trained parameters only: with `lora`, the
-  adapters (the frozen base is held constant and gets zero gradients); the gradients come back
-  as a full params tree either way."""
+def value_and_grad_trainable(fn: Callable, graphdef: Any, lora: bool) -> Callable:
+  """jax.value_and_grad(fn, has_aux=True) w.r.t. the trained parameters only: with `lora` (a
+  frozen base), the Trained adapter variables (by the types `graphdef` records); the base is held
+  constant and gets zero gradients. The gradients come back as a full params tree either way."""
   value_and_grad = jax.value_and_grad(fn, has_aux=True)
   if not lora:
     return value_and_grad
@@ -141,7 +142,7 @@ def value_and_grad_trainable(fn: Callable, lora: bool) -> Callable:
   adapters_value_and_grad = jax.value_and_grad(adapters_fn, has_aux=True)
 
   def value_and_grad_adapters(params, *args):
-    adapters, frozen = split_trainable(params)
+    adapters, frozen = split_trainable(graphdef, params)
     value, grads = adapters_value_and_grad(adapters, jax.lax.stop_gradient(frozen), *args)
     return value, with_frozen_zeros(grads, frozen)
   return value_and_grad_adapters
