@@ -45,6 +45,7 @@ from mtjax.errors import BadInputError
 
 KINDS: Mapping[str, str] = {
     "lora": "mtjax.model.lora:LoRA",
+    "dora": "mtjax.model.dora:DoRA",
     "svf": "mtjax.model.svf:SVF",
     "soft_prompt": "mtjax.model.soft_prompt:SoftPrompt",
 }
