@@ -190,7 +190,8 @@ def _run_locked(config: Config, workdir: epath.Path, recipe: Recipe, *,
   if jax.process_index() == 0:  # metrics first: a bad metrics file stops before config.json changes
     rundir.set_aside_metrics(workdir, after_step=int(setup.state.step))
     rundir.write_run_files(workdir, config, setup.devices,
-                           {"mesh": dict(setup.mesh.shape), "model": dataclasses.asdict(setup.spec)})
+                           {"mesh": dict(setup.mesh.shape), "model": dataclasses.asdict(setup.spec),
+                            "compilation_cache": setup.compilation_cache})
   step_fn, source, hooks = recipe.build(setup, workdir)
   loop = Loop(setup, workdir, step_fn, source, hooks)
   loop.run()

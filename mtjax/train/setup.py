@@ -27,6 +27,7 @@ from mtjax.parallel import sharding as sharding_lib
 from mtjax.parallel.mesh import Device, make_mesh
 from mtjax.resolve import resolve
 from mtjax.train import checkpoint as checkpoint_lib
+from mtjax.train import compile_cache
 from mtjax.train import optimizer
 from mtjax.train import state as state_lib
 from mtjax.train import step as step_lib
@@ -52,6 +53,7 @@ class Setup:
   controls_state: dict[str, Any] | None = None
   changes: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # safe changes
   workdir: epath.Path | None = None
+  compilation_cache: str = "off"  # where JAX's persistent cache is for this run, or "off"
 
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:
@@ -124,6 +126,8 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   if not any_mesh:
     check_divisibility(config, mesh)
   check_methods(config)
+  cache = compile_cache.configure(config.train.compilation_cache,
+                                  config.train.compilation_cache_dir, devices)
   from mtjax.data import tokenizer as tokenizer_lib
   tokenizer = tokenizer_lib.for_config(config)
   spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform,
@@ -168,7 +172,8 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
     _say(state_summary(state.params, state.opt_state, spec, trained))
   setup = Setup(config=config, devices=devices, mesh=mesh, tokenizer=tokenizer, spec=spec, tx=tx,
                 schedule=schedule, graphdef=graphdef, state=state, shardings=shardings,
-                run_facts=run_facts, checkpointer=checkpointer, changes=changes, workdir=workdir)
+                run_facts=run_facts, checkpointer=checkpointer, changes=changes, workdir=workdir,
+                compilation_cache=cache)
   if checkpointer is not None and restore_at is not None:
     setup.state, setup.loader_state = checkpointer.restore(restore_at, state)
     setup.controls_state = checkpointer.restore_controls(restore_at)

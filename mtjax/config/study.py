@@ -1,0 +1,42 @@
+"""The studies' settings (study.*), read by `mtjax experiment` (mtjax.experiments validates
+them: arms.validate_study_config); a training run ignores them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """Settings of `mtjax experiment ...` studies."""
+
+  steps_per_task: int = 100  # efficiency: each single-task run; the joint run gets K times this
+  seeds: tuple[int, ...] = (0, 1, 2)
+  eval_every: int = 25
+  target: float = 0.5  # the score each task must reach (eval metric below) ...
+  targets: Mapping[str, float] = dataclasses.field(default_factory=dict)  # ... or per task
+  metric: str = "accuracy"
+  entropy_coef: float = 0.05  # entropy study: the coefficient of its regularized arm
+  # Eval steps of every arm: every (eval_every) | log (also steps 1, 2, 4, 8, ...: dense early).
+  eval_schedule: str = "every"
+  # The LR schedule of every arm, whose value at a step does not depend on the arm's length:
+  # constant (after warmup) | wsd (constant, then a linear decay over the last lr_decay_steps
+  # steps of each arm: the same absolute decay length in every arm).
+  lr_schedule: str = "constant"
+  lr_decay_steps: int = 0  # wsd: the decay length in steps (1 <= it <= steps_per_task - warmup)
+  # Per-task metric, overriding `metric` (e.g. open-ended tasks judged by their verifier:
+  # {"open_ended_grammar": "accuracy"}).
+  task_metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # The first tuning_examples of each task's validation split are the tuning split (targets and
+  # knobs are chosen there); reported numbers come from the examples after them (eval.skip).
+  tuning_examples: int = 0
+  split: str = "report"  # report (examples after the tuning split) | tuning (the tuning split)
+  # expert_composition (issue 20, study ii): the held-out task the experts are composed on, the
+  # few-shot examples (of its train split) that choose the mixture, and the CEM's size.
+  new_task: str = ""
+  shots: int = 16
+  cem_population: int = 32
+  cem_iterations: int = 50
+  # fast_slow (issue 21): the soft prompts' LR (the fast weights) and the model's (the slow ones).
+  fast_lr: float = 3e-2
+  slow_lr: float = 1e-3
