@@ -19,6 +19,7 @@ from etils import epath
 from mtjax.config import Config
 from mtjax.errors import BadInputError
 from mtjax.experiments import floors, runs
+from mtjax.experiments import report as report_lib
 from mtjax.experiments.floors import metric_for  # noqa: F401  (the studies use arms.metric_for)
 
 TrainFn = Callable[[Config, epath.Path], Any]
@@ -35,7 +36,9 @@ class Study:
     help: one line for `mtjax experiment --help`.
     summarize: `summarize(config, root, train_fn) -> summary`: trains the arms not yet DONE
       through `train_fn` and computes the JSON summary from their stored metrics.
-    report: `report(root, summary) -> path`: writes report.md (and its plots) from a summary.
+    describe: `describe(summary, root) -> report.Report`: the report's blocks (text, tables,
+      figures, verdict) from a summary (root: where the report lives, for files the study wrote
+      beside it); `report(root, summary)` writes report.md and the figures.
     check: `check(config)` raises BadInputError for what else this study needs of a config.
     record: extra study.json entries for a config (the settings a study once took as arguments).
   """
@@ -43,7 +46,7 @@ class Study:
   name: str
   help: str
   summarize: Callable[[Config, epath.Path, TrainFn], dict[str, Any]]
-  report: Callable[[epath.Path, dict[str, Any]], epath.Path]
+  describe: Callable[[dict[str, Any], Any], report_lib.Report]
   check: Callable[[Config], None] = lambda config: None
   record: Callable[[Config], Mapping[str, Any]] = lambda config: {}
 
@@ -78,6 +81,10 @@ class Study:
     summary.setdefault("floors", floors.describe(config.replace(**split_settings(config))))
     self._finish(root, summary)
     return root / "report.md"
+
+  def report(self, root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+    """report.md and the figures of a summary (the one renderer: mtjax.experiments.report)."""
+    return report_lib.write(root, self.describe(summary, root))
 
   def _finish(self, root: epath.Path, summary: dict[str, Any]) -> dict[str, Any]:
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

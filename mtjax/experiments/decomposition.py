@@ -79,18 +79,9 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
 
 # ---------------------------------------------------------------- the report
 
-def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
+  del root
   tasks, runs = summary["tasks"], summary["per_seed"]
-  plt = report.pyplot()
-  fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
-  x = np.arange(len(tasks))
-  for i, arm in enumerate(("umbrella", "granular")):
-    ax.bar(x + (i - 0.5) * 0.4, [np.mean([r[arm]["token_accuracy"][t] for r in runs]) for t in tasks],
-           0.4, label=arm)
-  ax.set_xticks(x, [t.replace("fc_", "") for t in tasks], rotation=30, ha="right", fontsize=8)
-  ax.set_ylabel("held-out token accuracy")
-  ax.legend(fontsize=8)
-  plot = report.save_figure(fig, root / "decomposition.png")
   rows = []
   for t in tasks:
     cells = [t, report.floor_of(summary, t)]
@@ -99,9 +90,8 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       g = [r["granular"][m][t] for r in runs]
       cells += [report.mean_std(u), report.mean_std(g), f"{np.mean(g) - np.mean(u):+.3f}"]
     rows.append(cells)
-  lines = [
-      "# Decomposition study: umbrella task alone vs granular subtasks + umbrella",
-      "",
+  doc = report.Report("Decomposition study: umbrella task alone vs granular subtasks + umbrella")
+  doc.text(
       f"Seeds: {summary['seeds']}. `umbrella` samples only {summary['umbrella']} for "
       f"{summary['steps']} steps; `granular` samples all {len(tasks)} tasks equally, for as many "
       "steps as match the umbrella arm's supervised (loss) tokens, on the same batch shape: "
@@ -111,20 +101,29 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
           for r in runs if "arm_steps" in r)
       + f". {summary.get('schedule', '')} Scored on held-out APIs (never seen in training): "
       "structural match of the greedy completion, and teacher-forced token accuracy. Floor: "
-      "the structural match of always answering the most frequent training answer.",
-      "",
-      *report.md_table(["subtask", "floor", "structural match: umbrella", "granular", "Δ",
-                        "token acc: umbrella", "granular", "Δ"], rows),
-      "",
-      f"![decomposition]({plot.name})",
-      "",
-  ]
-  return report.write_markdown(root, lines)
+      "the structural match of always answering the most frequent training answer.")
+  doc.table(["subtask", "floor", "structural match: umbrella", "granular", "Δ",
+             "token acc: umbrella", "granular", "Δ"], rows)
+  doc.figure("decomposition.png", lambda: _figure(summary), alt="decomposition")
+  return doc
+
+
+def _figure(summary: dict[str, Any]) -> Any:
+  tasks, runs = summary["tasks"], summary["per_seed"]
+  fig, ax = report.figure(figsize=(7, 3.2), dpi=110)
+  x = np.arange(len(tasks))
+  for i, arm in enumerate(("umbrella", "granular")):
+    ax.bar(x + (i - 0.5) * 0.4, [np.mean([r[arm]["token_accuracy"][t] for r in runs]) for t in tasks],
+           0.4, label=arm)
+  ax.set_xticks(x, [t.replace("fc_", "") for t in tasks], rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("held-out token accuracy")
+  ax.legend(fontsize=8)
+  return fig
 
 
 STUDY = arms.Study(
     name="decomposition", help="function calling: umbrella alone vs granular subtasks",
-    summarize=summarize, report=write_report, check=check)
+    summarize=summarize, describe=describe, check=check)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

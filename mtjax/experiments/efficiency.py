@@ -230,88 +230,65 @@ def _fmt_ratio(x: float | None) -> str:
   return "n/a" if x is None else "∞" if math.isinf(x) else f"{x:.3f}"
 
 
-def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
+  del root
   tasks, runs = summary["tasks"], summary["per_seed"]
-  plot = _plot(root, summary)
   evals = (f"every {summary['eval_every']} steps"
            + (" and at steps 1, 2, 4, 8, ... (log-spaced: dense early)"
               if summary["eval_schedule"] == "log" else "") + ", and at each arm's end")
-  lines = [
-      "# Efficiency study: multi-task vs task-specific",
-      "",
+  doc = report.Report("Efficiency study: multi-task vs task-specific")
+  doc.text(
       f"Tasks: {', '.join(tasks)}. Seeds: {summary['seeds']}. Each single-task run: "
       f"{summary['steps_per_task']} steps; the multi-task run: {summary['steps_per_task'] * len(tasks)} "
       f"steps (the same total compute); {summary['tokens_per_step']:,} tokens per step. Score: "
       f"held-out eval `{summary['metric']}` (per task in the table) {evals}; target per task in the table. "
-      f"{summary['schedule']}",
-      "",
-      "Tokens to target: where the eval curve first crosses the target, interpolated linearly "
-      "between the last eval below it and the first at or above it (mean ± std over seeds).",
-      "",
-      "Floor: the best trivial baseline on the evaluated held-out examples (most frequent "
-      "training tokens or answer); ceiling: the best achievable score (1 where the target is a "
-      "function of the prompt; the Bayes-optimal one for generated open-ended tasks; - unknown).",
-      "",
-      "| task | metric | floor | target | ceiling | single: tokens to target | "
-      "multi: tokens to target | single: final | multi: final |",
-      "|---|---|---|---|---|---|---|---|---|",
-  ]
+      f"{summary['schedule']}")
+  doc.text("Tokens to target: where the eval curve first crosses the target, interpolated linearly "
+           "between the last eval below it and the first at or above it (mean ± std over seeds).")
+  doc.text("Floor: the best trivial baseline on the evaluated held-out examples (most frequent "
+           "training tokens or answer); ceiling: the best achievable score (1 where the target is a "
+           "function of the prompt; the Bayes-optimal one for generated open-ended tasks; - unknown).")
   metrics = summary.get("metrics") or {t: summary["metric"] for t in tasks}
   bounds = summary.get("floors") or {}
-  for t in tasks:
-    bound = bounds.get(t, {})
-    lines.append(f"| {t} | {metrics[t]} | {_fmt_bound(bound.get('floor'))} | {summary['targets'][t]} | "
-                 f"{_fmt_bound(bound.get('ceiling'))} | "
-                 f"{_fmt_tokens([r['single_tokens_to_target'][t] for r in runs])} | "
-                 f"{_fmt_tokens([r['multi_tokens_to_target'][t] for r in runs])} | "
-                 f"{report.mean_std([r['single_final'][t] for r in runs])} | "
-                 f"{report.mean_std([r['multi_final'][t] for r in runs])} |")
-  lines += [
-      "",
-      "Crossings per seed: tokens at the interpolated crossing [last eval below, first eval at or "
-      "above the target].",
-      "",
-      "| seed | task | single | multi |",
-      "|---|---|---|---|",
-  ]
-  for r in runs:
-    for t in tasks:
-      lines.append(f"| {r['seed']} | {t} | {_fmt_crossing(r['single_crossing'][t])} | "
-                   f"{_fmt_crossing(r['multi_crossing'][t])} |")
-  lines += [
-      "",
+  doc.table(["task", "metric", "floor", "target", "ceiling", "single: tokens to target",
+             "multi: tokens to target", "single: final", "multi: final"],
+            [[t, metrics[t], _fmt_bound(bounds.get(t, {}).get("floor")), str(summary["targets"][t]),
+              _fmt_bound(bounds.get(t, {}).get("ceiling")),
+              _fmt_tokens([r["single_tokens_to_target"][t] for r in runs]),
+              _fmt_tokens([r["multi_tokens_to_target"][t] for r in runs]),
+              report.mean_std([r["single_final"][t] for r in runs]),
+              report.mean_std([r["multi_final"][t] for r in runs])] for t in tasks])
+  doc.text("Crossings per seed: tokens at the interpolated crossing [last eval below, first eval at "
+           "or above the target].")
+  doc.table(["seed", "task", "single", "multi"],
+            [[str(r["seed"]), t, _fmt_crossing(r["single_crossing"][t]),
+              _fmt_crossing(r["multi_crossing"][t])] for r in runs for t in tasks])
+  doc.text(
       "Efficiency ratio = (sum of single-task tokens to target) / (multi-task tokens until every "
       "task reached its target); its interval: from the most pessimistic crossings (single-task "
       "at the start of their intervals, multi-task at the end) to the most optimistic. A target "
       "a run never reached is censored at that run's budget: it would be reached later or never, "
-      "so the ratio has no point value and one end of its interval is unbounded (∞ or 0).",
-      "",
-      "| seed | ratio | interval |",
-      "|---|---|---|",
-  ]
+      "so the ratio has no point value and one end of its interval is unbounded (∞ or 0).")
+  rows = []
   for r in runs:
     low, high = r["ratio_interval"]
-    lines.append(f"| {r['seed']} | {_fmt_ratio(r['ratio'])} | "
-                 + ("n/a" if low is None else f"[{_fmt_ratio(low)}, {_fmt_ratio(high)}"
-                    + (")" if high is not None and math.isinf(high) else "]")) + " |")
-  lines += [
-      "",
+    rows.append([str(r["seed"]), _fmt_ratio(r["ratio"]),
+                 "n/a" if low is None else f"[{_fmt_ratio(low)}, {_fmt_ratio(high)}"
+                 + (")" if high is not None and math.isinf(high) else "]")])
+  doc.table(["seed", "ratio", "interval"], rows)
+  doc.verdict(
       f"**Verdict: {summary['verdict']}** ({summary['verdict_reason']}; more efficient: every "
       "seed's interval lies above 1; less efficient: every seed's interval lies below 1; both need "
-      f"at least {summary['min_seeds']} seeds; otherwise inconclusive).",
-      "",
-      f"![eval curves]({plot.name})",
-      "",
-  ]
-  return report.write_markdown(root, lines)
+      f"at least {summary['min_seeds']} seeds; otherwise inconclusive).")
+  doc.figure("efficiency_curves.png", lambda: _figure(summary), alt="eval curves")
+  return doc
 
 
-def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
-  plt = report.pyplot()
+def _figure(summary: dict[str, Any]) -> Any:
   tasks = summary["tasks"]
   cols = min(len(tasks), 4)
   rows = -(-len(tasks) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), dpi=110, squeeze=False)
+  fig, axes = report.figure(rows, cols, figsize=(3.6 * cols, 2.8 * rows), dpi=110, squeeze=False)
   for ax, task in zip(axes.flat, tasks):
     for run in summary["per_seed"]:
       for arm, style in (("single", "--"), ("multi", "-")):
@@ -328,11 +305,11 @@ def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
   for ax in list(axes.flat)[len(tasks):]:
     ax.axis("off")
   axes.flat[0].legend(fontsize=8)
-  return report.save_figure(fig, root / "efficiency_curves.png")
+  return fig
 
 
 STUDY = arms.Study(name="efficiency", help="multi-task vs task-specific at equal compute",
-                   summarize=summarize, report=write_report, record=_record)
+                   summarize=summarize, describe=describe, record=_record)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

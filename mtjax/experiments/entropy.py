@@ -90,21 +90,18 @@ def findings(per_seed, tasks) -> dict[str, dict[str, dict[str, float]]]:
 
 # ---------------------------------------------------------------- the report
 
-def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
+  del root
   tasks, f = summary["tasks"], summary["findings"]
   k = summary["num_samples"]
-  plot = _plot(root, summary)
-  lines = [
-      "# Entropy study: does joint training collapse open-ended entropy?",
-      "",
+  doc = report.Report("Entropy study: does joint training collapse open-ended entropy?")
+  doc.text(
       f"Tasks: {', '.join(tasks)}. Seeds: {summary['seeds']}. Every arm trains {summary['steps']} "
       f"steps. Arms: joint (no entropy term), joint_regularized (entropy coefficient "
       f"{summary['entropy_coef']} on the open-ended tasks), structured_first (structured tasks alone "
       "for the first half, then the joint mixture). Held-out predictive entropy per target token; "
       f"'retained' = final / peak held-out entropy after step 0 (1 = no collapse); distinct@{k} and "
-      f"pass@1 from {k} sampled completions per prompt. Mean ± std over seeds.",
-      "",
-  ]
+      f"pass@1 from {k} sampled completions per prompt. Mean ± std over seeds.")
   rows = []
   for arm in ARMS:
     for t in tasks:
@@ -113,21 +110,20 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
                    _spread(_last(runs, "eval_entropy"), 3),
                    _spread([retained(r["eval_entropy"]) for r in runs], 2),
                    _spread(_last(runs, "distinct"), 2), _spread(_last(runs, "pass1"), 2)])
-  lines += report.md_table(
-      ["arm", "task", "kind", "final entropy", "retained", f"distinct@{k}", "pass@1"], rows)
+  doc.table(["arm", "task", "kind", "final entropy", "retained", f"distinct@{k}", "pass@1"], rows)
   free = [t for t in tasks if summary["open_ended"][t]]
-  lines += ["", "## Findings", ""]
+  doc.heading("Findings")
+  findings = []
   for t in free:
     j, r, s = (f[a][t] for a in ARMS)
-    lines.append(
-        f"- `{t}`: joint training keeps {j['retained']:.0%} of its peak held-out entropy "
+    findings.append(
+        f"`{t}`: joint training keeps {j['retained']:.0%} of its peak held-out entropy "
         f"(final {j['final_entropy']:.3f}); with the entropy term {r['retained']:.0%} "
         f"(final {r['final_entropy']:.3f}, {'higher' if r['final_entropy'] > j['final_entropy'] else 'not higher'}); "
         f"structured-first {s['retained']:.0%} (final {s['final_entropy']:.3f}).")
-  if not free:
-    lines.append("- no open-ended task in this run")
-  lines += ["", f"![entropy]({plot.name})", ""]
-  return report.write_markdown(root, lines)
+  doc.bullets(findings or ["no open-ended task in this run"])
+  doc.figure("entropy.png", lambda: _figure(summary), alt="entropy")
+  return doc
 
 
 def _last(runs: list[dict[str, Any]], key: str) -> list[float] | None:
@@ -139,11 +135,10 @@ def _spread(values: list[float] | None, digits: int) -> str:
   return "-" if values is None else report.mean_std(values, digits)
 
 
-def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
-  plt = report.pyplot()
+def _figure(summary: dict[str, Any]) -> Any:
   tasks = summary["tasks"]
   k = summary["num_samples"]
-  fig, axes = plt.subplots(2, len(tasks), figsize=(3.4 * len(tasks), 5.4), dpi=110, squeeze=False)
+  fig, axes = report.figure(2, len(tasks), figsize=(3.4 * len(tasks), 5.4), dpi=110, squeeze=False)
   for col, t in enumerate(tasks):
     for i, arm in enumerate(ARMS):
       for s, run in enumerate(summary["per_seed"]):
@@ -159,12 +154,12 @@ def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
     for row in (0, 1):
       axes[row, col].grid(alpha=0.3)
   axes[0, 0].legend(fontsize=7)
-  return report.save_figure(fig, root / "entropy.png")
+  return fig
 
 
 STUDY = arms.Study(
     name="entropy", help="entropy and distinct-k of open-ended tasks: joint, regularized, ordered",
-    summarize=summarize, report=write_report)
+    summarize=summarize, describe=describe)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

@@ -174,18 +174,19 @@ def _pct(x: float) -> str:
   return "-" if np.isnan(x) else f"{x:.3f}"
 
 
-def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
+  del root
   per_seed, tasks, new = summary["per_seed"], summary["tasks"], summary["new_task"]
   f, cem = summary["findings"], summary["cem"]
-  lines = [
-      "# Expert composition: CEM-mixed SVF experts vs the best single expert vs the base",
-      "",
+  doc = report.Report("Expert composition: CEM-mixed SVF experts vs the best single expert vs "
+                      "the base")
+  doc.text(
       f"Experts: {', '.join(f'`{t}`' for t in tasks)} (per-task SVF expert vectors on "
       f"{', '.join(summary['svf_targets'])}, {summary['svf_steps']} steps at LR "
       f"{summary['svf_lr']:g}, on a base trained from scratch for {summary['base_steps']} steps "
       f"on the same tasks and exported). Held-out composite task: `{new}` (eval-only: no run "
-      f"trained on it). Seeds: {summary['seeds']}.",
-      "",
+      f"trained on it). Seeds: {summary['seeds']}.")
+  doc.text(
       f"alpha (one weight in [0, 1] per expert, z' = sum_k alpha_k z_k) found by CEM "
       f"(population {cem['population']}, elite {cem['elite_fraction']:g}, {cem['iterations']} "
       f"iterations) on {summary['shots']} few-shot examples of `{new}`'s train split: exact match "
@@ -195,9 +196,7 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       "space). The base is the exported base model (z = 1: no expert). SVF rescales every "
       "matrix to keep the sum of its singular values, so a mixture with one nonzero weight is "
       "exactly that expert (z' = a z_k gives the same weights as z_k): where the CEM puts weight "
-      "on one expert only, 'composed' and that expert are the same model.",
-      "",
-  ]
+      "on one expert only, 'composed' and that expert are the same model.")
   rows = []
   for s in per_seed:
     em = s["exact_match"]
@@ -206,70 +205,72 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
                 [_pct(em["experts"][t]) for t in tasks])
   rows.append(["mean ± std", ""] + [report.mean_std(values(per_seed, m)) for m in MODELS] +
               [report.mean_std([s["exact_match"]["experts"][t] for s in per_seed]) for t in tasks])
-  lines += report.md_table(["seed", "alpha", "composed", "best single (few-shot choice)", "base"] +
-                           [f"expert {t}" for t in tasks], rows)
-  lines += ["", "Paired by seed (held-out exact match, a minus b; per seed, then mean ± std):", ""]
+  doc.table(["seed", "alpha", "composed", "best single (few-shot choice)", "base"] +
+            [f"expert {t}" for t in tasks], rows)
+  doc.text("Paired by seed (held-out exact match, a minus b; per seed, then mean ± std):")
   rows = []
   for a, b in PAIRS:
     p = f["paired"][f"{a}_vs_{b}"]
     rows.append([f"{a} - {b}", ", ".join(f"{d:+.3f}" for d in p["diffs"]),
                  f"{p['mean']:+.3f} ± {p['std']:.3f}", f["verdicts"][f"{a}_vs_{b}"]])
-  lines += report.md_table(["difference", "per seed", "mean ± std", "verdict"], rows)
-  lines += ["", "Held-out mean target log-likelihood (teacher-forced, nats per target token, EOS "
-            "included): a graded view of the same models where exact match says little.", ""]
-  rows = [[str(s["seed"])] + [f"{s['log_likelihood'][m]:.4f}" for m in MODELS] for s in per_seed]
-  lines += report.md_table(["seed", "composed", "best single", "base"], rows)
-  lines += [""]
+  doc.table(["difference", "per seed", "mean ± std", "verdict"], rows)
+  doc.text("Held-out mean target log-likelihood (teacher-forced, nats per target token, EOS "
+           "included): a graded view of the same models where exact match says little.")
+  doc.table(["seed", "composed", "best single", "base"],
+            [[str(s["seed"])] + [f"{s['log_likelihood'][m]:.4f}" for m in MODELS] for s in per_seed])
   rows = []
   for a, b in PAIRS:
     p = f["paired"][f"{a}_vs_{b}_loglik"]
     rows.append([f"{a} - {b}", ", ".join(f"{d:+.4f}" for d in p["diffs"]),
                  f"{p['mean']:+.4f} ± {p['std']:.4f}", f["verdicts"][f"{a}_vs_{b}_loglik"]])
-  lines += report.md_table(["log-likelihood difference", "per seed", "mean ± std", "verdict"], rows)
-  lines += ["", "The experts on their own tasks (held-out teacher-forced token accuracy at the end "
-            "of each arm; mean over seeds): did the experts learn anything beyond the base?", ""]
-  rows = [[t, f"{np.mean([s['token_accuracy']['base'][t] for s in per_seed]):.3f}",
-           f"{np.mean([s['token_accuracy']['svf'][t] for s in per_seed]):.3f}"] for t in tasks]
-  lines += report.md_table(["task", "base", "svf (its own expert)"], rows)
-  lines += ["", "## Findings", "",
-            "A verdict names a direction only when every one of at least 3 seeds moved that way "
-            "(a weak criterion: with 3 seeds, noise alone gives one sign on all of them 1 time in "
-            "4); otherwise it says inconclusive.", ""]
+  doc.table(["log-likelihood difference", "per seed", "mean ± std", "verdict"], rows)
+  doc.text("The experts on their own tasks (held-out teacher-forced token accuracy at the end "
+           "of each arm; mean over seeds): did the experts learn anything beyond the base?")
+  doc.table(["task", "base", "svf (its own expert)"],
+            [[t, f"{np.mean([s['token_accuracy']['base'][t] for s in per_seed]):.3f}",
+              f"{np.mean([s['token_accuracy']['svf'][t] for s in per_seed]):.3f}"] for t in tasks])
+  doc.heading("Findings")
+  doc.text("A verdict names a direction only when every one of at least 3 seeds moved that way "
+           "(a weak criterion: with 3 seeds, noise alone gives one sign on all of them 1 time in "
+           "4); otherwise it says inconclusive.")
   if f.get("floor"):
-    lines += [f"- Floor: every model (composed, each expert, the base) scored exact match 0 on "
-              f"`{new}` on every seed. Exact match cannot rank them at this size; the ties below "
-              "say nothing about composition. The log-likelihood rows are the only graded "
-              "evidence here.", ""]
+    doc.bullets([f"Floor: every model (composed, each expert, the base) scored exact match 0 on "
+                 f"`{new}` on every seed. Exact match cannot rank them at this size; the ties below "
+                 "say nothing about composition. The log-likelihood rows are the only graded "
+                 "evidence here."])
+  findings = []
   for a, b in PAIRS:
     p = f["paired"][f"{a}_vs_{b}"]
     q = f["paired"][f"{a}_vs_{b}_loglik"]
-    lines.append(f"- {a} vs {b}: exact match {f['verdicts'][f'{a}_vs_{b}']} (mean difference "
-                 f"{p['mean']:+.3f} ± {p['std']:.3f}); target log-likelihood "
-                 f"{f['verdicts'][f'{a}_vs_{b}_loglik']} ({q['mean']:+.4f} ± {q['std']:.4f}).")
-  lines += ["", "## What this run does NOT show", "",
-            "- A tiny model trained from scratch for minutes on synthetic string tasks: nothing here "
-            "says how SVF experts of a pretrained LLM compose (the paper adapts billion-parameter "
-            "models whose singular vectors already carry skills).",
-            f"- One composite task (`{new}` = sort, then reverse) and three experts: other "
-            "compositions, or tasks that need a skill no expert has, may behave otherwise.",
-            f"- Few-shot choices rest on {summary['shots']} examples: with exact match near 0 or 1 "
-            "on so few examples, the CEM is mostly steered by the log-likelihood tie-break, and the "
-            "best single expert may be chosen by noise.",
-            f"- Held-out numbers come from {summary['heldout']} examples per seed; their sampling "
-            "error is part of the spread over seeds.",
-            "- No tuning: one SVF LR, one number of steps, the paper's CEM settings (or fewer in a "
-            "test variant); a different budget could change every verdict. 'Inconclusive' is a "
-            "result of this size, not evidence of no effect.",
-            "- Seeds vary the base, the experts and the CEM together; the spread does not separate "
-            "those sources.", ""]
-  return report.write_markdown(root, lines)
+    findings.append(f"{a} vs {b}: exact match {f['verdicts'][f'{a}_vs_{b}']} (mean difference "
+                    f"{p['mean']:+.3f} ± {p['std']:.3f}); target log-likelihood "
+                    f"{f['verdicts'][f'{a}_vs_{b}_loglik']} ({q['mean']:+.4f} ± {q['std']:.4f}).")
+  doc.bullets(findings)
+  doc.heading("What this run does NOT show")
+  doc.bullets([
+      "A tiny model trained from scratch for minutes on synthetic string tasks: nothing here "
+      "says how SVF experts of a pretrained LLM compose (the paper adapts billion-parameter "
+      "models whose singular vectors already carry skills).",
+      f"One composite task (`{new}` = sort, then reverse) and three experts: other "
+      "compositions, or tasks that need a skill no expert has, may behave otherwise.",
+      f"Few-shot choices rest on {summary['shots']} examples: with exact match near 0 or 1 "
+      "on so few examples, the CEM is mostly steered by the log-likelihood tie-break, and the "
+      "best single expert may be chosen by noise.",
+      f"Held-out numbers come from {summary['heldout']} examples per seed; their sampling "
+      "error is part of the spread over seeds.",
+      "No tuning: one SVF LR, one number of steps, the paper's CEM settings (or fewer in a "
+      "test variant); a different budget could change every verdict. 'Inconclusive' is a "
+      "result of this size, not evidence of no effect.",
+      "Seeds vary the base, the experts and the CEM together; the spread does not separate "
+      "those sources."])
+  return doc
 
 
 STUDY = arms.Study(
     name="expert_composition",
     help="per-task SVF experts composed few-shot by CEM on a held-out task vs the best single "
          "expert vs the base",
-    summarize=summarize, report=write_report, check=_check, record=_record)
+    summarize=summarize, describe=describe, check=_check, record=_record)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

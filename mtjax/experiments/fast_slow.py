@@ -212,14 +212,13 @@ def _diff(d: Mapping[str, Any], digits: int = 3) -> str:
   return f"{d['mean']:+.{digits}f} ± {d['std']:.{digits}f}"
 
 
-def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
+  del root
   tasks, per_seed, f = summary["tasks"], summary["per_seed"], summary["findings"]
   metric_names = sorted(set(summary["metrics"].values()))
   n = summary["steps_per_task"]
-  plot = _plot(root, summary)
-  lines = [
-      "# Fast and slow: soft prompts beside the weights, on a sequence of tasks",
-      "",
+  doc = report.Report("Fast and slow: soft prompts beside the weights, on a sequence of tasks")
+  doc.text(
       f"Fast channel: {summary['channel']}. Tasks, learned in this order: "
       f"{' -> '.join(tasks)}. Seeds: {summary['seeds']}. Per seed: a base model trained from "
       f"scratch on the equal mixture of the tasks for {summary['base_steps']} steps (LR "
@@ -230,16 +229,12 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       f"(every weight at LR {summary['slow_lr']:g}; the soft prompts frozen), `fast` (the soft "
       f"prompts at LR {summary['fast_lr']:g}; the weights frozen) and `fast_slow` (both: the soft prompts at "
       f"{summary['fast_lr']:g} every {summary['fast_every']} step(s), the weights at "
-      f"{summary['slow_lr']:g} every {summary['slow_every']} step(s)).",
-      "",
+      f"{summary['slow_lr']:g} every {summary['slow_every']} step(s)).")
+  doc.text(
       f"Score: held-out {' / '.join(metric_names)} per task ({summary['num_scored']} examples per "
       "task after the tuning split; " + ", ".join(f"{t}: {m}" for t, m in summary["metrics"].items())
-      + "), every " + f"{summary['eval_every']} steps; mean ± std over seeds.",
-      "",
-      "Every task's score at the start and at the end of each stage (mean over seeds):",
-      "",
-  ]
-  header = ["arm", "after", *tasks]
+      + "), every " + f"{summary['eval_every']} steps; mean ± std over seeds.")
+  doc.text("Every task's score at the start and at the end of each stage (mean over seeds):")
   rows = []
   for arm in ARMS:
     rows.append([arm, "start", *[_mean([s[arm]["start"][t] for s in per_seed]) for t in tasks]])
@@ -247,68 +242,71 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       rows.append([arm, f"stage {k + 1} ({stage_task})",
                    *[_mean([s[arm]["by_stage"][k][t] for s in per_seed]) for t in tasks]])
   rows.append(["floor", "(trivial baseline)", *[report.floor_of(summary, t) for t in tasks]])
-  lines += report.md_table(header, rows)
-  lines += ["", "The floor row is what a trivial baseline scores on the same examples "
-            "(mtjax.experiments.floors); every target lies strictly between it and the "
-            "ceiling (1.0), checked before any run.", "",
-            "Per arm (mean ± std over seeds): " + "; ".join(
+  doc.table(["arm", "after", *tasks], rows)
+  doc.text("The floor row is what a trivial baseline scores on the same examples "
+           "(mtjax.experiments.floors); every target lies strictly between it and the "
+           "ceiling (1.0), checked before any run.")
+  doc.text("Per arm (mean ± std over seeds): " + "; ".join(
       f"**{q}** = {QUANTITIES[q]}" for q in QUANTITIES) + ". Targets for steps to target: " +
-      ", ".join(f"{t} {v:g}" for t, v in summary["targets"].items()) + ".", ""]
-  rows = [[arm, *[report.mean_std(f[q]["values"][arm]["per_seed"]) for q in QUANTITIES]]
-          for arm in ARMS]
-  lines += report.md_table(["arm", *QUANTITIES], rows)
+      ", ".join(f"{t} {v:g}" for t, v in summary["targets"].items()) + ".")
+  doc.table(["arm", *QUANTITIES],
+            [[arm, *[report.mean_std(f[q]["values"][arm]["per_seed"]) for q in QUANTITIES]]
+             for arm in ARMS])
   unreached = {arm: sum(s[arm]["steps_to_target"][t] is None for s in per_seed for t in tasks)
                for arm in ARMS}
-  lines += ["", "Stages whose task never reached its target (counted as the stage length, "
-            f"{n}): " + ", ".join(f"{a} {unreached[a]}" for a in ARMS) + f" of "
-            f"{len(per_seed) * len(tasks)}.", "",
-            "Paired by seed (a minus b, mean ± std of the per-seed differences) and the verdict:",
-            ""]
+  doc.text("Stages whose task never reached its target (counted as the stage length, "
+           f"{n}): " + ", ".join(f"{a} {unreached[a]}" for a in ARMS) + f" of "
+           f"{len(per_seed) * len(tasks)}.")
+  doc.text("Paired by seed (a minus b, mean ± std of the per-seed differences) and the verdict:")
   rows = []
   for q in QUANTITIES:
     for a, b in COMPARISONS:
       d = f[q][f"{a}-{b}"]
       rows.append([q, f"{a} - {b}", _diff(d), ", ".join(f"{x:+.3f}" for x in d["diffs"]),
                    d["verdict"]])
-  lines += report.md_table(["quantity", "difference", "mean ± std", "per seed", "verdict"], rows)
-  lines += ["", "## Findings", "",
-            "A verdict names the better arm only when every one of at least 3 seeds moved that "
-            "way (a weak criterion: with 3 seeds, pure noise gives one sign on all of them 1 time "
-            "in 4); otherwise it says inconclusive.", ""]
+  doc.table(["quantity", "difference", "mean ± std", "per seed", "verdict"], rows)
+  doc.heading("Findings")
+  doc.text("A verdict names the better arm only when every one of at least 3 seeds moved that "
+           "way (a weak criterion: with 3 seeds, pure noise gives one sign on all of them 1 time "
+           "in 4); otherwise it says inconclusive.")
+  findings = []
   for q in QUANTITIES:
     d = f[q]["fast_slow-slow"]
-    lines.append(f"- {QUANTITIES[q]}, `fast_slow` - `slow`: {_diff(d)}: {d['verdict']}.")
+    findings.append(f"{QUANTITIES[q]}, `fast_slow` - `slow`: {_diff(d)}: {d['verdict']}.")
   d = f["final"]["fast-slow"]
-  lines += [f"- Soft prompts alone (`fast`) vs fine-tuning (`slow`), final score: {_diff(d)}: "
-            f"{d['verdict']}.",
-            "", f"![score of every task along the sequence, per arm]({plot.name})", "",
-            "## What this run does NOT show", "",
-            "- The paper's fast channel is text: an LLM rewrites the prompt from feedback (GEPA). "
-            "This run's fast channel is soft prompts, trained by gradient; a tiny model cannot "
-            "reflect, and mtjax's discrete channel (train.instruction_search: blind mutations of "
-            "instruction texts) is not used in this run. Nothing here speaks for prompt "
-            "evolution.",
-            "- A tiny model trained from scratch on synthetic tasks it already saw in its base "
-            "run, not a pretrained LLM on new tasks: forgetting here is losing a task the base "
-            "knew, and the soft prompts can only steer what the base learned.",
-            "- The slow learner is supervised fine-tuning, not GRPO (the paper's RL): fast/slow "
-            "with GRPO is not built in mtjax yet.",
-            f"- One LR per channel (fast {summary['fast_lr']:g}, slow {summary['slow_lr']:g}), one "
-            f"prompt length ({summary['soft_prompt_length']}) and one stage length ({n} steps), "
-            "set after a short pilot, not a search: other settings can change every verdict. "
-            "'Inconclusive' is a result of this size, not evidence of no effect.",
-            "- Equal optimizer steps on the same examples (every arm reads the soft-prompt slots) "
-            "are equal forward and backward compute; `fast` skips the weights' optimizer update "
-            "and `slow` the prompts', which this size does not time.",
-            "- KL drift is measured against the common start (the export with its soft prompts), "
-            "on the held-out examples of every task; it includes what the soft prompts change, so "
-            "`fast` drifts too although its weights never move.",
-            f"- Steps to target are read at the evals (every {summary['eval_every']} steps): "
-            "a stage that reaches its target between two evals counts at the later one.",
-            _metric_caveat(metric_names, summary["num_scored"]),
-            "- Seeds vary the base, the data order and the soft prompts' initialization "
-            "together; the spread does not separate those sources.", ""]
-  return report.write_markdown(root, lines)
+  findings.append(f"Soft prompts alone (`fast`) vs fine-tuning (`slow`), final score: {_diff(d)}: "
+                  f"{d['verdict']}.")
+  doc.bullets(findings)
+  doc.figure("fast_slow.png", lambda: _figure(summary),
+             alt="score of every task along the sequence, per arm")
+  doc.heading("What this run does NOT show")
+  doc.bullets([
+      "The paper's fast channel is text: an LLM rewrites the prompt from feedback (GEPA). "
+      "This run's fast channel is soft prompts, trained by gradient; a tiny model cannot "
+      "reflect, and mtjax's discrete channel (train.instruction_search: blind mutations of "
+      "instruction texts) is not used in this run. Nothing here speaks for prompt "
+      "evolution.",
+      "A tiny model trained from scratch on synthetic tasks it already saw in its base "
+      "run, not a pretrained LLM on new tasks: forgetting here is losing a task the base "
+      "knew, and the soft prompts can only steer what the base learned.",
+      "The slow learner is supervised fine-tuning, not GRPO (the paper's RL): fast/slow "
+      "with GRPO is not built in mtjax yet.",
+      f"One LR per channel (fast {summary['fast_lr']:g}, slow {summary['slow_lr']:g}), one "
+      f"prompt length ({summary['soft_prompt_length']}) and one stage length ({n} steps), "
+      "set after a short pilot, not a search: other settings can change every verdict. "
+      "'Inconclusive' is a result of this size, not evidence of no effect.",
+      "Equal optimizer steps on the same examples (every arm reads the soft-prompt slots) "
+      "are equal forward and backward compute; `fast` skips the weights' optimizer update "
+      "and `slow` the prompts', which this size does not time.",
+      "KL drift is measured against the common start (the export with its soft prompts), "
+      "on the held-out examples of every task; it includes what the soft prompts change, so "
+      "`fast` drifts too although its weights never move.",
+      f"Steps to target are read at the evals (every {summary['eval_every']} steps): "
+      "a stage that reaches its target between two evals counts at the later one.",
+      _metric_caveat(metric_names, summary["num_scored"]),
+      "Seeds vary the base, the data order and the soft prompts' initialization "
+      "together; the spread does not separate those sources."])
+  return doc
 
 
 def _mean(values: Sequence[float]) -> str:
@@ -317,17 +315,16 @@ def _mean(values: Sequence[float]) -> str:
 
 
 def _metric_caveat(metric_names: Sequence[str], num_scored: int) -> str:
-  return (f"- {num_scored} held-out examples per task: an exact-match score moves in steps of "
+  return (f"{num_scored} held-out examples per task: an exact-match score moves in steps of "
           f"{1 / num_scored:.3f}; teacher-forced token accuracy is smoother but does not score "
           "generated answers." if "accuracy" in metric_names else
-          "- Teacher-forced token accuracy only: no generated answers are scored.")
+          "Teacher-forced token accuracy only: no generated answers are scored.")
 
 
-def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def _figure(summary: dict[str, Any]) -> Any:
   """Per task: its score at the start and each stage's end, one line per arm (mean over seeds)."""
-  plt = report.pyplot()
   tasks, per_seed = summary["tasks"], summary["per_seed"]
-  fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.0), dpi=110, squeeze=False)
+  fig, axes = report.figure(1, len(tasks), figsize=(3.4 * len(tasks), 3.0), dpi=110, squeeze=False)
   xs = list(range(len(tasks) + 1))
   for col, t in enumerate(tasks):
     ax = axes[0, col]
@@ -341,14 +338,14 @@ def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
     ax.set_title(f"{t} ({summary['metrics'][t]})", fontsize=9)
     ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=7)
-  return report.save_figure(fig, root / "fast_slow.png")
+  return fig
 
 
 STUDY = arms.Study(
     name="fast_slow",
     help="tasks learned in sequence by slow weights (fine-tuning), fast weights (per-task soft "
          "prompts) or both, at equal steps: forgetting, plasticity, final scores, KL drift",
-    summarize=summarize, report=write_report, check=_check, record=_record)
+    summarize=summarize, describe=describe, check=_check, record=_record)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

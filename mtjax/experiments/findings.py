@@ -24,11 +24,11 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from mtjax.errors import BadInputError
+from mtjax.experiments import report
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "studies"
@@ -76,41 +76,15 @@ def render(name: str, docs: Path = DOCS) -> str:
   except (OSError, ValueError, KeyError) as e:
     raise BadInputError(str(src), f"expected a published study (study.json, summary.json): {e}") from None
   rel = src.relative_to(REPO) if src.is_relative_to(REPO) else src
-  with tempfile.TemporaryDirectory() as tmp:
-    from etils import epath
-    # A report may name its own directory (e.g. a generated config): the published one here.
-    text = STUDIES[study].report(epath.Path(tmp), summary).read_text().replace(tmp, str(rel))
-  lines = text.splitlines()
-  if lines and lines[0].startswith("# "):
-    lines = lines[1:]
-  while lines and not lines[0].strip():
-    lines = lines[1:]
+  doc = STUDIES[study].describe(summary, rel)  # the report's blocks: nothing is drawn or written
   if part == "brief":
-    lines = _brief(lines)
+    text = report.brief(doc)
   elif part:
     raise BadInputError(f"docs/studies/{name}:{part}", "unknown part (known: brief)")
-  body = "\n".join(lines).strip() + "\n"
+  else:
+    text = doc.markdown(title=False)
+  body = text.strip() + "\n"
   return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", lambda m: f"![{m[1]}]({rel}/{m[2]})", body)
-
-
-def _brief(lines: list[str]) -> list[str]:
-  """A report's first and last tables and its verdict line."""
-  tables, i = [], 0
-  while i < len(lines):
-    if lines[i].startswith("|"):
-      j = i
-      while j < len(lines) and lines[j].startswith("|"):
-        j += 1
-      tables.append(lines[i:j])
-      i = j
-    else:
-      i += 1
-  chosen = tables[:1] + tables[1:][-1:]
-  verdict = [line for line in lines if line.startswith("**Verdict")]
-  out: list[str] = []
-  for table in chosen:
-    out += table + [""]
-  return out + verdict[:1]
 
 
 def published(docs: Path = DOCS) -> list[str]:

@@ -145,7 +145,8 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
           "pretrained": base.model.pretrained}
 
 
-def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
+  del root
   tasks, runs, metric = summary["tasks"], summary["per_seed"], summary["metric"]
   amb = summary["ambiguity"]
   rows = []
@@ -159,22 +160,19 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
     rows.append(cells)
   secondary = [[t] + [report.mean_std([r[f"{arm}/{SECONDARY}"][t] for r in runs]) for arm in ARMS]
                for t in tasks] if runs and f"original/{SECONDARY}" in runs[0] else []
-  lines = [
-      "# Instruction ablation",
-      "",
+  doc = report.Report("Instruction ablation")
+  doc.text(
       f"Seeds: {summary['seeds']}. Each arm trains {summary['steps']} steps on the same mixture; the "
       "ablation applies in training and in evaluation. `misleading` gives each example another "
       "task's instruction, drawn per example from a pool of the other tasks' instructions. Score: "
       f"held-out `{metric}` ({'greedy exact match, ' if metric == 'accuracy' else ''}"
       f"{summary['held_out_examples']} held-out examples per task). Δ = arm − original (per seed, "
       "then mean ± std). Floor: the score of always answering the most frequent training answer "
-      "(original instructions).",
-      "",
-      *report.md_table(["task", "floor", "original", "empty", "Δ empty", "misleading", "Δ misleading",
-                        "empty-prompt ambiguity", "same format"], rows),
-      "",
-      "## Empty-instruction ambiguity",
-      "",
+      "(original instructions).")
+  doc.table(["task", "floor", "original", "empty", "Δ empty", "misleading", "Δ misleading",
+             "empty-prompt ambiguity", "same format"], rows)
+  doc.heading("Empty-instruction ambiguity")
+  doc.text(
       "Empty-prompt ambiguity: the fraction of a task's held-out prompts that, with the instruction "
       "blanked, are identical to another task's held-out prompt with a different target. No model "
       "can tell those tasks apart there: scores of the empty arm are capped by that ambiguity. The "
@@ -185,26 +183,24 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       "sampled prompts coincide. `same format`: the fraction of a task's held-out prompts shaped "
       "like another task's (letters and digits masked; indicative, not a bound); where it is high, "
       "a model without instructions can only guess which task a prompt belongs to, and the empty "
-      "arm's score measures that guess, not instruction following.",
-      "",
-  ]
+      "arm's score measures that guess, not instruction following.")
   if secondary:
-    lines += ["## Token accuracy (teacher-forced, secondary)", "",
-              *report.md_table(["task", *ARMS], secondary), ""]
+    doc.heading("Token accuracy (teacher-forced, secondary)")
+    doc.table(["task", *ARMS], secondary)
   if runs and "zero_shot" in runs[0]:
     zrows = []
     for t in tasks:
       zrows.append([t] + [report.mean_std([r["zero_shot"][f"zero_shot_{t}_{arm}"] for r in runs])
                           for arm in ARMS])
-    lines += ["## Zero-shot on held-out tasks", "",
-              f"Base: {summary['pretrained']}. Each row's task is held out of training (mixture "
-              f"weight 0) and scored by `{metric}` under the arm's instructions.", "",
-              *report.md_table(["held-out task", *ARMS], zrows), ""]
-  return report.write_markdown(root, lines)
+    doc.heading("Zero-shot on held-out tasks")
+    doc.text(f"Base: {summary['pretrained']}. Each row's task is held out of training (mixture "
+             f"weight 0) and scored by `{metric}` under the arm's instructions.")
+    doc.table(["held-out task", *ARMS], zrows)
+  return doc
 
 
 STUDY = arms.Study(name="instructions", help="instruction ablation: original vs empty vs misleading",
-                   summarize=summarize, report=write_report, check=check)
+                   summarize=summarize, describe=describe, check=check)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

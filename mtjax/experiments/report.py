@@ -1,27 +1,96 @@
-"""What every study report shares: markdown tables, mean ± std cells, PNG figures.
+"""The one report renderer of the studies: a study declares its report as blocks (headings,
+paragraphs, tables, bullet lists, figures, its verdict), and this module writes report.md and draws
+the figures; the README's findings blocks are cut from the same blocks (`brief`). No study writes
+markdown syntax or saves a figure itself.
 
-Each study writes its own report.md and plots (its `write_report`); `mtjax report DIR` rebuilds
-them through the registry (experiments.registry.rebuild) from the metrics the study's runs stored.
+    doc = Report("Efficiency study: multi-task vs task-specific")
+    doc.text("Tasks: ...")
+    doc.table(["task", "metric", ...], rows)       # rows of cell strings
+    doc.verdict(f"**Verdict: {decided}** ({why}).")
+    doc.figure("efficiency_curves.png", lambda: _figure(summary), alt="eval curves")
+    write(root, doc)                               # report.md and efficiency_curves.png
+
+`mtjax report DIR` rebuilds them through the registry (experiments.registry.rebuild) from the
+metrics the study's runs stored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from etils import epath
 
 
+@dataclasses.dataclass(frozen=True)
+class Block:
+  kind: str  # heading | text | table | bullets | figure | verdict
+  lines: tuple[str, ...]  # its markdown
+  name: str = ""  # figure: the file
+  draw: Callable[[], Any] | None = None  # figure: -> a matplotlib Figure
+
+
+@dataclasses.dataclass
+class Report:
+  """A study's report: a title and its blocks, in order."""
+
+  title: str
+  blocks: list[Block] = dataclasses.field(default_factory=list)
+
+  def heading(self, text: str, level: int = 2) -> None:
+    self.blocks.append(Block("heading", ("#" * level + " " + text,)))
+
+  def text(self, text: str) -> None:
+    """A paragraph."""
+    self.blocks.append(Block("text", (text,)))
+
+  def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    self.blocks.append(Block("table", tuple(md_table(header, rows))))
+
+  def bullets(self, items: Sequence[str]) -> None:
+    self.blocks.append(Block("bullets", tuple(f"- {item}" for item in items)))
+
+  def verdict(self, text: str) -> None:
+    """The study's verdict line (the README's brief keeps it)."""
+    self.blocks.append(Block("verdict", (text,)))
+
+  def figure(self, name: str, draw: Callable[[], Any], alt: str = "") -> None:
+    """A figure drawn by `draw()` (a matplotlib Figure from `figure()`), saved as `name`."""
+    self.blocks.append(Block("figure", (f"![{alt or name.rsplit('.', 1)[0]}]({name})",), name, draw))
+
+  def markdown(self, *, title: bool = True) -> str:
+    lines = [f"# {self.title}", ""] if title else []
+    for block in self.blocks:
+      lines += [*block.lines, ""]
+    return "\n".join(lines)
+
+
+def write(root: epath.Path, report: Report) -> epath.Path:
+  """Draws the report's figures into `root` and writes root/report.md; returns its path."""
+  for block in report.blocks:
+    if block.kind == "figure":
+      assert block.draw is not None
+      save_figure(block.draw(), root / block.name)
+  path = root / "report.md"
+  path.write_text(report.markdown())
+  return path
+
+
+def brief(report: Report) -> str:
+  """A report's first and last tables and its verdict line (the README's short form)."""
+  tables = [b for b in report.blocks if b.kind == "table"]
+  verdicts = [b for b in report.blocks if b.kind == "verdict"]
+  lines: list[str] = []
+  for table in tables[:1] + tables[1:][-1:]:
+    lines += [*table.lines, ""]
+  return "\n".join(lines + [line for b in verdicts[:1] for line in b.lines])
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
   return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
       "| " + " | ".join(r) + " |" for r in rows]
-
-
-def write_markdown(root: epath.Path, lines: Sequence[str]) -> epath.Path:
-  """Writes a study's report.md from its lines; returns its path."""
-  path = root / "report.md"
-  path.write_text("\n".join(lines))
-  return path
 
 
 def floor_of(summary: dict, task: str, digits: int = 3) -> str:
@@ -36,23 +105,16 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
   return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
 
 
-class _Figures:
-  """pyplot's `subplots` on bare Figures: the global backend stays as it was (a notebook keeps its
-  inline plots), no display is needed, and nothing has to be closed."""
-
-  @staticmethod
-  def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, dpi=None, squeeze: bool = True,
-               **kwargs):
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=figsize, dpi=dpi)
-    return fig, fig.subplots(nrows, ncols, squeeze=squeeze, **kwargs)
+def figure(nrows: int = 1, ncols: int = 1, *, figsize=None, dpi=None, squeeze: bool = True,
+           **kwargs) -> tuple[Any, Any]:
+  """(a bare matplotlib Figure, its axes), as pyplot.subplots: the global backend stays as it was
+  (a notebook keeps its inline plots), no display is needed, and nothing has to be closed."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=figsize, dpi=dpi)
+  return fig, fig.subplots(nrows, ncols, squeeze=squeeze, **kwargs)
 
 
-def pyplot() -> type[_Figures]:
-  return _Figures
-
-
-def save_figure(fig, path: epath.Path) -> epath.Path:
+def save_figure(fig: Any, path: epath.Path) -> epath.Path:
   """Writes `fig` as a PNG (local path or gs://)."""
   fig.tight_layout()
   with path.open("wb") as f:

@@ -220,13 +220,12 @@ def _diff(d: Mapping[str, Any], digits: int = 3) -> str:
   return f"{d['mean']:+.{digits}f} ± {d['std']:.{digits}f}"
 
 
-def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
+  del root
   tasks, per_seed, n = summary["tasks"], summary["per_seed"], summary["n"]
   f, betas = summary["findings"], summary["betas"]
-  plot = _plot(root, summary)
-  lines = [
-      "# RL diversity study: does GRPO collapse what SFT gave, and does DARLING help?",
-      "",
+  doc = report.Report("RL diversity study: does GRPO collapse what SFT gave, and does DARLING help?")
+  doc.text(
       f"Tasks: {', '.join(f'{t} (' + ('open-ended' if summary['open_ended'][t] else 'structured') + ')' for t in tasks)}. "
       f"Seeds: {summary['seeds']}. Per seed: supervised fine-tuning for {summary['sft_steps']} steps "
       f"(LR {summary['sft_lr']:g}), exported, then three GRPO arms from that export, each "
@@ -235,17 +234,15 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       f"`grpo` (beta {betas['grpo']:g}), `grpo_darling` (DARLING diversity reward, beta "
       f"{betas['grpo_darling']:g}), `grpo_high_kl` (beta {betas['grpo_high_kl']:g}). The `sft` row "
       "is the starting model of every RL arm, as the RL arms evaluate it at their step 0 (the "
-      "SFT arm's own final eval is in summary.json under per_seed.arms.sft).",
-      "",
+      "SFT arm's own final eval is in summary.json under per_seed.arms.sft).")
+  doc.text(
       f"Held-out, per task: {summary['sample_prompts']} prompts x {n} samples at temperature 1: "
       f"pass@1, pass@{n}, distinct@{n} (the number of distinct verifier-valid outputs among the "
       f"{n}, 0..{n}; it falls with pass@1 alone), unique (distinct@{n} / ({n} x pass@1): distinct "
       "valid outputs per valid output, pooled over prompts; '-' where a seed has no valid output), "
       "seq entropy (mean -log p of a sample, nats per sequence) and predictive "
       "entropy (teacher-forced, per target token, on held-out targets). Final values; mean ± std "
-      "over seeds.",
-      "",
-  ]
+      "over seeds.")
   rows = []
   for t in tasks:
     for arm in ARMS:
@@ -253,9 +250,9 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
                    _cell(per_seed, arm, t, "distinct", 2), _cell(per_seed, arm, t, "unique", 2),
                    _cell(per_seed, arm, t, "seq_entropy", 2),
                    _cell(per_seed, arm, t, "entropy", 3)])
-  lines += report.md_table(["task", "arm", "pass@1", f"pass@{n}", f"distinct@{n}", "unique",
-                            "seq entropy", "pred. entropy"], rows)
-  lines += ["", "Paired by seed (arm minus arm, mean ± std of the per-seed differences):", ""]
+  doc.table(["task", "arm", "pass@1", f"pass@{n}", f"distinct@{n}", "unique", "seq entropy",
+             "pred. entropy"], rows)
+  doc.text("Paired by seed (arm minus arm, mean ± std of the per-seed differences):")
   rows = []
   for t in tasks:
     g, d, h = f[t]["grpo_vs_sft"], f[t]["darling_vs_grpo"], f[t]["high_kl_vs_grpo"]
@@ -264,10 +261,10 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
     rows.append([t, "grpo_darling - grpo", _diff(d["pass1"]), _diff(d["passn"]),
                  _diff(d["distinct"], 2), _diff(d["unique"], 2), ""])
     rows.append([t, "grpo_high_kl - grpo", _diff(h["pass1"]), "", _diff(h["distinct"], 2), "", ""])
-  lines += report.md_table(["task", "difference", "pass@1", f"pass@{n}", f"distinct@{n}",
-                            "unique", "seq entropy"], rows)
-  lines += ["", "Training prompts (last logged RL step; mean ± std over seeds): verifier reward and "
-            f"the fraction of distinct outputs among each prompt's {n} samples.", ""]
+  doc.table(["task", "difference", "pass@1", f"pass@{n}", f"distinct@{n}", "unique",
+             "seq entropy"], rows)
+  doc.text("Training prompts (last logged RL step; mean ± std over seeds): verifier reward and "
+           f"the fraction of distinct outputs among each prompt's {n} samples.")
   rows = []
   for t in tasks:
     for arm in RL_ARMS:
@@ -275,23 +272,23 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       dist = [final(s["arms"][arm][t]["train_distinct"]) for s in per_seed]
       rows.append([t, arm, "-" if any(np.isnan(reward)) else report.mean_std(reward, 3),
                    "-" if any(np.isnan(dist)) else report.mean_std(dist, 3)])
-  lines += report.md_table(["task", "arm", "reward", f"distinct@{n} (fraction)"], rows)
-  lines += ["", f"Over RL steps (held-out; mean over seeds): pass@1 / distinct@{n} / seq entropy.",
-            ""]
+  doc.table(["task", "arm", "reward", f"distinct@{n} (fraction)"], rows)
+  doc.text(f"Over RL steps (held-out; mean over seeds): pass@1 / distinct@{n} / seq entropy.")
   for t in tasks:
-    lines += [f"`{t}`:", ""] + _over_steps(per_seed, t) + [""]
-  lines += ["## Findings", "",
-            "A verdict names a direction only when every one of at least 3 seeds moved that way "
-            "(a weak criterion: with 3 seeds, pure noise gives one sign on all of them 1 time in 4); "
-            "otherwise it says inconclusive.", ""]
-  for t in tasks:
-    lines.append(f"- `{t}`: {_headline(f[t]['verdicts'], summary['open_ended'][t])}")
-  lines += ["", "In numbers:", ""]
+    doc.text(f"`{t}`:")
+    doc.table(*_over_steps(per_seed, t))
+  doc.heading("Findings")
+  doc.text("A verdict names a direction only when every one of at least 3 seeds moved that way "
+           "(a weak criterion: with 3 seeds, pure noise gives one sign on all of them 1 time in 4); "
+           "otherwise it says inconclusive.")
+  doc.bullets([f"`{t}`: {_headline(f[t]['verdicts'], summary['open_ended'][t])}" for t in tasks])
+  doc.text("In numbers:")
+  numbers = []
   for t in tasks:
     v = f[t]["verdicts"]
     g, d = f[t]["grpo_vs_sft"], f[t]["darling_vs_grpo"]
-    lines.append(
-        f"- `{t}`: plain GRPO vs SFT: distinct@{n} {_diff(g['distinct'], 2)} "
+    numbers.append(
+        f"`{t}`: plain GRPO vs SFT: distinct@{n} {_diff(g['distinct'], 2)} "
         f"({v['grpo_distinct_vs_sft']}), unique {_diff(g['unique'], 2)} "
         f"({v['grpo_unique_vs_sft']}), seq entropy {_diff(g['seq_entropy'], 2)} "
         f"({v['grpo_seq_entropy_vs_sft']}), pass@1 {_diff(g['pass1'])} ({v['grpo_pass1_vs_sft']}). "
@@ -299,27 +296,30 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
         f"distinct@{n} {_diff(d['distinct'], 2)} ({v['darling_distinct_vs_grpo']}), unique "
         f"{_diff(d['unique'], 2)} ({v['darling_unique_vs_grpo']}). "
         f"Higher KL vs plain GRPO: distinct@{n} ({v['high_kl_distinct_vs_grpo']}).")
-  lines += ["", f"![pass@1, distinct@{n} and entropy over RL steps]({plot.name})", "",
-            "## What this run does NOT show", "",
-            "- A tiny model (well under a million parameters) trained from scratch for a few "
-            "hundred SFT steps, on synthetic tasks: nothing here says how a pretrained LLM behaves "
-            "under GRPO (the papers this follows studied math reasoning with billion-parameter "
-            "models).",
-            f"- Few RL steps ({summary['rl_steps']}) and few samples per prompt ({n}): a collapse "
-            "that takes hundreds of steps would not show; nor would DARLING's effect at larger n.",
-            "- Equivalence is the verifier's: distinct@n counts different valid strings, and DARLING "
-            "classes come from the task's canonical answer; semantic diversity beyond that (e.g. "
-            "different sentences with the same structure) is not measured.",
-            f"- Held-out numbers come from {summary['sample_prompts']} prompts per task; the "
-            "evaluation itself is noisy at that size (the std over seeds includes it).",
-            "- No hyperparameter search: one LR, one beta pair, one clip (the RL LR, a tenth of the "
-            "SFT LR, was set after one pilot in which a third of it drove the KL to ~0.5 and "
-            "halved template pass@1); a different LR could change every verdict. 'Inconclusive' is a result of this size, not evidence of no effect.",
-            "- Evaluations at different steps sample with different seeds (eval seed + step), so a "
-            "difference from the step-0 row includes sampling noise besides the training.",
-            "- Seeds vary the SFT model, the RL sampling and the evaluation samples together; the "
-            "spread does not separate those sources.", ""]
-  return report.write_markdown(root, lines)
+  doc.bullets(numbers)
+  doc.figure("rl_diversity.png", lambda: _figure(summary),
+             alt=f"pass@1, distinct@{n} and entropy over RL steps")
+  doc.heading("What this run does NOT show")
+  doc.bullets([
+      "A tiny model (well under a million parameters) trained from scratch for a few "
+      "hundred SFT steps, on synthetic tasks: nothing here says how a pretrained LLM behaves "
+      "under GRPO (the papers this follows studied math reasoning with billion-parameter "
+      "models).",
+      f"Few RL steps ({summary['rl_steps']}) and few samples per prompt ({n}): a collapse "
+      "that takes hundreds of steps would not show; nor would DARLING's effect at larger n.",
+      "Equivalence is the verifier's: distinct@n counts different valid strings, and DARLING "
+      "classes come from the task's canonical answer; semantic diversity beyond that (e.g. "
+      "different sentences with the same structure) is not measured.",
+      f"Held-out numbers come from {summary['sample_prompts']} prompts per task; the "
+      "evaluation itself is noisy at that size (the std over seeds includes it).",
+      "No hyperparameter search: one LR, one beta pair, one clip (the RL LR, a tenth of the "
+      "SFT LR, was set after one pilot in which a third of it drove the KL to ~0.5 and "
+      "halved template pass@1); a different LR could change every verdict. 'Inconclusive' is a result of this size, not evidence of no effect.",
+      "Evaluations at different steps sample with different seeds (eval seed + step), so a "
+      "difference from the step-0 row includes sampling noise besides the training.",
+      "Seeds vary the SFT model, the RL sampling and the evaluation samples together; the "
+      "spread does not separate those sources."])
+  return doc
 
 
 def _headline(v: Mapping[str, str], open_ended: bool) -> str:
@@ -345,8 +345,9 @@ def _headline(v: Mapping[str, str], open_ended: bool) -> str:
   return f"{first}. {second}."
 
 
-def _over_steps(per_seed: Sequence[Mapping[str, Any]], task: str) -> list[str]:
-  """A markdown table: arm x eval step, each cell the seeds' mean pass@1 / distinct@n / seq
+def _over_steps(per_seed: Sequence[Mapping[str, Any]],
+                task: str) -> tuple[list[str], list[list[str]]]:
+  """(header, rows) of a table: arm x eval step, each cell the seeds' mean pass@1 / distinct@n / seq
   entropy (steps every seed of the arm was evaluated at)."""
   def mean_at(arm: str, metric: str, step: int) -> float:
     return float(np.mean([dict(s["arms"][arm][task][metric])[step] for s in per_seed]))
@@ -355,16 +356,15 @@ def _over_steps(per_seed: Sequence[Mapping[str, Any]], task: str) -> list[str]:
                                     for s in per_seed for a in RL_ARMS]))
   rows = [[arm] + [f"{mean_at(arm, 'pass1', x):.2f} / {mean_at(arm, 'distinct', x):.2f} / "
                    f"{mean_at(arm, 'seq_entropy', x):.1f}" for x in steps] for arm in RL_ARMS]
-  return report.md_table(["arm"] + [f"step {x}" for x in steps], rows)
+  return ["arm"] + [f"step {x}" for x in steps], rows
 
 
-def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
-  plt = report.pyplot()
+def _figure(summary: dict[str, Any]) -> Any:
   tasks, n = summary["tasks"], summary["n"]
   panels = (("pass1", "held-out pass@1"), ("distinct", f"held-out distinct@{n}"),
             ("seq_entropy", "held-out seq entropy"))
-  fig, axes = plt.subplots(len(panels), len(tasks), figsize=(3.6 * len(tasks), 2.6 * len(panels)),
-                           dpi=110, squeeze=False)
+  fig, axes = report.figure(len(panels), len(tasks), figsize=(3.6 * len(tasks), 2.6 * len(panels)),
+                            dpi=110, squeeze=False)
   for col, t in enumerate(tasks):
     for row, (metric, label) in enumerate(panels):
       ax = axes[row, col]
@@ -389,13 +389,13 @@ def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       if row == len(panels) - 1:
         ax.set_xlabel("RL step")
   axes[0, 0].legend(fontsize=7)
-  return report.save_figure(fig, root / "rl_diversity.png")
+  return fig
 
 
 STUDY = arms.Study(
     name="rl_diversity",
     help="SFT, then GRPO vs GRPO + DARLING vs GRPO with a larger KL: pass@k, distinct@k, entropy",
-    summarize=summarize, report=write_report, check=_check, record=_record)
+    summarize=summarize, describe=describe, check=_check, record=_record)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

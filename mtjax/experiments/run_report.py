@@ -14,7 +14,7 @@ from typing import Any
 from etils import epath
 
 from mtjax.errors import BadInputError
-from mtjax.experiments.report import md_table, write_markdown
+from mtjax.experiments import report
 from mtjax.train import metrics as metrics_lib
 
 
@@ -48,12 +48,12 @@ def write(workdir: str | epath.PathLike) -> epath.Path:
   names = list(config["data"]["tasks"])
   rows = [r for r in metrics_lib.read_rows(root) if "train/loss" in r]
   last = rows[-1] if rows else {}
-  lines = [f"# Run report: {root.name}", "",
-           f"Config: `config.json` (seed {config['seed']}, {config['train']['steps']} steps, "
+  doc = report.Report(f"Run report: {root.name}")
+  doc.text(f"Config: `config.json` (seed {config['seed']}, {config['train']['steps']} steps, "
            f"batch {config['data']['batch_size']} x {config['data']['seq_len']} tokens, "
-           f"truncate={config['data'].get('truncate', 'right')}).", ""]
+           f"truncate={config['data'].get('truncate', 'right')}).")
   if last:
-    lines += [f"Last logged step {last['step']}: {metrics_lib.loss_summary(last, names)}.", ""]
+    doc.text(f"Last logged step {last['step']}: {metrics_lib.loss_summary(last, names)}.")
   header = ["task", "source", "scorer", "rate", "train loss", "train token acc", "truncated",
             "too long", "skipped"]
   table = []
@@ -63,23 +63,25 @@ def write(workdir: str | epath.PathLike) -> epath.Path:
                   _fmt(last.get(f"data/{name}/rate")), _fmt(last.get(f"train/{name}/loss")),
                   _fmt(last.get(f"train/{name}/accuracy")), _fmt(last.get(f"data/{name}/truncated")),
                   _fmt(last.get(f"data/{name}/too_long")), _fmt(last.get(f"data/{name}/skipped"))])
-  lines += ["## Training", "", *md_table(header, table), ""]
+  doc.heading("Training")
+  doc.table(header, table)
   evals = evaluations(root)
   if evals:
     tasks = sorted({k.split("/")[1] for row in evals for k in row if k.startswith("eval/")})
     metrics = ("accuracy", "loss", "token_accuracy", "skipped", "max_new_tokens")
-    lines += ["## Evaluation (held-out splits)", "",
-              "accuracy: greedy outputs judged by the task's scorer; loss and token_accuracy: "
-              "teacher-forced; skipped: prompts that did not fit; max_new_tokens: the budget.", ""]
+    doc.heading("Evaluation (held-out splits)")
+    doc.text("accuracy: greedy outputs judged by the task's scorer; loss and token_accuracy: "
+             "teacher-forced; skipped: prompts that did not fit; max_new_tokens: the budget.")
     table = []
     for row in evals:
       for task in tasks:
         if any(f"eval/{task}/{m}" in row for m in metrics):
           table.append([str(row["step"]), task, *(_fmt(row.get(f"eval/{task}/{m}")) for m in metrics)])
-    lines += [*md_table(["step", "task", *metrics], table), ""]
+    doc.table(["step", "task", *metrics], table)
   else:
-    lines += ["No evaluation yet: `mtjax eval --workdir " + str(root) + "` writes one.", ""]
+    doc.text("No evaluation yet: `mtjax eval --workdir " + str(root) + "` writes one.")
   plots = sorted((root / "plots").glob("*.png")) if (root / "plots").exists() else []
   if plots:
-    lines += ["## Plots", "", *(f"![{p.stem}](plots/{p.name})" for p in plots), ""]
-  return write_markdown(root, lines)
+    doc.heading("Plots")
+    doc.text("\n".join(f"![{p.stem}](plots/{p.name})" for p in plots))
+  return report.write(root, doc)

@@ -247,14 +247,14 @@ def _cell(values: Sequence[float], digits: int = 3) -> str:
   return "-" if any(np.isnan(values)) else report.mean_std(values, digits)
 
 
-def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
+  del root
   tasks, per_seed, f = summary["tasks"], summary["per_seed"], summary["findings"]
   params, n_tasks = summary["params"], len(summary["tasks"])
   metric_names = sorted(set(summary["metrics"].values()))
-  plot = _plot(root, summary)
-  lines = [
-      "# Task experts: per-task SVF experts vs LoRA (per task, shared) vs full fine-tuning",
-      "",
+  doc = report.Report("Task experts: per-task SVF experts vs LoRA (per task, shared) vs full "
+                      "fine-tuning")
+  doc.text(
       f"Tasks: {', '.join(tasks)}. Seeds: {summary['seeds']}. Per seed: a base model trained from "
       f"scratch on the equal mixture of the tasks for {summary['base_steps']} steps (LR "
       f"{summary['base_lr']:g}; a generalist, deliberately not converged), exported, then five arms from that export, each "
@@ -267,108 +267,104 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       f"`full_per_task` ({n_tasks} separate full fine-tuning runs, one per task on that task "
       f"alone, {summary['steps']} steps each). Equal steps means equal optimizer steps PER MODEL: "
       f"`full_per_task` therefore spends {n_tasks} x the compute of the other arms, and each of "
-      f"its models sees {n_tasks} x the examples of its task that a multi-task arm sees.",
-      "",
+      f"its models sees {n_tasks} x the examples of its task that a multi-task arm sees.")
+  doc.text(
       f"Score: held-out {' / '.join(metric_names)} per task ({summary['num_scored']} examples "
       "per task after the tuning split; accuracy: greedy generations scored by the task's scorer, "
       "exact match for the structured tasks and the verifier for open-ended ones; token_accuracy: "
       "teacher-forced next-token argmax over the target and EOS), at each run's last step; mean "
-      "± std over seeds. `base` is the exported starting model (its own final eval).",
-      "",
-  ]
+      "± std over seeds. `base` is the exported starting model (its own final eval).")
   header = ["arm", *tasks, "mean over tasks"]
-  rows = []
-  for arm in ROWS:
-    rows.append([arm, *[_cell(scores(per_seed, arm, t)) for t in tasks],
-                 _cell(mean_over_tasks(per_seed, arm, tasks))])
-  lines += report.md_table(header, rows)
+  doc.table(header, [[arm, *[_cell(scores(per_seed, arm, t)) for t in tasks],
+                      _cell(mean_over_tasks(per_seed, arm, tasks))] for arm in ROWS])
   if metric_names != [TOKEN_METRIC]:
-    lines += ["", f"The same models by teacher-forced {TOKEN_METRIC} on {summary['num_examples']} "
-              "held-out examples per task (a smoother score; no verdicts are drawn from it):", ""]
-    rows = [[arm, *[_cell(scores(per_seed, arm, t, TOKEN_METRIC)) for t in tasks],
-             _cell(mean_over_tasks(per_seed, arm, tasks, TOKEN_METRIC))] for arm in ROWS]
-    lines += report.md_table(header, rows)
-  lines += ["", "Parameters (counted from each run's model: adapters by their `_lora_a`, "
-            "`_lora_b`, `_svf_p` parameters; full fine-tuning trains every parameter; "
-            f"`full_per_task` = its {n_tasks} models together). 'Held' = the parameters needed to "
-            "serve every task (base + adapters, or the separate models; SVF also stores the "
-            "frozen SVD factors of its targets).", ""]
+    doc.text(f"The same models by teacher-forced {TOKEN_METRIC} on {summary['num_examples']} "
+             "held-out examples per task (a smoother score; no verdicts are drawn from it):")
+    doc.table(header, [[arm, *[_cell(scores(per_seed, arm, t, TOKEN_METRIC)) for t in tasks],
+                        _cell(mean_over_tasks(per_seed, arm, tasks, TOKEN_METRIC))]
+                       for arm in ROWS])
+  doc.text("Parameters (counted from each run's model: its trained adapter variables, LoRA's A "
+           "and B or SVF's p; full fine-tuning trains every parameter; "
+           f"`full_per_task` = its {n_tasks} models together). 'Held' = the parameters needed to "
+           "serve every task (base + adapters, or the separate models; SVF also stores the "
+           "frozen SVD factors of its targets).")
   rows = []
   for arm in ROWS[1:]:
     p = params[arm]
     rows.append([arm, f"{p['trainable']:,}", f"{p['trainable'] / params['base']['total']:.2%}",
                  f"{p['total']:,}"])
-  lines += report.md_table(["arm", "trainable", "of the base", "held"], rows)
-  lines += ["", f"Base model: {params['base']['total']:,} parameters.", "",
-            "Paired by seed (a minus b, mean ± std of the per-seed differences) and the verdict:",
-            ""]
+  doc.table(["arm", "trainable", "of the base", "held"], rows)
+  doc.text(f"Base model: {params['base']['total']:,} parameters.")
+  doc.text("Paired by seed (a minus b, mean ± std of the per-seed differences) and the verdict:")
   rows = []
   for a, b in COMPARISONS:
     for key in (*tasks, "mean"):
       p = f[key][f"{a}-{b}"]
       rows.append([f"{a} - {b}", key if key != "mean" else "mean over tasks", _diff(p),
                    ", ".join(f"{x:+.3f}" for x in p["diffs"]), p["verdict"]])
-  lines += report.md_table(["difference", "task", "mean ± std", "per seed", "verdict"], rows)
-  lines += ["", "## Findings", "",
-            "A verdict names a direction only when every one of at least 3 seeds moved that way "
-            "(a weak criterion: with 3 seeds, pure noise gives one sign on all of them 1 time in "
-            "4); otherwise it says inconclusive.", ""]
+  doc.table(["difference", "task", "mean ± std", "per seed", "verdict"], rows)
+  doc.heading("Findings")
+  doc.text("A verdict names a direction only when every one of at least 3 seeds moved that way "
+           "(a weak criterion: with 3 seeds, pure noise gives one sign on all of them 1 time in "
+           "4); otherwise it says inconclusive.")
+  findings = []
   for a, b in COMPARISONS:
     m = f["mean"][f"{a}-{b}"]
     per = "; ".join(f"`{t}` {f[t][f'{a}-{b}']['verdict']}" for t in tasks)
-    lines.append(f"- `{a}` vs `{b}` (mean over tasks {_diff(m)}): {m['verdict']}. Per task: "
-                 f"{per}.")
+    findings.append(f"`{a}` vs `{b}` (mean over tasks {_diff(m)}): {m['verdict']}. Per task: "
+                    f"{per}.")
   gains = f["mean"]["final"]
   best = max(FT_ARMS, key=lambda a: gains[a]["mean"])
-  lines += [f"- Highest mean score over tasks: `{best}` ({gains[best]['mean']:.3f}; base "
-            f"{gains['base']['mean']:.3f}), with {params[best]['trainable']:,} trainable "
-            "parameters.",
-            "", f"![held-out score per task and arm]({plot.name})", "",
-            "## What this run does NOT show", "",
-            f"- A tiny model ({params['base']['total']:,} parameters) trained from scratch on "
-            "synthetic tasks, not a pretrained LLM: Transformer² and LoRA were proposed for "
-            "billion-parameter models whose singular directions already encode many skills; "
-            "nothing here says how they compare there.",
-            "- SVF only rescales the singular values of a base that has already seen these very "
-            "tasks (the base trained on the same mixture): it can re-weight what the base learned, "
-            "not add new directions, so its ceiling here is set by an unconverged base.",
-            f"- Short fine-tuning ({summary['steps']} steps) with one LR per method (SVF "
-            f"{summary['svf_lr']:g}, LoRA {summary['lora_lr']:g}, full {summary['full_lr']:g}) and one "
-            "LoRA rank, set after a short pilot, not a search: another LR, rank or step budget can "
-            "change every verdict. 'Inconclusive' is a result of this size, not evidence of no "
-            "effect.",
-            "- Equal optimizer steps per model is not equal compute: `full_per_task` trains "
-            f"{n_tasks} models, and adapter steps still run the full forward and backward pass "
-            "through the frozen base (their savings are optimizer memory and stored parameters, "
-            "not step time, at this size).",
-            _metric_caveat(metric_names, summary["num_scored"]),
-            f"- `full_mt` vs `full_per_task` is not a comparison at equal compute or data: "
-            f"`full_per_task` has {n_tasks} x the compute and {n_tasks} x the examples of each "
-            "task, so it does not separate specialization (no interference between tasks) from "
-            "the extra data and steps each task gets.",
-            "- No composition or adaptation at test time (Transformer²'s second pass that mixes "
-            "experts for an unseen prompt): each token uses its own task's expert, known from its "
-            "task id.",
-            "- Seeds vary the base model, the fine-tuning data order and the adapter "
-            "initialization together; the spread does not separate those sources.", ""]
-  return report.write_markdown(root, lines)
+  findings.append(f"Highest mean score over tasks: `{best}` ({gains[best]['mean']:.3f}; base "
+                  f"{gains['base']['mean']:.3f}), with {params[best]['trainable']:,} trainable "
+                  "parameters.")
+  doc.bullets(findings)
+  doc.figure("task_experts.png", lambda: _figure(summary), alt="held-out score per task and arm")
+  doc.heading("What this run does NOT show")
+  doc.bullets([
+      f"A tiny model ({params['base']['total']:,} parameters) trained from scratch on "
+      "synthetic tasks, not a pretrained LLM: Transformer² and LoRA were proposed for "
+      "billion-parameter models whose singular directions already encode many skills; "
+      "nothing here says how they compare there.",
+      "SVF only rescales the singular values of a base that has already seen these very "
+      "tasks (the base trained on the same mixture): it can re-weight what the base learned, "
+      "not add new directions, so its ceiling here is set by an unconverged base.",
+      f"Short fine-tuning ({summary['steps']} steps) with one LR per method (SVF "
+      f"{summary['svf_lr']:g}, LoRA {summary['lora_lr']:g}, full {summary['full_lr']:g}) and one "
+      "LoRA rank, set after a short pilot, not a search: another LR, rank or step budget can "
+      "change every verdict. 'Inconclusive' is a result of this size, not evidence of no "
+      "effect.",
+      "Equal optimizer steps per model is not equal compute: `full_per_task` trains "
+      f"{n_tasks} models, and adapter steps still run the full forward and backward pass "
+      "through the frozen base (their savings are optimizer memory and stored parameters, "
+      "not step time, at this size).",
+      _metric_caveat(metric_names, summary["num_scored"]),
+      f"`full_mt` vs `full_per_task` is not a comparison at equal compute or data: "
+      f"`full_per_task` has {n_tasks} x the compute and {n_tasks} x the examples of each "
+      "task, so it does not separate specialization (no interference between tasks) from "
+      "the extra data and steps each task gets.",
+      "No composition or adaptation at test time (Transformer²'s second pass that mixes "
+      "experts for an unseen prompt): each token uses its own task's expert, known from its "
+      "task id.",
+      "Seeds vary the base model, the fine-tuning data order and the adapter "
+      "initialization together; the spread does not separate those sources."])
+  return doc
 
 
 def _metric_caveat(metric_names: Sequence[str], num_scored: int) -> str:
   if metric_names == [TOKEN_METRIC]:
-    return (f"- One score per task ({TOKEN_METRIC}), teacher-forced: no generated answers are "
+    return (f"One score per task ({TOKEN_METRIC}), teacher-forced: no generated answers are "
             "scored, so exact-match accuracy may order the arms differently.")
-  return (f"- Exact match on {num_scored} prompts per task is coarse (one prompt = "
+  return (f"Exact match on {num_scored} prompts per task is coarse (one prompt = "
           f"{1 / num_scored:.3f}): a task every arm leaves near 0 (or near 1) cannot separate the "
           "arms; the token-accuracy table shows the same models on a smoother score, without "
           "verdicts.")
 
 
-def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
-  plt = report.pyplot()
+def _figure(summary: dict[str, Any]) -> Any:
   tasks, per_seed = summary["tasks"], summary["per_seed"]
   cols = [*tasks, "mean"]
-  fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.0), dpi=110, squeeze=False)
+  fig, axes = report.figure(1, len(cols), figsize=(3.2 * len(cols), 3.0), dpi=110, squeeze=False)
   for col, key in enumerate(cols):
     ax = axes[0, col]
     values = [mean_over_tasks(per_seed, a, tasks) if key == "mean" else scores(per_seed, a, key)
@@ -387,14 +383,14 @@ def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
     ax.grid(alpha=0.3, axis="y")
   axes[0, 0].set_ylabel(f"held-out {'/'.join(sorted(set(summary['metrics'].values())))}",
                         fontsize=8)
-  return report.save_figure(fig, root / "task_experts.png")
+  return fig
 
 
 STUDY = arms.Study(
     name="task_experts",
     help="one multi-task base, then per-task SVF experts vs per-task / shared LoRA vs full "
          "multi-task vs full per-task fine-tuning at equal steps: per-task score and parameters",
-    summarize=summarize, report=write_report, check=_check, record=_record)
+    summarize=summarize, describe=describe, check=_check, record=_record)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

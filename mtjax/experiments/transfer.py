@@ -440,7 +440,8 @@ def _ms(values: Sequence[Any], digits: int = 2) -> str:
   return "n/a" if not v.size else f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
 
 
-def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def describe(summary: dict[str, Any], root: Any = "") -> report.Report:
+  """root: the study's directory, where its generated config of Omni-Thinker's order lies."""
   tasks, per_seed = summary["tasks"], summary["per_seed"]
   T, S = len(tasks), summary["steps_per_task"]
   short = [t.replace("structured_", "s:").replace("open_ended_", "o:") for t in tasks]
@@ -450,103 +451,84 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
   omni = summary["omni_thinker"]
   omni_run = order_run_name(tasks, omni["order"])
   counts = summary["runs_per_seed"]
-  plot = _plot(root, summary, short)
   arrow = lambda order: " → ".join(short[tasks.index(t)] for t in order)
-  lines = [
-      "# Transfer and order study: backward transfer and Omni-Thinker's order",
-      "",
+  doc = report.Report("Transfer and order study: backward transfer and Omni-Thinker's order")
+  doc.text(
       f"Tasks: {', '.join(tasks)} (open-ended: "
       f"{', '.join(t for t, o in zip(tasks, summary['open_ended']) if o) or 'none'}). "
       f"Seeds: {summary['seeds']}. One stage = {S} steps. Score: held-out {_metric_text(summary)}. "
       f"LR schedule of the arms: {', '.join(summary['lr_schedules']) or 'unknown'} "
       "(optimizer.schedule; with `constant`, the LR at a step does not depend on the arm's length, "
-      "and a stage started later trains at the same LR).",
-      "",
+      "and a stage started later trains at the same LR).")
+  doc.text(
       f"Runs per seed: {counts['single_runs']} single-task + {counts['pairwise_runs']} pairwise "
       f"(a then b) + {counts['order_runs']} order runs"
       f"{' (with 2 tasks the two orders are the pairwise runs)' if T == 2 else ''} = "
       f"{counts['runs']} runs, "
-      f"{counts['stages']} stages of {S} steps; {counts['runs'] * len(per_seed)} runs in all.",
-      "",
+      f"{counts['stages']} stages of {S} steps; {counts['runs'] * len(per_seed)} runs in all.")
+  doc.text(
       f"**Normalization.** normalized score of task a = {summary['normalization']}. So a task's "
-      "single-task score is 1 and the untrained model's 0, per seed.",
-      "",
-      *report.md_table(["task", "init (step 0)", "reference (alone)", "reference − init", "used"],
-                       [[short[a], _ms([s["init"][a] for s in per_seed], 3),
-                         _ms([s["reference"][a] for s in per_seed], 3),
-                         _ms([s["gain"][a] for s in per_seed], 3),
-                         "no: excluded" if tasks[a] in excluded else "yes"] for a in range(T)]),
-      "",
-  ]
+      "single-task score is 1 and the untrained model's 0, per seed.")
+  doc.table(["task", "init (step 0)", "reference (alone)", "reference − init", "used"],
+            [[short[a], _ms([s["init"][a] for s in per_seed], 3),
+              _ms([s["reference"][a] for s in per_seed], 3),
+              _ms([s["gain"][a] for s in per_seed], 3),
+              "no: excluded" if tasks[a] in excluded else "yes"] for a in range(T)])
   if excluded:
-    lines += [f"Excluded (reference − init ≤ {summary['min_gain']} in some seed, so normalizing by "
-              f"it would divide by about zero): {', '.join(excluded)}. Their rows of B and their "
-              "scores are left out; they still take part as tasks trained after others.", ""]
-  lines += [
-      "## Backward transfer B[a, b] (mean ± std over seeds)",
-      "",
+    doc.text(f"Excluded (reference − init ≤ {summary['min_gain']} in some seed, so normalizing by "
+             f"it would divide by about zero): {', '.join(excluded)}. Their rows of B and their "
+             "scores are left out; they still take part as tasks trained after others.")
+  doc.heading("Backward transfer B[a, b] (mean ± std over seeds)")
+  doc.text(
       "B[a, b] = normalized score of a after training a then b − normalized score of a after "
       "training a alone (= that − 1). Row: the task that was learned first; column: the task "
-      "trained after it. Negative: training b damages a.",
-      "",
-      *report.md_table(["a \\ then b"] + short,
-                       [[short[a]] + ["—" if a == b else
-                                      ("n/a" if np.isnan(B[a, b]) else
-                                       f"{B[a, b]:+.2f} ± {B_std[a, b]:.2f}")
-                                      for b in range(T)] for a in range(T)]),
-      "",
+      "trained after it. Negative: training b damages a.")
+  doc.table(["a \\ then b"] + short,
+            [[short[a]] + ["—" if a == b else
+                           ("n/a" if np.isnan(B[a, b]) else f"{B[a, b]:+.2f} ± {B_std[a, b]:.2f}")
+                           for b in range(T)] for a in range(T)])
+  doc.text(
       f"Stage 1 of each pairwise run repeats the single-task run of a; the largest difference in "
       f"a's raw score between them is {summary['stage1_max_abs_diff']:.3f} (run-to-run noise of the "
-      "pipeline, not transfer).",
-      "",
-      "## Omni-Thinker's order: predicted vs measured",
-      "",
+      "pipeline, not transfer).")
+  doc.heading("Omni-Thinker's order: predicted vs measured")
+  doc.text(
       "Predicted final normalized score of a (additivity): 1 + Σ B[a, x] over the tasks x trained "
       f"after a, from the seed-mean B. Order chosen by the best predicted mean ({omni['method']}"
       f"{' over all ' + str(_factorial(T)) + ' orders' if omni['method'] == 'enumerated' else ''}): "
-      f"**{arrow(omni['order'])}**.",
-      "",
-  ]
+      f"**{arrow(omni['order'])}**.")
   o = arms_s[omni_run]
-  lines += report.md_table(
-      ["task", "stage", "predicted", "measured (mean ± std over seeds)"],
-      [[short[a], str(omni["order"].index(tasks[a]) + 1), _f(o["predicted"][a]),
-        _ms([s["orders"][omni_run]["final_normalized"][a] for s in per_seed])]
-       for a in range(T)]
-      + [["**mean**", "", _f(o["predicted_mean"]),
-          f"{o['measured_mean']:.2f} ± {o['measured_mean_std']:.2f}"]])
-  lines += ["", "## Every measured order", ""]
+  doc.table(["task", "stage", "predicted", "measured (mean ± std over seeds)"],
+            [[short[a], str(omni["order"].index(tasks[a]) + 1), _f(o["predicted"][a]),
+              _ms([s["orders"][omni_run]["final_normalized"][a] for s in per_seed])]
+             for a in range(T)]
+            + [["**mean**", "", _f(o["predicted_mean"]),
+                f"{o['measured_mean']:.2f} ± {o['measured_mean_std']:.2f}"]])
+  doc.heading("Every measured order")
   ranked = sorted(arms_s, key=lambda n: -np.nan_to_num(arms_s[n]["predicted_mean"], nan=-np.inf))
-  lines += report.md_table(
-      ["order", "arm", "predicted mean", "measured mean ± std"] + [f"measured {x}" for x in short],
-      [[arrow(arms_s[n]["order"]), ", ".join(arms_s[n]["labels"]) or "—",
-        _f(arms_s[n]["predicted_mean"]),
-        f"{arms_s[n]['measured_mean']:.2f} ± {arms_s[n]['measured_mean_std']:.2f}"]
-       + [_ms([s["orders"][n]["final_normalized"][a] for s in per_seed]) for a in range(T)]
-       for n in ranked])
+  doc.table(["order", "arm", "predicted mean", "measured mean ± std"] + [f"measured {x}" for x in short],
+            [[arrow(arms_s[n]["order"]), ", ".join(arms_s[n]["labels"]) or "—",
+              _f(arms_s[n]["predicted_mean"]),
+              f"{arms_s[n]['measured_mean']:.2f} ± {arms_s[n]['measured_mean_std']:.2f}"]
+             + [_ms([s["orders"][n]["final_normalized"][a] for s in per_seed]) for a in range(T)]
+             for n in ranked])
   rank = summary["spearman_predicted_measured"]
-  lines += [
-      "",
-      f"Spearman rank correlation of predicted vs measured mean over these {len(arms_s)} orders: "
-      f"{'n/a (fewer than 3 orders or no spread)' if np.isnan(rank) else f'{rank:+.2f}'}.",
-      "",
-      f"**FWT-greedy** (forward transfer, not BWT: train a alone, score b zero-shot; next the task "
-      f"whose training scores best on the others): {arrow(summary['fwt_greedy']['order'])}. "
-      f"Predicted worst order: {arrow(summary['predicted_worst']['order'])}.",
-      "",
-      "## GEM metrics of Omni-Thinker's order (its R matrix, normalized, tasks in stage order)",
-      "",
-      *report.md_table(["metric", "mean ± std over seeds"],
-                       [[k.upper(), _ms([s["orders"][omni_run]["metrics"][k] for s in per_seed], 3)]
-                        for k in ("acc", "bwt", "fwt", "forgetting")
-                        if k in per_seed[0]["orders"][omni_run]["metrics"]]),
-      "",
-      "ACC = mean final score; BWT = mean(R[T-1, j] − R[j, j]); FWT = mean(R[j-1, j] − init[j]) "
-      "(init normalizes to 0); forgetting = mean(max earlier R[l, j] − R[T-1, j]) (GEM; "
-      "Chaudhry et al.).",
-      "",
-      "## What this does not show",
-      "",
+  doc.text(f"Spearman rank correlation of predicted vs measured mean over these {len(arms_s)} "
+           "orders: "
+           f"{'n/a (fewer than 3 orders or no spread)' if np.isnan(rank) else f'{rank:+.2f}'}.")
+  doc.text(f"**FWT-greedy** (forward transfer, not BWT: train a alone, score b zero-shot; next the "
+           f"task whose training scores best on the others): {arrow(summary['fwt_greedy']['order'])}. "
+           f"Predicted worst order: {arrow(summary['predicted_worst']['order'])}.")
+  doc.heading("GEM metrics of Omni-Thinker's order (its R matrix, normalized, tasks in stage order)")
+  doc.table(["metric", "mean ± std over seeds"],
+            [[k.upper(), _ms([s["orders"][omni_run]["metrics"][k] for s in per_seed], 3)]
+             for k in ("acc", "bwt", "fwt", "forgetting")
+             if k in per_seed[0]["orders"][omni_run]["metrics"]])
+  doc.text("ACC = mean final score; BWT = mean(R[T-1, j] − R[j, j]); FWT = mean(R[j-1, j] − init[j]) "
+           "(init normalizes to 0); forgetting = mean(max earlier R[l, j] − R[T-1, j]) (GEM; "
+           "Chaudhry et al.).")
+  doc.heading("What this does not show")
+  doc.text(
       f"B is measured for one stage length ({S} steps), one model size and these {T} tasks; "
       "forgetting at other lengths, or after a learned task is revisited, is not measured. The "
       "prediction assumes damage adds up: a task trained first and then damaged by several tasks is "
@@ -558,15 +540,11 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       "Stages train each task alone (no replay, no mixing), so this does not say how mixed or "
       "replayed curricula behave. The scores are teacher-forced held-out token accuracy, not "
       "generated-answer correctness, and normalization by the untrained model (not by a "
-      "format-only floor) can still credit format learning as task learning.",
-      "",
-      f"Runnable config of Omni-Thinker's order: `{summary['derived_config']}` "
-      f"(`mtjax train --config {root / summary['derived_config']} --workdir DIR`).",
-      "",
-      f"![transfer]({plot.name})",
-      "",
-  ]
-  return report.write_markdown(root, lines)
+      "format-only floor) can still credit format learning as task learning.")
+  doc.text(f"Runnable config of Omni-Thinker's order: `{summary['derived_config']}` "
+           f"(`mtjax train --config {epath.Path(root) / summary['derived_config']} --workdir DIR`).")
+  doc.figure("transfer.png", lambda: _figure(summary, short), alt="transfer")
+  return doc
 
 
 def _factorial(n: int) -> int:
@@ -576,11 +554,10 @@ def _factorial(n: int) -> int:
   return out
 
 
-def _plot(root: epath.Path, summary: dict[str, Any], short: Sequence[str]) -> epath.Path:
-  plt = report.pyplot()
+def _figure(summary: dict[str, Any], short: Sequence[str]) -> Any:
   tasks = summary["tasks"]
   B = np.asarray(summary["B_mean"])
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+  fig, axes = report.figure(1, 2, figsize=(10, 3.8), dpi=110)
   lim = max(1e-6, float(np.nanmax(np.abs(B))) if np.isfinite(B).any() else 1.0)
   im = axes[0].imshow(np.nan_to_num(B, nan=0.0), cmap="RdBu", vmin=-lim, vmax=lim)
   axes[0].set_xticks(range(len(short)), short, rotation=45, ha="right", fontsize=7)
@@ -605,13 +582,13 @@ def _plot(root: epath.Path, summary: dict[str, Any], short: Sequence[str]) -> ep
   axes[1].set_ylabel("measured (mean ± std over seeds)", fontsize=8)
   axes[1].set_title("orders: predicted vs measured", fontsize=9)
   axes[1].legend(fontsize=6)
-  return report.save_figure(fig, root / "transfer.png")
+  return fig
 
 
 STUDY = arms.Study(
     name="transfer",
     help="pairwise sequential runs: backward transfer B, Omni-Thinker's order predicted vs measured",
-    summarize=summarize, report=write_report, check=check)
+    summarize=summarize, describe=describe, check=check)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

@@ -331,18 +331,18 @@ def _interval(f: Mapping[str, Any]) -> str:
   return f"[{low:+.3f}, {high:+.3f}]"
 
 
-def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
+def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
+  del root
   tasks, names, f = summary["tasks"], summary["arms"], summary["findings"]
   tuning = summary["tuning"]
-  plot = _plot(root, summary)
   metrics = summary["metrics"]
   metric_note = ", ".join(sorted({f"`{m}`" for m in metrics.values()}))
   bounds = summary["floors"]
   sizes = summary["train_sizes"]
   temp = summary["temperature"]
-  lines = [
-      "# Weighting study: adaptive task weighting and online data mixing vs tuned static weights",
-      "",
+  doc = report.Report("Weighting study: adaptive task weighting and online data mixing vs tuned "
+                      "static weights")
+  doc.text(
       f"Tasks: {', '.join(tasks)}. Seeds: {summary['seeds']}. Every arm trains {summary['steps']} "
       f"steps of {summary['batch_size']} x {summary['seq_len']} tokens "
       f"({summary['tokens_per_step']:,} per step: the same tokens in every arm) from the same "
@@ -351,14 +351,12 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
       "score: (score - floor) / (ceiling - floor) per task (floor: the best trivial baseline on "
       "the scored examples; ceiling: the best achievable score), averaged over tasks"
       + (f" (left out, no floor or ceiling: {', '.join(summary['unbounded_tasks'])})"
-         if summary["unbounded_tasks"] else "") + "; mean ± std over seeds.",
-      "",
+         if summary["unbounded_tasks"] else "") + "; mean ± std over seeds.")
+  doc.text(
       "Δ vs tuned static: per seed, an arm's mean normalized score minus tuned static's (paired "
       "by seed), mean over seeds with its two-sided 95% Student-t interval. Step time: median "
       "`perf/step_time_s` of the logged rows (first row, with compilation, and last, with the "
-      "final evaluation, left out), relative to static.",
-      "",
-  ]
+      "final evaluation, left out), relative to static.")
   rows = []
   for a in names:
     r = f[a]
@@ -368,94 +366,83 @@ def write_report(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
                  else _fmt(r["diff_vs_tuned"], signed=True),
                  "-" if same else _interval(r), r["verdict"],
                  f"{1000 * r['step_time_s']:.1f}", f"{r['relative_step_time']:.2f}x"])
-  lines += report.md_table(["arm", "kind", "mean normalized score", "Δ vs tuned static",
-                            "95% interval", "verdict", "step time (ms)", "vs static"], rows)
+  doc.table(["arm", "kind", "mean normalized score", "Δ vs tuned static", "95% interval",
+             "verdict", "step time (ms)", "vs static"], rows)
   beat = [a for a in names if f[a]["verdict"] == "beats tuned static"]
   worse = [a for a in names if f[a]["verdict"] == "worse than tuned static"]
   methods = [a for a in names if a not in ("static", "tuned_static")]
   failed = [a for a in names if f[a]["mean_normalized"] < 0]
   if failed:
-    lines += ["", f"**Did not learn: {', '.join(failed)}** (mean normalized score below 0: below "
-              "the trivial baselines on average). Their differences from tuned static measure a "
-              "failed run, not the method's merit: check the method's implementation and "
-              "settings before reading them as a finding."]
-  lines += [
-      "",
-      "## Tuned static weights",
-      "",
+    doc.text(f"**Did not learn: {', '.join(failed)}** (mean normalized score below 0: below "
+             "the trivial baselines on average). Their differences from tuned static measure a "
+             "failed run, not the method's merit: check the method's implementation and "
+             "settings before reading them as a finding.")
+  doc.heading("Tuned static weights")
+  doc.text(
       f"Candidates (relative loss weights of closed tasks, one right answer, and open-ended ones, "
       f"normalized to mean 1), each trained once (seed {tuning['seed']}) and scored on the tuning "
       f"split (the first {tuning['examples']} held-out examples of each task; its own floors). "
       f"Chosen: **{tuning['chosen']}**"
       + (" (equal weights: tuned_static is the static arm's runs)." if summary["tuned_is_static"]
-         else "."),
-      "",
-  ]
-  lines += report.md_table(
-      ["candidate", "loss weights", "tuning-split mean normalized score"],
-      [[c["candidate"], ", ".join(f"{t}: {w:.2f}" for t, w in c["weights"].items()),
-        _fmt(c["mean_normalized"]) + (" (chosen)" if c["candidate"] == tuning["chosen"] else "")]
-       for c in tuning["candidates"]])
-  lines += ["", "## Final weights and rates", "",
-            "The last logged row's `train/<task>/weight` (static x adaptive loss weight as applied) "
-            "and `data/<task>/rate` (sampling rate), mean over seeds."
-            + (f" Temperature arm: rates ∝ n ** (1 / {temp:g}) over training-set sizes "
-               f"{', '.join(f'{t}: {n:,}' for t, n in sizes.items())}." if temp is not None else
-               f" No temperature arm: every task has {next(iter(sizes.values())):,} training "
-               "examples, so examples-proportional rates at any temperature are equal (the "
-               "static arm again)."),
-            ""]
+         else "."))
+  doc.table(["candidate", "loss weights", "tuning-split mean normalized score"],
+            [[c["candidate"], ", ".join(f"{t}: {w:.2f}" for t, w in c["weights"].items()),
+              _fmt(c["mean_normalized"]) + (" (chosen)" if c["candidate"] == tuning["chosen"] else "")]
+             for c in tuning["candidates"]])
+  doc.heading("Final weights and rates")
+  doc.text("The last logged row's `train/<task>/weight` (static x adaptive loss weight as applied) "
+           "and `data/<task>/rate` (sampling rate), mean over seeds."
+           + (f" Temperature arm: rates ∝ n ** (1 / {temp:g}) over training-set sizes "
+              f"{', '.join(f'{t}: {n:,}' for t, n in sizes.items())}." if temp is not None else
+              f" No temperature arm: every task has {next(iter(sizes.values())):,} training "
+              "examples, so examples-proportional rates at any temperature are equal (the "
+              "static arm again)."))
   crows = []
   for a in names:
     for key in ("weight", "rate"):
       vals = [s["arms"][a]["controls"].get(key, {}) for s in summary["per_seed"]]
       if all(t in v for v in vals for t in tasks):
         crows.append([a, key] + [f"{np.mean([v[t] for v in vals]):.3f}" for t in tasks])
-  lines += report.md_table(["arm", "quantity", *tasks], crows)
-  lines += ["", "## Per-task held-out scores", "",
-            "Mean ± std over seeds at the last step; floor and ceiling on the scored examples.",
-            ""]
+  doc.table(["arm", "quantity", *tasks], crows)
+  doc.heading("Per-task held-out scores")
+  doc.text("Mean ± std over seeds at the last step; floor and ceiling on the scored examples.")
   trows = [["floor", *[report.floor_of(summary, t) for t in tasks]],
            ["ceiling", *[_fmt(bounds.get(t, {}).get("ceiling")) for t in tasks]]]
   for a in names:
     trows.append([a, *[report.mean_std([s["arms"][a]["scores"][t] for s in summary["per_seed"]])
                        for t in tasks]])
-  lines += report.md_table(["arm", *[f"{t} ({metrics[t]})" for t in tasks]], trows)
-  lines += [
-      "",
+  doc.table(["arm", *[f"{t} ({metrics[t]})" for t in tasks]], trows)
+  doc.verdict(
       f"**Verdict: {', '.join(beat) + ' beat' if beat else 'no method beats'} tuned static here**"
       f" ({len(summary['seeds'])} seeds; beats: the 95% interval of the paired difference lies "
       f"above 0, with at least {summary['min_seeds']} seeds"
       + (f"; worse than tuned static: {', '.join(worse)}" if worse else "")
       + (f"; inconclusive: {', '.join(a for a in methods if a not in beat + worse)}"
-         if any(a not in beat + worse for a in methods) else "") + ").",
-      "",
-      f"![weighting]({plot.name})",
-      "",
-      "## What this run does NOT show",
-      "",
-      f"- Anything at scale: a {summary['steps']}-step run of a tiny model on "
+         if any(a not in beat + worse for a in methods) else "") + ").")
+  doc.figure("weighting.png", lambda: _figure(summary), alt="weighting")
+  doc.heading("What this run does NOT show")
+  caveats = [
+      f"Anything at scale: a {summary['steps']}-step run of a tiny model on "
       f"{len(tasks)} synthetic tasks. Which method wins depends on the model, the budget and how "
       "much the tasks conflict; a method that is inconclusive here may help (or hurt) elsewhere.",
-      "- Tuned hyperparameters for the methods: each runs with the published defaults "
+      "Tuned hyperparameters for the methods: each runs with the published defaults "
       "(train.weighting, data.mixing in study.json); only static weights were tuned, over "
       f"{len(tuning['candidates'])} candidates and one seed, so tuned static is a weak tuning "
       "baseline, not the best static weighting.",
-      "- Small differences: with this many seeds the interval is wide; \"inconclusive\" means the "
+      "Small differences: with this many seeds the interval is wide; \"inconclusive\" means the "
       "difference is within seed noise, not that the methods are equal.",
-      "- Step time on a production accelerator, or small step-time differences: times are from "
+      "Step time on a production accelerator, or small step-time differences: times are from "
       "this machine (CPU, other work running beside it: static's per-seed median step time "
       f"ranged {_time_range(summary, 'static')} here); per-task-gradient methods' cost grows with "
       "the number of tasks (`mtjax bench` measures the methods' overhead interleaved).",
-      "- Generation quality: scores are teacher-forced held-out metrics at the last step, not "
-      "sampled outputs or the learning curve.",
-  ]
+      "Generation quality: scores are teacher-forced held-out metrics at the last step, not "
+      "sampled outputs or the learning curve."]
   if temp is not None:
-    lines.append("- A real temperature baseline: the tasks' sizes are set by their generators, so "
-                 "the temperature arm only shifts rates toward the larger tasks; it says nothing "
-                 "about natural data-size imbalance.")
-  lines.append("")
-  return report.write_markdown(root, lines)
+    caveats.append("A real temperature baseline: the tasks' sizes are set by their generators, so "
+                   "the temperature arm only shifts rates toward the larger tasks; it says nothing "
+                   "about natural data-size imbalance.")
+  doc.bullets(caveats)
+  return doc
 
 
 def _time_range(summary: dict[str, Any], arm: str) -> str:
@@ -463,10 +450,9 @@ def _time_range(summary: dict[str, Any], arm: str) -> str:
   return f"{min(times):.1f}-{max(times):.1f} ms"
 
 
-def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
-  plt = report.pyplot()
+def _figure(summary: dict[str, Any]) -> Any:
   names, f = summary["arms"], summary["findings"]
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110, squeeze=False)
+  fig, axes = report.figure(1, 2, figsize=(11, 3.8), dpi=110, squeeze=False)
   ax, bx = axes[0, 0], axes[0, 1]
   xs = np.arange(len(names))
   colors = {"baseline": "C0", "loss-based": "C1", "gradient-based": "C2", "data mixing": "C3"}
@@ -489,13 +475,13 @@ def _plot(root: epath.Path, summary: dict[str, Any]) -> epath.Path:
   bx.set_ylabel("step time relative to static")
   bx.set_xticks(xs, names, rotation=45, ha="right", fontsize=8)
   bx.grid(alpha=0.3, axis="y")
-  return report.save_figure(fig, root / "weighting.png")
+  return fig
 
 
 STUDY = arms.Study(
     name="weighting",
     help="adaptive task weighting and online data mixing vs tuned static weights, at equal tokens",
-    summarize=summarize, report=write_report, check=_check, record=_record)
+    summarize=summarize, describe=describe, check=_check, record=_record)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

@@ -22,6 +22,10 @@ from jax.experimental.compilation_cache import compilation_cache
 MODES = ("auto", "on", "off")
 
 
+def _flag(name: str) -> Any:
+  return jax.config.values[name]  # this process's current setting (the environment's, if set)
+
+
 def wanted(mode: str, devices: Sequence[Any]) -> bool:
   """Whether the cache should be on for `mode` on these devices."""
   if mode != "auto":
@@ -32,18 +36,18 @@ def wanted(mode: str, devices: Sequence[Any]) -> bool:
 def configure(mode: str, directory: str, devices: Sequence[Any]) -> str:
   """Turns the cache on or off for this process; returns where it is ("off" when off)."""
   if not wanted(mode, devices):
-    if getattr(jax.config, "jax_enable_compilation_cache"):
+    if _flag("jax_enable_compilation_cache"):
       jax.config.update("jax_enable_compilation_cache", False)
       compilation_cache.reset_cache()  # forget a cache this process already opened
     return "off"
-  if not getattr(jax.config, "jax_enable_compilation_cache") and os.environ.get(
+  if not _flag("jax_enable_compilation_cache") and os.environ.get(
       "JAX_ENABLE_COMPILATION_CACHE", "").lower() in ("false", "0"):
     return "off"  # turned off in the environment: the environment wins
-  current = getattr(jax.config, "jax_compilation_cache_dir")
+  current = _flag("jax_compilation_cache_dir")
   if not current:
     current = os.path.expanduser(directory)
     compilation_cache.set_cache_dir(current)
-  if not getattr(jax.config, "jax_enable_compilation_cache"):
+  if not _flag("jax_enable_compilation_cache"):
     jax.config.update("jax_enable_compilation_cache", True)
     compilation_cache.reset_cache()
   return current
