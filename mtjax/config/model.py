@@ -173,12 +173,7 @@ def _check_lora(lora: LoraConfig) -> None:
     raise BadInputError("model.lora.rank", f"expected a positive integer, got {lora.rank}")
   if lora.alpha <= 0:
     raise BadInputError("model.lora.alpha", f"expected a value > 0, got {lora.alpha}")
-  for target in lora.targets:
-    if target not in LORA_TARGETS:
-      raise BadInputError("model.lora.targets", f"expected each one of {', '.join(LORA_TARGETS)}, "
-                          f"got {target!r}")
-  if len(set(lora.targets)) != len(lora.targets):
-    raise BadInputError("model.lora.targets", f"expected each target once, got {list(lora.targets)}")
+  _check_targets("model.lora.targets", lora.targets, LORA_TARGETS)
   if not 0 <= lora.dropout < 1:
     raise BadInputError("model.lora.dropout", f"expected 0 <= dropout < 1, got {lora.dropout}")
   if not lora.kind:  # which kinds exist is the model's registry's to say (at setup)
@@ -190,11 +185,14 @@ def _check_svf(svf: SvfConfig) -> None:
     return
   if not svf.targets:
     raise BadInputError("model.svf.targets", "expected at least one projection")
-  for target in svf.targets:
-    if target not in SVF_TARGETS:
-      raise BadInputError("model.svf.targets", f"expected each one of {', '.join(SVF_TARGETS)}, "
-                          f"got {target!r}")
-  if len(set(svf.targets)) != len(svf.targets):
-    raise BadInputError("model.svf.targets", f"expected each target once, got {list(svf.targets)}")
+  _check_targets("model.svf.targets", svf.targets, SVF_TARGETS)
   if not svf.lr > 0:
     raise BadInputError("model.svf.lr", f"expected a learning rate > 0, got {svf.lr}")
+
+
+def _check_targets(field: str, targets: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+  for target in targets:
+    if target not in allowed:
+      raise BadInputError(field, f"expected each one of {', '.join(allowed)}, got {target!r}")
+  if len(set(targets)) != len(targets):
+    raise BadInputError(field, f"expected each target once, got {list(targets)}")
