@@ -104,9 +104,15 @@ def trial(args: argparse.Namespace, cache: str | None) -> dict:
   except subprocess.TimeoutExpired:
     return {"outcome": "hang (timeout)", "seconds": round(time.time() - t0, 1)}
   if done.returncode != 0:
-    tail = (done.stderr or "").strip().splitlines()[-1:] or [""]
+    lines = (done.stderr or "").splitlines()
+    # XLA's rendezvous names the collective each device thread waits in: threads that disagree on
+    # the next collective (one in an all-gather, the rest in an all-reduce) are the deadlock.
+    waits = sorted({line.split("for `")[1].split(" RendezvousKey")[0] + " op_id=" +
+                    line.split("op_id=")[1].split("}")[0]
+                    for line in lines if "Termination timeout for `" in line and "op_id=" in line})
+    fatal = next((line for line in lines if line.startswith("F")), lines[-1] if lines else "")
     return {"outcome": f"died (exit {done.returncode})", "seconds": round(time.time() - t0, 1),
-            "last_line": tail[0][:300]}
+            "fatal": fatal[:300], "waiting_in": waits}
   return {"outcome": "ok", "seconds": round(time.time() - t0, 1)}
 
 
