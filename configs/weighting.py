@@ -6,7 +6,7 @@ equal tokens, on six synthetic tasks (mtjax.experiments.weighting).
   mtjax experiment weighting --config configs/weighting.py:tiny --workdir /tmp/wt   # tests
   mtjax report runs/weighting                                                       # rebuild
 
-The full study (6 tasks x 10 arms x 3 seeds, plus a 3-run tuning sweep) is sized to finish in
+The full study (6 tasks x 11 arms x 3 seeds, plus a 3-run tuning sweep) is sized to finish in
 under 30 minutes on 2 CPU cores.
 """
 

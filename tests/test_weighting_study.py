@@ -63,8 +63,8 @@ def test_weighting_study_tiny(tmp_path, capsys):
   tasks, steps, bounds = s["tasks"], s["steps"], s["floors"]
   # The tiny variant's tasks have equal training sets: no temperature arm (said in the report).
   assert "temperature" not in s["arms"] and len(set(s["train_sizes"].values())) == 1
-  assert s["arms"] == ["static", "tuned_static", "uncertainty", "dwa", "famo", "pcgrad", "mgda",
-                       "dbmtl", "odm"]
+  assert s["arms"] == ["static", "tuned_static", "uncertainty", "dwa", "famo", "imtl_l", "pcgrad",
+                       "mgda", "dbmtl", "odm"]
 
   # The sweep: each candidate scored on the tuning split, the best chosen.
   tuning = s["tuning"]

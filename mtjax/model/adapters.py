@@ -268,15 +268,6 @@ def trained_paths(graphdef: Any, params: Any) -> frozenset[str]:
   return paths_of(nnx.merge(graphdef, params), Trained)
 
 
-def split_trained(graphdef: Any, params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(the Trained adapter variables, everything else), each a flat {path: array}."""
-  keep = trained_paths(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                              params))
-  flat = traverse_util.flatten_dict(params, sep="/")
-  return ({k: v for k, v in flat.items() if k in keep},
-          {k: v for k, v in flat.items() if k not in keep})
-
-
 def variables_of(model: nnx.Module) -> dict[str, Adapter]:
   """{params path: its adapter} of every adapter variable of a model."""
   return {site.beside(name): adapter for adapter, site in layout(model)

@@ -109,10 +109,6 @@ class ModelSpec:
     """Whether the model has dropout in training (an adapter's): the step passes a key."""
     return any(a.dropout > 0 for a in self.adapters)
 
-  def adapter(self, kind: str) -> Any:
-    """The adapter of this kind, or None."""
-    return next((a for a in self.adapters if a.kind == kind), None)
-
   def without_adapters(self) -> ModelSpec:
     """The base model's spec (a merged export's)."""
     return dataclasses.replace(self, adapters=())
