@@ -13,16 +13,20 @@ from mtjax.config import sibling_config
 # The tasks whose single-task runs rise clearly above their floor within 150 steps at this size.
 # Dropped after the tuning-split pilot (seed 0, --config.study.split=tuning): structured_addition
 # (final 0.386, floor 0.382), structured_modular (0.620, floor 0.601) and open_ended_sum_pair
-# (verifier accuracy 0.000): no target can lie between their floor and what a single-task run
-# reaches, so no tokens-to-target exists for them (add them back for a larger model).
-TASKS = ("structured_copy", "structured_reverse", "structured_sort", "open_ended_grammar",
-         "open_ended_template")
+# (verifier accuracy 0.000); and, once floors took the strongest trivial rules (issue 32: the
+# other string tasks' rules, order-free; n-grams; a sentence frame), structured_copy (final 0.401
+# against 0.455 for "the prompt's remaining letters in sorted order"), structured_reverse (0.273
+# against 0.439, the same rule descending) and open_ended_grammar (verifier accuracy 0.360 against
+# 1.000 for the fixed frame "the <subject> sees the <object>", which the verifier accepts): no
+# target can lie between their floor and what a single-task run reaches, so no tokens-to-target
+# exists for them (add them back for a larger model: the size sub-study's question).
+TASKS = ("structured_sort", "open_ended_template")
 ALL_TASKS = ("structured_copy", "structured_reverse", "structured_sort", "structured_addition",
              "structured_modular", "open_ended_grammar", "open_ended_sum_pair",
              "open_ended_template")
 
 
-DEMO_TASKS = ("structured_copy", "structured_sort", "open_ended_grammar", "open_ended_template")
+DEMO_TASKS = TASKS  # the demo's pilot dropped copy (0.187) and grammar (0.340) for the same reasons
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -48,24 +52,23 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # checked before any arm trains): addition's floor is ~0.39, modular's ~0.58 (short answers).
   # Targets chosen on the tuning split (pilot above; single-task finals copy 0.401, reverse 0.273,
   # sort 0.873, grammar 0.360, template 0.800) by one rule: floor + 0.75 x (single-task final -
-  # floor), rounded down to 0.01.
+  # floor), rounded down to 0.01, the floor being the larger of the tuning and report splits'
+  # (sort 0.483, template 0.126; mtjax.experiments.floors).
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=150, seeds=(0, 1, 2), eval_every=50, target=0.0, metric="token_accuracy",
-      targets={"structured_copy": 0.33, "structured_reverse": 0.24, "structured_sort": 0.71,
-               "open_ended_grammar": 0.27, "open_ended_template": 0.63},
+      targets={"structured_sort": 0.77, "open_ended_template": 0.63},
       task_metrics={t: "accuracy" for t in open_ended}, tuning_examples=100,
       eval_schedule="log", lr_schedule="constant", lr_decay_steps=0))
-  if variant == "demo":  # `make demo`: 4 tasks x 3 seeds, about 5 minutes on 2 CPU cores
+  if variant == "demo":  # `make demo`: 2 tasks x 3 seeds, a few minutes on 2 CPU cores
     c.data.tasks = DEMO_TASKS
     c.data.mixture = {t: 1.0 for t in DEMO_TASKS}
     c.study.update(steps_per_task=100, seeds=(0, 1, 2), eval_every=25)
     # Chosen on the tuning split (pilot: seed 0, --config.study.split=tuning; single-task finals
-    # copy 0.187, sort 0.810, grammar 0.340, template 0.453) by one rule: floor + 0.75 x (single-
-    # task final - floor), rounded down to 0.01. Assigned, not updated: update() would merge these
-    # into the full study's per-task targets.
-    c.study.targets = {"structured_copy": 0.17, "structured_sort": 0.66,
-                       "open_ended_grammar": 0.25, "open_ended_template": 0.37}
-    c.study.task_metrics = {"open_ended_grammar": "accuracy", "open_ended_template": "accuracy"}
+    # sort 0.810, template 0.453) by the full study's rule: floor + 0.75 x (single-task final -
+    # floor), rounded down to 0.01. Assigned, not updated: update() would merge these into the
+    # full study's per-task targets.
+    c.study.targets = {"structured_sort": 0.72, "open_ended_template": 0.37}
+    c.study.task_metrics = {"open_ended_template": "accuracy"}
   elif variant == "tiny":  # the tests: the machinery, not a finding
     c.data.tasks = ("structured_sort", "open_ended_template")
     c.data.mixture = {t: 1.0 for t in c.data.tasks}
@@ -74,10 +77,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 2
     c.optimizer.update(lr=1e-2, warmup_steps=2)
     c.eval.update(num_examples=8, num_generate=0)
-    # Just above both tasks' floors on these 8 examples (sort ~0.196, template ~0.392 under token
-    # accuracy), where both arms of both seeds cross within 16 steps per task. Two seeds keep it
-    # fast: the verdict is "inconclusive" (fewer than 3 seeds) by design.
-    c.study.update(steps_per_task=16, seeds=(0, 1), eval_every=4, target=0.0, tuning_examples=0)
+    # Just above both tasks' frequency floors on these 8 examples (sort ~0.196, template ~0.392
+    # under token accuracy), where both arms of both seeds cross within 16 steps per task: a model
+    # this small does not beat the n-grams and prompt rules of the full family (study.floors=all:
+    # sort 0.536, template 0.797), and the machinery, not a finding, is what the tests check. Two
+    # seeds keep it fast: the verdict is "inconclusive" (fewer than 3 seeds) by design.
+    c.study.update(steps_per_task=16, seeds=(0, 1), eval_every=4, target=0.0, tuning_examples=0,
+                   floors="frequency")
     c.study.targets = {"structured_sort": 0.2, "open_ended_template": 0.395}
     c.study.task_metrics = {}
   elif variant:

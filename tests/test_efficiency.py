@@ -77,6 +77,36 @@ def test_tiny_study_runs_and_report_rebuilds(tmp_path, capsys):
     assert low <= point <= high
     assert run["multi_curves"][tasks[0]][-1][0] == len(tasks) * S * tps  # K x steps_per_task steps
     assert run["single_curves"][tasks[0]][-1][0] == S * tps
+    # The measured loss-token shares: a direct count of the joint arm's batches by task id.
+    from mtjax import config as config_lib
+    from mtjax.data.loader import MixtureLoader
+    from mtjax.experiments import multiplier as mx
+    counts = dict.fromkeys(tasks, 0.0)
+    loader = MixtureLoader.from_config(config_lib.from_dict(json.loads(
+        (seed_dir / "multi" / "config.json").read_text())), prefetch=0)
+    for _ in range(len(tasks) * S):
+      a = next(loader).arrays
+      for i, t in enumerate(tasks):
+        counts[t] += float(a["loss_mask"][a["task_ids"] == i].sum())
+    loader.close()
+    total = sum(counts.values())
+    assert run["loss_token_shares"] == pytest.approx({t: c / total for t, c in counts.items()})
+    # The ratio's null recomputed from the stored pieces (single tokens to target, shares,
+    # densities), and each multiplier from the stored curves by hand at the last joint eval.
+    s_tokens = {t: single[t].at for t in tasks}
+    worst = max(s_tokens[t] * run["loss_density"][t] / run["loss_token_shares"][t] for t in tasks)
+    assert run["ratio_null"] == pytest.approx(sum(s_tokens.values()) / worst)
+    for t in tasks:
+      m = run["multiplier_vs_single"][t]
+      ref = mx.Reference.from_curve([(x, v) for x, v in run["single_curves"][t]])
+      joint_x, score = run["multi_curves"][t][-1]
+      assert m["score"] == pytest.approx(score)
+      needed, kind = ref.tokens_to_reach(score)  # in single-run total tokens: same per-step scale
+      assert m["kind"] == kind
+      # M = (needed / tps x single loss tokens per step) / (joint steps x joint per step x share)
+      #   = needed x density / (joint_x x share), both per-step counts cancelling but density.
+      assert m["value"] == pytest.approx(needed * run["loss_density"][t]
+                                         / (joint_x * run["loss_token_shares"][t]))
   # Two seeds: never a verdict but "inconclusive" (at least 3 are needed).
   assert summary["verdict"] == "inconclusive" and "fewer than 3" in summary["verdict_reason"]
   assert "verdict: inconclusive" in printed
@@ -86,7 +116,10 @@ def test_tiny_study_runs_and_report_rebuilds(tmp_path, capsys):
     assert json.loads((out / "seed0" / arm / "config.json").read_text())["optimizer"]["schedule"] == "constant"
   assert (out / "efficiency_curves.png").exists()
   report = (out / "report.md").read_text()
-  assert "| seed | ratio | interval |" in report and summary["schedule"] in report
+  assert "| seed | ratio | interval | no-transfer value |" in report and summary["schedule"] in report
+  assert "Primary comparison, named before the run" in report
+  assert "no detectable difference at this power" in report  # 2 seeds: p >= 0.5 always
+  assert "## Floors: every trivial baseline" in report
   stored = (out / "summary.json").read_text()
   (out / "report.md").unlink()
   (out / "summary.json").unlink()

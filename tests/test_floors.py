@@ -32,7 +32,7 @@ def _load(variant: str = "", **dotted: object):
 
 def _hand_task() -> str:
   data = {"train": tuple(Example("q: ", "x\n", t) for t in TRAIN),
-          "validation": tuple(Example("q: ", "y\n", t) for t in HELD)}
+          "validation": tuple(Example("q: ", f"y{i}\n", t) for i, t in enumerate(HELD))}
   task_registry.register(Task("hand", GeneratorSource(lambda split, seed: data[split]), exact_match))
   return "hand"
 
@@ -134,3 +134,81 @@ def test_shipped_efficiency_configs_pass(variant):
     assert r["floor"] < r["target"] < r["ceiling"], task
     if task.startswith("open_ended_") and variant != "tiny":  # tiny: the machinery only
       assert r["metric"] == "accuracy", task  # judged by the verifier
+
+
+def _task(name: str, train, held, is_correct=exact_match) -> str:
+  data = {"train": tuple(Example("r: ", i + "\n", t) for i, t in train),
+          "validation": tuple(Example("r: ", i + "\n", t) for i, t in held)}
+  task_registry.register(Task(name, GeneratorSource(lambda split, seed: data[split]), is_correct),
+                          replace=True)
+  return name
+
+
+def _hand_config(name: str, count: int):
+  return _load("tiny", **{"data.tasks": (name,), "data.mixture": {name: 1.0}, "study.floors": "all",
+                          "eval.num_examples": count, "eval.num_generate": count, "eval.skip": 0})
+
+
+def test_string_rules_bigram_and_ngram_floors_by_hand():
+  # A reverse task: the reverse rule is its own (left out); copy, sort and sort_desc are others'.
+  name = _task("hand_reverse", [("ab", "ba"), ("ca", "ac"), ("bd", "db"), ("bc", "cb")],
+               [("cab", "bac"), ("dd", "dd")])
+  got = floors.baselines(name, "token_accuracy", _hand_config(name, 2))
+  assert "reverse rule" not in got and "reverse rule, order-free" not in got
+  # Scored: b a c END (4) and d d END (3); END below means the end token.
+  expected = {
+      # sorted "abc", remaining letters in that order: a (b) x, a v, c v, END v; d d END: 3.
+      "sort rule, order-free": 6 / 7,
+      "sort rule": 5 / 7,  # a b c END against b a c END: c, END; dd: 3
+      "copy rule": 5 / 7,  # c a b END: a, END; dd: 3
+      "copy rule, order-free": 5 / 7,  # c x, c x (a), c v, END v; dd: 3
+      # start -> b (first of four tied), b -> a, a -> c, END at the true length: 4 of 4; dd: only END.
+      "bigram (true length)": 5 / 7,
+      # modes b, b; position 2 never seen (END): b v, b x, END x, END v; dd: END only.
+      "positional (oracle length)": 3 / 7,
+      "unigram": 2 / 7,  # END is the likeliest target token (4 of 12): the two ENDs
+      # The previous token only, prompt included: after "\n" b; after b END (2 of 3); after a END
+      # (tied with c, seen first); after c END; after d b: b v, END x, END x, END v; dd: 0.
+      "2-gram": 2 / 7,
+  }
+  for baseline, value in expected.items():
+    assert got[baseline] == pytest.approx(value), baseline
+  assert floors.floor(name, "token_accuracy", _hand_config(name, 2)) == pytest.approx(6 / 7)
+  # The frequency family: only the positional and unigram predictors.
+  assert set(floors.baselines(name, "token_accuracy", _hand_config(name, 2).replace(
+      **{"study.floors": "frequency"}))) == {"positional (oracle length)", "unigram"}
+
+
+def test_sentence_frame_floor_by_hand():
+  train = [("cat, dog", "the cat sees the dog")] * 2 + [("fox, cat", "a fox sees the cat")]
+  held = [("dog, fox", "the dog sees the fox"), ("cat, fox", "a cat likes a fox")]
+  name = _task("hand_frame", train, held)
+  cfg = _hand_config(name, 2)
+  # The frame "the {0} sees the {1}" (2 of 3 training answers) filled with the held-out nouns.
+  filled = ["the dog sees the fox", "the cat sees the fox"]
+  assert floors.baselines(name, "accuracy", cfg)["frame (prompt words substituted)"] == 0.5
+  assert floors.baselines(name, "accuracy", cfg)["most frequent answer"] == 0.0
+  # Teacher-forced, position by position (one token per character), END after the frame.
+  right = total = 0
+  for guess, (_, target) in zip(filled, held):
+    g, t = guess + "$", target + "$"
+    right += sum(j < len(g) and g[j] == t[j] for j in range(len(t)))
+    total += len(t)
+  assert floors.baselines(name, "token_accuracy", cfg)["frame (prompt words substituted)"] == \
+      pytest.approx(right / total)
+
+
+@pytest.mark.slow  # about 5 s per config on 2 cores (the floors of every task)
+@pytest.mark.parametrize("spec", [f"{f}.py{v}" for f in (
+    "efficiency", "entropy", "expert_composition", "fast_slow", "instructions", "rl_diversity",
+    "task_experts", "transfer", "weighting", "decomposition") for v in ("", ":tiny")]
+    + ["efficiency.py:demo"])
+def test_no_shipped_study_target_at_or_below_its_floor(spec):
+  from mtjax.experiments import arms
+  cfg = config_lib.load(str(REPO / "configs" / spec), [])
+  table = floors.check_targets(cfg.replace(**arms.split_settings(cfg)))  # raises if not
+  for task, r in table.items():
+    if r["target"] > 0:
+      assert r["floor"] is not None and r["floor"] < r["target"], task
+      if not spec.endswith(":tiny"):  # tiny configs test machinery (study.floors=frequency)
+        assert r["floor_family"] == "all", task

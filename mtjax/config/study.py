@@ -31,6 +31,12 @@ class StudyConfig:
   # knobs are chosen there); reported numbers come from the examples after them (eval.skip).
   tuning_examples: int = 0
   split: str = "report"  # report (examples after the tuning split) | tuning (the tuning split)
+  # The trivial baselines a task's floor is the best of (experiments/floors.py): all (frequency
+  # rules, the other string tasks' rules, a bigram with the true length, a sentence frame,
+  # n-grams) | frequency (only the positional and unigram predictors and the most frequent
+  # answer: for tests of a study's machinery on models too small to beat the rest; a report
+  # names the family, and a study whose verdict matters keeps `all`).
+  floors: str = "all"
   # expert_composition (issue 20, study ii): the held-out task the experts are composed on, the
   # few-shot examples (of its train split) that choose the mixture, and the CEM's size.
   new_task: str = ""

@@ -9,14 +9,22 @@ from mtjax.config import Config
 
 
 def heldout_examples(config: Config, name: str, count: int, *, ablation: bool = True) -> list[Any]:
-  """Task `name`'s validation examples eval.skip .. eval.skip + count - 1 (fewer if the split is
-  shorter), after Task.preprocess and, for a task of the run when `ablation`, the run's
-  instruction rewrite (data.instructions), as in training."""
+  """Task `name`'s first `count` validation examples after the first eval.skip (fewer if the
+  split is shorter) whose prompt is not among the skipped ones: a study's tuning split (the
+  skipped examples) and its report split are disjoint by prompt, not only by position. After
+  Task.preprocess and, for a task of the run when `ablation`, the run's instruction rewrite
+  (data.instructions), as in training."""
   from mtjax import tasks as task_registry
   task = task_registry.get(name)
   examples = task.source.load("validation", config.seed).examples
-  skip = config.eval.skip
-  chosen = [examples[i] for i in range(skip, min(len(examples), skip + count))]
+  skip = min(config.eval.skip, len(examples))
+  tuning = {examples[i].prompt for i in range(skip)}
+  chosen = []
+  for i in range(skip, len(examples)):
+    if len(chosen) == count:
+      break
+    if examples[i].prompt not in tuning:
+      chosen.append(examples[i])
   if task.preprocess is not None:  # as in training (pipeline.task_dataset)
     chosen = [task.preprocess(ex) for ex in chosen]
   if ablation and name in config.data.tasks:  # the same instruction ablation as in training

@@ -84,7 +84,9 @@ class Study:
 
   def report(self, root: epath.Path, summary: dict[str, Any]) -> epath.Path:
     """report.md and the figures of a summary (the one renderer: mtjax.experiments.report)."""
-    return report_lib.write(root, self.describe(summary, root))
+    described = self.describe(summary, root)
+    report_lib.baselines_section(described, summary)
+    return report_lib.write(root, described)
 
   def _finish(self, root: epath.Path, summary: dict[str, Any]) -> dict[str, Any]:
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -111,6 +113,9 @@ def validate_study_config(config: Config) -> None:
   if not st.metric.strip():
     raise BadInputError("study.metric",
                         f"expected an eval metric name (e.g. token_accuracy), got {st.metric!r}")
+  if st.floors not in floors.FAMILIES:
+    raise BadInputError("study.floors",
+                        f"expected one of {', '.join(floors.FAMILIES)}, got {st.floors!r}")
   if st.eval_schedule not in EVAL_SCHEDULES:
     raise BadInputError("study.eval_schedule",
                         f"expected one of {', '.join(EVAL_SCHEDULES)}, got {st.eval_schedule!r}")
@@ -316,6 +321,28 @@ def loss_tokens_per_step(cfg: Config, batches: int) -> float:
   finally:
     loader.close()
   return total / max(1, batches)
+
+
+def loss_tokens_by_task(cfg: Config, batches: int) -> dict[str, float]:
+  """An arm's loss (supervised) tokens per task over its first `batches` training batches, as its
+  loader builds them (the per-token task ids of the batch contract): its mixture's measured
+  shares, not its nominal rates."""
+  import numpy as np
+
+  from mtjax.data.loader import MixtureLoader
+  tasks = list(cfg.data.tasks)
+  counts = np.zeros(len(tasks), np.float64)
+  loader = MixtureLoader.from_config(cfg, prefetch=0)
+  try:
+    for _ in range(max(1, batches)):
+      arrays = next(loader).arrays
+      mask = np.asarray(arrays["loss_mask"], np.float64)
+      ids = np.asarray(arrays["task_ids"]).astype(np.int64)
+      real = ids >= 0  # padding carries task id -1 (and no loss)
+      counts += np.bincount(ids[real], weights=mask[real], minlength=len(tasks))[:len(tasks)]
+  finally:
+    loader.close()
+  return {t: float(c) for t, c in zip(tasks, counts)}
 
 
 def sequential_stages(order: Sequence[str], steps_per_task: int) -> list[tuple[int, dict[str, float]]]:

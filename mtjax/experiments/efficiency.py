@@ -31,7 +31,8 @@ import numpy as np
 from etils import epath
 
 from mtjax.config import Config
-from mtjax.experiments import arms, report
+from mtjax.experiments import arms, report, stats
+from mtjax.experiments import multiplier as mx
 
 MIN_SEEDS = 3  # the least number of seeds a verdict other than "inconclusive" rests on
 
@@ -155,6 +156,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     point, low, high = efficiency_ratio(single, multi, single_budget=st.steps_per_task * tps,
                                         multi_budget=st.steps_per_task * len(tasks) * tps)
     found = [c for c in multi.values() if c is not None]
+    transfer = _transfer(plan, tasks, single, single_curves, multi_curves, tps)
     per_seed.append({
         "seed": seed,
         "single_tokens_to_target": {t: None if c is None else c.at for t, c in single.items()},
@@ -166,11 +168,17 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
         "multi_final": {t: _last(multi_curves[t]) for t in tasks},
         "ratio": _finite(point),
         "ratio_interval": [_finite(low), _finite(high)],
+        **transfer,
         "single_curves": single_curves,
         "multi_curves": multi_curves,
     })
   intervals = [(_nan(s["ratio_interval"][0]), _nan(s["ratio_interval"][1])) for s in per_seed]
   decided, why = verdict(intervals)
+  # The primary comparison per task: log M (the joint run's final score against the single-task
+  # reference) over seeds, sign-flip tested, Holm-corrected across the tasks.
+  logs = {t: [math.log(s["multiplier_vs_single"][t]["value"]) for s in per_seed
+              if _positive(s["multiplier_vs_single"][t]["value"])] for t in tasks}
+  tested = stats.compare({t: v for t, v in logs.items() if len(v) == len(per_seed)})
   return {
       "tasks": tasks, "seeds": list(st.seeds), "metric": st.metric, "metrics": metrics,
       "target": st.target, "targets": goal,
@@ -182,7 +190,40 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       "per_seed": per_seed, "ratios": [s["ratio"] for s in per_seed],
       "ratio_intervals": [s["ratio_interval"] for s in per_seed],
       "verdict": decided, "verdict_reason": why,
+      "ratio_nulls": [s["ratio_null"] for s in per_seed],
+      "multiplier_tests": {t: c.to_json() for t, c in tested.items()},
   }
+
+
+def _positive(x: float | None) -> bool:
+  return x is not None and math.isfinite(x) and x > 0
+
+
+def _transfer(plan: Mapping[str, Config], tasks: Sequence[str], single: Mapping[str, Any],
+              single_curves: Mapping[str, list], multi_curves: Mapping[str, list],
+              tps: int) -> dict[str, Any]:
+  """The joint run's measured loss-token shares, the ratio's no-transfer value for them, and each
+  task's effective-data multiplier at the joint run's last eval against its single-task run
+  (experiments/multiplier.py: x axes in the task's own loss tokens)."""
+  multi_cfg = plan["multi"]
+  multi_steps = multi_cfg.train.steps
+  by_task = arms.loss_tokens_by_task(multi_cfg, multi_steps)
+  shares = mx.loss_token_shares(by_task)
+  joint_per_step = sum(by_task.values()) / max(1, multi_steps)
+  single_per_step = {t: arms.loss_tokens_per_step(plan[f"single_{t}"], plan[f"single_{t}"].train.steps)
+                     for t in tasks}
+  density = {t: single_per_step[t] / joint_per_step for t in tasks}
+  s_tokens = {t: math.inf if single[t] is None else single[t].at for t in tasks}
+  null = mx.ratio_null(s_tokens, shares, density)
+  multipliers = {}
+  for t in tasks:
+    reference = [(x / tps * single_per_step[t], v) for x, v in single_curves[t]]
+    joint = [(x / tps * joint_per_step * shares[t], v) for x, v in multi_curves[t]]
+    last = mx.curve(mx.Reference.from_curve(reference), joint[-1:]) if reference and joint else []
+    multipliers[t] = (last[0].to_json() if last else
+                      {"tokens": None, "score": None, "value": None, "kind": mx.EXACT})
+  return {"loss_token_shares": shares, "loss_density": density,
+          "ratio_null": None if math.isnan(null) else null, "multiplier_vs_single": multipliers}
 
 
 def _last(curve: Sequence[tuple[float, float]]) -> float:
@@ -263,6 +304,8 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   doc.table(["seed", "task", "single", "multi"],
             [[str(r["seed"]), t, _fmt_crossing(r["single_crossing"][t]),
               _fmt_crossing(r["multi_crossing"][t])] for r in runs for t in tasks])
+  if "multiplier_tests" in summary:
+    _describe_transfer(doc, summary)
   doc.text(
       "Efficiency ratio = (sum of single-task tokens to target) / (multi-task tokens until every "
       "task reached its target); its interval: from the most pessimistic crossings (single-task "
@@ -270,18 +313,62 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
       "a run never reached is censored at that run's budget: it would be reached later or never, "
       "so the ratio has no point value and one end of its interval is unbounded (∞ or 0).")
   rows = []
+  nulls = "ratio_nulls" in summary
   for r in runs:
     low, high = r["ratio_interval"]
     rows.append([str(r["seed"]), _fmt_ratio(r["ratio"]),
                  "n/a" if low is None else f"[{_fmt_ratio(low)}, {_fmt_ratio(high)}"
-                 + (")" if high is not None and math.isinf(high) else "]")])
-  doc.table(["seed", "ratio", "interval"], rows)
+                 + (")" if high is not None and math.isinf(high) else "]")]
+                + ([_fmt_ratio(r["ratio_null"])] if nulls else []))
+  if nulls:
+    doc.text("No-transfer value: what the ratio would be if each task learned in the joint run "
+             "exactly as alone, per token of its own (sum of single-task tokens to target / the "
+             "largest of single-task tokens x loss-token density / the task's measured share of "
+             "the joint run's loss tokens): the ratio's null for the mixture actually used, not 1. "
+             "n/a where a single-task run never reached its target.")
+  doc.table(["seed", "ratio", "interval"] + (["no-transfer value"] if nulls else []), rows)
   doc.verdict(
       f"**Verdict: {summary['verdict']}** ({summary['verdict_reason']}; more efficient: every "
       "seed's interval lies above 1; less efficient: every seed's interval lies below 1; both need "
       f"at least {summary['min_seeds']} seeds; otherwise inconclusive).")
   doc.figure("efficiency_curves.png", lambda: _figure(summary), alt="eval curves")
   return doc
+
+
+def _describe_transfer(doc: report.Report, summary: dict[str, Any]) -> None:
+  tasks, runs = summary["tasks"], summary["per_seed"]
+  doc.text("Transfer per task: the effective-data multiplier M at the joint run's last eval: the "
+           "task's loss tokens its single-task run needed to score what the joint model scores "
+           "(its curve made monotone and inverted), over the task's loss tokens in the joint run. "
+           "M = 1: no transfer; > 1: the other tasks helped; >= / <=: the joint score lies "
+           "outside the single-task curve (a bound). Against the single-task run M also counts "
+           "the joint run's more, smaller updates of each task (a masked-joint reference, which "
+           "has the joint run's schedule, is not run here). Shares: each task's measured share "
+           "of the joint run's loss tokens.")
+  doc.table(["seed"] + [f"{t}: M" for t in tasks] + [f"{t}: share" for t in tasks],
+            [[str(r["seed"])]
+             + [_fmt_multiplier(r["multiplier_vs_single"][t]) for t in tasks]
+             + [f"{r['loss_token_shares'][t]:.3f}" for t in tasks] for r in runs])
+  tested = summary["multiplier_tests"]
+  lines = []
+  for t in tasks:
+    if t not in tested:
+      lines.append(f"{t}: not tested (a seed without a finite multiplier)")
+      continue
+    c = stats.Comparison(**{k: tested[t][k] for k in ("name", "p", "p_holm", "detectable",
+                                                       "primary")}, diffs=tuple(tested[t]["diffs"]))
+    lines.append(f"{t}: log M over seeds: " + c.sentence("M above 1 (transfer helped)",
+                                                          "M below 1 (transfer hurt)"))
+  doc.text("Primary comparison, named before the run: per task, is log M different from 0 "
+           "(paired over seeds: exact sign-flip test, Holm-corrected across the tasks; with n "
+           "seeds the smallest two-sided p is 2 / 2^n, so 3 seeds can never reach 0.05).")
+  doc.bullets(lines)
+
+
+def _fmt_multiplier(m: Mapping[str, Any]) -> str:
+  if m.get("value") is None:
+    return "n/a"
+  return {"exact": "", "lower": ">= ", "upper": "<= "}[m["kind"]] + f"{m['value']:.2f}"
 
 
 def _figure(summary: dict[str, Any]) -> Any:

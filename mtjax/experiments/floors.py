@@ -28,8 +28,10 @@ NaN). So every study task has
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mtjax import tasks as task_registry
@@ -107,44 +109,255 @@ def generated_for(config: Config, name: str, count: int, tokenizer: Any) -> list
           if 1 + tokenizer.count(ex.prompt) + tokenizer.count(ex.target) + 1 <= config.data.seq_len]
 
 
-def _token_floor(config: Config, name: str, tokenizer: Any) -> float:
-  targets = scored_targets(config, heldout(config, name, config.eval.num_examples), tokenizer)
-  total = sum(len(t) for t in targets)
-  if not total:
-    return math.nan
-  train = [[int(t) for t in tokenizer.encode(ex.target)] for ex in train_examples(config, name)]
-  eos = tokenizer.eos_id
+@dataclasses.dataclass(frozen=True)
+class Scored:
+  """One held-out example as the teacher-forced evaluator scores it: its prompt context (BOS
+  and prompt tokens as Tokenize places them) and the scored tokens (target, then the end token;
+  a cut target keeps the tokens it still predicts). `whole`: the end token is among them."""
+
+  example: Example
+  context: tuple[int, ...]
+  scored: tuple[int, ...]
+  whole: bool
+
+
+# A teacher-forced predictor: (the example, the target tokens so far) -> its guess of the next.
+Predictor = Callable[[Scored, Sequence[int]], int]
+
+# Rules over a prompt's letters: the string tasks' rules (copy, reverse, sort, descending sort),
+# applied to any task's input. A rule that is the task's own (it gives the training target on
+# OWN_RULE_SHARE of the first OWN_RULE_SAMPLE training examples) is left out: the task's floor
+# asks what a model that learned ANOTHER task's rule, or "the prompt's letters in some order",
+# scores on it.
+STRING_RULES: dict[str, Callable[[str], str]] = {
+    "copy": lambda s: s,
+    "reverse": lambda s: s[::-1],
+    "sort": lambda s: "".join(sorted(s)),
+    "sort_desc": lambda s: "".join(sorted(s, reverse=True)),
+}
+OWN_RULE_SAMPLE, OWN_RULE_SHARE = 200, 0.99
+NGRAM_ORDERS = (2, 3, 4)
+FAMILIES = ("all", "frequency")  # study.floors
+_WORD = re.compile(r"\w+")
+
+
+def _scored_examples(config: Config, examples: Sequence[Example], tokenizer: Any) -> list[Scored]:
+  """The held-out examples the teacher-forced eval scores, each with its scored tokens (as in
+  scored_targets: examples it skips are left out)."""
+  from mtjax.data.pipeline import Tokenize, fit_example
+  tok = Tokenize(tokenizer, 0)
+  out = []
+  for ex in examples:
+    item = tok.map(ex)
+    start = int(item["target_start"])
+    whole = [int(t) for t in item["tokens"][start:]]
+    fitted = fit_example(item, config.data.seq_len, config.data.truncate)
+    if fitted is None:
+      continue
+    placed, pairs = fitted
+    scored = whole[:max(0, min(len(whole), pairs - (int(placed["target_start"]) - 1)))]
+    out.append(Scored(ex, tuple(int(t) for t in item["tokens"][:start]), tuple(scored),
+                      len(scored) == len(whole)))
+  return out
+
+
+def _train_items(config: Config, name: str, tokenizer: Any) -> list[tuple[Example, list[int], int]]:
+  """The first TRAIN_SAMPLE training examples, each with its tokens (BOS prompt target end) and
+  where its target starts."""
+  from mtjax.data.pipeline import Tokenize
+  tok = Tokenize(tokenizer, 0)
+  out = []
+  for ex in train_examples(config, name):
+    item = tok.map(ex)
+    out.append((ex, [int(t) for t in item["tokens"]], int(item["target_start"])))
+  return out
+
+
+def _end_token(items: Sequence[tuple[Example, list[int], int]], tokenizer: Any) -> int:
+  """The token that ends a target: EOS, or under a chat template its end-of-turn token."""
+  ends = collections.Counter(tokens[-1] for _, tokens, _ in items)
+  return ends.most_common(1)[0][0] if ends else tokenizer.eos_id
+
+
+def _score(held: Sequence[Scored], predict: Predictor) -> float:
+  right = total = 0
+  for h in held:
+    for j, t in enumerate(h.scored):
+      right += predict(h, h.scored[:j]) == t
+      total += 1
+  return right / total if total else math.nan
+
+
+def _rule_text(rule: Callable[[str], str], ex: Example) -> str:
+  return rule(ex.input.strip())
+
+
+def _other_rules(items: Sequence[tuple[Example, list[int], int]]) -> dict[str, Callable[[str], str]]:
+  """STRING_RULES without the task's own (module docstring)."""
+  sample = [ex for ex, _, _ in items[:OWN_RULE_SAMPLE]]
+  out = {}
+  for name, rule in STRING_RULES.items():
+    own = sum(_rule_text(rule, ex) == ex.target for ex in sample)
+    if not sample or own < OWN_RULE_SHARE * len(sample):
+      out[name] = rule
+  return out
+
+
+def _frame(items: Sequence[tuple[Example, list[int], int]]) -> tuple[Any, ...] | None:
+  """The most frequent training answer with the words it shares with its prompt's input as
+  slots (word k of the input): e.g. "the {0} sees the {1}" for a sentence task. None when the
+  most frequent frame takes nothing from the prompt (the most frequent answer covers it)."""
+  frames: collections.Counter = collections.Counter()
+  for ex, _, _ in items:
+    words = _WORD.findall(ex.input)
+    frames[tuple(("slot", words.index(w)) if w in words else w for w in ex.target.split(" "))] += 1
+  if not frames:
+    return None
+  best, count = frames.most_common(1)[0]
+  slots = sum(isinstance(w, tuple) for w in best)
+  if not slots or slots == len(best) or count >= OWN_RULE_SHARE * len(items):
+    return None  # nothing from the prompt; only the prompt's words (a string rule); the task's rule
+  return best
+
+
+def _fill(frame: tuple[Any, ...], ex: Example) -> str:
+  words = _WORD.findall(ex.input)
+  return " ".join((words[w[1]] if w[1] < len(words) else "") if isinstance(w, tuple) else w
+                  for w in frame)
+
+
+def _positional(output: Callable[[Scored], Sequence[int]], end: int) -> Predictor:
+  """Emit a fixed token sequence per example, then the end token (the prefix only counts)."""
+  def predict(h: Scored, prefix: Sequence[int]) -> int:
+    seq = output(h)
+    return seq[len(prefix)] if len(prefix) < len(seq) else end
+  return predict
+
+
+def _order_free(output: Callable[[Scored], Sequence[int]], end: int) -> Predictor:
+  """The prompt's remaining tokens (the rule's output less what the target already holds) in the
+  rule's order: on copy, the sort rule guesses the smallest letter not yet written."""
+  def predict(h: Scored, prefix: Sequence[int]) -> int:
+    seq = output(h)
+    remaining = collections.Counter(seq)
+    remaining.subtract(prefix)
+    return next((t for t in seq if remaining[t] > 0), end)
+  return predict
+
+
+def token_baselines(config: Config, name: str, tokenizer: Any) -> dict[str, float]:
+  """Every trivial baseline's teacher-forced token_accuracy on the task's evaluated held-out
+  examples (module docstring); the floor is their maximum."""
+  held = _scored_examples(config, heldout(config, name, config.eval.num_examples), tokenizer)
+  if not sum(len(h.scored) for h in held):
+    return {}
+  items = _train_items(config, name, tokenizer)
+  end = _end_token(items, tokenizer)
+  targets = [tokens[start:] for _, tokens, start in items]  # target tokens and the end token
   by_position: list[collections.Counter] = []
   unigram: collections.Counter = collections.Counter()
-  for seq in train:
-    unigram.update(seq + [eos])
-    for j, t in enumerate(seq):
+  bigram: dict[int | None, collections.Counter] = collections.defaultdict(collections.Counter)
+  for seq in targets:
+    unigram.update(seq)
+    for j, t in enumerate(seq[:-1]):
       if j == len(by_position):
         by_position.append(collections.Counter())
       by_position[j][t] += 1
+      bigram[seq[j - 1] if j else None][t] += 1
   mode = [c.most_common(1)[0][0] for c in by_position]
-  top = unigram.most_common(1)[0][0] if unigram else eos
-  positional = unigram_right = 0
-  for held in targets:  # held: the scored prefix of target + [EOS]
-    length = len(held) - 1 if held and held[-1] == eos else None  # where the target ends
-    for j, t in enumerate(held):
-      guess = eos if j == length else (mode[j] if j < len(mode) else eos)
-      positional += guess == t
-      unigram_right += top == t
-  return max(positional, unigram_right) / total
+  top = unigram.most_common(1)[0][0] if unigram else end
+  non_end = collections.Counter({t: c for t, c in unigram.items() if t != end})
+  top_word = non_end.most_common(1)[0][0] if non_end else end
+
+  def length(h: Scored) -> int | None:  # where the target ends, when the scored tokens show it
+    return len(h.scored) - 1 if h.whole else None
+
+  def positional(h: Scored, prefix: Sequence[int]) -> int:
+    j = len(prefix)
+    return end if j == length(h) else (mode[j] if j < len(mode) else end)
+
+  def bigram_true_length(h: Scored, prefix: Sequence[int]) -> int:
+    j = len(prefix)
+    if j == length(h):
+      return end
+    nxt = bigram.get(prefix[-1] if j else None)
+    return nxt.most_common(1)[0][0] if nxt else top_word
+
+  out = {"positional (oracle length)": _score(held, positional),
+         "unigram": _score(held, lambda h, p: top)}
+  if config.study.floors == "frequency":
+    return out
+  out["bigram (true length)"] = _score(held, bigram_true_length)
+
+  encoded: dict[str, list[int]] = {}
+
+  def encode(text: str) -> list[int]:
+    if text not in encoded:
+      encoded[text] = [int(t) for t in tokenizer.encode(text)]
+    return encoded[text]
+
+  for rule_name, rule in _other_rules(items).items():
+    def output(h: Scored, rule=rule) -> list[int]:
+      return encode(_rule_text(rule, h.example))
+    out[f"{rule_name} rule"] = _score(held, _positional(output, end))
+    out[f"{rule_name} rule, order-free"] = _score(held, _order_free(output, end))
+  frame = _frame(items)
+  if frame is not None:
+    out["frame (prompt words substituted)"] = _score(
+        held, _positional(lambda h: encode(_fill(frame, h.example)), end))
+  for n in NGRAM_ORDERS:
+    out[f"{n}-gram"] = _score(held, _ngram(items, n, top))
+  return out
 
 
-def _generation_floor(config: Config, name: str, count: int, tokenizer: Any) -> float:
+def _ngram(items: Sequence[tuple[Example, list[int], int]], n: int, fallback: int) -> Predictor:
+  """An n-gram model of the target tokens given the n - 1 tokens before them (prompt tokens
+  included, so it can condition on the prompt), trained on the training sample: the most
+  frequent next token of the longest seen context (backing off to shorter ones, then `fallback`)."""
+  counts: dict[tuple[int, ...], collections.Counter] = collections.defaultdict(collections.Counter)
+  for _, tokens, start in items:
+    for i in range(start, len(tokens)):
+      for k in range(1, n):
+        if i - k >= 0:
+          counts[tuple(tokens[i - k:i])][tokens[i]] += 1
+  best = {ctx: c.most_common(1)[0][0] for ctx, c in counts.items()}
+
+  def predict(h: Scored, prefix: Sequence[int]) -> int:
+    seq = tuple(h.context) + tuple(prefix)
+    for k in range(min(n - 1, len(seq)), 0, -1):
+      guess = best.get(seq[len(seq) - k:])
+      if guess is not None:
+        return guess
+    return fallback
+  return predict
+
+
+def generation_baselines(config: Config, name: str, count: int, tokenizer: Any) -> dict[str, float]:
+  """Every trivial answer's score under the task's scorer on the examples the evaluator
+  generates for: the most frequent training target (the best of tied ones), the other string
+  rules' outputs, and the frame with the prompt's words."""
   task = task_registry.get(name)
   held = generated_for(config, name, count, tokenizer)
   if not held:
-    return math.nan
-  counts = collections.Counter(ex.target for ex in train_examples(config, name))
-  if not counts:
-    return 0.0
-  best = max(counts.values())
-  answers = [t for t, c in counts.items() if c == best]
-  return max(sum(task.is_correct(ex, a) for ex in held) for a in answers) / len(held)
+    return {}
+  train = train_examples(config, name)
+  counts = collections.Counter(ex.target for ex in train)
+  out: dict[str, float] = {}
+  if counts:
+    best = max(counts.values())
+    answers = [t for t, c in counts.items() if c == best]
+    out["most frequent answer"] = max(sum(task.is_correct(ex, a) for ex in held)
+                                      for a in answers) / len(held)
+  if config.study.floors == "frequency":
+    return out
+  items = [(ex, [], 0) for ex in train]
+  for rule_name, rule in _other_rules(items).items():
+    out[f"{rule_name} rule"] = sum(task.is_correct(ex, _rule_text(rule, ex)) for ex in held) / len(held)
+  frame = _frame(items)
+  if frame is not None:
+    out["frame (prompt words substituted)"] = sum(
+        task.is_correct(ex, _fill(frame, ex)) for ex in held) / len(held)
+  return out
 
 
 def _count_for(config: Config, metric: str) -> int:
@@ -157,15 +370,25 @@ def _count_for(config: Config, metric: str) -> int:
   return e.sample_prompts if e.num_samples else 0
 
 
+def baselines(task_name: str, metric: str, config: Config, tokenizer: Any = None) -> dict[str, float]:
+  """Every trivial baseline's `metric` on the task's evaluated held-out examples (module
+  docstring; the family study.floors names); {} when the metric has no floor or nothing is
+  scored."""
+  if not has_floor(metric):
+    return {}
+  tokenizer = tokenizer or _tokenizer(config)
+  if metric in TOKEN_METRICS:
+    return token_baselines(config, task_name, tokenizer)
+  return generation_baselines(config, task_name, _count_for(config, metric), tokenizer)
+
+
 def floor(task_name: str, metric: str, config: Config, tokenizer: Any = None) -> float | None:
   """The best trivial baseline's `metric` on the task's evaluated held-out examples (module
   docstring); None when the metric has no floor, NaN when no example is scored."""
   if not has_floor(metric):
     return None
-  tokenizer = tokenizer or _tokenizer(config)
-  if metric in TOKEN_METRICS:
-    return _token_floor(config, task_name, tokenizer)
-  return _generation_floor(config, task_name, _count_for(config, metric), tokenizer)
+  scores = [v for v in baselines(task_name, metric, config, tokenizer).values() if not math.isnan(v)]
+  return max(scores) if scores else math.nan
 
 
 def bayes_token_accuracy(examples: Sequence[Example], tokenizer: Any, distribution) -> float:
@@ -257,11 +480,13 @@ def _table(config: Config, *, strict: bool) -> dict[str, dict[str, Any]]:
     if strict and target > 0:
       _metric_count_check(config, name, metric)
     tokenizer = tokenizer or _tokenizer(config)
-    lo = floor(name, metric, config, tokenizer)
+    scores = baselines(name, metric, config, tokenizer)
+    finite = [v for v in scores.values() if not math.isnan(v)]
+    lo = max(finite) if finite else None
     hi = ceiling(name, metric, config, tokenizer)
-    lo = None if lo is None or math.isnan(lo) else lo
     hi = None if hi is None or math.isnan(hi) else hi
-    out[name] = {"metric": metric, "floor": lo, "ceiling": hi, "target": target}
+    out[name] = {"metric": metric, "floor": lo, "ceiling": hi, "target": target,
+                 "baselines": scores, "floor_family": config.study.floors}
     if strict and target > 0 and ((lo is not None and target <= lo) or
                                   (hi is not None and target >= hi)):
       raise BadInputError(

@@ -115,19 +115,23 @@ def curve(reference: Reference, joint: Sequence[tuple[float, float]]) -> list[Mu
   return [multiplier(reference, x, s) for x, s in joint if not math.isnan(s)]
 
 
-def ratio_null(single_tokens: Mapping[str, float], shares: Mapping[str, float]) -> float:
-  """The whole-run compute ratio under no transfer: sum(s) / max(s_t / r_t), with s_t each
-  task's single-task tokens to target and r_t its share of the joint run's loss tokens (the
+def ratio_null(single_tokens: Mapping[str, float], shares: Mapping[str, float],
+               density: Mapping[str, float] | None = None) -> float:
+  """The whole-run compute ratio under no transfer: sum(s) / max(s_t x d_t / r_t), with s_t each
+  task's single-task tokens to target, r_t its share of the joint run's loss tokens (the
   measured shares: the same noisy s_t as the ratio itself, so both carry the bias of a max of
-  noisy values). NaN when a task has no share or an infinite s."""
+  noisy values) and d_t the single-task run's loss tokens per step over the joint run's (1 when
+  omitted: both batches equally dense in loss tokens). NaN when a task has no share or an
+  infinite s."""
   tasks = list(single_tokens)
   if not tasks or any(shares.get(t, 0.0) <= 0 for t in tasks):
     return math.nan
   s = np.array([single_tokens[t] for t in tasks], np.float64)
   r = np.array([shares[t] for t in tasks], np.float64)
+  d = np.array([(density or {}).get(t, 1.0) for t in tasks], np.float64)
   if not np.isfinite(s).all():
     return math.nan
-  return float(s.sum() / np.max(s / r))
+  return float(s.sum() / np.max(s * d / r))
 
 
 def loss_token_shares(tokens: Mapping[str, float]) -> dict[str, float]:

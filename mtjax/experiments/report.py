@@ -100,6 +100,24 @@ def floor_of(summary: dict, task: str, digits: int = 3) -> str:
   return "-" if value is None else f"{value:.{digits}f}"
 
 
+def baselines_section(report: Report, summary: dict) -> None:
+  """Every trivial baseline's score per task (the floor is their maximum), when the summary
+  stores them (studies run before the baseline family was recorded show the floor only)."""
+  table = {t: r for t, r in (summary.get("floors") or {}).items() if r.get("baselines")}
+  if not table:
+    return
+  family = {r.get("floor_family", "all") for r in table.values()}
+  report.heading("Floors: every trivial baseline")
+  report.text("Each task's floor is the best of these baselines on the scored held-out examples "
+              f"(mtjax.experiments.floors; family: {', '.join(sorted(family))}). A target must lie "
+              "above it: a score a trivial rule reaches shows no skill.")
+  for task, r in table.items():
+    rows = sorted(r["baselines"].items(), key=lambda kv: -kv[1])
+    report.table([f"{task}: baseline", r["metric"]],
+                 [[name, f"{score:.3f}" + (" (floor)" if score == r["floor"] else "")]
+                  for name, score in rows])
+
+
 def mean_std(values: Sequence[float], digits: int = 3) -> str:
   v = np.asarray(values, np.float64)
   return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"

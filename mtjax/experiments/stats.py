@@ -69,8 +69,11 @@ def holm(pvalues: Mapping[str, float] | Sequence[float]) -> dict[str, float] | l
   the k-th smallest of m p-values is multiplied by m - k + 1, running maxima keep the order,
   capped at 1. A mapping gives a mapping with the same keys; NaN stays NaN and does not count
   toward m."""
-  keys = list(pvalues) if isinstance(pvalues, Mapping) else None
-  values = [float(pvalues[k]) for k in keys] if keys is not None else [float(p) for p in pvalues]
+  if isinstance(pvalues, Mapping):
+    keys: list[str] | None = list(pvalues)
+    values = [float(pvalues[k]) for k in pvalues]
+  else:
+    keys, values = None, [float(p) for p in pvalues]
   present = [i for i, p in enumerate(values) if not math.isnan(p)]
   m = len(present)
   adjusted = [math.nan] * len(values)
