@@ -54,8 +54,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # sort 0.873, grammar 0.360, template 0.800) by one rule: floor + 0.75 x (single-task final -
   # floor), rounded down to 0.01, the floor being the larger of the tuning and report splits'
   # (sort 0.483, template 0.126; mtjax.experiments.floors).
+  # 10 seeds: the primary test (sign flips over seeds) can reach p = 2/1024 two-sided; with 3
+  # it could never go below 0.25.
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=150, seeds=(0, 1, 2), eval_every=50, target=0.0, metric="token_accuracy",
+      steps_per_task=150, seeds=tuple(range(10)), eval_every=50, target=0.0, metric="token_accuracy",
       targets={"structured_sort": 0.77, "open_ended_template": 0.63},
       task_metrics={t: "accuracy" for t in open_ended}, tuning_examples=100,
       eval_schedule="log", lr_schedule="constant", lr_decay_steps=0))
@@ -77,14 +79,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 2
     c.optimizer.update(lr=1e-2, warmup_steps=2)
     c.eval.update(num_examples=8, num_generate=0)
-    # Just above both tasks' frequency floors on these 8 examples (sort ~0.196, template ~0.392
-    # under token accuracy), where both arms of both seeds cross within 16 steps per task: a model
+    # Just above both tasks' frequency floors on these 8 examples (sort ~0.238, template ~0.411
+    # under token accuracy), where both arms of both seeds cross within 24 steps per task: a model
     # this small does not beat the n-grams and prompt rules of the full family (study.floors=all:
     # sort 0.536, template 0.797), and the machinery, not a finding, is what the tests check. Two
     # seeds keep it fast: the verdict is "inconclusive" (fewer than 3 seeds) by design.
-    c.study.update(steps_per_task=16, seeds=(0, 1), eval_every=4, target=0.0, tuning_examples=0,
+    c.study.update(steps_per_task=24, seeds=(0, 1), eval_every=4, target=0.0, tuning_examples=0,
                    floors="frequency")
-    c.study.targets = {"structured_sort": 0.2, "open_ended_template": 0.395}
+    c.study.targets = {"structured_sort": 0.25, "open_ended_template": 0.42}
     c.study.task_metrics = {}
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: demo, tiny)")

@@ -107,6 +107,14 @@ def test_tiny_study_runs_and_report_rebuilds(tmp_path, capsys):
       #   = needed x density / (joint_x x share), both per-step counts cancelling but density.
       assert m["value"] == pytest.approx(needed * run["loss_density"][t]
                                          / (joint_x * run["loss_token_shares"][t]))
+      # Against the masked-joint run (the joint run's batches, only t's loss on): the same x
+      # scale as the joint run, so M = tokens needed / joint tokens.
+      masked_cfg = json.loads((seed_dir / f"masked_{t}" / "config.json").read_text())
+      assert masked_cfg["train"]["loss_weights"] == {u: float(u == t) for u in tasks}
+      assert masked_cfg["data"]["mixture"] == arm_cfg["data"]["mixture"]
+      needed, kind = mx.Reference.from_curve(run["masked_curves"][t]).tokens_to_reach(score)
+      mm = run["multiplier_vs_masked"][t]
+      assert mm["kind"] == kind and mm["value"] == pytest.approx(needed / joint_x)
   # Two seeds: never a verdict but "inconclusive" (at least 3 are needed).
   assert summary["verdict"] == "inconclusive" and "fewer than 3" in summary["verdict_reason"]
   assert "verdict: inconclusive" in printed
@@ -117,7 +125,7 @@ def test_tiny_study_runs_and_report_rebuilds(tmp_path, capsys):
   assert (out / "efficiency_curves.png").exists()
   report = (out / "report.md").read_text()
   assert "| seed | ratio | interval | no-transfer value |" in report and summary["schedule"] in report
-  assert "Primary comparison, named before the run" in report
+  assert "Tests, named before the run" in report and "vs masked-joint, log M" in report
   assert "no detectable difference at this power" in report  # 2 seeds: p >= 0.5 always
   assert "## Floors: every trivial baseline" in report
   stored = (out / "summary.json").read_text()

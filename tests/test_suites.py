@@ -18,7 +18,7 @@ def _load(name, split="validation"):
                                   "structured_addition", "structured_modular"])
 def test_structured_targets_are_right_and_held_out(name):
   val, train = _load(name), _load(name, "train")
-  assert len(val) == 500 and len(train) == 5000
+  assert len(val) == 2000 and len(train) == 5000
   assert not {e.prompt for e in val} & {e.prompt for e in train}
   task = tasks.get(name)
   for ex in list(val)[:50]:
@@ -120,3 +120,30 @@ def test_suites_build_deterministically(tmp_path, monkeypatch):
   monkeypatch.setenv("MTJAX_DATA_DIR", str(tmp_path))  # a second, fresh build
   assert [e.target for e in list(_load("fc_umbrella"))[:20]] == first
   assert (tmp_path / "mtjax_function_calling" / "umbrella").is_dir()
+
+
+REPORT_TASKS = ["reverse", "addition", "grammar", "structured_copy", "structured_reverse",
+                "structured_sort", "structured_addition", "structured_modular",
+                "structured_sort_desc", "open_ended_grammar", "open_ended_sum_pair",
+                "open_ended_template"]
+FC_TASKS = [f"fc_{k}" for k in fc.TASKS]
+
+
+@pytest.mark.parametrize("name", REPORT_TASKS + FC_TASKS)
+def test_report_split_is_disjoint_from_tuning_by_prompt_and_holds_100_prompts(name):
+  """A study's tuning split (the first 100 validation examples) and its report split (the
+  examples after them, as the evaluator picks them with eval.skip=100) share no prompt, counted
+  directly; the first 200 reported examples (the studies' eval.num_examples) hold 100+ distinct
+  prompts; and every generated task offers 1,000 reported examples (fc: its 500-example split)."""
+  from conftest import REPO
+  from mtjax import config as config_lib
+  from mtjax.eval.heldout import heldout_examples
+  cfg = config_lib.load(str(REPO / "configs" / "efficiency.py"), []).replace(
+      **{"data.tasks": (name,), "data.mixture": {name: 1.0}, "eval.skip": 100})
+  val = _load(name)
+  tuning = {val[i].prompt for i in range(100)}
+  report = heldout_examples(cfg, name, 1000, ablation=False)
+  assert not tuning & {ex.prompt for ex in report}
+  assert len({ex.prompt for ex in report[:200]}) >= 100
+  assert len(report) == (1000 if name in REPORT_TASKS else len(
+      [i for i in range(100, len(val)) if val[i].prompt not in tuning]))

@@ -37,6 +37,10 @@ class StudyConfig:
   # answer: for tests of a study's machinery on models too small to beat the rest; a report
   # names the family, and a study whose verdict matters keeps `all`).
   floors: str = "all"
+  # efficiency: also train, per task t, the joint run with only t's loss on (train.loss_weights 0
+  # for the others): the masked-joint reference of t's effective-data multiplier, which has the
+  # joint run's batches and update schedule, so M against it is transfer from the other tasks.
+  masked_joint: bool = True
   # expert_composition (issue 20, study ii): the held-out task the experts are composed on, the
   # few-shot examples (of its train split) that choose the mixture, and the CEM's size.
   new_task: str = ""

@@ -145,6 +145,12 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
                                           eval_every=st.eval_every) for t in tasks}
     plan["multi"] = arms.configure(base, tasks=tasks, steps=st.steps_per_task * len(tasks),
                                    seed=seed, eval_every=st.eval_every)
+    if st.masked_joint:  # the joint run's batches, only t's loss on: t's masked-joint reference
+      for t in tasks:
+        weights = {u: (float(base.train.loss_weights.get(u, 1.0)) if u == t else 0.0) for u in tasks}
+        plan[f"masked_{t}"] = arms.configure(base, tasks=tasks, steps=st.steps_per_task * len(tasks),
+                                             seed=seed, eval_every=st.eval_every,
+                                             **{"train.loss_weights": weights})
     for name, cfg in plan.items():
       notes[name] = arms.stored_lr_note(arms.run(seed_dir, name, cfg, train_fn))
     tokens = lambda curve: [(s * tps, v) for s, v in _clean(curve)]
@@ -156,7 +162,9 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
     point, low, high = efficiency_ratio(single, multi, single_budget=st.steps_per_task * tps,
                                         multi_budget=st.steps_per_task * len(tasks) * tps)
     found = [c for c in multi.values() if c is not None]
-    transfer = _transfer(plan, tasks, single, single_curves, multi_curves, tps)
+    masked_curves = ({t: tokens(arms.eval_series(seed_dir / f"masked_{t}", t, metrics[t]))
+                      for t in tasks} if st.masked_joint else {})
+    transfer = _transfer(plan, tasks, single, single_curves, multi_curves, masked_curves, tps)
     per_seed.append({
         "seed": seed,
         "single_tokens_to_target": {t: None if c is None else c.at for t, c in single.items()},
@@ -171,14 +179,22 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
         **transfer,
         "single_curves": single_curves,
         "multi_curves": multi_curves,
+        **({"masked_curves": masked_curves} if masked_curves else {}),
     })
   intervals = [(_nan(s["ratio_interval"][0]), _nan(s["ratio_interval"][1])) for s in per_seed]
   decided, why = verdict(intervals)
-  # The primary comparison per task: log M (the joint run's final score against the single-task
-  # reference) over seeds, sign-flip tested, Holm-corrected across the tasks.
-  logs = {t: [math.log(s["multiplier_vs_single"][t]["value"]) for s in per_seed
-              if _positive(s["multiplier_vs_single"][t]["value"])] for t in tasks}
-  tested = stats.compare({t: v for t, v in logs.items() if len(v) == len(per_seed)})
+  # The primary comparison, per task: log M against the masked-joint reference (transfer from the
+  # other tasks' losses) over seeds, sign-flip tested, Holm-corrected across the tasks; against
+  # the single-task run: exploratory (it also counts the joint run's update schedule).
+  tests = {}
+  for key, primary in (("multiplier_vs_masked", True), ("multiplier_vs_single", False)):
+    if not all(key in s for s in per_seed):
+      continue
+    logs = {t: [math.log(s[key][t]["value"]) for s in per_seed if _positive(s[key][t]["value"])]
+            for t in tasks}
+    tested = stats.compare({t: v for t, v in logs.items() if len(v) == len(per_seed)},
+                           primary=primary)
+    tests[key] = {t: c.to_json() for t, c in tested.items()}
   return {
       "tasks": tasks, "seeds": list(st.seeds), "metric": st.metric, "metrics": metrics,
       "target": st.target, "targets": goal,
@@ -191,7 +207,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       "ratio_intervals": [s["ratio_interval"] for s in per_seed],
       "verdict": decided, "verdict_reason": why,
       "ratio_nulls": [s["ratio_null"] for s in per_seed],
-      "multiplier_tests": {t: c.to_json() for t, c in tested.items()},
+      "multiplier_tests": tests,
   }
 
 
@@ -201,10 +217,11 @@ def _positive(x: float | None) -> bool:
 
 def _transfer(plan: Mapping[str, Config], tasks: Sequence[str], single: Mapping[str, Any],
               single_curves: Mapping[str, list], multi_curves: Mapping[str, list],
-              tps: int) -> dict[str, Any]:
+              masked_curves: Mapping[str, list], tps: int) -> dict[str, Any]:
   """The joint run's measured loss-token shares, the ratio's no-transfer value for them, and each
-  task's effective-data multiplier at the joint run's last eval against its single-task run
-  (experiments/multiplier.py: x axes in the task's own loss tokens)."""
+  task's effective-data multiplier at the joint run's last eval against its single-task run and
+  (when run) its masked-joint run (experiments/multiplier.py: x axes in the task's own loss
+  tokens; the masked-joint run has the joint run's batches, so the same scale)."""
   multi_cfg = plan["multi"]
   multi_steps = multi_cfg.train.steps
   by_task = arms.loss_tokens_by_task(multi_cfg, multi_steps)
@@ -222,8 +239,20 @@ def _transfer(plan: Mapping[str, Config], tasks: Sequence[str], single: Mapping[
     last = mx.curve(mx.Reference.from_curve(reference), joint[-1:]) if reference and joint else []
     multipliers[t] = (last[0].to_json() if last else
                       {"tokens": None, "score": None, "value": None, "kind": mx.EXACT})
-  return {"loss_token_shares": shares, "loss_density": density,
-          "ratio_null": None if math.isnan(null) else null, "multiplier_vs_single": multipliers}
+  out = {"loss_token_shares": shares, "loss_density": density,
+         "ratio_null": None if math.isnan(null) else null, "multiplier_vs_single": multipliers}
+  if masked_curves:
+    masked = {}
+    for t in tasks:
+      scale = joint_per_step * shares[t] / tps  # t's loss tokens per token of the joint run
+      reference = [(x * scale, v) for x, v in masked_curves[t]]  # the joint run's batches
+      joint = [(x * scale, v) for x, v in multi_curves[t]]
+      last = (mx.curve(mx.Reference.from_curve(reference), joint[-1:])
+              if reference and joint else [])
+      masked[t] = (last[0].to_json() if last else
+                   {"tokens": None, "score": None, "value": None, "kind": mx.EXACT})
+    out["multiplier_vs_masked"] = masked
+  return out
 
 
 def _last(curve: Sequence[tuple[float, float]]) -> float:
@@ -248,13 +277,18 @@ def _record(config: Config) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the report
 
-def _fmt_tokens(values: list[float | None]) -> str:
+def _fmt_tokens(values: list[float | None], budget: float) -> str:
+  """Mean ± std over seeds; a seed that never reached the target enters at the run's budget (it
+  would reach it later or never), so the mean becomes a lower bound: never dropped, which would
+  flatter the arm whose runs fail."""
   reached = [v for v in values if v is not None]
   missing = len(values) - len(reached)
   if not reached:
-    return "not reached"
-  text = f"{np.mean(reached):,.0f} ± {np.std(reached):,.0f}"
-  return text + (f" ({missing} seed(s) not reached)" if missing else "")
+    return f"not reached (> {budget:,.0f})"
+  if not missing:
+    return f"{np.mean(reached):,.0f} ± {np.std(reached):,.0f}"
+  bound = np.mean([budget if v is None else v for v in values])
+  return f"≥ {bound:,.0f} ({missing} of {len(values)} seed(s) censored at the budget {budget:,.0f})"
 
 
 def _fmt_crossing(c: Mapping[str, float] | None) -> str:
@@ -278,6 +312,8 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
            + (" and at steps 1, 2, 4, 8, ... (log-spaced: dense early)"
               if summary["eval_schedule"] == "log" else "") + ", and at each arm's end")
   doc = report.Report("Efficiency study: multi-task vs task-specific")
+  if "multiplier_tests" in summary:
+    doc.text(_plainly(summary))
   doc.text(
       f"Tasks: {', '.join(tasks)}. Seeds: {summary['seeds']}. Each single-task run: "
       f"{summary['steps_per_task']} steps; the multi-task run: {summary['steps_per_task'] * len(tasks)} "
@@ -285,18 +321,20 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
       f"held-out eval `{summary['metric']}` (per task in the table) {evals}; target per task in the table. "
       f"{summary['schedule']}")
   doc.text("Tokens to target: where the eval curve first crosses the target, interpolated linearly "
-           "between the last eval below it and the first at or above it (mean ± std over seeds).")
+           "between the last eval below it and the first at or above it (mean ± std over seeds; a "
+           "seed that never reached it enters at the run's budget, making the mean a lower bound).")
   doc.text("Floor: the best trivial baseline on the evaluated held-out examples (most frequent "
            "training tokens or answer); ceiling: the best achievable score (1 where the target is a "
            "function of the prompt; the Bayes-optimal one for generated open-ended tasks; - unknown).")
   metrics = summary.get("metrics") or {t: summary["metric"] for t in tasks}
   bounds = summary.get("floors") or {}
+  single_budget = summary["steps_per_task"] * summary["tokens_per_step"]
   doc.table(["task", "metric", "floor", "target", "ceiling", "single: tokens to target",
              "multi: tokens to target", "single: final", "multi: final"],
             [[t, metrics[t], _fmt_bound(bounds.get(t, {}).get("floor")), str(summary["targets"][t]),
               _fmt_bound(bounds.get(t, {}).get("ceiling")),
-              _fmt_tokens([r["single_tokens_to_target"][t] for r in runs]),
-              _fmt_tokens([r["multi_tokens_to_target"][t] for r in runs]),
+              _fmt_tokens([r["single_tokens_to_target"][t] for r in runs], single_budget),
+              _fmt_tokens([r["multi_tokens_to_target"][t] for r in runs], single_budget * len(tasks)),
               report.mean_std([r["single_final"][t] for r in runs]),
               report.mean_std([r["multi_final"][t] for r in runs])] for t in tasks])
   doc.text("Crossings per seed: tokens at the interpolated crossing [last eval below, first eval at "
@@ -335,33 +373,67 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   return doc
 
 
+def _plainly(summary: dict[str, Any]) -> str:
+  """The report's first paragraph: what the run shows and what it cannot, with its power."""
+  n = len(summary["per_seed"])
+  primary = summary["multiplier_tests"].get("multiplier_vs_masked", {})
+  called = [f"{t} (M {'above' if c['mean'] > 0 else 'below'} 1, Holm p = {c['p_holm']:.3g})"
+            for t, c in primary.items() if c["p_holm"] < stats.ALPHA]
+  shown = ("Primary result: transfer from the other tasks (effective-data multiplier against "
+           "the masked-joint run) differs from none for " + ", ".join(called) + "; for the "
+           "other tasks no detectable difference at this power." if called else
+           "Primary result: no task's transfer from the other tasks (effective-data multiplier "
+           "against the masked-joint run) is detectably different from none at this power.")
+  if not primary:
+    shown = "No masked-joint runs: transfer is measured against single-task runs only (exploratory)."
+  return (f"**What this run shows.** {shown} Power: {n} seeds, so the smallest two-sided "
+          f"sign-flip p is {stats.smallest_p(n, 'two-sided'):.3g} before correcting across "
+          f"{len(summary['tasks'])} tasks. **What it cannot show**: anything about larger models, "
+          "longer training or other tasks (one model size, these tasks, this budget); the "
+          "efficiency ratio is compared with its no-transfer value for this mixture (below), not "
+          "with 1; tasks whose targets no run reaches leave the ratio censored.")
+
+
 def _describe_transfer(doc: report.Report, summary: dict[str, Any]) -> None:
   tasks, runs = summary["tasks"], summary["per_seed"]
+  masked = all("multiplier_vs_masked" in r for r in runs)
   doc.text("Transfer per task: the effective-data multiplier M at the joint run's last eval: the "
-           "task's loss tokens its single-task run needed to score what the joint model scores "
-           "(its curve made monotone and inverted), over the task's loss tokens in the joint run. "
-           "M = 1: no transfer; > 1: the other tasks helped; >= / <=: the joint score lies "
-           "outside the single-task curve (a bound). Against the single-task run M also counts "
-           "the joint run's more, smaller updates of each task (a masked-joint reference, which "
-           "has the joint run's schedule, is not run here). Shares: each task's measured share "
-           "of the joint run's loss tokens.")
-  doc.table(["seed"] + [f"{t}: M" for t in tasks] + [f"{t}: share" for t in tasks],
-            [[str(r["seed"])]
-             + [_fmt_multiplier(r["multiplier_vs_single"][t]) for t in tasks]
-             + [f"{r['loss_token_shares'][t]:.3f}" for t in tasks] for r in runs])
-  tested = summary["multiplier_tests"]
+           "task's loss tokens a reference run needed to score what the joint model scores (its "
+           "curve made monotone and inverted), over the task's loss tokens in the joint run. "
+           "M = 1: no transfer; > 1: the joint run's score is worth more of the task's data than "
+           "it saw; >= / <=: the joint score lies outside the reference curve (a bound). "
+           + ("Against the masked-joint run (the joint run's batches with only this task's loss "
+              "on: the same updates of the task, minus the other tasks' gradients) M is transfer "
+              "from the other tasks. " if masked else "")
+           + "Against the single-task run M also counts the joint run's more, smaller updates of "
+           "the task (its share of each batch over more steps): what a practitioner choosing "
+           "between one joint run and one run per task gets, not transfer alone. Shares: each "
+           "task's measured share of the joint run's loss tokens.")
+  header = ["seed"] + ([f"{t}: M vs masked" for t in tasks] if masked else []) + \
+      [f"{t}: M vs single" for t in tasks] + [f"{t}: share" for t in tasks]
+  doc.table(header, [[str(r["seed"])]
+                     + ([_fmt_multiplier(r["multiplier_vs_masked"][t]) for t in tasks]
+                        if masked else [])
+                     + [_fmt_multiplier(r["multiplier_vs_single"][t]) for t in tasks]
+                     + [f"{r['loss_token_shares'][t]:.3f}" for t in tasks] for r in runs])
+  doc.text("Tests, named before the run: per task, is log M different from 0 (paired over seeds: "
+           "exact sign-flip test, Holm-corrected across the tasks; with n seeds the smallest "
+           "two-sided p is 2 / 2^n, so 3 seeds can never reach 0.05). Primary: M against the "
+           "masked-joint run; M against the single-task run is exploratory.")
   lines = []
-  for t in tasks:
-    if t not in tested:
-      lines.append(f"{t}: not tested (a seed without a finite multiplier)")
+  for key, label in (("multiplier_vs_masked", "vs masked-joint"),
+                     ("multiplier_vs_single", "vs single-task")):
+    tested = summary["multiplier_tests"].get(key)
+    if tested is None:
       continue
-    c = stats.Comparison(**{k: tested[t][k] for k in ("name", "p", "p_holm", "detectable",
-                                                       "primary")}, diffs=tuple(tested[t]["diffs"]))
-    lines.append(f"{t}: log M over seeds: " + c.sentence("M above 1 (transfer helped)",
-                                                          "M below 1 (transfer hurt)"))
-  doc.text("Primary comparison, named before the run: per task, is log M different from 0 "
-           "(paired over seeds: exact sign-flip test, Holm-corrected across the tasks; with n "
-           "seeds the smallest two-sided p is 2 / 2^n, so 3 seeds can never reach 0.05).")
+    for t in tasks:
+      if t not in tested:
+        lines.append(f"{t}, {label}: not tested (a seed without a finite multiplier)")
+        continue
+      c = tested[t]
+      comparison = stats.Comparison(c["name"], tuple(c["diffs"]), c["p"], c["p_holm"],
+                                    c["detectable"], c["primary"])
+      lines.append(f"{t}, {label}, log M: " + comparison.sentence("M above 1", "M below 1"))
   doc.bullets(lines)
 
 

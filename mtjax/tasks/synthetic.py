@@ -26,7 +26,9 @@ from mtjax.tasks import Example, Task, exact_match, register
 from mtjax.tasks.sources import GeneratorSource
 
 TRAIN_SIZE = 20_000
-VALIDATION_SIZE = 500
+# 1,500: a study scores 1,000 teacher-forced examples after a 100-example tuning split, with
+# room for the report split's examples that share a prompt with the tuning split (left out).
+VALIDATION_SIZE = 1500
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -93,11 +95,20 @@ def _make_addition(rng: np.random.Generator) -> Example:
   return Example("add: ", f"{a}+{b}=", str(a + b))
 
 
-# A small grammar: DET [ADJ] NOUN VERB DET [ADJ] NOUN. 3*4*5*4 squared-ish: thousands of sentences.
+# A small grammar: DET [ADJ] NOUN VERB DET [ADJ] NOUN. 45 nouns of at most 4 letters (so the
+# longest prompt and target fit seq_len 64), so the prompt space (subject, object) holds 2,025
+# prompts and its held-out part 405: enough distinct held-out prompts for a report split of 100+.
 _DET = ("the", "a", "every")
 _ADJ = ("red", "small", "quick", "old")
-_NOUN = ("cat", "dog", "bird", "fox", "tree")
+_NOUN = ("cat", "dog", "bird", "fox", "tree", "owl", "bee", "ant", "cow", "pig", "hen", "rat",
+         "bat", "elk", "yak", "eel", "emu", "ram", "goat", "duck", "frog", "wolf", "bear", "lion",
+         "deer", "crab", "moth", "wasp", "seal", "mole", "toad", "hawk", "crow", "swan", "lamb",
+         "mule", "colt", "calf", "gnu", "ape", "boar", "hare", "cub", "pup", "kid")
 _VERB = ("sees", "likes", "chases", "finds")
+# The held-out (subject, object) pairs: 9 of the 45 diagonals of the Latin square (object index -
+# subject index, cyclically), every fifth from 2: each noun is a held-out subject 9 times and a
+# held-out object 9 times, so noun (and length) distributions match in both parts.
+_HELD_OUT_DIAGONALS = frozenset(range(2, len(_NOUN), 5))
 
 
 def _noun_phrase(rng: np.random.Generator) -> list[str]:
@@ -110,7 +121,7 @@ def _noun_phrase(rng: np.random.Generator) -> list[str]:
 
 def _make_sentence(rng: np.random.Generator) -> Example:
   """A sentence whose subject and object nouns the prompt names, "fox, tree" (many right answers:
-  900 per prompt; 25 prompts)."""
+  900 per prompt; 2,025 prompts)."""
   subject, verb, obj = _noun_phrase(rng), str(rng.choice(_VERB)), _noun_phrase(rng)
   return Example("sentence: ", f"{subject[-1]}, {obj[-1]}\n",
                  " ".join(subject + [verb] + obj))
@@ -122,13 +133,13 @@ _ASKS = re.compile(r"(\w+), (\w+)\s*")
 
 
 def sentence_held_out(example: Example) -> bool:
-  """The grammar's held-out part: the (subject, object) pairs on one diagonal of the 5x5 Latin
-  square (object = subject + 2, cyclically): 5 of 25 prompts, each noun once as held-out subject
-  and once as held-out object, so noun (and length) distributions match in both parts."""
+  """The grammar's held-out part: the (subject, object) pairs on 9 diagonals of the 45 x 45 Latin
+  square (object index - subject index in _HELD_OUT_DIAGONALS, cyclically): 405 of 2,025
+  prompts, each noun 9 times as held-out subject and 9 times as held-out object."""
   m = _ASKS.fullmatch(example.input)
   if m is None:
     raise ValueError(f"not a grammar prompt: {example.input!r}")
-  return (_NOUN.index(m[2]) - _NOUN.index(m[1])) % len(_NOUN) == 2
+  return (_NOUN.index(m[2]) - _NOUN.index(m[1])) % len(_NOUN) in _HELD_OUT_DIAGONALS
 
 
 def is_grammatical(text: str) -> bool:
