@@ -1,5 +1,5 @@
 # make demo: set up .venv (if missing) and run the efficiency study at demo scale on CPU
-#            (single-task vs multi-task, 2 tasks x 3 seeds; report.md and plots in runs/demo).
+#            (single-task, multi-task and masked-joint runs, 2 tasks x 3 seeds; report.md and plots in runs/demo).
 # make test: set up .venv (if missing) and run the default test tier: 1 fake CPU device, 2 xdist
 #            workers, JAX's persistent compilation cache in a per-run directory (README, Testing).
 # make test-slow: the other tier: the slow end-to-end tests (1 device, cached), then the

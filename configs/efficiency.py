@@ -79,14 +79,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 2
     c.optimizer.update(lr=1e-2, warmup_steps=2)
     c.eval.update(num_examples=8, num_generate=0)
-    # Just above both tasks' frequency floors on these 8 examples (sort ~0.238, template ~0.411
+    # Just above both tasks' frequency floors on these 8 examples (sort ~0.281, template ~0.357
     # under token accuracy), where both arms of both seeds cross within 24 steps per task: a model
     # this small does not beat the n-grams and prompt rules of the full family (study.floors=all:
     # sort 0.536, template 0.797), and the machinery, not a finding, is what the tests check. Two
     # seeds keep it fast: the verdict is "inconclusive" (fewer than 3 seeds) by design.
     c.study.update(steps_per_task=24, seeds=(0, 1), eval_every=4, target=0.0, tuning_examples=0,
                    floors="frequency")
-    c.study.targets = {"structured_sort": 0.25, "open_ended_template": 0.42}
+    c.study.targets = {"structured_sort": 0.29, "open_ended_template": 0.37}
     c.study.task_metrics = {}
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: demo, tiny)")

@@ -94,13 +94,13 @@ def test_sum_pair_token_accuracy_ceiling_against_brute_force():
 
 
 def test_target_under_the_floor_is_refused():
-  # sort's floor is ~0.238 on the tiny variant's 8 examples
-  cfg = _load("tiny", **{"study.targets": {"structured_sort": 0.1, "open_ended_template": 0.42}})
+  # sort's floor is ~0.281 on the tiny variant's 8 examples
+  cfg = _load("tiny", **{"study.targets": {"structured_sort": 0.1, "open_ended_template": 0.37}})
   with pytest.raises(BadInputError) as e:
     floors.check_targets(cfg)
   assert e.value.field == "study.targets.structured_sort"
   message = str(e.value)
-  assert "token_accuracy" in message and "floor 0.2381" in message and "ceiling 1.0000" in message
+  assert "token_accuracy" in message and "floor 0.2807" in message and "ceiling 1.0000" in message
   assert "\n" not in message
 
 

@@ -18,7 +18,7 @@ def _load(name, split="validation"):
                                   "structured_addition", "structured_modular"])
 def test_structured_targets_are_right_and_held_out(name):
   val, train = _load(name), _load(name, "train")
-  assert len(val) == 2000 and len(train) == 5000
+  assert len(val) == 3000 and len(train) == 5000
   assert not {e.prompt for e in val} & {e.prompt for e in train}
   task = tasks.get(name)
   for ex in list(val)[:50]:

@@ -147,10 +147,10 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
                                    seed=seed, eval_every=st.eval_every)
     if st.masked_joint:  # the joint run's batches, only t's loss on: t's masked-joint reference
       for t in tasks:
-        weights = {u: (float(base.train.loss_weights.get(u, 1.0)) if u == t else 0.0) for u in tasks}
+        masked: dict[str, Any] = {"train.loss_weights": {
+            u: (float(base.train.loss_weights.get(u, 1.0)) if u == t else 0.0) for u in tasks}}
         plan[f"masked_{t}"] = arms.configure(base, tasks=tasks, steps=st.steps_per_task * len(tasks),
-                                             seed=seed, eval_every=st.eval_every,
-                                             **{"train.loss_weights": weights})
+                                             seed=seed, eval_every=st.eval_every, **masked)
     for name, cfg in plan.items():
       notes[name] = arms.stored_lr_note(arms.run(seed_dir, name, cfg, train_fn))
     tokens = lambda curve: [(s * tps, v) for s, v in _clean(curve)]

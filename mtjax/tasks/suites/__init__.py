@@ -22,8 +22,8 @@ from mtjax.tasks.sources import TfdsSource
 from mtjax.tasks.synthetic import HeldOut, held_out_by_input
 
 # validation: a study scores 1,000 examples after its 100-example tuning split, leaving out the
-# examples whose prompt the tuning split holds (frequent templates repeat: 2,000 leave 1,000+).
-SPLIT_SIZES = {"train": 5000, "validation": 2000}
+# examples whose prompt the tuning split holds (frequent templates repeat: 3,000 leave 1,000+).
+SPLIT_SIZES = {"train": 5000, "validation": 3000}
 SUITE_SEED = 20261128
 
 Generator = Callable[[np.random.Generator], Example]

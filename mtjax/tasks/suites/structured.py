@@ -49,7 +49,7 @@ class MtjaxStructured(SuiteBuilder):
   SUITE = "structured"
   # 2.0.0: held-out splits from a disjoint part of the prompt space (train changes too).
   VERSION = tfds.core.Version("3.0.0")
-  RELEASE_NOTES = {"3.0.0": "2,000 validation examples (train unchanged)",
+  RELEASE_NOTES = {"3.0.0": "3,000 validation examples (train and the first 500 unchanged)",
                    "2.0.0": "train and validation drawn from disjoint parts of the prompt space",
                    "1.0.0": "validation re-drawn until unseen in train"}
   # Every task is partitioned by a hash of its input: the word (copy, reverse, sort: the same
