@@ -323,9 +323,12 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   doc.text("Tokens to target: where the eval curve first crosses the target, interpolated linearly "
            "between the last eval below it and the first at or above it (mean ± std over seeds; a "
            "seed that never reached it enters at the run's budget, making the mean a lower bound).")
-  doc.text("Floor: the best trivial baseline on the evaluated held-out examples (most frequent "
-           "training tokens or answer); ceiling: the best achievable score (1 where the target is a "
-           "function of the prompt; the Bayes-optimal one for generated open-ended tasks; - unknown).")
+  doc.text("Floor: the best trivial baseline on the evaluated held-out examples ("
+           + ("the family listed at the end: frequency rules, other tasks' rules, n-grams, a frame"
+              if any((summary.get("floors") or {}).get(t, {}).get("baselines") for t in tasks)
+              else "most frequent training tokens or answer")
+           + "); ceiling: the best achievable score (1 where the target is a function of the "
+           "prompt; the Bayes-optimal one for generated open-ended tasks; - unknown).")
   metrics = summary.get("metrics") or {t: summary["metric"] for t in tasks}
   bounds = summary.get("floors") or {}
   single_budget = summary["steps_per_task"] * summary["tokens_per_step"]
@@ -379,9 +382,11 @@ def _plainly(summary: dict[str, Any]) -> str:
   primary = summary["multiplier_tests"].get("multiplier_vs_masked", {})
   called = [f"{t} (M {'above' if c['mean'] > 0 else 'below'} 1, Holm p = {c['p_holm']:.3g})"
             for t, c in primary.items() if c["p_holm"] < stats.ALPHA]
+  rest = len(primary) - len(called)
   shown = ("Primary result: transfer from the other tasks (effective-data multiplier against "
-           "the masked-joint run) differs from none for " + ", ".join(called) + "; for the "
-           "other tasks no detectable difference at this power." if called else
+           "the masked-joint run) differs from none for " + ", ".join(called)
+           + ("; for the other tasks no detectable difference at this power." if rest else ".")
+           if called else
            "Primary result: no task's transfer from the other tasks (effective-data multiplier "
            "against the masked-joint run) is detectably different from none at this power.")
   if not primary:
