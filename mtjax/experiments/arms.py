@@ -314,13 +314,7 @@ def split_settings(base: Config) -> dict[str, Any]:
 def loss_tokens_per_step(cfg: Config, batches: int) -> float:
   """An arm's mean loss (supervised) tokens per step over its first `batches` training batches,
   as its loader builds them (packing, truncation and the sampler included)."""
-  from mtjax.data.loader import MixtureLoader
-  loader = MixtureLoader.from_config(cfg, prefetch=0)
-  try:
-    total = sum(float(next(loader).arrays["loss_mask"].sum()) for _ in range(max(1, batches)))
-  finally:
-    loader.close()
-  return total / max(1, batches)
+  return sum(loss_tokens_by_task(cfg, batches).values()) / max(1, batches)
 
 
 def loss_tokens_by_task(cfg: Config, batches: int) -> dict[str, float]:

@@ -445,7 +445,7 @@ def _describe_transfer(doc: report.Report, summary: dict[str, Any]) -> None:
 def _fmt_multiplier(m: Mapping[str, Any]) -> str:
   if m.get("value") is None:
     return "n/a"
-  return {"exact": "", "lower": ">= ", "upper": "<= "}[m["kind"]] + f"{m['value']:.2f}"
+  return mx.Multiplier(m["tokens"], m["score"], m["value"], m["kind"]).text()
 
 
 def _figure(summary: dict[str, Any]) -> Any:

@@ -83,25 +83,6 @@ def _tokenizer(config: Config) -> Any:
   return tokenizer_lib.get(config.data.tokenizer)
 
 
-def scored_targets(config: Config, examples: Sequence[Example], tokenizer: Any) -> list[list[int]]:
-  """Each teacher-forced example's scored tokens (target, then EOS) as the evaluator places it
-  under data.truncate in data.seq_len: examples it skips are left out, a cut one keeps the
-  target tokens it still predicts."""
-  from mtjax.data.pipeline import Tokenize, fit_example
-  tok = Tokenize(tokenizer, 0)
-  out = []
-  for ex in examples:
-    item = tok.map(ex)
-    whole = [int(t) for t in item["tokens"][item["target_start"]:]]
-    fitted = fit_example(item, config.data.seq_len, config.data.truncate)
-    if fitted is None:
-      continue
-    placed, pairs = fitted
-    scored = pairs - (int(placed["target_start"]) - 1)  # pair t predicts token t + 1
-    out.append(whole[:max(0, min(len(whole), scored))])
-  return out
-
-
 def generated_for(config: Config, name: str, count: int, tokenizer: Any) -> list[Example]:
   """The held-out examples the evaluator generates for: the first `count` after eval.skip whose
   prompt leaves room for target and EOS in data.seq_len."""
@@ -142,8 +123,8 @@ _WORD = re.compile(r"\w+")
 
 
 def _scored_examples(config: Config, examples: Sequence[Example], tokenizer: Any) -> list[Scored]:
-  """The held-out examples the teacher-forced eval scores, each with its scored tokens (as in
-  scored_targets: examples it skips are left out)."""
+  """The held-out examples the teacher-forced eval scores, each with its scored tokens as the
+  evaluator places them under data.truncate in data.seq_len (examples it skips are left out)."""
   from mtjax.data.pipeline import Tokenize, fit_example
   tok = Tokenize(tokenizer, 0)
   out = []

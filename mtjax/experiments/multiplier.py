@@ -44,10 +44,6 @@ class Multiplier:
   value: float
   kind: str = EXACT
 
-  @property
-  def censored(self) -> bool:
-    return self.kind != EXACT
-
   def to_json(self) -> dict[str, object]:
     return {"tokens": self.tokens, "score": self.score, "value": self.value, "kind": self.kind}
 
