@@ -35,7 +35,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # held-out call + EOS.
   c.eval.update(num_examples=200, num_generate=200, num_samples=0, sample_prompts=0, batch_size=50)
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=25, seeds=(0, 1, 2), eval_every=200, target=0.0, targets={}, metric="accuracy",
+      steps_per_task=25, seeds=tuple(range(10)), eval_every=200, target=0.0, targets={}, metric="accuracy",
       entropy_coef=0.0, tuning_examples=100))
   if variant == "tiny":
     c.model.update(d_model=32, num_layers=2, mlp_dim=64)

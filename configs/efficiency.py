@@ -57,7 +57,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # 10 seeds: the primary test (sign flips over seeds) can reach p = 2/1024 two-sided; with 3
   # it could never go below 0.25.
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=150, seeds=tuple(range(10)), eval_every=50, target=0.0, metric="token_accuracy",
+      steps_per_task=150, seeds=tuple(range(10)), primary="multiplier_vs_masked", eval_every=50, target=0.0, metric="token_accuracy",
       targets={"structured_sort": 0.77, "open_ended_template": 0.63},
       task_metrics={t: "accuracy" for t in open_ended}, tuning_examples=100,
       eval_schedule="log", lr_schedule="constant", lr_decay_steps=0))

@@ -25,7 +25,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval.update(num_examples=200, num_generate=0, sample_prompts=200, num_samples=4, temperature=1.0,
                 max_new_tokens="auto", batch_size=64)
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=150, seeds=(0, 1, 2), eval_every=150, target=0.0, targets={},
+      steps_per_task=150, seeds=tuple(range(10)), primary="joint_regularized-joint", eval_every=150, target=0.0, targets={},
       metric="token_accuracy", entropy_coef=0.05, task_metrics={}, tuning_examples=100))
   if variant == "tiny":
     c.data.tasks = ("structured_copy", "open_ended_grammar")

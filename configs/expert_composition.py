@@ -33,7 +33,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # (greedy exact match); the arms themselves evaluate data.tasks teacher-forced only.
   c.eval.update(num_examples=200, num_generate=200, num_samples=0, batch_size=100)
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=200, seeds=(0, 1, 2), eval_every=150, target=0.0, targets={},
+      steps_per_task=200, seeds=tuple(range(10)), primary="composed_vs_best_single", eval_every=150, target=0.0, targets={},
       metric="token_accuracy", task_metrics={}, tuning_examples=100,
       new_task="structured_sort_desc", shots=16, cem_population=32, cem_iterations=50))
   if variant == "tiny":  # the tests: the machinery, not a finding

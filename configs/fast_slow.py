@@ -46,7 +46,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # size barely beats "the prompt's remaining letters in descending order"). LRs: not searched
   # (fast 3e-2, slow 1e-3, the base's 3e-3); the pilot only checked that every arm moves.
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=150, seeds=(0, 1, 2), eval_every=50, target=0.0, metric="token_accuracy",
+      steps_per_task=150, seeds=tuple(range(10)), primary="fast_slow-slow", eval_every=50, target=0.0, metric="token_accuracy",
       targets={"structured_sort": 0.87, "structured_reverse": 0.458, "open_ended_template": 0.94},
       task_metrics={"open_ended_template": "accuracy"}, tuning_examples=100,
       eval_schedule="every", lr_schedule="constant", lr_decay_steps=0,

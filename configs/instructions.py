@@ -29,7 +29,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval.update(num_examples=200, num_generate=200)
   # eval_every = the arm's length: evaluated at steps 0 and 400 only (generation is the slow part).
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=100, seeds=(0, 1, 2), eval_every=400, target=0.0, targets={},
+      steps_per_task=100, seeds=tuple(range(10)), eval_every=400, target=0.0, targets={},
       metric="accuracy", entropy_coef=0.0, tuning_examples=100))
   if variant == "zero_shot":
     c.model.pretrained = PRETRAINED

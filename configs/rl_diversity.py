@@ -39,7 +39,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval.update(num_examples=200, num_generate=0, sample_prompts=200, num_samples=8,
                 temperature=1.0, max_new_tokens="auto", batch_size=200)
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=200, seeds=(0, 1, 2), eval_every=30, target=0.0, targets={},
+      steps_per_task=200, seeds=tuple(range(10)), primary="darling_distinct_vs_grpo", eval_every=30, target=0.0, targets={},
       metric="token_accuracy", task_metrics={}, tuning_examples=100))
   if variant == "tiny":  # the tests: the machinery, not a finding
     c.data.tasks = ("open_ended_template",)  # one task: one eval compile per arm (speed)

@@ -47,7 +47,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # teacher-forced token accuracy on 200 examples too (reported beside it).
   c.eval.update(num_examples=200, num_generate=200, num_samples=0, sample_prompts=0, batch_size=100)
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=200, seeds=(0, 1, 2), eval_every=200, target=0.0, targets={},
+      steps_per_task=200, seeds=tuple(range(10)), primary="svf_per_task-lora_per_task", eval_every=200, target=0.0, targets={},
       metric="accuracy", task_metrics={}, tuning_examples=100, eval_schedule="every",
       lr_schedule="constant", lr_decay_steps=0))
   if variant == "tiny":  # the tests: the machinery, not a finding

@@ -35,7 +35,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # so every task would fall under the min-gain guard), and it has no targets to judge.
   c.eval.update(num_examples=200, num_generate=0, num_samples=0, sample_prompts=0, batch_size=64)
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=50, seeds=(0, 1, 2), eval_every=50, target=0.0, targets={},
+      steps_per_task=50, seeds=tuple(range(10)), eval_every=50, target=0.0, targets={},
       metric="token_accuracy", task_metrics={}, entropy_coef=0.0, eval_schedule="every",
       lr_schedule="constant", lr_decay_steps=0, tuning_examples=100))
   if variant == "tiny":

@@ -37,7 +37,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval.update(num_examples=200, num_generate=0, num_samples=0, sample_prompts=0, batch_size=100)
   steps_per_task = 50  # 300 steps per arm
   c.study = ml_collections.ConfigDict(dict(
-      steps_per_task=steps_per_task, seeds=(0, 1, 2), eval_every=steps_per_task * len(TASKS),
+      steps_per_task=steps_per_task, seeds=tuple(range(10)), primary="methods-tuned_static", eval_every=steps_per_task * len(TASKS),
       target=0.0, targets={}, metric="token_accuracy", task_metrics={}, tuning_examples=100,
       eval_schedule="every", lr_schedule="constant", lr_decay_steps=0))
   if variant == "tiny":  # the tests: the machinery, not a finding

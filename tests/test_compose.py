@@ -184,7 +184,8 @@ def test_tiny_expert_composition_study_end_to_end(tmp_path, capsys):
   assert cli.main(["experiment", "expert_composition", "--config",
                    f"{REPO}/configs/expert_composition.py:tiny", "--workdir", str(out)]) == 0
   printed = capsys.readouterr().out
-  assert f"report and plots: {out}/report.md" in printed and "composed vs best single: inconclusive" in printed
+  assert f"report and plots: {out}/report.md" in printed and any(f"composed vs best single: {w}" in printed
+                                                               for w in ("no detectable", "equal"))
   summary = json.loads((out / "summary.json").read_text())
   report = (out / "report.md").read_text()
   assert "## What this run does NOT show" in report and NEW in report

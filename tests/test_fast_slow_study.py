@@ -95,7 +95,8 @@ def test_tiny_fast_slow_study_end_to_end(tmp_path, capsys):
   f = summary["findings"]
   final = lambda a: np.mean([summary["per_seed"][0][a]["final"][t] for t in tasks])
   assert np.isclose(f["final"]["fast_slow-slow"]["mean"], final("fast_slow") - final("slow"))
-  assert f["final"]["fast_slow-slow"]["verdict"].startswith("inconclusive")  # one seed
+  # One seed: the sign-flip test cannot name a direction (its smallest two-sided p is 1).
+  assert f["final"]["fast_slow-slow"]["verdict"].startswith(("no detectable difference", "equal"))
 
   # `mtjax report DIR` rebuilds summary, report and plot from the stored metrics alone.
   assert_report_rebuilds(out)

@@ -69,3 +69,18 @@ def test_published_numbers_rest_on_three_seeds_and_200_held_out_examples_after_t
       assert ev["sample_prompts"] >= 200, name
     # What the README shows is a spread over seeds (mean ± std), not one run.
     assert "±" in findings.render(name), name
+
+
+def test_no_generated_block_states_a_direction_without_its_p_value():
+  """Every directional sentence of the README's generated blocks carries its corrected p-value
+  (or says there is no detectable difference): the sign-flip machinery writes them that way."""
+  text = findings.README.read_text()
+  blocks = list(findings._BLOCK.finditer(text))
+  assert len(blocks) >= len(findings.published())
+  for m in blocks:
+    assert findings.unsupported_claims(m["body"]) == [], m["name"]
+  # The scanner does flag a bare claim (and passes a tested one and a negated one).
+  assert findings.unsupported_claims("`svf_per_task` higher on copy.") == [
+      "`svf_per_task` higher on copy."]
+  assert findings.unsupported_claims("M below 1 (Holm-corrected p = 0.0039, 10 seeds).") == []
+  assert findings.unsupported_claims("no detectable difference at this power; lower bound.") == []

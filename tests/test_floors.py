@@ -8,7 +8,9 @@ brute force over every first number the generator could draw (on strings: the by
 gives one token per character)."""
 
 import collections
+import math
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -217,3 +219,17 @@ def test_no_shipped_study_target_at_or_below_its_floor(spec):
       assert r["floor"] is not None and r["floor"] < r["target"], task
       if not spec.endswith(":tiny"):  # tiny configs test machinery (study.floors=frequency)
         assert r["floor_family"] == "all", task
+
+
+def test_true_entropy_by_hand():
+  """sum_pair with N: N + 1 equally likely answers 'a+(N-a)' (byte tokens): H = log(N + 1) nats,
+  over the expected answer length in bytes + EOS; pooled over prompts."""
+  tok = tokenizer_lib.get("byte")
+  dist = task_registry.get("open_ended_sum_pair").target_distribution
+  assert dist is not None
+  examples = [Example("s: ", f"{n}\n", "0+0") for n in (2, 9, 10)]
+  nats = sum(math.log(n + 1) for n in (2, 9, 10))
+  tokens = sum(np.mean([len(f"{a}+{n - a}") + 1 for a in range(n + 1)]) for n in (2, 9, 10))
+  assert floors.true_entropy(examples, tok, dist) == pytest.approx(nats / tokens, rel=1e-12)
+  # One answer per prompt (a structured task): 0.
+  assert floors.entropy_truth("structured_copy", _load("")) == 0.0

@@ -42,8 +42,45 @@ def test_misleading_instructions_are_deterministic():
     outs.append([rewrite(ex) for ex in examples])
   first, again = outs
   assert [e.instruction for e in first] == [e.instruction for e in again]
-  pool = tasks.misleading_pool("structured_reverse", RUN, 0)
-  assert tasks.misleading_instruction(pool, examples[0]) == first[0].instruction
+  assert tasks.misleading_for("structured_reverse", RUN, 0)(examples[0]) == first[0].instruction
+
+
+# Independent of tasks/rules.py: what each string instruction asks for, written out here.
+_BY_HAND = {"copy: ": lambda s: s, "reverse: ": lambda s: s[::-1],
+            "sort: ": lambda s: "".join(sorted(s))}
+
+
+@pytest.mark.parametrize("name", ["structured_copy", "structured_reverse", "structured_sort"])
+def test_a_misleading_instruction_never_gives_the_right_answer(name):
+  """On every example, the drawn instruction's rule (copy, reverse, sort by hand) gives another
+  answer than the target: a sorted word never gets sort's instruction on copy, a palindrome never
+  copy's on reverse."""
+  rewrite = tasks.instruction_rewrite(name, "misleading", RUN, 0)
+  assert rewrite is not None
+  examples = _validation(name, 400)
+  # Words where another task's rule agrees with this one's: they must avoid that instruction.
+  agree = [ex for ex in examples if any(f(ex.input.strip()) == ex.target
+                                        for i, f in _BY_HAND.items() if not name.endswith(i[:-2]))]
+  made = [Example("", w + "\n", {"structured_copy": w, "structured_reverse": w[::-1],
+                                  "structured_sort": "".join(sorted(w))}[name])
+          for w in ("abc", "aba", "cba", "aab", "xyz", "abba")]
+  for ex in examples + made:
+    got = rewrite(ex).instruction
+    if got in _BY_HAND:
+      assert _BY_HAND[got](ex.input.strip()) != ex.target, (name, ex, got)
+  assert agree or made  # the rule matters on some examples
+
+
+def test_task_id_instructions_are_fixed_per_task_and_name_no_rule():
+  ids = {}
+  for name in RUN:
+    rewrite = tasks.instruction_rewrite(name, "task_id", RUN, 0)
+    assert rewrite is not None
+    given = {rewrite(ex).instruction for ex in _validation(name, 20)}
+    assert len(given) == 1  # one string per task
+    ids[name] = given.pop()
+  assert len(set(ids.values())) == len(RUN)
+  assert not set(ids.values()) & set(tasks.misleading_pool("structured_copy", RUN, 0))
 
 
 def test_wrong_mode_still_relabels_one_to_one():
@@ -71,6 +108,11 @@ def test_ambiguity_against_a_hand_computation():
   digits = instructions.ambiguity({"copy": copy, "add": [ex("add: ", "1+2=", "3")]})
   assert digits["fraction"] == {"copy": 0.0, "add": 0.0} and digits["cap"] == 1.0
   assert digits["same_format"] == {"copy": 0.0, "add": 0.0}
+  # In distribution: copy and reverse share a format (k = 2 each), add stands alone (k = 1).
+  assert got["cap_in_distribution"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+  three = instructions.ambiguity({"copy": copy, "reverse": reverse,
+                                  "add": [ex("add: ", "1+2=", "3")]})
+  assert three["cap_in_distribution"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
 
 
 def test_zero_shot_arms_hold_each_task_out_once_per_mode():
@@ -82,7 +124,8 @@ def test_zero_shot_arms_hold_each_task_out_once_per_mode():
     assert name.startswith(f"zero_shot_{held}_")
     assert mixture[held] == 0.0
     assert all(w > 0 for t, w in mixture.items() if t != held)
-    assert modes == {t: instructions.ARMS[name.rsplit("_", 1)[1]] for t in base.data.tasks}
+    arm = name.removeprefix(f"zero_shot_{held}_")
+  assert modes == {t: instructions.ARMS[arm] for t in base.data.tasks}
 
 
 def test_zero_shot_without_a_checkpoint_exits_2_naming_model_pretrained(tmp_path, capsys):

@@ -58,7 +58,8 @@ def test_tiny_rl_diversity_study_end_to_end(tmp_path, capsys):
   darling = _eval_rows(seed / "grpo_darling")
   assert np.isclose(f["darling_vs_grpo"]["pass1"]["mean"],
                     darling[-1][f"eval/{t}/pass@1"] - rows[-1][f"eval/{t}/pass@1"])
-  assert f["verdicts"]["darling_pass1_vs_grpo"].startswith("inconclusive")  # one seed
+  # One seed: the sign-flip test cannot name a direction (its smallest two-sided p is 1).
+  assert f["verdicts"]["darling_pass1_vs_grpo"].startswith(("no detectable difference", "equal"))
 
   # `mtjax report DIR` rebuilds summary, report and plot from the stored metrics alone.
   assert_report_rebuilds(out)

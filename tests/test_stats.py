@@ -86,3 +86,28 @@ def test_bootstrap_interval_covers_the_mean_of_a_known_distribution():
   half = 1.96 * data.std(ddof=1) / math.sqrt(len(data))  # the normal interval, by hand
   assert low == pytest.approx(data.mean() - half, abs=0.02)
   assert high == pytest.approx(data.mean() + half, abs=0.02)
+
+
+def test_compare_named_holm_families_by_hand():
+  """The primary comparison's keys are one Holm family, every other comparison's keys one
+  exploratory family; |d| <= atol counts as 0; a NaN seed leaves its test out of the family."""
+  up = [0.1 + 0.01 * i for i in range(10)]  # p = 2/1024 each, two-sided
+  mixed = [0.05, -0.04, 0.02, -0.03, 0.01, 0.0, 0.03, -0.02, 0.04, -0.05]
+  got = stats.compare_named({"a-b": {"copy": up, "sort": mixed},
+                             "a-c": {"copy": up, "sort": up, "mean": [math.nan] + up[1:]}},
+                            "a-b", atol=1e-9)
+  p_mixed = stats.sign_flip_p(mixed, "two-sided")
+  # Primary family {copy: 2/1024, sort: p_mixed}: Holm multiplies the smallest by 2.
+  assert got["a-b"]["copy"].p_holm == pytest.approx(4 / 1024) and got["a-b"]["copy"].primary
+  assert got["a-b"]["sort"].p_holm == pytest.approx(max(4 / 1024, p_mixed))
+  # Exploratory family {copy, sort} (mean not tested): both 2/1024, Holm: x2 then running max.
+  assert got["a-c"]["copy"].p_holm == pytest.approx(4 / 1024) and not got["a-c"]["copy"].primary
+  assert got["a-c"]["sort"].p_holm == pytest.approx(4 / 1024)
+  assert math.isnan(got["a-c"]["mean"].p)
+  assert got["a-c"]["mean"].sentence("up", "down").startswith("not tested (exploratory)")
+  assert "(exploratory)" in got["a-c"]["copy"].sentence("up", "down")
+  assert got["a-c"]["copy"].direction() == 1 and got["a-b"]["sort"].direction() == 0
+  tied = stats.compare_named({"x": {"t": [1e-12, -1e-12, 0.0]}}, "x", atol=1e-9)["x"]["t"]
+  assert tied.sentence("up", "down") == "equal on every seed"
+  with pytest.raises(ValueError, match="primary comparison 'z'"):
+    stats.compare_named({"x": {"t": up}}, "z")

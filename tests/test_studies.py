@@ -87,6 +87,37 @@ def test_bad_study_settings_name_the_field(dotted, field):
   assert e.value.field == field
 
 
+@pytest.mark.parametrize("name", [n for n in STUDIES if STUDIES[n].comparisons])
+def test_an_unknown_primary_comparison_exits_2_before_training(name, tmp_path, capsys,
+                                                               monkeypatch):
+  from mtjax import recipes
+  monkeypatch.setattr(recipes, "run", _no_training)
+  out = tmp_path / name
+  assert cli.main(["experiment", name, "--config", f"{REPO}/configs/{name}.py:tiny", "--workdir",
+                   str(out), "--config.study.primary=no_such_comparison"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: study.primary: expected one of ") and STUDIES[name].default_primary in err
+  assert not out.exists()
+
+
+def test_structured_first_gives_every_task_the_joint_arms_examples():
+  """Per task, the expected examples = sum over stages of stage steps x the task's rate share;
+  the joint arm gives each of K tasks steps / K. By hand for 2 structured + 2 open-ended tasks,
+  600 steps: stage 1 (150 steps) structured only, then weights 1, 1, 2, 2 (450 steps)."""
+  from mtjax.experiments import entropy
+  tasks, structured = ["copy", "reverse", "grammar", "template"], ["copy", "reverse"]
+  for steps in (600, 601, 1200):
+    stages = entropy.structured_first_stages(tasks, structured, steps)
+    bounds = [s for s, _ in stages] + [steps]
+    got = {t: sum((bounds[i + 1] - bounds[i]) * w.get(t, 0.0) / sum(w.values())
+                  for i, (_, w) in enumerate(stages)) for t in tasks}
+    for t in tasks:
+      assert got[t] == pytest.approx(steps / len(tasks), abs=0.5), (steps, got)
+  assert entropy.structured_first_stages(tasks, structured, 600) == [
+      (0, {"copy": 1.0, "reverse": 1.0}),
+      (150, {"copy": 1.0, "reverse": 1.0, "grammar": 2.0, "template": 2.0})]
+
+
 @pytest.mark.parametrize("name", list(STUDIES))
 def test_preempted_arm_is_not_done_and_stops_the_study(name, tmp_path, capsys, monkeypatch):
   from mtjax import recipes
@@ -322,7 +353,7 @@ def test_instruction_study_tiny(tmp_path, capsys):
   out, s = _run_study("instructions", tmp_path, capsys)
   run = s["per_seed"][0]
   assert s["metric"] == "accuracy"  # greedy exact match
-  for arm in ("original", "empty", "misleading"):
+  for arm in ("original", "empty", "misleading", "task_id"):
     final = [r for r in _rows(out / "seed0" / arm / "metrics.jsonl") if "eval/reverse/accuracy" in r][-1]
     assert run[arm]["reverse"] == final["eval/reverse/accuracy"]
     assert run[f"{arm}/token_accuracy"]["reverse"] == final["eval/reverse/token_accuracy"]
@@ -332,8 +363,12 @@ def test_instruction_study_tiny(tmp_path, capsys):
       "reverse": "misleading", "addition": "misleading"}
   assert "zero_shot" not in run  # from scratch: no held-out-task arms
   report = (out / "report.md").read_text()
-  assert ("| task | floor | original | empty | Δ empty | misleading | Δ misleading | "
-          "empty-prompt ambiguity | same format |" in report)
+  assert json.loads((out / "seed0" / "task_id" / "config.json").read_text())["data"]["instructions"] == {
+      "reverse": "task_id", "addition": "task_id"}
+  assert ("| task | floor | original | empty | Δ empty | misleading | Δ misleading | task_id | "
+          "Δ task_id | empty-prompt ambiguity | same format |" in report)
+  # reverse and addition share no input format: the in-distribution cap is 1 (k = 1 each).
+  assert s["ambiguity"]["cap_in_distribution"] == [1.0]
   assert f"| reverse | {s['floors']['reverse']['floor']:.3f} |" in report
   assert "capped by that ambiguity" in report
   assert set(s["ambiguity"]["fraction"]) == {"reverse", "addition"}

@@ -56,18 +56,19 @@ def test_ratio_interval_by_hand():
   assert efficiency.efficiency_ratio({"a": Crossing(10, 5, 20)}, {"a": Crossing(1, 0, 2)})[2] == math.inf
 
 
-def test_verdict_uses_intervals_and_needs_three_seeds():
-  above, below, straddle = (1.1, 1.8), (0.5, 0.9), (0.86, 1.4)
-  assert efficiency.verdict([above] * 3)[0] == "more efficient"
-  assert efficiency.verdict([below] * 4)[0] == "less efficient"
-  # Point ratios all > 1 (about 1.1 each), but one interval reaches below 1: not supported.
-  assert efficiency.verdict([above, above, straddle])[0] == "inconclusive"
-  assert efficiency.verdict([above, below, above])[0] == "inconclusive"
-  verdict, why = efficiency.verdict([above, above])
-  assert verdict == "inconclusive" and "fewer than 3" in why
-  assert efficiency.verdict([above, above, (math.nan, math.nan)])[0] == "inconclusive"
-  assert efficiency.verdict([(1.0, 1.5)] * 3)[0] == "inconclusive"  # the bound 1 is not above 1
-  assert efficiency.verdict([above] * 2, min_seeds=2)[0] == "more efficient"
+def test_verdict_tests_the_ratio_against_its_no_transfer_value():
+  # By hand: 10 seeds whose ratio exceeds its null: log(ratio / null) > 0 on all of them, so the
+  # exact two-sided sign-flip p is 2 / 1024.
+  ratios, nulls = [(1.3, 1.2, 1.4)] * 10, [1.1] * 10
+  decided, why = efficiency.verdict(ratios, nulls)
+  assert decided == "more efficient" and "p = 0.00195" in why
+  assert efficiency.verdict([(0.7, 0.6, 0.8)] * 10, [0.75] * 10)[0] == "less efficient"
+  # 9 of 10 up, the tenth down by more than all the others together: no direction.
+  mixed = [(1.2, 1.1, 1.3)] * 9 + [(0.01, 0.005, 0.02)]
+  assert efficiency.verdict(mixed, [1.0] * 10)[0] == "inconclusive"
+  assert efficiency.verdict([(1.3, 1.2, 1.4)] * 3, [1.1] * 3)[0] == "inconclusive"  # p >= 0.25
+  # The ratio's null, not 1: a ratio of 0.8 above a null of 0.6 is more efficient than no transfer.
+  assert efficiency.verdict([(0.8, 0.75, 0.85)] * 10, [0.6] * 10)[0] == "more efficient"
 
 
 # ------------------------------------------------------------------ eval schedule
@@ -181,6 +182,11 @@ def test_a_target_never_reached_is_censored_at_the_runs_budget():
   multi = {"a": Crossing(40, 30, 50), "b": None}
   point, low, high = efficiency.efficiency_ratio(single, multi, single_budget=100, multi_budget=300)
   assert math.isnan(point) and low == 0.0 and high == pytest.approx((20 + 30) / 300)
-  # Censored single runs whose lower bound already clears 1 in every seed: a verdict.
-  assert efficiency.verdict([(1.1, math.inf)] * 3)[0] == "more efficient"
-  assert efficiency.verdict([(0.0, 0.5)] * 3)[0] == "less efficient"
+  # A censored ratio enters the test by its interval's end nearest the null when the interval lies
+  # on one side of it, else as 0 (sign unknown).
+  assert efficiency.log_excess(math.nan, 1.1, math.inf, 1.0) == pytest.approx(math.log(1.1))
+  assert efficiency.log_excess(math.nan, 0.0, 0.5, 1.0) == pytest.approx(math.log(0.5))
+  assert efficiency.log_excess(math.nan, 0.5, math.inf, 1.0) == 0.0
+  assert math.isnan(efficiency.log_excess(1.2, 1.1, 1.3, math.nan))
+  assert efficiency.verdict([(math.nan, 1.1, math.inf)] * 10, [1.0] * 10)[0] == "more efficient"
+  assert efficiency.verdict([(math.nan, 0.0, 0.5)] * 10, [1.0] * 10)[0] == "less efficient"

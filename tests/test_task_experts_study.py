@@ -86,7 +86,9 @@ def test_tiny_task_experts_study_end_to_end(tmp_path, capsys):
   t = tasks[0]
   assert np.isclose(f[t]["full_mt-full_per_task"]["mean"],
                     last(arm_dirs["full_mt"], t) - last(arm_dirs[f"full_per_task_{t}"], t))
-  assert f[t]["lora_per_task-lora_shared"]["verdict"].startswith("inconclusive")  # one seed
+  # One seed: the sign-flip test cannot name a direction (its smallest two-sided p is 1).
+  assert f[t]["lora_per_task-lora_shared"]["verdict"].startswith(("no detectable difference",
+                                                                   "equal"))
 
   # Parameter counts: by hand for the tiny model (d 32, 2 layers, 4 heads of 8, 2 KV heads,
   # MLP 64, vocab 384 untied; LoRA rank 4 and SVF on gate, up, down) ...

@@ -44,10 +44,15 @@ def test_arithmetic():
   mean, std, low, high = weighting.t_interval([0.1, 0.2, 0.3])
   half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) x s / sqrt(n)
   assert (mean, std, low, high) == pytest.approx((0.2, 0.1, 0.2 - half, 0.2 + half))
-  assert weighting.verdict([0.1, 0.11, 0.12])[0] == "beats tuned static"
-  assert weighting.verdict([-0.1, -0.11, -0.12])[0] == "worse than tuned static"
-  assert weighting.verdict([-0.1, 0.2, 0.3])[0] == "inconclusive"
-  assert weighting.verdict([0.1, 0.2])[0] == "inconclusive"  # fewer than 3 seeds
+  # Sign-flip tests, Holm across the methods. 10 seeds all one way: p = 2 / 1024 each, x 2 methods
+  # at Holm's first step = 0.0039 < 0.05; 3 seeds can never get below 2 / 8 = 0.25.
+  ten_up = [0.1 + 0.01 * i for i in range(10)]
+  decided = weighting.verdicts({"a": ten_up, "b": [-x for x in ten_up]})
+  assert decided["a"][0] == "beats tuned static" and "p = 0.00391" in decided["a"][1]
+  assert decided["b"][0] == "worse than tuned static" and "p = 0.00391" in decided["b"][1]
+  mixed = weighting.verdicts({"a": ten_up[:5] + [-x for x in ten_up[5:]]})["a"]
+  assert mixed[0] == "no detectable difference"
+  assert weighting.verdict([0.1, 0.11, 0.12])[0] == "no detectable difference"  # 3 seeds: p 0.25
   w = weighting.candidate_weights("closed_x2", ["structured_sort", "open_ended_template"])
   assert w == pytest.approx({"structured_sort": 4 / 3, "open_ended_template": 2 / 3})
 

@@ -16,6 +16,10 @@ class StudyConfig:
   target: float = 0.5  # the score each task must reach (eval metric below) ...
   targets: Mapping[str, float] = dataclasses.field(default_factory=dict)  # ... or per task
   metric: str = "accuracy"
+  # The study's ONE primary comparison, named before it runs (each study lists its comparisons:
+  # `mtjax experiment NAME --help`); '' = the study's default. Its keys (tasks, quantities) are
+  # one Holm family; every other comparison is reported as exploratory.
+  primary: str = ""
   entropy_coef: float = 0.05  # entropy study: the coefficient of its regularized arm
   # Eval steps of every arm: every (eval_every) | log (also steps 1, 2, 4, 8, ...: dense early).
   eval_schedule: str = "every"

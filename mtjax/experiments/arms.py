@@ -49,6 +49,22 @@ class Study:
   describe: Callable[[dict[str, Any], Any], report_lib.Report]
   check: Callable[[Config], None] = lambda config: None
   record: Callable[[Config], Mapping[str, Any]] = lambda config: {}
+  # The comparisons the study tests (paired over seeds; stats.compare_named) and the one it takes
+  # as primary when study.primary is empty.
+  comparisons: tuple[str, ...] = ()
+  default_primary: str = ""
+
+  def primary(self, config: Config) -> str:
+    """The primary comparison this config names (study.primary, else the study's default);
+    BadInputError when it names none of the study's comparisons."""
+    name = config.study.primary or self.default_primary
+    if self.comparisons and name not in self.comparisons:
+      raise BadInputError("study.primary", f"expected one of {', '.join(self.comparisons)} "
+                          f"(the {self.name} study's comparisons), got {name!r}")
+    if not self.comparisons and config.study.primary:
+      raise BadInputError("study.primary", f"the {self.name} study names its tests itself; "
+                          f"expected '', got {config.study.primary!r}")
+    return name
 
   def run(self, config: Config, workdir: str, *, train_fn: TrainFn | None = None) -> dict[str, Any]:
     """Checks the config, trains every arm not yet DONE, writes summary.json and report.md.
@@ -59,6 +75,7 @@ class Study:
     from mtjax import recipes
     from mtjax.check import check_generation_budgets
     validate_study_config(config)
+    primary = self.primary(config)
     self.check(config)
     check_generation_budgets(config)  # a budget shorter than a held-out target: before any arm
     # Targets strictly between what trivial baselines score and the best achievable score.
@@ -67,6 +84,8 @@ class Study:
     write_study_json(root, self.name, config, **self.record(config))
     summary = self.summarize(config, root, train_fn or recipes.run)
     summary.setdefault("floors", bounds)
+    if primary:
+      summary["primary"] = primary
     return self._finish(root, summary)
 
   def rebuild(self, root: epath.Path, config: Config) -> epath.Path:
@@ -79,6 +98,8 @@ class Study:
     summary = self.summarize(config, root, stored_only)
     # As run() stored them (on the examples the arms score), none refused.
     summary.setdefault("floors", floors.describe(config.replace(**split_settings(config))))
+    if self.primary(config):
+      summary["primary"] = self.primary(config)
     self._finish(root, summary)
     return root / "report.md"
 

@@ -15,9 +15,13 @@ Per seed it has an interval: low = the most pessimistic crossings (single-task r
 of their intervals, the joint run at the end of its), high = the most optimistic. A target a run
 never reached within its budget is censored there (reached after it at the earliest, or never):
 a single-task run that never got there leaves the ratio a lower bound, a joint run that never did
-an upper bound. Verdict over seeds: "more efficient" if every seed's interval lies above 1, "less
-efficient" if every seed's interval lies below 1, with at least MIN_SEEDS seeds; else
-"inconclusive".
+an upper bound. The ratio's null is not 1: with no transfer it is sum(s) / max(s_t / r_t) for the
+measured loss-token shares r_t (multiplier.ratio_null). Verdict over seeds: log(ratio / null),
+paired by seed, by an exact two-sided sign-flip test; "more efficient" / "less efficient" than no
+transfer with p < 0.05, else "inconclusive" (a censored ratio enters by its interval's end nearest
+the null when the interval lies on one side of it, else as 0: `log_excess`). Transfer per task:
+the effective-data multiplier (multiplier.py), tested per task against the masked-joint run
+(primary) and the single-task run (exploratory).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ import numpy as np
 from etils import epath
 
 from mtjax.config import Config
+from mtjax.errors import BadInputError
 from mtjax.experiments import arms, report, stats
 from mtjax.experiments import multiplier as mx
 
-MIN_SEEDS = 3  # the least number of seeds a verdict other than "inconclusive" rests on
+MIN_SEEDS = 3  # recorded for older reports; the sign-flip test sets the power now
 
 
 def tokens_per_step(config: Config) -> int:
@@ -114,18 +119,54 @@ def efficiency_ratio(single: Mapping[str, Crossing | None],
   return point, low, high
 
 
-def verdict(intervals: Sequence[tuple[float, float]], min_seeds: int = MIN_SEEDS) -> tuple[str, str]:
-  """(verdict, why) from each seed's ratio interval (low, high)."""
-  r = np.asarray(intervals, np.float64).reshape(-1, 2)
-  if len(r) < min_seeds:
-    return "inconclusive", f"{len(r)} seed(s), fewer than {min_seeds}"
-  if np.any(np.isnan(r)):
-    return "inconclusive", "a target was never reached in some seed"
-  if np.all(r[:, 0] > 1):
-    return "more efficient", "every seed's interval lies above 1"
-  if np.all(r[:, 1] < 1):
-    return "less efficient", "every seed's interval lies below 1"
-  return "inconclusive", "some seed's interval contains 1 (or the seeds disagree)"
+def log_excess(ratio: float, low: float, high: float, null: float) -> float:
+  """One seed's log(ratio / no-transfer value) for the sign-flip test. A censored ratio (no point
+  value) enters by its interval's end nearest the null when the whole interval lies on one side
+  (a conservative value of the right sign), else as 0 (its sign is unknown: the seed then adds
+  nothing to either direction). NaN where the null or the interval is unknown."""
+  if not (_positive(null) and math.isfinite(null)):
+    return math.nan
+  if _positive(ratio):
+    return math.log(ratio / null)
+  if math.isnan(low) or math.isnan(high):
+    return math.nan
+  if low > null:
+    return math.log(low / null)
+  if high < null:
+    return math.log(max(high, 1e-300) / null)
+  return 0.0
+
+
+def verdict(ratios: Sequence[tuple[float, float, float]], nulls: Sequence[float]) -> tuple[str, str]:
+  """(verdict, why) of the efficiency ratio against its no-transfer value, from each seed's
+  (ratio, low, high) and null: the paired log(ratio / null) over seeds by an exact two-sided
+  sign-flip test (a family of one). 'more efficient' / 'less efficient' than no transfer only
+  with p < 0.05, else 'inconclusive' with the p and what made it so."""
+  diffs = [log_excess(r, lo, hi, n) for (r, lo, hi), n in zip(ratios, nulls)]
+  if not diffs:
+    return "inconclusive", "no seeds"
+  if any(math.isnan(d) for d in diffs):
+    return "inconclusive", ("a seed has no no-transfer value (a single-task run never reached "
+                            "its target) or no ratio interval")
+  c = stats.compare({"ratio": diffs})["ratio"]
+  unknown = sum(d == 0 and not _positive(r) for d, (r, _, _) in zip(diffs, ratios))
+  note = (f"; {unknown} censored seed(s) whose interval contains the null enter as 0"
+          if unknown else "")
+  if c.direction() > 0:
+    return "more efficient", (f"the ratio lies above its no-transfer value: sign-flip p = "
+                              f"{c.p:.3g}, {len(diffs)} seeds{note}")
+  if c.direction() < 0:
+    return "less efficient", (f"the ratio lies below its no-transfer value: sign-flip p = "
+                              f"{c.p:.3g}, {len(diffs)} seeds{note}")
+  return "inconclusive", (f"no detectable difference between the ratio and its no-transfer value "
+                          f"at this power: sign-flip p = {c.p:.3g}, {len(diffs)} seeds, smallest "
+                          f"detectable mean log ratio {c.detectable:.3g}{note}")
+
+
+def _seed_ratios(per_seed: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[float, float, float]],
+                                                                 list[float]]:
+  return ([(_nan(s["ratio"]), _nan(s["ratio_interval"][0]), _nan(s["ratio_interval"][1]))
+           for s in per_seed], [_nan(s.get("ratio_null")) for s in per_seed])
 
 
 # ---------------------------------------------------------------- the study
@@ -181,13 +222,14 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
         "multi_curves": multi_curves,
         **({"masked_curves": masked_curves} if masked_curves else {}),
     })
-  intervals = [(_nan(s["ratio_interval"][0]), _nan(s["ratio_interval"][1])) for s in per_seed]
-  decided, why = verdict(intervals)
+  decided, why = verdict(*_seed_ratios(per_seed))
   # The primary comparison, per task: log M against the masked-joint reference (transfer from the
   # other tasks' losses) over seeds, sign-flip tested, Holm-corrected across the tasks; against
   # the single-task run: exploratory (it also counts the joint run's update schedule).
   tests = {}
-  for key, primary in (("multiplier_vs_masked", True), ("multiplier_vs_single", False)):
+  named = STUDY.primary(base) if st.masked_joint else "multiplier_vs_single"
+  for key in COMPARISONS:
+    primary = key == named
     if not all(key in s for s in per_seed):
       continue
     logs = {t: [math.log(s[key][t]["value"]) for s in per_seed if _positive(s[key][t]["value"])]
@@ -368,10 +410,14 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
              "the joint run's loss tokens): the ratio's null for the mixture actually used, not 1. "
              "n/a where a single-task run never reached its target.")
   doc.table(["seed", "ratio", "interval"] + (["no-transfer value"] if nulls else []), rows)
-  doc.verdict(
-      f"**Verdict: {summary['verdict']}** ({summary['verdict_reason']}; more efficient: every "
-      "seed's interval lies above 1; less efficient: every seed's interval lies below 1; both need "
-      f"at least {summary['min_seeds']} seeds; otherwise inconclusive).")
+  if nulls:  # the verdict again from the stored ratios (the rule of this version)
+    decided, why = verdict(*_seed_ratios(runs))
+    doc.verdict(
+        f"**Verdict: {decided}** ({why}; more / less efficient: the ratio above / below its "
+        "no-transfer value for this mixture, paired over seeds by an exact two-sided sign-flip "
+        "test of log(ratio / no-transfer value), p < 0.05; otherwise inconclusive).")
+  else:
+    doc.verdict(f"**Verdict: {summary['verdict']}** ({summary['verdict_reason']}).")
   doc.figure("efficiency_curves.png", lambda: _figure(summary), alt="eval curves")
   return doc
 
@@ -472,8 +518,20 @@ def _figure(summary: dict[str, Any]) -> Any:
   return fig
 
 
+# The comparisons: per task, log M against the masked-joint run (transfer from the other tasks'
+# losses) and against the single-task run (also counts the joint run's update schedule).
+COMPARISONS = ("multiplier_vs_masked", "multiplier_vs_single")
+
+
+def _check(config: Config) -> None:
+  if STUDY.primary(config) == "multiplier_vs_masked" and not config.study.masked_joint:
+    raise BadInputError("study.primary", "multiplier_vs_masked needs the masked-joint runs "
+                        "(study.masked_joint=True), or name multiplier_vs_single")
+
+
 STUDY = arms.Study(name="efficiency", help="multi-task vs task-specific at equal compute",
-                   summarize=summarize, describe=describe, record=_record)
+                   summarize=summarize, describe=describe, record=_record, check=_check,
+                   comparisons=COMPARISONS, default_primary=COMPARISONS[0])
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

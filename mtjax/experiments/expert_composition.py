@@ -17,7 +17,6 @@ Per seed:
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,7 +26,7 @@ from etils import epath
 
 from mtjax.config import Config
 from mtjax.errors import BadInputError
-from mtjax.experiments import arms, report
+from mtjax.experiments import arms, report, stats
 
 EXPORT = "base_export"
 # Paired by seed: (a, b) -> a - b of held-out exact match.
@@ -89,9 +88,12 @@ def _record(config: Config) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the runs and the summary
 
-# A paired difference's verdict; |d| <= 1e-5 is float32 noise of equal models (alpha a multiple of
-# one expert's one-hot gives that expert's weights).
-verdict = functools.partial(arms.sign_verdict, tie="tied on every seed", atol=1e-5)
+# |d| <= 1e-5 is float32 noise of equal models (alpha a multiple of one expert's one-hot gives
+# that expert's weights).
+TIE = 1e-5
+NAMES = tuple(f"{a}_vs_{b}" for a, b in PAIRS)
+# Transformer²'s claim at test time: a mixture of experts beats the best single one.
+DEFAULT_PRIMARY = "composed_vs_best_single"
 
 
 def _composition(base: Config, seed: int, svf_dir: epath.Path) -> dict[str, Any]:
@@ -135,7 +137,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
         "shots": c["shots"],
         "token_accuracy": {"base": arms.final_eval(base_dir, tasks, "token_accuracy"),
                            "svf": arms.final_eval(svf_dir, tasks, "token_accuracy")}})
-  f = findings(per_seed)
+  f = findings(per_seed, STUDY.primary(base))
   return {"tasks": tasks, "new_task": base.study.new_task, "seeds": list(base.study.seeds),
           "base_steps": base_steps(base), "svf_steps": base.train.steps,
           "svf_lr": base.model.svf.lr, "svf_targets": list(base.model.svf.targets),
@@ -152,17 +154,28 @@ def values(per_seed: Sequence[Mapping[str, Any]], model: str,
   return [float(s[metric][model]) for s in per_seed]
 
 
-def findings(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+METRICS = (("exact_match", ""), ("log_likelihood", "_loglik"))
+
+
+def findings(per_seed: Sequence[Mapping[str, Any]], primary: str = DEFAULT_PRIMARY) -> dict[str, Any]:
+  """Each model's held-out exact match (mean, std over seeds); each pair's per-seed differences
+  on both metrics, tested by sign flips (Holm across the primary pair's two metrics; the other
+  pairs one exploratory family), and the verdicts."""
   out: dict[str, Any] = {"final": {m: {"mean": float(np.mean(values(per_seed, m))),
                                        "std": float(np.std(values(per_seed, m)))} for m in MODELS},
-                         "paired": {}, "verdicts": {}}
-  for metric, suffix in (("exact_match", ""), ("log_likelihood", "_loglik")):
+                         "paired": {}, "verdicts": {}, "tests": {}}
+  for metric, suffix in METRICS:
     for a, b in PAIRS:
       diffs = [x - y for x, y in zip(values(per_seed, a, metric), values(per_seed, b, metric))]
       out["paired"][f"{a}_vs_{b}{suffix}"] = {"diffs": diffs, "mean": float(np.mean(diffs)),
                                               "std": float(np.std(diffs))}
-      out["verdicts"][f"{a}_vs_{b}{suffix}"] = verdict(
-          diffs, f"{a} higher than {b} on every seed", f"{a} lower than {b} on every seed")
+  tests = stats.compare_named({n: {m: out["paired"][f"{n}{suffix}"]["diffs"]
+                                   for m, suffix in METRICS} for n in NAMES}, primary, atol=TIE)
+  for (a, b), name in zip(PAIRS, NAMES):
+    for metric, suffix in METRICS:
+      c = tests[name][metric]
+      out["tests"][f"{name}{suffix}"] = c.to_json()
+      out["verdicts"][f"{name}{suffix}"] = c.sentence(f"{a} higher than {b}", f"{a} lower than {b}")
   # Every model at exact match 0 on every seed: the study cannot rank them by it at this size.
   out["floor"] = all(v == 0 for m in MODELS for v in values(per_seed, m))
   return out
@@ -177,7 +190,9 @@ def _pct(x: float) -> str:
 def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   del root
   per_seed, tasks, new = summary["per_seed"], summary["tasks"], summary["new_task"]
-  f, cem = summary["findings"], summary["cem"]
+  cem = summary["cem"]
+  primary = summary.get("primary", DEFAULT_PRIMARY)
+  f = findings(per_seed, primary)  # the tests, from the stored per-seed scores
   doc = report.Report("Expert composition: CEM-mixed SVF experts vs the best single expert vs "
                       "the base")
   doc.text(
@@ -230,22 +245,21 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
             [[t, f"{np.mean([s['token_accuracy']['base'][t] for s in per_seed]):.3f}",
               f"{np.mean([s['token_accuracy']['svf'][t] for s in per_seed]):.3f}"] for t in tasks])
   doc.heading("Findings")
-  doc.text("A verdict names a direction only when every one of at least 3 seeds moved that way "
-           "(a weak criterion: with 3 seeds, noise alone gives one sign on all of them 1 time in "
-           "4); otherwise it says inconclusive.")
+  doc.text(stats.method_note(primary, len(per_seed), len(METRICS),
+                             "metrics (exact match, log-likelihood)"))
   if f.get("floor"):
     doc.bullets([f"Floor: every model (composed, each expert, the base) scored exact match 0 on "
                  f"`{new}` on every seed. Exact match cannot rank them at this size; the ties below "
                  "say nothing about composition. The log-likelihood rows are the only graded "
                  "evidence here."])
-  findings = []
+  lines = []
   for a, b in PAIRS:
     p = f["paired"][f"{a}_vs_{b}"]
     q = f["paired"][f"{a}_vs_{b}_loglik"]
-    findings.append(f"{a} vs {b}: exact match {f['verdicts'][f'{a}_vs_{b}']} (mean difference "
+    lines.append(f"{a} vs {b}: exact match {f['verdicts'][f'{a}_vs_{b}']} (mean difference "
                     f"{p['mean']:+.3f} ± {p['std']:.3f}); target log-likelihood "
                     f"{f['verdicts'][f'{a}_vs_{b}_loglik']} ({q['mean']:+.4f} ± {q['std']:.4f}).")
-  doc.bullets(findings)
+  doc.bullets(lines)
   doc.heading("What this run does NOT show")
   doc.bullets([
       "A tiny model trained from scratch for minutes on synthetic string tasks: nothing here "
@@ -270,7 +284,8 @@ STUDY = arms.Study(
     name="expert_composition",
     help="per-task SVF experts composed few-shot by CEM on a held-out task vs the best single "
          "expert vs the base",
-    summarize=summarize, describe=describe, check=_check, record=_record)
+    summarize=summarize, describe=describe, check=_check, record=_record,
+    comparisons=NAMES, default_primary=DEFAULT_PRIMARY)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ the README matches them).
 
   .venv/bin/python -m mtjax.experiments.findings publish runs/efficiency efficiency
   .venv/bin/python -m mtjax.experiments.findings sync      # make findings
+  .venv/bin/python -m mtjax.experiments.findings rerender  # reports from summaries, this code
   .venv/bin/python -m mtjax.experiments.findings check     # exit 1 if the README is stale
 """
 
@@ -63,6 +64,23 @@ def publish(workdir: str | Path, name: str, docs: Path = DOCS) -> Path:
   return dst
 
 
+def rerender(name: str, docs: Path = DOCS) -> Path:
+  """Rewrites docs/studies/<name>/report.md and its plots from the published summary.json with
+  this version's report code (its tests and wording; the numbers are the run's): for records
+  whose runs are gone. Returns report.md's path."""
+  from mtjax.experiments.registry import STUDIES
+  src = docs / name
+  try:
+    study = json.loads((src / "study.json").read_text())["study"]
+    summary = json.loads((src / "summary.json").read_text())
+  except (OSError, ValueError, KeyError) as e:
+    raise BadInputError(str(src), f"expected a published study (study.json, summary.json): {e}") from None
+  import os
+  from etils import epath
+  # Relative to the working directory, as a run's workdir is named (reports quote it).
+  return Path(STUDIES[study].report(epath.Path(os.path.relpath(src)), summary))
+
+
 def render(name: str, docs: Path = DOCS) -> str:
   """The README block of docs/studies/<name>: its study's report rebuilt from summary.json (the
   title dropped, plot links made relative to the repository root); `<name>:brief` keeps only the
@@ -85,6 +103,28 @@ def render(name: str, docs: Path = DOCS) -> str:
     text = doc.markdown(title=False)
   body = text.strip() + "\n"
   return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", lambda m: f"![{m[1]}]({rel}/{m[2]})", body)
+
+
+# Words a report uses to say one arm or run did better or worse than another (or than none).
+_DIRECTIONAL = re.compile(
+    r"\b(higher|lower|beats?|better|worse|more efficient|less efficient|above 1|below 1|"
+    r"outperform\w*|lifted|improv(?:ed|es)|hurts?|raised|lowered|narrowed|wins?)\b", re.I)
+_TESTED = re.compile(r"\bp = |\bp < ", re.I)
+_NOT_A_CLAIM = re.compile(r"lower bound|upper bound|no detectable|not detectably|"
+                          r"detectably better", re.I)
+
+
+def unsupported_claims(text: str) -> list[str]:
+  """The sentences (and table cells) of a generated block that state a direction without a
+  p-value: a directional word (higher, beats, above 1, ...) in a sentence with no 'p = ' or
+  'p < ' and no 'no detectable difference'."""
+  out = []
+  for line in text.splitlines():
+    for part in re.split(r"(?<=[.;])\s+|\s\|\s", line):
+      if (_DIRECTIONAL.search(part) and not _TESTED.search(part)
+          and not _NOT_A_CLAIM.search(part)):
+        out.append(part.strip())
+  return out
 
 
 def published(docs: Path = DOCS) -> list[str]:
@@ -127,12 +167,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = sub.add_parser("publish", help="copy a finished study's record to docs/studies/NAME")
   p.add_argument("workdir")
   p.add_argument("name")
+  p = sub.add_parser("rerender", help="rewrite docs/studies/NAME's report.md and plots from its "
+                     "summary.json with this version's report code (all published: no NAME)")
+  p.add_argument("names", nargs="*")
   sub.add_parser("sync", help="rewrite the README's generated blocks from docs/studies")
   sub.add_parser("check", help="exit 1 if a generated block differs from docs/studies")
   args = parser.parse_args(argv)
   try:
     if args.command == "publish":
       print(f"published {publish(args.workdir, args.name)}")
+      return 0
+    if args.command == "rerender":
+      for name in args.names or published():
+        print(f"rewrote {rerender(name)}")
       return 0
     changed = sync_readme(check=args.command == "check")
   except BadInputError as e:

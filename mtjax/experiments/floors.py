@@ -37,7 +37,7 @@ from typing import Any
 from mtjax import tasks as task_registry
 from mtjax.config import Config
 from mtjax.errors import BadInputError
-from mtjax.tasks import Example
+from mtjax.tasks import Example, rules
 
 TRAIN_SAMPLE = 5000  # training examples the frequency baselines count (the first of the split)
 TOKEN_METRICS = ("token_accuracy",)
@@ -105,18 +105,10 @@ class Scored:
 # A teacher-forced predictor: (the example, the target tokens so far) -> its guess of the next.
 Predictor = Callable[[Scored, Sequence[int]], int]
 
-# Rules over a prompt's letters: the string tasks' rules (copy, reverse, sort, descending sort),
-# applied to any task's input. A rule that is the task's own (it gives the training target on
-# OWN_RULE_SHARE of the first OWN_RULE_SAMPLE training examples) is left out: the task's floor
-# asks what a model that learned ANOTHER task's rule, or "the prompt's letters in some order",
-# scores on it.
-STRING_RULES: dict[str, Callable[[str], str]] = {
-    "copy": lambda s: s,
-    "reverse": lambda s: s[::-1],
-    "sort": lambda s: "".join(sorted(s)),
-    "sort_desc": lambda s: "".join(sorted(s, reverse=True)),
-}
-OWN_RULE_SAMPLE, OWN_RULE_SHARE = 200, 0.99
+# Rules over a prompt's letters (tasks/rules.py), applied to any task's input. A rule that is the
+# task's own is left out: the task's floor asks what a model that learned ANOTHER task's rule, or
+# "the prompt's letters in some order", scores on it.
+STRING_RULES = rules.STRING_RULES
 NGRAM_ORDERS = (2, 3, 4)
 FAMILIES = ("all", "frequency")  # study.floors
 _WORD = re.compile(r"\w+")
@@ -170,18 +162,13 @@ def _score(held: Sequence[Scored], predict: Predictor) -> float:
 
 
 def _rule_text(rule: Callable[[str], str], ex: Example) -> str:
-  return rule(ex.input.strip())
+  return rules.apply(rule, ex)
 
 
 def _other_rules(items: Sequence[tuple[Example, list[int], int]]) -> dict[str, Callable[[str], str]]:
   """STRING_RULES without the task's own (module docstring)."""
-  sample = [ex for ex, _, _ in items[:OWN_RULE_SAMPLE]]
-  out = {}
-  for name, rule in STRING_RULES.items():
-    own = sum(_rule_text(rule, ex) == ex.target for ex in sample)
-    if not sample or own < OWN_RULE_SHARE * len(sample):
-      out[name] = rule
-  return out
+  own = rules.own_rules([ex for ex, _, _ in items])
+  return {name: rule for name, rule in STRING_RULES.items() if name not in own}
 
 
 def _frame(items: Sequence[tuple[Example, list[int], int]]) -> tuple[Any, ...] | None:
@@ -196,7 +183,7 @@ def _frame(items: Sequence[tuple[Example, list[int], int]]) -> tuple[Any, ...] |
     return None
   best, count = frames.most_common(1)[0]
   slots = sum(isinstance(w, tuple) for w in best)
-  if not slots or slots == len(best) or count >= OWN_RULE_SHARE * len(items):
+  if not slots or slots == len(best) or count >= rules.SHARE * len(items):
     return None  # nothing from the prompt; only the prompt's words (a string rule); the task's rule
   return best
 
@@ -394,6 +381,36 @@ def bayes_token_accuracy(examples: Sequence[Example], tokenizer: Any, distributi
   return right / total if total else math.nan
 
 
+def true_entropy(examples: Sequence[Example], tokenizer: Any, distribution) -> float:
+  """The generator's entropy in nats per scored token (target and EOS), pooled over tokens as the
+  eval pools a model's predictive entropy: sum over prompts of H(target | prompt) over the
+  expected number of scored tokens. By the chain rule H(target) = E[sum over positions of
+  H(token | prompt, prefix)], so a model that learned the generator exactly scores this in
+  expectation; below it a model is more certain than the data allow (collapse), above it
+  underfit."""
+  nats = total = 0.0
+  for ex in examples:
+    options = [(len(tokenizer.encode(text)) + 1, p) for text, p in distribution(ex)]
+    mass = sum(p for _, p in options)
+    nats -= sum(p / mass * math.log(p / mass) for _, p in options if p > 0)
+    total += sum(p / mass * n for n, p in options)
+  return nats / total if total else math.nan
+
+
+def entropy_truth(task_name: str, config: Config, tokenizer: Any = None) -> float | None:
+  """`true_entropy` on the held-out examples the eval scores, or None where the task has no
+  known answer distribution (a structured task's truth is 0: one answer per prompt)."""
+  task = task_registry.get(task_name)
+  if not task.open_ended:
+    return 0.0
+  if task.target_distribution is None:
+    return None
+  tokenizer = tokenizer or _tokenizer(config)
+  kept = [ex for ex in heldout(config, task_name, config.eval.num_examples)
+          if _fits(config, ex, tokenizer)]
+  return true_entropy(kept, tokenizer, task.target_distribution)
+
+
 def ceiling(task_name: str, metric: str, config: Config, tokenizer: Any = None) -> float | None:
   """The best achievable `metric` on the task (module docstring), or None where it is unknown."""
   task = task_registry.get(task_name)
@@ -455,19 +472,22 @@ def _table(config: Config, *, strict: bool) -> dict[str, dict[str, Any]]:
   for name in config.data.tasks:
     target = float(st.targets.get(name, st.target))
     metric = metric_for(config, name)
+    tokenizer = tokenizer or _tokenizer(config)
+    truth = entropy_truth(name, config, tokenizer) if config.eval.num_examples else None
     if target <= 0 and not (has_floor(metric) and _count_for(config, metric)):
-      out[name] = {"metric": metric, "floor": None, "ceiling": None, "target": target}
+      out[name] = {"metric": metric, "floor": None, "ceiling": None, "target": target,
+                   "true_entropy": truth}
       continue
     if strict and target > 0:
       _metric_count_check(config, name, metric)
-    tokenizer = tokenizer or _tokenizer(config)
     scores = baselines(name, metric, config, tokenizer)
     finite = [v for v in scores.values() if not math.isnan(v)]
     lo = max(finite) if finite else None
     hi = ceiling(name, metric, config, tokenizer)
     hi = None if hi is None or math.isnan(hi) else hi
     out[name] = {"metric": metric, "floor": lo, "ceiling": hi, "target": target,
-                 "baselines": scores, "floor_family": config.study.floors}
+                 "baselines": scores, "floor_family": config.study.floors,
+                 "true_entropy": truth}
     if strict and target > 0 and ((lo is not None and target <= lo) or
                                   (hi is not None and target >= hi)):
       raise BadInputError(

@@ -3,8 +3,11 @@
 Arms per seed, equal steps (study.steps_per_task x number of tasks), the same mixture:
   original    instructions as written
   empty       every task's instruction blanked (data.instructions.<task>="empty"), train and eval
-  misleading  each example gets another task's instruction, drawn per example from a pool of the
-              other tasks' instructions (data.instructions.<task>="misleading"), train and eval
+  misleading  each example gets another task's instruction, drawn per example from the other
+              tasks' instructions whose rule gives a DIFFERENT answer on its input
+              (data.instructions.<task>="misleading"), train and eval
+  task_id     a fixed meaningless string per task (data.instructions.<task>="task_id"): the model
+              can tell the tasks apart, but no instruction names a rule
 Score: greedy exact match (study.metric, `accuracy`: eval.num_generate held-out prompts per task),
 token accuracy beside it. Without instructions, tasks whose inputs look alike (copy, reverse, sort
 on letters) give the same prompt different targets: the report measures that ambiguity per task
@@ -24,10 +27,15 @@ from etils import epath
 
 from mtjax.config import Config
 from mtjax.errors import BadInputError
-from mtjax.experiments import arms, report
+from mtjax.experiments import arms, report, stats
 
-ARMS = {"original": "keep", "empty": "empty", "misleading": "misleading"}  # arm -> data.instructions mode
+ARMS = {"original": "keep", "empty": "empty", "misleading": "misleading",
+        "task_id": "task_id"}  # arm -> data.instructions mode
 SECONDARY = "token_accuracy"
+ABLATIONS = tuple(a for a in ARMS if a != "original")
+NAMES = tuple(f"{a}-original" for a in ABLATIONS)  # the paired comparisons, per task
+# Kung & Peng's finding to test: misleading instructions cost little against the originals.
+DEFAULT_PRIMARY = "misleading-original"
 
 
 def check(config: Config) -> None:
@@ -81,8 +89,15 @@ def ambiguity(held_out: dict[str, Sequence[Any]]) -> dict[str, Any]:
   same_format = {n: (sum(any(_shape(ex.input) in shapes[o] for o in held_out if o != n) for ex in examples)
                      / len(examples) if examples else float("nan"))
                  for n, examples in held_out.items()}
+  # In distribution: tasks that share an input format draw their inputs alike, and their rules
+  # disagree on almost every input, so one answer per input is right for at most one of the k
+  # same-format tasks (a task with same_format >= 1/2 counts the others it shares a shape with).
+  group = {n: 1 + sum(bool(shapes[n] & shapes[o]) for o in held_out if o != n)
+           if same_format[n] >= 0.5 else 1 for n in tasks}
   return {"fraction": fraction, "cap": best / len(tasks) if tasks else float("nan"),
-          "same_format": same_format}
+          "same_format": same_format,
+          "cap_in_distribution": (sum(1 / group[n] for n in tasks) / len(tasks)
+                                  if tasks else float("nan"))}
 
 
 def _shape(prompt: str) -> str:
@@ -141,7 +156,8 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
           "held_out_examples": count, "per_seed": per_seed,
           "ambiguity": {"fraction": {t: [a["fraction"][t] for a in amb] for t in tasks},
                         "same_format": {t: [a["same_format"][t] for a in amb] for t in tasks},
-                        "cap": [a["cap"] for a in amb]},
+                        "cap": [a["cap"] for a in amb],
+                        "cap_in_distribution": [a["cap_in_distribution"] for a in amb]},
           "pretrained": base.model.pretrained}
 
 
@@ -149,28 +165,42 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   del root
   tasks, runs, metric = summary["tasks"], summary["per_seed"], summary["metric"]
   amb = summary["ambiguity"]
+  ablations = [a for a in ABLATIONS if runs and a in runs[0]]  # older records: no task_id arm
   rows = []
   for t in tasks:
     base = [r["original"][t] for r in runs]
     cells = [t, report.floor_of(summary, t), report.mean_std(base)]
-    for arm in list(ARMS)[1:]:
+    for arm in ablations:
       vals = [r[arm][t] for r in runs]
       cells += [report.mean_std(vals), report.mean_std([v - b for v, b in zip(vals, base)])]
     cells += [report.mean_std(amb["fraction"][t]), report.mean_std(amb["same_format"][t])]
     rows.append(cells)
-  secondary = [[t] + [report.mean_std([r[f"{arm}/{SECONDARY}"][t] for r in runs]) for arm in ARMS]
+  primary = summary.get("primary", DEFAULT_PRIMARY)
+  tested = stats.compare_named(
+      {f"{a}-original": {t: [r[a][t] - r["original"][t] for r in runs] for t in tasks}
+       for a in ablations}, primary)
+  shown = ["original", *ablations]
+  secondary = [[t] + [report.mean_std([r[f"{arm}/{SECONDARY}"][t] for r in runs]) for arm in shown]
                for t in tasks] if runs and f"original/{SECONDARY}" in runs[0] else []
   doc = report.Report("Instruction ablation")
   doc.text(
       f"Seeds: {summary['seeds']}. Each arm trains {summary['steps']} steps on the same mixture; the "
       "ablation applies in training and in evaluation. `misleading` gives each example another "
-      "task's instruction, drawn per example from a pool of the other tasks' instructions. Score: "
+      "task's instruction, drawn per example from the other tasks' instructions"
+      + (" whose rule gives a different answer on its input; `task_id` gives every example of a "
+         "task one fixed meaningless string (the tasks stay distinguishable, no rule is named)"
+         if "task_id" in ablations else "") + ". Score: "
       f"held-out `{metric}` ({'greedy exact match, ' if metric == 'accuracy' else ''}"
       f"{summary['held_out_examples']} held-out examples per task). Δ = arm − original (per seed, "
       "then mean ± std). Floor: the score of always answering the most frequent training answer "
       "(original instructions).")
-  doc.table(["task", "floor", "original", "empty", "Δ empty", "misleading", "Δ misleading",
+  doc.table(["task", "floor", "original",
+             *[c for a in ablations for c in (a, f"Δ {a}")],
              "empty-prompt ambiguity", "same format"], rows)
+  doc.text(stats.method_note(primary, len(runs), len(tasks), "tasks"))
+  doc.bullets([f"`{t}`, {name.replace('-original', '')} vs original: "
+               + tested[name][t].sentence("higher", "lower")
+               for name in tested for t in tasks])
   doc.heading("Empty-instruction ambiguity")
   doc.text(
       "Empty-prompt ambiguity: the fraction of a task's held-out prompts that, with the instruction "
@@ -178,15 +208,20 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
       "can tell those tasks apart there: scores of the empty arm are capped by that ambiguity. The "
       "best mean exact match over tasks any predictor could get in the empty arm (one answer per "
       f"prompt): {report.mean_std(amb['cap'])}. Identical prompts are counted among the scored "
-      "held-out examples only, so this cap is sound but loose: tasks that share an input format "
-      "(copy, reverse and sort on the same letters) are ambiguous in distribution even where no two "
-      "sampled prompts coincide. `same format`: the fraction of a task's held-out prompts shaped "
+      "held-out examples only, so this cap is sound but loose (vacuous when no two sampled "
+      "prompts coincide): tasks that share an input format (copy, reverse and sort on the same "
+      "letters) are ambiguous in distribution."
+      + (" In distribution, one answer per input is right for at most one of k same-format tasks "
+         "whose rules disagree on it: the mean exact match over tasks is then at most the mean of "
+         f"1/k, {report.mean_std(amb['cap_in_distribution'])} here (assuming same-format tasks "
+         "draw their inputs alike)." if "cap_in_distribution" in amb else "")
+      + " `same format`: the fraction of a task's held-out prompts shaped "
       "like another task's (letters and digits masked; indicative, not a bound); where it is high, "
       "a model without instructions can only guess which task a prompt belongs to, and the empty "
       "arm's score measures that guess, not instruction following.")
   if secondary:
     doc.heading("Token accuracy (teacher-forced, secondary)")
-    doc.table(["task", *ARMS], secondary)
+    doc.table(["task", *shown], secondary)
   if runs and "zero_shot" in runs[0]:
     zrows = []
     for t in tasks:
@@ -199,8 +234,10 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   return doc
 
 
-STUDY = arms.Study(name="instructions", help="instruction ablation: original vs empty vs misleading",
-                   summarize=summarize, describe=describe, check=check)
+STUDY = arms.Study(name="instructions",
+                   help="instruction ablation: original vs empty vs misleading vs task id",
+                   summarize=summarize, describe=describe, check=check, comparisons=NAMES,
+                   default_primary=DEFAULT_PRIMARY)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

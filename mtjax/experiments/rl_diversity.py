@@ -17,7 +17,6 @@ samples), at optimizer.lr x RL_LR_SCALE, evaluated every study.eval_every steps.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ from etils import epath
 
 from mtjax.config import Config
 from mtjax.errors import BadInputError
-from mtjax.experiments import arms, report
+from mtjax.experiments import arms, report, stats
 
 RL_ARMS = ("grpo", "grpo_darling", "grpo_high_kl")
 ARMS = ("sft", *RL_ARMS)
@@ -145,7 +144,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
           "betas": {a: beta_of(base, a) for a in RL_ARMS},
           "sft_lr": base.optimizer.lr, "rl_lr": base.optimizer.lr * RL_LR_SCALE,
           "sample_prompts": base.eval.sample_prompts,
-          "per_seed": per_seed, "findings": findings(per_seed, tasks)}
+          "per_seed": per_seed, "findings": findings(per_seed, tasks, STUDY.primary(base))}
 
 
 def final(series: Sequence[Sequence[float]]) -> float:
@@ -167,8 +166,19 @@ def finals(per_seed: Sequence[Mapping[str, Any]], arm: str, task: str, metric: s
   return [value(s, arm, task, metric) for s in per_seed]
 
 
-# A paired difference's verdict (all of at least 3 seeds one way).
-_verdict = functools.partial(arms.sign_verdict, tie="unchanged on every seed")
+# The tested comparisons: name -> (the findings entry, its metric). Each is one family over tasks.
+TESTS = {
+    "grpo_distinct_vs_sft": ("grpo_vs_sft", "distinct"),
+    "grpo_unique_vs_sft": ("grpo_vs_sft", "unique"),
+    "grpo_seq_entropy_vs_sft": ("grpo_vs_sft", "seq_entropy"),
+    "grpo_pass1_vs_sft": ("grpo_vs_sft", "pass1"),
+    "darling_pass1_vs_grpo": ("darling_vs_grpo", "pass1"),
+    "darling_distinct_vs_grpo": ("darling_vs_grpo", "distinct"),
+    "darling_unique_vs_grpo": ("darling_vs_grpo", "unique"),
+    "high_kl_distinct_vs_grpo": ("high_kl_vs_grpo", "distinct"),
+}
+# DARLING's claim: its diversity reward keeps more distinct valid answers than plain GRPO.
+DEFAULT_PRIMARY = "darling_distinct_vs_grpo"
 
 
 def _paired(per_seed, a: str, b: str, task: str, metric: str) -> dict[str, Any]:
@@ -177,9 +187,12 @@ def _paired(per_seed, a: str, b: str, task: str, metric: str) -> dict[str, Any]:
   return {"diffs": diffs, "mean": float(np.mean(diffs)), "std": float(np.std(diffs))}
 
 
-def findings(per_seed: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+def findings(per_seed: Sequence[Mapping[str, Any]], tasks: Sequence[str],
+             primary: str = DEFAULT_PRIMARY) -> dict[str, Any]:
   """Per task: each arm's final held-out metrics (mean, std over seeds); plain GRPO vs SFT
-  (did it collapse diversity?) and DARLING vs plain GRPO (quality and diversity), paired by seed."""
+  (did it collapse diversity?) and DARLING vs plain GRPO (quality and diversity), paired by seed
+  and tested by sign flips (Holm across the primary comparison's tasks; the rest exploratory).
+  verdicts: 'raised' / 'lowered' with the corrected p, or no detectable difference."""
   out: dict[str, Any] = {}
   for t in tasks:
     f: dict[str, Any] = {"final": {a: {m: {"mean": float(np.mean(finals(per_seed, a, t, m))),
@@ -193,17 +206,13 @@ def findings(per_seed: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> dic
     f["grpo_vs_sft"] = collapse
     f["darling_vs_grpo"] = darling
     f["high_kl_vs_grpo"] = high_kl
-    f["verdicts"] = {
-        "grpo_distinct_vs_sft": _verdict(collapse["distinct"]["diffs"], "raised", "lowered"),
-        "grpo_unique_vs_sft": _verdict(collapse["unique"]["diffs"], "raised", "lowered"),
-        "grpo_seq_entropy_vs_sft": _verdict(collapse["seq_entropy"]["diffs"], "raised", "lowered"),
-        "grpo_pass1_vs_sft": _verdict(collapse["pass1"]["diffs"], "raised", "lowered"),
-        "darling_pass1_vs_grpo": _verdict(darling["pass1"]["diffs"], "raised", "lowered"),
-        "darling_distinct_vs_grpo": _verdict(darling["distinct"]["diffs"], "raised", "lowered"),
-        "darling_unique_vs_grpo": _verdict(darling["unique"]["diffs"], "raised", "lowered"),
-        "high_kl_distinct_vs_grpo": _verdict(high_kl["distinct"]["diffs"], "raised", "lowered"),
-    }
     out[t] = f
+  tests = stats.compare_named({name: {t: out[t][entry][metric]["diffs"] for t in tasks}
+                               for name, (entry, metric) in TESTS.items()}, primary)
+  for t in tasks:
+    out[t]["tests"] = {name: tests[name][t].to_json() for name in TESTS}
+    out[t]["directions"] = {name: tests[name][t].direction() for name in TESTS}
+    out[t]["verdicts"] = {name: tests[name][t].sentence("raised", "lowered") for name in TESTS}
   return out
 
 
@@ -223,7 +232,9 @@ def _diff(d: Mapping[str, Any], digits: int = 3) -> str:
 def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   del root
   tasks, per_seed, n = summary["tasks"], summary["per_seed"], summary["n"]
-  f, betas = summary["findings"], summary["betas"]
+  betas = summary["betas"]
+  primary = summary.get("primary", DEFAULT_PRIMARY)
+  f = findings(per_seed, tasks, primary)  # the tests, from the stored per-seed values
   doc = report.Report("RL diversity study: does GRPO collapse what SFT gave, and does DARLING help?")
   doc.text(
       f"Tasks: {', '.join(f'{t} (' + ('open-ended' if summary['open_ended'][t] else 'structured') + ')' for t in tasks)}. "
@@ -278,10 +289,15 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
     doc.text(f"`{t}`:")
     doc.table(*_over_steps(per_seed, t))
   doc.heading("Findings")
-  doc.text("A verdict names a direction only when every one of at least 3 seeds moved that way "
-           "(a weak criterion: with 3 seeds, pure noise gives one sign on all of them 1 time in 4); "
-           "otherwise it says inconclusive.")
-  doc.bullets([f"`{t}`: {_headline(f[t]['verdicts'], summary['open_ended'][t])}" for t in tasks])
+  doc.text(stats.method_note(primary, len(per_seed), len(tasks), "tasks"))
+  doc.bullets([f"`{t}`: {_headline(f[t], summary['open_ended'][t])}" for t in tasks])
+  truth = _truth_lines(summary, per_seed)
+  if truth:
+    doc.text("Predictive entropy against the generator's true entropy (nats per target token, "
+             "from the task's answer distribution; model minus truth, mean ± std over seeds; "
+             "descriptive, not a test): below 0 the model is more certain than the data allow "
+             "(collapsed), above 0 it is underfit.")
+    doc.bullets(truth)
   doc.text("In numbers:")
   numbers = []
   for t in tasks:
@@ -314,7 +330,11 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
       "evaluation itself is noisy at that size (the std over seeds includes it).",
       "No hyperparameter search: one LR, one beta pair, one clip (the RL LR, a tenth of the "
       "SFT LR, was set after one pilot in which a third of it drove the KL to ~0.5 and "
-      "halved template pass@1); a different LR could change every verdict. 'Inconclusive' is a result of this size, not evidence of no effect.",
+      "halved template pass@1); a different LR could change every verdict. 'No detectable difference' is a result of this size, not evidence of no effect.",
+      "Known from larger models and not tested here: RL on a pretrained model tends to "
+      "sharpen (squeeze) what the model already produces while SFT expands it ("
+      "'RL Squeezes, SFT Expands', arXiv 2509.21128); a model trained from scratch for a "
+      "few hundred steps may sit far from that regime.",
       "Evaluations at different steps sample with different seeds (eval seed + step), so a "
       "difference from the step-0 row includes sampling noise besides the training.",
       "Seeds vary the SFT model, the RL sampling and the evaluation samples together; the "
@@ -322,27 +342,55 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   return doc
 
 
-def _headline(v: Mapping[str, str], open_ended: bool) -> str:
-  """The two questions in words, from the per-seed verdicts."""
-  collapse = (v["grpo_unique_vs_sft"], v["grpo_seq_entropy_vs_sft"])
+def _headline(f: Mapping[str, Any], open_ended: bool) -> str:
+  """The two questions in words, from the tested directions (a direction only where the
+  Holm-corrected sign-flip p is below 0.05; the p-values are in the verdicts quoted)."""
+  v, d = f["verdicts"], f["directions"]
+  collapse = (d["grpo_unique_vs_sft"], d["grpo_seq_entropy_vs_sft"])
   if not open_ended:
     first = ("one right answer per prompt (distinct@n <= 1, so distinct and unique say nothing "
              "about diversity here: unique falls as pass@1 rises); plain GRPO vs SFT: sequence "
              f"entropy {v['grpo_seq_entropy_vs_sft']}, pass@1 {v['grpo_pass1_vs_sft']}")
-  elif all(x == "lowered" for x in collapse):
+  elif all(x == -1 for x in collapse):
     first = ("plain GRPO narrowed the output distribution: fewer distinct answers per valid answer "
-             "and a lower sequence entropy than SFT on every seed")
-    if v["grpo_distinct_vs_sft"] == "raised":
+             f"({v['grpo_unique_vs_sft']}) and a lower sequence entropy "
+             f"({v['grpo_seq_entropy_vs_sft']}) than SFT")
+    if d["grpo_distinct_vs_sft"] == 1:
       first += (f" (distinct valid outputs per prompt still rose, carried by more valid outputs: "
                 f"pass@1 {v['grpo_pass1_vs_sft']})")
-  elif all(x == "raised" for x in collapse):
-    first = "plain GRPO did not collapse diversity here (both measures rose on every seed)"
+  elif all(x == 1 for x in collapse):
+    first = (f"plain GRPO did not narrow the outputs here (unique {v['grpo_unique_vs_sft']}, seq "
+             f"entropy {v['grpo_seq_entropy_vs_sft']})")
   else:
-    first = (f"collapse under plain GRPO inconclusive (unique: {collapse[0]}, seq entropy: "
-             f"{collapse[1]})")
+    first = (f"plain GRPO vs SFT: unique {v['grpo_unique_vs_sft']}; seq entropy "
+             f"{v['grpo_seq_entropy_vs_sft']}")
   second = (f"DARLING vs plain GRPO: pass@1 {v['darling_pass1_vs_grpo']}, distinct "
             f"{v['darling_distinct_vs_grpo']}, unique {v['darling_unique_vs_grpo']}")
+  if open_ended and d["darling_distinct_vs_grpo"] == 1 and d["darling_pass1_vs_grpo"] == 1:
+    second += (" (more distinct valid answers can follow from more valid answers alone: "
+               "distinct@n counts valid outputs)")
+  if not open_ended and d["darling_distinct_vs_grpo"] != 0:
+    second += (" (with one right answer, distinct@n moves with pass@1 mechanically: it is not "
+               "diversity here)")
   return f"{first}. {second}."
+
+
+def _truth_lines(summary: Mapping[str, Any], per_seed: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Per open-ended task with a recorded true entropy: each arm's held-out predictive entropy
+  minus the truth."""
+  truth = {t: e.get("true_entropy") for t, e in summary.get("floors", {}).items()
+           if isinstance(e, Mapping)}
+  lines = []
+  for t in summary["tasks"]:
+    if truth.get(t) is None:
+      continue
+    cells = []
+    for arm in ARMS:
+      values = [v - truth[t] for v in finals(per_seed, arm, t, "entropy")]
+      if not any(np.isnan(values)):
+        cells.append(f"{arm} {report.mean_std(values, 3)}")
+    lines.append(f"`{t}` (true {truth[t]:.3f}): " + ", ".join(cells))
+  return lines
 
 
 def _over_steps(per_seed: Sequence[Mapping[str, Any]],
@@ -395,7 +443,8 @@ def _figure(summary: dict[str, Any]) -> Any:
 STUDY = arms.Study(
     name="rl_diversity",
     help="SFT, then GRPO vs GRPO + DARLING vs GRPO with a larger KL: pass@k, distinct@k, entropy",
-    summarize=summarize, describe=describe, check=_check, record=_record)
+    summarize=summarize, describe=describe, check=_check, record=_record,
+    comparisons=tuple(TESTS), default_primary=DEFAULT_PRIMARY)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

@@ -118,18 +118,30 @@ class Comparison:
     return float(np.mean(self.diffs)) if self.diffs else math.nan
 
   def significant(self, alpha: float = ALPHA) -> bool:
-    return self.p_holm < alpha
+    return self.p_holm < alpha  # False for NaN (a comparison with a missing seed)
+
+  def direction(self, alpha: float = ALPHA) -> int:
+    """+1 / -1 when the corrected test says the mean difference is above / below 0, else 0."""
+    if not self.significant(alpha) or self.mean == 0:
+      return 0
+    return 1 if self.mean > 0 else -1
 
   def sentence(self, up: str, down: str, alpha: float = ALPHA) -> str:
     """`up`/`down` with its corrected p when significant, else the no-detectable-difference
     sentence with the smallest effect this design could detect."""
     label = "" if self.primary else " (exploratory)"
+    if math.isnan(self.p):
+      return f"not tested{label} (a seed's value is missing)"
+    if self.diffs and all(d == 0 for d in self.diffs):
+      return f"equal on every seed{label}"
     if self.significant(alpha) and self.mean != 0:
       claim = up if self.mean > 0 else down
       return f"{claim}{label} (Holm-corrected p = {self.p_holm:.3g}, {len(self.diffs)} seeds)"
+    detectable = (f"smallest detectable mean difference {self.detectable:.3g}"
+                  if math.isfinite(self.detectable) else
+                  f"{len(self.diffs)} seeds cannot reach p < {alpha:g} at all")
     return (f"no detectable difference at this power{label} (Holm-corrected p = "
-            f"{self.p_holm:.3g}, {len(self.diffs)} seeds; smallest detectable mean difference "
-            f"{self.detectable:.3g})")
+            f"{self.p_holm:.3g}, {len(self.diffs)} seeds; {detectable})")
 
   def to_json(self) -> dict[str, object]:
     return {"name": self.name, "diffs": list(self.diffs), "mean": self.mean, "p": self.p,
@@ -140,12 +152,51 @@ def compare(family: Mapping[str, Sequence[float]], *, primary: bool = True,
             alternative: str = "two-sided", alpha: float = ALPHA) -> dict[str, Comparison]:
   """Tests each named list of paired differences (one per seed) and Holm-corrects across the
   family. Two-sided by default: a report may say either direction."""
-  raw = {k: sign_flip_p(v, alternative) for k, v in family.items()}
+  raw = {k: math.nan if np.isnan(np.asarray(v, np.float64)).any() else sign_flip_p(v, alternative)
+         for k, v in family.items()}
   corrected = holm(raw)
   assert isinstance(corrected, dict)
-  m = max(1, len(family))
+  m = max(1, sum(not math.isnan(p) for p in raw.values()))
   return {k: Comparison(k, tuple(float(x) for x in v), raw[k], corrected[k],
                         detectable_effect(v, m, alpha), primary) for k, v in family.items()}
+
+
+def compare_named(comparisons: Mapping[str, Mapping[str, Sequence[float]]], primary: str, *,
+                  atol: float = 0.0, alpha: float = ALPHA) -> dict[str, dict[str, Comparison]]:
+  """A study's whole set of tests: comparison name -> {key (a task, a quantity) -> per-seed paired
+  differences}. The primary comparison's keys are one Holm family (the claim the study named
+  before it ran); every other comparison's keys together are one exploratory family. |d| <= atol
+  counts as 0 (float noise of equal models). Returns the same nesting of Comparisons."""
+  if primary not in comparisons:
+    raise ValueError(f"primary comparison {primary!r} is not one of {list(comparisons)}")
+
+  def clean(v: Sequence[float]) -> list[float]:
+    return [0.0 if abs(x) <= atol else float(x) for x in v]
+
+  first = compare({k: clean(v) for k, v in comparisons[primary].items()}, primary=True,
+                  alpha=alpha)
+  rest = compare({f"{name}\0{k}": clean(v) for name, family in comparisons.items()
+                  if name != primary for k, v in family.items()}, primary=False, alpha=alpha)
+  out: dict[str, dict[str, Comparison]] = {primary: first}
+  for key, c in rest.items():
+    name, _, k = key.partition("\0")
+    out.setdefault(name, {})[k] = dataclasses.replace(c, name=k)
+  return {name: out[name] for name in comparisons}
+
+
+def method_note(primary: str, seeds: int, family: int, what: str) -> str:
+  """The report's sentence on how its verdicts were tested, with the design's power."""
+  least = smallest_p(seeds, "two-sided")
+  power = (f"with {seeds} seeds the smallest two-sided p is {least:.3g}, so no verdict can name a "
+           "direction at this power" if least * family >= ALPHA or least >= ALPHA else
+           f"with {seeds} seeds the smallest two-sided p is {least:.3g} ({least * family:.3g} "
+           f"after Holm's first step over {family})")
+  return (f"Tests, named before the run: every difference is paired by seed and tested with an "
+          f"exact sign-flip permutation test (two-sided). Primary: `{primary}`, Holm-corrected "
+          f"across its {family} {what}; every other comparison is exploratory (Holm-corrected "
+          f"together). A verdict names a direction only with a corrected p < {ALPHA:g}, and "
+          f"otherwise gives the smallest mean difference the design could detect (80% power); "
+          f"{power}.")
 
 
 def bootstrap_interval(draw: Callable[[np.random.Generator], float], *, resamples: int = 2000,

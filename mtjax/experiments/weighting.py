@@ -24,9 +24,11 @@ trivial baseline) and ceiling (the best achievable score) of mtjax.experiments.f
 evaluated examples; an arm's mean normalized score per seed is the mean over tasks (tasks without
 both bounds are left out and named). Against tuned static: per seed, the difference of mean
 normalized scores (same seed: same initialization and, for arms that sample like static, the same
-data order), its mean over seeds and a two-sided 95% Student-t interval of that mean; "beats tuned
-static" if the interval lies above 0, "worse than tuned static" if below, else "inconclusive"
-(also with fewer than MIN_SEEDS seeds). Step time: the median perf/step_time_s of an arm's logged
+data order), its mean over seeds and a two-sided 95% Student-t interval of that mean
+(descriptive). The test, named before the run (the primary comparison `methods-tuned_static`):
+each method's paired differences by an exact sign-flip permutation test, Holm-corrected across
+the methods; "beats tuned static" / "worse than tuned static" only with a corrected p < 0.05,
+else "no detectable difference" with the smallest effect the design could detect. Step time: the median perf/step_time_s of an arm's logged
 rows (every seed's), without each run's first row (it includes compilation) and last row (it
 includes the final evaluation), relative to static's.
 """
@@ -44,10 +46,11 @@ from etils import epath
 
 from mtjax.config import Config
 from mtjax.errors import BadInputError
-from mtjax.experiments import arms, floors, report, runs
+from mtjax.experiments import arms, floors, report, runs, stats
 from mtjax.train import weighting as weighting_lib
 
-MIN_SEEDS = 3  # the least number of seeds a verdict other than "inconclusive" rests on
+MIN_SEEDS = 3  # recorded for older reports; the sign-flip test sets the power now
+PRIMARY = "methods-tuned_static"  # the one comparison: every method against tuned static weights
 # The adaptive methods, from their registration (mtjax.config.WEIGHTING_METHODS): an arm each.
 GRADIENT_BASED = weighting_lib.names(weighting_lib.Need.GRADIENTS)
 LOSS_BASED = tuple(m for m in weighting_lib.names() if m != "static" and m not in GRADIENT_BASED)
@@ -99,18 +102,32 @@ def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, floa
   return mean, std, mean - half, mean + half
 
 
-def verdict(diffs: Sequence[float], min_seeds: int = MIN_SEEDS) -> tuple[str, str]:
-  """(verdict, why) for a method against tuned static from its per-seed differences."""
-  if len(diffs) < min_seeds:
-    return "inconclusive", f"{len(diffs)} seed(s), fewer than {min_seeds}"
-  if any(math.isnan(d) for d in diffs):
-    return "inconclusive", "a seed has no score"
-  _, _, low, high = t_interval(diffs)
-  if low > 0:
-    return "beats tuned static", "the 95% interval of the difference lies above 0"
-  if high < 0:
-    return "worse than tuned static", "the 95% interval of the difference lies below 0"
-  return "inconclusive", "the 95% interval of the difference contains 0"
+def verdicts(family: Mapping[str, Sequence[float]]) -> dict[str, tuple[str, str]]:
+  """method -> (verdict, why) against tuned static from its per-seed differences: sign-flip
+  tests Holm-corrected across the methods (stats.compare_named)."""
+  if not family:
+    return {}
+  tested = stats.compare_named({PRIMARY: family}, PRIMARY)[PRIMARY]
+  out = {}
+  for name, c in tested.items():
+    direction = c.direction()
+    decided = ("beats tuned static" if direction > 0 else "worse than tuned static"
+               if direction < 0 else "no detectable difference")
+    out[name] = (decided, c.sentence("higher than tuned static", "lower than tuned static"))
+  return out
+
+
+def verdict(diffs: Sequence[float]) -> tuple[str, str]:
+  """(verdict, why) of one method alone (a family of one)."""
+  return verdicts({"method": diffs})["method"]
+
+
+def _method_diffs(per_seed: Sequence[Mapping[str, Any]], names: Sequence[str],
+                  tuned_is_static: bool) -> dict[str, list[float]]:
+  """The tested methods' per-seed differences of mean normalized score from tuned static."""
+  return {name: [s["arms"][name]["mean_normalized"] - s["arms"]["tuned_static"]["mean_normalized"]
+                 for s in per_seed]
+          for name in names if name != "tuned_static" and not (name == "static" and tuned_is_static)}
 
 
 def step_time(arm_dirs: Sequence[epath.Path]) -> float:
@@ -277,6 +294,7 @@ def findings(per_seed: list[dict[str, Any]], names: Sequence[str],
   """arm -> mean normalized score (mean, std over seeds), its paired difference from tuned
   static (mean, std, 95% interval, verdict), step time and its ratio to static's."""
   static_time = step_time(dirs["static"])
+  tested = verdicts(_method_diffs(per_seed, names, tuned_is_static))
   out = {}
   for name in names:
     values = [s["arms"][name]["mean_normalized"] for s in per_seed]
@@ -288,7 +306,7 @@ def findings(per_seed: list[dict[str, Any]], names: Sequence[str],
     elif name == "static" and tuned_is_static:
       decided, why = "= tuned static", "equal weights won the sweep: the same runs"
     else:
-      decided, why = verdict(diffs)
+      decided, why = tested[name]
     arm_time = step_time(dirs[name])
     out[name] = {
         "mean_normalized": float(np.mean(values)), "std_normalized": float(np.std(values)),
@@ -333,7 +351,11 @@ def _interval(f: Mapping[str, Any]) -> str:
 
 def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   del root
-  tasks, names, f = summary["tasks"], summary["arms"], summary["findings"]
+  tasks, names, f = summary["tasks"], summary["arms"], dict(summary["findings"])
+  # The verdicts again from the stored per-seed scores (records from before the sign-flip test).
+  for name, (decided, why) in verdicts(_method_diffs(summary["per_seed"], names,
+                                                     summary["tuned_is_static"])).items():
+    f[name] = {**f[name], "verdict": decided, "verdict_reason": why}
   tuning = summary["tuning"]
   metrics = summary["metrics"]
   metric_note = ", ".join(sorted({f"`{m}`" for m in metrics.values()}))
@@ -354,7 +376,11 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
          if summary["unbounded_tasks"] else "") + "; mean ± std over seeds.")
   doc.text(
       "Δ vs tuned static: per seed, an arm's mean normalized score minus tuned static's (paired "
-      "by seed), mean over seeds with its two-sided 95% Student-t interval. Step time: median "
+      "by seed), mean over seeds with its two-sided 95% Student-t interval (descriptive). "
+      + stats.method_note(PRIMARY, len(summary["per_seed"]),
+                          len([a for a in names if a not in ("tuned_static",) and not (
+                              a == "static" and summary["tuned_is_static"])]), "methods")
+      + " Step time: median "
       "`perf/step_time_s` of the logged rows (first row, with compilation, and last, with the "
       "final evaluation, left out), relative to static.")
   rows = []
@@ -368,6 +394,8 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
                  f"{1000 * r['step_time_s']:.1f}", f"{r['relative_step_time']:.2f}x"])
   doc.table(["arm", "kind", "mean normalized score", "Δ vs tuned static", "95% interval",
              "verdict", "step time (ms)", "vs static"], rows)
+  doc.text("Tests: " + "; ".join(f"`{a}` {f[a]['verdict_reason']}" for a in names
+                                 if f[a]["verdict"] not in ("-", "= tuned static")) + ".")
   beat = [a for a in names if f[a]["verdict"] == "beats tuned static"]
   worse = [a for a in names if f[a]["verdict"] == "worse than tuned static"]
   methods = [a for a in names if a not in ("static", "tuned_static")]
@@ -412,25 +440,28 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
     trows.append([a, *[report.mean_std([s["arms"][a]["scores"][t] for s in summary["per_seed"]])
                        for t in tasks]])
   doc.table(["arm", *[f"{t} ({metrics[t]})" for t in tasks]], trows)
+  undecided = [a for a in methods if a not in beat + worse]
   doc.verdict(
-      f"**Verdict: {', '.join(beat) + ' beat' if beat else 'no method beats'} tuned static here**"
-      f" ({len(summary['seeds'])} seeds; beats: the 95% interval of the paired difference lies "
-      f"above 0, with at least {summary['min_seeds']} seeds"
+      f"**Verdict: {', '.join(beat) + ' beat' if beat else 'no method is detectably better than'}"
+      f" tuned static here**"
+      f" ({len(summary['seeds'])} seeds; beats / worse: Holm-corrected sign-flip p < 0.05, the "
+      "p-values are in the tests above"
       + (f"; worse than tuned static: {', '.join(worse)}" if worse else "")
-      + (f"; inconclusive: {', '.join(a for a in methods if a not in beat + worse)}"
-         if any(a not in beat + worse for a in methods) else "") + ").")
+      + (f"; no detectable difference at this power: {', '.join(undecided)}" if undecided else "")
+      + ").")
   doc.figure("weighting.png", lambda: _figure(summary), alt="weighting")
   doc.heading("What this run does NOT show")
   caveats = [
       f"Anything at scale: a {summary['steps']}-step run of a tiny model on "
       f"{len(tasks)} synthetic tasks. Which method wins depends on the model, the budget and how "
-      "much the tasks conflict; a method that is inconclusive here may help (or hurt) elsewhere.",
+      "much the tasks conflict; a method with no detectable difference here may help (or hurt) elsewhere.",
       "Tuned hyperparameters for the methods: each runs with the published defaults "
       "(train.weighting, data.mixing in study.json); only static weights were tuned, over "
       f"{len(tuning['candidates'])} candidates and one seed, so tuned static is a weak tuning "
       "baseline, not the best static weighting.",
-      "Small differences: with this many seeds the interval is wide; \"inconclusive\" means the "
-      "difference is within seed noise, not that the methods are equal.",
+      "Small differences: \"no detectable difference\" means the difference is within what this "
+      "many seeds can resolve (the smallest detectable effect is in the tests), not that the "
+      "methods are equal.",
       "Step time on a production accelerator, or small step-time differences: times are from "
       "this machine (CPU, other work running beside it: static's per-seed median step time "
       f"ranged {_time_range(summary, 'static')} here); per-task-gradient methods' cost grows with "
@@ -481,7 +512,8 @@ def _figure(summary: dict[str, Any]) -> Any:
 STUDY = arms.Study(
     name="weighting",
     help="adaptive task weighting and online data mixing vs tuned static weights, at equal tokens",
-    summarize=summarize, describe=describe, check=_check, record=_record)
+    summarize=summarize, describe=describe, check=_check, record=_record,
+    comparisons=(PRIMARY,), default_primary=PRIMARY)
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def data_dir() -> str:
   return os.environ.get("MTJAX_DATA_DIR") or os.path.expanduser("~/.cache/mtjax/tfds")
 
 
-INSTRUCTION_MODES = ("keep", "empty", "wrong", "misleading")
+INSTRUCTION_MODES = ("keep", "empty", "wrong", "misleading", "task_id")
 # For "wrong" and "misleading" when no other task has a different instruction.
 UNRELATED_INSTRUCTION = "Translate the following text into French:\n"
 
@@ -153,6 +153,25 @@ def _builtin_instructions() -> tuple[str, ...]:
   return tuple(sorted({_first_instruction(n, 0) for n, t in BUILTIN_TASKS.items() if not t.eval_only}))
 
 
+@functools.cache
+def _builtin_owners() -> dict[str, str]:
+  """Each trainable built-in task's instruction -> the task (the first, by name, that uses it)."""
+  out: dict[str, str] = {}
+  for n in sorted(BUILTIN_TASKS):
+    if not BUILTIN_TASKS[n].eval_only:
+      out.setdefault(_first_instruction(n, 0), n)
+  return out
+
+
+def instruction_owners(task_name: str, run_tasks: tuple[str, ...], seed: int) -> dict[str, str]:
+  """The misleading pool of `task_name` (misleading_pool) with the task each instruction belongs
+  to, whose rule decides whether it would mislead on a given input."""
+  owners = {**_builtin_owners(),
+            **{_first_instruction(n, seed): n for n in run_tasks if n != task_name}}
+  own = _own_instructions(task_name, seed)
+  return {text: owner for text, owner in sorted(owners.items()) if text and text not in own}
+
+
 def misleading_pool(task_name: str, run_tasks: tuple[str, ...], seed: int) -> tuple[str, ...]:
   """The instructions "misleading" draws from for `task_name`: the built-in tasks' and the run's
   other tasks' instructions whose text differs from the task's own (Kung & Peng's pool)."""
@@ -162,18 +181,45 @@ def misleading_pool(task_name: str, run_tasks: tuple[str, ...], seed: int) -> tu
   return pool or (UNRELATED_INSTRUCTION,)
 
 
-def misleading_instruction(pool: tuple[str, ...], example: Example) -> str:
-  """One instruction of `pool` per example, by a stable hash of its input: the same in training,
-  eval and after a resume, and different across a task's examples."""
-  digest = hashlib.sha256(example.input.encode("utf-8")).digest()
+def misleading_instruction(pool: tuple[str, ...], example: Example, salt: str = "") -> str:
+  """One instruction of `pool` per example, by a stable hash of its input (and `salt`, the task's
+  name, so two tasks' examples with one input draw independently): the same in training, eval and
+  after a resume, and different across a task's examples."""
+  digest = hashlib.sha256((salt + "\0" + example.input if salt else example.input)
+                          .encode("utf-8")).digest()
   return pool[int.from_bytes(digest[:8], "big") % len(pool)]
+
+
+def misleading_for(task_name: str, run_tasks: tuple[str, ...],
+                   seed: int) -> Callable[[Example], str]:
+  """The misleading instruction of each example of `task_name`: drawn from the pool's
+  instructions whose task's rule gives a DIFFERENT answer on the example's input (tasks/rules.py;
+  on copy, an already sorted word never gets sort's instruction), so it is never the right
+  instruction under another name; an unrelated instruction where none is left."""
+  from mtjax.tasks import rules
+  owners = instruction_owners(task_name, run_tasks, seed) or {UNRELATED_INSTRUCTION: ""}
+
+  def draw(ex: Example) -> str:
+    candidates = tuple(t for t, owner in owners.items()
+                       if not rules.gives_target(owner or None, ex))
+    return misleading_instruction(candidates or (UNRELATED_INSTRUCTION,), ex, salt=task_name)
+
+  return draw
+
+
+def task_id_instruction(task_name: str) -> str:
+  """A fixed, meaningless instruction per task (the task-id arm: the model can tell tasks apart,
+  but the text names no rule): 8 letters from a hash of the name, then a colon."""
+  digest = hashlib.sha256(task_name.encode("utf-8")).digest()
+  return "".join(chr(ord("a") + b % 26) for b in digest[:8]) + ": "
 
 
 def instruction_rewrite(task_name: str, mode: str, run_tasks: tuple[str, ...],
                         seed: int) -> Callable[[Example], Example] | None:
   """The instruction ablation (Kung & Peng, 2023) as a map over examples: "empty" blanks the
-  instruction; "misleading" gives each example another task's instruction drawn per example
-  (misleading_pool, misleading_instruction); "wrong" (the older one-to-one relabeling) gives every
+  instruction; "misleading" gives each example another task's instruction drawn per example among
+  those that would give a different answer on its input (misleading_for); "task_id" a fixed
+  meaningless string per task (task_id_instruction); "wrong" (the older one-to-one relabeling) gives every
   example the instruction of the next task of the run, or an unrelated one. Input and target are
   untouched."""
   if mode == "keep":
@@ -181,8 +227,11 @@ def instruction_rewrite(task_name: str, mode: str, run_tasks: tuple[str, ...],
   if mode == "empty":
     return lambda ex: dataclasses.replace(ex, instruction="")
   if mode == "misleading":
-    pool = misleading_pool(task_name, tuple(run_tasks), seed)
-    return lambda ex: dataclasses.replace(ex, instruction=misleading_instruction(pool, ex))
+    draw = misleading_for(task_name, tuple(run_tasks), seed)
+    return lambda ex: dataclasses.replace(ex, instruction=draw(ex))
+  if mode == "task_id":
+    text = task_id_instruction(task_name)
+    return lambda ex: dataclasses.replace(ex, instruction=text)
   if mode != "wrong":
     raise ValueError(f"data.instructions.{task_name}: expected one of {INSTRUCTION_MODES}, got {mode!r}")
   own = _own_instructions(task_name, seed)
