@@ -268,6 +268,35 @@ def test_arm_configure_narrows_tasks():
 
 # ------------------------------------------------------------------ the studies
 
+def test_transfer_out_of_sample_tests_by_hand():
+  """Two tasks, orders 0->1 and 1->0 measured on 8 fresh seeds. Omni-Thinker chose 0->1; its mean
+  normalized score beats the mean of both orders by 0.05 on every seed (two-sided p = 2/256). The
+  last-trained predictor (1 for the last task, 0 before) is off by 0.2 on one cell, additivity
+  on two: additivity's mean error is larger by 0.05 on every seed."""
+  tasks = ["a", "b"]
+  def order(final, predicted, last):
+    return {"final_normalized": final, "predicted": predicted, "last_trained": last}
+  per_seed = [{"seed": i, "orders": {
+      "a_then_b": order([0.2, 1.0], [0.0, 1.0], [0.0, 1.0]),   # mean 0.6
+      "b_then_a": order([1.0, 0.0], [1.0, 0.2], [1.0, 0.0])}}  # mean 0.5 -> overall 0.55
+      for i in range(8)]
+  # Last-trained errors: |0-0.2|+|1-1|+|1-1|+|0-0| = 0.2 over 4 cells; additivity:
+  # |0-0.2|+0+0+|0.2-0| = 0.4 over 4: additivity minus last-trained = 0.05 per seed.
+  summary = {"tasks": tasks, "excluded": [], "omni_thinker": {"order": ["a", "b"]},
+             "order_runs": {}, "per_seed": per_seed}
+  got = transfer.tests(summary)
+  chosen = got["omni_thinker-orders"]["mean normalized score"]
+  assert chosen.diffs == pytest.approx((0.05,) * 8) and chosen.p == pytest.approx(2 / 256)
+  assert chosen.primary and chosen.direction() == 1
+  error = got["additivity-last_trained"]["mean absolute error"]
+  assert error.diffs == pytest.approx((0.05,) * 8) and not error.primary
+  assert transfer.last_trained_prediction(3, [2, 0, 1]).tolist() == [0.0, 1.0, 0.0]
+  base = tiny_config().replace(**{"study.seeds": tuple(range(10)), "study.estimate_seeds": 3})
+  assert transfer.split_seeds(base) == ([0, 1, 2], [3, 4, 5, 6, 7, 8, 9])
+  assert transfer.split_seeds(base.replace(**{"study.estimate_seeds": 0})) == (
+      list(range(10)), list(range(10)))
+
+
 @pytest.mark.slow
 def test_transfer_study_tiny(tmp_path, capsys):
   out, s = _run_study("transfer", tmp_path, capsys)

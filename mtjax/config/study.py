@@ -45,6 +45,9 @@ class StudyConfig:
   # for the others): the masked-joint reference of t's effective-data multiplier, which has the
   # joint run's batches and update schedule, so M against it is transfer from the other tasks.
   masked_joint: bool = True
+  # transfer: B (and the order it predicts) from the first estimate_seeds seeds; the orders are
+  # measured on the other seeds (out of sample). 0 = every seed for both (in sample).
+  estimate_seeds: int = 0
   # expert_composition (issue 20, study ii): the held-out task the experts are composed on, the
   # few-shot examples (of its train split) that choose the mixture, and the CEM's size.
   new_task: str = ""

@@ -21,6 +21,14 @@ assumption the final normalized score of task a in a curriculum is
 (own_a = a's single-task normalized score = 1); the order with the best predicted mean over tasks is
 chosen by enumerating every order (up to 6 tasks) or greedily beyond.
 
+Out of sample (study.estimate_seeds = n): B and the chosen order come from the first n seeds'
+pairwise runs; the orders are trained and measured on the other seeds only, so the prediction is
+tested on seeds it was not fitted to. Tests there, per fresh seed (sign flips, Holm): the primary
+`omni_thinker-orders`, the chosen order's measured mean minus the mean over every measured order
+(what a random order scores in expectation); exploratory `additivity-last_trained`, the mean
+absolute error of the additivity prediction minus that of the "last-trained task wins" predictor
+(the last task scores its single-task 1, every earlier one the untrained 0).
+
 The FWT-greedy order (zero-shot forward transfer: train a alone, score b) is kept as a separate,
 so-named arm. GEM's ACC/BWT/FWT/forgetting (Lopez-Paz & Ranzato, 2017; Chaudhry et al., 2018)
 summarize each measured order's sequential R matrix:
@@ -250,6 +258,31 @@ def check(base: Config) -> None:
                         f"{list(base.data.tasks)}")
   if min_gain(base) < 0:
     raise BadInputError("study.min_gain", f"expected a value >= 0, got {min_gain(base)}")
+  n = base.study.estimate_seeds
+  if n < 0 or (n and n >= len(base.study.seeds)):
+    raise BadInputError("study.estimate_seeds", f"expected 0 (in sample) or a number of seeds "
+                        f"below the {len(base.study.seeds)} of study.seeds (the rest test the "
+                        f"order), got {n}")
+
+
+COMPARISONS = ("omni_thinker-orders", "additivity-last_trained")
+
+
+def last_trained_prediction(T: int, order: Sequence[int]) -> np.ndarray:
+  """The "last-trained task wins" predictor's normalized final scores: 1 (its single-task score)
+  for the task trained last, 0 (the untrained model) for every earlier one."""
+  out = np.zeros(T)
+  out[order[-1]] = 1.0
+  return out
+
+
+def split_seeds(base: Config) -> tuple[list[int], list[int]]:
+  """(estimation seeds, test seeds): the first study.estimate_seeds and the rest; every seed for
+  both when estimate_seeds is 0 (in sample)."""
+  seeds, n = list(base.study.seeds), int(getattr(base.study, "estimate_seeds", 0))
+  if 0 < n < len(seeds):
+    return seeds[:n], seeds[n:]
+  return seeds, seeds
 
 
 def run_counts(T: int, n_orders: int) -> dict[str, int]:
@@ -276,7 +309,9 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       base, seed=seed, steps=len(order) * S, eval_every=S,
       stages=arms.sequential_stages(order, S))
 
-  # 1. Per seed: T single runs (init, reference, zero-shot transfer), T(T-1) pairwise runs.
+  # 1. Per seed: T single runs (init, reference, zero-shot transfer); T(T-1) pairwise runs on
+  # the estimation seeds.
+  estimate, test = split_seeds(base)
   per_seed = []
   for seed in st.seeds:
     seed_dir = root / f"seed{seed}"
@@ -286,29 +321,34 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       M[a] = arms.eval_at(d, S, tasks, metric)
       init[a] = arms.eval_at(d, 0, tasks, metric)[a]
     reference = np.diag(M).copy()
-    after, stage1 = np.full((T, T), np.nan), np.full((T, T), np.nan)
-    for a, b in itertools.permutations(range(T), 2):
-      d = arms.run(seed_dir, pair_run_name(tasks[a], tasks[b]), staged_cfg(seed, (tasks[a], tasks[b])),
-                   train_fn)
-      after[a, b] = arms.eval_at(d, 2 * S, tasks, metric)[a]
-      stage1[a, b] = arms.eval_at(d, S, tasks, metric)[a]
-    B, excluded = backward_transfer(reference, after, init, guard)
     Mn, _ = normalize_scores(M, init, reference, guard)  # column b normalized by b's own run
-    per_seed.append({
+    entry: dict[str, Any] = {
         "seed": seed, "init": init.tolist(), "reference": reference.tolist(),
-        "gain": (reference - init).tolist(), "excluded": [t for t, e in zip(tasks, excluded) if e],
-        "M": M.tolist(), "M_normalized": Mn.tolist(), "after": after.tolist(),
-        "stage1": stage1.tolist(), "B": B.tolist()})
+        "gain": (reference - init).tolist(),
+        "excluded": [t for t, g in zip(tasks, reference - init) if not g > guard],
+        "M": M.tolist(), "M_normalized": Mn.tolist()}
+    if seed in estimate:
+      after, stage1 = np.full((T, T), np.nan), np.full((T, T), np.nan)
+      for a, b in itertools.permutations(range(T), 2):
+        d = arms.run(seed_dir, pair_run_name(tasks[a], tasks[b]),
+                     staged_cfg(seed, (tasks[a], tasks[b])), train_fn)
+        after[a, b] = arms.eval_at(d, 2 * S, tasks, metric)[a]
+        stage1[a, b] = arms.eval_at(d, S, tasks, metric)[a]
+      B, excluded = backward_transfer(reference, after, init, guard)
+      entry.update(excluded=[t for t, e in zip(tasks, excluded) if e], after=after.tolist(),
+                   stage1=stage1.tolist(), B=B.tolist())
+    per_seed.append(entry)
+  fitted = [s for s in per_seed if "B" in s]
 
-  # 2. B over seeds (a task excluded in any seed is excluded), the orders to run.
+  # 2. B over the estimation seeds (a task excluded in any seed is excluded), the orders to run.
   excluded = [t for t in tasks if any(t in s["excluded"] for s in per_seed)]
   keep = np.array([t not in excluded for t in tasks])
-  Bs = np.array([s["B"] for s in per_seed], np.float64)
+  Bs = np.array([s["B"] for s in fitted], np.float64)
   Bs[:, ~keep, :] = np.nan
   B_mean = _nan_reduce(np.nanmean, Bs)
   chosen, method = choose_order(B_mean)
   worst, _ = choose_order(B_mean, worst=True)
-  M_mean = np.mean(np.array([s["M_normalized"] for s in per_seed], np.float64), axis=0)
+  M_mean = np.mean(np.array([s["M_normalized"] for s in fitted], np.float64), axis=0)
   fwt = fwt_greedy_order(M_mean)
   named = {"omni_thinker": chosen, "fwt_greedy": fwt, "predicted_worst": worst}
   if T <= ALL_ORDERS_UP_TO:
@@ -322,11 +362,12 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       order_runs[name] = {"order": [tasks[i] for i in perm], "labels": [
           label for label, o in named.items() if list(o) == list(perm)]}
 
-  # 3. Per seed: the order runs; R after each stage; measured vs predicted.
-  for s in per_seed:
+  # 3. Per test seed: the order runs; R after each stage; measured vs predicted.
+  tested = [s for s in per_seed if s["seed"] in test]
+  for s in tested:
     seed_dir = root / f"seed{s['seed']}"
     init, reference = np.asarray(s["init"]), np.asarray(s["reference"])
-    B_seed = np.asarray(s["B"], np.float64)
+    B_seed = np.asarray(s["B"] if "B" in s else B_mean, np.float64)
     B_seed[~keep] = np.nan
     s["orders"] = {}
     for name, info in order_runs.items():
@@ -341,13 +382,15 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
           "R": R.tolist(), "R_normalized": Rn.tolist(), "final": R[-1].tolist(),
           "final_normalized": Rn[-1].tolist(),
           "predicted_own_B": predicted_scores(B_seed, perm).tolist(),
+          "predicted": predicted_scores(B_mean, perm).tolist(),
+          "last_trained": last_trained_prediction(T, perm).tolist(),
           "metrics": metrics(stage_R, np.zeros(T))}
 
   arms_summary = {}
   for name, info in order_runs.items():
     perm = [tasks.index(t) for t in info["order"]]
     pred = predicted_scores(B_mean, perm)
-    finals = np.array([s["orders"][name]["final_normalized"] for s in per_seed], np.float64)
+    finals = np.array([s["orders"][name]["final_normalized"] for s in tested], np.float64)
     measured_means = [_nanmean(f[keep]) for f in finals]
     arms_summary[name] = {
         **info, "predicted": pred.tolist(), "predicted_mean": _nanmean(pred[keep]),
@@ -376,7 +419,8 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       "fwt_greedy": {"order": [tasks[i] for i in fwt]},
       "order_runs": arms_summary, "spearman_predicted_measured": rank,
       "stage1_max_abs_diff": _nanmax([np.abs(np.asarray(s["stage1"]) - np.asarray(s["reference"])[:, None])
-                                      for s in per_seed]),
+                                      for s in fitted]),
+      "estimate_seeds": estimate, "test_seeds": test,
       "runs_per_seed": run_counts(T, len(order_runs)),
       "per_seed": per_seed, "derived_config": config_path.name}
 
@@ -443,6 +487,8 @@ def _ms(values: Sequence[Any], digits: int = 2) -> str:
 def describe(summary: dict[str, Any], root: Any = "") -> report.Report:
   """root: the study's directory, where its generated config of Omni-Thinker's order lies."""
   tasks, per_seed = summary["tasks"], summary["per_seed"]
+  measured = [s for s in per_seed if "orders" in s]  # the seeds the orders ran on
+  out_of_sample = "test_seeds" in summary and summary["test_seeds"] != summary["estimate_seeds"]
   T, S = len(tasks), summary["steps_per_task"]
   short = [t.replace("structured_", "s:").replace("open_ended_", "o:") for t in tasks]
   excluded = summary["excluded"]
@@ -453,6 +499,8 @@ def describe(summary: dict[str, Any], root: Any = "") -> report.Report:
   counts = summary["runs_per_seed"]
   arrow = lambda order: " → ".join(short[tasks.index(t)] for t in order)
   doc = report.Report("Transfer and order study: backward transfer and Omni-Thinker's order")
+  if out_of_sample:
+    doc.text(_plainly(summary, short))
   doc.text(
       f"Tasks: {', '.join(tasks)} (open-ended: "
       f"{', '.join(t for t, o in zip(tasks, summary['open_ended']) if o) or 'none'}). "
@@ -465,7 +513,12 @@ def describe(summary: dict[str, Any], root: Any = "") -> report.Report:
       f"(a then b) + {counts['order_runs']} order runs"
       f"{' (with 2 tasks the two orders are the pairwise runs)' if T == 2 else ''} = "
       f"{counts['runs']} runs, "
-      f"{counts['stages']} stages of {S} steps; {counts['runs'] * len(per_seed)} runs in all.")
+      f"{counts['stages']} stages of {S} steps"
+      + (f"; {_total_runs(summary)} runs in all." if not out_of_sample else
+         f". Out of sample: B and the chosen order from seeds {summary['estimate_seeds']} "
+         f"(single-task and pairwise runs), the orders trained and measured on seeds "
+         f"{summary['test_seeds']} (single-task and order runs): {_total_runs(summary)} runs in "
+         "all."))
   doc.text(
       f"**Normalization.** normalized score of task a = {summary['normalization']}. So a task's "
       "single-task score is 1 and the untrained model's 0, per seed.")
@@ -478,7 +531,8 @@ def describe(summary: dict[str, Any], root: Any = "") -> report.Report:
     doc.text(f"Excluded (reference − init ≤ {summary['min_gain']} in some seed, so normalizing by "
              f"it would divide by about zero): {', '.join(excluded)}. Their rows of B and their "
              "scores are left out; they still take part as tasks trained after others.")
-  doc.heading("Backward transfer B[a, b] (mean ± std over seeds)")
+  doc.heading("Backward transfer B[a, b] (mean ± std over seeds"
+              + (f" {summary['estimate_seeds']})" if out_of_sample else ")"))
   doc.text(
       "B[a, b] = normalized score of a after training a then b − normalized score of a after "
       "training a alone (= that − 1). Row: the task that was learned first; column: the task "
@@ -500,7 +554,7 @@ def describe(summary: dict[str, Any], root: Any = "") -> report.Report:
   o = arms_s[omni_run]
   doc.table(["task", "stage", "predicted", "measured (mean ± std over seeds)"],
             [[short[a], str(omni["order"].index(tasks[a]) + 1), _f(o["predicted"][a]),
-              _ms([s["orders"][omni_run]["final_normalized"][a] for s in per_seed])]
+              _ms([s["orders"][omni_run]["final_normalized"][a] for s in measured])]
              for a in range(T)]
             + [["**mean**", "", _f(o["predicted_mean"]),
                 f"{o['measured_mean']:.2f} ± {o['measured_mean_std']:.2f}"]])
@@ -510,7 +564,7 @@ def describe(summary: dict[str, Any], root: Any = "") -> report.Report:
             [[arrow(arms_s[n]["order"]), ", ".join(arms_s[n]["labels"]) or "—",
               _f(arms_s[n]["predicted_mean"]),
               f"{arms_s[n]['measured_mean']:.2f} ± {arms_s[n]['measured_mean_std']:.2f}"]
-             + [_ms([s["orders"][n]["final_normalized"][a] for s in per_seed]) for a in range(T)]
+             + [_ms([s["orders"][n]["final_normalized"][a] for s in measured]) for a in range(T)]
              for n in ranked])
   rank = summary["spearman_predicted_measured"]
   doc.text(f"Spearman rank correlation of predicted vs measured mean over these {len(arms_s)} "
@@ -521,13 +575,21 @@ def describe(summary: dict[str, Any], root: Any = "") -> report.Report:
            f"Predicted worst order: {arrow(summary['predicted_worst']['order'])}.")
   doc.heading("GEM metrics of Omni-Thinker's order (its R matrix, normalized, tasks in stage order)")
   doc.table(["metric", "mean ± std over seeds"],
-            [[k.upper(), _ms([s["orders"][omni_run]["metrics"][k] for s in per_seed], 3)]
+            [[k.upper(), _ms([s["orders"][omni_run]["metrics"][k] for s in measured], 3)]
              for k in ("acc", "bwt", "fwt", "forgetting")
-             if k in per_seed[0]["orders"][omni_run]["metrics"]])
+             if k in measured[0]["orders"][omni_run]["metrics"]])
   doc.text("ACC = mean final score; BWT = mean(R[T-1, j] − R[j, j]); FWT = mean(R[j-1, j] − init[j]) "
            "(init normalizes to 0); forgetting = mean(max earlier R[l, j] − R[T-1, j]) (GEM; "
            "Chaudhry et al.).")
+  if out_of_sample:
+    _describe_tests(doc, summary)
   doc.heading("What this does not show")
+  doc.text(
+      "The setting differs from Omni-Thinker's: there, RL (GRPO) on a pretrained LLM, where "
+      "later tasks damage earlier ones a little; here, supervised training from scratch of a "
+      "tiny model, where training one task alone after another erases most of the first "
+      "(B near -0.9), so the last-trained task dominates every order and the rule has little "
+      "room to matter. Nothing here says how the rule does in the paper's regime.")
   doc.text(
       f"B is measured for one stage length ({S} steps), one model size and these {T} tasks; "
       "forgetting at other lengths, or after a learned task is revisited, is not measured. The "
@@ -545,6 +607,68 @@ def describe(summary: dict[str, Any], root: Any = "") -> report.Report:
            f"(`mtjax train --config {epath.Path(root) / summary['derived_config']} --workdir DIR`).")
   doc.figure("transfer.png", lambda: _figure(summary, short), alt="transfer")
   return doc
+
+
+def _total_runs(summary: Mapping[str, Any]) -> int:
+  """Every arm the study trained, over all seeds (pairwise runs on the estimation seeds only,
+  order runs on the test seeds only)."""
+  T, per_seed = len(summary["tasks"]), summary["per_seed"]
+  pairwise = sum("B" in s for s in per_seed) * T * (T - 1)
+  orders = 0 if T == 2 else sum(len(s.get("orders", {})) for s in per_seed)
+  return T * len(per_seed) + pairwise + orders
+
+
+def tests(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """The out-of-sample tests over the test seeds (stats.compare_named; module docstring)."""
+  from mtjax.experiments import stats
+  tasks = summary["tasks"]
+  keep = np.array([t not in summary["excluded"] for t in tasks])
+  omni = order_run_name(tasks, summary["omni_thinker"]["order"])
+  chosen, errors = [], []
+  for s in (s for s in summary["per_seed"] if "orders" in s):
+    means = {n: _nanmean(np.asarray(o["final_normalized"])[keep]) for n, o in s["orders"].items()}
+    chosen.append(means[omni] - float(np.mean(list(means.values()))))
+    err = {k: _nanmean([abs(np.asarray(o[k])[a] - np.asarray(o["final_normalized"])[a])
+                        for o in s["orders"].values() for a in range(len(tasks)) if keep[a]])
+           for k in ("predicted", "last_trained")}
+    errors.append(err["predicted"] - err["last_trained"])
+  return stats.compare_named({"omni_thinker-orders": {"mean normalized score": chosen},
+                              "additivity-last_trained": {"mean absolute error": errors}},
+                             summary.get("primary", COMPARISONS[0]))
+
+
+def _plainly(summary: Mapping[str, Any], short: Sequence[str]) -> str:
+  t = tests(summary)
+  c = t["omni_thinker-orders"]["mean normalized score"]
+  e = t["additivity-last_trained"]["mean absolute error"]
+  return ("**What this run shows.** Primary (named before the run): on seeds the prediction was "
+          "not fitted to, Omni-Thinker's order vs the mean of all orders (a random order in "
+          "expectation), mean normalized score: "
+          + c.sentence("Omni-Thinker's order higher", "Omni-Thinker's order lower")
+          + f" (mean difference {c.mean:+.3f}). Exploratory: the additivity prediction's error "
+          "vs the last-trained-task-wins predictor's: "
+          + e.sentence("additivity worse", "additivity better") + f" (mean {e.mean:+.3f}). "
+          "**What it cannot show**: the paper's regime (RL on a pretrained LLM; see the end), "
+          "other stage lengths, sizes or tasks.")
+
+
+def _describe_tests(doc: report.Report, summary: Mapping[str, Any]) -> None:
+  from mtjax.experiments import stats
+  t = tests(summary)
+  measured = [s for s in summary["per_seed"] if "orders" in s]
+  doc.heading("Out of sample: the prediction tested on fresh seeds")
+  doc.text(stats.method_note(summary.get("primary", COMPARISONS[0]), len(measured), 1,
+                             "quantity"))
+  c = t["omni_thinker-orders"]["mean normalized score"]
+  e = t["additivity-last_trained"]["mean absolute error"]
+  doc.bullets([
+      "Omni-Thinker's order minus the mean over every measured order (per test seed: "
+      + ", ".join(f"{d:+.3f}" for d in c.diffs) + "): "
+      + c.sentence("Omni-Thinker's order higher", "Omni-Thinker's order lower") + ".",
+      "Mean absolute error of the additivity prediction minus that of the last-trained-task-wins "
+      "predictor, over every order and kept task (per test seed: "
+      + ", ".join(f"{d:+.3f}" for d in e.diffs) + "): "
+      + e.sentence("additivity worse", "additivity better") + "."])
 
 
 def _factorial(n: int) -> int:
@@ -588,7 +712,8 @@ def _figure(summary: dict[str, Any], short: Sequence[str]) -> Any:
 STUDY = arms.Study(
     name="transfer",
     help="pairwise sequential runs: backward transfer B, Omni-Thinker's order predicted vs measured",
-    summarize=summarize, describe=describe, check=check)
+    summarize=summarize, describe=describe, check=check, comparisons=COMPARISONS,
+    default_primary=COMPARISONS[0])
 
 
 def run(config: Config, workdir: str, *, train_fn: arms.TrainFn | None = None) -> dict[str, Any]:
