@@ -116,6 +116,13 @@ def test_tiny_study_runs_and_report_rebuilds(tmp_path, capsys):
       needed, kind = mx.Reference.from_curve(run["masked_curves"][t]).tokens_to_reach(score)
       mm = run["multiplier_vs_masked"][t]
       assert mm["kind"] == kind and mm["value"] == pytest.approx(needed / joint_x)
+      # The multiplier curve from the stored curves ends at the stored multipliers.
+      curves = efficiency.multiplier_curves(run, t)
+      for key in ("single", "masked"):
+        stored = run[f"multiplier_vs_{key}"][t]
+        if stored["value"] is not None:
+          assert curves[key][-1].value == pytest.approx(stored["value"])
+          assert curves[key][-1].kind == stored["kind"]
   # Two seeds: never a verdict but "inconclusive" (the smallest two-sided sign-flip p is 0.5).
   assert summary["verdict"] == "inconclusive"
   assert ("p = " in summary["verdict_reason"]
@@ -137,3 +144,28 @@ def test_tiny_study_runs_and_report_rebuilds(tmp_path, capsys):
   assert cli.main(["report", str(out)]) == 0  # rebuilt from the stored metrics, no training
   assert (out / "report.md").read_text() == report
   assert (out / "summary.json").read_text() == stored
+
+
+def test_bootstrap_over_seeds_and_examples_by_hand():
+  """A reference rising linearly from 0 at 0 tokens to 1.0 at 100; the joint run scores 0.5 at
+  25 of the task's tokens in every seed, so M = 50 / 25 = 2 exactly. With n = 10^9 examples the
+  binomial redraw is exact to ~1e-5 and identical seeds leave nothing to resample: the interval
+  is [2, 2]. With n = 100 it widens around 2 by about the binomial's spread (+-0.1 in score is
+  +-20 tokens, M 1.6 to 2.4)."""
+  run = {"multi_curves": {"t": [(0.0, 0.0), (100.0, 0.5)]},
+         "single_curves": {"t": [(0.0, 0.0), (100.0, 1.0)]},
+         "masked_curves": {"t": [(0.0, 0.0), (25.0, 0.25), (100.0, 1.0)]},
+         "loss_token_shares": {"t": 0.25}, "loss_density": {"t": 1.0},
+         "multiplier_vs_single": {"t": {"tokens": 25.0, "score": 0.5, "value": 2.0,
+                                        "kind": "exact"}}}
+  curves = efficiency.multiplier_curves(run, "t")
+  # single reference x scale: density x (25 / 100) / share = 1: 50 tokens for 0.5 -> M = 2;
+  # masked scale 0.25: the curve reaches 0.5 at 50 x 0.25 = 12.5 tokens -> M = 0.5.
+  assert curves["single"][-1].value == pytest.approx(2.0)
+  assert curves["masked"][-1].value == pytest.approx(0.5)
+  summary = {"tasks": ["t"], "per_seed": [run] * 5}
+  tight = efficiency.bootstrap_multipliers(summary, {"t": 10**9}, resamples=200)
+  assert tight["single"]["t"] == pytest.approx((2.0, 2.0), abs=1e-3)
+  assert tight["masked"]["t"] == pytest.approx((0.5, 0.5), abs=1e-3)
+  wide = efficiency.bootstrap_multipliers(summary, {"t": 100}, resamples=400)["single"]["t"]
+  assert 1.6 < wide[0] < 1.95 and 2.05 < wide[1] < 2.4

@@ -249,6 +249,8 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       "ratio_intervals": [s["ratio_interval"] for s in per_seed],
       "verdict": decided, "verdict_reason": why,
       "ratio_nulls": [s["ratio_null"] for s in per_seed],
+      "num_scored": {t: int(base.eval.num_generate if metrics[t] == "accuracy"
+                            else base.eval.num_examples) for t in tasks},
       "multiplier_tests": tests,
   }
 
@@ -348,7 +350,6 @@ def _fmt_ratio(x: float | None) -> str:
 
 
 def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
-  del root
   tasks, runs = summary["tasks"], summary["per_seed"]
   evals = (f"every {summary['eval_every']} steps"
            + (" and at steps 1, 2, 4, 8, ... (log-spaced: dense early)"
@@ -389,6 +390,7 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
               _fmt_crossing(r["multi_crossing"][t])] for r in runs for t in tasks])
   if "multiplier_tests" in summary:
     _describe_transfer(doc, summary)
+    _describe_curves(doc, summary, root)
   doc.text(
       "Efficiency ratio = (sum of single-task tokens to target) / (multi-task tokens until every "
       "task reached its target); its interval: from the most pessimistic crossings (single-task "
@@ -486,6 +488,137 @@ def _describe_transfer(doc: report.Report, summary: dict[str, Any]) -> None:
                                     c["detectable"], c["primary"])
       lines.append(f"{t}, {label}, log M: " + comparison.sentence("M above 1", "M below 1"))
   doc.bullets(lines)
+
+
+def multiplier_curves(run: Mapping[str, Any], task: str) -> dict[str, list[mx.Multiplier]]:
+  """M at every eval of one seed's joint run, against each reference run ("single", "masked"),
+  from its stored curves: the x scales (the task's loss tokens per token of each run) are those
+  of the stored last-eval multiplier, so the last point of each curve is that multiplier."""
+  last, multi = run["multiplier_vs_single"][task], run["multi_curves"][task]
+  if not multi or last.get("tokens") is None:
+    return {}
+  per_token = last["tokens"] / multi[-1][0]  # the task's loss tokens per joint-run token
+  share, density = run["loss_token_shares"][task], run["loss_density"][task]
+  joint = [(x * per_token, v) for x, v in multi if x > 0]
+  refs = {"single": [(x * density * per_token / share, v) for x, v in run["single_curves"][task]]}
+  if "masked_curves" in run:
+    refs["masked"] = [(x * per_token, v) for x, v in run["masked_curves"][task]]
+  return {k: mx.curve(mx.Reference.from_curve(ref), joint) for k, ref in refs.items() if ref}
+
+
+def _geo(values: Sequence[float]) -> float:
+  v = [x for x in values if math.isfinite(x) and x > 0]
+  return float(math.exp(np.mean(np.log(v)))) if v else math.nan
+
+
+def num_scored(summary: Mapping[str, Any], root: Any) -> dict[str, int]:
+  """Held-out examples scored per task: the summary's, else the record's config (study.json)."""
+  if "num_scored" in summary:
+    return dict(summary["num_scored"])
+  try:
+    import json
+    cfg = json.loads((epath.Path(root) / "study.json").read_text())["config"]["eval"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return {}
+  metrics = summary.get("metrics") or {}
+  return {t: int(cfg["num_generate" if metrics.get(t) == "accuracy" else "num_examples"])
+          for t in summary["tasks"]}
+
+
+def bootstrap_multipliers(summary: Mapping[str, Any], counts: Mapping[str, int], *,
+                          resamples: int = 2000) -> dict[str, dict[str, tuple[float, float]]]:
+  """95% intervals of the geometric-mean multiplier at the last eval, over seeds AND held-out
+  examples: seeds drawn with replacement; within each, the joint score redrawn as the mean of n
+  examples (Binomial(n, s) / n: exact for per-example 0/1 scores, and the largest variance any
+  n scores in [0, 1] with mean s can have, so conservative for token accuracy), then the
+  reference curve inverted. reference -> task -> (low, high)."""
+  out: dict[str, dict[str, tuple[float, float]]] = {}
+  runs = summary["per_seed"]
+  for task in summary["tasks"]:
+    n = counts.get(task)
+    curves = [multiplier_curves(r, task) for r in runs]
+    for key in ("masked", "single"):
+      refs, points = [], []
+      for r, c in zip(runs, curves):
+        if key not in c or not c[key]:
+          break
+        ref = r["masked_curves" if key == "masked" else "single_curves"][task]
+        per_token = c[key][-1].tokens / r["multi_curves"][task][-1][0]
+        scale = (per_token if key == "masked" else
+                 r["loss_density"][task] * per_token / r["loss_token_shares"][task])
+        refs.append(mx.Reference.from_curve([(x * scale, v) for x, v in ref]))
+        points.append((c[key][-1].tokens, c[key][-1].score))
+      else:
+        if not n or not points:
+          continue
+
+        def draw(rng: np.random.Generator, refs=refs, points=points, n=n) -> float:
+          picks = rng.integers(0, len(points), size=len(points))
+          return _geo([mx.multiplier(refs[i], points[i][0],
+                                     rng.binomial(n, min(1.0, max(0.0, points[i][1]))) / n).value
+                       for i in picks])
+
+        out.setdefault(key, {})[task] = stats.bootstrap_interval(draw, resamples=resamples)
+  return out
+
+
+def _describe_curves(doc: report.Report, summary: dict[str, Any], root: Any) -> None:
+  tasks, runs = summary["tasks"], summary["per_seed"]
+  curves = {t: [multiplier_curves(r, t) for r in runs] for t in tasks}
+  keys = [k for k in ("masked", "single") if all(k in c for t in tasks for c in curves[t])]
+  if not keys:
+    return
+  steps = [x / summary["tokens_per_step"] for x, _ in runs[0]["multi_curves"][tasks[0]] if x > 0]
+  doc.text("The multiplier as a curve: M at every eval of the joint run (geometric mean over "
+           "seeds; bounds enter at their value), per reference; n/a where no seed's joint "
+           "score is above 0 (M is not defined there). Early evals sit below the references' "
+           "first evals more often (bounds).")
+  header = ["joint step"] + [f"{t}: M vs {k}" for t in tasks for k in keys]
+  rows = []
+  for i, step in enumerate(steps):
+    row = [f"{step:g}"]
+    for t in tasks:
+      for k in keys:
+        geo = _geo([c[k][i].value for c in curves[t] if i < len(c[k])])
+        row.append("n/a" if math.isnan(geo) else f"{geo:.2f}")
+    rows.append(row)
+  doc.table(header, rows)
+  counts = num_scored(summary, root)
+  intervals = bootstrap_multipliers(summary, counts)
+  if intervals:
+    doc.text("95% bootstrap intervals of the geometric-mean M at the last eval, over seeds AND "
+             "held-out examples (seeds drawn with replacement; each drawn seed's joint score "
+             "redrawn as the mean of its n scored examples, Binomial(n, s) / n: exact for "
+             "0/1 scores, conservative for token accuracy; the reference curves are held fixed, "
+             "so their eval noise is not in the interval): "
+             + "; ".join(f"{t} vs {k} [{lo:.2f}, {hi:.2f}] (n = {counts[t]})"
+                         for k, per in intervals.items() for t, (lo, hi) in per.items()) + ".")
+  doc.figure("efficiency_multiplier.png", lambda: _multiplier_figure(summary, curves, keys),
+             alt="the effective-data multiplier over the joint run")
+
+
+def _multiplier_figure(summary: dict[str, Any], curves: Mapping[str, Any],
+                       keys: Sequence[str]) -> Any:
+  tasks = summary["tasks"]
+  fig, axes = report.figure(1, len(tasks), figsize=(3.8 * len(tasks), 3.0), dpi=110,
+                            squeeze=False)
+  tps = summary["tokens_per_step"]
+  for ax, t in zip(axes.flat, tasks):
+    for j, k in enumerate(keys):
+      xs = [x / tps for x, _ in summary["per_seed"][0]["multi_curves"][t] if x > 0]
+      for c in curves[t]:
+        ax.plot(xs[:len(c[k])], [m.value if m.value > 0 else math.nan for m in c[k]],
+                color=f"C{j}", alpha=0.25, lw=0.8)  # M = 0 (a score of 0) has no log
+      geo = [_geo([c[k][i].value for c in curves[t] if i < len(c[k])]) for i in range(len(xs))]
+      ax.plot(xs, geo, color=f"C{j}", lw=2, label=f"vs {k}")
+    ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_title(t, fontsize=9)
+    ax.set_xlabel("joint-run step")
+    ax.set_ylabel("multiplier M")
+    ax.grid(alpha=0.3)
+  axes.flat[0].legend(fontsize=8)
+  return fig
 
 
 def _fmt_multiplier(m: Mapping[str, Any]) -> str:
