@@ -4,6 +4,16 @@
   mtjax experiment efficiency --config configs/efficiency.py:demo --workdir runs/demo   # make demo
   mtjax experiment efficiency --config configs/efficiency.py:tiny --workdir /tmp/eff   # tests
   mtjax report runs/efficiency                                                          # rebuild
+
+Sub-studies, each its own config and budget (2 cores):
+  mtjax experiment efficiency --config configs/efficiency.py:sizes --workdir runs/efficiency_sizes
+      the whole study at d_model 64, 128 and 256 (mlp 4 x d_model), tests Holm-corrected across
+      tasks x sizes: "at which model sizes". d_model 64 is the full study (21 min measured); 128
+      and 256 estimated at ~2.5x and ~8x from their parameter counts (0.6M, 2.2M): about 4 hours
+      in all, not run yet.
+  mtjax experiment efficiency --config configs/efficiency.py:lr --workdir runs/efficiency_lr
+      each arm kind's LR among 1e-3, 3e-3, 1e-2 chosen on the tuning split (seed 0: 15 short
+      runs, ~6 min), then the study at the chosen LRs (~21 min): about 30 minutes.
 """
 
 import ml_collections
@@ -71,6 +81,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # full study's per-task targets.
     c.study.targets = {"structured_sort": 0.72, "open_ended_template": 0.37}
     c.study.task_metrics = {"open_ended_template": "accuracy"}
+  elif variant == "sizes":  # "and when?": the same study at three model sizes
+    c.study.model_sizes = (64, 128, 256)
+  elif variant == "lr":  # every arm at its own tuned LR (so no arm loses for want of its LR)
+    c.study.lr_candidates = (1e-3, 3e-3, 1e-2)
   elif variant == "tiny":  # the tests: the machinery, not a finding
     c.data.tasks = ("structured_sort", "open_ended_template")
     c.data.mixture = {t: 1.0 for t in c.data.tasks}
@@ -89,5 +103,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.study.targets = {"structured_sort": 0.29, "open_ended_template": 0.37}
     c.study.task_metrics = {}
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} (known: demo, tiny)")
+    raise ValueError(f"unknown variant {variant!r} (known: demo, sizes, lr, tiny)")
   return c

@@ -169,3 +169,48 @@ def test_bootstrap_over_seeds_and_examples_by_hand():
   assert tight["masked"]["t"] == pytest.approx((0.5, 0.5), abs=1e-3)
   wide = efficiency.bootstrap_multipliers(summary, {"t": 100}, resamples=400)["single"]["t"]
   assert 1.6 < wide[0] < 1.95 and 2.05 < wide[1] < 2.4
+
+
+@pytest.mark.slow
+def test_size_and_lr_sub_studies_tiny(tmp_path, capsys):
+  """Two sizes, two LR candidates, one seed, no masked-joint runs: every size under its own
+  directory at its d_model; per arm kind the LR whose tuning-split run scored best (recomputed
+  here from the runs' stored evals) is the LR every seed's arm ran at."""
+  out = tmp_path / "sizes"
+  assert cli.main(["experiment", "efficiency", "--config", f"{CONFIG}:tiny", "--workdir", str(out),
+                   "--config.study.model_sizes=(16, 32)", "--config.study.lr_candidates=(0.01, 0.003)",
+                   "--config.study.seeds=(0,)", "--config.study.steps_per_task=8",
+                   "--config.study.masked_joint=False", "--config.study.primary=multiplier_vs_single",
+                   "--config.study.tuning_examples=4", "--config.eval.num_examples=4"]) == 0
+  capsys.readouterr()
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["model_sizes"] == [16, 32] and set(summary["by_size"]) == {"16", "32"}
+  for d in (16, 32):
+    sub = summary["by_size"][str(d)]
+    cfg = json.loads((out / f"d_model{d}" / "seed0" / "multi" / "config.json").read_text())
+    assert cfg["model"]["d_model"] == d and cfg["model"]["mlp_dim"] == 4 * d
+    tuned = sub["lr_tuning"]
+    for arm, scores in tuned["scores"].items():
+      for lr, score in scores.items():  # the single-task arms' scores, from the stored evals
+        if arm.startswith("single_"):
+          t = arm.removeprefix("single_")
+          series = [v for _, v in runs_lib_eval(out / f"d_model{d}" / "lr_tuning" / f"lr{lr}" / arm, t)]
+          assert score == pytest.approx(series[-1])
+      best = max(scores, key=lambda k: scores[k])
+      assert tuned["chosen"][arm] == pytest.approx(float(best))
+      ran = json.loads((out / f"d_model{d}" / "seed0" / arm / "config.json").read_text())
+      assert ran["optimizer"]["lr"] == pytest.approx(tuned["chosen"][arm])
+  assert set(summary["size_tests"]["multiplier_vs_single"]) == {
+      f"{t} @ d{d}" for t in summary["tasks"] for d in (16, 32)}
+  report = (out / "report.md").read_text()
+  assert "## d_model 16" in report and "## d_model 32" in report and "LRs tuned per arm" in report
+  before = (out / "summary.json").read_text()
+  (out / "summary.json").unlink()
+  assert cli.main(["report", str(out)]) == 0
+  assert (out / "summary.json").read_text() == before
+
+
+def runs_lib_eval(arm_dir, task):
+  from mtjax.experiments import arms
+  return [(s, v) for s, v in arms.eval_series(arm_dir, task, "token_accuracy")
+          if not math.isnan(v)]

@@ -48,6 +48,13 @@ class StudyConfig:
   # transfer: B (and the order it predicts) from the first estimate_seeds seeds; the orders are
   # measured on the other seeds (out of sample). 0 = every seed for both (in sample).
   estimate_seeds: int = 0
+  # efficiency sub-studies. model_sizes: the whole study once per d_model (mlp_dim 4 x d_model,
+  # the base's heads and layers), its tests Holm-corrected across tasks x sizes (the "and when?").
+  # lr_candidates: each arm kind (every single-task run, the joint run, every masked-joint run)
+  # takes its LR among these, chosen on the tuning split with the first seed, then every seed
+  # runs at the chosen LRs (so "joint training is worse" is not "joint training wanted another LR").
+  model_sizes: tuple[int, ...] = ()
+  lr_candidates: tuple[float, ...] = ()
   # expert_composition (issue 20, study ii): the held-out task the experts are composed on, the
   # few-shot examples (of its train split) that choose the mixture, and the CEM's size.
   new_task: str = ""

@@ -172,8 +172,106 @@ def _seed_ratios(per_seed: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[floa
 # ---------------------------------------------------------------- the study
 
 def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[str, Any]:
-  """Trains both arms for every seed (skipping finished ones); the summary of their evals."""
+  """Trains every arm for every seed (skipping finished ones); the summary of their evals. With
+  study.model_sizes: once per size under root/d_model<d>, and the tests across tasks x sizes;
+  with study.lr_candidates: each arm kind's LR tuned first (`tune_lrs`)."""
+  if base.study.model_sizes:
+    by_size = {}
+    for d in base.study.model_sizes:
+      sized = base.replace(**size_settings(d))
+      by_size[str(d)] = _summarize_one(sized, root / f"d_model{d}", train_fn)
+    return {"tasks": list(base.data.tasks), "seeds": list(base.study.seeds),
+            "model_sizes": list(base.study.model_sizes), "by_size": by_size,
+            "size_tests": size_tests(by_size, STUDY.primary(base)),
+            "verdict": "; ".join(f"d_model {d}: {s['verdict']}" for d, s in by_size.items()),
+            "verdict_reason": "per size, the ratio against its no-transfer value (each size's "
+                              "report section)"}
+  return _summarize_one(base, root, train_fn)
+
+
+def size_settings(d_model: int) -> dict[str, Any]:
+  """The model fields of one size of the size sub-study (mlp 4 x d_model, as the base's 64/256)."""
+  return {"model.d_model": int(d_model), "model.mlp_dim": 4 * int(d_model),
+          "study.model_sizes": ()}
+
+
+def size_tests(by_size: Mapping[str, Mapping[str, Any]], primary: str) -> dict[str, Any]:
+  """log M per seed, tested by sign flips with Holm across tasks x sizes (the family the size
+  sub-study names): {comparison: {"<task> @ d<size>": Comparison json}}."""
+  family: dict[str, dict[str, list[float]]] = {}
+  for d, summary in by_size.items():
+    runs = summary["per_seed"]
+    for key in COMPARISONS:
+      if not all(key in r for r in runs):
+        continue
+      for t in summary["tasks"]:
+        logs = [math.log(r[key][t]["value"]) for r in runs if _positive(r[key][t]["value"])]
+        family.setdefault(key, {})[f"{t} @ d{d}"] = (
+            logs if len(logs) == len(runs) else [math.nan] * len(runs))
+  if primary not in family:
+    return {}
+  tested = stats.compare_named(family, primary)
+  return {k: {name: c.to_json() for name, c in v.items()} for k, v in tested.items()}
+
+
+def tune_lrs(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[str, Any]:
+  """Per arm kind, the LR among study.lr_candidates whose run (first seed, evaluated on the
+  tuning split) scores best at its end: a single-task or masked-joint run by its task's score,
+  the joint run by the mean over tasks of (score - floor) / (ceiling - floor) on the tuning
+  split. Returns {"chosen": {arm: lr}, "scores": {arm: {lr: score}}}."""
+  from mtjax.experiments import floors
   st = base.study
+  tasks = list(base.data.tasks)
+  tuning = base.replace(**{"study.split": "tuning"})
+  bounds = floors.describe(tuning.replace(**arms.split_settings(tuning)))
+  metrics = {t: arms.metric_for(base, t) for t in tasks}
+  seed = st.seeds[0]
+  scores: dict[str, dict[str, float]] = {}
+  for lr in st.lr_candidates:
+    plan = _plan(tuning.replace(**{"optimizer.lr": float(lr)}), seed)
+    for name, cfg in plan.items():
+      d = arms.run(root / "lr_tuning" / f"lr{lr:g}", name, cfg, train_fn)
+      final = {t: _last(_clean(arms.eval_series(d, t, metrics[t]))) for t in tasks}
+      if name == "multi":
+        norm = []
+        for t in tasks:
+          lo, hi = bounds[t].get("floor"), bounds[t].get("ceiling")
+          if lo is not None and hi is not None and hi > lo:
+            norm.append((final[t] - lo) / (hi - lo))
+        score = float(np.mean(norm)) if norm else math.nan
+      else:
+        score = final[name.split("_", 1)[1]]
+      scores.setdefault(name, {})[f"{lr:g}"] = score
+  chosen = {name: float(max(v, key=lambda k: -math.inf if math.isnan(v[k]) else v[k]))
+            for name, v in scores.items()}
+  return {"chosen": chosen, "scores": scores, "seed": seed}
+
+
+def _plan(base: Config, seed: int, lrs: Mapping[str, float] | None = None) -> dict[str, Config]:
+  """Every arm of one seed: single-task runs, the joint run and (study.masked_joint) the
+  masked-joint runs, at the base's LR or the arm's tuned one (`lrs`)."""
+  st = base.study
+  tasks = list(base.data.tasks)
+  lr = lambda name: ({"optimizer.lr": float(lrs[name])} if lrs and name in lrs else {})
+  plan = {f"single_{t}": arms.configure(base, tasks=[t], steps=st.steps_per_task, seed=seed,
+                                        eval_every=st.eval_every, **lr(f"single_{t}"))
+          for t in tasks}
+  plan["multi"] = arms.configure(base, tasks=tasks, steps=st.steps_per_task * len(tasks),
+                                 seed=seed, eval_every=st.eval_every, **lr("multi"))
+  if st.masked_joint:  # the joint run's batches, only t's loss on: t's masked-joint reference
+    for t in tasks:
+      masked: dict[str, Any] = {"train.loss_weights": {
+          u: (float(base.train.loss_weights.get(u, 1.0)) if u == t else 0.0) for u in tasks}}
+      plan[f"masked_{t}"] = arms.configure(base, tasks=tasks, steps=st.steps_per_task * len(tasks),
+                                           seed=seed, eval_every=st.eval_every, **masked,
+                                           **lr(f"masked_{t}"))
+  return plan
+
+
+def _summarize_one(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[str, Any]:
+  """One model size: every arm of every seed (LRs tuned first with study.lr_candidates)."""
+  st = base.study
+  tuned = tune_lrs(base, root, train_fn) if st.lr_candidates else None
   tasks = list(base.data.tasks)
   goal = {t: float(st.targets.get(t, st.target)) for t in tasks}
   metrics = {t: arms.metric_for(base, t) for t in tasks}  # open-ended tasks: e.g. their verifier
@@ -182,16 +280,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
   notes: dict[str, str] = {}  # arm -> its LR schedule, as it ran (config.json)
   for seed in st.seeds:
     seed_dir = root / f"seed{seed}"
-    plan = {f"single_{t}": arms.configure(base, tasks=[t], steps=st.steps_per_task, seed=seed,
-                                          eval_every=st.eval_every) for t in tasks}
-    plan["multi"] = arms.configure(base, tasks=tasks, steps=st.steps_per_task * len(tasks),
-                                   seed=seed, eval_every=st.eval_every)
-    if st.masked_joint:  # the joint run's batches, only t's loss on: t's masked-joint reference
-      for t in tasks:
-        masked: dict[str, Any] = {"train.loss_weights": {
-            u: (float(base.train.loss_weights.get(u, 1.0)) if u == t else 0.0) for u in tasks}}
-        plan[f"masked_{t}"] = arms.configure(base, tasks=tasks, steps=st.steps_per_task * len(tasks),
-                                             seed=seed, eval_every=st.eval_every, **masked)
+    plan = _plan(base, seed, tuned["chosen"] if tuned else None)
     for name, cfg in plan.items():
       notes[name] = arms.stored_lr_note(arms.run(seed_dir, name, cfg, train_fn))
     tokens = lambda curve: [(s * tps, v) for s, v in _clean(curve)]
@@ -251,6 +340,8 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       "ratio_nulls": [s["ratio_null"] for s in per_seed],
       "num_scored": {t: int(base.eval.num_generate if metrics[t] == "accuracy"
                             else base.eval.num_examples) for t in tasks},
+      "d_model": base.model.d_model,
+      **({"lr_tuning": tuned} if tuned else {}),
       "multiplier_tests": tests,
   }
 
@@ -349,7 +440,55 @@ def _fmt_ratio(x: float | None) -> str:
   return "n/a" if x is None else "∞" if math.isinf(x) else f"{x:.3f}"
 
 
+def _describe_sizes(summary: dict[str, Any], root: Any) -> report.Report:
+  """The size sub-study: per size and task, the multipliers and their tests (Holm across tasks x
+  sizes), the ratio against its no-transfer value; then each size's own report."""
+  doc = report.Report("Efficiency study across model sizes")
+  tasks, sizes = summary["tasks"], summary["model_sizes"]
+  tests = summary.get("size_tests") or {}
+  primary = next((k for k, v in tests.items() if any(c["primary"] for c in v.values())), "")
+  n = len(summary["seeds"])
+  doc.text(f"**What this run shows.** Per task and model size (d_model {', '.join(map(str, sizes))}"
+           f"; mlp 4 x d_model), the effective-data multiplier M at the joint run's last eval and "
+           f"its sign-flip test over {n} seeds, Holm-corrected across tasks x sizes (primary: "
+           f"`{primary}`; the other reference exploratory). **What it cannot show**: sizes "
+           "outside this range, or training budgets other than this one (the same steps at every "
+           "size: larger models are further from convergence).")
+  rows = []
+  for d in sizes:
+    sub = summary["by_size"][str(d)]
+    for t in tasks:
+      cells = [str(d), t]
+      for key in COMPARISONS:
+        vals = [r[key][t]["value"] for r in sub["per_seed"] if key in r]
+        c = tests.get(key, {}).get(f"{t} @ d{d}")
+        cells.append("n/a" if not vals or c is None else
+                     f"{_geo([v for v in vals if v is not None]):.2f}: " + stats.Comparison(
+                         c["name"], tuple(c["diffs"]), c["p"], c["p_holm"], c["detectable"],
+                         c["primary"]).sentence("M above 1", "M below 1"))
+      rows.append(cells)
+  doc.table(["d_model", "task", *[f"M {k.replace('multiplier_', '')} (geometric mean: test)"
+                                  for k in COMPARISONS]], rows)
+  doc.text("Was the mixture the bottleneck? Per size, the whole-run ratio against its "
+           "no-transfer value for the mixture used (the ratio's null, not 1):")
+  doc.bullets([f"d_model {d}: {summary['by_size'][str(d)]['verdict']} "
+               f"({summary['by_size'][str(d)]['verdict_reason']})" for d in sizes])
+  for d in sizes:
+    sub = describe(summary["by_size"][str(d)], epath.Path(root or ".") / f"d_model{d}")
+    doc.heading(f"d_model {d}")
+    for block in sub.blocks:  # each size's plots are left out (one report, one set of files)
+      if block.kind == "heading":
+        doc.blocks.append(dataclasses.replace(block, lines=("#" + block.lines[0],)))
+      elif block.kind == "verdict":
+        doc.blocks.append(dataclasses.replace(block, kind="text"))
+      elif block.kind != "figure":
+        doc.blocks.append(block)
+  return doc
+
+
 def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
+  if "by_size" in summary:
+    return _describe_sizes(summary, root)
   tasks, runs = summary["tasks"], summary["per_seed"]
   evals = (f"every {summary['eval_every']} steps"
            + (" and at steps 1, 2, 4, 8, ... (log-spaced: dense early)"
@@ -388,6 +527,17 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   doc.table(["seed", "task", "single", "multi"],
             [[str(r["seed"]), t, _fmt_crossing(r["single_crossing"][t]),
               _fmt_crossing(r["multi_crossing"][t])] for r in runs for t in tasks])
+  if "lr_tuning" in summary:
+    tuned = summary["lr_tuning"]
+    doc.text(f"LRs tuned per arm kind on the tuning split (seed {tuned['seed']}; single-task and "
+             "masked-joint runs by their task's final score, the joint run by the mean over "
+             "tasks of (score - floor) / (ceiling - floor)); chosen in bold:")
+    lrs = sorted({lr for v in tuned["scores"].values() for lr in v}, key=float)
+    doc.table(["arm", *[f"LR {lr}" for lr in lrs]],
+              [[arm] + [("**" if float(lr) == tuned["chosen"][arm] else "")
+                        + ("n/a" if v.get(lr) is None or math.isnan(v[lr]) else f"{v[lr]:.3f}")
+                        + ("**" if float(lr) == tuned["chosen"][arm] else "") for lr in lrs]
+               for arm, v in tuned["scores"].items()])
   if "multiplier_tests" in summary:
     _describe_transfer(doc, summary)
     _describe_curves(doc, summary, root)
@@ -657,9 +807,22 @@ COMPARISONS = ("multiplier_vs_masked", "multiplier_vs_single")
 
 
 def _check(config: Config) -> None:
-  if STUDY.primary(config) == "multiplier_vs_masked" and not config.study.masked_joint:
+  st = config.study
+  if STUDY.primary(config) == "multiplier_vs_masked" and not st.masked_joint:
     raise BadInputError("study.primary", "multiplier_vs_masked needs the masked-joint runs "
                         "(study.masked_joint=True), or name multiplier_vs_single")
+  heads = config.model.num_heads
+  for d in st.model_sizes:
+    if int(d) <= 0 or int(d) % heads:
+      raise BadInputError("study.model_sizes", f"expected positive d_model values divisible by "
+                          f"model.num_heads ({heads}), got {d}")
+  if len(set(st.model_sizes)) != len(st.model_sizes):
+    raise BadInputError("study.model_sizes", f"expected distinct sizes, got {list(st.model_sizes)}")
+  if any(not float(lr) > 0 for lr in st.lr_candidates):
+    raise BadInputError("study.lr_candidates", f"expected positive LRs, got {list(st.lr_candidates)}")
+  if st.lr_candidates and not st.tuning_examples:
+    raise BadInputError("study.lr_candidates", "LRs are chosen on the tuning split: set "
+                        "study.tuning_examples > 0")
 
 
 STUDY = arms.Study(name="efficiency", help="multi-task vs task-specific at equal compute",
