@@ -181,7 +181,8 @@ def test_size_and_lr_sub_studies_tiny(tmp_path, capsys):
                    "--config.study.model_sizes=(16, 32)", "--config.study.lr_candidates=(0.01, 0.003)",
                    "--config.study.seeds=(0,)", "--config.study.steps_per_task=8",
                    "--config.study.masked_joint=False", "--config.study.primary=multiplier_vs_single",
-                   "--config.study.tuning_examples=4", "--config.eval.num_examples=4"]) == 0
+                   "--config.study.tuning_examples=4", "--config.eval.num_examples=4",
+                   "--config.study.mixture_temperatures=(1.0,)"]) == 0
   capsys.readouterr()
   summary = json.loads((out / "summary.json").read_text())
   assert summary["model_sizes"] == [16, 32] and set(summary["by_size"]) == {"16", "32"}
@@ -200,10 +201,17 @@ def test_size_and_lr_sub_studies_tiny(tmp_path, capsys):
       assert tuned["chosen"][arm] == pytest.approx(float(best))
       ran = json.loads((out / f"d_model{d}" / "seed0" / arm / "config.json").read_text())
       assert ran["optimizer"]["lr"] == pytest.approx(tuned["chosen"][arm])
+    # The tuned mixture: the best tuning-split score among uniform and T = 1, run at its rates.
+    mixing = sub["mixture_tuning"]
+    assert mixing["chosen"] == max(mixing["scores"], key=lambda k: mixing["scores"][k])
+    tuned_cfg = json.loads((out / f"d_model{d}" / "seed0" / "multi_tuned" / "config.json").read_text())
+    assert tuned_cfg["data"]["mixture"] == pytest.approx(mixing["rates"])
+    assert "ratio_tuned" in sub["per_seed"][0] and "ratio_null_tuned" in sub["per_seed"][0]
   assert set(summary["size_tests"]["multiplier_vs_single"]) == {
       f"{t} @ d{d}" for t in summary["tasks"] for d in (16, 32)}
   report = (out / "report.md").read_text()
   assert "## d_model 16" in report and "## d_model 32" in report and "LRs tuned per arm" in report
+  assert "Was the mixture the bottleneck? A second joint run" in report
   before = (out / "summary.json").read_text()
   (out / "summary.json").unlink()
   assert cli.main(["report", str(out)]) == 0
@@ -214,3 +222,14 @@ def runs_lib_eval(arm_dir, task):
   from mtjax.experiments import arms
   return [(s, v) for s, v in arms.eval_series(arm_dir, task, "token_accuracy")
           if not math.isnan(v)]
+
+
+def test_temperature_mixture_by_hand():
+  # Shares of loss tokens under the uniform mixture: a 0.25, b 0.75 (b's examples 3x longer).
+  # T = 1: rates 1/0.25 : 1/0.75 = 4 : 4/3 -> 0.75, 0.25; expected loss tokens then equal
+  # (0.75 x 1 = 0.25 x 3). Large T tends to the uniform mixture.
+  rates = efficiency.temperature_mixture({"a": 0.25, "b": 0.75}, 1.0)
+  assert rates == pytest.approx({"a": 0.75, "b": 0.25})
+  assert rates["a"] * 1 == pytest.approx(rates["b"] * 3)
+  assert efficiency.temperature_mixture({"a": 0.25, "b": 0.75}, 1e6) == pytest.approx(
+      {"a": 0.5, "b": 0.5}, abs=1e-5)

@@ -55,6 +55,12 @@ class StudyConfig:
   # runs at the chosen LRs (so "joint training is worse" is not "joint training wanted another LR").
   model_sizes: tuple[int, ...] = ()
   lr_candidates: tuple[float, ...] = ()
+  # efficiency: a second joint arm ("multi_tuned") at a mixture tuned on the tuning split among
+  # the uniform one and rates proportional to share_t ** (-1 / T) for these temperatures T
+  # (share_t: the task's measured share of the uniform joint run's loss tokens; T = 1 gives every
+  # task equal loss tokens, large T the uniform mixture): separates "uniform mixing was a bad
+  # choice" from "joint training does not transfer".
+  mixture_temperatures: tuple[float, ...] = ()
   # expert_composition (issue 20, study ii): the held-out task the experts are composed on, the
   # few-shot examples (of its train split) that choose the mixture, and the CEM's size.
   new_task: str = ""

@@ -247,7 +247,59 @@ def tune_lrs(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[str
   return {"chosen": chosen, "scores": scores, "seed": seed}
 
 
-def _plan(base: Config, seed: int, lrs: Mapping[str, float] | None = None) -> dict[str, Config]:
+def temperature_mixture(shares: Mapping[str, float], temperature: float) -> dict[str, float]:
+  """Sampling rates proportional to share ** (-1 / T), normalized to sum 1: T = 1 makes every
+  task's expected loss tokens equal (rates inversely proportional to its tokens per example)."""
+  raw = {t: float(v) ** (-1.0 / float(temperature)) for t, v in shares.items()}
+  total = sum(raw.values())
+  return {t: v / total for t, v in raw.items()}
+
+
+def tune_mixture(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[str, Any]:
+  """The joint run's mixture among the uniform one and `temperature_mixture` at each of
+  study.mixture_temperatures, by the tuning-split mean over tasks of (score - floor) / (ceiling -
+  floor) of a first-seed joint run each. Returns {"chosen", "rates", "scores", "shares", "seed"}."""
+  from mtjax.experiments import floors
+  st = base.study
+  tasks = list(base.data.tasks)
+  tuning = base.replace(**{"study.split": "tuning"})
+  bounds = floors.describe(tuning.replace(**arms.split_settings(tuning)))
+  metrics = {t: arms.metric_for(base, t) for t in tasks}
+  seed, steps = st.seeds[0], st.steps_per_task * len(tasks)
+  uniform = arms.configure(base, tasks=tasks, steps=steps, seed=seed, eval_every=st.eval_every)
+  shares = mx.loss_token_shares(arms.loss_tokens_by_task(uniform, steps))
+  candidates = {"uniform": {t: 1.0 / len(tasks) for t in tasks}}
+  candidates.update({f"T={float(T):g}": temperature_mixture(shares, T)
+                     for T in st.mixture_temperatures})
+  scores = {}
+  for name, rates in candidates.items():
+    cfg = arms.configure(tuning, tasks=tasks, steps=steps, seed=seed, eval_every=st.eval_every,
+                         mixture=rates)
+    d = arms.run(root / "mixture_tuning", name.replace("=", ""), cfg, train_fn)
+    norm = []
+    for t in tasks:
+      final = _last(_clean(arms.eval_series(d, t, metrics[t])))
+      lo, hi = bounds[t].get("floor"), bounds[t].get("ceiling")
+      if lo is not None and hi is not None and hi > lo:
+        norm.append((final - lo) / (hi - lo))
+    scores[name] = float(np.mean(norm)) if norm else math.nan
+  chosen = max(scores, key=lambda k: -math.inf if math.isnan(scores[k]) else scores[k])
+  return {"chosen": chosen, "rates": candidates[chosen], "scores": scores,
+          "candidates": candidates, "shares": shares, "seed": seed}
+
+
+def mixture_test(per_seed: Sequence[Mapping[str, Any]]) -> stats.Comparison | None:
+  """log(tuned-mixture ratio) - log(uniform ratio), paired by seed, two-sided sign flips; a seed
+  where either ratio is censored (no point value) enters as 0 (its sign is unknown)."""
+  if not per_seed or not all("ratio_tuned" in s for s in per_seed):
+    return None
+  diffs = [math.log(s["ratio_tuned"] / s["ratio"]) if _positive(s["ratio_tuned"])
+           and _positive(s["ratio"]) else 0.0 for s in per_seed]
+  return stats.compare({"tuned-uniform": diffs}, primary=False)["tuned-uniform"]
+
+
+def _plan(base: Config, seed: int, lrs: Mapping[str, float] | None = None,
+          mixture: Mapping[str, float] | None = None) -> dict[str, Config]:
   """Every arm of one seed: single-task runs, the joint run and (study.masked_joint) the
   masked-joint runs, at the base's LR or the arm's tuned one (`lrs`)."""
   st = base.study
@@ -265,6 +317,10 @@ def _plan(base: Config, seed: int, lrs: Mapping[str, float] | None = None) -> di
       plan[f"masked_{t}"] = arms.configure(base, tasks=tasks, steps=st.steps_per_task * len(tasks),
                                            seed=seed, eval_every=st.eval_every, **masked,
                                            **lr(f"masked_{t}"))
+  if mixture is not None:  # the joint run at the tuned mixture (the same steps and batch shape)
+    plan["multi_tuned"] = arms.configure(base, tasks=tasks, steps=st.steps_per_task * len(tasks),
+                                         seed=seed, eval_every=st.eval_every, mixture=mixture,
+                                         **lr("multi"))
   return plan
 
 
@@ -272,6 +328,7 @@ def _summarize_one(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> di
   """One model size: every arm of every seed (LRs tuned first with study.lr_candidates)."""
   st = base.study
   tuned = tune_lrs(base, root, train_fn) if st.lr_candidates else None
+  mixing = tune_mixture(base, root, train_fn) if st.mixture_temperatures else None
   tasks = list(base.data.tasks)
   goal = {t: float(st.targets.get(t, st.target)) for t in tasks}
   metrics = {t: arms.metric_for(base, t) for t in tasks}  # open-ended tasks: e.g. their verifier
@@ -280,7 +337,8 @@ def _summarize_one(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> di
   notes: dict[str, str] = {}  # arm -> its LR schedule, as it ran (config.json)
   for seed in st.seeds:
     seed_dir = root / f"seed{seed}"
-    plan = _plan(base, seed, tuned["chosen"] if tuned else None)
+    plan = _plan(base, seed, tuned["chosen"] if tuned else None,
+                 mixing["rates"] if mixing else None)
     for name, cfg in plan.items():
       notes[name] = arms.stored_lr_note(arms.run(seed_dir, name, cfg, train_fn))
     tokens = lambda curve: [(s * tps, v) for s, v in _clean(curve)]
@@ -295,6 +353,20 @@ def _summarize_one(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> di
     masked_curves = ({t: tokens(arms.eval_series(seed_dir / f"masked_{t}", t, metrics[t]))
                       for t in tasks} if st.masked_joint else {})
     transfer = _transfer(plan, tasks, single, single_curves, multi_curves, masked_curves, tps)
+    if mixing:  # the tuned mixture's joint run: its ratio and that ratio's no-transfer value
+      tuned_curves = {t: tokens(arms.eval_series(seed_dir / "multi_tuned", t, metrics[t]))
+                      for t in tasks}
+      tuned_multi = {t: crossing(tuned_curves[t], goal[t]) for t in tasks}
+      t_point, t_low, t_high = efficiency_ratio(
+          single, tuned_multi, single_budget=st.steps_per_task * tps,
+          multi_budget=st.steps_per_task * len(tasks) * tps)
+      tuned_plan = {**plan, "multi": plan["multi_tuned"]}
+      tuned_null = _transfer(tuned_plan, tasks, single, single_curves, tuned_curves, {},
+                             tps)["ratio_null"]
+      transfer.update(ratio_tuned=_finite(t_point),
+                      ratio_tuned_interval=[_finite(t_low), _finite(t_high)],
+                      ratio_null_tuned=tuned_null,
+                      multi_tuned_final={t: _last(tuned_curves[t]) for t in tasks})
     per_seed.append({
         "seed": seed,
         "single_tokens_to_target": {t: None if c is None else c.at for t, c in single.items()},
@@ -342,6 +414,7 @@ def _summarize_one(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> di
                             else base.eval.num_examples) for t in tasks},
       "d_model": base.model.d_model,
       **({"lr_tuning": tuned} if tuned else {}),
+      **({"mixture_tuning": mixing} if mixing else {}),
       "multiplier_tests": tests,
   }
 
@@ -541,6 +614,8 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   if "multiplier_tests" in summary:
     _describe_transfer(doc, summary)
     _describe_curves(doc, summary, root)
+  if "mixture_tuning" in summary:
+    _describe_mixture(doc, summary)
   doc.text(
       "Efficiency ratio = (sum of single-task tokens to target) / (multi-task tokens until every "
       "task reached its target); its interval: from the most pessimistic crossings (single-task "
@@ -712,6 +787,27 @@ def bootstrap_multipliers(summary: Mapping[str, Any], counts: Mapping[str, int],
   return out
 
 
+def _describe_mixture(doc: report.Report, summary: dict[str, Any]) -> None:
+  m = summary["mixture_tuning"]
+  runs = summary["per_seed"]
+  doc.text("Was the mixture the bottleneck? A second joint run per seed at a mixture tuned on the "
+           f"tuning split (seed {m['seed']}; candidates: uniform, and rates ∝ share ** (-1/T); "
+           "mean normalized tuning-split score): "
+           + ", ".join(f"{k} {v:.3f}" + (" (chosen)" if k == m["chosen"] else "")
+                       for k, v in m["scores"].items())
+           + ". Chosen rates: " + ", ".join(f"{t} {r:.3f}" for t, r in m["rates"].items()) + ".")
+  doc.table(["seed", "ratio (uniform)", "no-transfer value", "ratio (tuned)",
+             "no-transfer value (tuned)"],
+            [[str(r["seed"]), _fmt_ratio(r["ratio"]), _fmt_ratio(r["ratio_null"]),
+              _fmt_ratio(r["ratio_tuned"]), _fmt_ratio(r["ratio_null_tuned"])] for r in runs])
+  c = mixture_test(runs)
+  if c is not None:
+    doc.text("Tuned vs uniform mixture, log ratio paired by seed (exploratory; a seed with a "
+             "censored ratio enters as 0): "
+             + c.sentence("the tuned mixture reached the targets with less compute",
+                          "the tuned mixture needed more compute") + ".")
+
+
 def _describe_curves(doc: report.Report, summary: dict[str, Any], root: Any) -> None:
   tasks, runs = summary["tasks"], summary["per_seed"]
   curves = {t: [multiplier_curves(r, t) for r in runs] for t in tasks}
@@ -818,6 +914,12 @@ def _check(config: Config) -> None:
                           f"model.num_heads ({heads}), got {d}")
   if len(set(st.model_sizes)) != len(st.model_sizes):
     raise BadInputError("study.model_sizes", f"expected distinct sizes, got {list(st.model_sizes)}")
+  if any(not float(T) > 0 for T in st.mixture_temperatures):
+    raise BadInputError("study.mixture_temperatures",
+                        f"expected positive temperatures, got {list(st.mixture_temperatures)}")
+  if st.mixture_temperatures and not st.tuning_examples:
+    raise BadInputError("study.mixture_temperatures", "the mixture is chosen on the tuning split: "
+                        "set study.tuning_examples > 0")
   if any(not float(lr) > 0 for lr in st.lr_candidates):
     raise BadInputError("study.lr_candidates", f"expected positive LRs, got {list(st.lr_candidates)}")
   if st.lr_candidates and not st.tuning_examples:
