@@ -8,12 +8,12 @@
 Sub-studies, each its own config and budget (2 cores):
   mtjax experiment efficiency --config configs/efficiency.py:sizes --workdir runs/efficiency_sizes
       the whole study at d_model 64, 128 and 256 (mlp 4 x d_model), tests Holm-corrected across
-      tasks x sizes: "at which model sizes". d_model 64 is the full study (21 min measured); 128
-      and 256 estimated at ~2.5x and ~8x from their parameter counts (0.6M, 2.2M): about 4 hours
-      in all, not run yet.
+      tasks x sizes: "at which model sizes". d_model 64 is the full study (21 min measured
+      without the tuned-mixture arm, ~30 min with it); 128 and 256 estimated at ~2.5x and ~8x
+      from their parameter counts (0.6M, 2.2M): about 5 hours in all, not run yet.
   mtjax experiment efficiency --config configs/efficiency.py:lr --workdir runs/efficiency_lr
       each arm kind's LR among 1e-3, 3e-3, 1e-2 chosen on the tuning split (seed 0: 15 short
-      runs, ~6 min), then the study at the chosen LRs (~21 min): about 30 minutes.
+      runs, ~6 min), then the study at the chosen LRs (~30 min): about 40 minutes, not run yet.
 """
 
 import ml_collections
