@@ -20,9 +20,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Sampled completions give distinct@k and pass@1; teacher-forced eval gives the entropy.
   # max_new_tokens "auto": each task's longest held-out target + EOS (a number below a target
   # would cap pass@1 and distinct@k); set explicitly over efficiency.py's number.
-  # 200 held-out examples per task (after the 100 of the tuning split, study.tuning_examples) for
+  # 1,000 held-out examples per task (after the 100 of the tuning split, study.tuning_examples) for
   # the entropy, 200 prompts x 4 samples for distinct@4 and pass@1.
-  c.eval.update(num_examples=200, num_generate=0, sample_prompts=200, num_samples=4, temperature=1.0,
+  c.eval.update(num_examples=1000, num_generate=0, sample_prompts=200, num_samples=4, temperature=1.0,
                 max_new_tokens="auto", batch_size=64)
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=150, seeds=tuple(range(10)), primary="joint_regularized-joint", eval_every=150, target=0.0, targets={},

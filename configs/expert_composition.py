@@ -31,7 +31,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.optimizer.update(lr=3e-3, warmup_steps=20)  # the base's LR (the SVF run takes model.svf.lr)
   # eval.num_generate: the held-out examples of study.new_task the composition is scored on
   # (greedy exact match); the arms themselves evaluate data.tasks teacher-forced only.
-  c.eval.update(num_examples=200, num_generate=200, num_samples=0, batch_size=100)
+  c.eval.update(num_examples=1000, num_generate=200, num_samples=0, batch_size=100)
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=200, seeds=tuple(range(10)), primary="composed_vs_best_single", eval_every=150, target=0.0, targets={},
       metric="token_accuracy", task_metrics={}, tuning_examples=100,

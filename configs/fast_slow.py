@@ -33,9 +33,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.train.update(steps=1, log_every=25)  # every arm's steps: the stages' (set by the study)
   c.train.entropy_coefs = {}
   c.optimizer.update(lr=3e-3, warmup_steps=10)
-  # Held-out, after the 100-example tuning split: 200 examples per task (teacher-forced token
+  # Held-out, after the 100-example tuning split: 1,000 examples per task (teacher-forced token
   # accuracy; the template task: its verifier on 200 greedy generations).
-  c.eval.update(num_examples=200, num_generate=200, num_samples=0, sample_prompts=0,
+  c.eval.update(num_examples=1000, num_generate=200, num_samples=0, sample_prompts=0,
                 batch_size=100)
   # Targets (steps to target: plasticity) chosen on the tuning split (pilot: seed 0,
   # --config.study.split=tuning; step-0 scores sort 0.840, reverse 0.378, template 0.900, the best

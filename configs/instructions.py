@@ -24,9 +24,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.tasks = TASKS
   c.data.mixture = {t: 1.0 for t in TASKS}
   c.eval.max_new_tokens = "auto"  # each task's longest held-out target + EOS
-  # Greedy exact match on 200 held-out prompts per task, token accuracy on the same 200 beside
+  # Greedy exact match on 200 held-out prompts per task, token accuracy on 1,000 beside
   # it, after the first 100 (the tuning split, study.tuning_examples).
-  c.eval.update(num_examples=200, num_generate=200)
+  c.eval.update(num_examples=1000, num_generate=200)
   # eval_every = the arm's length: evaluated at steps 0 and 400 only (generation is the slow part).
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=100, seeds=tuple(range(10)), eval_every=400, target=0.0, targets={},

@@ -34,9 +34,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.rl.update(prompts=8, samples=8, epochs=2, clip_eps=0.2, kl_coef=0.02, normalize_std=True,
                max_new_tokens="auto", buckets=(48,))  # auto: the longest training target + EOS
   # Held-out, after the 100-example tuning split: 200 prompts x 8 samples per task (pass@1,
-  # pass@8, distinct@8, seq entropy) and 200 examples for the teacher-forced entropy; no greedy
+  # pass@8, distinct@8, seq entropy) and 1,000 examples for the teacher-forced entropy; no greedy
   # decoding. Evaluated at RL steps 0, 30 and 60.
-  c.eval.update(num_examples=200, num_generate=0, sample_prompts=200, num_samples=8,
+  c.eval.update(num_examples=1000, num_generate=0, sample_prompts=200, num_samples=8,
                 temperature=1.0, max_new_tokens="auto", batch_size=200)
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=200, seeds=tuple(range(10)), primary="darling_distinct_vs_grpo", eval_every=30, target=0.0, targets={},

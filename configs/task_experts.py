@@ -44,8 +44,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.svf.update(enabled=False, targets=("gate", "up", "down"), per_task=True, lr=2e-2)
   # Held-out, after the 100-example tuning split: generated (greedy) answers to 200 prompts per
   # task, scored by the task's scorer (exact match; the open-ended tasks' verifier): `accuracy`;
-  # teacher-forced token accuracy on 200 examples too (reported beside it).
-  c.eval.update(num_examples=200, num_generate=200, num_samples=0, sample_prompts=0, batch_size=100)
+  # teacher-forced token accuracy on 1,000 examples too (reported beside it).
+  c.eval.update(num_examples=1000, num_generate=200, num_samples=0, sample_prompts=0, batch_size=100)
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=200, seeds=tuple(range(10)), primary="svf_per_task-lora_per_task", eval_every=200, target=0.0, targets={},
       metric="accuracy", task_metrics={}, tuning_examples=100, eval_schedule="every",

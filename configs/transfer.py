@@ -29,11 +29,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.mixture = {t: 1.0 for t in TASKS}
   # Constant LR after warmup in every arm: a stage started later trains at the same LR, and the
   # single-task reference is at the same LR as the pairwise runs' first stage.
-  # Score: teacher-forced token accuracy on 200 held-out examples per task (after the 100 of the
+  # Score: teacher-forced token accuracy on 1,000 held-out examples per task (after the 100 of the
   # tuning split), for every task, open-ended ones included: transfer needs a score each task
   # moves on within one 50-step stage (the greedy verifier's accuracy of a 50-step model is ~0,
   # so every task would fall under the min-gain guard), and it has no targets to judge.
-  c.eval.update(num_examples=200, num_generate=0, num_samples=0, sample_prompts=0, batch_size=64)
+  c.eval.update(num_examples=1000, num_generate=0, num_samples=0, sample_prompts=0, batch_size=64)
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=50, seeds=tuple(range(10)), eval_every=50, target=0.0, targets={},
       metric="token_accuracy", task_metrics={}, entropy_coef=0.0, eval_schedule="every",

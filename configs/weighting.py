@@ -32,9 +32,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.rate_temperature = 2.0  # the temperature arm's (every other arm samples equally)
   c.train.log_every = 25
   # Every task scored by teacher-forced held-out token accuracy (open-ended tasks against their
-  # Bayes-optimal ceiling): 200 examples per task after the 100 of the tuning split, on which the
+  # Bayes-optimal ceiling): 1,000 examples per task after the 100 of the tuning split, on which the
   # tuned_static arm's weights are chosen. No generation: evals cost well under a second.
-  c.eval.update(num_examples=200, num_generate=0, num_samples=0, sample_prompts=0, batch_size=100)
+  c.eval.update(num_examples=1000, num_generate=0, num_samples=0, sample_prompts=0, batch_size=100)
   steps_per_task = 50  # 300 steps per arm
   c.study = ml_collections.ConfigDict(dict(
       steps_per_task=steps_per_task, seeds=tuple(range(10)), primary="methods-tuned_static", eval_every=steps_per_task * len(TASKS),
