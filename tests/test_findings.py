@@ -84,3 +84,9 @@ def test_no_generated_block_states_a_direction_without_its_p_value():
       "`svf_per_task` higher on copy."]
   assert findings.unsupported_claims("M below 1 (Holm-corrected p = 0.0039, 10 seeds).") == []
   assert findings.unsupported_claims("no detectable difference at this power; lower bound.") == []
+
+
+def test_no_published_report_states_a_direction_without_its_p_value():
+  for name in findings.published():
+    report = (findings.DOCS / name / "report.md").read_text()
+    assert findings.unsupported_claims(report) == [], name

@@ -16,6 +16,7 @@ Tests: per open-ended task, the arm's distance from the true entropy minus the j
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -135,6 +136,16 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   tasks, f = summary["tasks"], summary["findings"]
   k = summary["num_samples"]
   doc = report.Report("Entropy study: does joint training collapse open-ended entropy?")
+  free = [t for t in tasks if summary["open_ended"][t]]
+  truth = truths(summary)
+  primary = summary.get("primary", DEFAULT_PRIMARY)
+  if free:
+    tested = tests(summary["per_seed"], free, truth, primary)
+    words = ("further from the truth", "closer to the truth") if truth else ("higher", "lower")
+    doc.text(stats.plainly(primary, {t: (c, c.sentence(*words)) for t, c in tested[primary].items()},
+                           cannot="collapse in a model that has fitted its data (the joint arm "
+                                  "is compared with the generator's true entropy: above it is "
+                                  "underfit), other sizes, budgets or coefficients."))
   doc.text(
       f"Tasks: {', '.join(tasks)}. Seeds: {summary['seeds']}. Every arm trains {summary['steps']} "
       f"steps. Arms: joint (no entropy term), joint_regularized (entropy coefficient "
@@ -151,8 +162,6 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
                    _spread([retained(r["eval_entropy"]) for r in runs], 2),
                    _spread(_last(runs, "distinct"), 2), _spread(_last(runs, "pass1"), 2)])
   doc.table(["arm", "task", "kind", "final entropy", "retained", f"distinct@{k}", "pass@1"], rows)
-  free = [t for t in tasks if summary["open_ended"][t]]
-  truth = truths(summary)
   per_seed = summary["per_seed"]
   if truth:
     doc.text("Final held-out entropy minus the generator's true entropy (nats per target token; "
@@ -163,19 +172,20 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
                   [s["arms"][a][t] for s in per_seed], "eval_entropy") or []] or None, 3)
                   for a in ARMS]] for t in tasks if t in truth])
   doc.heading("Findings")
-  primary = summary.get("primary", DEFAULT_PRIMARY)
   lines = []
   if free:
-    tested = tests(per_seed, free, truth, primary)
     doc.text(stats.method_note(primary, len(per_seed), len(free), "open-ended tasks") + (
         " The tested quantity is the distance of the final held-out entropy from the true "
         "entropy, arm minus joint." if truth else " This record has no true entropy, so the "
         "tested quantity is the final held-out entropy, arm minus joint."))
   for t in free:
     j = f["joint"][t]
+    above = sum(s["arms"]["joint"][t]["eval_entropy"][-1][1] > truth.get(t, math.inf)
+                for s in per_seed)
     where = ("" if t not in truth else
-             f"; the truth is {truth[t]:.3f}, so the joint arm is "
-             f"{'above it (underfit, not collapsed)' if j['final_entropy'] > truth[t] else 'below it (collapsed)'}")
+             f"; the truth is {truth[t]:.3f}: the joint arm ends above it (underfit) in {above} "
+             f"of {len(per_seed)} seeds and below it (more certain than the data allow) in "
+             f"{len(per_seed) - above}")
     words = (("further from the truth", "closer to the truth") if t in truth
              else ("higher entropy", "lower entropy"))
     lines.append(

@@ -195,6 +195,11 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   f = findings(per_seed, primary)  # the tests, from the stored per-seed scores
   doc = report.Report("Expert composition: CEM-mixed SVF experts vs the best single expert vs "
                       "the base")
+  doc.text(stats.plainly(primary, {
+      metric: (stats.Comparison.from_json(f["tests"][f"{primary}{suffix}"]),
+               f["verdicts"][f"{primary}{suffix}"]) for metric, suffix in METRICS},
+      cannot="how SVF experts of a pretrained LLM compose (a tiny model from scratch), other "
+             "composite tasks, or a composition chosen on more than a few shots."))
   doc.text(
       f"Experts: {', '.join(f'`{t}`' for t in tasks)} (per-task SVF expert vectors on "
       f"{', '.join(summary['svf_targets'])}, {summary['svf_steps']} steps at LR "

@@ -227,6 +227,11 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   metric_names = sorted(set(summary["metrics"].values()))
   n = summary["steps_per_task"]
   doc = report.Report("Fast and slow: soft prompts beside the weights, on a sequence of tasks")
+  doc.text(stats.plainly(primary, {
+      q: (stats.Comparison.from_json(f[q][primary]["test"]), f[q][primary]["verdict"])
+      for q in QUANTITIES},
+      cannot="prompt evolution by an LLM (the paper's fast channel is text; here, soft prompts "
+             "trained by gradient), RL as the slow learner, or a pretrained model on new tasks."))
   doc.text(
       f"Fast channel: {summary['channel']}. Tasks, learned in this order: "
       f"{' -> '.join(tasks)}. Seeds: {summary['seeds']}. Per seed: a base model trained from "

@@ -183,6 +183,12 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   secondary = [[t] + [report.mean_std([r[f"{arm}/{SECONDARY}"][t] for r in runs]) for arm in shown]
                for t in tasks] if runs and f"original/{SECONDARY}" in runs[0] else []
   doc = report.Report("Instruction ablation")
+  if primary in tested:
+    doc.text(stats.plainly(primary, {
+        t: (tested[primary][t], tested[primary][t].sentence("higher", "lower")) for t in tasks},
+        cannot="whether a pretrained instruction-tuned model follows instructions (a tiny model "
+               "from scratch; the zero-shot arms need model.pretrained), or tasks whose inputs "
+               "do not reveal the task."))
   doc.text(
       f"Seeds: {summary['seeds']}. Each arm trains {summary['steps']} steps on the same mixture; the "
       "ablation applies in training and in evaluation. `misleading` gives each example another "

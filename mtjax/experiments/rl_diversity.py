@@ -236,6 +236,11 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   primary = summary.get("primary", DEFAULT_PRIMARY)
   f = findings(per_seed, tasks, primary)  # the tests, from the stored per-seed values
   doc = report.Report("RL diversity study: does GRPO collapse what SFT gave, and does DARLING help?")
+  doc.text(stats.plainly(primary, {
+      t: (stats.Comparison.from_json(f[t]["tests"][primary]), f[t]["verdicts"][primary])
+      for t in tasks},
+      cannot="how a pretrained LLM behaves under GRPO (a tiny model from scratch, few RL "
+             "steps), or diversity beyond the verifier's equivalence."))
   doc.text(
       f"Tasks: {', '.join(f'{t} (' + ('open-ended' if summary['open_ended'][t] else 'structured') + ')' for t in tasks)}. "
       f"Seeds: {summary['seeds']}. Per seed: supervised fine-tuning for {summary['sft_steps']} steps "

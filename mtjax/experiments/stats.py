@@ -147,6 +147,11 @@ class Comparison:
     return {"name": self.name, "diffs": list(self.diffs), "mean": self.mean, "p": self.p,
             "p_holm": self.p_holm, "detectable": self.detectable, "primary": self.primary}
 
+  @classmethod
+  def from_json(cls, d: Mapping[str, object]) -> Comparison:
+    return cls(str(d["name"]), tuple(float(x) for x in d["diffs"]), float(d["p"]),  # type: ignore[union-attr]
+               float(d["p_holm"]), float(d["detectable"]), bool(d["primary"]))  # type: ignore[arg-type]
+
 
 def compare(family: Mapping[str, Sequence[float]], *, primary: bool = True,
             alternative: str = "two-sided", alpha: float = ALPHA) -> dict[str, Comparison]:
@@ -197,6 +202,26 @@ def method_note(primary: str, seeds: int, family: int, what: str) -> str:
           f"together). A verdict names a direction only with a corrected p < {ALPHA:g}, and "
           f"otherwise gives the smallest mean difference the design could detect (80% power); "
           f"{power}.")
+
+
+def plainly(primary: str, verdicts: Mapping[str, tuple[Comparison, str]], *, cannot: str) -> str:
+  """A report's first paragraph: what the primary comparison shows ({key: (its Comparison, its
+  verdict sentence)}: the directional ones quoted, or that no key is detectably different), the
+  design's power, and what the run cannot show."""
+  seeds = max((len(c.diffs) for c, _ in verdicts.values()), default=0)
+  called = {k: v for k, (c, v) in verdicts.items() if c.direction()}
+  if called:
+    shown = "; ".join(f"{k}: {v}" for k, v in called.items())
+    rest = len(verdicts) - len(called)
+    shown += f"; the other {rest}: no detectable difference at this power" if rest else ""
+  else:
+    shown = f"no detectable difference on any of its {len(verdicts)} at this power"
+  least = smallest_p(seeds, "two-sided") if seeds else 1.0
+  return (f"**What this run shows.** Primary comparison (named before the run): `{primary}`: "
+          f"{shown}. Power: {seeds} seeds, so the smallest two-sided sign-flip p is {least:.3g} "
+          f"before Holm's correction over {len(verdicts)}"
+          + (" (p < 0.05 is out of reach)" if least * len(verdicts) >= ALPHA else "")
+          + f". **What it cannot show**: {cannot}")
 
 
 def bootstrap_interval(draw: Callable[[np.random.Generator], float], *, resamples: int = 2000,

@@ -263,6 +263,13 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   metric_names = sorted(set(summary["metrics"].values()))
   doc = report.Report("Task experts: per-task SVF experts vs LoRA (per task, shared) vs full "
                       "fine-tuning")
+  doc.text(stats.plainly(primary, {
+      ("mean over tasks" if k == "mean" else k): (stats.Comparison.from_json(f[k][primary]["test"]),
+                                                 f[k][primary]["verdict"])
+      for k in (*tasks, "mean")},
+      cannot="how these methods compare on a pretrained LLM (a tiny model trained from scratch "
+             "on synthetic tasks), at other ranks, LRs or budgets, or with Transformer²'s RL "
+             "training of the expert vectors (this run trains them with SFT)."))
   doc.text(
       f"Tasks: {', '.join(tasks)}. Seeds: {summary['seeds']}. Per seed: a base model trained from "
       f"scratch on the equal mixture of the tasks for {summary['base_steps']} steps (LR "

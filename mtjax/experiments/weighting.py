@@ -364,6 +364,12 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   temp = summary["temperature"]
   doc = report.Report("Weighting study: adaptive task weighting and online data mixing vs tuned "
                       "static weights")
+  family = _method_diffs(summary["per_seed"], names, summary["tuned_is_static"])
+  if family:
+    tested = stats.compare_named({PRIMARY: family}, PRIMARY)[PRIMARY]
+    doc.text(stats.plainly(PRIMARY, {m: (c, f[m]["verdict_reason"]) for m, c in tested.items()},
+                           cannot="which method does best at scale or with its own tuning (every "
+                                  "method at its published defaults; a tiny model, 300 steps)."))
   doc.text(
       f"Tasks: {', '.join(tasks)}. Seeds: {summary['seeds']}. Every arm trains {summary['steps']} "
       f"steps of {summary['batch_size']} x {summary['seq_len']} tokens "
@@ -453,7 +459,7 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   doc.heading("What this run does NOT show")
   caveats = [
       f"Anything at scale: a {summary['steps']}-step run of a tiny model on "
-      f"{len(tasks)} synthetic tasks. Which method wins depends on the model, the budget and how "
+      f"{len(tasks)} synthetic tasks. Which method does best depends on the model, the budget and how "
       "much the tasks conflict; a method with no detectable difference here may help (or hurt) elsewhere.",
       "Tuned hyperparameters for the methods: each runs with the published defaults "
       "(train.weighting, data.mixing in study.json); only static weights were tuned, over "
