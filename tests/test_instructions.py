@@ -125,7 +125,7 @@ def test_zero_shot_arms_hold_each_task_out_once_per_mode():
     assert mixture[held] == 0.0
     assert all(w > 0 for t, w in mixture.items() if t != held)
     arm = name.removeprefix(f"zero_shot_{held}_")
-  assert modes == {t: instructions.ARMS[arm] for t in base.data.tasks}
+    assert modes == {t: instructions.ARMS[arm] for t in base.data.tasks}
 
 
 def test_zero_shot_without_a_checkpoint_exits_2_naming_model_pretrained(tmp_path, capsys):

@@ -304,7 +304,9 @@ def _plan(base: Config, seed: int, lrs: Mapping[str, float] | None = None,
   masked-joint runs, at the base's LR or the arm's tuned one (`lrs`)."""
   st = base.study
   tasks = list(base.data.tasks)
-  lr = lambda name: ({"optimizer.lr": float(lrs[name])} if lrs and name in lrs else {})
+  def lr(name: str) -> dict[str, Any]:
+    return {"optimizer.lr": float(lrs[name])} if lrs and name in lrs else {}
+
   plan = {f"single_{t}": arms.configure(base, tasks=[t], steps=st.steps_per_task, seed=seed,
                                         eval_every=st.eval_every, **lr(f"single_{t}"))
           for t in tasks}
