@@ -5,8 +5,9 @@
 # make test-slow: the other tier: the slow end-to-end tests (1 device, cached), then the
 #            multidevice tests on 8 fake devices without the cache. make test-all: both (CI).
 # make lint: ruff and pyright.
-# make studies: run every study at its full config (~95 min on 2 cores; finished arms are
-#            skipped), publish each record to docs/studies/ and regenerate the README's findings.
+# make studies: run every study at its full config (10 seeds each: about 6 hours on 2 cores, the
+#            times per study are in the README; finished arms are skipped), publish each record
+#            to docs/studies/ and regenerate the README's findings.
 # make findings: regenerate the README's study blocks from docs/studies/ (no training).
 PYTHON ?= python3
 VENV ?= .venv
