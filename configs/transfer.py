@@ -10,7 +10,7 @@ Cost per seed with T tasks and one stage of S steps: T single runs (S steps), T(
 runs (2S) on the estimation seeds, and the order runs (T x S each; every one of the T! orders
 when T <= 3, else Omni-Thinker's, the predicted worst and FWT-greedy) on the test seeds. Full
 config: T = 3, S = 50, seeds 0-2 estimate (3 + 6 runs, 750 steps each seed), seeds 3-9 test
-(3 + 6 runs, 1,050 steps each seed): 63 runs, 9,600 steps in all (one seed of the old in-sample
+(3 + 6 runs, 1,050 steps each seed): 90 runs, 9,600 steps in all (one seed of the old in-sample
 design, 15 runs, took 3.2 CPU-minutes; about 20 minutes on 2 otherwise idle cores).
 """
 
