@@ -27,6 +27,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mtjax.errors import BadInputError
 from mtjax.experiments import report
@@ -64,37 +65,38 @@ def publish(workdir: str | Path, name: str, docs: Path = DOCS) -> Path:
   return dst
 
 
+def _published(src: Path) -> tuple[Any, dict[str, Any]]:
+  """(the study of the registry, its summary) of a published record docs/studies/<name>."""
+  from mtjax.experiments.registry import STUDIES
+  try:
+    name = json.loads((src / "study.json").read_text())["study"]
+    summary = json.loads((src / "summary.json").read_text())
+  except (OSError, ValueError, KeyError) as e:
+    raise BadInputError(str(src), f"expected a published study (study.json, summary.json): {e}") from None
+  return STUDIES[name], summary
+
+
 def rerender(name: str, docs: Path = DOCS) -> Path:
   """Rewrites docs/studies/<name>/report.md and its plots from the published summary.json with
   this version's report code (its tests and wording; the numbers are the run's): for records
   whose runs are gone. Returns report.md's path."""
-  from mtjax.experiments.registry import STUDIES
   src = docs / name
-  try:
-    study = json.loads((src / "study.json").read_text())["study"]
-    summary = json.loads((src / "summary.json").read_text())
-  except (OSError, ValueError, KeyError) as e:
-    raise BadInputError(str(src), f"expected a published study (study.json, summary.json): {e}") from None
+  study, summary = _published(src)
   import os
   from etils import epath
   # Relative to the working directory, as a run's workdir is named (reports quote it).
-  return Path(STUDIES[study].report(epath.Path(os.path.relpath(src)), summary))
+  return Path(study.report(epath.Path(os.path.relpath(src)), summary))
 
 
 def render(name: str, docs: Path = DOCS) -> str:
   """The README block of docs/studies/<name>: its study's report rebuilt from summary.json (the
   title dropped, plot links made relative to the repository root); `<name>:brief` keeps only the
   report's first and last tables and its verdict line."""
-  from mtjax.experiments.registry import STUDIES
   name, _, part = name.partition(":")
   src = docs / name
-  try:
-    study = json.loads((src / "study.json").read_text())["study"]
-    summary = json.loads((src / "summary.json").read_text())
-  except (OSError, ValueError, KeyError) as e:
-    raise BadInputError(str(src), f"expected a published study (study.json, summary.json): {e}") from None
+  study, summary = _published(src)
   rel = src.relative_to(REPO) if src.is_relative_to(REPO) else src
-  doc = STUDIES[study].describe(summary, rel)  # the report's blocks: nothing is drawn or written
+  doc = study.describe(summary, rel)  # the report's blocks: nothing is drawn or written
   if part == "brief":
     text = report.brief(doc)
   elif part:
