@@ -169,6 +169,32 @@ def test_decomposition_arms_match_on_loss_tokens():
   assert g.train.steps > u.train.steps
 
 
+def test_decomposition_tests_granular_minus_umbrella_holm_over_the_umbrella_tasks_two_metrics():
+  """By hand, 10 seeds: granular beats umbrella on the umbrella task's token accuracy in every
+  seed (sign flips: 2 of 1,024 flips as extreme, p = 2/1024), both structural matches are 0 (equal
+  on every seed, p = 1). Holm over the primary family's 2 keys: 4/1024 and 1. The subtask keys
+  form the exploratory family (here 2 keys: name_detection's two metrics)."""
+  tasks = ["fc_name_detection", "fc_umbrella"]
+  per_seed = [{"granular": {"accuracy": {t: 0.0 for t in tasks},
+                            "token_accuracy": {"fc_umbrella": 0.5 + 0.01 * (s + 1),
+                                               "fc_name_detection": 0.3 + 0.01 * (-1) ** s}},
+               "umbrella": {"accuracy": {t: 0.0 for t in tasks},
+                            "token_accuracy": {"fc_umbrella": 0.5, "fc_name_detection": 0.3}}}
+              for s in range(10)]
+  tested = decomposition.tests({"tasks": tasks, "per_seed": per_seed, "primary": "umbrella_task"})
+  primary = tested["umbrella_task"]
+  assert primary["fc_umbrella token accuracy"].p == pytest.approx(2 / 1024)
+  assert primary["fc_umbrella token accuracy"].p_holm == pytest.approx(4 / 1024)
+  assert primary["fc_umbrella token accuracy"].sentence("granular higher", "umbrella higher") \
+      .startswith("granular higher (Holm-corrected p = 0.00391")
+  assert primary["fc_umbrella structural match"].p_holm == 1.0
+  sub = tested["subtasks"]
+  assert set(sub) == {"fc_name_detection structural match", "fc_name_detection token accuracy"}
+  assert not any(c.primary for c in sub.values())
+  # +0.01 and -0.01 alternating: the mean is 0, every flip is as extreme: p = 1.
+  assert sub["fc_name_detection token accuracy"].p == pytest.approx(1.0)
+
+
 def test_a_target_never_reached_is_censored_at_the_runs_budget():
   """By hand: single-task budget 100 tokens, joint 300. Task b's single run never reached its
   target: it would at 100 tokens at the earliest, so the ratio is at least (10 + 100) / 50 and
