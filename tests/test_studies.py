@@ -125,7 +125,7 @@ def test_preempted_arm_is_not_done_and_stops_the_study(name, tmp_path, capsys, m
 
   def preempted(cfg, workdir):
     trained.append(workdir)
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)  # run_once made it (its request record)
     return types.SimpleNamespace(preempted=True)  # as RunResult after a SIGTERM
 
   monkeypatch.setattr(recipes, "run", preempted)
@@ -150,6 +150,35 @@ def test_run_once_marks_done_only_after_a_finished_run(tmp_path):
   assert not runs.is_done(tmp_path / "b")
   assert runs.run_once(tmp_path / "b", cfg, lambda c, w: types.SimpleNamespace(preempted=False))
   assert runs.is_done(tmp_path / "b")
+
+
+def test_a_run_is_reused_only_for_the_config_it_was_asked_for(tmp_path):
+  """A rerun into a workdir whose finished (or interrupted) arm was asked for other settings stops
+  with BadInputError naming the field, before training; the same config is skipped, also after
+  the study directory moved (an arm starting from a sibling's export), and runs finished before
+  the record existed are reused as before."""
+  study = tmp_path / "study"
+  arm = study / "seed0" / "arm"
+  cfg = tiny_config().replace(**{"model.pretrained": str(study / "seed0" / "base" / "export")})
+  calls = []
+  finished = lambda c, w: calls.append(w)
+  assert runs.run_once(arm, cfg, finished)
+  assert not runs.run_once(arm, cfg, finished) and len(calls) == 1
+  with pytest.raises(BadInputError) as e:
+    runs.run_once(arm, cfg.replace(**{"optimizer.lr": 0.5}), finished)
+  assert e.value.field == str(arm) and "optimizer.lr=" in str(e.value) and "0.5" in str(e.value)
+  assert len(calls) == 1
+  moved = tmp_path / "moved"
+  study.rename(moved)
+  same = cfg.replace(**{"model.pretrained": str(moved / "seed0" / "base" / "export")})
+  assert not runs.run_once(moved / "seed0" / "arm", same, finished)
+  # Interrupted (not DONE) under other settings: not resumed under these.
+  with pytest.raises(runs.Preempted):
+    runs.run_once(tmp_path / "b", cfg, lambda c, w: types.SimpleNamespace(preempted=True))
+  with pytest.raises(BadInputError):
+    runs.run_once(tmp_path / "b", cfg.replace(**{"data.batch_size": 4}), finished)
+  (moved / "seed0" / "arm" / runs.REQUESTED).unlink()  # finished before the record existed
+  assert not runs.run_once(moved / "seed0" / "arm", cfg.replace(**{"optimizer.lr": 0.5}), finished)
 
 
 def test_stored_metrics_readers_skip_blank_lines(tmp_path):

@@ -70,7 +70,7 @@ def test_preempted_variant_is_not_done_and_stops_the_sweep(sweep_config, tmp_pat
 
   def preempted_second(cfg, workdir):
     calls.append(workdir.name)
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "metrics.jsonl").write_text('{"step": 2, "train/loss": 1.5}\n\n')  # a blank line
     return types.SimpleNamespace(preempted=len(calls) == 2)  # a SIGTERM during the second
 

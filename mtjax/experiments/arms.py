@@ -90,12 +90,7 @@ class Study:
 
   def rebuild(self, root: epath.Path, config: Config) -> epath.Path:
     """summary.json, report.md and plots again from the arms' stored metrics (no training)."""
-
-    def stored_only(cfg, arm_dir):
-      del cfg
-      raise BadInputError(str(arm_dir), "this run is not finished; run the study to complete it")
-
-    summary = self.summarize(config, root, stored_only)
+    summary = self.summarize(config, root, runs.stored_only)
     # As run() stored them (on the examples the arms score), none refused.
     summary.setdefault("floors", floors.describe(config.replace(**split_settings(config))))
     if self.primary(config):
