@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 from mtjax import cli
-from mtjax.experiments import weighting
+from mtjax.experiments import floors, weighting
 
 
 def _rows(path):
@@ -36,9 +36,9 @@ def _step_time(arm_dir):
 
 
 def test_arithmetic():
-  assert weighting.normalized(0.5, 0.25, 0.75) == pytest.approx(0.5)
-  assert weighting.normalized(0.5, None, 1.0) is None
-  assert weighting.mean_normalized({"a": 0.5, "b": 1.0, "c": 0.3}, {
+  assert floors.normalized(0.5, 0.25, 0.75) == pytest.approx(0.5)
+  assert floors.normalized(0.5, None, 1.0) is None
+  assert floors.mean_normalized({"a": 0.5, "b": 1.0, "c": 0.3}, {
       "a": {"floor": 0.0, "ceiling": 1.0}, "b": {"floor": 0.5, "ceiling": 1.0},
       "c": {"floor": None, "ceiling": 1.0}}) == pytest.approx(0.75)  # c left out
   mean, std, low, high = weighting.t_interval([0.1, 0.2, 0.3])

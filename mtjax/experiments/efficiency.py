@@ -36,7 +36,7 @@ from etils import epath
 
 from mtjax.config import Config
 from mtjax.errors import BadInputError
-from mtjax.experiments import arms, report, stats
+from mtjax.experiments import arms, floors, report, stats
 from mtjax.experiments import multiplier as mx
 
 MIN_SEEDS = 3  # recorded for older reports; the sign-flip test sets the power now
@@ -219,7 +219,6 @@ def tune_lrs(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[str
   tuning split) scores best at its end: a single-task or masked-joint run by its task's score,
   the joint run by the mean over tasks of (score - floor) / (ceiling - floor) on the tuning
   split. Returns {"chosen": {arm: lr}, "scores": {arm: {lr: score}}}."""
-  from mtjax.experiments import floors
   st = base.study
   tasks = list(base.data.tasks)
   tuning = base.replace(**{"study.split": "tuning"})
@@ -232,15 +231,8 @@ def tune_lrs(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[str
     for name, cfg in plan.items():
       d = arms.run(root / "lr_tuning" / f"lr{lr:g}", name, cfg, train_fn)
       final = {t: _last(_clean(arms.eval_series(d, t, metrics[t]))) for t in tasks}
-      if name == "multi":
-        norm = []
-        for t in tasks:
-          lo, hi = bounds[t].get("floor"), bounds[t].get("ceiling")
-          if lo is not None and hi is not None and hi > lo:
-            norm.append((final[t] - lo) / (hi - lo))
-        score = float(np.mean(norm)) if norm else math.nan
-      else:
-        score = final[name.split("_", 1)[1]]
+      score = (floors.mean_normalized(final, bounds) if name == "multi"
+               else final[name.split("_", 1)[1]])
       scores.setdefault(name, {})[f"{lr:g}"] = score
   chosen = {name: float(max(v, key=lambda k: -math.inf if math.isnan(v[k]) else v[k]))
             for name, v in scores.items()}
@@ -259,7 +251,6 @@ def tune_mixture(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict
   """The joint run's mixture among the uniform one and `temperature_mixture` at each of
   study.mixture_temperatures, by the tuning-split mean over tasks of (score - floor) / (ceiling -
   floor) of a first-seed joint run each. Returns {"chosen", "rates", "scores", "shares", "seed"}."""
-  from mtjax.experiments import floors
   st = base.study
   tasks = list(base.data.tasks)
   tuning = base.replace(**{"study.split": "tuning"})
@@ -276,13 +267,8 @@ def tune_mixture(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict
     cfg = arms.configure(tuning, tasks=tasks, steps=steps, seed=seed, eval_every=st.eval_every,
                          mixture=rates)
     d = arms.run(root / "mixture_tuning", name.replace("=", ""), cfg, train_fn)
-    norm = []
-    for t in tasks:
-      final = _last(_clean(arms.eval_series(d, t, metrics[t])))
-      lo, hi = bounds[t].get("floor"), bounds[t].get("ceiling")
-      if lo is not None and hi is not None and hi > lo:
-        norm.append((final - lo) / (hi - lo))
-    scores[name] = float(np.mean(norm)) if norm else math.nan
+    scores[name] = floors.mean_normalized(
+        {t: _last(_clean(arms.eval_series(d, t, metrics[t]))) for t in tasks}, bounds)
   chosen = max(scores, key=lambda k: -math.inf if math.isnan(scores[k]) else scores[k])
   return {"chosen": chosen, "rates": candidates[chosen], "scores": scores,
           "candidates": candidates, "shares": shares, "seed": seed}
@@ -718,19 +704,27 @@ def _describe_transfer(doc: report.Report, summary: dict[str, Any]) -> None:
 
 
 def multiplier_curves(run: Mapping[str, Any], task: str) -> dict[str, list[mx.Multiplier]]:
-  """M at every eval of one seed's joint run, against each reference run ("single", "masked"),
-  from its stored curves: the x scales (the task's loss tokens per token of each run) are those
-  of the stored last-eval multiplier, so the last point of each curve is that multiplier."""
+  """M at every eval of one seed's joint run, against each reference run ("single", "masked")."""
+  joint, refs = _on_task_tokens(run, task)
+  return {k: mx.curve(ref, joint) for k, ref in refs.items()}
+
+
+def _on_task_tokens(run: Mapping[str, Any], task: str
+                    ) -> tuple[list[tuple[float, float]], dict[str, mx.Reference]]:
+  """One seed's joint curve and its reference curves ("single", "masked") on one x axis, the
+  task's loss tokens, from the stored curves: the scales (the task's loss tokens per token of
+  each run) are those of the stored last-eval multiplier, so the last point of each M curve is
+  that multiplier. ([], {}) without a last-eval multiplier."""
   last, multi = run["multiplier_vs_single"][task], run["multi_curves"][task]
   if not multi or last.get("tokens") is None:
-    return {}
+    return [], {}
   per_token = last["tokens"] / multi[-1][0]  # the task's loss tokens per joint-run token
   share, density = run["loss_token_shares"][task], run["loss_density"][task]
   joint = [(x * per_token, v) for x, v in multi if x > 0]
   refs = {"single": [(x * density * per_token / share, v) for x, v in run["single_curves"][task]]}
   if "masked_curves" in run:
     refs["masked"] = [(x * per_token, v) for x, v in run["masked_curves"][task]]
-  return {k: mx.curve(mx.Reference.from_curve(ref), joint) for k, ref in refs.items() if ref}
+  return joint, {k: mx.Reference.from_curve(ref) for k, ref in refs.items() if ref}
 
 
 def _geo(values: Sequence[float]) -> float:
@@ -763,29 +757,21 @@ def bootstrap_multipliers(summary: Mapping[str, Any], counts: Mapping[str, int],
   runs = summary["per_seed"]
   for task in summary["tasks"]:
     n = counts.get(task)
-    curves = [multiplier_curves(r, task) for r in runs]
+    per_seed = [_on_task_tokens(r, task) for r in runs]
     for key in ("masked", "single"):
-      refs, points = [], []
-      for r, c in zip(runs, curves):
-        if key not in c or not c[key]:
-          break
-        ref = r["masked_curves" if key == "masked" else "single_curves"][task]
-        per_token = c[key][-1].tokens / r["multi_curves"][task][-1][0]
-        scale = (per_token if key == "masked" else
-                 r["loss_density"][task] * per_token / r["loss_token_shares"][task])
-        refs.append(mx.Reference.from_curve([(x * scale, v) for x, v in ref]))
-        points.append((c[key][-1].tokens, c[key][-1].score))
-      else:
-        if not n or not points:
-          continue
+      if not n or not all(key in refs and any(not math.isnan(v) for _, v in joint)
+                          for joint, refs in per_seed):
+        continue
+      refs = [refs[key] for _, refs in per_seed]
+      points = [[(x, v) for x, v in joint if not math.isnan(v)][-1] for joint, _ in per_seed]
 
-        def draw(rng: np.random.Generator, refs=refs, points=points, n=n) -> float:
-          picks = rng.integers(0, len(points), size=len(points))
-          return _geo([mx.multiplier(refs[i], points[i][0],
-                                     rng.binomial(n, min(1.0, max(0.0, points[i][1]))) / n).value
-                       for i in picks])
+      def draw(rng: np.random.Generator, refs=refs, points=points, n=n) -> float:
+        picks = rng.integers(0, len(points), size=len(points))
+        return _geo([mx.multiplier(refs[i], points[i][0],
+                                   rng.binomial(n, min(1.0, max(0.0, points[i][1]))) / n).value
+                     for i in picks])
 
-        out.setdefault(key, {})[task] = stats.bootstrap_interval(draw, resamples=resamples)
+      out.setdefault(key, {})[task] = stats.bootstrap_interval(draw, resamples=resamples)
   return out
 
 

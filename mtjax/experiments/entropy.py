@@ -93,12 +93,6 @@ NAMES = tuple(f"{a}-joint" for a in COMPARED)
 DEFAULT_PRIMARY = "joint_regularized-joint"  # the entropy term's claim: it prevents collapse
 
 
-def truths(summary: Mapping[str, Any]) -> dict[str, float]:
-  """Each task's true entropy as the run recorded it (older records: none)."""
-  return {t: float(e["true_entropy"]) for t, e in summary.get("floors", {}).items()
-          if isinstance(e, Mapping) and e.get("true_entropy") is not None}
-
-
 def tests(per_seed, free: Sequence[str], truth: Mapping[str, float],
           primary: str = DEFAULT_PRIMARY) -> dict[str, dict[str, stats.Comparison]]:
   """Per open-ended task: |final entropy - truth| of the arm minus that of the joint arm, per seed
@@ -137,7 +131,7 @@ def describe(summary: dict[str, Any], root: Any = None) -> report.Report:
   k = summary["num_samples"]
   doc = report.Report("Entropy study: does joint training collapse open-ended entropy?")
   free = [t for t in tasks if summary["open_ended"][t]]
-  truth = truths(summary)
+  truth = report.true_entropies(summary)
   primary = summary.get("primary", DEFAULT_PRIMARY)
   if free:
     tested = tests(summary["per_seed"], free, truth, primary)
@@ -220,7 +214,7 @@ def _spread(values: list[float] | None, digits: int) -> str:
 def _figure(summary: dict[str, Any]) -> Any:
   tasks = summary["tasks"]
   k = summary["num_samples"]
-  truth = truths(summary)
+  truth = report.true_entropies(summary)
   fig, axes = report.figure(2, len(tasks), figsize=(3.4 * len(tasks), 5.4), dpi=110, squeeze=False)
   for col, t in enumerate(tasks):
     for i, arm in enumerate(ARMS):

@@ -31,7 +31,7 @@ import collections
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mtjax import tasks as task_registry
@@ -443,6 +443,22 @@ def _metric_count_check(config: Config, name: str, metric: str) -> None:
         metric, "eval.num_samples")
     raise BadInputError(setting, f"task {name!r} is scored by {metric}, which the eval computes "
                         f"only with {setting} > 0")
+
+
+def normalized(score: float, floor: float | None, ceiling: float | None) -> float | None:
+  """(score - floor) / (ceiling - floor); None without both bounds (or with ceiling <= floor)."""
+  if floor is None or ceiling is None or not ceiling > floor or math.isnan(score):
+    return None
+  return (score - floor) / (ceiling - floor)
+
+
+def mean_normalized(scores: Mapping[str, float], bounds: Mapping[str, Mapping[str, Any]]) -> float:
+  """The mean over tasks of their normalized scores (tasks without both bounds left out; NaN if
+  none has them)."""
+  values = [normalized(s, bounds.get(t, {}).get("floor"), bounds.get(t, {}).get("ceiling"))
+            for t, s in scores.items()]
+  kept = [v for v in values if v is not None]
+  return math.fsum(kept) / len(kept) if kept else math.nan
 
 
 def check_targets(config: Config) -> dict[str, dict[str, Any]]:

@@ -17,7 +17,7 @@ metrics the study's runs stored.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -98,6 +98,13 @@ def floor_of(summary: dict, task: str, digits: int = 3) -> str:
   mtjax.experiments.floors), or "-" where none is defined or stored."""
   value = (summary.get("floors") or {}).get(task, {}).get("floor")
   return "-" if value is None else f"{value:.{digits}f}"
+
+
+def true_entropies(summary: Mapping[str, Any]) -> dict[str, float]:
+  """Each task's true entropy (nats per scored token) as the run recorded it in summary["floors"]
+  (mtjax.experiments.floors.entropy_truth; older records: none)."""
+  return {t: float(e["true_entropy"]) for t, e in (summary.get("floors") or {}).items()
+          if isinstance(e, Mapping) and e.get("true_entropy") is not None}
 
 
 def baselines_section(report: Report, summary: dict) -> None:

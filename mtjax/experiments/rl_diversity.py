@@ -383,8 +383,7 @@ def _headline(f: Mapping[str, Any], open_ended: bool) -> str:
 def _truth_lines(summary: Mapping[str, Any], per_seed: Sequence[Mapping[str, Any]]) -> list[str]:
   """Per open-ended task with a recorded true entropy: each arm's held-out predictive entropy
   minus the truth."""
-  truth = {t: float(e["true_entropy"]) for t, e in summary.get("floors", {}).items()
-           if isinstance(e, Mapping) and e.get("true_entropy") is not None}
+  truth = report.true_entropies(summary)
   lines = []
   for t in summary["tasks"]:
     if t not in truth:

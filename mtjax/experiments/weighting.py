@@ -71,22 +71,6 @@ KIND = {"static": "baseline", "tuned_static": "baseline", **{m: "loss-based" for
 
 # ---------------------------------------------------------------- arithmetic
 
-def normalized(score: float, floor: float | None, ceiling: float | None) -> float | None:
-  """(score - floor) / (ceiling - floor); None without both bounds (or with ceiling <= floor)."""
-  if floor is None or ceiling is None or not ceiling > floor or math.isnan(score):
-    return None
-  return (score - floor) / (ceiling - floor)
-
-
-def mean_normalized(scores: Mapping[str, float], bounds: Mapping[str, Mapping[str, Any]]) -> float:
-  """The mean over tasks of their normalized scores (tasks without both bounds left out; NaN if
-  none has them)."""
-  values = [normalized(s, bounds.get(t, {}).get("floor"), bounds.get(t, {}).get("ceiling"))
-            for t, s in scores.items()]
-  kept = [v for v in values if v is not None]
-  return float(np.mean(kept)) if kept else math.nan
-
-
 def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
   """(mean, sample std, low, high): a two-sided Student-t interval of the mean of paired
   differences (NaN bounds with fewer than two values)."""
@@ -214,7 +198,7 @@ def _tune(base: Config, root: epath.Path, train_fn: arms.TrainFn, tasks: list[st
                  _arm(tb, seed, **{"train.loss_weights": weights}), train_fn)
     scores = _scores(d, tasks, metrics, _steps(base))
     rows.append({"candidate": name, "weights": weights, "scores": scores,
-                 "mean_normalized": mean_normalized(scores, bounds)})
+                 "mean_normalized": floors.mean_normalized(scores, bounds)})
   best = max(rows, key=lambda r: (_nan_low(r["mean_normalized"]), -rows.index(r)))
   return {"seed": seed, "split": "tuning", "examples": base.study.tuning_examples,
           "floors": bounds, "candidates": rows, "chosen": best["candidate"],
@@ -263,9 +247,9 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       scores = _scores(d, tasks, metrics, steps)
       result["arms"][name] = {
           "scores": scores,
-          "normalized": {t: normalized(s, bounds[t]["floor"], bounds[t]["ceiling"])
+          "normalized": {t: floors.normalized(s, bounds[t]["floor"], bounds[t]["ceiling"])
                          for t, s in scores.items()},
-          "mean_normalized": mean_normalized(scores, bounds),
+          "mean_normalized": floors.mean_normalized(scores, bounds),
           "step_time_s": step_time([d]),
           "controls": _final_controls(d, tasks),
       }
@@ -277,7 +261,7 @@ def summarize(base: Config, root: epath.Path, train_fn: arms.TrainFn) -> dict[st
       "batch_size": base.data.batch_size, "seq_len": base.data.seq_len,
       "tokens_per_step": base.data.batch_size * base.data.seq_len,
       "schedule": arms.schedule_note(notes), "min_seeds": MIN_SEEDS,
-      "floors": bounds, "unbounded_tasks": [t for t in tasks if normalized(
+      "floors": bounds, "unbounded_tasks": [t for t in tasks if floors.normalized(
           0.0, bounds[t]["floor"], bounds[t]["ceiling"]) is None],
       "train_sizes": sizes, "temperature": temperature_of(base) if run_temperature else None,
       "tuning": tuning, "tuned_is_static": chosen_equal,
