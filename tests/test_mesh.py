@@ -176,3 +176,48 @@ def test_single_slice_cpu_path_unchanged():
   assert mesh.devices.shape == (1, 2, 2, 2)
   subset = make_mesh(MeshConfig(fsdp=-1), jax.devices()[3:7])
   np.testing.assert_array_equal(subset.devices.ravel(), np.array(jax.devices()[3:7], dtype=object))
+
+
+# ------------------------------------------------------------------ mesh.dcn = -1 (the default)
+
+@dataclasses.dataclass(frozen=True)
+class FakeGpu:  # XLA's BuildGlobalTopology: a slice_index per host (per NVLink domain on NVL72)
+  id: int
+  platform: str
+  device_kind: str
+  process_index: int
+  slice_index: int
+
+
+def gpu_hosts(hosts, per_host, hosts_per_domain=1):
+  """jax.devices() of `hosts` GPU hosts of `per_host` GPUs, host by host; each NVLink domain of
+  `hosts_per_domain` hosts is one slice (1: every host its own, as on H100 nodes)."""
+  return [FakeGpu(h * per_host + g, "gpu", "NVIDIA H100 80GB HBM3", h, h // hosts_per_domain)
+          for h in range(hosts) for g in range(per_host)]
+
+
+def test_dcn_defaults_to_the_live_slice_count():
+  assert MeshConfig().dcn == -1
+  # 2 hosts x 8 H100s: 2 slices, data-parallel across hosts, fsdp over each host's 8 GPUs.
+  devices = gpu_hosts(2, 8)
+  mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
+  assert dict(mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 8, "tensor": 1}
+  assert ids(mesh.devices[0]).ravel().tolist() == list(range(8))
+  assert ids(mesh.devices[1]).ravel().tolist() == list(range(8, 16))
+  # NVL72-like: 2 hosts in one NVLink domain are one slice: no dcn axis, fsdp over all 16.
+  mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), gpu_hosts(2, 8, hosts_per_domain=2))
+  assert dict(mesh.shape) == {"dcn": 1, "data": 1, "fsdp": 16, "tensor": 1}
+  # TPU: 4 slices of 2x2x2 chips.
+  mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), tpu_slices(2, 2, 2, num_slices=4))
+  assert dict(mesh.shape) == {"dcn": 4, "data": 1, "fsdp": 8, "tensor": 1}
+  # CPU devices carry no slice_index: one slice.
+  mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), jax.devices())
+  assert mesh.shape["dcn"] == 1
+
+
+@pytest.mark.parametrize("dcn", [1, 4])
+def test_an_explicit_dcn_that_differs_from_the_gpu_hosts_exits_2_naming_both(dcn):
+  with pytest.raises(BadInputError) as err:
+    make_mesh(MeshConfig(dcn=dcn, data=1, fsdp=-1, tensor=1), gpu_hosts(2, 8))
+  assert err.value.field == "mesh.dcn"
+  assert "2 slice(s)" in err.value.expected and f"mesh.dcn={dcn}" in err.value.expected

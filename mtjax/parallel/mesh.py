@@ -18,11 +18,15 @@ out over the fast interconnect. With mesh.dcn > 1 the mesh is built the way JAX'
 
 So the device order equals `create_hybrid_device_mesh((1, data, fsdp, tensor), (dcn, 1, 1, 1),
 devices, allow_split_physical_axes=True)` (`process_is_granule=True` for devices without
-slice_index). With mesh.dcn = 1, devices that span several slices are an error too (set mesh.dcn).
+slice_index). mesh.dcn = -1 (the default) takes the live devices' slice count: the number of
+distinct slice_index values (XLA gives every TPU slice, every GPU host, or every NVLink domain of
+a GB200/GB300 NVL72 its own), 1 for devices without it. An explicit mesh.dcn that differs from it
+is an error naming both, as is mesh.dcn = 1 on devices that span several slices.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -42,8 +46,21 @@ else:
   Device = jax.Device
 
 
+def live_slices(devices: Sequence[Device]) -> int:
+  """How many slices the devices span: distinct slice_index values, 1 for devices without it."""
+  if devices and hasattr(devices[0], "slice_index"):
+    return len({d.slice_index for d in devices})
+  return 1
+
+
+def resolve_dcn(mesh: MeshConfig, devices: Sequence[Device]) -> MeshConfig:
+  """The mesh config with dcn = -1 replaced by the devices' slice count."""
+  return dataclasses.replace(mesh, dcn=live_slices(devices)) if mesh.dcn == -1 else mesh
+
+
 def resolve_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
-  """(dcn, data, fsdp, tensor); data*fsdp*tensor fill one slice of num_devices / dcn devices."""
+  """(dcn, data, fsdp, tensor); data*fsdp*tensor fill one slice of num_devices / dcn devices
+  (mesh.dcn already resolved: resolve_dcn)."""
   if num_devices % mesh.dcn:
     raise BadInputError("mesh.dcn", f"{num_devices} devices cannot form {mesh.dcn} equal slices")
   per_slice = num_devices // mesh.dcn
@@ -78,7 +95,7 @@ def slices(devices: Sequence[Device], dcn: int) -> list[list[Device]]:
     if len(groups) != dcn:
       raise BadInputError("mesh.dcn", f"the {n} {platform} devices form {len(groups)} slice(s) "
                           f"(by slice_index) but mesh.dcn={dcn}: set mesh.dcn={len(groups)}, the "
-                          "number of slices")
+                          "number of slices, or -1 to take it from the devices")
   elif dcn == 1:
     groups = [list(devices)]
   else:
@@ -119,7 +136,7 @@ def hybrid_devices(shape: Sequence[int], devices: Sequence[Device]) -> np.ndarra
 
 def make_mesh(mesh: MeshConfig, devices: Sequence[Device] | None = None) -> jax.sharding.Mesh:
   devices = list(devices) if devices is not None else jax.devices()
-  shape = resolve_shape(mesh, len(devices))
+  shape = resolve_shape(resolve_dcn(mesh, devices), len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if shape[0] > 1:  # multi-slice: each slice gets the topology-aware layout of its own devices
     return jax.sharding.Mesh(hybrid_devices(shape, devices), MESH_AXES, axis_types=auto)

@@ -122,7 +122,7 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   except BadInputError:
     if not any_mesh:
       raise
-    mesh = make_mesh(MeshConfig(dcn=1, data=1, fsdp=-1, tensor=1), devices)
+    mesh = make_mesh(MeshConfig(dcn=-1, data=1, fsdp=-1, tensor=1), devices)
   if not any_mesh:
     check_divisibility(config, mesh)
   check_methods(config)
