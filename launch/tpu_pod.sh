@@ -107,6 +107,9 @@ case "${1:?usage: tpu_pod.sh create|install|run|logs|stop|delete [mtjax train ar
     if ((SLICES > 1)) && [[ " ${args[*]} " != *" --config.mesh.dcn="* ]]; then
       args+=("--config.mesh.dcn=$SLICES")
     fi
+    # A worker whose TPU JAX cannot open (libtpu missing, the chips held by another process)
+    # stops at start with the cause (exit 2) instead of training on its CPU.
+    [[ " ${args[*]} " == *" --config.train.platform="* ]] || args+=("--config.train.platform=tpu")
     ssh_all "cd ~/$REMOTE_DIR || exit 1; $stop_remote; $unlock_remote; mkdir -p ~/$LOG_DIR; trainer=\$HOME/$REMOTE_DIR/.venv/bin/mtjax; setsid nohup \$trainer train $(printf '%q ' "${args[@]}")> $log 2>&1 < /dev/null & echo \"\$(hostname): mtjax started (pid \$!), log $log\"" ;;
   logs) ssh_all "echo \"== \$(hostname)\"; tail -n $LINES $log" ;;
   stop) ssh_all "$stop_remote; $unlock_remote; echo \"\$(hostname): mtjax stopped\"" ;;

@@ -228,8 +228,9 @@ def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> lis
 
   from mtjax.model import ModelSpec
   from mtjax.parallel.mesh import make_mesh
-  from mtjax.train.setup import check_divisibility, check_methods
+  from mtjax.train.setup import check_divisibility, check_methods, check_platform
   devices = list(devices) if devices is not None else jax.devices()
+  check_platform(config, devices)
   mesh = make_mesh(config.mesh, devices)
   check_divisibility(config, mesh)
   check_methods(config)

@@ -37,6 +37,7 @@ _DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOPOLOGY = re.compile(r"[1-9][0-9]*(x[1-9][0-9]*){1,2}")
 _DCN = "--config.mesh.dcn="
+_PLATFORM = "--config.train.platform="
 # The pod's index within its Job and its Job's index within the replicated job (= its slice).
 _HOST_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 _SLICE_INDEX = "metadata.annotations['jobset.sigs.k8s.io/job-index']"
@@ -102,9 +103,13 @@ def _check(*, name: str, accelerator: str, hosts: int, chips_per_host: int, topo
                         f"x --chips_per_host {chips_per_host} = {hosts * chips_per_host}: {expected}")
 
 
-def _train_args(train_args: Sequence[str], slices: int) -> list[str]:
-  """The trainer's arguments, with --config.mesh.dcn=SLICES unless they already say it."""
+def _train_args(train_args: Sequence[str], slices: int, platform: str) -> list[str]:
+  """The trainer's arguments, with --config.train.platform=PLATFORM (a pod whose accelerator JAX
+  cannot open stops at start with the cause, not trains on CPU) and --config.mesh.dcn=SLICES,
+  unless they already say them."""
   args = list(train_args)
+  if not any(a.startswith(_PLATFORM) for a in args):
+    args.append(f"{_PLATFORM}{platform}")
   if slices == 1:
     return args
   given = [a[len(_DCN):] for a in args if a.startswith(_DCN)]
@@ -139,7 +144,7 @@ def render(*, name: str, image: str, accelerator: str, hosts: int, chips_per_hos
   container = {
       "name": "mtjax", "image": image,
       "command": ["/bin/sh", "-c", _ENTRYPOINT, "mtjax-train"],
-      "args": _train_args(train_args, slices),
+      "args": _train_args(train_args, slices, "tpu" if tpu else "gpu"),
       "ports": [{"containerPort": COORDINATOR_PORT}],
       "resources": {"limits": {resource: chips_per_host}},
       "env": container_env,

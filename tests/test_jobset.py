@@ -54,9 +54,10 @@ def test_tpu_multislice_jobset_structure_and_values(capsys):
   (container,) = pod["containers"]
   assert container["image"] == "gcr.io/p/mtjax:1"
   assert container["resources"]["limits"] == {"google.com/tpu": 4}
-  # The slice count reaches the mesh; the user's overrides pass through unchanged.
+  # The platform and the slice count reach the trainer; the user's overrides pass unchanged.
   assert container["args"] == ["--config", "configs/demo.py", "--workdir", "gs://b/r",
-                               "--config.seed=3", "--config.mesh.dcn=2"]
+                               "--config.seed=3", "--config.train.platform=tpu",
+                               "--config.mesh.dcn=2"]
   env = {e["name"]: e.get("value") for e in container["env"]}
   assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
   assert env["LIBTPU_INIT_ARGS"] == "--xla_tpu_a=true --xla_tpu_b=1"
@@ -69,7 +70,8 @@ def test_single_slice_defaults(capsys):
   pod = _pod(doc)
   assert "hostNetwork" not in pod and "dnsPolicy" not in pod and "serviceAccountName" not in pod
   assert pod["terminationGracePeriodSeconds"] == jobset.DEFAULT_GRACE_PERIOD
-  assert pod["containers"][0]["args"] == TRAIN[1:]  # no mesh.dcn added for one slice
+  # No mesh.dcn added for one slice; the platform is.
+  assert pod["containers"][0]["args"] == [*TRAIN[1:], "--config.train.platform=tpu"]
   # A dcn override that agrees with --slices is kept once, not duplicated.
   _, doc = _render(capsys, *TPU, "--slices", "3", *TRAIN, "--config.mesh.dcn=3")
   assert _pod(doc)["containers"][0]["args"].count("--config.mesh.dcn=3") == 1
@@ -83,6 +85,8 @@ def test_gpu_jobset_values():
   assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
   env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
   assert env["MTJAX_COORDINATOR"] == "g1-workers-0-0.g1:1234" and env["MTJAX_NUM_PROCESSES"] == "2"
+  # 2 hosts: no mesh.dcn (the trainer counts the hosts' slice_index, mesh.dcn=-1); GPUs expected.
+  assert pod["containers"][0]["args"] == ["--config", "c.py", "--config.train.platform=gpu"]
 
 
 def _downward(env_entry, annotations):
@@ -120,7 +124,8 @@ def test_every_pod_gets_its_distributed_variables(tmp_path):
       assert proc.returncode == 0
       assert int(pid) == proc.pid  # exec: mtjax is the container's main process, gets SIGTERM
       assert coordinator == "ms-workers-0-0.ms:1234" and count == str(slices * hosts)
-      assert args == ["train", "--workdir", "gs://b/it's a dir", "--config.seed=1", "--config.mesh.dcn=2"]
+      assert args == ["train", "--workdir", "gs://b/it's a dir", "--config.seed=1",
+                      "--config.train.platform=tpu", "--config.mesh.dcn=2"]
       seen[f"ms-workers-{s}-{h}"] = int(process_id)
   # Slice-major numbering (as JAX numbers multi-slice TPU processes), every id once, and the
   # coordinator's pod is process 0.

@@ -62,11 +62,20 @@ def test_slurm_one_task_per_gpu_each_seeing_all_gpus():
   assert not any(d.startswith("--gpus-per-task") for d in directives)  # it pins one GPU per task
   assert "--signal=TERM@120" in directives and "--requeue" in directives
   (cmd,), proc = _dry_run("slurm_gpu.sbatch", "--config", "c.py", "--workdir", "/runs/a b",
-                          env={"SLURM_CPUS_PER_TASK": "12", "SLURM_JOB_ID": "77"})
+                          env={"SLURM_CPUS_PER_TASK": "12", "SLURM_JOB_ID": "77",
+                               "JAX_PLATFORMS": ""})
   srun = cmd[cmd.index("srun"):]
   assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=12", "--gpu-bind=none"]
-  assert srun[4:] == ["mtjax", "train", "--config", "c.py", "--workdir", "/runs/a b"]
+  assert srun[4:] == ["mtjax", "train", "--config", "c.py", "--workdir", "/runs/a b",
+                      "--config.train.platform=gpu"]
+  assert "JAX_PLATFORMS=cuda" in cmd[:cmd.index("srun")] and "NCCL_DEBUG=WARN" in cmd
   assert "# on exit 3: scontrol requeue 77" in proc.stdout
+  assert not any(d.startswith("--cpus-per-task") for d in directives)  # not a fixed 8 x 8 tasks
+  # Without --cpus-per-task: the node's CPUs shared by its tasks (96 / 8); a platform given wins.
+  (cmd,), _ = _dry_run("slurm_gpu.sbatch", "--config.train.platform=auto",
+                       env={"SLURM_CPUS_ON_NODE": "96", "SLURM_NTASKS_PER_NODE": "8"})
+  assert "--cpus-per-task=12" in cmd and cmd.count("--config.train.platform=auto") == 1
+  assert "--config.train.platform=gpu" not in cmd
   # 8 tasks per node but 4 GPUs: refused before anything starts.
   _, proc = _dry_run("slurm_gpu.sbatch", env={"SLURM_NTASKS_PER_NODE": "8",
                                               "SLURM_GPUS_ON_NODE": "4"}, check=False)
@@ -158,7 +167,7 @@ def test_tpu_run_logs_stop_commands():
   assert "rm -f /tmp/libtpu_lockfile" in remote                     # and its stale lock removed
   assert ("trainer=$HOME/mtjax/.venv/bin/mtjax; "
           "setsid nohup $trainer train --config c.py --workdir gs://b/r "
-          "> ~/mtjax-logs/train-$(hostname).log 2>&1 < /dev/null &") in remote
+          "--config.train.platform=tpu > ~/mtjax-logs/train-$(hostname).log 2>&1 < /dev/null &") in remote
   (logs,), _ = _dry_run("tpu_pod.sh", "logs", env=dict(TPU, LINES="7"))
   assert "tail -n 7 ~/mtjax-logs/train-$(hostname).log" in _remote(logs)
   (stop,), _ = _dry_run("tpu_pod.sh", "stop", env=TPU)
@@ -181,7 +190,7 @@ def test_tpu_multislice_uses_queued_resources():
   (run,), _ = _dry_run("tpu_pod.sh", "run", "--config", "c.py", env=env)
   assert run[:5] == ["gcloud", "compute", "tpus", "queued-resources", "ssh"]
   assert "--node=all" in run and "--worker=all" in run
-  assert "train --config c.py --config.mesh.dcn=2 >" in _remote(run)
+  assert "train --config c.py --config.mesh.dcn=2 --config.train.platform=tpu >" in _remote(run)
   (run,), _ = _dry_run("tpu_pod.sh", "run", "--config.mesh.dcn=2", env=env)
   assert _remote(run).count("--config.mesh.dcn") == 1
   (delete,), _ = _dry_run("tpu_pod.sh", "delete", env=env)

@@ -221,3 +221,18 @@ def test_an_explicit_dcn_that_differs_from_the_gpu_hosts_exits_2_naming_both(dcn
     make_mesh(MeshConfig(dcn=dcn, data=1, fsdp=-1, tensor=1), gpu_hosts(2, 8))
   assert err.value.field == "mesh.dcn"
   assert "2 slice(s)" in err.value.expected and f"mesh.dcn={dcn}" in err.value.expected
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_a_run_expecting_an_accelerator_on_cpu_devices_exits_2_with_the_cause(platform, capsys):
+  from conftest import DEMO
+  from mtjax import cli
+  assert cli.main(["train", "--check", "--config", f"{DEMO}:tiny",
+                   f"--config.train.platform={platform}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: train.platform: expected {platform} devices, but JAX found ")
+  assert " cpu device(s)" in err and "JAX_PLATFORMS" in err and len(err.splitlines()) == 1
+  # The devices JAX found are what was expected: no error.
+  assert cli.main(["train", "--check", "--config", f"{DEMO}:tiny", "--config.train.platform=cpu"]) == 0
+  assert cli.main(["train", "--check", "--config", f"{DEMO}:tiny", "--config.train.platform=ipu"]) == 2
+  assert "error: train.platform: expected one of auto, cpu, gpu, tpu, got 'ipu'" in capsys.readouterr().err

@@ -58,6 +58,9 @@ class InstructionSearchConfig:
   mutations: int = 4  # new texts scored per task per round
 
 
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 100
@@ -78,6 +81,9 @@ class TrainConfig:
   # CPU device; off for several CPU devices) | on | off; where, unless JAX_COMPILATION_CACHE_DIR is set.
   compilation_cache: str = "auto"
   compilation_cache_dir: str = "~/.cache/mtjax/jax_cache"
+  # The devices the run expects (auto | cpu | gpu | tpu; launchers set it): a run that finds
+  # others stops at start (exit 2) instead of training on the CPU of a GPU node for hours.
+  platform: str = "auto"
 
 
 def check(t: TrainConfig) -> None:
@@ -94,6 +100,9 @@ def check(t: TrainConfig) -> None:
   if t.compilation_cache not in ("auto", "on", "off"):
     raise BadInputError("train.compilation_cache", f"expected auto, on or off, got "
                         f"{t.compilation_cache!r}")
+  if t.platform not in PLATFORMS:
+    raise BadInputError("train.platform", f"expected one of {', '.join(PLATFORMS)}, got "
+                        f"{t.platform!r}")
   _check_weighting(t.weighting)
   s = t.instruction_search
   if s.every < 0:

@@ -77,6 +77,26 @@ class Setup:
                                      prefetch=prefetch)
 
 
+# Why JAX finds other devices than a launcher expects, by the expected platform.
+PLATFORM_CAUSES = {
+    "gpu": "a CPU-only jaxlib (install jax[cuda12]), the NVIDIA driver libraries not on "
+           "LD_LIBRARY_PATH (GKE mounts them at /usr/local/nvidia/lib64), or JAX_PLATFORMS "
+           "naming another platform",
+    "tpu": "no libtpu (install jax[tpu]), the TPU held by another process (/dev/vfio/* on v5e "
+           "and later, /dev/accel* before), or JAX_PLATFORMS naming another platform",
+    "cpu": "JAX_PLATFORMS unset on a machine with an accelerator (set JAX_PLATFORMS=cpu)",
+}
+
+
+def check_platform(config: Config, devices: Sequence[Device]) -> None:
+  """BadInputError when train.platform names another platform than the devices JAX found."""
+  expected, found = config.train.platform, devices[0].platform
+  if expected not in ("auto", found):
+    raise BadInputError("train.platform", f"expected {expected} devices, but JAX found "
+                        f"{len(devices)} {found} device(s) ({devices[0].device_kind}); usual "
+                        f"causes: {PLATFORM_CAUSES[expected]}")
+
+
 def check_divisibility(config: Config, mesh: jax.sharding.Mesh) -> None:
   shards = mesh.shape["dcn"] * mesh.shape["data"] * mesh.shape["fsdp"]
   if config.rl.algorithm != "none":
@@ -117,6 +137,7 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   """
   config = resolve(config)
   devices = list(devices) if devices is not None else jax.devices()
+  check_platform(config, devices)
   try:
     mesh = make_mesh(config.mesh, devices)
   except BadInputError:
