@@ -3,6 +3,7 @@
 import os
 import pathlib
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -133,7 +134,7 @@ TPU = {"TPU_NAME": "mt", "ZONE": "us-z1"}
 @pytest.mark.parametrize("accelerator,image", [
     ("v2-8", "tpu-ubuntu2204-base"), ("v3-32", "tpu-ubuntu2204-base"),
     ("v4-16", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
-    ("v5e-8", "v2-alpha-tpuv5-lite"), ("v5p-32", "v2-alpha-tpuv5"), ("v6e-64", "v2-alpha-tpuv6e"),
+    ("v5p-32", "v2-alpha-tpuv5"), ("v6e-64", "v2-alpha-tpuv6e"),
 ])
 def test_tpu_runtime_image_follows_the_accelerator(accelerator, image):
   (cmd,), _ = _dry_run("tpu_pod.sh", "create", env=dict(TPU, ACCELERATOR=accelerator))
@@ -142,22 +143,102 @@ def test_tpu_runtime_image_follows_the_accelerator(accelerator, image):
   assert cmd[cmd.index("--version") + 1] == image
 
 
-def test_tpu_unknown_accelerator_and_version_override():
-  _, proc = _dry_run("tpu_pod.sh", "create", env=dict(TPU, ACCELERATOR="v9x-8"), check=False)
-  assert proc.returncode == 2 and "error: ACCELERATOR=v9x-8" in proc.stderr and not proc.stdout
-  (cmd,), _ = _dry_run("tpu_pod.sh", "create", env=dict(TPU, ACCELERATOR="v9x-8", VERSION="img"))
+@pytest.mark.parametrize("accelerator", ["v9x-8", "v5e-8", "v4", "v4-0", "v5litepod-8x"])
+def test_tpu_accelerator_names_are_checked_before_gcloud(accelerator):
+  """Cloud TPU's accelerator types: v2-N, v3-N, v4-N, v5litepod-N, v5p-N, v6e-N ("v5e-N" is
+  not one). A bad name exits 2 before any gcloud command, whatever the action or VERSION."""
+  for action in ("create", "install", "run"):
+    _, proc = _dry_run("tpu_pod.sh", action, "--config", "c.py",
+                       env=dict(TPU, ACCELERATOR=accelerator, VERSION="img"), check=False)
+    assert proc.returncode == 2 and f"error: ACCELERATOR={accelerator}" in proc.stderr
+    assert not proc.stdout
+  if accelerator == "v5e-8":
+    assert "v5litepod-8" in proc.stderr
+
+
+def test_tpu_version_override():
+  (cmd,), _ = _dry_run("tpu_pod.sh", "create", env=dict(TPU, ACCELERATOR="v4-8", VERSION="img"))
   assert cmd[cmd.index("--version") + 1] == "img"
 
 
-def test_tpu_install_bootstraps_python_311_with_uv():
-  (cmd,), _ = _dry_run("tpu_pod.sh", "install", env=dict(TPU, REPO_URL="https://g/x.git"))
-  assert cmd[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in cmd
-  remote = _remote(cmd)
-  assert "https://astral.sh/uv/install.sh" in remote
-  assert "uv venv --python 3.11 .venv" in remote
-  assert "uv pip install --python .venv/bin/python -e '.[tpu]'" in remote
-  assert "git clone https://g/x.git mtjax" in remote
-  subprocess.run(["bash", "-n", "-c", remote], check=True)
+@pytest.mark.parametrize("queued", ["0", "1"])
+def test_tpu_create_wait_polls_until_active(queued):
+  _, proc = _dry_run("tpu_pod.sh", "create", "--wait", env=dict(TPU, QUEUED=queued))
+  lines = proc.stdout.splitlines()
+  assert "create" in lines[0] and lines[1].startswith("# every 30s until ACTIVE or READY: ")
+  describe = shlex.split(lines[1].split(": ", 1)[1])
+  kind = "queued-resources" if queued == "1" else "tpu-vm"
+  assert describe[:6] == ["gcloud", "compute", "tpus", kind, "describe", "mt"]
+  assert describe[-1] == ("--format=value(state.state)" if queued == "1" else "--format=value(state)")
+  _, proc = _dry_run("tpu_pod.sh", "wait", env=dict(TPU, QUEUED=queued))
+  assert proc.stdout.startswith("# every 30s")
+
+
+def test_tpu_wait_stops_on_failed_and_returns_on_active(tmp_path):
+  """`wait` against a stand-in gcloud whose describe walks through the states."""
+  states = tmp_path / "states"
+  gcloud = tmp_path / "gcloud"
+  gcloud.write_text("#!/usr/bin/env bash\nhead -n1 \"$STATES\"; sed -i 1d \"$STATES\"\n")
+  gcloud.chmod(0o755)
+  env = dict(os.environ, **TPU, QUEUED="1", WAIT_POLL="0", STATES=str(states),
+             PATH=f"{tmp_path}:{os.environ['PATH']}")
+  for sequence, rc in ((["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], 0),
+                       (["WAITING_FOR_RESOURCES", "FAILED"], 1)):
+    states.write_text("\n".join(sequence) + "\n")
+    proc = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "wait"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == rc, proc.stderr
+    assert (f"mt: {sequence[-1]}" in proc.stdout) if rc == 0 else (f"error: mt: {sequence[-1]}" in proc.stderr)
+
+
+@pytest.mark.parametrize("queued,slices", [("0", "1"), ("1", "2")])
+def test_tpu_install_ships_the_working_tree_and_installs_tpu_and_gcs(queued, slices, tmp_path):
+  """v5litepod-16 and a 2-slice v5p: the tree goes by scp (no git clone, no repository URL), is
+  unpacked on a stand-in worker, and `.[tpu,gcs]` installs in a Python 3.11 venv made by uv."""
+  env = dict(TPU, ACCELERATOR="v5litepod-16" if slices == "1" else "v5p-32", QUEUED=queued,
+             SLICES=slices, IAP="1")
+  (scp, ssh), _ = _dry_run("tpu_pod.sh", "install", env=env)
+  kind = "queued-resources" if queued == "1" else "tpu-vm"
+  assert scp[:5] == ["gcloud", "compute", "tpus", kind, "scp"] and scp[6] == "mt:"
+  assert ssh[:5] == ["gcloud", "compute", "tpus", kind, "ssh"]
+  for argv in (scp, ssh):
+    assert "--worker=all" in argv and "--tunnel-through-iap" in argv
+    assert ("--node=all" in argv) == (queued == "1")
+  tarball = pathlib.Path(scp[5])
+  try:
+    remote = _remote(ssh)
+    assert "git clone" not in remote and "git pull" not in remote
+    assert "uv venv --python 3.11 .venv" in remote and "https://astral.sh/uv/install.sh" in remote
+    assert "uv pip install --python .venv/bin/python -e '.[tpu,gcs]'" in remote
+    subprocess.run(["bash", "-n", "-c", remote], check=True)
+    # The tarball holds the working tree as it is (tracked and untracked-not-ignored files).
+    import tarfile
+    with tarfile.open(tarball) as tar:
+      names = set(tar.getnames())
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    assert {n for n in tracked if (REPO / n).exists()} <= names
+    assert not any(n.startswith((".venv/", "runs/", ".git/")) for n in names)
+    # On a stand-in worker (uv and the install replaced by echo): unpacked into ~/mtjax, an old
+    # file gone, the venv kept.
+    home = tmp_path / "home"
+    (home / "mtjax" / ".venv").mkdir(parents=True)
+    (home / "mtjax" / "stale.py").write_text("")
+    (home / "mtjax" / ".venv" / "kept").write_text("")
+    shutil.copy(tarball, home / "mtjax-src.tar.gz")
+    stub = remote.split("; mkdir -p mtjax;", 1)[1].split("; cd mtjax;", 1)[0]
+    subprocess.run(["bash", "-c", "set -e; mkdir -p mtjax;" + stub], cwd=home, check=True)
+    assert (home / "mtjax" / "pyproject.toml").exists() and not (home / "mtjax" / "stale.py").exists()
+    assert (home / "mtjax" / ".venv" / "kept").exists() and not (home / "mtjax-src.tar.gz").exists()
+  finally:
+    shutil.rmtree(tarball.parent, ignore_errors=True)
+
+
+def test_tpu_internal_ip_and_iap_are_exclusive():
+  (cmd,), _ = _dry_run("tpu_pod.sh", "logs", env=dict(TPU, INTERNAL_IP="1"))
+  assert "--internal-ip" in cmd
+  _, proc = _dry_run("tpu_pod.sh", "logs", env=dict(TPU, INTERNAL_IP="1", IAP="1"), check=False)
+  assert proc.returncode == 2 and not proc.stdout
 
 
 def test_tpu_run_logs_stop_commands():
