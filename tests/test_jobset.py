@@ -220,3 +220,15 @@ def test_rendered_yaml_validates_against_the_jobset_schema(capsys):
   _pod(docs[0])["hostnetwork"] = True  # a misspelt field, which the API server would drop
   with pytest.raises(jsonschema.ValidationError, match="hostnetwork"):
     jsonschema.validate(docs[0], JOBSET_SCHEMA)
+
+
+def test_the_image_finds_the_driver_gke_mounts_on_gpu_nodes():
+  """GKE's device plugin mounts the NVIDIA driver at /usr/local/nvidia; python:3.11-slim does not
+  look there, so the Dockerfile must put it on LD_LIBRARY_PATH (else JAX falls back to CPU)."""
+  text = (REPO / "launch" / "Dockerfile").read_text().replace("\\\n", " ")
+  env = {}
+  for line in text.splitlines():
+    if line.startswith("ENV "):
+      env.update(item.split("=", 1) for item in line[4:].split())
+  assert env["LD_LIBRARY_PATH"].split(":")[0] == "/usr/local/nvidia/lib64"
+  assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and "compute" in env["NVIDIA_DRIVER_CAPABILITIES"]
