@@ -228,13 +228,14 @@ def check_config(config: Config, *, devices: Sequence[Any] | None = None) -> lis
 
   from mtjax.model import ModelSpec
   from mtjax.parallel.mesh import make_mesh
+  from mtjax.resolve import auto_dtype
   from mtjax.train.setup import check_divisibility, check_methods, check_platform
   devices = list(devices) if devices is not None else jax.devices()
   check_platform(config, devices)
   mesh = make_mesh(config.mesh, devices)
   check_divisibility(config, mesh)
   check_methods(config)
-  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform,
+  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, auto_dtype(devices[0]),
                                num_tasks=config.num_tasks)
   params = _param_count(mesh, spec)
   if config.model.pretrained:  # names and shapes from the safetensors headers; nothing loaded

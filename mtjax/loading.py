@@ -115,12 +115,11 @@ def _load_hf(directory: epath.Path, devices: Sequence[Any] | None, param_dtype: 
   from mtjax.data import tokenizer as tokenizer_lib
   from mtjax.model import Decoder, pretrained
   from mtjax.parallel.mesh import make_mesh
+  from mtjax.resolve import auto_dtype
   from mtjax.train.state import param_shardings
 
   devices = list(devices) if devices is not None else jax.devices()
-  platform = devices[0].platform
-  spec = pretrained.spec_for(directory, dtype="float32" if platform == "cpu" else "bfloat16",
-                             param_dtype=param_dtype)
+  spec = pretrained.spec_for(directory, dtype=auto_dtype(devices[0]), param_dtype=param_dtype)
   tokenizer = tokenizer_lib.get(f"hf:{directory}")
   mesh = make_mesh(MeshConfig(fsdp=-1), devices)
   _, abstract, shardings = param_shardings(mesh, spec)

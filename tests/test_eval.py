@@ -22,7 +22,7 @@ EOS = TOK.eos_id
 @pytest.fixture(scope="module")
 def model():
   spec = ModelSpec.from_config(ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                           mlp_dim=64), TOK.vocab_size, "cpu")
+                                           mlp_dim=64), TOK.vocab_size, "float32")
   graphdef, state = nnx.split(Decoder(spec, nnx.Rngs(3)))
   # Replicated on the tests' mesh, as a run's parameters live on its mesh (parameters on one
   # device would make a generator's first call also compile their resharding).

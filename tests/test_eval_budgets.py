@@ -131,7 +131,7 @@ def test_auto_budget_is_the_longest_target_plus_eos(run, tmp_path):
 @pytest.fixture(scope="module")
 def byte_model():
   spec = ModelSpec.from_config(ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                           mlp_dim=64), TOK.vocab_size, "cpu")
+                                           mlp_dim=64), TOK.vocab_size, "float32")
   graphdef, state = nnx.split(Decoder(spec, nnx.Rngs(5)))
   mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
   on_mesh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

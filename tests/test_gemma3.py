@@ -304,7 +304,7 @@ def test_export_from_scratch_config_loads_in_transformers(tmp_path):
                     rope_theta=50_000.0, rope_local_theta=500.0, activation="gelu_tanh",
                     norm_plus_one=True, post_norms=True, embed_scale=True, qk_norm=True,
                     query_pre_attn_scalar=12.0)
-  spec = ModelSpec.from_config(cfg, 128, "cpu")
+  spec = ModelSpec.from_config(cfg, 128, "float32")
   model = Decoder(spec, nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(model))
   params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)

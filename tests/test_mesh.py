@@ -236,3 +236,20 @@ def test_a_run_expecting_an_accelerator_on_cpu_devices_exits_2_with_the_cause(pl
   assert cli.main(["train", "--check", "--config", f"{DEMO}:tiny", "--config.train.platform=cpu"]) == 0
   assert cli.main(["train", "--check", "--config", f"{DEMO}:tiny", "--config.train.platform=ipu"]) == 2
   assert "error: train.platform: expected one of auto, cpu, gpu, tpu, got 'ipu'" in capsys.readouterr().err
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeCudaDevice:
+  platform: str
+  compute_capability: str
+
+
+def test_auto_dtype_is_float32_where_bfloat16_is_emulated():
+  """model.dtype="auto": bfloat16 on TPU and on Ampere and later (8.0 A100, 9.0 H100), float32
+  on CPU and on pre-Ampere GPUs (7.5: Colab's T4, 7.0: V100), which emulate bfloat16 slowly."""
+  from mtjax.resolve import auto_dtype
+  assert auto_dtype(FakeDevice(0, "cpu", "cpu", 0)) == "float32"
+  assert auto_dtype(tpu_slices(2, 2, 1, 1)[0]) == "bfloat16"
+  expected = {"7.0": "float32", "7.5": "float32", "8.0": "bfloat16", "8.9": "bfloat16",
+              "9.0": "bfloat16", "10.0": "bfloat16"}
+  assert {cc: auto_dtype(FakeCudaDevice("gpu", cc)) for cc in expected} == expected

@@ -122,7 +122,7 @@ def param_counts(arm_dir: epath.Path) -> dict[str, int]:
   from mtjax.train.setup import workdir_config
   cfg = workdir_config(arm_dir)
   vocab = 0 if cfg.model.vocab_size else tokenizer_lib.for_data(cfg.data).vocab_size
-  spec = ModelSpec.from_config(cfg.model, vocab, "cpu", num_tasks=cfg.num_tasks)
+  spec = ModelSpec.from_config(cfg.model, vocab, "float32", num_tasks=cfg.num_tasks)
   model = nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0)))
   state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   adapters = adapters_lib.paths_of(model, adapters_lib.Trained)

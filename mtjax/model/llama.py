@@ -75,11 +75,12 @@ class ModelSpec:
   adapters: tuple[Any, ...] = ()
 
   @classmethod
-  def from_config(cls, cfg: ModelConfig, tokenizer_vocab: int, platform: str,
+  def from_config(cls, cfg: ModelConfig, tokenizer_vocab: int, auto_dtype: str,
                   num_tasks: int = 1) -> ModelSpec:
-    """num_tasks: the task axis of per-task adapters."""
+    """auto_dtype: what dtype "auto" means on the devices (mtjax.resolve.auto_dtype); num_tasks:
+    the task axis of per-task adapters."""
     vocab = cfg.vocab_size or -(-tokenizer_vocab // 128) * 128
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+    dtype = cfg.dtype if cfg.dtype != "auto" else auto_dtype
     return cls(vocab_size=vocab, d_model=cfg.d_model, num_layers=cfg.num_layers,
                num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                head_dim=cfg.head_dim or cfg.d_model // cfg.num_heads, mlp_dim=cfg.mlp_dim,

@@ -260,7 +260,7 @@ def spec_for(directory: epath.PathLike, *, dtype: str = "float32",
   from mtjax.config import ModelConfig
   fields = model_fields(directory)
   cfg = dataclasses.replace(ModelConfig(), **fields, dtype=dtype, param_dtype=param_dtype)
-  return ModelSpec.from_config(cfg, fields["vocab_size"], "cpu")
+  return ModelSpec.from_config(cfg, fields["vocab_size"], "float32")
 
 
 # ----------------------------------------------------------------------------- tensor layouts

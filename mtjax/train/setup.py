@@ -25,7 +25,7 @@ from mtjax.model import Decoder, ModelSpec
 from mtjax.model import adapters as adapters_lib
 from mtjax.parallel import sharding as sharding_lib
 from mtjax.parallel.mesh import Device, make_mesh
-from mtjax.resolve import resolve
+from mtjax.resolve import auto_dtype, resolve
 from mtjax.train import checkpoint as checkpoint_lib
 from mtjax.train import compile_cache
 from mtjax.train import optimizer
@@ -151,7 +151,7 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
                                   config.train.compilation_cache_dir, devices)
   from mtjax.data import tokenizer as tokenizer_lib
   tokenizer = tokenizer_lib.for_config(config)
-  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, devices[0].platform,
+  spec = ModelSpec.from_config(config.model, tokenizer.vocab_size, auto_dtype(devices[0]),
                                num_tasks=config.num_tasks)
 
   checkpointer, restore_at, changes = None, None, {}
