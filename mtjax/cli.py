@@ -125,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
                   "(default 120)")
   js.add_argument("--service_account", default="", metavar="NAME",
                   help="Kubernetes service account (Workload Identity for gs:// workdirs)")
+  js.add_argument("--max_restarts", type=int, default=3,
+                  help="restarts after a crash (saved preemptions and disruptions do not count)")
+  js.add_argument("--queue", default="", metavar="NAME", help="Kueue LocalQueue to submit to")
+  js.add_argument("--priority_class", default="", metavar="NAME", help="the pods' PriorityClass")
+  js.add_argument("--ttl", type=int, default=0, metavar="SECONDS",
+                  help="delete the JobSet this long after it finishes (0: keep it)")
   data = sub.add_parser("data", help="inspect the data pipeline").add_subparsers(
       dest="data_command", required=True, parser_class=_Parser)
   prev = data.add_parser("preview", help="task shares, packing and decoded examples per step range")
@@ -363,7 +369,8 @@ def jobset(args: argparse.Namespace, train_args: Sequence[str]) -> int:
       name=args.name, image=args.image, accelerator=args.accelerator, topology=args.topology,
       hosts=args.hosts, chips_per_host=args.chips_per_host, train_args=train_args,
       slices=args.slices, env=jobset_lib.parse_env(args.env), grace_period=grace,
-      service_account=args.service_account)), end="")
+      service_account=args.service_account, max_restarts=args.max_restarts, queue=args.queue,
+      priority_class=args.priority_class, ttl=args.ttl)), end="")
   return EXIT_OK
 
 

@@ -34,6 +34,7 @@ COORDINATOR_PORT = 1234
 REPLICATED_JOB = "workers"
 DEFAULT_GRACE_PERIOD = 120  # seconds between SIGTERM and SIGKILL: enough for a checkpoint save
 _DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOPOLOGY = re.compile(r"[1-9][0-9]*(x[1-9][0-9]*){1,2}")
 _DCN = "--config.mesh.dcn="
@@ -119,13 +120,56 @@ def _train_args(train_args: Sequence[str], slices: int, platform: str) -> list[s
   return args if given else [*args, f"{_DCN}{slices}"]
 
 
+# Failure handling, as JobSet's host-maintenance example does it (needs JobSet >= v0.10.0 for
+# onJobFailureMessagePatterns; its Helm chart's CRD has the field from v0.10.1). Each Job's
+# podFailurePolicy fails the Job at once on a bad config (exit 2), a saved preemption (exit 3) or
+# a disruption (the pod evicted for host maintenance, preempted for capacity): never Ignore,
+# since a replacement pod would leave the other JAX processes waiting on a dead peer. All three
+# give the Job reason PodFailurePolicy, so the JobSet's rules tell them apart by the Job's failure
+# message, which Kubernetes writes as "Container <c> for pod <ns>/<p> failed with exit code <n>
+# matching FailJob rule at index <i>" / "Pod <ns>/<p> has condition <type> matching FailJob rule
+# at index <i>" (pkg/controller/job/pod_failure_policy.go): exit 2 fails the whole JobSet (a
+# restart cannot fix a config); exit 3 and disruptions restart it without using up maxRestarts
+# (the run resumes from its checkpoint); any other failure (a crash) restarts it within
+# maxRestarts (JobSet's default action, RestartJobSet).
+CONTAINER = "mtjax"
+EXIT_BAD_INPUT, EXIT_PREEMPTED = 2, 3  # mtjax's exit codes (mtjax.cli)
+POD_FAILURE_RULES = [
+    {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                          "values": [EXIT_BAD_INPUT]}},
+    {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                          "values": [EXIT_PREEMPTED]}},
+    {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+]
+JOBSET_FAILURE_RULES = [
+    {"name": "bad-config", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
+     "onJobFailureMessagePatterns": [
+         f"failed with exit code {EXIT_BAD_INPUT} matching FailJob rule at index 0"]},
+    {"name": "saved-or-disrupted", "action": "RestartJobSetAndIgnoreMaxRestarts",
+     "onJobFailureReasons": ["PodFailurePolicy"],
+     "onJobFailureMessagePatterns": [
+         f"failed with exit code {EXIT_PREEMPTED} matching FailJob rule at index 1",
+         "has condition DisruptionTarget matching FailJob rule at index 2"]},
+]
+
+
 def render(*, name: str, image: str, accelerator: str, hosts: int, chips_per_host: int,
            train_args: Sequence[str], topology: str = "", slices: int = 1,
            env: dict[str, str] | None = None, grace_period: int = DEFAULT_GRACE_PERIOD,
-           service_account: str = "", max_restarts: int = 3) -> dict[str, Any]:
+           service_account: str = "", max_restarts: int = 3, queue: str = "",
+           priority_class: str = "", ttl: int = 0) -> dict[str, Any]:
+  """queue: a Kueue LocalQueue (the kueue.x-k8s.io/queue-name label); priority_class: the pods'
+  priorityClassName; ttl: seconds a finished JobSet is kept (0: until deleted)."""
   _check(name=name, accelerator=accelerator, hosts=hosts, chips_per_host=chips_per_host,
          topology=topology, slices=slices, grace_period=grace_period,
          service_account=service_account)
+  for flag, value in (("--queue", queue), ("--priority_class", priority_class)):
+    if value and not _DNS_SUBDOMAIN.fullmatch(value):
+      raise BadInputError(flag, f"expected a Kubernetes object name, got {value!r}")
+  if ttl < 0:
+    raise BadInputError("--ttl", f"expected seconds >= 0, got {ttl}")
+  if max_restarts < 0:
+    raise BadInputError("--max_restarts", f"expected a count >= 0, got {max_restarts}")
   tpu = accelerator.startswith("tpu")
   selector = ({"cloud.google.com/gke-tpu-accelerator": accelerator,
                "cloud.google.com/gke-tpu-topology": topology} if tpu
@@ -142,37 +186,47 @@ def render(*, name: str, image: str, accelerator: str, hosts: int, chips_per_hos
       *({"name": k, "value": v} for k, v in (env or {}).items()),
   ]
   container = {
-      "name": "mtjax", "image": image,
+      "name": CONTAINER, "image": image,
       "command": ["/bin/sh", "-c", _ENTRYPOINT, "mtjax-train"],
       "args": _train_args(train_args, slices, "tpu" if tpu else "gpu"),
       "ports": [{"containerPort": COORDINATOR_PORT}],
       "resources": {"limits": {resource: chips_per_host}},
       "env": container_env,
+      # Shared memory for the data loader's worker processes (a container's default is 64 MiB).
+      "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
   }
   pod: dict[str, Any] = {"nodeSelector": selector, "restartPolicy": "Never",
                          "terminationGracePeriodSeconds": grace_period}
+  if priority_class:
+    pod["priorityClassName"] = priority_class
   if slices > 1:  # DCN traffic between slices goes over the host network; keep cluster DNS
     pod.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
   if service_account:  # Workload Identity: the KSA bound to a GCP service account reaches gs://
     pod["serviceAccountName"] = service_account
   pod["containers"] = [container]
-  return {
-      "apiVersion": "jobset.x-k8s.io/v1alpha2",
-      "kind": "JobSet",
-      "metadata": {"name": name, "annotations": {  # one Job (slice) per node pool
-          "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}},
-      "spec": {
-          "failurePolicy": {"maxRestarts": max_restarts},
-          "network": {"enableDNSHostnames": True},
-          "replicatedJobs": [{
-              "name": REPLICATED_JOB, "replicas": slices,
-              "template": {"spec": {
-                  "parallelism": hosts, "completions": hosts, "completionMode": "Indexed",
-                  "backoffLimit": 0,
-                  "template": {"spec": pod}}},
-          }],
-      },
+  pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+  metadata: dict[str, Any] = {"name": name}
+  if tpu:  # one Job (slice) per TPU node pool; GPU pods may share pools with other JobSets
+    metadata["annotations"] = {
+        "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}
+  if queue:
+    metadata["labels"] = {"kueue.x-k8s.io/queue-name": queue}
+  spec: dict[str, Any] = {
+      "failurePolicy": {"maxRestarts": max_restarts, "rules": JOBSET_FAILURE_RULES},
+      "network": {"enableDNSHostnames": True},
+      "replicatedJobs": [{
+          "name": REPLICATED_JOB, "replicas": slices,
+          "template": {"spec": {
+              "parallelism": hosts, "completions": hosts, "completionMode": "Indexed",
+              "backoffLimit": 0,
+              "podFailurePolicy": {"rules": POD_FAILURE_RULES},
+              "template": {"spec": pod}}},
+      }],
   }
+  if ttl:
+    spec["ttlSecondsAfterFinished"] = ttl
+  return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": metadata,
+          "spec": spec}
 
 
 def to_yaml(jobset: dict[str, Any]) -> str:

@@ -164,62 +164,16 @@ def test_topology_mismatch_exits_2_naming_the_host_count(capsys):
     (["--accelerator", "nvidia-l4", "--env", "A=1", "--env", "A=2"], "--env"),
     (["--accelerator", "nvidia-l4", "--grace_period", "-1"], "--grace_period"),
     (["--accelerator", "nvidia-l4", "--service_account", "Bad SA"], "--service_account"),
+    (["--accelerator", "nvidia-l4", "--queue", "Bad Queue"], "--queue"),
+    (["--accelerator", "nvidia-l4", "--priority_class", "x_y"], "--priority_class"),
+    (["--accelerator", "nvidia-l4", "--ttl", "-5"], "--ttl"),
+    (["--accelerator", "nvidia-l4", "--max_restarts", "-1"], "--max_restarts"),
 ])
 def test_bad_jobset_input_exits_2(capsys, flags, field):
   name = [] if "--name" in flags else ["--name", "ok"]
   argv = ["jobset", *name, "--image", "i", "--hosts", "2", "--chips_per_host", "4", *flags]
   assert cli.main(argv) == 2
   assert _error_line(capsys).startswith(f"error: {field}")
-
-
-def _obj(required=(), **props):
-  """A JSON schema object that, like the JobSet CRD's structural schema, knows only its fields."""
-  return {"type": "object", "required": list(required), "properties": props,
-          "additionalProperties": False}
-
-
-_STR, _INT, _BOOL = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
-_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-# The fields mtjax renders, with names and types from the jobset.x-k8s.io_jobsets CRD (v1alpha2)
-# and the core/v1 PodSpec and batch/v1 JobSpec it embeds.
-_ENV = _obj(["name"], name=_STR, value=_STR, valueFrom=_obj(
-    fieldRef=_obj(["fieldPath"], fieldPath=_STR)))
-_CONTAINER = _obj(["name"], name=_STR, image=_STR,
-                  command={"type": "array", "items": _STR}, args={"type": "array", "items": _STR},
-                  ports={"type": "array", "items": _obj(["containerPort"], containerPort=_INT)},
-                  resources=_obj(limits={"type": "object", "additionalProperties": {
-                      "anyOf": [_INT, _STR]}}),
-                  env={"type": "array", "items": _ENV})
-_POD = _obj(["containers"], nodeSelector=_MAP, restartPolicy={"enum": ["Never", "OnFailure"]},
-            terminationGracePeriodSeconds={"type": "integer", "minimum": 0}, hostNetwork=_BOOL,
-            dnsPolicy={"enum": ["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"]},
-            serviceAccountName=_STR, containers={"type": "array", "items": _CONTAINER,
-                                                 "minItems": 1})
-_JOB = _obj(["template"], parallelism=_INT, completions=_INT, backoffLimit=_INT,
-            completionMode={"enum": ["Indexed", "NonIndexed"]},
-            template=_obj(["spec"], metadata=_obj(labels=_MAP, annotations=_MAP), spec=_POD))
-JOBSET_SCHEMA = _obj(
-    ["apiVersion", "kind", "metadata", "spec"], apiVersion={"const": "jobset.x-k8s.io/v1alpha2"},
-    kind={"const": "JobSet"}, metadata=_obj(["name"], name=_STR, labels=_MAP, annotations=_MAP),
-    spec=_obj(["replicatedJobs"], failurePolicy=_obj(maxRestarts=_INT),
-              network=_obj(enableDNSHostnames=_BOOL, subdomain=_STR,
-                           publishNotReadyAddresses=_BOOL),
-              replicatedJobs={"type": "array", "minItems": 1, "items": _obj(
-                  ["name", "template"], name=_STR, replicas={"type": "integer", "minimum": 1},
-                  template=_obj(["spec"], spec=_JOB))}))
-
-
-def test_rendered_yaml_validates_against_the_jobset_schema(capsys):
-  jsonschema = pytest.importorskip("jsonschema")
-  docs = [_render(capsys, *TPU, "--slices", "2", "--env", "A=1", "--service_account", "sa",
-                  *TRAIN)[1],
-          _render(capsys, "--accelerator", "nvidia-h100-80gb", "--hosts", "2",
-                  "--chips_per_host", "8", *TRAIN)[1]]
-  for doc in docs:
-    jsonschema.validate(doc, JOBSET_SCHEMA)
-  _pod(docs[0])["hostnetwork"] = True  # a misspelt field, which the API server would drop
-  with pytest.raises(jsonschema.ValidationError, match="hostnetwork"):
-    jsonschema.validate(docs[0], JOBSET_SCHEMA)
 
 
 def test_the_image_finds_the_driver_gke_mounts_on_gpu_nodes():
@@ -232,3 +186,186 @@ def test_the_image_finds_the_driver_gke_mounts_on_gpu_nodes():
       env.update(item.split("=", 1) for item in line[4:].split())
   assert env["LD_LIBRARY_PATH"].split(":")[0] == "/usr/local/nvidia/lib64"
   assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and "compute" in env["NVIDIA_DRIVER_CAPABILITIES"]
+
+
+# ------------------------------------------------------------------ JobSet v0.10.0 and xpk
+
+def _crd_schema():
+  import gzip
+  import yaml
+  crd = yaml.safe_load(gzip.decompress((REPO / "tests" / "data" / "jobset_v0.10.0_crd.yaml.gz").read_bytes()))
+  (version,) = crd["spec"]["versions"]
+  assert version["name"] == "v1alpha2"
+  return version["schema"]["openAPIV3Schema"]
+
+
+def _manifests():
+  tpu = jobset.render(name="t2", image="img", accelerator="tpu-v5p-slice", topology="2x2x2",
+                      hosts=2, chips_per_host=4, slices=2, train_args=["--config", "c.py"],
+                      queue="lq", priority_class="high", ttl=3600, service_account="ksa")
+  gpu = jobset.render(name="g2", image="img", accelerator="nvidia-h100-80gb", hosts=2,
+                      chips_per_host=8, train_args=["--config", "c.py"])
+  return {"tpu_2_slices": tpu, "gpu_2_hosts": gpu}
+
+
+def _strict(schema):
+  """The CRD's schema with unknown fields refused: the API server prunes them silently (a
+  misspelt field would just vanish), so the test refuses them instead."""
+  if isinstance(schema, dict):
+    out = {k: _strict(v) for k, v in schema.items()}
+    if "properties" in out and not schema.get("x-kubernetes-preserve-unknown-fields"):
+      out.setdefault("additionalProperties", False)
+    return out
+  return [_strict(v) for v in schema] if isinstance(schema, list) else schema
+
+
+@pytest.mark.parametrize("kind", ["tpu_2_slices", "gpu_2_hosts"])
+def test_manifests_validate_against_jobset_v0_10_crd(kind):
+  import jsonschema
+  validator = jsonschema.Draft7Validator(_strict(_crd_schema()))
+  doc = _manifests()[kind]
+  validator.validate(doc)
+  # Not vacuous: a misspelt field, a rule without its required name, or an action JobSet v0.10
+  # does not know (v0.12.0's RestartJob) fail.
+  for path, change, message in [
+      ("spec.replicatedJobs.0.template.spec.template.spec", ("hostnetwork", True), "hostnetwork"),
+      ("spec.failurePolicy.rules.0", ("name", None), "'name' is a required property"),
+      ("spec.failurePolicy.rules.0", ("action", "RestartJob"), "RestartJob"),
+  ]:
+    bad = yaml.safe_load(yaml.safe_dump(doc))
+    node = _at(bad, path)
+    key, value = change
+    if value is None:
+      del node[key]
+    else:
+      node[key] = value
+    with pytest.raises(jsonschema.ValidationError, match=message):
+      validator.validate(bad)
+
+
+# Kubernetes' Job failure messages for a FailJob rule (pkg/controller/job/pod_failure_policy.go),
+# and JobSet's rule matching (pkg/controllers/failure_policy.go: the first rule whose reasons and
+# message patterns, Go regexp MatchString, both match; none: RestartJobSet).
+EXIT_MESSAGE = "Container {c} for pod default/{p} failed with exit code {code} matching FailJob rule at index {i}"
+CONDITION_MESSAGE = "Pod default/{p} has condition {t} matching FailJob rule at index {i}"
+
+
+def _pod_failure(doc, *, exit_code=None, condition=None):
+  """The Job's (reason, message) when one pod fails with exit_code or gets condition, or None
+  when no podFailurePolicy rule matches (the Job then fails by backoffLimit 0: reason
+  BackoffLimitExceeded)."""
+  rules = doc["spec"]["replicatedJobs"][0]["template"]["spec"]["podFailurePolicy"]["rules"]
+  for i, rule in enumerate(rules):
+    if exit_code is not None and "onExitCodes" in rule:
+      r = rule["onExitCodes"]
+      hit = (exit_code in r["values"]) == (r["operator"] == "In")
+      if hit and exit_code != 0:
+        return "PodFailurePolicy", EXIT_MESSAGE.format(c=r["containerName"], p="p-0", code=exit_code,
+                                                       i=i)
+    if condition is not None and any(c["type"] == condition for c in rule.get("onPodConditions", [])):
+      return "PodFailurePolicy", CONDITION_MESSAGE.format(p="p-0", t=condition, i=i)
+  return "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+
+
+def _jobset_action(doc, reason, message):
+  for rule in doc["spec"]["failurePolicy"]["rules"]:
+    reasons = rule.get("onJobFailureReasons") or [reason]
+    patterns = rule.get("onJobFailureMessagePatterns") or [""]
+    if reason in reasons and any(re.search(p, message) for p in patterns):
+      return rule["action"]
+  return "RestartJobSet"
+
+
+@pytest.mark.parametrize("kind", ["tpu_2_slices", "gpu_2_hosts"])
+@pytest.mark.parametrize("failure, action", [
+    ({"exit_code": 2}, "FailJobSet"),                           # bad config: no restart fixes it
+    ({"exit_code": 3}, "RestartJobSetAndIgnoreMaxRestarts"),    # saved on SIGTERM: resume, free
+    ({"condition": "DisruptionTarget"}, "RestartJobSetAndIgnoreMaxRestarts"),  # maintenance
+    ({"exit_code": 1}, "RestartJobSet"),                        # a crash: within maxRestarts
+    ({"exit_code": 137}, "RestartJobSet"),                      # OOM-killed: within maxRestarts
+    ({"exit_code": 23}, "RestartJobSet"),                       # "exit code 2" must not match 23
+])
+def test_failure_policy_tells_exit_2_3_and_disruption_apart(kind, failure, action):
+  doc = _manifests()[kind]
+  pod = doc["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+  assert pod["restartPolicy"] == "Never"  # podFailurePolicy requires it
+  assert _jobset_action(doc, *_pod_failure(doc, **failure)) == action
+  assert (jobset.EXIT_BAD_INPUT, jobset.EXIT_PREEMPTED) == (cli.EXIT_BAD_INPUT, cli.EXIT_PREEMPTED)
+
+
+# xpk's JobSet (AI-Hypercomputer/xpk src/xpk/commands/workload.py, commit 367c838, = v1.13.1:
+# WORKLOAD_CREATE_YAML for TPU, GPU_WORKLOAD_CREATE_YAML for GPU; docker_resources.get_volumes),
+# field by field: (path, xpk's value, ours, why they differ). None: absent.
+XPK_TABLE = {
+    "tpu_2_slices": [
+        ("metadata.annotations.alpha.jobset.sigs.k8s.io/exclusive-topology",
+         "cloud.google.com/gke-nodepool", "cloud.google.com/gke-nodepool", "same: one slice per node pool"),
+        ("metadata.labels.kueue.x-k8s.io/queue-name", "lq", "lq", "same (xpk always sets one; ours with --queue)"),
+        ("spec.ttlSecondsAfterFinished", 3600, 3600, "same (xpk's default 43200; ours 0 = keep)"),
+        ("spec.failurePolicy.maxRestarts", 3, 3, "xpk's default 0: one crash ends the run; ours 3"),
+        ("spec.failurePolicy.rules.0.action", "FailJobSet", "FailJobSet",
+         "same action; ours only for exit 2 (xpk: every exit but 42 and 127-255)"),
+        ("spec.replicatedJobs.0.replicas", 2, 2, "same: one Job per slice"),
+        ("spec.replicatedJobs.0.template.spec.backoffLimit", 0, 0, "same: any pod failure fails the Job"),
+        ("spec.replicatedJobs.0.template.spec.template.spec.restartPolicy", "Never", "Never", "same"),
+        ("spec.replicatedJobs.0.template.spec.template.spec.hostNetwork", True, True,
+         "same for multi-slice (DCN); ours only with --slices > 1"),
+        ("spec.replicatedJobs.0.template.spec.template.spec.dnsPolicy", "ClusterFirstWithHostNet",
+         "ClusterFirstWithHostNet", "same"),
+        ("spec.replicatedJobs.0.template.spec.template.spec.priorityClassName", "high", "high",
+         "same (xpk's default 'medium'; ours only with --priority_class)"),
+        ("spec.replicatedJobs.0.template.spec.template.spec.serviceAccountName", "ksa", "ksa", "same"),
+        ("spec.replicatedJobs.0.template.spec.template.spec.volumes.0.emptyDir.medium", "Memory",
+         "Memory", "same: /dev/shm in memory"),
+        ("spec.replicatedJobs.0.template.spec.template.spec.terminationGracePeriodSeconds", 30, 120,
+         "xpk's default 30 s; ours 120 s: time to save a checkpoint after SIGTERM"),
+        ("spec.replicatedJobs.0.template.spec.completionMode", None, "Indexed",
+         "xpk relies on JobSet defaulting to Indexed; ours explicit"),
+        ("spec.network.enableDNSHostnames", None, True,
+         "xpk relies on JobSet's default (true); ours explicit: the coordinator's DNS name"),
+    ],
+    "gpu_2_hosts": [
+        ("metadata.annotations", None, None,
+         "same: no exclusive-topology for GPUs (it would force one node pool per Job)"),
+        ("spec.replicatedJobs.0.replicas", 1, 1, "same: one Job of --hosts pods"),
+        ("spec.replicatedJobs.0.template.spec.parallelism", 2, 2, "same: the host count"),
+        ("spec.replicatedJobs.0.template.spec.backoffLimit", 0, 0, "same"),
+        ("spec.replicatedJobs.0.template.spec.template.spec.restartPolicy", "Never", "Never", "same"),
+        ("spec.replicatedJobs.0.template.spec.template.spec.hostNetwork", True, None,
+         "xpk: host network for GPUDirect NICs; ours pod network (no TCPX/TCPXO setup here)"),
+        ("spec.replicatedJobs.0.template.spec.template.spec.volumes.0.emptyDir.medium", "Memory",
+         "Memory", "same: /dev/shm in memory"),
+        ("spec.failurePolicy.rules.0.action", "FailJobSet", "FailJobSet", "same action, exit 2 only"),
+    ],
+}
+
+
+def _at(doc, path):
+  node = doc
+  parts = path.split(".")
+  i = 0
+  while i < len(parts):
+    if node is None:
+      return None
+    if isinstance(node, list):
+      node = node[int(parts[i])] if int(parts[i]) < len(node) else None
+      i += 1
+      continue
+    # Keys may hold dots (annotation and label names): take the longest key that matches.
+    for j in range(len(parts), i, -1):
+      key = ".".join(parts[i:j])
+      if key in node:
+        node, i = node[key], j
+        break
+    else:
+      return None
+  return node
+
+
+@pytest.mark.parametrize("kind", ["tpu_2_slices", "gpu_2_hosts"])
+def test_manifests_against_xpks_field_by_field(kind):
+  doc = _manifests()[kind]
+  for path, _xpk, ours, why in XPK_TABLE[kind]:
+    assert _at(doc, path) == ours, (path, why)
+  container = _at(doc, "spec.replicatedJobs.0.template.spec.template.spec.containers.0")
+  assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
