@@ -31,7 +31,8 @@ class PlatformMismatch(RuntimeError):
 
 
 def _device_paths() -> list[str]:
-  return glob.glob("/dev/accel*") + glob.glob("/dev/nvidia[0-9]*")
+  # TPU chips are /dev/accel<N> up to v4, /dev/vfio/<N> from v5e on; GPUs /dev/nvidia<N>.
+  return glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*") + glob.glob("/dev/nvidia[0-9]*")
 
 
 def _nvidia_smi_lists_gpu() -> bool:
@@ -50,9 +51,9 @@ def detect_runtime(env: Mapping[str, str] | None = None,
   """The accelerator this machine has, "gpu", "tpu" or "cpu", found without importing jax.
 
   env: the environment (default os.environ); paths: the device files present (default: what
-  /dev/accel* and /dev/nvidia<N> match, plus asking nvidia-smi). In order:
+  /dev/accel*, /dev/vfio/<N> and /dev/nvidia<N> match, plus asking nvidia-smi). In order:
   - JAX_PLATFORMS, when set, is the user's choice and wins (its first entry: cuda/rocm -> "gpu").
-  - TPU: COLAB_TPU_ADDR or any TPU_* variable set, or a /dev/accel* device.
+  - TPU: COLAB_TPU_ADDR or any TPU_* variable set, or a /dev/accel* or /dev/vfio/<N> device.
   - GPU: COLAB_GPU=1, a /dev/nvidia<N> device, or `nvidia-smi -L` listing a GPU.
   - otherwise CPU.
   """
@@ -63,7 +64,8 @@ def detect_runtime(env: Mapping[str, str] | None = None,
   found = _device_paths() if paths is None else list(paths)
   names = [os.path.basename(p) for p in found]
   if env.get("COLAB_TPU_ADDR") or any(k.startswith("TPU_") and v for k, v in env.items()) \
-      or any(n.startswith("accel") for n in names):
+      or any(n.startswith("accel") for n in names) \
+      or any(re.fullmatch(r"/dev/vfio/\d+", p) for p in found):
     return "tpu"
   if env.get("COLAB_GPU", "").strip() == "1" or any(re.fullmatch(r"nvidia\d+", n) for n in names):
     return "gpu"

@@ -5,6 +5,7 @@ import ast
 import importlib.util
 import json
 import math
+import pathlib
 import re
 import subprocess
 import sys
@@ -210,13 +211,15 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     ({"TPU_ACCELERATOR_TYPE": "v5litepod-1"}, [], "tpu"),
     ({"TPU_WORKER_ID": ""}, [], "cpu"),  # an empty variable says nothing
     ({}, ["/dev/accel0"], "tpu"),
+    ({}, ["/dev/vfio/0", "/dev/vfio/1"], "tpu"),  # v5e and later
+    ({}, ["/dev/vfio/vfio"], "cpu"),  # the VFIO control node alone is no TPU
     ({"COLAB_GPU": "0"}, [], "cpu"),
     ({}, [], "cpu"),
     ({"JAX_PLATFORMS": "cpu"}, ["/dev/nvidia0"], "cpu"),  # the user's choice wins
     ({"JAX_PLATFORMS": "cuda,cpu"}, [], "gpu"),
     ({"JAX_PLATFORMS": "tpu"}, [], "tpu"),
 ], ids=["colab_gpu", "nvidia0", "nvidiactl_only", "colab_tpu_addr", "tpu_env", "empty_tpu_env",
-        "accel", "colab_gpu_0", "nothing", "jax_platforms_cpu", "jax_platforms_cuda", "jax_platforms_tpu"])
+        "accel", "vfio", "vfio_control_only", "colab_gpu_0", "nothing", "jax_platforms_cpu", "jax_platforms_cuda", "jax_platforms_tpu"])
 def test_detect_runtime(env, paths, expected):
   assert colab.detect_runtime(env=env, paths=paths) == expected
 
@@ -272,8 +275,10 @@ def test_setup_cell_is_one_form_shared_by_all_notebooks():
   sources = {p.stem: _setup_source(p) for p in NOTEBOOKS}
   assert len(set(sources.values())) == 1, "the setup cells differ"
   source = sources["quickstart"]
-  assert re.search(r'^MTJAX_SOURCE = "[^"]+"  # @param \{type:"string"\}$', source, re.M)
+  # No made-up default (the repository has no public URL): the cell asks for one.
+  assert re.search(r'^MTJAX_SOURCE = ""  # @param \{type:"string"\}$', source, re.M)
   assert source.startswith("# @title ")
+  assert "git clone" not in source.split("else:  # a git URL", 1)[0]  # cloned only for a URL
 
 
 @pytest.mark.parametrize("jax_platforms, extra, stops", [("cpu", "", False), ("cuda", "[cuda]", True),
@@ -301,3 +306,87 @@ def test_setup_cell_installs_the_runtimes_extra_and_checks_the_platform(
     exec(compile(source, "setup", "exec"), namespace)
     assert namespace["PLATFORM"] == "cpu" and not namespace["ACCELERATOR"]
   assert calls == [[sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO}{extra}"]]
+
+
+def _fresh_runtime(monkeypatch, tmp_path):
+  """A "fresh runtime" for the setup cell: mtjax not found, pip recorded instead of run."""
+  calls = []
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "mtjax" else find_spec(name, *a))
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("MTJAX_NOTEBOOK_DIR", str(tmp_path / "work"))
+  monkeypatch.setenv("MTJAX_SOURCE_DIR", str(tmp_path / "unpacked"))
+  return calls
+
+
+def _with_source(value):
+  return re.sub(r"^MTJAX_SOURCE = .*$", f"MTJAX_SOURCE = {value!r}", _setup_source(NOTEBOOKS[0]),
+                flags=re.M)
+
+
+@pytest.mark.parametrize("top_folder", ["mtjax-main/", ""])
+def test_setup_cell_installs_from_a_zip_of_the_repository(top_folder, tmp_path, monkeypatch):
+  """A zip of the working tree (GitHub's "Download ZIP" holds one top folder; `git archive` none)
+  uploaded to the session: unpacked, and pip installs the unpacked folder."""
+  import zipfile
+  files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+  archive = tmp_path / "mtjax.zip"
+  with zipfile.ZipFile(archive, "w") as z:
+    for name in files:
+      if (REPO / name).is_file() and not name.startswith("tests/data/"):
+        z.write(REPO / name, top_folder + name)
+  calls = _fresh_runtime(monkeypatch, tmp_path)
+  namespace = {}
+  exec(compile(_with_source(str(archive)), "setup", "exec"), namespace)
+  unpacked = tmp_path / "unpacked" / top_folder.rstrip("/")
+  assert calls == [[sys.executable, "-m", "pip", "install", "-q", "-e", str(unpacked)]]
+  assert (unpacked / "mtjax" / "colab.py").is_file() and (unpacked / "pyproject.toml").is_file()
+  assert namespace["PLATFORM"] == "cpu"
+
+
+@pytest.mark.parametrize("value, error, message", [
+    ("", ValueError, "Set MTJAX_SOURCE"),
+    ("/nonexistent/mtjax.zip", FileNotFoundError, "no file /nonexistent/mtjax.zip"),
+    ("/nonexistent/dir", FileNotFoundError, "no folder /nonexistent/dir"),
+])
+def test_setup_cell_without_a_usable_source_says_what_to_set(value, error, message, tmp_path,
+                                                             monkeypatch):
+  calls = _fresh_runtime(monkeypatch, tmp_path)
+  with pytest.raises(error, match=message):
+    exec(compile(_with_source(value), "setup", "exec"), {})
+  assert calls == []  # never a failing clone or install
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="holds no mtjax source"):
+    exec(compile(_with_source(str(tmp_path / "empty")), "setup", "exec"), {})
+
+
+def test_notebooks_declare_their_colab_runtime():
+  """Colab opens a notebook on the runtime its metadata names (accelerator, gpuType)."""
+  meta = {p.stem: nbformat.read(p, as_version=4).metadata for p in NOTEBOOKS}
+  assert meta["finetune_pretrained"]["accelerator"] == "GPU" and meta["finetune_pretrained"]["gpuType"] == "T4"
+  assert all("accelerator" not in m for k, m in meta.items() if k != "finetune_pretrained")  # CPU
+
+
+@pytest.mark.slow  # needs the package index (CI has it): a few seconds per resolution
+@pytest.mark.parametrize("python", ["3.11", "3.13"])  # CI's, and Colab's since 2026-08
+def test_the_install_cells_dependencies_resolve_to_wheels_on_colabs_pythons(python, tmp_path):
+  """What the setup cell pip-installs (the source, with [cuda] on GPU runtimes, [tpu] on TPU)
+  resolves to binary wheels for Colab's Linux (Ubuntu 22.04: glibc 2.35, x86_64) on that Python:
+  a dependency without a wheel for it (a new CPython Colab moved to) fails here, not in a user's
+  first cell. promise (needed by tensorflow-datasets) ships only a source distribution, which pip
+  builds (pure Python)."""
+  uv = pathlib.Path(sys.executable).parent / "uv"
+  for extra in (None, "cuda", "tpu"):
+    cmd = [str(uv), "pip", "compile", str(REPO / "pyproject.toml"), "--python-version", python,
+           "--python-platform", "x86_64-manylinux_2_35", "--only-binary", ":all:", "--no-binary",
+           "promise", "--quiet", "--output-file", str(tmp_path / f"{extra}.txt"),
+           *(["--extra", extra] if extra else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (extra, proc.stderr[-3000:])
+    pins = (tmp_path / f"{extra}.txt").read_text()
+    assert re.search(r"^jax==", pins, re.M) and (extra is None or f"jax[{extra}" in pins
+                                                   or re.search(r"^(jax-cuda|libtpu)", pins, re.M))
