@@ -177,14 +177,49 @@ def test_there_are_four_notebooks():
   assert {p.stem for p in NOTEBOOKS} == set(CHECKS)
 
 
+def _repo_zip(tmp_path, top_folder=""):
+  """A zip of the working tree's tracked files, as a user would upload it."""
+  import zipfile
+  files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+  archive = tmp_path / "mtjax.zip"
+  with zipfile.ZipFile(archive, "w") as z:
+    for name in files:
+      if (REPO / name).is_file() and not name.startswith("tests/data/"):
+        z.write(REPO / name, top_folder + name)
+  return archive
+
+
+# Run before a notebook's setup cell: the kernel looks like a fresh Colab runtime (mtjax not
+# found), and pip is recorded rather than run (this environment already has the dependencies), so
+# the setup cell unpacks the zip and the notebook imports mtjax from the unpacked source.
+FRESH_RUNTIME = """import importlib.util, subprocess
+_find_spec, _run = importlib.util.find_spec, subprocess.run
+importlib.util.find_spec = lambda name, *a: None if name == "mtjax" else _find_spec(name, *a)
+def _pip_recorded(cmd, *args, **kwargs):
+    if list(cmd[1:4]) == ["-m", "pip", "install"]:
+        print("pip install", cmd[-1]); return subprocess.CompletedProcess(cmd, 0)
+    return _run(cmd, *args, **kwargs)
+subprocess.run = _pip_recorded"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, tmp_path, monkeypatch):
+  """Each notebook top to bottom from a zip of the repository as MTJAX_SOURCE (a fresh runtime:
+  the setup cell unpacks it, and every mtjax import comes from the unpacked source)."""
   monkeypatch.setenv("MTJAX_SMOKE", "1")
   monkeypatch.setenv("MTJAX_NOTEBOOK_DIR", str(tmp_path))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device in the kernel, as on a Colab CPU runtime
+  unpacked = tmp_path / "unpacked"
+  monkeypatch.setenv("MTJAX_SOURCE_DIR", str(unpacked))
   notebook = nbformat.read(path, as_version=4)
+  setup = notebook.cells[1]
+  setup.source = re.sub(r"^MTJAX_SOURCE = .*$", f"MTJAX_SOURCE = {str(_repo_zip(tmp_path))!r}",
+                        setup.source, flags=re.M)
+  notebook.cells.insert(1, nbformat.v4.new_code_cell(FRESH_RUNTIME))
+  notebook.cells.append(nbformat.v4.new_code_cell("import mtjax; print(mtjax.__file__)"))
   if path.stem == "finetune_pretrained":  # the user's model: a tiny random HF Llama with a chat template
     pytest.importorskip("torch")
     model = _tiny_chat_llama(tmp_path / "tiny-llama")
@@ -195,8 +230,9 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
   errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
   assert not errors
-  setup = _stdout(notebook.cells[1])
-  assert re.fullmatch(r"1 cpu device\(s\); smoke=True\n", setup), setup  # the setup cell saw the flags
+  setup = _stdout(notebook.cells[2])
+  assert setup == f"pip install {unpacked}\n1 cpu device(s); smoke=True\n", setup  # saw the flags
+  assert _stdout(notebook.cells[-1]).strip() == str(unpacked / "mtjax" / "__init__.py")
   CHECKS[path.stem](notebook, tmp_path)
 
 
@@ -331,14 +367,7 @@ def _with_source(value):
 def test_setup_cell_installs_from_a_zip_of_the_repository(top_folder, tmp_path, monkeypatch):
   """A zip of the working tree (GitHub's "Download ZIP" holds one top folder; `git archive` none)
   uploaded to the session: unpacked, and pip installs the unpacked folder."""
-  import zipfile
-  files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout.split()
-  archive = tmp_path / "mtjax.zip"
-  with zipfile.ZipFile(archive, "w") as z:
-    for name in files:
-      if (REPO / name).is_file() and not name.startswith("tests/data/"):
-        z.write(REPO / name, top_folder + name)
+  archive = _repo_zip(tmp_path, top_folder)
   calls = _fresh_runtime(monkeypatch, tmp_path)
   namespace = {}
   exec(compile(_with_source(str(archive)), "setup", "exec"), namespace)
