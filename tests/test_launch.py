@@ -77,6 +77,13 @@ def test_slurm_one_task_per_gpu_each_seeing_all_gpus():
                        env={"SLURM_CPUS_ON_NODE": "96", "SLURM_NTASKS_PER_NODE": "8"})
   assert "--cpus-per-task=12" in cmd and cmd.count("--config.train.platform=auto") == 1
   assert "--config.train.platform=gpu" not in cmd
+  assert not any(a.startswith("--container") for a in cmd)
+  # pyxis: the task runs in the image, the shared filesystem mounted.
+  (cmd,), _ = _dry_run("slurm_gpu.sbatch", "--config", "c.py",
+                       env={"CONTAINER_IMAGE": "nvcr.io#org/mtjax:1", "CONTAINER_MOUNTS": "/shared:/shared"})
+  srun = cmd[cmd.index("srun"):]
+  assert srun[4:6] == ["--container-image=nvcr.io#org/mtjax:1", "--container-mounts=/shared:/shared"]
+  assert srun[6:8] == ["mtjax", "train"]
   # 8 tasks per node but 4 GPUs: refused before anything starts.
   _, proc = _dry_run("slurm_gpu.sbatch", env={"SLURM_NTASKS_PER_NODE": "8",
                                               "SLURM_GPUS_ON_NODE": "4"}, check=False)
