@@ -185,6 +185,8 @@ def render(*, name: str, image: str, accelerator: str, hosts: int, chips_per_hos
       {"name": "MTJAX_HOST_INDEX", "valueFrom": field(_HOST_INDEX)},
       *({"name": k, "value": v} for k, v in (env or {}).items()),
   ]
+  if not tpu and "NCCL_DEBUG" not in (env or {}):  # NCCL's warnings in the pod log (--env to change)
+    container_env.append({"name": "NCCL_DEBUG", "value": "WARN"})
   container = {
       "name": CONTAINER, "image": image,
       "command": ["/bin/sh", "-c", _ENTRYPOINT, "mtjax-train"],

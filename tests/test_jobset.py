@@ -85,6 +85,11 @@ def test_gpu_jobset_values():
   assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
   env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
   assert env["MTJAX_COORDINATOR"] == "g1-workers-0-0.g1:1234" and env["MTJAX_NUM_PROCESSES"] == "2"
+  assert env["NCCL_DEBUG"] == "WARN"
+  doc = jobset.render(name="g1", image="img", accelerator="nvidia-h100-80gb", hosts=2,
+                      chips_per_host=8, train_args=[], env={"NCCL_DEBUG": "INFO"})
+  names = [e["name"] for e in _pod(doc)["containers"][0]["env"]]
+  assert names.count("NCCL_DEBUG") == 1 and {"name": "NCCL_DEBUG", "value": "INFO"} in _pod(doc)["containers"][0]["env"]
   # 2 hosts: no mesh.dcn (the trainer counts the hosts' slice_index, mesh.dcn=-1); GPUs expected.
   assert pod["containers"][0]["args"] == ["--config", "c.py", "--config.train.platform=gpu"]
 

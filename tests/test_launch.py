@@ -344,3 +344,30 @@ def test_tpu_remote_commands_on_a_fake_worker(tmp_path):
     for pid in pids():
       if alive(pid):
         os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("accelerator, slices", [("v5litepod-16", "1"), ("v5p-32", "2")])
+def test_tpu_pod_lifecycle_dry_run(accelerator, slices):
+  """create --wait, install, run, stop on one v5e slice and on 2 v5p slices: the right gcloud
+  family, the tree shipped by scp (never a git clone), .[tpu,gcs], the platform and slice count
+  passed to the trainer, the TPU freed on stop."""
+  env = dict(TPU, ACCELERATOR=accelerator, SLICES=slices)
+  kind = "queued-resources" if slices != "1" else "tpu-vm"
+  _, proc = _dry_run("tpu_pod.sh", "create", "--wait", env=env)
+  create = shlex.split(proc.stdout.splitlines()[0])
+  assert create[:5] == ["gcloud", "compute", "tpus", kind, "create"]
+  assert create[create.index("--accelerator-type") + 1] == accelerator
+  assert "describe" in proc.stdout.splitlines()[1]
+  (scp, ssh), proc = _dry_run("tpu_pod.sh", "install", env=env)
+  try:
+    assert scp[4] == "scp" and "git clone" not in proc.stdout and ".[tpu,gcs]" in _remote(ssh)
+  finally:
+    shutil.rmtree(pathlib.Path(scp[5]).parent, ignore_errors=True)
+  (run,), _ = _dry_run("tpu_pod.sh", "run", "--config", "c.py", "--workdir", "gs://b/r", env=env)
+  remote = _remote(run)
+  assert "--config.train.platform=tpu" in remote
+  assert ("--config.mesh.dcn=2" in remote) == (slices == "2")
+  (stop,), _ = _dry_run("tpu_pod.sh", "stop", env=env)
+  assert "/dev/vfio/[0-9]*" in _remote(stop) and "/dev/accel*" in _remote(stop)
+  for argv in (scp, ssh, run, stop):
+    assert argv[3] == kind and "--worker=all" in argv
