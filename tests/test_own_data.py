@@ -96,8 +96,12 @@ def test_config_file_tasks_train_eval_move_and_config_flag(user_config, tmp_path
   assert record["echo"]["scorer"] == "shout_match"
   assert record["echo"]["scorer_defined_in"] == str(user_config.resolve())
 
-  # A fresh process: nothing of the config file is imported until the record asks for it.
-  first = _eval(workdir)
+  # A fresh process: the record names the config file but never imports it (a run directory
+  # is data): eval without --config says which one to pass; with it, it runs.
+  refused = _eval(workdir)
+  assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+  assert f"pass --config {user_config.resolve()}" in refused.stderr
+  first = _eval(workdir, "--config", str(user_config))
   assert first.returncode == 0, first.stderr[-2000:]
   rows = json.loads((workdir / "eval" / "step_4.json").read_text())
   for task in ("echo", "upper"):
@@ -155,6 +159,28 @@ def test_record_describes_tasks_and_rebuilds_them(tmp_path):
   assert examples[0].meta == {"alt": ["a!"]} and examples[1].meta == {}
   with pytest.raises(BadInputError, match="'coded' cannot be rebuilt.*GeneratorSource.*--config"):
     specs.rebuild(workdir, ["coded"])
+
+
+def test_a_run_directory_never_runs_code(tmp_path):
+  """tasks.json is data anyone may have written: a defined_in / scorer_defined_in naming a .py
+  file is named in the error, never imported (a marker it would write stays absent)."""
+  from etils import epath
+
+  from mtjax.errors import BadInputError
+  from mtjax.tasks import specs
+  marker = tmp_path / "pwned"
+  payload = tmp_path / "payload.py"
+  payload.write_text(f"open({str(marker)!r}, 'w').write('ran')\ndef get_config():\n  return None\n")
+  (tmp_path / "tasks.json").write_text(json.dumps({
+      "evil": {"kind": "GeneratorSource", "rebuildable": False, "why_not": "code",
+               "defined_in": str(payload), "scorer": "exact_match"},
+      "evil_scorer": {"kind": "jsonl", "rebuildable": True, "scorer": "no_such_scorer_xyz",
+                      "scorer_defined_in": str(payload), "files": {}, "fields": {}}}))
+  for name in ("evil", "evil_scorer"):
+    with pytest.raises(BadInputError) as e:
+      specs.rebuild(epath.Path(tmp_path), [name])
+    assert f"pass --config {payload}" in str(e.value) and "not imported" in str(e.value)
+  assert not marker.exists()
 
 
 def test_eval_only_tasks_are_refused_for_training_unless_allowed(tmp_path, tiny):

@@ -120,11 +120,10 @@ HINT = ("pass --config FILE (the config file that defines it: its task and score
 def rebuild(workdir: epath.Path, names: Iterable[str],
             jsonl_tasks: Mapping[str, JsonlTaskConfig] | None = None) -> None:
   """Makes the run's tasks (and their scorers) available here, from workdir/tasks.json: a task
-  described as data is rebuilt; one that needs code, or a scorer a config file registered, comes
-  from re-importing the config file that registered it (recorded in tasks.json) if that file is
-  still there. Anything still missing is a BadInputError saying to pass --config."""
-  from mtjax import config as config_lib
-
+  described as data is rebuilt. One that needs code, or a scorer a config file registered, must
+  already be registered (by `--config FILE` on the command line): a run directory is data, and
+  the files its record names are never imported (sharing a run must never run code), only named
+  in the BadInputError that says which --config to pass."""
   jsonl_tasks = jsonl_tasks or {}
   names = list(dict.fromkeys(names))
   path = workdir / RECORD
@@ -143,35 +142,26 @@ def rebuild(workdir: epath.Path, names: Iterable[str],
     scorer = scorer_of(name)
     return task, bool(scorer) and scorer not in scoring.scorer_names()
 
-  gone: dict[str, str] = {}  # task -> a defining file that no longer exists
-  for name in names:
-    task_missing, scorer_missing = missing(name)
-    entry = record.get(name, {})
-    files = []
-    if task_missing and not entry.get("rebuildable"):
-      files.append(entry.get("defined_in", ""))
-    if scorer_missing:
-      files.append(entry.get("scorer_defined_in", ""))
-    for file in filter(None, files):
-      if os.path.isfile(file):
-        config_lib.import_config_module(file)
-      else:
-        gone[name] = file
   for name in names:
     task_missing, scorer_missing = missing(name)
     if not task_missing and not scorer_missing:
       continue
     entry = record.get(name)
-    why = f" ({gone[name]}, which defined it, is gone)" if name in gone else ""
+    recorded = (entry or {}).get("scorer_defined_in" if scorer_missing else "defined_in", "")
+    why = ""
+    if recorded:  # named, never imported: the record is data someone else may have written
+      why = (f" (recorded as defined in {recorded}, not imported from the run directory)"
+             if os.path.isfile(recorded) else f" ({recorded}, which defined it, is gone)")
+    hint = f"pass --config {recorded}" if recorded and os.path.isfile(recorded) else HINT
     if scorer_missing:
       raise BadInputError("data.tasks", f"task {name!r} is scored by {scorer_of(name)!r}, a "
-                          f"scorer registered by a config file{why}; {HINT}")
+                          f"scorer registered by a config file{why}; {hint}")
     if entry is None:
       raise BadInputError("data.tasks", f"task {name!r} of this run is not registered and "
                           f"{path} does not describe it (a run written before tasks.json); {HINT}")
     if not entry.get("rebuildable"):
       raise BadInputError("data.tasks", f"task {name!r} cannot be rebuilt from {path}: "
-                          f"{entry.get('why_not', 'it needs code')}{why}; {HINT}")
+                          f"{entry.get('why_not', 'it needs code')}{why}; {hint}")
     try:
       registry.register(_rebuild(name, entry), replace=True)
     except (KeyError, TypeError) as e:
