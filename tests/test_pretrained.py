@@ -413,6 +413,18 @@ def test_bad_input_missing_weights(bad_dir, capsys, check):
   assert "no weights" in line and "safetensors" in line
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors",
+                                   "model.bin", 7])
+def test_bad_input_index_naming_a_file_outside_the_directory(bad_dir, capsys, shard):
+  """model.safetensors.index.json may only name *.safetensors files in the directory itself."""
+  make, workdir = bad_dir
+  directory = make()
+  (directory / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"model.embed_tokens.weight": shard}}))
+  line = _one_error(*_train(capsys, directory, workdir, check=True))
+  assert "model.safetensors.index.json" in line and "inside this directory" in line
+
+
 def test_bad_input_unknown_architecture(bad_dir, capsys):
   from mtjax.model.pretrained import ARCHITECTURES
   make, workdir = bad_dir

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -85,6 +86,9 @@ class TensorFile:
     return array.reshape(((stop - start),) + shape[1:] if shape else ())
 
 
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*\.safetensors")
+
+
 class TensorIndex:
   """Every tensor of a checkpoint directory: model.safetensors, or the shards named by
   model.safetensors.index.json (or any *.safetensors files, when there is no index)."""
@@ -96,9 +100,14 @@ class TensorIndex:
     if index.exists():
       try:
         weight_map = json.loads(index.read_text())["weight_map"]
-      except (ValueError, KeyError, TypeError) as e:
+        shards = sorted(set(weight_map.values()))
+      except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise BadInputError(str(index), f"expected JSON with a weight_map ({e})") from None
-      files = [directory / f for f in sorted(set(weight_map.values()))]
+      for shard in shards:  # file names inside this directory only (no ../, no absolute path)
+        if not isinstance(shard, str) or not _SHARD_NAME.fullmatch(shard):
+          raise BadInputError(str(index), f"weight_map names {shard!r}: expected a "
+                              "*.safetensors file name inside this directory")
+      files = [directory / f for f in shards]
     else:
       files = sorted(directory.glob("*.safetensors"))
     if not files:
