@@ -197,3 +197,57 @@ def test_read_only_checkpointer_creates_nothing(tmp_path):
   assert ck.all_steps() == [] and ck.latest_step() is None
   ck.close()
   assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ atomic files, merged evals
+
+def test_a_file_replaced_on_a_full_disk_keeps_its_old_content(tmp_path, monkeypatch):
+  """replace_file (config.json, tasks.json, env.json, eval files): a failure while writing (a
+  full disk, here an ENOSPC from fsync) leaves the old file whole and no temporary file."""
+  import errno
+
+  from etils import epath
+
+  from mtjax.train import rundir
+  path = epath.Path(tmp_path) / "config.json"
+  rundir.replace_file(path, b'{"old": 1}\n')
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(OSError, match="No space left"):
+    rundir.replace_file(path, b'{"new": 2}\n' * 1000)
+  assert path.read_bytes() == b'{"old": 1}\n'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+MERGE = """
+import contextlib, json, os, sys, time
+from etils import epath
+from mtjax.train import rundir
+out, key, locked, first = epath.Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
+marker = out.parent / "first_has_read"
+if not first:  # start the merge only once the first process has read the file
+  while not marker.exists():
+    time.sleep(0.01)
+with (rundir.file_lock(out) if locked else contextlib.nullcontext()):
+  stored = json.loads(out.read_text()) if out.exists() else {}
+  if first:
+    marker.touch()
+    time.sleep(1.5)  # the evaluation's merge window, widened
+  rundir.replace_file(out, json.dumps({**stored, key: 1}).encode())
+"""
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_two_evals_of_one_step_merge_under_the_file_lock(tmp_path, locked):
+  """Two processes read-merge-write one eval file (as `mtjax eval --tasks a` and `--tasks b` on
+  the same step do), the second starting while the first is inside its merge: under file_lock
+  both keys survive; without it (the old code) the first writer drops the second's key (shown
+  so the locked case is not vacuous)."""
+  out = tmp_path / "step_4.json"
+  procs = [subprocess.Popen([sys.executable, "-c", MERGE, str(out), key, str(int(locked)),
+                             str(int(key == "a"))], cwd=REPO) for key in ("a", "b")]
+  assert [p.wait(60) for p in procs] == [0, 0]
+  assert set(json.loads(out.read_text())) == ({"a", "b"} if locked else {"a"})

@@ -324,15 +324,16 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
   row = evaluator(run.state.params, step)
   out = path / "eval" / f"step_{step}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
-  stored = {}
-  if out.exists():  # another --tasks subset of this step: keep its rows, refresh this one's
-    try:
-      stored = json.loads(out.read_text())
-    except ValueError:
-      out.rename(out.with_name(f"{out.name}.unreadable.{int(time.time())}"))  # never deleted
-  merged = {**stored, **row}
   from mtjax.train import rundir  # atomic: a temporary file renamed locally, one upload on gs://
-  rundir.replace_file(out, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
+  with rundir.file_lock(out):  # two evals of one step (--tasks a, --tasks b) merge, not race
+    stored = {}
+    if out.exists():  # another --tasks subset of this step: keep its rows, refresh this one's
+      try:
+        stored = json.loads(out.read_text())
+      except ValueError:
+        out.rename(out.with_name(f"{out.name}.unreadable.{int(time.time())}"))  # never deleted
+    merged = {**stored, **row}
+    rundir.replace_file(out, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
   row["_path"] = str(out)
   return row
 

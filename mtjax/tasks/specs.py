@@ -97,10 +97,16 @@ def describe(task: registry.Task) -> dict[str, Any]:
   return out
 
 
-def write_record(workdir: epath.Path, names: Iterable[str]) -> None:
-  """workdir/tasks.json: every named task, described (written with the run's config.json)."""
+def record_text(names: Iterable[str]) -> str:
+  """The text of a run's tasks.json: every named task, described (the trainer writes it beside
+  the run's config.json)."""
   record = {name: describe(registry.get(name)) for name in dict.fromkeys(names)}
-  (workdir / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+  return json.dumps(record, indent=2, sort_keys=True) + "\n"
+
+
+def write_record(workdir: epath.Path, names: Iterable[str]) -> None:
+  """workdir/tasks.json (record_text)."""
+  (workdir / RECORD).write_text(record_text(names))
 
 
 def _rebuild(name: str, entry: dict[str, Any]) -> registry.Task:

@@ -5,6 +5,8 @@ Also the workdir's path (`resolve`) and the trimming of its metrics log before a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import importlib.util
 import json
@@ -12,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 
 import jax
 from etils import epath
@@ -95,15 +98,40 @@ def replace_file(path: epath.Path, data: bytes) -> None:
   if metrics_lib.is_object_store(path):
     path.write_bytes(data)
     return
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_bytes(data)
-  tmp.replace(path)
+  tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # two writers never share a tmp file
+  try:
+    with open(tmp, "wb") as f:  # written and synced in full before it replaces anything
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    tmp.replace(path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)  # a full disk or a signal leaves the old file, and no .tmp
+    raise
+
+
+@contextlib.contextmanager
+def file_lock(path: epath.Path) -> Iterator[None]:
+  """An exclusive lock for a read-merge-write of `path` across processes on this machine (flock
+  on a `.<name>.lock` beside it, released when the holder exits, even by SIGKILL). Object stores
+  have no locks: there the merge stays last-writer-wins."""
+  if metrics_lib.is_object_store(path):
+    yield
+    return
+  with open(path.parent / f".{path.name}.lock", "a") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_run_files(workdir: epath.Path, config: Config, devices, extra: dict | None = None) -> None:
+  """config.json, tasks.json and env.json, each written whole or not at all (replace_file): a
+  resume on a full disk keeps the previous ones intact."""
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json() + "\n")
+  replace_file(workdir / "config.json", (config.to_json() + "\n").encode())
   from mtjax.tasks import specs  # how to rebuild the tasks without the config file's code
-  specs.write_record(workdir, config.data.tasks + config.eval.tasks)
+  replace_file(workdir / specs.RECORD, specs.record_text(config.data.tasks + config.eval.tasks).encode())
   env = environment(devices) | (extra or {})
-  (workdir / "env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
+  replace_file(workdir / "env.json", (json.dumps(env, indent=2, sort_keys=True) + "\n").encode())
