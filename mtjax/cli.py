@@ -149,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
   tok_train.add_argument("--out", required=True, help="tokenizer.json path or a directory")
   tok_train.add_argument("--max_examples", type=int, default=50_000,
                          help="train examples read per task")
+  tok_train.add_argument("--force", action="store_true",
+                         help="overwrite an existing tokenizer.json / tokenizer_config.json")
   return parser
 
 
@@ -397,6 +399,13 @@ def tokenizer_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
   if args.max_examples <= 0:
     raise BadInputError("--max_examples", f"expected a positive count, got {args.max_examples}")
+  out = pathlib.Path(args.out)
+  targets = [out] if args.out.endswith(".json") else [out / "tokenizer.json",
+                                                      out / "tokenizer_config.json"]
+  existing = [str(t) for t in targets if t.exists()]
+  if existing and not args.force:  # e.g. a model directory: its tokenizer and chat template
+    raise BadInputError("--out", f"{existing[0]} exists; pass --force to overwrite it, or give "
+                        "a new path")
   config = config_lib.load(args.config, overrides)
   built = tokenizer_training.train_for_config(config, args.vocab, args.out, args.max_examples)
   print(f"wrote {built['path']}: byte-level BPE, {built['vocab_size']} tokens")

@@ -251,9 +251,27 @@ def test_tokenizer_train_on_config_tasks(user_config, tmp_path):
   words = [json.loads(line)["q"] for line in (tmp_path / "data" / "echo_train.jsonl").read_text().splitlines()]
   assert sum(tok.count("echo: " + w) for w in words) < sum(len(("echo: " + w).encode()) for w in words)
   bad = subprocess.run([sys.executable, "-m", "mtjax", "tokenizer", "train", "--config",
-                        str(user_config), "--vocab", "100", "--out", str(out)],
+                        str(user_config), "--vocab", "100", "--out", str(tmp_path / "t2.json")],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
   assert bad.returncode == 2 and bad.stderr.startswith("error: --vocab: 100 is less than")
+  # An existing tokenizer (a model directory's, with its chat template) is never replaced
+  # without --force: exit 2 before training, every file as it was.
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / "tokenizer.json").write_text(out.read_text())
+  (model / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+  before = {p.name: p.read_bytes() for p in model.iterdir()}
+  for target in (model, out):
+    refused = subprocess.run([sys.executable, "-m", "mtjax", "tokenizer", "train", "--config",
+                              str(user_config), "--vocab", "300", "--out", str(target)],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --out: ")
+    assert "exists; pass --force" in refused.stderr
+  assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+  forced = subprocess.run([sys.executable, "-m", "mtjax", "tokenizer", "train", "--config",
+                           str(user_config), "--vocab", "300", "--out", str(model), "--force"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert forced.returncode == 0 and "chat_template" not in (model / "tokenizer_config.json").read_text()
 
 
 def test_walkthrough_config_is_valid_and_its_data_held_out(capsys):
