@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--resume_from", type=int, default=None, metavar="STEP",
                      help="resume from this checkpoint; later ones are moved aside, not deleted")
   train.add_argument("--force_unlock", action="store_true",
-                     help="take over the workdir's lock even if another run seems to hold it")
+                     help="take over the workdir's lock from a run that is gone (never from one alive "
+                     "on this host)")
   train.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process)")
   train.add_argument("--num_processes", type=int, default=None)
   train.add_argument("--process_id", type=int, default=None)

@@ -98,6 +98,16 @@ def test_force_unlock_takes_a_held_lock_over(tmp_path, capsys):
     assert cli.main(args) == 2
     assert capsys.readouterr().err.strip() == IN_USE.format(w=tmp_path, **holder)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
+    # The holder is alive on this host: --force_unlock refuses too, naming it; nothing written.
+    assert cli.main(args + ["--force_unlock"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path}: workdir is in use by pid {os.getpid()} on this host "
+        f"({holder['host']}), which is alive; --force_unlock takes over only a lock whose holder "
+        f"is gone: stop pid {os.getpid()} first")
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
+    # A holder on another host (a shared filesystem): taken over.
+    holder = dict(holder, host="elsewhere")
+    (tmp_path / ".lock").write_text(json.dumps(holder) + "\n")
     assert cli.main(args + ["--force_unlock"]) == 0
     err = capsys.readouterr().err
     assert (f"note: {tmp_path}: took over the lock of pid {holder['pid']} on host "
@@ -140,6 +150,13 @@ def test_object_store_lock_stale_is_taken_over_and_fresh_is_not(tmp_path, capsys
   with pytest.raises(BadInputError, match=f"in use by pid {os.getpid()} "):
     lock().acquire()  # fresh: refused
 
+  with pytest.raises(BadInputError, match=f"pid {os.getpid()} on this host .* which is alive"):
+    lock(force=True).acquire()  # its holder is this live process: never forced
+  first._record["host"] = "elsewhere"  # as if it ran on another host
+  deadline = time.time() + 10
+  while json.loads(path.read_text())["host"] != "elsewhere":
+    assert time.time() < deadline
+    time.sleep(0.02)
   forced = lock(force=True)
   forced.acquire()
   deadline = time.time() + 10

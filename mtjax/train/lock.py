@@ -11,8 +11,11 @@ over. Two runs starting at the same moment: each writes its token, waits SETTLE_
 back; only the one whose token is there goes on. A filesystem whose flock fails (some network
 mounts) gets this variant too.
 
-force=True (`mtjax train --force_unlock`) takes either kind over regardless, e.g. a dead run's
-lock.json before it goes stale. The run that held it is not stopped: make sure it is gone.
+force=True (`mtjax train --force_unlock`) takes either kind over, e.g. a dead run's lock.json
+before it goes stale, or a lock another host holds on a shared filesystem, but never one whose
+holder is alive on this host (its pid answers): that run would lose its in-flight checkpoint,
+so it is refused (exit 2) naming the pid to stop first. A holder on another host is not stopped:
+make sure it is gone.
 
 Multi-process runs: process 0 holds the lock (`hold`), the others learn whether it got it.
 """
@@ -139,6 +142,21 @@ class WorkdirLock:
       return {}
     return record if isinstance(record, dict) else {}
 
+  def _refuse_a_live_holder(self, holder: dict[str, Any]) -> None:
+    """--force_unlock: BadInputError when the holder runs on this host and its pid is alive."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+      return
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return  # gone: take it over
+    except PermissionError:
+      pass  # alive, another user's
+    raise BadInputError(str(self.workdir), f"workdir is in use by pid {pid} on this host "
+                        f"({holder.get('host')}), which is alive; --force_unlock takes over only "
+                        f"a lock whose holder is gone: stop pid {pid} first")
+
   # Local disks: flock.
 
   def _same_file(self, fd: int) -> bool:
@@ -157,6 +175,7 @@ class WorkdirLock:
         holder = self._read() or {}
         if not self.force:
           raise self._in_use(holder) from None
+        self._refuse_a_live_holder(holder)
         self.took_over = holder
         with contextlib.suppress(FileNotFoundError):
           os.unlink(self.path)  # the holder keeps its lock on the old file; the next open is new
@@ -187,6 +206,8 @@ class WorkdirLock:
       age = time.time() - float(current.get("heartbeat", 0.0))
       if age < self.stale_after_s and not self.force:
         raise self._in_use(current, age)
+      if age < self.stale_after_s:
+        self._refuse_a_live_holder(current)
       self.took_over = current
     self._write()
     if self.settle_s:
