@@ -202,3 +202,23 @@ def test_chat_without_a_template_is_bad_input(dirs):
   p, t = tokenizer_lib.encode_example(plain, "ab", "c")
   assert p[0] == plain.bos_id and t[-1] == plain.eos_id
   assert p[1:].tolist() == plain.encode("ab").tolist() and t[:-1].tolist() == plain.encode("c").tolist()
+
+
+def test_export_keeps_a_chat_template_saved_as_jinja(dirs, tmp_path):
+  """transformers 5 saves a chat template as chat_template.jinja (not in tokenizer_config.json):
+  an export copies it, so the exported model keeps its chat format (same rendering)."""
+  from flax import nnx
+
+  from mtjax.config import ModelConfig
+  from mtjax.data import tokenizer as tokenizer_lib
+  from mtjax.model import Decoder, ModelSpec, pretrained
+  source = tokenizer_lib.get(f"hf:{dirs['llama']}")
+  spec = ModelSpec.from_config(ModelConfig(d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                           mlp_dim=32, vocab_size=512), 512, "float32")
+  params = nnx.to_pure_dict(nnx.state(Decoder(spec, nnx.Rngs(0))))
+  out = tmp_path / "export"
+  files = pretrained.export(params, spec, out, config=pretrained.hf_config(spec),
+                            tokenizer_dir=dirs["llama"], progress=False)
+  assert "chat_template.jinja" in files
+  exported = tokenizer_lib.get(f"hf:{out}")
+  assert exported.chat_template == source.chat_template and exported.chat_template

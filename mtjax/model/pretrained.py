@@ -44,8 +44,10 @@ from mtjax.model.llama import ModelSpec
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                  "Gemma3ForCausalLM": "gemma3_text"}
+# chat_template.jinja: where transformers 5 saves a chat template (tokenizer_config.json no longer
+# holds it), so an export without it would lose the model's chat format.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "tokenizer.model")
+                   "generation_config.json", "tokenizer.model", "chat_template.jinja")
 
 # How an HF tensor maps onto an mtjax parameter (see the module docstring).
 SAME, TRANSPOSE, HEADS_IN, HEADS_OUT, HEADS_BIAS = "same", "transpose", "heads_in", "heads_out", "heads_bias"
