@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 failure; 2 bad config or input (one line `error: ...`, 
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -280,11 +281,16 @@ def compose(args: argparse.Namespace, tasks: Sequence[str]) -> int:
 def export(args: argparse.Namespace) -> int:
   from mtjax.train.export import export_run
 
-  if args.max_shard_gb <= 0:
+  if not math.isfinite(args.max_shard_gb) or args.max_shard_gb <= 0:
     raise BadInputError("--max_shard_gb", f"expected a positive size, got {args.max_shard_gb}")
-  files = export_run(args.workdir, args.out, args.step,
-                     max_shard_bytes=int(args.max_shard_gb * 1e9), task=args.task,
-                     adapters_only=args.adapters_only)
+  try:
+    files = export_run(args.workdir, args.out, args.step,
+                       max_shard_bytes=int(args.max_shard_gb * 1e9), task=args.task,
+                       adapters_only=args.adapters_only)
+  except KeyboardInterrupt:  # SIGTERM or SIGINT: the partial export was removed
+    print(f"stopped: export interrupted; nothing was written to {args.out} (run it again)",
+          file=sys.stderr)
+    return EXIT_PREEMPTED
   if files:
     note = "" if "tokenizer.json" in files else (
         " (no tokenizer files: the run's tokenizer is not an HF tokenizer.json)")

@@ -7,8 +7,13 @@ mtjax.model.svf) and the weights written by mtjax.model.pretrained.export.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -31,9 +36,69 @@ def export_run(workdir: str | epath.PathLike, out: str | epath.PathLike, step: i
   PEFT adapter directory instead (of `task`'s adapter when per task; LoRA and DoRA), which peft
   loads onto the run's base model. Soft prompts travel beside the weights (mtjax_soft_prompt.npy)."""
   out = epath.Path(out)
-  if out.exists() and any(out.iterdir()):
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise BadInputError(str(out), "exists and is not empty: export writes into a new directory")
   run = setup_lib.from_workdir(workdir, step, devices=devices, purpose="export")
+  with _staged(out) as staging:
+    return _export(run, staging, max_shard_bytes=max_shard_bytes, task=task,
+                   adapters_only=adapters_only)
+
+
+@contextlib.contextmanager
+def _staged(out: epath.Path) -> Iterator[epath.Path]:
+  """Where the export writes: locally a hidden sibling `.<name>.partial-<pid>`, renamed to `out`
+  only once every file is written, so `out` is whole or absent (a SIGTERM, SIGINT, full disk or
+  error removes the partial directory; SIGTERM then exits 3; one left by a SIGKILL is removed by
+  the next export to the same place). Object stores have no rename: there `out` is written in
+  place, and an interrupted export leaves it partial (export again to a new path)."""
+  if "://" in str(out):
+    yield out
+    return
+  for stale in out.parent.glob(f".{out.name}.partial-*"):  # a killed export's leftovers
+    pid = stale.name.rsplit("-", 1)[-1]
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(stale, ignore_errors=True)
+  staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+  previous = None
+  if threading.current_thread() is threading.main_thread():
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+  try:
+    if jax.process_index() == 0:
+      staging.mkdir(parents=True, exist_ok=False)
+    yield staging
+    if jax.process_index() == 0:
+      if out.exists():
+        out.rmdir()  # the empty directory it was allowed to be
+      staging.rename(out)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+class ExportInterrupted(KeyboardInterrupt):
+  """SIGTERM during an export: the partial directory was removed (the CLI exits 3)."""
+
+
+def _interrupt(signum, frame) -> None:
+  del signum, frame
+  raise ExportInterrupted()
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _export(run: Any, out: epath.Path, *, max_shard_bytes: int, task: str | None,
+            adapters_only: bool) -> list[str]:
   config = run.config
   spec, params = run.spec, run.state.params
   if adapters_only:
