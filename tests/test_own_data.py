@@ -296,3 +296,44 @@ def test_walkthrough_config_is_valid_and_its_data_held_out(capsys):
       assert train and val and not train & val
   finally:
     os.chdir(cwd)
+
+
+def test_a_runs_jsonl_tasks_can_be_named_by_eval_and_a_torn_config_is_bad_input(tmp_path, tiny):
+  """`mtjax eval --workdir W --tasks NAME` resolves the run's recorded config first, so a task
+  from data.jsonl_tasks is known by name; a config.json that is not JSON is one error line."""
+  from etils import epath
+
+  from mtjax import tasks
+  from mtjax.errors import BadInputError
+  from mtjax.resolve import resolve
+  from mtjax.train import rundir, setup
+  path = _write_jsonl(tmp_path / "m.jsonl", [{"prompt": "ab", "target": "ba"}] * 4)
+  cfg = resolve(tiny(**{"data.jsonl_tasks": {"mine": {"train": path, "validation": path}},
+                        "data.tasks": ("mine",), "data.mixture": {}}))
+  workdir = epath.Path(tmp_path / "run")
+  import jax
+  rundir.write_run_files(workdir, cfg, jax.devices())
+  del tasks._REGISTRY["mine"]  # a fresh process: only the run directory knows it
+  assert "mine" in setup.workdir_config(workdir).data.tasks and "mine" in tasks.names()
+  (workdir / "config.json").write_text('{"seed": 0, "model": {"d_mo')  # torn at a write
+  with pytest.raises(BadInputError, match=r"config.json: is not valid JSON"):
+    setup.workdir_config(workdir)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("reverse", "'reverse' is the name of a built-in task"),
+    ("bfcl_simple", "'bfcl_simple' is the name of a built-in task"),
+    ("x,y", "a task name is letters, digits"),
+    ("my task", "a task name is letters, digits"),
+])
+def test_a_jsonl_task_may_not_shadow_a_builtin_or_carry_separators(name, message, tmp_path, tiny):
+  from mtjax import tasks
+  from mtjax.errors import BadInputError
+  from mtjax.resolve import resolve
+  path = _write_jsonl(tmp_path / "m.jsonl", [{"prompt": "ab", "target": "ba"}])
+  builtin = tasks.get("reverse")
+  with pytest.raises(BadInputError) as e:
+    resolve(tiny(**{"data.jsonl_tasks": {name: {"train": path}}, "data.tasks": (name,),
+                    "data.mixture": {}}))
+  assert e.value.field == f"data.jsonl_tasks.{name}" and message in str(e.value)
+  assert tasks.get("reverse") is builtin  # not replaced

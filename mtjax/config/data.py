@@ -5,9 +5,13 @@ and the tokenizer files say is mtjax.data.resolve's, at run start)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 
 from mtjax.errors import BadInputError
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
 
 @dataclasses.dataclass(frozen=True)
 class JsonlTaskConfig:
@@ -129,8 +133,9 @@ def check(d: DataConfig) -> None:
   if d.truncate not in TRUNCATE:
     raise BadInputError("data.truncate", f"expected one of {', '.join(TRUNCATE)}, got {d.truncate!r}")
   for name, spec in d.jsonl_tasks.items():
-    if not name or "/" in name or "." in name:
-      raise BadInputError(f"data.jsonl_tasks.{name}", "a task name is non-empty, without '/' or '.'")
+    if not _TASK_NAME.fullmatch(name):  # named in --tasks a,b, metric keys eval/<task>/..., paths
+      raise BadInputError(f"data.jsonl_tasks.{name}", "a task name is letters, digits, '_' and "
+                          "'-' (no ',', '/', '.' or spaces)")
     if not spec.train and not spec.validation:
       raise BadInputError(f"data.jsonl_tasks.{name}", "expected train and/or validation files")
     for field in ("prompt_field", "target_field"):

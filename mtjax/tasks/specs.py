@@ -57,7 +57,13 @@ def jsonl_task(name: str, spec: JsonlTaskConfig) -> registry.Task:
 
 
 def register_jsonl_tasks(specs: dict[str, JsonlTaskConfig] | Any) -> None:
+  """Registers data.jsonl_tasks (a re-registration replaces the earlier one); a name that is a
+  built-in task's is refused (it would silently replace `reverse`, or a benchmark's eval-only
+  flag)."""
   for name, spec in specs.items():
+    if name in registry.BUILTIN_TASKS:
+      raise BadInputError(f"data.jsonl_tasks.{name}", f"{name!r} is the name of a built-in task; "
+                          "give your task another name")
     registry.register(jsonl_task(name, spec), replace=True)
 
 

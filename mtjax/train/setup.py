@@ -262,9 +262,16 @@ def workdir_config(workdir: str | epath.PathLike) -> Config:
   path = rundir.resolve(workdir)
   if not (path / "config.json").exists():
     raise BadInputError(str(path), "not a run directory (no config.json)")
-  config = config_lib.from_dict(json.loads((path / "config.json").read_text()))
+  try:
+    recorded = json.loads((path / "config.json").read_text())
+  except ValueError as e:
+    raise BadInputError(str(path / "config.json"), f"is not valid JSON ({e})") from None
+  if not isinstance(recorded, dict):
+    raise BadInputError(str(path / "config.json"), "expected a JSON object (a run's config)")
+  config = config_lib.from_dict(recorded)
   from mtjax.tasks import specs  # tasks a config file defined: rebuilt from tasks.json
   specs.rebuild(path, config.data.tasks + config.eval.tasks, config.data.jsonl_tasks)
+  specs.register_jsonl_tasks(config.data.jsonl_tasks)  # so `--tasks` can name them too
   return config
 
 
