@@ -17,6 +17,7 @@ from mtjax.check import check_workdir
 from mtjax.errors import BadInputError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 3
+MAX_NEW_TOKENS = 65_536  # `mtjax generate`: beyond this the cache alone needs tens of GB
 
 
 class _Parser(argparse.ArgumentParser):
@@ -301,9 +302,11 @@ def export(args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace) -> int:
   from mtjax.loading import load
 
-  if args.max_new_tokens < 1:
-    raise BadInputError("--max_new_tokens", f"expected at least 1, got {args.max_new_tokens}")
-  if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+  if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:  # the KV cache is allocated for all of them
+    raise BadInputError("--max_new_tokens", f"expected 1 to {MAX_NEW_TOKENS:,}, got "
+                        f"{args.max_new_tokens}")
+  if not (math.isfinite(args.temperature) and args.temperature >= 0) or args.top_k < 0 \
+      or not 0 < args.top_p <= 1:
     raise BadInputError("--temperature/--top_k/--top_p", "expected temperature >= 0, top_k >= 0 "
                         "and 0 < top_p <= 1")
   model = load(args.workdir or args.model, args.step)

@@ -121,6 +121,10 @@ def _load_hf(directory: epath.Path, devices: Sequence[Any] | None, param_dtype: 
   devices = list(devices) if devices is not None else jax.devices()
   spec = pretrained.spec_for(directory, dtype=auto_dtype(devices[0]), param_dtype=param_dtype)
   tokenizer = tokenizer_lib.get(f"hf:{directory}")
+  if tokenizer.vocab_size > spec.vocab_size:  # ids past the embedding would be clamped silently
+    raise BadInputError(str(directory), f"the tokenizer has {tokenizer.vocab_size} tokens, more "
+                        f"than the {spec.vocab_size} rows of the model's embedding (config.json "
+                        "vocab_size)")
   mesh = make_mesh(MeshConfig(fsdp=-1), devices)
   _, abstract, shardings = param_shardings(mesh, spec)
   params = pretrained.load_params(directory, spec, abstract, shardings)

@@ -488,6 +488,11 @@ def test_bad_input_tokenizer_larger_than_embedding(bad_dir, capsys):
   (directory / "config.json").write_text(json.dumps(config))
   line = _one_error(*_train(capsys, directory, workdir))
   assert str(vocab) in line and str(vocab - 8) in line
+  # generate and mtjax.load refuse it the same way (ids past the embedding were clamped silently)
+  from mtjax import cli
+  rc = cli.main(["generate", "--model", str(directory), "--prompt", "ab", "--max_new_tokens", "2"])
+  line = _one_error(rc, capsys.readouterr().err)
+  assert f"the tokenizer has {vocab} tokens, more than the {vocab - 8} rows" in line
 
 
 # ----------------------------------------------------------------------------- 6. config parsing
@@ -551,3 +556,17 @@ def test_model_fields_qwen2_use_sliding_window(tmp_path, use):
   fields = _fields(tmp_path, **config)
   assert fields["sliding_window"] == (4096 if use else 0)
   assert fields["qkv_bias"] and not fields["out_bias"] and not fields["qk_norm"]
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--temperature", "nan"], "--temperature/--top_k/--top_p"),
+    (["--temperature", "inf"], "--temperature/--top_k/--top_p"),
+    (["--top_p", "nan"], "--temperature/--top_k/--top_p"),
+    (["--max_new_tokens", "1000000000"], "--max_new_tokens"),
+    (["--max_new_tokens", "0"], "--max_new_tokens"),
+])
+def test_bad_generation_settings_exit_2_before_loading(flags, field, capsys, tmp_path):
+  from mtjax import cli
+  rc = cli.main(["generate", "--model", str(tmp_path / "not-loaded"), "--prompt", "ab", *flags])
+  line = _one_error(rc, capsys.readouterr().err)
+  assert line.startswith(f"error: {field}: expected")
