@@ -24,10 +24,10 @@ from etils import epath
 
 from mtjax.errors import BadInputError
 
+# Model weights only: integer and boolean tensors are consistent on their own but are no
+# weights mtjax can load (quantized or mask tensors would be cast to float and trained on).
 DTYPES: dict[str, Any] = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
 }
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 MAX_HEADER = 100_000_000  # the format's own limit
@@ -47,15 +47,51 @@ class TensorFile:
         if size > MAX_HEADER:
           raise ValueError(f"header length {size} is beyond the format's limit")
         header = json.loads(f.read(size))
+        file_size = f.seek(0, 2)
     except (OSError, ValueError, UnicodeDecodeError) as e:
       raise BadInputError(str(self.path), f"not a readable safetensors file ({e})") from None
-    self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+    if not isinstance(header, dict):
+      raise BadInputError(str(self.path), "not a safetensors file (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+      raise BadInputError(str(self.path), "__metadata__: expected a JSON object")
+    self.metadata: dict[str, str] = metadata
     self._data_start = 8 + size
     self.entries: dict[str, dict[str, Any]] = header
+    data_bytes = file_size - self._data_start
     for name, entry in header.items():
-      if entry.get("dtype") not in DTYPES:
-        raise BadInputError(str(self.path), f"tensor {name}: unsupported dtype "
-                            f"{entry.get('dtype')!r} (supported: {', '.join(DTYPES)})")
+      self._check_entry(name, entry, data_bytes)
+    # The format's own rule: the tensors tile the data region, no holes, no overlaps (an
+    # overlap would hand one tensor another's bytes).
+    spans = sorted(tuple(e["data_offsets"]) for e in header.values())
+    ends = [0] + [end for _, end in spans]
+    if any(begin != ends[i] for i, (begin, _) in enumerate(spans)) or ends[-1] != data_bytes:
+      raise BadInputError(str(self.path), f"the tensors' data_offsets do not tile its "
+                          f"{data_bytes} data bytes (holes or overlaps)")
+
+  def _check_entry(self, name: str, entry: Any, data_bytes: int) -> None:
+    """A header entry that cannot lie: dtype in DTYPES, shape non-negative integers, offsets
+    inside the data region and exactly the bytes the shape and dtype need (a header declaring F16
+    over F32 bytes, or negative offsets, would otherwise read garbage)."""
+    def bad(why: str) -> BadInputError:
+      return BadInputError(str(self.path), f"tensor {name}: {why}")
+
+    if not isinstance(entry, dict):
+      raise bad("expected a JSON object with dtype, shape and data_offsets")
+    if entry.get("dtype") not in DTYPES:
+      raise bad(f"unsupported dtype {entry.get('dtype')!r} (model weights: {', '.join(DTYPES)})")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+      raise bad(f"shape {shape!r}: expected a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+      raise bad(f"data_offsets {offsets!r}: expected [begin, end] with 0 <= begin <= end")
+    need = math.prod(shape) * np.dtype(DTYPES[entry["dtype"]]).itemsize
+    if offsets[1] - offsets[0] != need:
+      raise bad(f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, but shape {shape} "
+                f"of {entry['dtype']} needs {need}")
+    if offsets[1] > data_bytes:
+      raise bad(f"data_offsets {offsets} run past the file's {data_bytes} data bytes")
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self.entries[name]["shape"])
