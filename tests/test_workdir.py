@@ -268,3 +268,29 @@ def test_two_evals_of_one_step_merge_under_the_file_lock(tmp_path, locked):
                              str(int(key == "a"))], cwd=REPO) for key in ("a", "b")]
   assert [p.wait(60) for p in procs] == [0, 0]
   assert set(json.loads(out.read_text())) == ({"a", "b"} if locked else {"a"})
+
+
+def test_a_resume_whose_tokenizer_file_changed_content_is_refused(tmp_path, capsys):
+  """Same path, other contents: the stored token ids would mean other text. Refused with one
+  error line naming data.tokenizer, nothing in the workdir changed; the same contents resume."""
+  import shutil
+  tok = tmp_path / "tok.json"
+  shutil.copy(REPO / "configs" / "tokenizers" / "function_calling_bpe2048.json", tok)
+  workdir = tmp_path / "run"
+  args = ARGS + [f"--config.data.tokenizer=hf:{tok}", "--workdir", str(workdir)]
+  assert cli.main(args + ["--config.train.steps=2"]) == 0
+  spec = json.loads(tok.read_text())
+  vocab = spec["model"]["vocab"]  # two tokens swap ids: same size, other meaning
+  a, b = sorted(vocab, key=vocab.get)[300:302]
+  vocab[a], vocab[b] = vocab[b], vocab[a]
+  original = tok.read_text()
+  tok.write_text(json.dumps(spec))
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  capsys.readouterr()
+  assert cli.main(args + ["--config.train.steps=4"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: data.tokenizer: hf:{tok}: its content changed since the "
+                        "checkpoint at step 2") and len(err.splitlines()) == 1
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+  tok.write_text(original)
+  assert cli.main(args + ["--config.train.steps=4"]) == 0 and _checkpoints(workdir)[-1] == 4

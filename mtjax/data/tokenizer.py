@@ -13,6 +13,7 @@ end-of-turn token is its EOS and where generation stops.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -451,6 +452,24 @@ def get(name: str) -> Tokenizer:
   except Exception as e:  # a file that is not a tokenizer of that kind
     raise BadInputError("data.tokenizer", f"cannot load {path} as {kind} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def fingerprint(name: str) -> str:
+  """What a tokenizer's token ids mean, as a sha256 of the files that define them (hf:
+  tokenizer.json, spm: the model file; "byte": the name itself). A resume compares it: the same
+  path with other contents would make every stored id another piece of text."""
+  kind, _, path = name.partition(":")
+  if kind == "hf":
+    where = epath.Path(path)
+    files = [where / "tokenizer.json"] if where.is_dir() else [where]
+  elif kind == "spm":
+    files = [epath.Path(path)]
+  else:
+    return name
+  digest = hashlib.sha256()
+  for file in files:
+    digest.update(file.read_bytes())
+  return digest.hexdigest()
 
 
 def for_data(data: Any) -> Tokenizer:

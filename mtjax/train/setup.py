@@ -158,7 +158,8 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
   # The schedule counts optimizer updates: an RL step takes rl.epochs of them.
   updates_per_step = config.rl.epochs if config.rl.algorithm != "none" else 1
   run_facts = {"decay_steps": decay_steps or config.optimizer.decay_steps
-               or config.train.steps * updates_per_step}
+               or config.train.steps * updates_per_step,
+               "tokenizer_sha256": tokenizer_lib.fingerprint(config.data.tokenizer)}
   if workdir is not None:
     # Every check of a resume (the target exists, the config may resume it, its format is
     # readable, its arrays restore) comes before resume_from moves later checkpoints aside.
@@ -172,8 +173,11 @@ def build(config: Config, *, devices: Sequence[Device] | None = None,
       if restore_step is None:
         changes = checkpointer.check_compatible(restore_at, config)
       checkpointer.format_version(restore_at)  # a newer format is refused here, by name
-      run_facts = checkpointer.read_facts(restore_at)[1]  # the LR schedule is fixed at the first start
-      run_facts = {"decay_steps": run_facts["decay_steps"]}
+      saved = checkpointer.read_facts(restore_at)[1]  # the LR schedule is fixed at the first start
+      if restore_step is None:
+        _check_same_tokenizer(saved, run_facts, config, restore_at)
+      run_facts = {"decay_steps": saved["decay_steps"],
+                   "tokenizer_sha256": saved.get("tokenizer_sha256", run_facts["tokenizer_sha256"])}
 
   opt_cfg = config.optimizer
   if config.model.svf.enabled:  # only the experts' p train, at their own LR
@@ -251,6 +255,19 @@ def _resume_target_exists(workdir: epath.Path, step: int) -> None:
   if step not in steps:
     raise BadInputError("--resume_from", f"no checkpoint at step {step} in {directory} "
                         f"(available: {steps or 'none'})")
+
+
+def _check_same_tokenizer(saved: dict[str, Any], now: dict[str, Any], config: Config,
+                          step: int) -> None:
+  """A resume whose tokenizer file changed CONTENT (same path) is refused: the checkpoint's
+  embedding rows and the loader's stored positions mean the old ids. Checkpoints written before
+  the fingerprint was recorded are not checked."""
+  was = saved.get("tokenizer_sha256")
+  if was is not None and was != now["tokenizer_sha256"]:
+    raise BadInputError("data.tokenizer", f"{config.data.tokenizer}: its content changed since "
+                        f"the checkpoint at step {step} (sha256 {was[:12]}... then, "
+                        f"{now['tokenizer_sha256'][:12]}... now); the stored token ids would mean "
+                        "other text: restore the file, or train in a new --workdir")
 
 
 def workdir_config(workdir: str | epath.PathLike) -> Config:
