@@ -337,3 +337,26 @@ def test_a_jsonl_task_may_not_shadow_a_builtin_or_carry_separators(name, message
                     "data.mixture": {}}))
   assert e.value.field == f"data.jsonl_tasks.{name}" and message in str(e.value)
   assert tasks.get("reverse") is builtin  # not replaced
+
+
+def test_a_resume_after_a_data_file_changed_warns_and_records_it(user_config, tmp_path, capsys):
+  """A JSONL file that grew between two starts: the resume goes on (the data may be meant to
+  grow) but says so, naming the file and both sizes; tasks.json records the new fingerprint."""
+  from mtjax import cli
+  path = tmp_path / "data" / "echo_train.jsonl"
+  workdir = tmp_path / "run"
+  args = ["train", "--config", str(user_config), "--config.checkpoint.every=2",
+          "--workdir", str(workdir)]
+  assert cli.main(args + ["--config.train.steps=2"]) == 0
+  size = path.stat().st_size
+  recorded = json.loads((workdir / "tasks.json").read_text())["echo"]["fingerprints"][str(path)]
+  assert recorded["bytes"] == size
+  capsys.readouterr()
+  assert cli.main(args + ["--config.train.steps=4"]) == 0  # unchanged: no warning
+  assert "data file changed" not in capsys.readouterr().err
+  with path.open("a") as f:
+    f.write(json.dumps({"q": "abc", "a": "abc", "id": 99}) + "\n")
+  assert cli.main(args + ["--config.train.steps=6"]) == 0
+  err = capsys.readouterr().err
+  assert f"warning: data file changed since this run last started: {path} ({size} -> " in err
+  assert json.loads((workdir / "tasks.json").read_text())["echo"]["fingerprints"][str(path)]["bytes"] > size

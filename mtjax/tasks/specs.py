@@ -11,6 +11,7 @@ preprocess function, a scorer without a registered name) cannot be rebuilt from 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -84,6 +85,8 @@ def describe(task: registry.Task) -> dict[str, Any]:
   if isinstance(source, (JsonlSource, ArrayRecordSource)):
     out["kind"] = "jsonl" if isinstance(source, JsonlSource) else "array_record"
     out["files"] = {split: [absolute(p) for p in paths] for split, paths in source.files.items()}
+    out["fingerprints"] = {absolute(p): _fingerprint(p) for paths in source.files.values()
+                           for p in paths}
     out["fields"] = dataclasses.asdict(source.fields)
   else:
     out["kind"] = type(source).__name__
@@ -101,6 +104,36 @@ def describe(task: registry.Task) -> dict[str, Any]:
   if scorer and scoring.defined_in(scorer):
     out["scorer_defined_in"] = scoring.defined_in(scorer)
   return out
+
+
+def _fingerprint(path: str) -> dict[str, Any]:
+  """A data file's size and sha256 (read in 1 MiB blocks), so a resume can say it changed."""
+  file = epath.Path(path)
+  if not file.exists():
+    return {}
+  digest, size = hashlib.sha256(), 0
+  with file.open("rb") as f:
+    while block := f.read(1 << 20):
+      digest.update(block)
+      size += len(block)
+  return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def changed_files(old_record: str, new_record: str) -> list[str]:
+  """The data files whose size or sha256 differ between two tasks.json texts (a resume after the
+  data changed: its loader positions now index other examples)."""
+  try:
+    old = json.loads(old_record)
+  except ValueError:
+    return []
+  new = json.loads(new_record)
+  changed = []
+  for name, entry in new.items():
+    before = (old.get(name) or {}).get("fingerprints") or {} if isinstance(old, dict) else {}
+    for path, now in (entry.get("fingerprints") or {}).items():
+      if path in before and before[path] and before[path] != now:
+        changed.append(f"{path} ({before[path].get('bytes')} -> {now.get('bytes')} bytes)")
+  return changed
 
 
 def record_text(names: Iterable[str]) -> str:

@@ -132,6 +132,12 @@ def write_run_files(workdir: epath.Path, config: Config, devices, extra: dict | 
   workdir.mkdir(parents=True, exist_ok=True)
   replace_file(workdir / "config.json", (config.to_json() + "\n").encode())
   from mtjax.tasks import specs  # how to rebuild the tasks without the config file's code
-  replace_file(workdir / specs.RECORD, specs.record_text(config.data.tasks + config.eval.tasks).encode())
+  record = specs.record_text(config.data.tasks + config.eval.tasks)
+  if (workdir / specs.RECORD).exists():  # a resume: say which data files changed meanwhile
+    for changed in specs.changed_files((workdir / specs.RECORD).read_text(), record):
+      print(f"warning: data file changed since this run last started: {changed}; resuming on "
+            "the new contents (the loader's position now indexes other examples; recorded in "
+            f"{workdir / specs.RECORD})", file=sys.stderr, flush=True)
+  replace_file(workdir / specs.RECORD, record.encode())
   env = environment(devices) | (extra or {})
   replace_file(workdir / "env.json", (json.dumps(env, indent=2, sort_keys=True) + "\n").encode())
