@@ -570,3 +570,36 @@ def test_bad_generation_settings_exit_2_before_loading(flags, field, capsys, tmp
   rc = cli.main(["generate", "--model", str(tmp_path / "not-loaded"), "--prompt", "ab", *flags])
   line = _one_error(rc, capsys.readouterr().err)
   assert line.startswith(f"error: {field}: expected")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hidden_size": 32.7}, "hidden_size: expected an integer, got 32.7"),
+    ({"hidden_size": "32"}, "hidden_size: expected an integer, got '32'"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers: expected at least 1, got 0"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers: expected at least 1, got -1"),
+    ({"num_attention_heads": 0}, "num_attention_heads: expected at least 1, got 0"),
+    ({"num_attention_heads": 3}, "num_attention_heads 3 is not a multiple of num_key_value_heads 2"),
+    ({"vocab_size": True}, "vocab_size: expected an integer, got True"),
+    ({"sliding_window": -5}, "sliding_window: expected at least 0, got -5"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps: expected a finite number, got nan"),
+    ({"rope_theta": "abc"}, "rope_theta: expected a finite number, got 'abc'"),
+    ({"rope_theta": 0}, "rope_theta: expected a positive number, got 0"),
+    ({"rope_scaling": "linear"}, "rope_scaling: expected a JSON object, got 'linear'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": float("nan")}},
+     "rope_scaling.factor: expected a finite number, got nan"),
+])
+def test_model_fields_refuse_values_of_the_wrong_type_or_range(tmp_path, changes, message):
+  """config.json values are type- and range-checked, the key named (never truncated: 32.7 -> 32,
+  never a traceback)."""
+  from mtjax.errors import BadInputError
+  with pytest.raises(BadInputError) as e:
+    _fields(tmp_path, **changes)
+  assert message in str(e.value) and str(e.value).startswith(str(tmp_path / "config.json"))
+
+
+def test_a_config_json_that_is_a_directory_is_bad_input(tmp_path):
+  from mtjax.errors import BadInputError
+  from mtjax.model.pretrained import model_fields
+  (tmp_path / "config.json").mkdir()
+  with pytest.raises(BadInputError, match="config.json: cannot be read"):
+    model_fields(tmp_path)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -70,6 +71,8 @@ def read_config(directory: epath.PathLike) -> dict[str, Any]:
     config = json.loads(path.read_text())
   except ValueError as e:
     raise BadInputError(str(path), f"not valid JSON ({e})") from None
+  except OSError as e:  # a directory named config.json, unreadable permissions
+    raise BadInputError(str(path), f"cannot be read ({e.strerror or e})") from None
   if not isinstance(config, dict):
     raise BadInputError(str(path), "expected a JSON object")
   return config
@@ -98,6 +101,8 @@ def _rope(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
   else:  # the legacy keys
     theta = hf.get("rope_theta", 10_000.0)
     scaling = hf.get("rope_scaling") or {}
+  if not isinstance(scaling, Mapping):
+    raise BadInputError(where, f"rope_scaling: expected a JSON object, got {scaling!r}")
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
   if rope_type not in ROPE_SCALING_KEYS:
     raise BadInputError(where, f"rope type {rope_type!r} is not supported (supported: "
@@ -105,8 +110,33 @@ def _rope(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
   missing = [k for k in ROPE_SCALING_KEYS[rope_type] if k not in scaling]
   if missing:
     raise BadInputError(where, f"rope type {rope_type!r} needs {missing}")
-  return {"rope_theta": float(theta), "rope_type": rope_type,
-          "rope_scaling": {k: float(scaling[k]) for k in ROPE_SCALING_KEYS[rope_type]}}
+  return {"rope_theta": _positive(theta, "rope_theta", where), "rope_type": rope_type,
+          "rope_scaling": {k: _finite(scaling[k], f"rope_scaling.{k}", where)
+                           for k in ROPE_SCALING_KEYS[rope_type]}}
+
+
+def _integer(value: Any, key: str, where: str, minimum: int = 1) -> int:
+  """An integer config.json value >= minimum (32.7, "32", true or -1 layers are refused, not
+  truncated or trained on)."""
+  if isinstance(value, bool) or not (isinstance(value, int) or
+                                     (isinstance(value, float) and value.is_integer())):
+    raise BadInputError(where, f"{key}: expected an integer, got {value!r}")
+  if value < minimum:
+    raise BadInputError(where, f"{key}: expected at least {minimum}, got {value!r}")
+  return int(value)
+
+
+def _finite(value: Any, key: str, where: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise BadInputError(where, f"{key}: expected a finite number, got {value!r}")
+  return float(value)
+
+
+def _positive(value: Any, key: str, where: str) -> float:
+  number = _finite(value, key, where)
+  if number <= 0:
+    raise BadInputError(where, f"{key}: expected a positive number, got {value!r}")
+  return number
 
 
 def _sliding_window(hf: Mapping[str, Any], family: str, num_layers: int, where: str) -> int:
@@ -139,21 +169,26 @@ def model_fields(directory: epath.PathLike) -> dict[str, Any]:
   hf = read_config(directory)
   family = architecture(hf, where)
   try:
-    d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    layers = int(hf["num_hidden_layers"])
+    d = _integer(hf["hidden_size"], "hidden_size", where)
+    heads = _integer(hf["num_attention_heads"], "num_attention_heads", where)
+    layers = _integer(hf["num_hidden_layers"], "num_hidden_layers", where)
+    kv_heads = _integer(hf.get("num_key_value_heads") or heads, "num_key_value_heads", where)
     fields: dict[str, Any] = {
-        "d_model": d, "num_layers": layers, "num_heads": heads,
-        "num_kv_heads": int(hf.get("num_key_value_heads") or heads),
-        "mlp_dim": int(hf["intermediate_size"]),
-        "head_dim": int(hf.get("head_dim") or d // heads),
-        "vocab_size": int(hf["vocab_size"]),
+        "d_model": d, "num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads,
+        "mlp_dim": _integer(hf["intermediate_size"], "intermediate_size", where),
+        "head_dim": _integer(hf.get("head_dim") or d // heads, "head_dim", where),
+        "vocab_size": _integer(hf["vocab_size"], "vocab_size", where),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "norm_eps": _positive(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
     }
   except KeyError as e:
     raise BadInputError(where, f"missing key {e.args[0]!r}") from None
-  except (TypeError, ValueError) as e:
-    raise BadInputError(where, f"a shape value is not a number ({e})") from None
+  if heads % kv_heads:
+    raise BadInputError(where, f"num_attention_heads {heads} is not a multiple of "
+                        f"num_key_value_heads {kv_heads}")
+  window = hf.get("sliding_window")
+  if window is not None:
+    _integer(window, "sliding_window", where, minimum=0)
   if family == "gemma3_text":
     return _gemma3_fields(hf, fields, where)
   if hf.get("hidden_act", "silu") != "silu":
@@ -212,13 +247,16 @@ def _gemma3_fields(hf: Mapping[str, Any], fields: dict[str, Any], where: str) ->
         **(params["full_attention"] or {}), "rope_theta": GEMMA3_DEFAULTS["rope_theta"]}}
   fields.update(_rope(rope, where))
   fields.update(
-      head_dim=int(hf.get("head_dim") or GEMMA3_DEFAULTS["head_dim"]),
+      head_dim=_integer(hf.get("head_dim") or GEMMA3_DEFAULTS["head_dim"], "head_dim", where),
       tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-      sliding_window=int(hf.get("sliding_window") or GEMMA3_DEFAULTS["sliding_window"]),
-      layer_types=tuple(layer_types), rope_local_theta=float(local_theta),
+      sliding_window=_integer(hf.get("sliding_window") or GEMMA3_DEFAULTS["sliding_window"],
+                              "sliding_window", where),
+      layer_types=tuple(layer_types),
+      rope_local_theta=_positive(local_theta, "rope_local_base_freq", where),
       activation="gelu_tanh", norm_plus_one=True, post_norms=True, embed_scale=True,
-      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar")
-                                  or GEMMA3_DEFAULTS["query_pre_attn_scalar"]),
+      query_pre_attn_scalar=_positive(hf.get("query_pre_attn_scalar")
+                                      or GEMMA3_DEFAULTS["query_pre_attn_scalar"],
+                                      "query_pre_attn_scalar", where),
       qkv_bias=False, out_bias=False, qk_norm=True)
   return fields
 
