@@ -67,6 +67,12 @@ def test_bad_lora_config_is_named():
                           ("--config.model.lora.dropout=1.5", "model.lora.dropout")):
     with pytest.raises(BadInputError, match=field.replace(".", r"\.")):
       config_lib.load("configs/demo.py:tiny", [override])
+  # A rank above d_model (tiny: 32) is no low-rank adapter at all.
+  with pytest.raises(BadInputError, match=r"model\.lora\.rank: 100000 is more than model\.d_model 32"):
+    config_lib.load("configs/demo.py:tiny", ["--config.model.lora.targets=q,v",
+                                             "--config.model.lora.rank=100000"])
+  config_lib.load("configs/demo.py:tiny", ["--config.model.lora.targets=q,v",
+                                           "--config.model.lora.rank=32"])
 
 
 def test_init_equals_base_then_only_adapters_train_without_base_optimizer_state(capsys):

@@ -360,3 +360,13 @@ def test_a_resume_after_a_data_file_changed_warns_and_records_it(user_config, tm
   err = capsys.readouterr().err
   assert f"warning: data file changed since this run last started: {path} ({size} -> " in err
   assert json.loads((workdir / "tasks.json").read_text())["echo"]["fingerprints"][str(path)]["bytes"] > size
+
+
+def test_a_jsonl_instruction_that_is_not_a_string_is_a_bad_record(tmp_path):
+  """A list in the instruction field was str()'d ("['a', 'b']") and trained on."""
+  from mtjax.tasks.sources import Fields, JsonlSource
+  path = _write_jsonl(tmp_path / "m.jsonl", [{"input": "ab", "target": "ba",
+                                              "instruction": ["reverse", "it"]}])
+  source = JsonlSource({"train": [path]}, Fields())
+  with pytest.raises(Exception, match="field 'instruction' must be a string, got list"):
+    source.load("train", 0)

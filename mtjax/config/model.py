@@ -161,16 +161,19 @@ def check(m: ModelConfig) -> None:
   for field, value in (("norm_eps", m.norm_eps), ("rope_theta", m.rope_theta)):
     if value <= 0:
       raise BadInputError(f"model.{field}", f"expected a value > 0, got {value}")
-  _check_lora(m.lora)
+  _check_lora(m.lora, 0 if m.pretrained else m.d_model)  # pretrained: at resolve
   _check_svf(m.svf)
   if m.soft_prompt.length < 0:
     raise BadInputError("model.soft_prompt.length", f"expected a count of virtual tokens >= 0, "
                         f"got {m.soft_prompt.length}")
 
 
-def _check_lora(lora: LoraConfig) -> None:
+def _check_lora(lora: LoraConfig, d_model: int) -> None:
   if lora.rank <= 0:
     raise BadInputError("model.lora.rank", f"expected a positive integer, got {lora.rank}")
+  if lora.targets and d_model and lora.rank > d_model:  # above full rank: nothing low-rank
+    raise BadInputError("model.lora.rank", f"{lora.rank} is more than model.d_model "
+                        f"{d_model} (a rank above the projections' smaller side adds nothing)")
   if lora.alpha <= 0:
     raise BadInputError("model.lora.alpha", f"expected a value > 0, got {lora.alpha}")
   _check_targets("model.lora.targets", lora.targets, LORA_TARGETS)

@@ -281,6 +281,10 @@ def apply_to_config(config: Any) -> Any:
   m = config.model
   directory = m.pretrained
   fields = model_fields(directory)
+  if m.lora.targets and m.lora.rank > fields["d_model"]:
+    raise BadInputError("model.lora.rank", f"{m.lora.rank} is more than {directory}'s hidden_size "
+                        f"{fields['d_model']} (a rank above the projections' smaller side adds "
+                        "nothing)")
   changed = {}
   for key, value in fields.items():
     current = getattr(m, key)

@@ -63,6 +63,9 @@ class Fields:
     instruction = record.get(self.instruction_field, self.instruction)
     if isinstance(instruction, bytes):
       instruction = instruction.decode("utf-8")
+    if not isinstance(instruction, str):  # a list would be str()'d into "['...']" and trained on
+      raise ValueError(f"field {self.instruction_field!r} must be a string, got "
+                       f"{type(instruction).__name__}")
     used = (self.prompt, self.target, self.instruction_field)
     meta = {k: v for k, v in record.items() if k not in used}  # for the scorer
     return Example(str(instruction), values[self.prompt], values[self.target], meta)
