@@ -294,3 +294,20 @@ def test_a_resume_whose_tokenizer_file_changed_content_is_refused(tmp_path, caps
   assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
   tok.write_text(original)
   assert cli.main(args + ["--config.train.steps=4"]) == 0 and _checkpoints(workdir)[-1] == 4
+
+
+def test_eval_into_an_unwritable_place_fails_before_evaluating(tmp_path, capsys, monkeypatch):
+  """The eval directory cannot take a file (here a plain file sits where eval/ belongs; a
+  read-only mount fails the same probe): exit 2 naming it before any evaluation, not after."""
+  from mtjax.eval import evaluate
+  args = ARGS + ["--config.train.steps=2", "--workdir", str(tmp_path)]
+  assert cli.main(args) == 0
+  (tmp_path / "eval").rename(tmp_path / "eval.kept") if (tmp_path / "eval").exists() else None
+  (tmp_path / "eval").write_text("not a directory")
+  evaluated = []
+  monkeypatch.setattr(evaluate.Evaluator, "__call__", lambda *a, **k: evaluated.append(1))
+  capsys.readouterr()
+  assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: {tmp_path / 'eval'}: not writable (") and "mtjax eval writes" in err
+  assert evaluated == [] and (tmp_path / "eval").read_text() == "not a directory"

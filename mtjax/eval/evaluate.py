@@ -320,12 +320,13 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
   run = setup_lib.from_workdir(workdir, step, devices=devices, purpose="evaluate")
   path, step = run.workdir, run.restored_step
   assert path is not None and step is not None
+  from mtjax.train import rundir
+  rundir.check_writable(path / "eval", "mtjax eval writes its scores there")  # before, not after
   evaluator = Evaluator(run.config, run.graphdef, run.spec, run.mesh, run.tokenizer, tasks or None)
   row = evaluator(run.state.params, step)
   out = path / "eval" / f"step_{step}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
-  from mtjax.train import rundir  # atomic: a temporary file renamed locally, one upload on gs://
-  with rundir.file_lock(out):  # two evals of one step (--tasks a, --tasks b) merge, not race
+  with rundir.file_lock(out):  # atomic writes: a temporary file renamed locally, one upload on gs://  # two evals of one step (--tasks a, --tasks b) merge, not race
     stored = {}
     if out.exists():  # another --tasks subset of this step: keep its rows, refresh this one's
       try:

@@ -110,6 +110,20 @@ def replace_file(path: epath.Path, data: bytes) -> None:
     raise
 
 
+def check_writable(directory: epath.Path, why: str) -> None:
+  """BadInputError now, when `directory` (created if missing) cannot take a file, rather than
+  after minutes of work (a read-only workdir). Object stores are not probed."""
+  if metrics_lib.is_object_store(directory):
+    return
+  probe = directory / f".write-probe-{os.getpid()}"
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise BadInputError(str(directory), f"not writable ({e.strerror or e}): {why}") from None
+
+
 @contextlib.contextmanager
 def file_lock(path: epath.Path) -> Iterator[None]:
   """An exclusive lock for a read-merge-write of `path` across processes on this machine (flock
