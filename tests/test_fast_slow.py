@@ -267,3 +267,24 @@ def test_an_exports_soft_prompts_of_another_shape_are_named(tmp_path):
   with pytest.raises(BadInputError, match=r"mtjax_soft_prompt\.npy.*\(2, 4, 32\).*\(3, 4, 32\)"):
     pretrained.read_soft_prompt(tmp_path, (3, 4, 32))
   np.testing.assert_array_equal(pretrained.read_soft_prompt(tmp_path, (2, 4, 32)), 0.0)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage, not an npy file", "not a readable .npy array"),
+    (None, "expected finite floating-point soft prompts, got float32 with NaN/Inf"),
+    ("ints", "expected finite floating-point soft prompts, got int64"),
+    ("object", "not a readable .npy array"),  # a pickled object array: never unpickled
+])
+def test_a_garbage_soft_prompt_file_is_one_error_line(tmp_path, content, message):
+  from mtjax.model import pretrained
+  path = tmp_path / pretrained.SOFT_PROMPT_FILE
+  if content is None:
+    np.save(path, np.full((2, 4, 32), np.nan, np.float32))
+  elif content == "ints":
+    np.save(path, np.zeros((2, 4, 32), np.int64))
+  elif content == "object":
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  else:
+    path.write_bytes(content)
+  with pytest.raises(BadInputError, match=message):
+    pretrained.read_soft_prompt(tmp_path, (2, 4, 32))

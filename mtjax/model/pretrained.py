@@ -452,8 +452,14 @@ def read_soft_prompt(directory: epath.PathLike, shape: tuple[int, ...]) -> np.nd
   path = epath.Path(directory) / SOFT_PROMPT_FILE
   if not path.exists():
     return None
-  with path.open("rb") as f:
-    table = np.load(f)
+  try:
+    with path.open("rb") as f:
+      table = np.load(f, allow_pickle=False)  # never unpickles: an .npy of numbers only
+  except (OSError, ValueError, EOFError) as e:
+    raise BadInputError(str(path), f"not a readable .npy array ({e})") from None
+  if not np.issubdtype(table.dtype, np.floating) or not np.isfinite(table).all():
+    raise BadInputError(str(path), f"expected finite floating-point soft prompts, got "
+                        f"{table.dtype}{' with NaN/Inf' if np.issubdtype(table.dtype, np.floating) else ''}")
   if tuple(table.shape) != tuple(shape):
     raise BadInputError(str(path), f"soft prompts of shape {tuple(table.shape)}, expected "
                         f"{tuple(shape)} ([tasks, model.soft_prompt.length, d_model])")
