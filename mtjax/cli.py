@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 failure; 2 bad config or input (one line `error: ...`, 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import pathlib
 import sys
@@ -469,6 +470,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   except BadInputError as e:
     print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # one line, whatever it quotes
     return EXIT_BAD_INPUT
+  except OSError as e:
+    if e.errno not in _STORAGE_ERRORS:
+      raise
+    # A full disk, a quota or a read-only filesystem: what was written before stays intact
+    # (checkpoints and run files are replaced atomically); one line saying where and what.
+    where = e.filename or "the workdir"
+    print(f"error: {where}: {e.strerror or e}; files written before are intact: free space (or "
+          "make it writable) and run the same command again", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 if __name__ == "__main__":

@@ -311,3 +311,30 @@ def test_eval_into_an_unwritable_place_fails_before_evaluating(tmp_path, capsys,
   err = capsys.readouterr().err.strip()
   assert err.startswith(f"error: {tmp_path / 'eval'}: not writable (") and "mtjax eval writes" in err
   assert evaluated == [] and (tmp_path / "eval").read_text() == "not a directory"
+
+
+def test_a_full_disk_during_training_is_one_error_line(tmp_path, capsys, monkeypatch):
+  """Orbax reports a full disk from its save threads as ValueError("RESOURCE_EXHAUSTED: ...");
+  the checkpointer raises it as ENOSPC and the CLI prints one line, exit 2 (checked by hand on a
+  3 MB tmpfs: the run stopped at step 12 with checkpoints 2-10 intact, and the same command
+  resumed from 10 once the disk had room)."""
+  import errno
+
+  from mtjax import recipes
+  from mtjax.train.checkpoint import Checkpointer
+  ck = Checkpointer(tmp_path, tiny_config().checkpoint, read_only=True)
+  with pytest.raises(OSError) as e, ck._storage_errors():
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "state/0" in OCDBT database: Failed writing')
+  assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "checkpoints")
+  with pytest.raises(ValueError, match="something else"), ck._storage_errors():
+    raise ValueError("something else")  # other errors pass through unchanged
+
+  def full(*args, **kwargs):
+    raise e.value
+
+  monkeypatch.setattr(recipes, "run", full)
+  capsys.readouterr()
+  assert cli.main(ARGS + ["--workdir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: {tmp_path / 'checkpoints'}: No space left on device (the "
+                        "checkpoint save failed") and len(err.splitlines()) == 1

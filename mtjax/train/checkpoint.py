@@ -16,10 +16,12 @@ preservation policy; plain `best_fn` would keep only the best).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -138,12 +140,13 @@ class Checkpointer:
     # The JSON items are written by the async save's thread, later: a snapshot now, or a batch
     # source that keeps drawing (RL's prompt cursors) would record a later state than `step`'s.
     snapshot = lambda tree: json.loads(json.dumps(tree))
-    return self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        loader=ocp.args.JsonSave(snapshot(loader_state)),
-        controls=ocp.args.JsonSave(snapshot(controls or {"feedback": []})),
-        config=ocp.args.JsonSave(config.to_dict()),
-        run=ocp.args.JsonSave(dict(run_facts, format_version=FORMAT_VERSION))))
+    with self._storage_errors():
+      return self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          loader=ocp.args.JsonSave(snapshot(loader_state)),
+          controls=ocp.args.JsonSave(snapshot(controls or {"feedback": []})),
+          config=ocp.args.JsonSave(config.to_dict()),
+          run=ocp.args.JsonSave(dict(run_facts, format_version=FORMAT_VERSION))))
 
   def _restore_json(self, step: int, item: str) -> dict:
     try:
@@ -245,8 +248,24 @@ class Checkpointer:
     return self._restore_json(step, "controls")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._storage_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    with self._storage_errors():
+      self._manager.wait_until_finished()
     self._manager.close()
+
+  @contextlib.contextmanager
+  def _storage_errors(self) -> Iterator[None]:
+    """Orbax reports a full disk from its save threads as ValueError("RESOURCE_EXHAUSTED: ...
+    Failed writing ..."): raised as the OSError it is (the CLI prints one line; the unfinished
+    save stays a *.orbax-checkpoint-tmp that the next start removes, earlier steps intact)."""
+    try:
+      yield
+    except ValueError as e:
+      text = str(e)
+      if "RESOURCE_EXHAUSTED" not in text and "No space left" not in text:
+        raise
+      raise OSError(errno.ENOSPC, f"No space left on device (the checkpoint save failed: "
+                    f"{text.splitlines()[0][:160]})", str(self.directory)) from None
