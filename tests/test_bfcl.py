@@ -371,3 +371,28 @@ def test_fetch_uses_an_unpacked_wheel_in_mtjax_bfcl_dir(bfcl_dir, monkeypatch):
   assert bfcl.fetch(quiet=True) == bfcl_dir
   monkeypatch.setenv("MTJAX_BFCL_DIR", str(bfcl_dir / "bfcl_eval"))  # the package itself
   assert bfcl.fetch(quiet=True) == bfcl_dir
+
+
+def test_an_answer_without_ground_truth_is_one_error_line(tmp_path, monkeypatch):
+  """A possible_answer record without its ground_truth list (a damaged or edited file) names the
+  file and the answer, instead of a KeyError traceback."""
+  root = tmp_path / "wheel"
+  (root / bfcl._MARKER).parent.mkdir(parents=True, exist_ok=True)
+  (root / bfcl._MARKER).write_text("")
+  data = root / "bfcl_eval" / "data"
+  (data / "possible_answer").mkdir(parents=True)
+  _, filename, _ = bfcl.TASKS["bfcl_simple"]
+  question = {"id": "simple_0", "question": [[{"role": "user", "content": "add 1 and 2"}]],
+              "function": [{"name": "add", "description": "add", "parameters": {
+                  "type": "dict", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}]}
+  (data / filename).write_text(json.dumps(question) + "\n")
+  (data / "possible_answer" / filename).write_text(json.dumps({"id": "simple_0"}) + "\n")
+  monkeypatch.setenv("MTJAX_BFCL_DIR", str(root))
+  bfcl.examples.cache_clear()
+  try:
+    with pytest.raises(BadInputError) as e:
+      bfcl.examples("bfcl_simple")
+    assert str(e.value).startswith(str(data / "possible_answer" / filename))
+    assert "answer 'simple_0': expected a ground_truth list" in str(e.value)
+  finally:
+    bfcl.examples.cache_clear()

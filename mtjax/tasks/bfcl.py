@@ -264,7 +264,11 @@ def examples(task: str) -> tuple[Example, ...]:
   questions = _records(data / filename)
   keys: dict[str, list[dict[str, Any]]] = {}
   if category != "irrelevance":
-    keys = {r["id"]: r["ground_truth"] for r in _records(data / "possible_answer" / filename)}
+    answers = data / "possible_answer" / filename
+    for r in _records(answers):  # each an object with an id (_records checks)
+      if not isinstance(r.get("ground_truth"), list):
+        raise BadInputError(str(answers), f"answer {r['id']!r}: expected a ground_truth list")
+      keys[r["id"]] = r["ground_truth"]
   out = []
   for record in questions:
     if category != "irrelevance" and record["id"] not in keys:
