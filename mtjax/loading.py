@@ -42,23 +42,40 @@ class LoadedModel:
     from flax import nnx
     return nnx.merge(self.graphdef, self.params)
 
-  def logits(self, tokens: Any) -> np.ndarray:
-    """Logits [B, L, vocab] float32 for token ids [B, L] (each row one sequence from position 0)."""
+  def logits(self, tokens: Any, *, task: str | None = None) -> np.ndarray:
+    """Logits [B, L, vocab] float32 for token ids [B, L] (each row one sequence from position 0).
+    task: whose adapter to use in a run with per-task adapters (LoRA, SVF, soft prompts; default
+    its first task, as `generate`)."""
     from mtjax.model.pretrained import logits_of
     with jax.set_mesh(self.mesh):
-      return logits_of(self.graphdef, self.params, np.asarray(tokens, np.int32))
+      return logits_of(self.graphdef, self.params, np.asarray(tokens, np.int32),
+                       adapter=self.adapter_index(task))
+
+  def adapter_index(self, task: str | None) -> int:
+    """The adapter (task id) of `task` in a run with per-task adapters; 0 (the first task) when
+    task is None; BadInputError for a task the run does not have."""
+    if task is None:
+      return 0
+    tasks = list(self.config.data.tasks) if self.config is not None else []
+    if self.spec.adapter_tasks == 1:
+      raise BadInputError("task", f"{self.source} has no per-task adapters to choose from")
+    if task not in tasks:
+      raise BadInputError("task", f"expected one of {', '.join(tasks)} (the run's tasks), got "
+                          f"{task!r}")
+    return tasks.index(task)
 
   def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-               bos: bool = True) -> list[str]:
+               bos: bool = True, task: str | None = None) -> list[str]:
     """Completions of text prompts: greedy at temperature 0, else sampled (top-k, top-p).
-    Generation stops at the tokenizer's EOS ids (the HF directory's generation_config)."""
+    Generation stops at the tokenizer's EOS ids (the HF directory's generation_config). task: as
+    in `logits`."""
     if isinstance(prompts, str):
       prompts = [prompts]
     ids = [self.encode(p, bos=bos) for p in prompts]
     return [self.tokenizer.decode(t) for t in self.generate_ids(
         ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed)]
+        seed=seed, task=task)]
 
   def encode(self, prompt: str, *, bos: bool = True) -> np.ndarray:
     body = self.tokenizer.encode(prompt)
@@ -66,7 +83,7 @@ class LoadedModel:
 
   def generate_ids(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int = 64,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                   seed: int = 0) -> list[np.ndarray]:
+                   seed: int = 0, task: str | None = None) -> list[np.ndarray]:
     """Generated token ids for prompts of token ids (stop token excluded)."""
     from mtjax.eval.decode import DEFAULT_BUCKETS, Generator
     longest = max((len(p) for p in prompts), default=1)
@@ -78,7 +95,7 @@ class LoadedModel:
                           stop_ids=self.tokenizer.stop_ids, batch_size=max(rows, 1),
                           buckets=buckets)
     samples = generator(self.params, list(prompts), seed=seed, temperature=temperature,
-                        top_k=top_k, top_p=top_p)
+                        top_k=top_k, top_p=top_p, adapter=self.adapter_index(task))
     return [s[0].tokens for s in samples]
 
 

@@ -253,6 +253,15 @@ def test_per_task_run_evaluates_with_generation_and_exports_one_task(tmp_path):
            "segment_ids": np.ones_like(tokens), "task_ids": np.ones_like(tokens)}  # addition: 1
   np.testing.assert_allclose(pretrained.forward(out, tokens),
                              _logits(run.spec, jax.device_get(run.state.params), rows_), atol=1e-4)
+  # mtjax.load: logits for a task's adapter (it asked for adapter_ids and crashed before); the
+  # same numbers as the addition export; an unknown task named.
+  import mtjax
+  model = mtjax.load(workdir)
+  np.testing.assert_allclose(model.logits(tokens, task="addition"), pretrained.forward(out, tokens),
+                             atol=1e-4)
+  assert np.abs(model.logits(tokens) - model.logits(tokens, task="addition")).max() > 1e-6
+  with pytest.raises(BadInputError, match="expected one of reverse, addition"):
+    model.logits(tokens, task="nope")
 
 
 @pytest.fixture(scope="module")

@@ -743,13 +743,16 @@ def forward(path: epath.PathLike, tokens: Any) -> np.ndarray:
   return logits_of(graphdef, params, tokens)
 
 
-def logits_of(graphdef: Any, params: Any, tokens: np.ndarray) -> np.ndarray:
+def logits_of(graphdef: Any, params: Any, tokens: np.ndarray, adapter: int = 0) -> np.ndarray:
   """Logits [B, L, vocab] float32 of the Decoder (graphdef, params) for int32 tokens [B, L],
-  every row one unpacked sequence from position 0."""
+  every row one unpacked sequence from position 0; adapter: the task id every token uses with
+  per-task adapters (ignored without them)."""
   from flax import nnx
   positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-  apply = jax.jit(lambda params, t, p: nnx.merge(graphdef, params)(t, p, jnp.ones_like(t)))
-  return np.asarray(apply(params, tokens, positions), np.float32)
+  adapter_ids = np.full(tokens.shape, adapter, np.int32)
+  apply = jax.jit(lambda params, t, p, a: nnx.merge(graphdef, params)(t, p, jnp.ones_like(t),
+                                                                     adapter_ids=a))
+  return np.asarray(apply(params, tokens, positions, adapter_ids), np.float32)
 
 
 def load_replicated(path: epath.PathLike, spec: ModelSpec,
