@@ -338,3 +338,22 @@ def test_a_full_disk_during_training_is_one_error_line(tmp_path, capsys, monkeyp
   err = capsys.readouterr().err.strip()
   assert err.startswith(f"error: {tmp_path / 'checkpoints'}: No space left on device (the "
                         "checkpoint save failed") and len(err.splitlines()) == 1
+
+
+def test_a_resume_that_would_reshape_the_optimizer_state_names_the_setting(tmp_path, capsys):
+  """Turning an EMA on (or freezing a parameter group) changes the optimizer state's structure:
+  refused naming the setting, not reported as a damaged checkpoint; other values resume."""
+  from mtjax.train.checkpoint import _changes_optimizer_state
+  args = ARGS + ["--workdir", str(tmp_path)]
+  assert cli.main(args + ["--config.train.steps=2"]) == 0
+  capsys.readouterr()
+  assert cli.main(args + ["--config.train.steps=4", "--config.optimizer.ema=0.99"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: optimizer.ema: is 0.99 but the checkpoint at step 2") and "damaged" not in err
+  assert _checkpoints(tmp_path) == [2]
+  cfg = tiny_config()
+  assert _changes_optimizer_state("optimizer.ema", 0.9, 0.99, {}, cfg) is False  # on both sides
+  frozen = tiny_config(**{"optimizer.param_groups": {"embed": 0.0}})
+  assert _changes_optimizer_state("optimizer.param_groups.embed", None, 0.0, {}, frozen) is True
+  scaled = tiny_config(**{"optimizer.param_groups": {"embed": 0.5}})
+  assert _changes_optimizer_state("optimizer.param_groups.embed", None, 0.5, {}, scaled) is False

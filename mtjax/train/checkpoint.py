@@ -36,6 +36,18 @@ UNSAFE_ON_RESUME = ("model", "data.tasks", "data.tokenizer", "seed", "train.weig
                     "data.mixing.method", "rl.algorithm", "rl.prompts", "rl.samples")
 
 
+def _changes_optimizer_state(field: str, was: Any, now: Any, saved: dict, config: Config) -> bool:
+  """Optimizer settings whose change reshapes the optimizer state (so the checkpoint would not
+  restore): an EMA turned on or off, and any param_groups change where a group freezes (scale 0:
+  no optimizer state kept for it). Other values of these settings resume fine."""
+  if field == "optimizer.ema":
+    return (float(was or 0) > 0) != (float(now or 0) > 0)
+  if field.startswith("optimizer.param_groups"):
+    before = (saved.get("optimizer") or {}).get("param_groups") or {}
+    return 0 in before.values() or 0 in config.optimizer.param_groups.values()
+  return False
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(tree, dict):
     out = {}
@@ -172,8 +184,9 @@ class Checkpointer:
     changes = config_changes(saved, json.loads(config.to_json()))
     changes.pop("model.pinned", None)  # which flags were typed, not what the model is
     for field in changes:
-      if any(field == u or field.startswith(u + ".") for u in UNSAFE_ON_RESUME):
-        was, now = changes[field]
+      was, now = changes[field]
+      if any(field == u or field.startswith(u + ".") for u in UNSAFE_ON_RESUME) \
+          or _changes_optimizer_state(field, was, now, saved, config):
         raise BadInputError(field, f"is {now!r} but the checkpoint at step {step} in "
                             f"{self.directory} has {was!r}; this cannot change on resume (use a "
                             "new --workdir)")
