@@ -370,3 +370,13 @@ def test_a_jsonl_instruction_that_is_not_a_string_is_a_bad_record(tmp_path):
   source = JsonlSource({"train": [path]}, Fields())
   with pytest.raises(Exception, match="field 'instruction' must be a string, got list"):
     source.load("train", 0)
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_keeps_its_first_line(tmp_path):
+  """Windows editors write a UTF-8 BOM: the first line is read, not refused (and not skipped)."""
+  from mtjax.tasks.sources import Fields, JsonlSource
+  path = tmp_path / "bom.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + b'{"input": "ab", "target": "ba"}\n{"input": "cd", "target": "dc"}\n')
+  loaded = JsonlSource({"train": [str(path)]}, Fields()).load("train", 0)
+  assert [(e.prompt, e.target) for e in loaded.examples] == [("ab", "ba"), ("cd", "dc")]
+  assert loaded.skipped == 0

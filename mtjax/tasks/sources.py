@@ -99,6 +99,8 @@ class JsonlSource:
         for lineno, raw in enumerate(f, 1):
           if not raw.strip():
             continue
+          if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows)
+            raw = raw[3:]
           try:
             examples.append(self.fields.example(json.loads(raw.decode("utf-8"))))
           except (ValueError, UnicodeDecodeError, RecursionError) as e:
