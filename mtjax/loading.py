@@ -137,6 +137,10 @@ def _load_hf(directory: epath.Path, devices: Sequence[Any] | None, param_dtype: 
 
   devices = list(devices) if devices is not None else jax.devices()
   spec = pretrained.spec_for(directory, dtype=auto_dtype(devices[0]), param_dtype=param_dtype)
+  if not (epath.Path(directory) / "tokenizer.json").exists():
+    raise BadInputError(str(directory), "has no tokenizer.json: an export of a run that used "
+                        "mtjax's byte tokenizer carries none (HF tokenizers only); generate "
+                        "from the run itself (--workdir RUN / mtjax.load(RUN)) instead")
   tokenizer = tokenizer_lib.get(f"hf:{directory}")
   if tokenizer.vocab_size > spec.vocab_size:  # ids past the embedding would be clamped silently
     raise BadInputError(str(directory), f"the tokenizer has {tokenizer.vocab_size} tokens, more "

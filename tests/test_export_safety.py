@@ -90,3 +90,15 @@ def test_an_existing_file_or_bad_shard_size_exits_2(run, tmp_path, capsys):
     assert cli.main(["export", "--workdir", str(run), "--out", str(tmp_path / "x"),
                      "--max_shard_gb", size]) == 2
     assert capsys.readouterr().err.startswith("error: --max_shard_gb: expected a positive size")
+
+
+def test_generating_from_a_byte_tokenizer_export_says_what_to_do(run, tmp_path, capsys):
+  """The tiny run uses mtjax's byte tokenizer, so its export has no tokenizer.json: generate
+  names that and points at the run, instead of 'tokenizer.json not found'."""
+  out = tmp_path / "hf"
+  assert cli.main(["export", "--workdir", str(run), "--out", str(out)]) == 0
+  capsys.readouterr()
+  assert cli.main(["generate", "--model", str(out), "--prompt", "ab"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: {out}: has no tokenizer.json") and "--workdir RUN" in err
+  assert cli.main(["generate", "--workdir", str(run), "--prompt", "ab", "--max_new_tokens", "2"]) == 0
