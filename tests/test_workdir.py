@@ -357,3 +357,14 @@ def test_a_resume_that_would_reshape_the_optimizer_state_names_the_setting(tmp_p
   assert _changes_optimizer_state("optimizer.param_groups.embed", None, 0.0, {}, frozen) is True
   scaled = tiny_config(**{"optimizer.param_groups": {"embed": 0.5}})
   assert _changes_optimizer_state("optimizer.param_groups.embed", None, 0.5, {}, scaled) is False
+
+
+def test_a_checkpoint_deleted_while_read_is_not_called_damaged(tmp_path):
+  """`mtjax eval` beside a training run with checkpoint.keep=1: retention may delete the step
+  being read. That is named as what it is, with the steps kept, not as damage."""
+  from mtjax.train.checkpoint import Checkpointer
+  assert cli.main(ARGS + ["--config.train.steps=4", "--workdir", str(tmp_path)]) == 0
+  ck = Checkpointer(tmp_path, tiny_config().checkpoint, read_only=True)
+  message = str(ck._damaged(99, FileNotFoundError("state")))
+  assert "was deleted while being read" in message and "now [2, 4]" in message
+  assert "damaged" in str(ck._damaged(4, ValueError("bad bytes")))  # present but unreadable

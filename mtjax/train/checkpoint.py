@@ -168,6 +168,12 @@ class Checkpointer:
       raise self._damaged(step, e) from None
 
   def _damaged(self, step: int, error: Exception) -> BadInputError:
+    if not (self.directory / str(step)).exists():  # gone while being read: not damage
+      kept = self.all_steps()
+      return BadInputError(str(self.directory / str(step)), "was deleted while being read (the "
+                           "running training's retention, checkpoint.keep, removed it); evaluate a "
+                           f"step it keeps{f' (now {kept})' if kept else ''}, or raise "
+                           "checkpoint.keep")
     earlier = [s for s in self.all_steps() if s < step]
     hint = f"; resume from an earlier one with --resume_from {earlier[-1]}" if earlier else ""
     return BadInputError(str(self.directory / str(step)),
