@@ -294,8 +294,11 @@ def export(args: argparse.Namespace) -> int:
           file=sys.stderr)
     return EXIT_PREEMPTED
   if files:
-    note = "" if "tokenizer.json" in files else (
-        " (no tokenizer files: the run's tokenizer is not an HF tokenizer.json)")
+    note = ""
+    if args.adapters_only:  # PEFT loads the adapter onto the base model, tokenizer and all
+      note = " (an adapter directory: load it onto the base model, which has the tokenizer)"
+    elif "tokenizer.json" not in files:
+      note = " (no tokenizer files: the run's tokenizer is not an HF tokenizer.json)"
     print(f"exported {args.workdir} to {args.out}: {', '.join(files)}{note}")
   return EXIT_OK
 
