@@ -487,7 +487,7 @@ def test_bad_input_tokenizer_larger_than_embedding(bad_dir, capsys):
   config["vocab_size"] = vocab - 8
   (directory / "config.json").write_text(json.dumps(config))
   line = _one_error(*_train(capsys, directory, workdir))
-  assert str(vocab) in line and str(vocab - 8) in line
+  assert line.startswith("error: data.tokenizer: ") and str(vocab) in line and str(vocab - 8) in line
   # generate and mtjax.load refuse it the same way (ids past the embedding were clamped silently)
   from mtjax import cli
   rc = cli.main(["generate", "--model", str(directory), "--prompt", "ab", "--max_new_tokens", "2"])

@@ -44,7 +44,7 @@ def resolve_data(config: Config) -> Config:
 
   vocab = tokenizer_lib.get(d.tokenizer).vocab_size  # raises on a bad name or file
   if m.pretrained and m.vocab_size and m.vocab_size < vocab:
-    raise BadInputError(d.tokenizer, f"the tokenizer has {vocab} tokens, more than the "
+    raise BadInputError("data.tokenizer", f"{d.tokenizer} has {vocab} tokens, more than the "
                         f"{m.vocab_size} rows of {m.pretrained}'s embedding")
   if m.vocab_size and m.vocab_size < vocab:
     raise BadInputError("model.vocab_size", f"{m.vocab_size} is smaller than the "
