@@ -69,7 +69,7 @@ def test_guard_logs_and_ignores_repeated_signals_and_restores_the_handlers(capfd
   assert preemption.guard() is not guard
   err = capfd.readouterr().err.splitlines()
   assert len(err) == 3, err  # one line per signal
-  assert "SIGTERM received: stopping at the next step boundary, saving first" in err[0]
+  assert "SIGTERM received: stopping once the steps in flight finish, saving first" in err[0]
   assert "SIGTERM received again: ignored until the checkpoint is committed" in err[1]
   assert "SIGINT received again: ignored" in err[2]
 

@@ -75,8 +75,8 @@ class PreemptionGuard:
     self.received = signum
     _say(f"mtjax: {name} received after the last step: finishing the run (final save, plots)"
          if self.finishing else
-         f"mtjax: {name} received: stopping at the next step boundary, saving first (further "
-         "signals are ignored until the checkpoint is committed)")
+         f"mtjax: {name} received: stopping once the steps in flight finish, saving first "
+         "(further signals are ignored until the checkpoint is committed)")
 
   @property
   def installed(self) -> bool:
