@@ -100,3 +100,15 @@ def test_integer_and_boolean_tensors_are_no_weights(dtype, array, tmp_path):
   assert _oracle_accepts(path)  # consistent on its own
   with pytest.raises(BadInputError, match=f"unsupported dtype '{dtype}'"):
     TensorFile(path)
+
+
+@pytest.mark.parametrize("dtype, code", [(np.float32, "F32"), (np.float16, "F16")])
+def test_nan_weights_are_refused_naming_the_tensor(dtype, code, tmp_path):
+  array = np.ones(4, dtype)
+  array[2] = np.nan
+  path = _file(tmp_path, {"w": {"dtype": code, "shape": [4], "data_offsets": [0, array.nbytes]}},
+               array.tobytes())
+  tf = TensorFile(path)  # the header is consistent: the values are read on demand
+  with pytest.raises(BadInputError, match=r"tensor w: NaN or Inf weights \(rows 0:4\)"):
+    tf.read("w")
+  tf.read("w", (0, 2))  # rows without it read fine

@@ -119,6 +119,9 @@ class TensorFile:
       raise BadInputError(str(self.path), f"tensor {name}: file truncated ({len(data)} of "
                           f"{count} bytes)")
     array = np.frombuffer(data, dtype=dtype)
+    if not np.isfinite(array.astype(np.float32, copy=False) if dtype.itemsize == 2 else array).all():
+      raise BadInputError(str(self.path), f"tensor {name}: NaN or Inf weights (rows "
+                          f"{start}:{stop}); the model would train or decode on them silently")
     return array.reshape(((stop - start),) + shape[1:] if shape else ())
 
 
