@@ -380,3 +380,35 @@ def test_a_jsonl_file_with_a_byte_order_mark_keeps_its_first_line(tmp_path):
   loaded = JsonlSource({"train": [str(path)]}, Fields()).load("train", 0)
   assert [(e.prompt, e.target) for e in loaded.examples] == [("ab", "ba"), ("cd", "dc")]
   assert loaded.skipped == 0
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "generate", "load"])
+def test_a_planted_run_directory_runs_no_code_in_any_command(command, tmp_path, tiny, capsys):
+  """A shared run directory whose tasks.json names a .py file (defined_in): eval, export,
+  generate and mtjax.load each exit 2 naming the file and the --config to pass; the file never
+  runs (its marker stays absent)."""
+  import mtjax
+  from mtjax import cli
+  from mtjax.errors import BadInputError
+  marker = tmp_path / "pwned"
+  payload = tmp_path / "payload.py"
+  payload.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)  # a run directory, not an HF one
+  cfg = tiny(**{"data.tasks": ("evil",), "data.mixture": {"evil": 1.0}})
+  (run / "config.json").write_text(cfg.to_json())
+  (run / "tasks.json").write_text(json.dumps({"evil": {
+      "kind": "GeneratorSource", "rebuildable": False, "why_not": "its source is Python code",
+      "defined_in": str(payload), "scorer": "exact_match"}}))
+  capsys.readouterr()
+  if command == "load":
+    with pytest.raises(BadInputError, match=f"pass --config {payload}"):
+      mtjax.load(run)
+  else:
+    argv = {"eval": ["eval", "--workdir", str(run)],
+            "export": ["export", "--workdir", str(run), "--out", str(tmp_path / "out")],
+            "generate": ["generate", "--workdir", str(run), "--prompt", "ab"]}[command]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"pass --config {payload}" in err
+  assert not marker.exists()
