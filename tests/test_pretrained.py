@@ -603,3 +603,99 @@ def test_a_config_json_that_is_a_directory_is_bad_input(tmp_path):
   (tmp_path / "config.json").mkdir()
   with pytest.raises(BadInputError, match="config.json: cannot be read"):
     model_fields(tmp_path)
+
+
+# ----------------------------------------------------------------------------- fuzz: 300 cases
+
+FUZZ_VALUES = [0, -1, 1.5, 32.7, "abc", "32", None, True, [], {}, float("nan"), float("inf"),
+               "double", "plus_one"]
+FUZZ_KEYS = ["hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+             "intermediate_size", "vocab_size", "head_dim", "rms_norm_eps", "rope_theta",
+             "sliding_window", "tie_word_embeddings", "rope_scaling", "architectures"]
+
+
+def _header(path):
+  import struct
+  raw = path.read_bytes()
+  (size,) = struct.unpack("<Q", raw[:8])
+  return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+def _write_header(path, header, data):
+  import struct
+  blob = json.dumps(header).encode()
+  path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def _mutate(directory, rng):
+  """One random mutation of a copy of an HF directory: a config.json field, a safetensors header
+  entry, or a model.safetensors.index.json. Returns its description."""
+  kind = rng.choice(["config", "header", "index"], p=[0.4, 0.4, 0.2])
+  if kind == "config":
+    config = json.loads((directory / "config.json").read_text())
+    key, value = str(rng.choice(FUZZ_KEYS)), FUZZ_VALUES[int(rng.integers(len(FUZZ_VALUES)))]
+    old = config.get(key)
+    if value == "double":
+      value = old * 2 if isinstance(old, (int, float)) and not isinstance(old, bool) else 64
+    elif value == "plus_one":
+      value = old + 1 if isinstance(old, int) and not isinstance(old, bool) else 1
+    config[key] = value
+    (directory / "config.json").write_text(json.dumps(config))
+    return f"config {key}={value!r}"
+  if kind == "header":
+    path = directory / "model.safetensors"
+    header, data = _header(path)
+    name = str(rng.choice(sorted(k for k in header if k != "__metadata__")))
+    field = str(rng.choice(["dtype", "shape", "data_offsets"]))
+    entry = header[name]
+    if field == "dtype":
+      entry["dtype"] = str(rng.choice(["F16", "BF16", "F32", "I8", "BOOL", "F64", "X"]))
+    elif field == "shape":
+      if entry["shape"]:
+        entry["shape"][int(rng.integers(len(entry["shape"])))] += int(rng.integers(-2, 3))
+    else:
+      entry["data_offsets"][int(rng.integers(2))] += int(rng.integers(-8, 9))
+    _write_header(path, header, data)
+    return f"header {name}.{field}={entry[field]!r}"
+  header, _ = _header(directory / "model.safetensors")
+  names = sorted(k for k in header if k != "__metadata__")
+  target = str(rng.choice(["model.safetensors", "../model.safetensors", "/etc/passwd",
+                           "missing.safetensors", "model.bin"]))
+  weight_map = {n: target for n in names}
+  if rng.random() < 0.3:
+    weight_map.pop(names[int(rng.integers(len(names)))])
+  (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  return f"index -> {target}"
+
+
+def test_pretrained_directory_fuzz_loads_exactly_or_exits_2(bench_tiny, tmp_path):
+  """300 seeded mutations of an HF directory (config.json fields of wrong types and ranges,
+  safetensors header entries, shard indexes): each either reads every tensor the model needs
+  exactly as the original holds it, or raises BadInputError (the CLI's one line, exit 2); never
+  another exception (a traceback), never a silently different tensor."""
+  import shutil
+
+  from mtjax.errors import BadInputError
+  from mtjax.model import pretrained
+  reference_spec = pretrained.spec_for(bench_tiny)
+  reference = pretrained.check_tensors(bench_tiny, reference_spec)
+  originals = {t.name: reference.file(t.name).read(t.name) for t in pretrained.hf_tensors(reference_spec)}
+  outcomes = {"loaded": 0, "refused": 0}
+  for seed in range(300):
+    rng = np.random.default_rng(seed)
+    directory = tmp_path / f"case{seed}"
+    shutil.copytree(bench_tiny, directory)
+    what = _mutate(directory, rng)
+    try:
+      spec = pretrained.spec_for(directory)
+      index = pretrained.check_tensors(directory, spec)
+      tensors = {t.name: index.file(t.name).read(t.name) for t in pretrained.hf_tensors(spec)}
+    except BadInputError:
+      outcomes["refused"] += 1
+    else:
+      outcomes["loaded"] += 1
+      for name, array in tensors.items():  # loaded: every tensor exactly the original's
+        assert name in originals and array.dtype == originals[name].dtype, (seed, what, name)
+        np.testing.assert_array_equal(array, originals[name], err_msg=f"{seed}: {what}")
+    shutil.rmtree(directory)
+  assert outcomes["loaded"] > 20 and outcomes["refused"] > 100, outcomes  # both kinds exercised

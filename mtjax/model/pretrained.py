@@ -82,8 +82,11 @@ def architecture(hf: Mapping[str, Any], where: str) -> str:
   """The family ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma3_text') of an HF config, or exit 2
   naming it."""
   names = hf.get("architectures") or []
+  if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    raise BadInputError(where, f"architectures: expected a list of class names, got {names!r}")
   name = names[0] if names else hf.get("model_type", "<none>")
-  family = ARCHITECTURES.get(name) or {f: f for f in ARCHITECTURES.values()}.get(name)
+  family = (ARCHITECTURES.get(name) or {f: f for f in ARCHITECTURES.values()}.get(name)
+            if isinstance(name, str) else None)
   if family is None:
     raise BadInputError(where, f"architecture {name!r} is not supported (supported: "
                         f"{', '.join(ARCHITECTURES)})")
