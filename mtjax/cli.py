@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--top_k", type=int, default=0, help="0: off")
   gen.add_argument("--top_p", type=float, default=1.0, help="1: off")
   gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--tokenizer", default="", help="for --model DIR: a tokenizer instead of its "
+                   "tokenizer.json (byte: an export of a byte-tokenizer run)")
   gen.add_argument("--no_bos", action="store_true", help="do not put BOS before the prompt")
   sw = sub.add_parser("sweep", help="run a config's get_sweep() variants one after another")
   sw.add_argument("--config", required=True, help="path/to/config.py[:variant] with get_sweep()")
@@ -313,7 +315,7 @@ def generate(args: argparse.Namespace) -> int:
       or not 0 < args.top_p <= 1:
     raise BadInputError("--temperature/--top_k/--top_p", "expected temperature >= 0, top_k >= 0 "
                         "and 0 < top_p <= 1")
-  model = load(args.workdir or args.model, args.step)
+  model = load(args.workdir or args.model, args.step, tokenizer=args.tokenizer)
   outputs = model.generate(args.prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, bos=not args.no_bos)

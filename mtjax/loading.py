@@ -108,16 +108,21 @@ def _is_hf_directory(path: epath.Path) -> bool:
 
 
 def load(path: str | epath.PathLike, step: int | None = None, *,
-         devices: Sequence[Any] | None = None, param_dtype: str = "float32") -> LoadedModel:
+         devices: Sequence[Any] | None = None, param_dtype: str = "float32",
+         tokenizer: str = "") -> LoadedModel:
   """A run's checkpoint (a workdir; `step`, default the latest) or an HF directory (config.json,
-  safetensors, tokenizer files: a pretrained model or an `mtjax export`), on all devices."""
+  safetensors, tokenizer files: a pretrained model or an `mtjax export`), on all devices.
+  tokenizer: for an HF directory, a data.tokenizer name to use instead of its own tokenizer.json
+  ("byte" for an export of a byte-tokenizer run, which carries none)."""
   p = epath.Path(path)
   if not p.exists():
     raise BadInputError(str(p), "not found: expected a run directory or an HF model directory")
   if _is_hf_directory(p):
     if step is not None:
       raise BadInputError("--step", f"{p} is an HF directory, not a run: it has no steps")
-    return _load_hf(p, devices, param_dtype)
+    return _load_hf(p, devices, param_dtype, tokenizer)
+  if tokenizer:
+    raise BadInputError("--tokenizer", f"{p} is a run: it uses its own tokenizer")
   from mtjax.train import setup as setup_lib
   run = setup_lib.from_workdir(p, step, devices=devices, purpose="load")
   return LoadedModel(graphdef=run.graphdef, params=run.state.params, spec=run.spec,
@@ -125,7 +130,8 @@ def load(path: str | epath.PathLike, step: int | None = None, *,
                      config=run.config)
 
 
-def _load_hf(directory: epath.Path, devices: Sequence[Any] | None, param_dtype: str) -> LoadedModel:
+def _load_hf(directory: epath.Path, devices: Sequence[Any] | None, param_dtype: str,
+             tokenizer_name: str = "") -> LoadedModel:
   from flax import nnx
 
   from mtjax.config import MeshConfig
@@ -137,11 +143,11 @@ def _load_hf(directory: epath.Path, devices: Sequence[Any] | None, param_dtype: 
 
   devices = list(devices) if devices is not None else jax.devices()
   spec = pretrained.spec_for(directory, dtype=auto_dtype(devices[0]), param_dtype=param_dtype)
-  if not (epath.Path(directory) / "tokenizer.json").exists():
+  if not tokenizer_name and not (epath.Path(directory) / "tokenizer.json").exists():
     raise BadInputError(str(directory), "has no tokenizer.json: an export of a run that used "
-                        "mtjax's byte tokenizer carries none (HF tokenizers only); generate "
-                        "from the run itself (--workdir RUN / mtjax.load(RUN)) instead")
-  tokenizer = tokenizer_lib.get(f"hf:{directory}")
+                        "mtjax's byte tokenizer carries none (HF tokenizers only); pass "
+                        "--tokenizer byte, or generate from the run itself (--workdir RUN)")
+  tokenizer = tokenizer_lib.get(tokenizer_name or f"hf:{directory}")
   if tokenizer.vocab_size > spec.vocab_size:  # ids past the embedding would be clamped silently
     raise BadInputError(str(directory), f"the tokenizer has {tokenizer.vocab_size} tokens, more "
                         f"than the {spec.vocab_size} rows of the model's embedding (config.json "

@@ -100,5 +100,9 @@ def test_generating_from_a_byte_tokenizer_export_says_what_to_do(run, tmp_path, 
   capsys.readouterr()
   assert cli.main(["generate", "--model", str(out), "--prompt", "ab"]) == 2
   err = capsys.readouterr().err.strip()
-  assert err.startswith(f"error: {out}: has no tokenizer.json") and "--workdir RUN" in err
+  assert err.startswith(f"error: {out}: has no tokenizer.json") and "--tokenizer byte" in err
   assert cli.main(["generate", "--workdir", str(run), "--prompt", "ab", "--max_new_tokens", "2"]) == 0
+  from_run = capsys.readouterr().out
+  assert cli.main(["generate", "--model", str(out), "--tokenizer", "byte", "--prompt", "ab",
+                   "--max_new_tokens", "2"]) == 0
+  assert capsys.readouterr().out == from_run  # the same weights, the same greedy text
