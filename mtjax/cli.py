@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--top_k", type=int, default=0, help="0: off")
   gen.add_argument("--top_p", type=float, default=1.0, help="1: off")
   gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--task", default=None, help="with per-task adapters: whose adapter "
+                   "(default: the run's first task)")
   gen.add_argument("--tokenizer", default="", help="for --model DIR: a tokenizer instead of its "
                    "tokenizer.json (byte: an export of a byte-tokenizer run)")
   gen.add_argument("--no_bos", action="store_true", help="do not put BOS before the prompt")
@@ -318,7 +320,7 @@ def generate(args: argparse.Namespace) -> int:
   model = load(args.workdir or args.model, args.step, tokenizer=args.tokenizer)
   outputs = model.generate(args.prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed, bos=not args.no_bos)
+                           seed=args.seed, bos=not args.no_bos, task=args.task)
   for prompt, output in zip(args.prompt, outputs):
     print(f"{prompt}{output}")
   print(f"({model.source}, {'greedy' if args.temperature == 0 else f'temperature {args.temperature}'})",

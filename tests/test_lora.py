@@ -262,6 +262,8 @@ def test_per_task_run_evaluates_with_generation_and_exports_one_task(tmp_path):
   assert np.abs(model.logits(tokens) - model.logits(tokens, task="addition")).max() > 1e-6
   with pytest.raises(BadInputError, match="expected one of reverse, addition"):
     model.logits(tokens, task="nope")
+  from mtjax import cli  # the CLI's --task reaches the same adapter
+  assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "ab", "--task", "nope"]) == 2
 
 
 @pytest.fixture(scope="module")
