@@ -222,3 +222,20 @@ def test_export_keeps_a_chat_template_saved_as_jinja(dirs, tmp_path):
   assert "chat_template.jinja" in files
   exported = tokenizer_lib.get(f"hf:{out}")
   assert exported.chat_template == source.chat_template and exported.chat_template
+
+
+def test_preview_in_chat_format_shows_the_users_prompt_and_the_target(dirs):
+  """`mtjax data preview` under data.format=chat: the decoded prompt goes past the system turn's
+  end-of-turn (decode() stops there, as generation must) to the user's words; the target shows
+  the answer."""
+  from mtjax.data.preview import preview
+  cfg = tiny_config(**{"data.tokenizer": f"hf:{dirs['qwen']}", "data.format": "chat",
+                       "data.tasks": ("reverse",), "data.mixture": {"reverse": 1.0},
+                       "data.seq_len": 256})
+  text = preview(cfg, 2, 1)
+  examples = [line.strip() for line in text.splitlines() if line.strip().startswith("[reverse] ")]
+  assert examples, text
+  prompt, target = examples[0].removeprefix("[reverse] ").split(" -> ", 1)
+  assert "reverse: " in prompt and " | " in prompt  # the user's turn, past the system's end
+  word = prompt.split("reverse: ", 1)[1].split("\\n", 1)[0]
+  assert target.startswith(repr(word[::-1])[:-1]) and not target.endswith("…")  # whole answer

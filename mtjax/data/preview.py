@@ -129,6 +129,29 @@ def _cuts(plan: Plan | None) -> Mapping[tuple[int, int], int]:
                                        plan.cut.tolist()) if c}
 
 
+def _stops(tok: Tokenizer) -> set[int]:
+  """EOS and, under a chat template, the end-of-turn ids."""
+  return set(getattr(tok, "stop_ids", ())) | {tok.eos_id}
+
+
+def _render(tok: Tokenizer, ids: np.ndarray) -> str:
+  """The text of `ids` in full: decode() stops at the first stop token (generation's rule), so a
+  chat-format prompt would show only its system turn; here each stop token becomes " | " and the
+  text goes on (the target's final end-of-turn / EOS is dropped, as decode drops it)."""
+  stops = _stops(tok)
+  pieces, current = [], []
+  for i in (int(x) for x in ids):
+    if i in stops:
+      pieces.append(current)
+      current = []
+    else:
+      current.append(i)
+  pieces.append(current)
+  while len(pieces) > 1 and not pieces[-1]:
+    pieces.pop()
+  return " | ".join(tok.decode(piece) for piece in pieces)
+
+
 def _collect(arrays: dict[str, np.ndarray], tok: Tokenizer, samples: dict[int, list[str]],
              limit: int, plan: Plan | None = None) -> None:
   cuts = _cuts(plan)  # the preview's loader is the only process: its rows are the global rows
@@ -144,8 +167,9 @@ def _collect(arrays: dict[str, np.ndarray], tok: Tokenizer, samples: dict[int, l
       if not mask.any():  # nothing trained (never planned so): nothing to show
         continue
       first = int(np.argmax(mask))  # input `first` is the (kept) prompt's last token
-      prompt = tok.decode(arrays["inputs"][row, idx][1 : first + 1])
-      target = tok.decode(arrays["targets"][row, idx][mask])
+      prompt = _render(tok, arrays["inputs"][row, idx][1 : first + 1])
+      target = _render(tok, arrays["targets"][row, idx][mask])
       cut_start = "…" if cuts.get((row, int(seg))) else ""
-      cut_end = "" if arrays["targets"][row, idx[-1]] == tok.eos_id else "…"
+      ended = bool(np.isin(arrays["targets"][row, idx][mask], list(_stops(tok))).any())
+      cut_end = "" if ended else "…"  # no EOS / end-of-turn among the target: cut off
       samples[task].append(f"{cut_start}{prompt!r} -> {target!r}{cut_end}")
