@@ -153,6 +153,20 @@ def test_eval_during_training_compiles_once_and_cli_eval(tmp_path, tmp_path_fact
   again = json.loads((tmp_path / "eval" / "step_5.json").read_text())
   assert again["eval/reverse/loss"] == saved["eval/reverse/loss"]
   assert again["eval/extra_bench/tokens"] == saved["eval/extra_bench/tokens"]
+  # The generations beside the scores: one record per scored prompt, their share correct equal
+  # to the stored accuracy; a later subset replaces its own task's lines, keeps the others'.
+  samples = [json.loads(line) for line in
+             (tmp_path / "eval" / "step_5.samples.jsonl").read_text().splitlines()]
+  for task in ("reverse", "extra_bench"):
+    mine = [r for r in samples if r["task"] == task]
+    assert mine and set(mine[0]) == {"task", "index", "prompt", "output", "reference", "correct"}
+    assert np.mean([r["correct"] for r in mine]) == pytest.approx(again[f"eval/{task}/accuracy"])
+  assert [r["reference"] for r in samples if r["task"] == "extra_bench"] == ["cba", "olleh"]
+  assert cli.main(["report", str(tmp_path)]) == 0  # the run report shows a few of them
+  report_md = (tmp_path / "report.md").read_text()
+  assert "## Generations" in report_md and "step_5.samples.jsonl" in report_md
+  row = next(line for line in report_md.splitlines() if line.startswith("| extra_bench | `abc` | "))
+  assert row.split(" | ")[3] == "`cba`" and row.endswith(("| yes |", "| no |"))
   assert cli.main(["eval", "--workdir", str(tmp_path), "--tasks", "nosuch"]) == 2
   assert "--tasks: unknown task 'nosuch'" in capsys.readouterr().err
   assert cli.main(["eval", "--workdir", str(tmp_path), "--step", "7"]) == 2

@@ -182,6 +182,9 @@ class Evaluator:
     self.prompts: dict[str, list[np.ndarray]] = {}  # [BOS] prompt of each example
     self.generate_ok: dict[str, list[bool]] = {}  # its prompt leaves room for its target + EOS
     self.budgets: dict[str, int] = {}  # new tokens per prompt (capped by the room it leaves)
+    # The last call's greedy generations, one record per scored prompt (`mtjax eval` writes them
+    # beside the scores: eval/step_<S>.samples.jsonl).
+    self.samples: list[dict[str, Any]] = []
     self.skipped: dict[str, int] = {}
     self.truncated: dict[str, int] = {}
     tokenized = []
@@ -252,6 +255,7 @@ class Evaluator:
     e = self.config.eval
     t0 = time.perf_counter()
     row: dict[str, Any] = {"step": step}
+    self.samples = []
     sums = self.teacher_forced(params)
     drift = self.drift(params, reference) if reference is not None else None
     for name in self.task_names:
@@ -276,9 +280,12 @@ class Evaluator:
       if chosen:
         outs = self.generator(params, [prompts[j] for j in chosen], max_new_tokens=budget,
                               adapter=self.task_ids[name])
-        right = [task.is_correct(examples[j], self.tokenizer.decode(o[0].tokens))
-                 for j, o in zip(chosen, outs)]
+        texts = [self.tokenizer.decode(o[0].tokens) for o in outs]
+        right = [task.is_correct(examples[j], text) for j, text in zip(chosen, texts)]
         row[f"eval/{name}/accuracy"] = float(np.mean(right))
+        self.samples += [{"task": name, "index": j, "prompt": examples[j].prompt, "output": text,
+                          "reference": examples[j].target, "correct": bool(ok)}
+                         for j, text, ok in zip(chosen, texts, right)]
       chosen = self._generated_for(name, e.sample_prompts) if e.num_samples else []
       if chosen:
         outs = self.generator(params, [prompts[j] for j in chosen], num_samples=e.num_samples,
@@ -335,6 +342,14 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
         out.rename(out.with_name(f"{out.name}.unreadable.{int(time.time())}"))  # never deleted
     merged = {**stored, **row}
     rundir.replace_file(out, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
+    if evaluator.samples:  # this evaluation's tasks replace their own lines, others' stay
+      samples = out.with_name(f"step_{step}.samples.jsonl")
+      done = {r["task"] for r in evaluator.samples}
+      kept = [line for line in (samples.read_text().splitlines() if samples.exists() else [])
+              if line.strip() and json.loads(line).get("task") not in done]
+      lines = kept + [json.dumps(r, ensure_ascii=False) for r in evaluator.samples]
+      rundir.replace_file(samples, ("\n".join(lines) + "\n").encode())
+      row["_samples"] = str(samples)
   row["_path"] = str(out)
   return row
 

@@ -39,6 +39,40 @@ def evaluations(root: epath.Path) -> list[dict[str, Any]]:
   return [by_step[s] for s in sorted(by_step)]
 
 
+SAMPLES_SHOWN = 3  # generations per task in report.md (all of them are in the .samples.jsonl)
+
+
+def _samples_section(doc: report.Report, root: epath.Path) -> None:
+  """A few greedy generations per task from the latest `mtjax eval` that wrote any."""
+  files = sorted((root / "eval").glob("step_*.samples.jsonl"),
+                 key=lambda p: int(p.name.split("_")[1].split(".")[0])) if (root / "eval").exists() else []
+  if not files:
+    return
+  latest = files[-1]
+  shown: dict[str, int] = {}
+  rows = []
+  for line in latest.read_text().splitlines():
+    if not line.strip():
+      continue
+    try:
+      r = json.loads(line)
+    except ValueError as e:
+      raise BadInputError(str(latest), f"not valid JSON lines ({e})") from None
+    if shown.get(r["task"], 0) < SAMPLES_SHOWN:
+      shown[r["task"]] = shown.get(r["task"], 0) + 1
+      rows.append([r["task"], _clip(r["prompt"]), _clip(r["output"]), _clip(r["reference"]),
+                   "yes" if r["correct"] else "no"])
+  doc.heading("Generations")
+  doc.text(f"The first {SAMPLES_SHOWN} greedy outputs per task from `{latest.name}` (every scored "
+           "prompt is in that file: prompt, output, reference, correct).")
+  doc.table(["task", "prompt", "output", "reference", "correct"], rows)
+
+
+def _clip(text: str, width: int = 60) -> str:
+  text = " ".join(str(text).split()).replace("|", "\\|")
+  return f"`{text[:width]}{'…' if len(text) > width else ''}`"
+
+
 def write(workdir: str | epath.PathLike) -> epath.Path:
   root = epath.Path(workdir)
   if not (root / "config.json").exists():
@@ -78,6 +112,7 @@ def write(workdir: str | epath.PathLike) -> epath.Path:
         if any(f"eval/{task}/{m}" in row for m in metrics):
           table.append([str(row["step"]), task, *(_fmt(row.get(f"eval/{task}/{m}")) for m in metrics)])
     doc.table(["step", "task", *metrics], table)
+    _samples_section(doc, root)
   else:
     doc.text("No evaluation yet: `mtjax eval --workdir " + str(root) + "` writes one.")
   plots = sorted((root / "plots").glob("*.png")) if (root / "plots").exists() else []
