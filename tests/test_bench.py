@@ -87,7 +87,7 @@ def test_model_flops_equal_the_traced_steps_matmuls(overrides):
   from mtjax.model import Decoder, ModelSpec
   from mtjax.train import step as step_lib
   cfg = tiny_config(**{"model.remat": "none", **overrides})
-  spec = ModelSpec.from_config(cfg.model, _vocab(cfg), "cpu")
+  spec = ModelSpec.from_config(cfg.model, _vocab(cfg), "float32")
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(spec, nnx.Rngs(0))))
   params = nnx.to_pure_dict(abstract)
   B, L, T = cfg.data.batch_size, cfg.data.seq_len, cfg.num_tasks
@@ -107,7 +107,7 @@ def test_model_flops_equal_the_traced_steps_matmuls(overrides):
   assert bench.model_flops_per_step(spec, params, B, L, causal=True) == got - attention / 2
   if not overrides:  # XLA's own count of the compiled step: the matmuls plus elementwise work.
     # XLA counts a loop body once, whatever its trip count: one layer, so the scan runs once.
-    spec1 = ModelSpec.from_config(cfg.replace(**{"model.num_layers": 1}).model, _vocab(cfg), "cpu")
+    spec1 = ModelSpec.from_config(cfg.replace(**{"model.num_layers": 1}).model, _vocab(cfg), "float32")
     graphdef1, abstract1 = nnx.split(nnx.eval_shape(lambda: Decoder(spec1, nnx.Rngs(0))))
     params1 = nnx.to_pure_dict(abstract1)
     grad_fn1 = step_lib.make_grad_fn(graphdef1, num_tasks=T, z_loss=cfg.model.z_loss,
@@ -159,7 +159,7 @@ def test_torch_reference_objective_equals_the_trainers():
   from mtjax import torch_reference
   from mtjax.model import ModelSpec
   cfg = tiny_config()
-  spec = ModelSpec.from_config(cfg.model, _vocab(cfg), "cpu")
+  spec = ModelSpec.from_config(cfg.model, _vocab(cfg), "float32")
   _, state, batch, expected = _trainers_objective(cfg)
   w, c = W, C
   P = torch_reference.params_from_jax(state.params)

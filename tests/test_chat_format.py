@@ -170,7 +170,7 @@ def test_eval_renders_prompts_and_stops_at_end_of_turn(dirs):
                        "eval.max_new_tokens": "auto"})
   tok = _chat(dirs["llama"])
   mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-  evaluator = Evaluator(cfg, None, ModelSpec.from_config(cfg.model, tok.vocab_size, "cpu"),
+  evaluator = Evaluator(cfg, None, ModelSpec.from_config(cfg.model, tok.vocab_size, "float32"),
                         mesh, tok)
   eot = hf.convert_tokens_to_ids("<|eot_id|>")
   assert evaluator.generator.eos_id == eot and evaluator.generator.stop_ids[0] == eot

@@ -12,7 +12,7 @@ from mtjax.model import Decoder, ModelSpec, attention
 def _model(**kw):
   cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, **kw)
   vocab = tokenizer_lib.get("byte").vocab_size
-  return Decoder(ModelSpec.from_config(cfg, vocab, "cpu"), nnx.Rngs(0))
+  return Decoder(ModelSpec.from_config(cfg, vocab, "float32"), nnx.Rngs(0))
 
 
 def test_packed_examples_do_not_attend_to_each_other():

@@ -111,7 +111,7 @@ def test_elastic_restore_from_8_devices_onto_4(tmp_path):
   tx, _ = optimizer.make_optimizer(cfg4.optimizer, 4)
   from mtjax.data import tokenizer as tokenizer_lib
   vocab = tokenizer_lib.get(cfg4.data.tokenizer).vocab_size
-  _, like, _ = state_lib.init_state(mesh4, ModelSpec.from_config(cfg4.model, vocab, "cpu"), tx, 0)
+  _, like, _ = state_lib.init_state(mesh4, ModelSpec.from_config(cfg4.model, vocab, "float32"), tx, 0)
   ck = Checkpointer(tmp_path / "elastic", cfg4.checkpoint)
   restored, _ = ck.restore(3, like)
   ck.close()

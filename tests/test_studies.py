@@ -239,7 +239,7 @@ def test_instruction_switch_rewrites_training_and_eval_examples():
   cfg = tiny_config(**{"data.instructions": {"addition": "empty"}})
   import jax
   mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-  evaluator = Evaluator(cfg, None, ModelSpec.from_config(cfg.model, tok.vocab_size, "cpu"), mesh, tok)
+  evaluator = Evaluator(cfg, None, ModelSpec.from_config(cfg.model, tok.vocab_size, "float32"), mesh, tok)
   assert all(ex.instruction == "" for ex in evaluator.examples["addition"])
   assert all(ex.instruction == "reverse: " for ex in evaluator.examples["reverse"])
 

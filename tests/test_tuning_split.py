@@ -27,7 +27,7 @@ def held_out(cfg, task):
   """The examples the evaluator of cfg holds for `task`."""
   tok = tokenizer_lib.get(cfg.data.tokenizer)
   mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-  evaluator = Evaluator(cfg, None, ModelSpec.from_config(cfg.model, tok.vocab_size, "cpu"), mesh, tok)
+  evaluator = Evaluator(cfg, None, ModelSpec.from_config(cfg.model, tok.vocab_size, "float32"), mesh, tok)
   return evaluator.examples[task]
 
 
