@@ -170,3 +170,18 @@ def test_a_save_records_the_loader_state_as_it_was_at_the_save(tmp_path):
   reader = checkpoint_lib.Checkpointer(tmp_path, cfg.checkpoint, read_only=True)
   assert reader.restore(3, state)[1] == {"step": 3, "cursors": {"a": 1}}
   reader.close()
+
+
+def test_the_progress_bar_labels_the_mean_loss_and_the_summed_objective(tmp_path, capsys):
+  """The bar shows the mean of the per-task losses (what the end line reports) and the
+  objective train/loss labelled as a sum, so the two numbers cannot be confused."""
+  result = recipes.run(tiny_config(**{"train.progress": True, "train.steps": 4,
+                                      "train.log_every": 2}), tmp_path)
+  names = tiny_config().data.tasks
+  lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+  shown = [line for line in lines if "mean_loss=" in line][-1]
+  # The row the bar last showed (the loop reads a step's metrics one step late).
+  row = next(r for r in result.history if "train/loss" in r
+             and f"objective_sum={r['train/loss']:.3f}" in shown)
+  mean = np.mean([row[f"train/{n}/loss"] for n in names if row.get(f"train/{n}/tokens", 1) > 0])
+  assert f"mean_loss={mean:.3f}" in shown and len(names) > 1 and mean < row["train/loss"]

@@ -253,7 +253,14 @@ class ProgressHook(Hook):
     row = loop.last_train_row
     if row and row["step"] != self._shown:
       self._shown = row["step"]
-      self._bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
+      # The mean of the per-task losses, as the end line reports it; train/loss in the metrics is
+      # the objective, a weighted SUM over tasks, and is labelled as such.
+      tasks = loop.config.data.tasks
+      losses = [row[f"train/{n}/loss"] for n in tasks
+                if f"train/{n}/loss" in row and row.get(f"train/{n}/tokens", 1) > 0]
+      shown = {"mean_loss": f"{sum(losses) / len(losses):.3f}"} if losses else {}
+      self._bar.set_postfix(**shown, objective_sum=f"{row['train/loss']:.3f}",
+                            tok_s=f"{row['perf/tokens_per_s']:.0f}")
 
   def close(self, loop: Loop) -> None:
     if self._bar is not None:
