@@ -361,8 +361,8 @@ def _headline(f: Mapping[str, Any], open_ended: bool) -> str:
              f"({v['grpo_unique_vs_sft']}) and a lower sequence entropy "
              f"({v['grpo_seq_entropy_vs_sft']}) than SFT")
     if d["grpo_distinct_vs_sft"] == 1:
-      first += (f" (distinct valid outputs per prompt still rose, carried by more valid outputs: "
-                f"pass@1 {v['grpo_pass1_vs_sft']})")
+      first += (f" (distinct valid outputs per prompt {v['grpo_distinct_vs_sft']}, carried by "
+                f"more valid outputs: pass@1 {v['grpo_pass1_vs_sft']})")
   elif all(x == 1 for x in collapse):
     first = (f"plain GRPO did not narrow the outputs here (unique {v['grpo_unique_vs_sft']}, seq "
              f"entropy {v['grpo_seq_entropy_vs_sft']})")
