@@ -77,10 +77,10 @@ def stored_only(config: Config, run_dir: epath.Path) -> None:
 
 
 def check_same_config(run_dir: epath.Path, config: Config) -> None:
-  """BadInputError when the run at `run_dir` (finished or interrupted) was asked for a setting different from
-  `config`'s. Compared with the requested config run_once stored (the run's own config.json holds
-  resolved values: head_dim, vocab_size); fields only one side has (written before a field
-  existed) are not compared, nor runs finished before this record existed."""
+  """BadInputError when the run at `run_dir` (finished or interrupted) was asked for a setting
+  different from `config`'s. Compared with the requested config run_once stored (the run's own
+  config.json holds resolved values: head_dim, vocab_size); fields only one side has (written
+  before a field existed) are not compared, nor runs started before this record existed."""
   stored_path = run_dir / REQUESTED
   if not stored_path.exists():
     return
@@ -89,7 +89,7 @@ def check_same_config(run_dir: epath.Path, config: Config) -> None:
   if differ:
     k = differ[0]
     more = f" (and {len(differ) - 1} other field(s): {', '.join(differ[1:4])})" if len(differ) > 1 else ""
-    raise BadInputError(str(run_dir), f"this finished run was trained with {k}={stored[k]!r}, "
+    raise BadInputError(str(run_dir), f"this run was started with {k}={stored[k]!r}, "
                         f"the config now asks {k}={now[k]!r}{more}; use a new --workdir, or "
                         f"delete {run_dir} to retrain it")
 
