@@ -39,6 +39,7 @@ from typing import Any
 from etils import epath
 
 from mtjax.errors import BadInputError
+from mtjax.train import rundir
 
 STALE_AFTER_S = 300.0  # object stores: a lock without a heartbeat for this long is taken over
 HEARTBEAT_S = 30.0
@@ -198,7 +199,8 @@ class WorkdirLock:
   def _write(self) -> None:
     assert self._record is not None
     self._record["heartbeat"] = time.time()
-    self.path.write_text(json.dumps(self._record) + "\n")
+    # Whole or not at all: a reader never sees a half-written lock.
+    rundir.replace_file(self.path, (json.dumps(self._record) + "\n").encode())
 
   def _acquire_object_store(self) -> None:
     current = self._read()

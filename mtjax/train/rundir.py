@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -98,7 +99,8 @@ def replace_file(path: epath.Path, data: bytes) -> None:
   if metrics_lib.is_object_store(path):
     path.write_bytes(data)
     return
-  tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # two writers never share a tmp file
+  # Two writers (processes, or threads of one) never share a temporary file.
+  tmp = path.parent / f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp"
   try:
     with open(tmp, "wb") as f:  # written and synced in full before it replaces anything
       f.write(data)
