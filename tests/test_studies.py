@@ -177,6 +177,13 @@ def test_a_run_is_reused_only_for_the_config_it_was_asked_for(tmp_path):
     runs.run_once(tmp_path / "b", cfg, lambda c, w: types.SimpleNamespace(preempted=True))
   with pytest.raises(BadInputError):
     runs.run_once(tmp_path / "b", cfg.replace(**{"data.batch_size": 4}), finished)
+  # How it is operated never makes an arm stale; an interrupted arm may be resumed to another
+  # length (the trainer continues to it), a finished one was trained to its own.
+  longer = cfg.replace(**{"train.steps": cfg.train.steps + 5, "train.progress": True})
+  assert runs.run_once(tmp_path / "b", longer, finished) and len(calls) == 2
+  assert not runs.run_once(tmp_path / "b", longer.replace(**{"train.progress": False}), finished)
+  with pytest.raises(BadInputError, match="train.steps="):
+    runs.run_once(tmp_path / "b", cfg, finished)
   (moved / "seed0" / "arm" / runs.REQUESTED).unlink()  # finished before the record existed
   assert not runs.run_once(moved / "seed0" / "arm", cfg.replace(**{"optimizer.lr": 0.5}), finished)
 

@@ -67,6 +67,11 @@ def run_once(run_dir: epath.Path, config: Config, train_fn: Callable[[Config, ep
 
 
 REQUESTED = "requested_config.json"  # the config as the study or sweep asked for it
+# How a run is operated, never what it computes: never a reason to call an arm stale.
+OPERATIONAL = ("train.progress", "train.compilation_cache", "train.compilation_cache_dir",
+               "train.platform", "train.preemption_every", "checkpoint.every", "checkpoint.keep")
+# An interrupted run may also be resumed to a different length (the trainer continues to it).
+MAY_CHANGE_ON_RESUME = ("train.steps",)
 
 
 def stored_only(config: Config, run_dir: epath.Path) -> None:
@@ -80,12 +85,15 @@ def check_same_config(run_dir: epath.Path, config: Config) -> None:
   """BadInputError when the run at `run_dir` (finished or interrupted) was asked for a setting
   different from `config`'s. Compared with the requested config run_once stored (the run's own
   config.json holds resolved values: head_dim, vocab_size); fields only one side has (written
-  before a field existed) are not compared, nor runs started before this record existed."""
+  before a field existed) are not compared, nor runs started before this record existed.
+  OPERATIONAL fields are never compared; an interrupted run may also change its length."""
   stored_path = run_dir / REQUESTED
   if not stored_path.exists():
     return
   stored, now = _flat(json.loads(stored_path.read_text())), _flat(_requested(run_dir, config))
-  differ = [k for k in sorted(stored.keys() & now.keys()) if stored[k] != now[k]]
+  ignored = OPERATIONAL + (() if is_done(run_dir) else MAY_CHANGE_ON_RESUME)
+  differ = [k for k in sorted(stored.keys() & now.keys())
+            if stored[k] != now[k] and k not in ignored]
   if differ:
     k = differ[0]
     more = f" (and {len(differ) - 1} other field(s): {', '.join(differ[1:4])})" if len(differ) > 1 else ""
