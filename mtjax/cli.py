@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
   gen = sub.add_parser("generate", help="decode from a run's checkpoint or an HF directory")
   source = gen.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="a run directory (its latest checkpoint, or --step)")
-  source.add_argument("--model", help="an HF directory (pretrained or an mtjax export)")
+  source.add_argument("--model", help="an HF directory (pretrained or an mtjax export), a .gguf "
+                      "file or pkg:smollm2")
   gen.add_argument("--step", type=int, default=None)
   gen.add_argument("--prompt", action="append", required=True,
                    help="the text to continue (repeatable: one completion each)")
@@ -92,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--tokenizer", default="", help="for --model DIR: a tokenizer instead of its "
                    "tokenizer.json (byte: an export of a byte-tokenizer run)")
   gen.add_argument("--no_bos", action="store_true", help="do not put BOS before the prompt")
+  gen.add_argument("--chat", action="store_true", help="for --model: each prompt as a user turn "
+                   "through the model's chat template (a run trained with data.format=chat "
+                   "always does this)")
   sw = sub.add_parser("sweep", help="run a config's get_sweep() variants one after another")
   sw.add_argument("--config", required=True, help="path/to/config.py[:variant] with get_sweep()")
   sw.add_argument("--workdir", required=True, help="one subdirectory per variant goes here")
@@ -325,12 +329,14 @@ def generate(args: argparse.Namespace) -> int:
       or not 0 < args.top_p <= 1:
     raise BadInputError("--temperature/--top_k/--top_p", "expected temperature >= 0, top_k >= 0 "
                         "and 0 < top_p <= 1")
-  model = load(args.workdir or args.model, args.step, tokenizer=args.tokenizer)
+  model = load(args.workdir or args.model, args.step, tokenizer=args.tokenizer, chat=args.chat)
   outputs = model.generate(args.prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, bos=not args.no_bos, task=args.task)
+  from mtjax.data.tokenizer import ChatTokenizer
+  chat = isinstance(model.tokenizer, ChatTokenizer)  # the prompt is a turn: show the reply apart
   for prompt, output in zip(args.prompt, outputs):
-    print(f"{prompt}{output}")
+    print(f"{prompt} -> {output}" if chat else f"{prompt}{output}")
   print(f"({model.source}, {'greedy' if args.temperature == 0 else f'temperature {args.temperature}'})",
         file=sys.stderr)
   return EXIT_OK

@@ -78,6 +78,12 @@ class LoadedModel:
         seed=seed, task=task)]
 
   def encode(self, prompt: str, *, bos: bool = True) -> np.ndarray:
+    """The prompt's ids: under a chat format (a run trained with data.format=chat, or
+    load(..., chat=True)) rendered as a user turn with the generation prompt, as training saw its
+    prompts (the template writes BOS where it has one; `bos` is not used); else BOS + the text."""
+    from mtjax.data.tokenizer import ChatTokenizer
+    if isinstance(self.tokenizer, ChatTokenizer):
+      return self.tokenizer.prompt_ids(prompt).astype(np.int32)
     body = self.tokenizer.encode(prompt)
     return np.concatenate([[self.tokenizer.bos_id], body] if bos else [body]).astype(np.int32)
 
@@ -109,11 +115,13 @@ def _is_hf_directory(path: epath.Path) -> bool:
 
 def load(path: str | epath.PathLike, step: int | None = None, *,
          devices: Sequence[Any] | None = None, param_dtype: str = "float32",
-         tokenizer: str = "") -> LoadedModel:
+         tokenizer: str = "", chat: bool = False) -> LoadedModel:
   """A run's checkpoint (a workdir; `step`, default the latest) or an HF directory (config.json,
   safetensors, tokenizer files: a pretrained model or an `mtjax export`), on all devices.
   tokenizer: for an HF directory, a data.tokenizer name to use instead of its own tokenizer.json
-  ("byte" for an export of a byte-tokenizer run, which carries none)."""
+  ("byte" for an export of a byte-tokenizer run, which carries none). chat: for an HF directory,
+  prompts go through its chat template (a run trained with data.format=chat does so anyway).
+  `path` may also be a .gguf file or pkg:smollm2 (converted once: mtjax.model.gguf)."""
   from mtjax.model import gguf
   if gguf.is_gguf(str(path)):  # a GGUF file (or pkg:NAME): its converted HF directory
     path = gguf.hf_directory(str(path))
@@ -124,9 +132,14 @@ def load(path: str | epath.PathLike, step: int | None = None, *,
   if _is_hf_directory(p):
     if step is not None:
       raise BadInputError("--step", f"{p} is an HF directory, not a run: it has no steps")
-    return _load_hf(p, devices, param_dtype, tokenizer)
-  if tokenizer:
-    raise BadInputError("--tokenizer", f"{p} is a run: it uses its own tokenizer")
+    loaded = _load_hf(p, devices, param_dtype, tokenizer)
+    if chat:
+      from mtjax.data.tokenizer import ChatTokenizer
+      loaded.tokenizer = ChatTokenizer(loaded.tokenizer)  # exit 2 when it has no chat template
+    return loaded
+  if tokenizer or chat:
+    raise BadInputError("--tokenizer" if tokenizer else "--chat", f"{p} is a run: it uses its own "
+                        "tokenizer and format (data.format)")
   from mtjax.train import setup as setup_lib
   run = setup_lib.from_workdir(p, step, devices=devices, purpose="load")
   return LoadedModel(graphdef=run.graphdef, params=run.state.params, spec=run.spec,

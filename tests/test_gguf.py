@@ -299,3 +299,24 @@ def test_smollm2_matches_transformers(smollm2):
     got_ids = loaded.generate_ids([ids], max_new_tokens=30, temperature=0)[0].tolist()
     stop = ref_ids.index(2) if 2 in ref_ids else len(ref_ids)
     assert got_ids == ref_ids[:stop], (prompt, chat.decode(got_ids), chat.decode(ref_ids))
+
+
+def test_generate_chat_renders_the_prompt_through_the_template(files, capsys):
+  """`mtjax generate --model FILE.gguf --chat`: the prompt goes in as a user turn (the template's
+  ids), the reply is printed apart; without --chat the prompt is BOS + its plain text."""
+  import mtjax
+  from mtjax.data.tokenizer import ChatTokenizer
+  path, _ = files("Q8_0")
+  loaded = mtjax.load(str(path))
+  chat = ChatTokenizer(loaded.tokenizer)
+  ids = chat.prompt_ids("hello world")
+  expected = chat.decode(loaded.generate_ids([ids], max_new_tokens=8, temperature=0)[0])
+  assert cli.main(["generate", "--model", str(path), "--chat", "--prompt", "hello world",
+                   "--max_new_tokens", "8"]) == 0
+  assert capsys.readouterr().out == f"hello world -> {expected}\n"
+  plain = loaded.tokenizer.decode(loaded.generate_ids(
+      [np.concatenate([[1], loaded.tokenizer.encode("hello world")]).astype(np.int32)],
+      max_new_tokens=8, temperature=0)[0])
+  assert cli.main(["generate", "--model", str(path), "--prompt", "hello world",
+                   "--max_new_tokens", "8"]) == 0
+  assert capsys.readouterr().out == f"hello world{plain}\n"
