@@ -93,9 +93,9 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--tokenizer", default="", help="for --model DIR: a tokenizer instead of its "
                    "tokenizer.json (byte: an export of a byte-tokenizer run)")
   gen.add_argument("--no_bos", action="store_true", help="do not put BOS before the prompt")
-  gen.add_argument("--chat", action="store_true", help="for --model: each prompt as a user turn "
-                   "through the model's chat template (a run trained with data.format=chat "
-                   "always does this)")
+  gen.add_argument("--raw", action="store_true", help="the prompt as plain text (default: as a "
+                   "user turn through the chat template, where the model has one or the run was "
+                   "trained with data.format=chat)")
   sw = sub.add_parser("sweep", help="run a config's get_sweep() variants one after another")
   sw.add_argument("--config", required=True, help="path/to/config.py[:variant] with get_sweep()")
   sw.add_argument("--workdir", required=True, help="one subdirectory per variant goes here")
@@ -329,7 +329,8 @@ def generate(args: argparse.Namespace) -> int:
       or not 0 < args.top_p <= 1:
     raise BadInputError("--temperature/--top_k/--top_p", "expected temperature >= 0, top_k >= 0 "
                         "and 0 < top_p <= 1")
-  model = load(args.workdir or args.model, args.step, tokenizer=args.tokenizer, chat=args.chat)
+  model = load(args.workdir or args.model, args.step, tokenizer=args.tokenizer,
+               chat=False if args.raw else None)
   outputs = model.generate(args.prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, bos=not args.no_bos, task=args.task)

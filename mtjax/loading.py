@@ -80,11 +80,13 @@ class LoadedModel:
   def encode(self, prompt: str, *, bos: bool = True) -> np.ndarray:
     """The prompt's ids: under a chat format (a run trained with data.format=chat, or
     load(..., chat=True)) rendered as a user turn with the generation prompt, as training saw its
-    prompts (the template writes BOS where it has one; `bos` is not used); else BOS + the text."""
+    prompts (the template writes BOS where it has one; `bos` is not used); else BOS + the text
+    (for an HF directory, BOS only when its tokenizer_config adds one: add_bos_token)."""
     from mtjax.data.tokenizer import ChatTokenizer
     if isinstance(self.tokenizer, ChatTokenizer):
       return self.tokenizer.prompt_ids(prompt).astype(np.int32)
     body = self.tokenizer.encode(prompt)
+    bos = bos and (self.config is not None or getattr(self.tokenizer, "add_bos", True))
     return np.concatenate([[self.tokenizer.bos_id], body] if bos else [body]).astype(np.int32)
 
   def generate_ids(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int = 64,
@@ -115,12 +117,13 @@ def _is_hf_directory(path: epath.Path) -> bool:
 
 def load(path: str | epath.PathLike, step: int | None = None, *,
          devices: Sequence[Any] | None = None, param_dtype: str = "float32",
-         tokenizer: str = "", chat: bool = False) -> LoadedModel:
+         tokenizer: str = "", chat: bool | None = None) -> LoadedModel:
   """A run's checkpoint (a workdir; `step`, default the latest) or an HF directory (config.json,
   safetensors, tokenizer files: a pretrained model or an `mtjax export`), on all devices.
   tokenizer: for an HF directory, a data.tokenizer name to use instead of its own tokenizer.json
-  ("byte" for an export of a byte-tokenizer run, which carries none). chat: for an HF directory,
-  prompts go through its chat template (a run trained with data.format=chat does so anyway).
+  ("byte" for an export of a byte-tokenizer run, which carries none). chat: prompts go through
+  the chat template (True: exit 2 without one), or not (False), or when the model has one / the
+  run was trained with data.format=chat (None: what `mtjax generate` does unless --raw).
   `path` may also be a .gguf file or pkg:smollm2 (converted once: mtjax.model.gguf)."""
   from mtjax.model import gguf
   if gguf.is_gguf(str(path)):  # a GGUF file (or pkg:NAME): its converted HF directory
@@ -133,17 +136,23 @@ def load(path: str | epath.PathLike, step: int | None = None, *,
     if step is not None:
       raise BadInputError("--step", f"{p} is an HF directory, not a run: it has no steps")
     loaded = _load_hf(p, devices, param_dtype, tokenizer)
-    if chat:
+    if chat or (chat is None and getattr(loaded.tokenizer, "chat_template", None)):
       from mtjax.data.tokenizer import ChatTokenizer
       loaded.tokenizer = ChatTokenizer(loaded.tokenizer)  # exit 2 when it has no chat template
     return loaded
-  if tokenizer or chat:
-    raise BadInputError("--tokenizer" if tokenizer else "--chat", f"{p} is a run: it uses its own "
-                        "tokenizer and format (data.format)")
+  if tokenizer:
+    raise BadInputError("--tokenizer", f"{p} is a run: it uses its own tokenizer")
   from mtjax.train import setup as setup_lib
   run = setup_lib.from_workdir(p, step, devices=devices, purpose="load")
+  from mtjax.data.tokenizer import ChatTokenizer
+  run_tokenizer = run.tokenizer
+  if chat is False and isinstance(run_tokenizer, ChatTokenizer):  # raw text, as asked
+    run_tokenizer = run_tokenizer.base
+  elif chat and not isinstance(run_tokenizer, ChatTokenizer):
+    raise BadInputError("chat", f"{p} was trained with data.format=plain: its prompts never went "
+                        "through a chat template")
   return LoadedModel(graphdef=run.graphdef, params=run.state.params, spec=run.spec,
-                     tokenizer=run.tokenizer, mesh=run.mesh, source=f"{p}@{run.restored_step}",
+                     tokenizer=run_tokenizer, mesh=run.mesh, source=f"{p}@{run.restored_step}",
                      config=run.config)
 
 

@@ -151,11 +151,12 @@ def test_greedy_chat_generation_matches_transformers(files):
   import torch
 
   import mtjax
+  from mtjax.data.tokenizer import ChatTokenizer
   path, _ = files("Q8_0")
   model = _hf_reference(path)
   loaded = mtjax.load(str(path))
-  from mtjax.data.tokenizer import ChatTokenizer
-  chat = ChatTokenizer(loaded.tokenizer)
+  chat = loaded.tokenizer  # the model has a chat template: prompts go through it by default
+  assert isinstance(chat, ChatTokenizer)
   new = 30
   for prompt in ("hello", "the world", "def f", "is 12 in", "an er ing"):
     ids = chat.prompt_ids(prompt)
@@ -178,12 +179,15 @@ def test_greedy_chat_generation_matches_transformers(files):
 
 def test_a_gguf_as_model_pretrained_trains_lora_and_the_conversion_is_cached(files, tmp_path,
                                                                             capsys):
+  """A chat-format LoRA run on a GGUF: trains through the cached conversion, and `mtjax generate
+  --workdir` (the chat template applied, as in training) reproduces the evaluator's greedy
+  generation for each task's held-out prompt."""
   path, _ = files("Q4_1")
   workdir = tmp_path / "run"
   flags = ["train", "--config", f"{DEMO}:tiny", "--workdir", str(workdir),
            f"--config.model.pretrained={path}", "--config.model.lora.targets=q,v",
-           "--config.train.steps=2", "--config.train.progress=false", "--config.eval.every=0",
-           "--config.checkpoint.every=0", "--config.data.seq_len=32"]
+           "--config.data.format=chat", "--config.train.steps=2", "--config.train.progress=false",
+           "--config.eval.every=0", "--config.checkpoint.every=2", "--config.data.seq_len=48"]
   assert cli.main(flags) == 0, capsys.readouterr().err
   config = json.loads((workdir / "config.json").read_text())
   converted = pathlib.Path(config["model"]["pretrained"])
@@ -194,6 +198,19 @@ def test_a_gguf_as_model_pretrained_trains_lora_and_the_conversion_is_cached(fil
   before = (converted / "model.safetensors").stat().st_mtime_ns
   assert gguf.hf_directory(str(path), quiet=True) == converted  # the cache, not a new conversion
   assert (converted / "model.safetensors").stat().st_mtime_ns == before
+
+  capsys.readouterr()
+  assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+  scores = json.loads((workdir / "eval" / "step_2.json").read_text())
+  samples = [json.loads(line) for line in
+             (workdir / "eval" / "step_2.samples.jsonl").read_text().splitlines()]
+  for task in {s["task"] for s in samples}:
+    first = next(s for s in samples if s["task"] == task)
+    budget = int(scores[f"eval/{task}/max_new_tokens"])
+    capsys.readouterr()
+    assert cli.main(["generate", "--workdir", str(workdir), "--prompt", first["prompt"],
+                     "--max_new_tokens", str(budget)]) == 0
+    assert capsys.readouterr().out == f"{first['prompt']} -> {first['output']}\n", task
 
 
 def _error(args: list[str], capsys) -> str:
@@ -278,7 +295,7 @@ def test_smollm2_matches_transformers(smollm2):
   from mtjax.data.tokenizer import ChatTokenizer
   model = _hf_reference(smollm2)
   ref_tok = _hf_tokenizer(smollm2)
-  loaded = mtjax.load(f"{gguf.PACKAGE_PREFIX}smollm2")
+  loaded = mtjax.load(f"{gguf.PACKAGE_PREFIX}smollm2", chat=False)
   assert not _differing(loaded.tokenizer, ref_tok, _strings(1000))
   chat = ChatTokenizer(loaded.tokenizer)
   for prompt in ("What is the capital of France?", "Write a haiku about JAX.",
@@ -301,22 +318,22 @@ def test_smollm2_matches_transformers(smollm2):
     assert got_ids == ref_ids[:stop], (prompt, chat.decode(got_ids), chat.decode(ref_ids))
 
 
-def test_generate_chat_renders_the_prompt_through_the_template(files, capsys):
-  """`mtjax generate --model FILE.gguf --chat`: the prompt goes in as a user turn (the template's
-  ids), the reply is printed apart; without --chat the prompt is BOS + its plain text."""
+def test_generate_renders_the_prompt_through_the_chat_template_unless_raw(files, capsys):
+  """`mtjax generate --model FILE.gguf`: the model has a chat template, so the prompt goes in as a
+  user turn (the template's ids) and the reply is printed apart; with --raw the prompt is its
+  plain text, with no BOS (the file's add_bos_token is false)."""
   import mtjax
   from mtjax.data.tokenizer import ChatTokenizer
   path, _ = files("Q8_0")
-  loaded = mtjax.load(str(path))
+  loaded = mtjax.load(str(path), chat=False)
   chat = ChatTokenizer(loaded.tokenizer)
   ids = chat.prompt_ids("hello world")
   expected = chat.decode(loaded.generate_ids([ids], max_new_tokens=8, temperature=0)[0])
-  assert cli.main(["generate", "--model", str(path), "--chat", "--prompt", "hello world",
+  assert cli.main(["generate", "--model", str(path), "--prompt", "hello world",
                    "--max_new_tokens", "8"]) == 0
   assert capsys.readouterr().out == f"hello world -> {expected}\n"
   plain = loaded.tokenizer.decode(loaded.generate_ids(
-      [np.concatenate([[1], loaded.tokenizer.encode("hello world")]).astype(np.int32)],
-      max_new_tokens=8, temperature=0)[0])
-  assert cli.main(["generate", "--model", str(path), "--prompt", "hello world",
+      [loaded.tokenizer.encode("hello world")], max_new_tokens=8, temperature=0)[0])
+  assert cli.main(["generate", "--model", str(path), "--raw", "--prompt", "hello world",
                    "--max_new_tokens", "8"]) == 0
   assert capsys.readouterr().out == f"hello world{plain}\n"

@@ -163,6 +163,9 @@ class HfTokenizer:
     for key, found in (("bos", self.bos_id), ("eos", self.eos_id)):
       self.special_tokens.setdefault(f"{key}_token", self._tok.id_to_token(found) or "")
     self.chat_template: str | None = _chat_template(file.parent, tok_cfg)
+    # Whether text is BOS + ids (tokenizer_config's add_bos_token; absent: yes). Training prompts
+    # always get BOS; this is for raw prompts to a model loaded without a run (mtjax generate).
+    self.add_bos: bool = bool(tok_cfg.get("add_bos_token", True))
     self.source = str(given)
 
   def encode(self, text: str) -> np.ndarray:
