@@ -47,14 +47,23 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--process_id", type=int, default=None)
   train.add_argument("--profile", default=None, metavar="START:STOP",
                      help="write a JAX profiler trace of steps [START, STOP) to WORKDIR/profile")
-  ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the held-out splits")
-  ev.add_argument("--workdir", required=True)
+  ev = sub.add_parser("eval", help="evaluate a run's checkpoint (or a pretrained model) on the "
+                      "held-out splits", epilog="With --model, any number of --config.a.b=value "
+                      "overrides may follow.")
+  ev_source = ev.add_mutually_exclusive_group(required=True)
+  ev_source.add_argument("--workdir", help="a run directory")
+  ev_source.add_argument("--model", help="a pretrained model without a run (an HF directory, a "
+                         ".gguf file or pkg:smollm2), scored as a run of --config would score it "
+                         "at step 0; needs --config and --out")
+  ev.add_argument("--out", default=None, help="--model: the directory to write eval/step_0.json "
+                  "(and its samples) into")
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   ev.add_argument("--tasks", default="", help="comma-separated tasks (default: the run's eval "
                   "tasks); any registered task, e.g. the eval-only bfcl_simple, bfcl_multiple, ...")
-  ev.add_argument("--config", default=None, help="the config file that defined the run's tasks, "
-                  "when they cannot be rebuilt from WORKDIR/tasks.json (a Python scorer or source); "
-                  "only its task registrations are used, the run's recorded config stays")
+  ev.add_argument("--config", default=None, help="--workdir: the config file that defined the "
+                  "run's tasks, when they cannot be rebuilt from WORKDIR/tasks.json (a Python "
+                  "scorer or source); only its task registrations are used, the run's recorded "
+                  "config stays. --model: the config whose tasks and eval settings score it")
   ev.add_argument("--compose", action="store_true", help="compose the run's per-task SVF experts "
                   "on --task (z' = sum_k alpha_k z_k; alpha from --alpha or found few-shot by CEM) "
                   "and score it, each expert and the base on held-out examples")
@@ -262,10 +271,17 @@ def bench(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return EXIT_OK
 
 
-def evaluate(args: argparse.Namespace) -> int:
-  from mtjax.eval.evaluate import evaluate_checkpoint, table
+def evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from mtjax.eval.evaluate import evaluate_checkpoint
 
   tasks = [t for t in args.tasks.split(",") if t]
+  if args.model is not None:
+    return evaluate_model(args, overrides, tasks)
+  if overrides:
+    raise BadInputError("--config.*", f"{overrides[0]}: a run is scored with its own recorded "
+                        "config (overrides only with --model)")
+  if args.out is not None:
+    raise BadInputError("--out", "only with --model (a run's scores go to WORKDIR/eval)")
   if args.config:  # registers the tasks (and scorers) the file defines; its settings are unused
     from mtjax import config as config_lib
     config_lib.import_config_module(args.config)
@@ -275,10 +291,35 @@ def evaluate(args: argparse.Namespace) -> int:
     if getattr(args, flag) is not None:
       raise BadInputError(f"--{flag}", "only with --compose")
   row = evaluate_checkpoint(args.workdir, args.step, tasks)
+  _print_eval(row)
+  return EXIT_OK
+
+
+def evaluate_model(args: argparse.Namespace, overrides: Sequence[str], tasks: list[str]) -> int:
+  from mtjax import config as config_lib
+  from mtjax.eval.evaluate import evaluate_pretrained
+
+  for flag, value in (("--config", args.config), ("--out", args.out)):
+    if not value:
+      raise BadInputError(flag, "--model needs --config (tasks and eval settings) and --out")
+  for flag in ("step", "task", "alpha"):
+    if getattr(args, flag) is not None:
+      raise BadInputError(f"--{flag}", "not with --model (a pretrained model has no steps)")
+  if args.compose:
+    raise BadInputError("--compose", "not with --model (composition needs a run's experts)")
+  extra = [f"--config.model.pretrained={args.model}"]
+  if tasks:
+    extra += [f"--config.data.tasks={','.join(tasks)}"]
+  config = config_lib.load(args.config, [*overrides, *extra])
+  _print_eval(evaluate_pretrained(config, args.out))
+  return EXIT_OK
+
+
+def _print_eval(row: dict) -> None:
+  from mtjax.eval.evaluate import table
   print(table(row))
   print(f"step {row['step']}: eval {row['perf/eval_time_s']:.1f}s, eval step compiled "
         f"{row['perf/eval_compiles']}x, generation {row['perf/generate_compiles']}x; {row['_path']}")
-  return EXIT_OK
 
 
 def compose(args: argparse.Namespace, tasks: Sequence[str]) -> int:
@@ -491,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sweep":
       return sweep(args, overrides)
     if args.command == "eval":
-      return evaluate(args)
+      return evaluate(args, overrides)
     if args.command == "export":
       return export(args)
     if args.command == "generate":

@@ -337,3 +337,31 @@ def test_generate_renders_the_prompt_through_the_chat_template_unless_raw(files,
   assert cli.main(["generate", "--model", str(path), "--raw", "--prompt", "hello world",
                    "--max_new_tokens", "8"]) == 0
   assert capsys.readouterr().out == f"hello world{plain}\n"
+
+
+def test_eval_model_without_a_run_equals_a_run_with_its_weights(files, tmp_path, capsys):
+  """`mtjax eval --model FILE --config C --out D` scores what a run of C whose weights are the
+  file's (one step at lr 0) scores, metric for metric and sample for sample."""
+  path, _ = files("Q8_0")
+  common = [f"--config.model.pretrained={path}", "--config.data.format=chat",
+            "--config.data.seq_len=48", "--config.eval.num_examples=6", "--config.eval.num_generate=3",
+            "--config.eval.num_samples=0"]  # sampled metrics are seeded by the step (0 vs 1)
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--config", f"{DEMO}:tiny", "--workdir", str(workdir),
+                   "--config.train.steps=1", "--config.optimizer.lr=0", "--config.eval.every=0",
+                   "--config.checkpoint.every=1", "--config.train.progress=false", *common]) == 0
+  assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+  out = tmp_path / "zero_shot"
+  assert cli.main(["eval", "--model", str(path), "--config", f"{DEMO}:tiny", "--out", str(out),
+                   *[c for c in common if "pretrained" not in c]]) == 0
+  run_row = json.loads((workdir / "eval" / "step_1.json").read_text())
+  model_row = json.loads((out / "eval" / "step_0.json").read_text())
+  scores = sorted(k for k in run_row if k.startswith("eval/"))
+  assert scores and scores == sorted(k for k in model_row if k.startswith("eval/"))
+  for k in scores:
+    assert model_row[k] == pytest.approx(run_row[k], rel=1e-5, abs=1e-6), k
+  read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]
+  assert read(out / "eval" / "step_0.samples.jsonl") == read(workdir / "eval" / "step_1.samples.jsonl")
+  capsys.readouterr()
+  _error(["eval", "--model", str(path), "--out", str(out)], capsys)  # no --config
+  _error(["eval", "--workdir", str(workdir), "--config.eval.num_examples=2"], capsys)

@@ -330,7 +330,27 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
   from mtjax.train import rundir
   rundir.check_writable(path / "eval", "mtjax eval writes its scores there")  # before, not after
   evaluator = Evaluator(run.config, run.graphdef, run.spec, run.mesh, run.tokenizer, tasks or None)
-  row = evaluator(run.state.params, step)
+  return _write(path, step, evaluator(run.state.params, step), evaluator.samples)
+
+
+def evaluate_pretrained(config: Config, out: str | epath.PathLike,
+                        devices: Sequence[Device] | None = None) -> dict[str, Any]:
+  """`mtjax eval --model`: score a pretrained model (config.model.pretrained: an HF directory, a
+  .gguf file or pkg:smollm2) without a run, on config.data.tasks with config.eval's settings, as
+  a run of this config would score it at step 0; writes out/eval/step_0.json and its samples."""
+  from mtjax.train import rundir
+  from mtjax.train import setup as setup_lib
+  out = epath.Path(out)
+  rundir.check_writable(out / "eval", "mtjax eval writes its scores there")
+  run = setup_lib.build(config, devices=devices, any_mesh=True)
+  evaluator = Evaluator(run.config, run.graphdef, run.spec, run.mesh, run.tokenizer)
+  return _write(out, 0, evaluator(run.state.params, 0), evaluator.samples)
+
+
+def _write(path: epath.Path, step: int, row: dict[str, Any],
+           samples_rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Merges `row` into path/eval/step_<step>.json and the samples into its .samples.jsonl."""
+  from mtjax.train import rundir
   out = path / "eval" / f"step_{step}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   with rundir.file_lock(out):  # atomic writes: a temporary file renamed locally, one upload on gs://  # two evals of one step (--tasks a, --tasks b) merge, not race
@@ -342,12 +362,12 @@ def evaluate_checkpoint(workdir: str | epath.PathLike, step: int | None = None,
         out.rename(out.with_name(f"{out.name}.unreadable.{int(time.time())}"))  # never deleted
     merged = {**stored, **row}
     rundir.replace_file(out, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
-    if evaluator.samples:  # this evaluation's tasks replace their own lines, others' stay
+    if samples_rows:  # this evaluation's tasks replace their own lines, others' stay
       samples = out.with_name(f"step_{step}.samples.jsonl")
-      done = {r["task"] for r in evaluator.samples}
+      done = {r["task"] for r in samples_rows}
       kept = [line for line in (samples.read_text().splitlines() if samples.exists() else [])
               if line.strip() and json.loads(line).get("task") not in done]
-      lines = kept + [json.dumps(r, ensure_ascii=False) for r in evaluator.samples]
+      lines = kept + [json.dumps(r, ensure_ascii=False) for r in samples_rows]
       rundir.replace_file(samples, ("\n".join(lines) + "\n").encode())
       row["_samples"] = str(samples)
   row["_path"] = str(out)
