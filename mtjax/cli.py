@@ -370,6 +370,11 @@ def generate(args: argparse.Namespace) -> int:
       or not 0 < args.top_p <= 1:
     raise BadInputError("--temperature/--top_k/--top_p", "expected temperature >= 0, top_k >= 0 "
                         "and 0 < top_p <= 1")
+  from mtjax.loading import model_length
+  length, where = model_length(args.workdir or args.model)
+  if length and args.max_new_tokens > length:
+    raise BadInputError("--max_new_tokens", f"{args.max_new_tokens:,} is more than the model's "
+                        f"length, {length:,} ({where})")
   model = load(args.workdir or args.model, args.step, tokenizer=args.tokenizer,
                chat=False if args.raw else None)
   outputs = model.generate(args.prompt, max_new_tokens=args.max_new_tokens,

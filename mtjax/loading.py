@@ -115,6 +115,33 @@ def _is_hf_directory(path: epath.Path) -> bool:
   return (path / "config.json").exists() and not (path / "checkpoints").exists()
 
 
+def model_length(path: str | epath.PathLike) -> tuple[int | None, str]:
+  """(the longest sequence the model at `path` was made for, where that comes from): an HF
+  directory's max_position_embeddings; a run's pretrained base's, else its data.seq_len (what
+  its export records as max_position_embeddings). (None, "") where nothing says. Reads configs
+  only (a .gguf file is converted, as loading it would)."""
+  import json
+
+  from mtjax.model import gguf, pretrained
+  if gguf.is_gguf(str(path)):
+    path = gguf.hf_directory(str(path))
+  p = epath.Path(path)
+  if _is_hf_directory(p):
+    value = pretrained.read_config(p).get("max_position_embeddings")
+    return (int(value), f"{p}/config.json max_position_embeddings") if isinstance(value, int) \
+        and value > 0 else (None, "")
+  try:
+    recorded = json.loads((p / "config.json").read_text())
+    base, seq_len = recorded["model"]["pretrained"], int(recorded["data"]["seq_len"])
+  except (OSError, ValueError, KeyError, TypeError):  # load() names what is wrong with the run
+    return None, ""
+  if base and epath.Path(base).exists():
+    length, where = model_length(base)
+    if length:
+      return max(length, seq_len), where
+  return seq_len, "the run's data.seq_len"
+
+
 def load(path: str | epath.PathLike, step: int | None = None, *,
          devices: Sequence[Any] | None = None, param_dtype: str = "float32",
          tokenizer: str = "", chat: bool | None = None) -> LoadedModel:

@@ -11,6 +11,8 @@
 --setup-delay: sleep S seconds at the end of the run's setup (mtjax.train.setup.build).
 --plots-delay: sleep S seconds before the run's plots are drawn (after the loop).
 --marker: the *-delay flags above create this file when their sleep starts (for the test to wait on).
+--run-ahead PATH: at every train step's dispatch, append to PATH whether the state passed in (the
+  previous step's output) was still being computed ("pending") or finished ("ready").
 """
 
 import argparse
@@ -28,12 +30,28 @@ def main() -> int:
   parser.add_argument("--setup-delay", type=float, default=0.0)
   parser.add_argument("--plots-delay", type=float, default=0.0)
   parser.add_argument("--marker", default=None)
+  parser.add_argument("--run-ahead", default=None)
   split = sys.argv.index("--")
   args = parser.parse_args(sys.argv[1:split])
   rest = sys.argv[split + 1:]
 
   from mtjax import cli
   from mtjax.train import step as step_lib
+
+  if args.run_ahead:
+    import jax
+    watched_jit_step = step_lib.jit_step
+
+    def watching_jit_step(*a, **k):
+      fn = watched_jit_step(*a, **k)
+
+      def watched(state, *x):
+        ready = all(leaf.is_ready() for leaf in jax.tree.leaves(state))
+        with open(args.run_ahead, "a") as f:
+          f.write("ready\n" if ready else "pending\n")
+        return fn(state, *x)
+      return watched
+    step_lib.jit_step = watching_jit_step
 
   if args.step_delay:
     jit_step = step_lib.jit_step

@@ -365,3 +365,11 @@ def test_eval_model_without_a_run_equals_a_run_with_its_weights(files, tmp_path,
   capsys.readouterr()
   _error(["eval", "--model", str(path), "--out", str(out)], capsys)  # no --config
   _error(["eval", "--workdir", str(workdir), "--config.eval.num_examples=2"], capsys)
+
+
+def test_generation_longer_than_the_model_is_refused_before_loading(files, capsys):
+  path, _ = files("Q8_0")  # context_length 256 -> config.json max_position_embeddings 256
+  err = _error(["generate", "--model", str(path), "--prompt", "hi", "--max_new_tokens", "257"],
+               capsys)
+  assert "--max_new_tokens: 257 is more than the model's length, 256" in err
+  assert "max_position_embeddings" in err

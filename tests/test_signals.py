@@ -182,3 +182,23 @@ def test_signals_during_setup_exit_3_and_during_plots_exit_0(straight, tmp_path)
   assert sorted(p.name for p in (workdir / "plots").glob("*.png")) == \
       sorted(p.name for p in (straight / "plots").glob("*.png")) != []
   _assert_same_losses(straight, workdir)
+
+
+@pytest.mark.slow
+def test_a_single_process_run_never_dispatches_a_step_before_the_previous_one_finished(tmp_path):
+  """So a signal stops the run at the next step boundary: at every step's dispatch the state
+  passed in (the previous step's output) has finished. Before, with a log window of many steps
+  the host dispatched steps ahead of the device ("pending" here on every step after the first of
+  a window) and a SIGTERM on SmolLM2 stopped ~3 steps (~50 s) later. A model big enough that a
+  step takes far longer than its dispatch."""
+  record = tmp_path / "run_ahead.txt"
+  heavy = ["--config.model.d_model=256", "--config.model.mlp_dim=1024",
+           "--config.data.batch_size=32", "--config.data.seq_len=128", "--config.train.steps=8",
+           "--config.train.log_every=100", "--config.train.progress=false"]
+  proc = subprocess.run([sys.executable, DRIVER, "--run-ahead", str(record), "--", "train",
+                         "--config", f"{DEMO}:tiny", *heavy, "--config.checkpoint.every=0",
+                         "--workdir", str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  seen = record.read_text().split()
+  assert len(seen) == 8 and seen[1:] == ["ready"] * 7, seen

@@ -368,12 +368,27 @@ class PreemptionHook(Hook):
   def __init__(self, checkpoint: CheckpointHook, every: int = 1):
     self._checkpoint, self.every = checkpoint, every  # every: multi-process agreement cadence
 
+  def before_step(self, loop: Loop, step: int) -> None:
+    """Single process: the step in flight finishes before the next one is dispatched, and the
+    flag is looked at then, so a signal stops the run at the next step boundary. Left to itself
+    the host dispatches steps ahead of the device (up to a log window), and a stop came several
+    steps (~50 s on SmolLM2) after the signal. Multi-process runs keep their gather cadence
+    (`every`, in after_step): the gather itself waits for the step in flight."""
+    if jax.process_count() > 1 or step == loop.start:
+      return
+    jax.block_until_ready(loop.state.step)
+    if loop.guard.should_stop(step) and not loop.guard.finishing:
+      self._stop(loop, step)
+
   def after_step(self, loop: Loop, out: StepOutput) -> None:
     if loop.guard.should_stop(out.done, self.every) and out.done < loop.total:
-      self._checkpoint.save(loop, out.done)
-      loop.stop(preempted=True)  # the loop's close waits until the save is committed
-      say(f"preempted by {loop.guard.name or 'a signal'}: saved step {out.done}; run the same "
-          "command again to resume")
+      self._stop(loop, out.done)
+
+  def _stop(self, loop: Loop, step: int) -> None:
+    self._checkpoint.save(loop, step)
+    loop.stop(preempted=True)  # the loop's close waits until the save is committed
+    say(f"preempted by {loop.guard.name or 'a signal'}: saved step {step}; run the same "
+        "command again to resume")
 
 
 @dataclasses.dataclass

@@ -7,7 +7,10 @@
   4. hooks after     log (step s's metrics are read after step s + 1 is dispatched: no host sync
                      on the step's critical path; per-task metrics are token-weighted means over
                      the log window, see mtjax.train.metrics), progress, profile, feedback,
-                     preemption (save at the step reached and stop: exit code 3)
+                     preemption (save at the step reached and stop: exit code 3; in a
+                     single-process run the preemption hook also waits, before each step, for
+                     the one in flight and looks at the flag: a signal stops at the next step
+                     boundary, the host never more than one step ahead of the device)
 At the end: flush the log, eval, save the last step; then close everything and draw the plots.
 Signals (preemption.py): the guard is in place from the start of `Loop.run` (or earlier, when the
 run entered it before setup) until the last save is committed; a signal before the first step
@@ -129,6 +132,8 @@ class Loop:
       self.guard.finishing = step == self.total - 1 and step > self.start
       for hook in self.hooks:
         hook.before_step(self, step)
+      if self._stopping:  # a signal seen before this step was dispatched (preemption hook)
+        return
       batch = self.source.next(self.state)
       if step == self.start:
         if self.guard.should_stop(step):  # a signal during setup (or eval at step 0, or the batch)
