@@ -68,8 +68,10 @@ def permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndar
           .swapaxes(1, 2).reshape(w.shape))
 
 
-def hf_weights(vocab: int, seed: int = 0, tied: bool = True) -> dict[str, np.ndarray]:
+def hf_weights(vocab: int, seed: int = 0, tied: bool = True, d: int = D,
+               head_dim: int = HEAD_DIM, mlp: int = MLP) -> dict[str, np.ndarray]:
   """Random weights in transformers' layout and names ([out, in])."""
+  D, HEAD_DIM, MLP = d, head_dim, mlp  # noqa: N806  (the module's shape, unless given)
   rng = np.random.RandomState(seed)
   w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (vocab, D)),
        "model.norm.weight": 1 + rng.normal(0, 0.1, D)}
@@ -104,16 +106,36 @@ def gguf_name(hf: str) -> str:
   return f"blk.{i}.{GGUF_NAMES['.'.join(rest[:-1])]}.weight"
 
 
+# Where each K-quant block keeps its float16 scale(s) (ggml's block_q*_K structs).
+K_QUANT_HALVES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(tensor_type: str, rows: int, cols: int, rng: np.random.RandomState) -> np.ndarray:
+  """Random K-quant data for a [rows, cols] tensor (gguf-py cannot quantize to K types): random
+  bytes, each block's float16 scales set to small finite values. [rows, bytes per row] uint8."""
+  import gguf
+  qt = gguf.GGMLQuantizationType[tensor_type]
+  block, size = gguf.GGML_QUANT_SIZES[qt]
+  raw = rng.randint(0, 256, (rows, cols // block, size)).astype(np.uint8)
+  for at in K_QUANT_HALVES[tensor_type]:
+    halves = (rng.uniform(0.002, 0.02, (rows, cols // block)) * rng.choice([-1, 1], (rows, cols // block)))
+    raw[:, :, at:at + 2] = halves.astype(np.float16).view(np.uint8).reshape(rows, cols // block, 2)
+  return raw.reshape(rows, -1)
+
+
 def write(path: pathlib.Path, tensor_type: str = "F32", *, seed: int = 0, tied: bool = True,
           arch: str = "llama", drop_key: str | None = None, pre: str = "smollm",
-          raw_type: tuple[str, str] | None = None) -> dict[str, np.ndarray]:
-  """Writes a tiny GGUF; returns its HF-layout float32 weights (before quantization).
-  drop_key: leave that metadata key out; raw_type: (tensor, type) stored as that type's raw
-  bytes (for types gguf-py cannot quantize)."""
+          raw_type: tuple[str, str] | None = None, d: int = D, head_dim: int = HEAD_DIM,
+          mlp: int = MLP) -> dict[str, np.ndarray]:
+  """Writes a tiny GGUF; returns its HF-layout float32 weights (before quantization; for a K-quant
+  type, the 2-D tensors hold random blocks instead). drop_key: leave that metadata key out;
+  raw_type: (tensor, type) stored as zero bytes of that type (a type mtjax does not read)."""
   import gguf
   from gguf import quants
   tokens, types, merges = vocabulary()
-  weights = hf_weights(len(tokens), seed, tied)
+  weights = hf_weights(len(tokens), seed, tied, d, head_dim, mlp)
+  rng = np.random.RandomState(seed + 1)
+  D, HEAD_DIM, MLP = d, head_dim, mlp  # noqa: N806
   writer = gguf.GGUFWriter(str(path), arch)
   meta = {
       f"{arch}.block_count": LAYERS, f"{arch}.context_length": 256, f"{arch}.embedding_length": D,
@@ -150,6 +172,9 @@ def write(path: pathlib.Path, tensor_type: str = "F32", *, seed: int = 0, tied: 
       block, size = gguf.GGML_QUANT_SIZES[qt]
       raw = np.zeros((w.shape[0], w.shape[1] // block * size), np.uint8)
       writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qt)
+    elif w.ndim == 2 and tensor_type in K_QUANT_HALVES:
+      raw = random_blocks(tensor_type, w.shape[0], w.shape[1], rng)
+      writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[tensor_type])
     elif w.ndim == 1 or tensor_type == "F32":
       writer.add_tensor(name, w)
     elif tensor_type == "F16":

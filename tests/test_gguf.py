@@ -373,3 +373,34 @@ def test_generation_longer_than_the_model_is_refused_before_loading(files, capsy
                capsys)
   assert "--max_new_tokens: 257 is more than the model's length, 256" in err
   assert "max_position_embeddings" in err
+
+
+K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("tensor_type", K_TYPES)
+def test_k_quant_blocks_dequantize_as_transformers_torch_kernels(tensor_type):
+  """gguf-py's numpy dequantization (what mtjax reads K-quants with) against an independent
+  implementation: transformers' torch kernels (after ComfyUI-GGUF), on random blocks."""
+  torch = pytest.importorskip("torch")
+  import gguf as gguf_py
+  from transformers.integrations.gguf import dequant
+  raw = gguf_models.random_blocks(tensor_type, 6, 512, np.random.RandomState(3))
+  mine = gguf_py.quants.dequantize(raw, gguf_py.GGMLQuantizationType[tensor_type])
+  ref = dequant.dequantize(torch.from_numpy(raw.reshape(-1).copy()),
+                           int(gguf_py.GGMLQuantizationType[tensor_type])).numpy().reshape(6, 512)
+  assert np.isfinite(ref).all() and np.abs(ref).max() > 0
+  np.testing.assert_allclose(mine, ref, rtol=1e-6, atol=1e-7 * np.abs(ref).max())
+
+
+def test_a_k_quant_model_matches_transformers_gguf_loader(tmp_path):
+  """A Q4_K_M-like file (Q4_K weights, Q6_K where llama.cpp puts it: here every tensor of one
+  type per file, for both types) converts and gives transformers' logits."""
+  from mtjax.model.pretrained import forward
+  for tensor_type in ("Q4_K", "Q6_K"):
+    path = tmp_path / f"tiny-{tensor_type}.gguf"
+    gguf_models.write(path, tensor_type, d=256, head_dim=64, mlp=256)
+    tokens = np.random.RandomState(0).randint(0, len(gguf_models.vocabulary()[0]), (2, 12))
+    ref = _logits(_hf_reference(path), tokens)
+    got = forward(path, tokens)
+    assert np.abs(got - ref).max() <= TOL * np.abs(ref).max(), tensor_type

@@ -11,7 +11,8 @@ What the conversion does (no torch, no transformers; the `gguf` package reads th
 - config.json from the GGUF metadata (llama.*: block_count, embedding_length, feed_forward_length,
   attention.head_count(_kv), key_length, layer_norm_rms_epsilon, rope.freq_base, rope.scaling.*,
   context_length; a tied output when the file has no output.weight).
-- weights dequantized to float32 (tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1); the
+- weights dequantized to float32 (tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
+  the K-quants Q2_K..Q6_K of the usual Q4_K_M / Q5_K_M / Q6_K downloads); the
   q/k projections un-permuted (llama.cpp's converter interleaves each head's rotary halves for its
   rope; transformers undoes it the same way: LlamaTensorProcessor._reverse_permute_weights).
 - tokenizer.json built with `tokenizers` from tokenizer.ggml.* (byte-level BPE, "gpt2" model):
@@ -23,8 +24,9 @@ What the conversion does (no torch, no transformers; the `gguf` package reads th
   tokens, add_bos_token and the chat template; generation_config.json with the ids.
 
 Llama-family files only (general.architecture "llama": Llama 2/3, Mistral, SmolLM); anything else,
-another tensor type (K-quants: gguf-py cannot write them, so no test here covers them), a
-truncated file or missing metadata is exit 2 naming it.
+another tensor type (the IQ types, Q8_1, ...), a truncated file or missing metadata is exit 2
+naming it. gguf-py cannot write K-quants, so the tests write random K-quant blocks and check
+gguf-py's dequantization (what mtjax uses) against transformers' own torch kernels.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import numpy as np
 from mtjax.errors import BadInputError
 from mtjax.wheels import WheelData
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 ARCHITECTURES = ("llama",)
 PACKAGE_PREFIX = "pkg:"
 # Pretrained models shipped as GGUF files inside PyPI wheels: name -> (wheel, file in it).
