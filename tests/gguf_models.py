@@ -126,7 +126,7 @@ def random_blocks(tensor_type: str, rows: int, cols: int, rng: np.random.RandomS
 def write(path: pathlib.Path, tensor_type: str = "F32", *, seed: int = 0, tied: bool = True,
           arch: str = "llama", drop_key: str | None = None, pre: str = "smollm",
           raw_type: tuple[str, str] | None = None, d: int = D, head_dim: int = HEAD_DIM,
-          mlp: int = MLP) -> dict[str, np.ndarray]:
+          mlp: int = MLP, drop_tensor: str | None = None) -> dict[str, np.ndarray]:
   """Writes a tiny GGUF; returns its HF-layout float32 weights (before quantization; for a K-quant
   type, the 2-D tensors hold random blocks instead). drop_key: leave that metadata key out;
   raw_type: (tensor, type) stored as zero bytes of that type (a type mtjax does not read)."""
@@ -163,6 +163,8 @@ def write(path: pathlib.Path, tensor_type: str = "F32", *, seed: int = 0, tied: 
   writer.add_chat_template(TEMPLATE)
   for hf, w in weights.items():
     name = gguf_name(hf)
+    if name == drop_tensor:
+      continue
     if ".attn_q." in name:
       w = permute(w, HEADS, HEADS)
     elif ".attn_k." in name:

@@ -243,6 +243,10 @@ def test_bad_gguf_files_exit_2_with_one_line(files, tmp_path, capsys):
   gguf_models.write(missing, "F32", drop_key="llama.embedding_length")
   assert "missing the required key 'llama.embedding_length'" in _error(
       ["convert", "gguf", str(missing), "--out", str(out)], capsys)
+  no_ffn = tmp_path / "no_ffn.gguf"
+  gguf_models.write(no_ffn, "F32", drop_tensor="blk.1.ffn_down.weight")
+  assert "missing tensor blk.1.ffn_down.weight" in _error(
+      ["convert", "gguf", str(no_ffn), "--out", str(out)], capsys)
   pre = tmp_path / "pre.gguf"
   gguf_models.write(pre, "F32", pre="no-such-pre")
   assert "tokenizer.ggml.pre 'no-such-pre' is not supported" in _error(

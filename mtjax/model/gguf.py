@@ -282,17 +282,10 @@ def _tensor_plan(f: GgufFile, config: Mapping[str, Any]) -> dict[str, str]:
     hf = _hf_name(name)
     if hf is not None:
       plan[hf] = name
-  needed = ["model.embed_tokens.weight", "model.norm.weight"]
-  for i in range(config["num_hidden_layers"]):
-    needed += [f"model.layers.{i}.{x}.weight" for x in (
-        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-        "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-  missing = [n for n in needed if n not in plan]
+  missing = [g for g in _all_gguf_names(config) if _hf_name(g) not in plan]
   if missing:
-    gguf_names = {v: k for k, v in {n: _hf_name(n) for n in _all_gguf_names(config)}.items()}
-    raise BadInputError(str(f.path), f"missing tensor {gguf_names.get(missing[0], missing[0])} "
-                        f"(and {len(missing) - 1} more)" if len(missing) > 1 else
-                        f"missing tensor {gguf_names.get(missing[0], missing[0])}")
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise BadInputError(str(f.path), f"missing tensor {missing[0]}{more}")
   return {n: plan[n] for n in sorted(plan, key=_order)}
 
 
