@@ -231,26 +231,18 @@ def test_bad_gguf_files_exit_2_with_one_line(files, tmp_path, capsys):
   magic = tmp_path / "magic.gguf"
   magic.write_bytes(b"GGML" + good.read_bytes()[4:])
   assert "magic" in _error(["convert", "gguf", str(magic), "--out", str(out)], capsys)
-  other_type = tmp_path / "q4k.gguf"
-  gguf_models.write(other_type, "F32", raw_type=("blk.0.ffn_up.weight", "Q8_1"))
-  assert "tensor type Q8_1 (e.g. blk.0.ffn_up.weight) is not supported (supported: F32" in _error(
-      ["convert", "gguf", str(other_type), "--out", str(out)], capsys)
-  falcon = tmp_path / "falcon.gguf"
-  gguf_models.write(falcon, "F32", arch="falcon")
-  assert "architecture 'falcon' is not supported (supported: llama" in _error(
-      ["convert", "gguf", str(falcon), "--out", str(out)], capsys)
-  missing = tmp_path / "missing.gguf"
-  gguf_models.write(missing, "F32", drop_key="llama.embedding_length")
-  assert "missing the required key 'llama.embedding_length'" in _error(
-      ["convert", "gguf", str(missing), "--out", str(out)], capsys)
-  no_ffn = tmp_path / "no_ffn.gguf"
-  gguf_models.write(no_ffn, "F32", drop_tensor="blk.1.ffn_down.weight")
-  assert "missing tensor blk.1.ffn_down.weight" in _error(
-      ["convert", "gguf", str(no_ffn), "--out", str(out)], capsys)
-  pre = tmp_path / "pre.gguf"
-  gguf_models.write(pre, "F32", pre="no-such-pre")
-  assert "tokenizer.ggml.pre 'no-such-pre' is not supported" in _error(
-      ["convert", "gguf", str(pre), "--out", str(out)], capsys)
+  # Tiny files, each wrong in one way (gguf_models.write options), and the message naming it.
+  for name, options, message in [
+      ("q4k", {"raw_type": ("blk.0.ffn_up.weight", "Q8_1")},
+       "tensor type Q8_1 (e.g. blk.0.ffn_up.weight) is not supported (supported: F32"),
+      ("falcon", {"arch": "falcon"}, "architecture 'falcon' is not supported (supported: llama"),
+      ("missing", {"drop_key": "llama.embedding_length"},
+       "missing the required key 'llama.embedding_length'"),
+      ("no_ffn", {"drop_tensor": "blk.1.ffn_down.weight"}, "missing tensor blk.1.ffn_down.weight"),
+      ("pre", {"pre": "no-such-pre"}, "tokenizer.ggml.pre 'no-such-pre' is not supported")]:
+    bad = tmp_path / f"{name}.gguf"
+    gguf_models.write(bad, "F32", **options)
+    assert message in _error(["convert", "gguf", str(bad), "--out", str(out)], capsys), name
   assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))  # nothing half-written
   assert "GGUF file not found" in _error(["convert", "gguf", str(tmp_path / "nope.gguf"), "--out",
                                           str(out)], capsys)

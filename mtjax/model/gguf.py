@@ -286,7 +286,8 @@ def _tensor_plan(f: GgufFile, config: Mapping[str, Any]) -> dict[str, str]:
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     raise BadInputError(str(f.path), f"missing tensor {missing[0]}{more}")
-  return {n: plan[n] for n in sorted(plan, key=_order)}
+  from mtjax.model.pretrained import hf_order
+  return {n: plan[n] for n in sorted(plan, key=hf_order)}
 
 
 def _all_gguf_names(config: Mapping[str, Any]) -> list[str]:
@@ -296,13 +297,6 @@ def _all_gguf_names(config: Mapping[str, Any]) -> list[str]:
                                                "attn_v", "attn_output", "ffn_gate", "ffn_up",
                                                "ffn_down")]
   return names
-
-
-def _order(hf_name: str) -> tuple:
-  parts = hf_name.split(".")
-  if parts[:2] == ["model", "layers"]:
-    return (1, int(parts[2]), hf_name)
-  return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(hf_name, 3), 0, hf_name)
 
 
 # ----------------------------------------------------------------------------- tokenizer

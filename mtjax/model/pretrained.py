@@ -369,7 +369,7 @@ def hf_tensors(spec: ModelSpec) -> list[HfTensor]:
               for i in range(spec.num_layers)]
     else:
       out.append(HfTensor(name, path, None, kind, hf_shape(kind, shapes[path])))
-  return sorted(out, key=lambda t: _hf_order(t.name))
+  return sorted(out, key=lambda t: hf_order(t.name))
 
 
 def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -716,7 +716,7 @@ def export(params: Any, spec: ModelSpec, out: epath.PathLike, *, config: Mapping
   return files
 
 
-def _hf_order(name: str) -> tuple:
+def hf_order(name: str) -> tuple:
   """embed, layers in numeric order, norm, lm_head: the order transformers writes."""
   parts = name.split(".")
   if parts[:2] == ["model", "layers"]:
